@@ -1,0 +1,1 @@
+"""Graysteer: a gray-release (canary) traffic-steering sidecar for Envoy."""

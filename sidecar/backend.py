@@ -1,0 +1,70 @@
+"""A sample HTTP backend for the demo, the tests and docker-compose.
+
+It answers every request with JSON naming itself and echoing the request line
+and headers, so a caller can see which lane a request reached and what the
+upstream received (e.g. that a client-sent routing header never arrives).
+"""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's upstream connections expect
+    server: "BackendServer"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps({
+            "backend": self.server.name,
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+        }).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-backend", self.server.name)
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer  # noqa: N815
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # Envoy's access log already records every request
+
+
+class BackendServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), _Handler)
+        self.name = name
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start_in_thread(self) -> "BackendServer":
+        threading.Thread(target=self.serve_forever, name=f"backend-{self.name}",
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def run_backend(name: str, host: str, port: int) -> None:
+    """`graysteer demo-backend`: serve in the foreground until interrupted."""
+    server = BackendServer(name, host, port)
+    print(f"backend {name} listening on {host}:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

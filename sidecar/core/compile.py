@@ -1,0 +1,293 @@
+"""Validate a parsed rules document and compile it into an immutable `Table`.
+
+Two passes, and every problem of both is reported, never just the first:
+structure by JSON Schema (unknown keys, wrong types, missing fields), then
+meaning (unknown clusters, duplicate names, actions, weights, regexes). Any
+problem refuses the whole document: a table is never half-loaded.
+"""
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+
+from sidecar.core.bucketing import cumulative
+from sidecar.core.request import Request
+from sidecar.core.schema import RULES_SCHEMA
+from sidecar.core.table import Condition, Decision, KeyGetter, Rule, Split, Table
+
+DEFAULT_ROUTING_HEADER = "x-route-cluster"
+_VALIDATOR = Draft202012Validator(RULES_SCHEMA)
+_MATCH_FORMS = "exact, prefix, regex, present, absent"
+_PATH_FORMS = "exact, prefix, regex"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a rules document, located by rule and field."""
+
+    where: str  # e.g. "rule 'beta-tier' (rules[1]) field match.path.regex"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class RulesError(ValueError):
+    """The rules document is invalid; `problems` lists every reason."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {source}: {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in rules file\n{lines}")
+
+
+def compile_table(document: Any, version: str, source: str) -> Table:
+    """Validate `document` (the parsed YAML) and compile it, or raise RulesError."""
+    problems = list(_schema_problems(document))
+    if not problems:
+        problems = list(_meaning_problems(document))
+    if problems:
+        raise RulesError(source, problems)
+    return _compile(document, version, source)
+
+
+# ---- structure -------------------------------------------------------------------------------
+
+
+def _schema_problems(document: Any) -> Iterable[Problem]:
+    if not isinstance(document, dict):
+        yield Problem("document", f"must be a mapping of fields, got {_kind(document)}")
+        return
+    errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: list(map(str, e.path)))
+    for error in errors:
+        yield Problem(_where(document, list(error.absolute_path)), _explain(error))
+
+
+def _explain(error: ValidationError) -> str:
+    value, schema = error.instance, error.schema
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(schema.get("properties", {}))
+        extra = ", ".join(repr(k) for k in value if k not in schema.get("properties", {}))
+        return f"unknown key {extra} (allowed: {allowed})"
+    if error.validator == "type":
+        wanted = error.validator_value
+        wanted = " or ".join(_TYPE_NAMES[t] for t in ([wanted] if isinstance(wanted, str) else wanted))
+        hint = ' (quote it: "1")' if isinstance(value, int | float) and "a string" in wanted else ""
+        return f"must be {wanted}, got {_kind(value)} {value!r}{hint}"
+    if error.validator in ("minProperties", "maxProperties") and "present" in schema.get(
+        "properties", {}
+    ):
+        return f"needs exactly one of {_MATCH_FORMS}, got {sorted(value) or 'none'}"
+    if error.validator in ("minProperties", "maxProperties") and "exact" in schema.get(
+        "properties", {}
+    ):
+        return f"needs exactly one of {_PATH_FORMS}, got {sorted(value) or 'none'}"
+    if error.validator == "required":
+        return error.message.replace("is a required property", "is required")
+    if error.validator == "pattern":
+        return f"{value!r} is not valid (must match {error.validator_value})"
+    if error.validator == "const":
+        return f"must be {error.validator_value!r}, got {value!r}"
+    if error.validator == "minItems" and not value:
+        return "must not be empty"
+    return error.message
+
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "object": "a mapping",
+    "array": "a list",
+    "integer": "an integer",
+    "boolean": "true or false",
+    "number": "a number",
+}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _where(document: dict[str, Any], path: list[Any]) -> str:
+    """Name the rule (by name and index) and the field a problem is in."""
+    if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+        rules = document.get("rules") or []
+        rule = rules[path[1]] if path[1] < len(rules) else None
+        name = rule.get("name") if isinstance(rule, dict) else None
+        label = f"rule {name!r} (rules[{path[1]}])" if isinstance(name, str) else f"rules[{path[1]}]"
+        field = _dotted(path[2:])
+        return f"{label} field {field}" if field else label
+    return f"field {_dotted(path)}" if path else "document"
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# ---- meaning ---------------------------------------------------------------------------------
+
+
+def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
+    clusters = set(doc["clusters"])
+    known = ", ".join(doc["clusters"])
+
+    def unknown(where: str, name: str) -> Problem:
+        return Problem(where, f"unknown cluster {name!r} (clusters: {known})")
+
+    if doc["default"] not in clusters:
+        yield unknown("field default", doc["default"])
+    seen: dict[str, int] = {}
+    for index, rule in enumerate(doc.get("rules") or []):
+        path = ["rules", index]
+        name = rule["name"]
+        if name in seen:
+            yield Problem(_where(doc, path + ["name"]),
+                          f"duplicate rule name (first used by rules[{seen[name]}])")
+        seen.setdefault(name, index)
+        actions = [a for a in ("route", "split") if a in rule]
+        if len(actions) != 1:
+            yield Problem(_where(doc, path),
+                          f"needs exactly one action (route or split), got {actions or 'none'}")
+        if "route" in rule and rule["route"] not in clusters:
+            yield unknown(_where(doc, path + ["route"]), rule["route"])
+        yield from _match_problems(doc, path, rule.get("match") or {})
+        if "split" in rule:
+            yield from _split_problems(doc, path, rule["split"], clusters, unknown)
+
+
+def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any]) -> Iterable[Problem]:
+    lowered: dict[str, str] = {}
+    for header, form in (match.get("headers") or {}).items():
+        where = path + ["match", "headers", header]
+        if header.lower() in lowered:
+            yield Problem(_where(doc, where),
+                          f"same header as {lowered[header.lower()]!r} (names are case-insensitive)")
+        lowered.setdefault(header.lower(), header)
+        if isinstance(form, dict) and "regex" in form:
+            yield from _regex_problem(doc, where + ["regex"], form["regex"])
+        if isinstance(form, dict) and (form.get("present") is False or form.get("absent") is False):
+            yield Problem(_where(doc, where), "use `present: true` or `absent: true`")
+    if "regex" in (match.get("path") or {}):
+        yield from _regex_problem(doc, path + ["match", "path", "regex"], match["path"]["regex"])
+
+
+def _regex_problem(doc: dict[str, Any], path: list[Any], pattern: str) -> Iterable[Problem]:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        yield Problem(_where(doc, path), f"invalid regex {pattern!r}: {error}")
+
+
+def _split_problems(doc: dict[str, Any], path: list[Any], split: dict[str, Any],
+                    clusters: set[str], unknown: Any) -> Iterable[Problem]:
+    seen: set[str] = set()
+    for i, entry in enumerate(split["to"]):
+        where = _where(doc, path + ["split", "to", i, "cluster"])
+        if entry["cluster"] not in clusters:
+            yield unknown(where, entry["cluster"])
+        elif entry["cluster"] in seen:
+            yield Problem(where, f"cluster {entry['cluster']!r} appears twice in this split")
+        seen.add(entry["cluster"])
+    if sum(e["weight"] for e in split["to"]) <= 0:
+        yield Problem(_where(doc, path + ["split", "to"]), "total weight must be greater than 0")
+    missing = split.get("when_key_missing", "random")
+    if missing != "random" and missing not in clusters:
+        yield Problem(_where(doc, path + ["split", "when_key_missing"]),
+                      f"must be 'random' or a cluster name, got {missing!r} "
+                      f"(clusters: {', '.join(sorted(clusters))})")
+
+
+# ---- compile ---------------------------------------------------------------------------------
+
+
+def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
+    rules = tuple(_compile_rule(r, version) for r in doc.get("rules") or [])
+    return Table(
+        version=version,
+        source=source,
+        clusters=tuple(doc["clusters"]),
+        default=doc["default"],
+        routing_header=doc.get("routing_header", DEFAULT_ROUTING_HEADER).lower(),
+        rules=rules,
+        document=doc,
+    )
+
+
+def _compile_rule(rule: dict[str, Any], version: str) -> Rule:
+    name = rule["name"]
+    conditions = tuple(_conditions(rule.get("match") or {}))
+    if "route" in rule:
+        return Rule(name, conditions, Decision(rule["route"], name, version), None)
+    split = rule["split"]
+    weights = tuple(e["weight"] for e in split["to"])
+    missing = split.get("when_key_missing", "random")
+    compiled = Split(
+        rule=name,
+        version=version,
+        keys=tuple((source, _key_getter(source)) for source in split["key"]),
+        seed=split.get("seed", name),
+        clusters=tuple(e["cluster"] for e in split["to"]),
+        weights=weights,
+        bounds=cumulative(weights),
+        when_key_missing=None if missing == "random" else missing,
+    )
+    return Rule(name, conditions, None, compiled)
+
+
+def _conditions(match: dict[str, Any]) -> Iterable[Condition]:
+    for header, form in (match.get("headers") or {}).items():
+        yield _header_condition(header.lower(), form)
+    if "path" in match:
+        yield _path_condition(match["path"])
+    if "method" in match:
+        methods = match["method"]
+        allowed = frozenset(m.upper() for m in ([methods] if isinstance(methods, str) else methods))
+        yield lambda request: request.method in allowed
+
+
+def _header_condition(name: str, form: str | dict[str, Any]) -> Condition:
+    if isinstance(form, str):
+        form = {"exact": form}
+    if "exact" in form:
+        value = form["exact"]
+        return lambda request: request.headers.get(name) == value
+    if "prefix" in form:
+        prefix = form["prefix"]
+        return lambda request: request.headers.get(name, "").startswith(prefix)
+    if "regex" in form:
+        fullmatch = re.compile(form["regex"]).fullmatch
+        return lambda request: (v := request.headers.get(name)) is not None and bool(fullmatch(v))
+    if form.get("present"):
+        return lambda request: name in request.headers
+    return lambda request: name not in request.headers
+
+
+def _path_condition(form: dict[str, Any]) -> Condition:
+    if "exact" in form:
+        value = form["exact"]
+        return lambda request: request.path == value
+    if "prefix" in form:
+        prefix = form["prefix"]
+        return lambda request: request.path.startswith(prefix)
+    fullmatch = re.compile(form["regex"]).fullmatch
+    return lambda request: fullmatch(request.path) is not None
+
+
+def _key_getter(source: str) -> KeyGetter:
+    kind, _, name = source.partition(":")
+    if kind == "header":
+        name = name.lower()
+        return lambda request: request.headers.get(name)
+    if kind == "cookie":
+        return lambda request: request.cookie(name)
+    return lambda request: request.query_param(name)
+
+
+__all__ = ["DEFAULT_ROUTING_HEADER", "Problem", "Request", "RulesError", "compile_table"]

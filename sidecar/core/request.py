@@ -1,0 +1,57 @@
+"""The view of one HTTP request that the decision engine reads.
+
+Adapters (ext_proc, ext_authz, the explain CLI) build it; the engine never sees a
+protobuf. Cookies and query parameters are parsed lazily, only when a split key
+asks for them, and at most once per request.
+"""
+
+from collections.abc import Mapping
+from urllib.parse import parse_qsl
+
+
+class Request:
+    """Lower-cased header names -> values, plus method, path and query string."""
+
+    __slots__ = ("_cookies", "_params", "headers", "method", "path", "query")
+
+    def __init__(self, headers: Mapping[str, str], method: str = "GET", path: str = "/") -> None:
+        self.headers = headers
+        self.method = method.upper()
+        self.path, _, self.query = path.partition("?")
+        self._cookies: dict[str, str] | None = None
+        self._params: dict[str, str] | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> "Request":
+        """Build from an HTTP/2-style header map carrying `:method` and `:path`."""
+        return cls(headers, headers.get(":method", "GET"), headers.get(":path", "/"))
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def cookie(self, name: str) -> str | None:
+        if self._cookies is None:
+            self._cookies = parse_cookies(self.headers.get("cookie", ""))
+        return self._cookies.get(name)
+
+    def query_param(self, name: str) -> str | None:
+        if self._params is None:
+            # The first occurrence of a parameter wins, as for a repeated cookie.
+            self._params = {}
+            for key, value in parse_qsl(self.query, keep_blank_values=True):
+                self._params.setdefault(key, value)
+        return self._params.get(name)
+
+
+def parse_cookies(header: str) -> dict[str, str]:
+    """Parse a Cookie header (`a=1; b=2`) leniently: malformed pairs are skipped."""
+    cookies: dict[str, str] = {}
+    for pair in header.split(";"):
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if sep and name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            cookies.setdefault(name, value)
+    return cookies

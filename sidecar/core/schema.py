@@ -1,0 +1,116 @@
+"""JSON Schema of the rules file (structure only; meaning is checked in compile.py).
+
+Kept as a Python literal so the core reads no files. Every object refuses unknown
+keys, so a typo such as `rout:` is an error instead of a silently ignored field.
+"""
+
+from typing import Any
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+KEY_SOURCE_PATTERN = r"^(header|cookie|query):[^\s]+$"
+
+_string_match: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "exact": {"type": "string"},
+        "prefix": {"type": "string", "minLength": 1},
+        "regex": {"type": "string"},
+    },
+    "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 1,
+}
+
+_header_match: dict[str, Any] = {
+    "type": ["string", "object"],
+    "properties": {
+        "exact": {"type": "string"},
+        "prefix": {"type": "string", "minLength": 1},
+        "regex": {"type": "string"},
+        "present": {"type": "boolean"},
+        "absent": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 1,
+}
+
+_match: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "headers": {
+            "type": "object",
+            "propertyNames": {"pattern": HEADER_NAME_PATTERN},
+            "additionalProperties": _header_match,
+            "minProperties": 1,
+        },
+        "path": _string_match,
+        "method": {
+            "type": ["array", "string"],
+            "items": {"type": "string", "pattern": r"^[A-Za-z]+$"},
+            "minItems": 1,
+            "pattern": r"^[A-Za-z]+$",
+        },
+    },
+    "additionalProperties": False,
+}
+
+_split: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "key": {
+            "type": "array",
+            "items": {"type": "string", "pattern": KEY_SOURCE_PATTERN},
+            "minItems": 1,
+        },
+        "seed": {"type": "string"},
+        "to": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "cluster": {"type": "string"},
+                    "weight": {"type": "integer", "minimum": 0},
+                },
+                "required": ["cluster", "weight"],
+                "additionalProperties": False,
+            },
+        },
+        "when_key_missing": {"type": "string"},
+    },
+    "required": ["key", "to"],
+    "additionalProperties": False,
+}
+
+_rule: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "match": _match,
+        "route": {"type": "string"},
+        "split": _split,
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+RULES_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "version": {"const": 1},
+        "clusters": {
+            "type": "array",
+            "items": {"type": "string", "pattern": NAME_PATTERN},
+            "minItems": 1,
+            "uniqueItems": True,
+        },
+        "default": {"type": "string"},
+        "routing_header": {"type": "string", "pattern": HEADER_NAME_PATTERN},
+        "rules": {"type": "array", "items": _rule},
+    },
+    "required": ["version", "clusters", "default"],
+    "additionalProperties": False,
+}

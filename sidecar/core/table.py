@@ -1,0 +1,123 @@
+"""The compiled, immutable rule table and the per-request decision.
+
+A `Table` is built once by `compile.compile_table` and never changes. Deciding a
+request walks the rules top to bottom with pre-built matchers; it takes no lock
+and parses no configuration, so any number of requests can read a table while a
+reload builds the next one and swaps a single reference.
+"""
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.core.bucketing import bucket, entry_for
+from sidecar.core.request import Request
+
+DEFAULT_RULE = "default"
+
+Condition = Callable[[Request], bool]
+KeyGetter = Callable[[Request], "str | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes, and why."""
+
+    cluster: str
+    rule: str  # the deciding rule's name, or "default"
+    version: str  # the config version (hash of the rules file content)
+    bucket: int | None = None  # the split bucket, None when no split decided
+    key_source: str | None = None  # e.g. "header:x-user-id", "random", "missing"
+    error: str | None = None  # reason code when deciding failed and `default` was used
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cluster": self.cluster,
+            "rule": self.rule,
+            "bucket": self.bucket,
+            "key_source": self.key_source,
+            "version": self.version,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A sticky weighted split: key sources, seed and cumulative weight bounds."""
+
+    rule: str
+    version: str
+    keys: tuple[tuple[str, KeyGetter], ...]  # (source label, getter), first present wins
+    seed: str
+    clusters: tuple[str, ...]
+    weights: tuple[int, ...]
+    bounds: tuple[int, ...]  # cumulative weights
+    when_key_missing: str | None  # a cluster name, or None for a random (non-sticky) pick
+
+    @property
+    def total(self) -> int:
+        return self.bounds[-1]
+
+    def decide(self, request: Request) -> Decision:
+        total = self.bounds[-1]
+        for source, getter in self.keys:
+            key = getter(request)
+            if key:
+                b = bucket(self.seed, key, total)
+                return Decision(self.clusters[entry_for(self.bounds, b)], self.rule,
+                                self.version, b, source)
+        if self.when_key_missing is not None:
+            return Decision(self.when_key_missing, self.rule, self.version, None, "missing")
+        b = random.randrange(total)
+        return Decision(self.clusters[entry_for(self.bounds, b)], self.rule, self.version,
+                        b, "random")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule: all conditions must hold; then either a fixed route or a split."""
+
+    name: str
+    conditions: tuple[Condition, ...]
+    route: Decision | None  # pre-built: a fixed route allocates nothing per request
+    split: Split | None
+
+    def decide(self, request: Request) -> Decision:
+        if self.route is not None:
+            return self.route
+        assert self.split is not None
+        return self.split.decide(request)
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """An immutable, compiled rules file."""
+
+    version: str
+    source: str
+    clusters: tuple[str, ...]
+    default: str
+    routing_header: str
+    rules: tuple[Rule, ...]
+    document: dict[str, object] = field(repr=False, compare=False)
+
+    @property
+    def default_decision(self) -> Decision:
+        return Decision(self.default, DEFAULT_RULE, self.version)
+
+    def decide(self, request: Request) -> Decision:
+        """The first rule whose conditions all hold decides; else the default cluster."""
+        for rule in self.rules:
+            for condition in rule.conditions:
+                if not condition(request):
+                    break
+            else:
+                return rule.decide(request)
+        return Decision(self.default, DEFAULT_RULE, self.version)
+
+    def fallback(self, reason: str) -> Decision:
+        """The decision used when deciding failed: the default cluster, with the reason."""
+        return Decision(self.default, DEFAULT_RULE, self.version, error=reason)
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)

