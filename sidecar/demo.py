@@ -6,6 +6,7 @@ sidecar put into dynamic metadata) and explains a few decisions.
 """
 
 import collections
+import contextlib
 import re
 import signal
 import tempfile
@@ -67,12 +68,12 @@ def run_demo(rules: str, envoy_config: str, requests: int, keep_running: bool) -
             print(f"  rule={rule:<16} cluster={cluster:<8} {count:>4}")
 
         print("\nExplained decisions (graysteer explain, the serving code path):")
-        for headers, path in [([("x-user-id", "user-7")], "/checkout"),
+        for pairs, path in [([("x-user-id", "user-7")], "/checkout"),
                               ([("x-user-id", "user-12")], "/checkout"),
                               ([("x-user-tier", "beta")], "/api/cart"),
                               ([("x-canary", "1")], "/")]:
-            d = explain_local(rules, "GET", path, headers)
-            shown = " ".join(f"{k}: {v}" for k, v in headers)
+            d = explain_local(rules, "GET", path, pairs)
+            shown = " ".join(f"{k}: {v}" for k, v in pairs)
             print(f"  {shown:<22} {path:<10} -> cluster={d['cluster']} rule={d['rule']} "
                   f"bucket={d['bucket']} version={d['version']}")
 
@@ -81,9 +82,7 @@ def run_demo(rules: str, envoy_config: str, requests: int, keep_running: bool) -
                   "(Ctrl-C to stop)")
             stopped = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 stopped.wait()
-            except KeyboardInterrupt:
-                pass
     print("\nStopped Envoy, the sidecar and the backends.")
     return 0

@@ -134,7 +134,7 @@ class Envoy:
         self.process = Process(name, [
             envoy_binary(), "-c", str(config_path), "--use-dynamic-base-id",
             "--admin-address-path", str(admin_file), "--concurrency", str(concurrency),
-            "-l", "warning", "--disable-hot-restart",
+            "-l", "warning", "--disable-hot-restart", "--file-flush-interval-msec", "100",
         ], workdir / f"{name}.log")
         admin = wait_for(lambda: self._read_admin(admin_file), 20, f"{name} admin address")
         host, _, port = admin.rpartition(":")
@@ -143,7 +143,7 @@ class Envoy:
         listeners = json.loads(self.admin_get("/listeners?format=json")[1])
         self.ports = {entry["name"]: entry["local_address"]["socket_address"]["port_value"]
                       for entry in listeners["listener_statuses"]}
-        self.port = next(iter(self.ports.values()))
+        self.port: int = next(iter(self.ports.values()))
 
     def _read_admin(self, path: Path) -> str | None:
         if self.process.popen.poll() is not None:
@@ -152,13 +152,15 @@ class Envoy:
         return text or None
 
     def admin_get(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection(*self.admin, timeout=5)
         try:
-            conn = http.client.HTTPConnection(*self.admin, timeout=5)
             conn.request("GET", path)
             response = conn.getresponse()
             return response.status, response.read().decode()
         except OSError:
             return 0, ""
+        finally:
+            conn.close()
 
     def stats(self) -> dict[str, int]:
         """Counter and gauge values from the admin API."""
@@ -209,6 +211,7 @@ class Stack:
         self.backends = {name: BackendServer(name).start_in_thread() for name in backends}
         self.sidecar: Process | None = None
         self.envoy: Envoy | None = None
+        self._clients: list[HttpClient] = []
         try:
             self.sidecar, self.sidecar_port = start_sidecar(self.rules, workdir, sidecar_args)
             endpoints: dict[str, Address] = {"graysteer": ("127.0.0.1", self.sidecar_port)}
@@ -225,9 +228,14 @@ class Stack:
         return self.envoy.port
 
     def client(self) -> HttpClient:
-        return HttpClient(self.port)
+        """A keep-alive client to Envoy's listener, closed when the stack stops."""
+        client = HttpClient(self.port)
+        self._clients.append(client)
+        return client
 
     def stop(self) -> None:
+        for client in self._clients:
+            client.close()
         if self.envoy is not None:
             self.envoy.stop()
         if self.sidecar is not None:

@@ -67,13 +67,13 @@ def routing_response(decision: Decision, routing_header: str) -> ep.ProcessingRe
     )
 
 
-class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
+class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Thin: loops over the stream and answers each message exactly once."""
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
 
-    async def Process(  # noqa: N802 (gRPC method name)
+    async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
         async for message in request_iterator:

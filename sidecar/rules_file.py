@@ -16,7 +16,7 @@ def config_version(content: bytes) -> str:
 def parse_rules(content: bytes, source: str) -> Table:
     """Parse and compile rules from bytes; RulesError names `source` on any problem."""
     try:
-        document = yaml.safe_load(content)
+        document = yaml.safe_load(content.decode("utf-8-sig"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "document"

@@ -68,14 +68,15 @@ def _schema_problems(document: Any) -> Iterable[Problem]:
 
 
 def _explain(error: ValidationError) -> str:
-    value, schema = error.instance, error.schema
+    value: Any = error.instance
+    schema: Any = error.schema
     if error.validator == "additionalProperties":
         allowed = ", ".join(schema.get("properties", {}))
         extra = ", ".join(repr(k) for k in value if k not in schema.get("properties", {}))
         return f"unknown key {extra} (allowed: {allowed})"
     if error.validator == "type":
-        wanted = error.validator_value
-        wanted = " or ".join(_TYPE_NAMES[t] for t in ([wanted] if isinstance(wanted, str) else wanted))
+        types: Any = error.validator_value
+        wanted = " or ".join(_TYPE_NAMES[t] for t in ([types] if isinstance(types, str) else types))
         hint = ' (quote it: "1")' if isinstance(value, int | float) and "a string" in wanted else ""
         return f"must be {wanted}, got {_kind(value)} {value!r}{hint}"
     if error.validator in ("minProperties", "maxProperties") and "present" in schema.get(

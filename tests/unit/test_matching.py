@@ -1,0 +1,148 @@
+"""Table-driven tests of every match form, precedence and split key source."""
+
+import pytest
+
+from sidecar.core import Request
+from tests.helpers import request, table_from_rules, table_from_yaml
+
+MATCH_CASES = [
+    # (match, request, matches?)
+    ({"headers": {"x-canary": "1"}}, request(x_canary="1"), True),
+    ({"headers": {"x-canary": "1"}}, request(x_canary="2"), False),
+    ({"headers": {"x-canary": "1"}}, request(), False),
+    ({"headers": {"X-Canary": "1"}}, request(x_canary="1"), True),  # names case-insensitive
+    ({"headers": {"x-canary": {"exact": "1"}}}, request(x_canary="1"), True),
+    ({"headers": {"x-tier": {"prefix": "beta"}}}, request(x_tier="beta-7"), True),
+    ({"headers": {"x-tier": {"prefix": "beta"}}}, request(x_tier="alpha"), False),
+    ({"headers": {"x-tier": {"prefix": "beta"}}}, request(), False),
+    ({"headers": {"x-tier": {"regex": "b[0-9]+"}}}, request(x_tier="b12"), True),
+    ({"headers": {"x-tier": {"regex": "b[0-9]+"}}}, request(x_tier="b12x"), False),  # full match
+    ({"headers": {"x-tier": {"regex": ".*"}}}, request(), False),
+    ({"headers": {"x-tier": {"present": True}}}, request(x_tier=""), True),
+    ({"headers": {"x-tier": {"present": True}}}, request(), False),
+    ({"headers": {"x-tier": {"absent": True}}}, request(), True),
+    ({"headers": {"x-tier": {"absent": True}}}, request(x_tier="x"), False),
+    ({"path": {"exact": "/api"}}, request("/api"), True),
+    ({"path": {"exact": "/api"}}, request("/api?x=1"), True),  # the query is not the path
+    ({"path": {"exact": "/api"}}, request("/api/"), False),
+    ({"path": {"prefix": "/api/"}}, request("/api/v1"), True),
+    ({"path": {"prefix": "/api/"}}, request("/apx/v1"), False),
+    ({"path": {"regex": "/u/[0-9]+"}}, request("/u/42"), True),
+    ({"path": {"regex": "/u/[0-9]+"}}, request("/u/42/x"), False),
+    ({"method": ["GET", "post"]}, request(method="POST"), True),
+    ({"method": ["GET"]}, request(method="DELETE"), False),
+    ({"method": "get"}, request(method="GET"), True),
+    # all conditions must hold
+    ({"headers": {"a": "1", "b": "2"}}, request(a="1", b="2"), True),
+    ({"headers": {"a": "1", "b": "2"}}, request(a="1"), False),
+    ({"headers": {"a": "1"}, "path": {"prefix": "/x"}, "method": ["GET"]},
+     request("/x/y", a="1"), True),
+    ({"headers": {"a": "1"}, "path": {"prefix": "/x"}, "method": ["GET"]},
+     request("/x/y", "PUT", a="1"), False),
+    ({}, request(), True),
+]
+
+
+@pytest.mark.parametrize(("match", "req", "expected"), MATCH_CASES)
+def test_match_forms(match: dict, req: Request, expected: bool) -> None:
+    table = table_from_rules([{"name": "r", "match": match, "route": "canary"}])
+    decision = table.decide(req)
+    assert (decision.rule == "r") is expected
+    assert decision.cluster == ("canary" if expected else "stable")
+
+
+def test_rule_without_match_always_applies() -> None:
+    table = table_from_rules([{"name": "all", "route": "canary"}])
+    assert table.decide(request("/anything")).rule == "all"
+
+
+def test_first_matching_rule_wins() -> None:
+    table = table_from_rules([
+        {"name": "first", "match": {"headers": {"x": "1"}}, "route": "canary"},
+        {"name": "second", "match": {"headers": {"x": "1"}}, "route": "stable"},
+        {"name": "catch-all", "route": "stable"},
+    ])
+    assert table.decide(request(x="1")).rule == "first"
+    assert table.decide(request(x="2")).rule == "catch-all"
+
+
+def test_unmatched_goes_to_default_with_rule_default() -> None:
+    table = table_from_rules([{"name": "r", "match": {"headers": {"x": "1"}}, "route": "canary"}],
+                             clusters=("v1", "canary", "stable"), default="v1")
+    decision = table.decide(request())
+    assert (decision.cluster, decision.rule, decision.bucket) == ("v1", "default", None)
+    assert decision.version == "test"
+
+
+SPLIT = """
+version: 1
+clusters: [stable, canary]
+default: stable
+rules:
+  - name: ramp
+    split:
+      key: [header:X-User-Id, cookie:uid, query:gray_id]
+      seed: s1
+      to: [{cluster: stable, weight: 50}, {cluster: canary, weight: 50}]
+      when_key_missing: {missing}
+"""
+
+
+@pytest.mark.parametrize(("req", "source", "key"), [
+    (request(x_user_id="42"), "header:X-User-Id", "42"),
+    (Request({"cookie": "a=1; uid=42; b=2"}), "cookie:uid", "42"),
+    (Request({"cookie": 'uid="42"'}), "cookie:uid", "42"),
+    (Request({}, "GET", "/p?x=1&gray_id=42"), "query:gray_id", "42"),
+    (Request({}, "GET", "/p?gray_id=a%20b"), "query:gray_id", "a b"),
+    # the first source present wins
+    (Request({"x-user-id": "42", "cookie": "uid=9"}, "GET", "/?gray_id=8"), "header:X-User-Id", "42"),
+    (Request({"cookie": "uid=9"}, "GET", "/?gray_id=8"), "cookie:uid", "9"),
+    # an empty value counts as missing
+    (Request({"x-user-id": "", "cookie": "uid=9"}), "cookie:uid", "9"),
+])
+def test_split_key_sources(req: Request, source: str, key: str) -> None:
+    from sidecar.core.bucketing import bucket
+
+    decision = table_from_yaml(SPLIT.replace("{missing}", "random")).decide(req)
+    assert decision.key_source == source
+    assert decision.bucket == bucket("s1", key, 100)
+    assert decision.cluster == ("stable" if decision.bucket < 50 else "canary")
+
+
+def test_key_missing_to_named_cluster() -> None:
+    decision = table_from_yaml(SPLIT.replace("{missing}", "canary")).decide(request())
+    assert (decision.cluster, decision.key_source, decision.bucket) == ("canary", "missing", None)
+
+
+def test_key_missing_random_keeps_weights() -> None:
+    table = table_from_yaml(SPLIT.replace("{missing}", "random").replace("50}, {", "80}, {")
+                            .replace("weight: 50}]", "weight: 20}]"))
+    decisions = [table.decide(request()) for _ in range(20_000)]
+    assert {d.key_source for d in decisions} == {"random"}
+    canary = sum(d.cluster == "canary" for d in decisions) / len(decisions)
+    assert 0.18 < canary < 0.22  # 20% +- 7 standard deviations
+
+
+def test_seed_defaults_to_rule_name() -> None:
+    from sidecar.core.bucketing import bucket
+
+    table = table_from_rules([{"name": "ramp", "split": {
+        "key": ["header:u"], "to": [{"cluster": "stable", "weight": 1},
+                                    {"cluster": "canary", "weight": 999}]}}])
+    assert table.decide(request(u="k")).bucket == bucket("ramp", "k", 1000)
+
+
+def test_zero_weight_entry_gets_nothing() -> None:
+    table = table_from_rules([{"name": "ramp", "split": {"key": ["header:u"], "to": [
+        {"cluster": "stable", "weight": 0}, {"cluster": "canary", "weight": 10}]}}])
+    assert {table.decide(request(u=str(i))).cluster for i in range(500)} == {"canary"}
+
+
+def test_routing_header_default_and_override() -> None:
+    assert table_from_rules([]).routing_header == "x-route-cluster"
+    assert table_from_rules([], routing_header="X-Lane").routing_header == "x-lane"
+
+
+def test_route_decisions_are_prebuilt() -> None:
+    table = table_from_rules([{"name": "r", "route": "canary"}])
+    assert table.decide(request()) is table.decide(request())

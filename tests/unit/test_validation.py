@@ -1,0 +1,151 @@
+"""Every validation error names the file, the rule and the field, and loads nothing."""
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.core import RulesError, compile_table
+from sidecar.rules_file import load_rules, parse_rules
+
+GOOD: dict[str, Any] = {
+    "version": 1,
+    "clusters": ["stable", "canary"],
+    "default": "stable",
+    "rules": [
+        {"name": "force", "match": {"headers": {"x-canary": "1"}}, "route": "canary"},
+        {"name": "ramp", "split": {"key": ["header:x-user-id"],
+                                   "to": [{"cluster": "stable", "weight": 90},
+                                          {"cluster": "canary", "weight": 10}]}},
+    ],
+}
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    """GOOD with one field set (value None deletes it); path like 'rules.1.split.seed'."""
+    doc = copy.deepcopy(GOOD)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node: Any = doc
+    for part in parents:
+        node = node[part]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+CASES = [
+    # (document, expected fragments of one problem)
+    (with_change("default", "stabel"), ["field default", "unknown cluster 'stabel'"]),
+    (with_change("rules.0.route", "nowhere"),
+     ["rule 'force' (rules[0]) field route", "unknown cluster 'nowhere'"]),
+    (with_change("rules.1.split.to.1.cluster", "cnary"),
+     ["rule 'ramp' (rules[1]) field split.to[1].cluster", "unknown cluster 'cnary'"]),
+    (with_change("rules.1.name", "force"),
+     ["rule 'force' (rules[1]) field name", "duplicate rule name"]),
+    (with_change("rules.0.route", None), ["rule 'force' (rules[0])", "exactly one action", "none"]),
+    (with_change("rules.0.split", {"key": ["header:u"], "to": [{"cluster": "canary", "weight": 1}]}),
+     ["rule 'force' (rules[0])", "exactly one action", "'route', 'split'"]),
+    (with_change("rules.1.split.to", [{"cluster": "stable", "weight": 0},
+                                      {"cluster": "canary", "weight": 0}]),
+     ["rule 'ramp' (rules[1]) field split.to", "total weight must be greater than 0"]),
+    (with_change("rules.1.split.to.0.weight", -5),
+     ["rule 'ramp' (rules[1]) field split.to[0].weight", "-5 is less than the minimum of 0"]),
+    (with_change("rules.1.split.to.0.weight", 2.5),
+     ["field split.to[0].weight", "must be an integer"]),
+    (with_change("rules.1.split.to.0.weight", "90"),
+     ["field split.to[0].weight", "must be an integer, got string '90'"]),
+    (with_change("rules.0.match", {"headers": {"x-canary": {"regex": "(["}}}),
+     ["rule 'force' (rules[0]) field match.headers.x-canary.regex", "invalid regex"]),
+    (with_change("rules.0.match", {"path": {"regex": "*"}}),
+     ["field match.path.regex", "invalid regex"]),
+    (with_change("rules.0.rout", "canary"), ["rule 'force' (rules[0])", "unknown key 'rout'"]),
+    (with_change("colors", "x"), ["document", "unknown key 'colors'"]),
+    (with_change("rules.1.split.weights", 1), ["field split", "unknown key 'weights'"]),
+    (with_change("rules.0.match", {"headers": {"x-canary": 1}}),
+     ["field match.headers.x-canary", "must be a string or a mapping, got integer 1", "quote"]),
+    (with_change("rules.0.match", {"headers": {"x-canary": {"exact": "1", "prefix": "2"}}}),
+     ["field match.headers.x-canary", "exactly one of exact, prefix, regex, present, absent"]),
+    (with_change("rules.0.match", {"headers": {"x-canary": {"contains": "1"}}}),
+     ["field match.headers.x-canary", "unknown key 'contains'"]),
+    (with_change("rules.0.match", {"headers": {"X-A": "1", "x-a": "2"}}),
+     ["field match.headers.x-a", "case-insensitive"]),
+    (with_change("rules.0.match", {"path": "/api"}), ["field match.path", "must be a mapping"]),
+    (with_change("rules.0.match", {"method": []}), ["field match.method", "must not be empty"]),
+    (with_change("rules.1.split.key", []), ["rule 'ramp' (rules[1]) field split.key",
+                                            "must not be empty"]),
+    (with_change("rules.1.split.key", ["user"]), ["field split.key[0]", "'user' is not valid"]),
+    (with_change("rules.1.split.to", []), ["field split.to", "must not be empty"]),
+    (with_change("rules.1.split.when_key_missing", "nowhere"),
+     ["field split.when_key_missing", "must be 'random' or a cluster name"]),
+    (with_change("rules.1.split.to.1.cluster", "stable"),
+     ["field split.to[1].cluster", "appears twice"]),
+    (with_change("rules.1.split.to.1.weight", None), ["field split.to[1]", "'weight' is required"]),
+    (with_change("clusters", []), ["field clusters", "must not be empty"]),
+    (with_change("clusters", ["stable", "stable"]), ["field clusters", "non-unique"]),
+    (with_change("clusters", ["stable", "bad name"]), ["field clusters[1]", "is not valid"]),
+    (with_change("version", 2), ["field version", "must be 1"]),
+    (with_change("default", None), ["document", "'default' is required"]),
+    (with_change("rules", "none"), ["field rules", "must be a list"]),
+    (with_change("rules.0", "force"), ["rules[0]", "must be a mapping"]),
+    (with_change("rules.0.name", None), ["rules[0]", "'name' is required"]),
+    (with_change("routing_header", "x route"), ["field routing_header", "is not valid"]),
+]
+
+
+@pytest.mark.parametrize(("doc", "fragments"), CASES, ids=[", ".join(c[1])[:60] for c in CASES])
+def test_each_problem_is_located(doc: dict[str, Any], fragments: list[str]) -> None:
+    with pytest.raises(RulesError) as caught:
+        compile_table(doc, "v", "rules.yaml")
+    rendered = [str(p) for p in caught.value.problems]
+    assert any(all(f in line for f in fragments) for line in rendered), rendered
+    assert all(line.startswith("  rules.yaml: ") for line in str(caught.value).splitlines()[1:])
+
+
+def test_the_good_document_compiles() -> None:
+    table = compile_table(GOOD, "v", "rules.yaml")
+    assert [r.name for r in table.rules] == ["force", "ramp"]
+
+
+def test_all_problems_are_reported_not_just_the_first() -> None:
+    doc = with_change("default", "nope")
+    doc["rules"][0]["route"] = "nowhere"
+    doc["rules"][1]["name"] = "force"
+    with pytest.raises(RulesError) as caught:
+        compile_table(doc, "v", "rules.yaml")
+    assert len(caught.value.problems) == 3
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"version: 1\nclusters: [stable\n", "invalid YAML"),
+    (b"version: 1\n  bad: indent\n", "line 2"),
+    (b"- just\n- a list\n", "document: must be a mapping of fields, got list"),
+    (b"", "document: must be a mapping of fields, got null"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_unparseable_files(content: bytes, fragment: str) -> None:
+    with pytest.raises(RulesError) as caught:
+        parse_rules(content, "/etc/graysteer/rules.yaml")
+    assert "/etc/graysteer/rules.yaml" in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RulesError, match=r"nope\.yaml: .*cannot read"):
+        load_rules(tmp_path / "nope.yaml")
+
+
+def test_version_is_a_hash_of_the_content(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("version: 1\nclusters: [a]\ndefault: a\n")
+    first = load_rules(path).version
+    assert load_rules(path).version == first
+    path.write_text("version: 1\nclusters: [a]\ndefault: a\n# edited\n")
+    assert load_rules(path).version != first
+
+
+def test_example_rules_file_is_valid() -> None:
+    table = load_rules(Path(__file__).parents[2] / "examples" / "rules.yaml")
+    assert table.clusters == ("stable", "canary")
