@@ -7,8 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from sidecar import admin_client
+from sidecar.admin_client import AdminError
 from sidecar.core import RulesError
-from sidecar.server import ServeOptions, serve, split_host_port
+from sidecar.server import ServeOptions, is_local_address, serve, split_host_port
 
 
 def _address(flag: str) -> "type[str]":
@@ -36,6 +38,28 @@ def _pair(value: str) -> tuple[str, str]:
     return name, rest
 
 
+def _admin_address(value: str) -> str:
+    return value if value.startswith("unix:") else _address("--admin-listen")(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _weight(value: str) -> tuple[str, int]:
+    cluster, sep, weight = value.partition("=")
+    if not sep or not cluster or not weight.isdigit():
+        raise argparse.ArgumentTypeError(f"expected CLUSTER=WEIGHT with a whole number >= 0, "
+                                         f"got {value!r}")
+    return cluster, int(weight)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graysteer", description="Gray-release traffic steering sidecar for Envoy.")
@@ -47,16 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the rules file (YAML)")
     p.add_argument("--listen", default="127.0.0.1:50051", type=_address("--listen"),
                    help="HOST:PORT of the ext_proc gRPC server (default %(default)s)")
-    p.add_argument("--metrics-listen", type=_address("--metrics-listen"),
-                   help="HOST:PORT of the Prometheus /metrics endpoint (default: off)")
-    p.add_argument("--grace", type=float, default=5.0,
-                   help="seconds to drain streams on SIGTERM (default %(default)s)")
+    p.add_argument("--admin-listen", default="127.0.0.1:50052", type=_admin_address,
+                   help="HOST:PORT or unix:PATH of the admin API (default %(default)s)")
+    p.add_argument("--admin-allow-remote", action="store_true",
+                   help="allow --admin-listen on a non-loopback address (it is unauthenticated)")
+    p.add_argument("--http-listen", type=_address("--http-listen"),
+                   help="HOST:PORT for /metrics, /healthz and /readyz (default: off)")
+    p.add_argument("--state-file", help="where runtime weight changes are persisted "
+                   "(default: .RULES.graysteer-state.json beside the rules file)")
+    p.add_argument("--drain", type=_seconds, default=1.0,
+                   help="on SIGTERM, seconds to report NOT_SERVING before closing, so Envoy's "
+                   "health checks stop sending streams (default %(default)s)")
+    p.add_argument("--grace", type=_seconds, default=5.0,
+                   help="then, seconds to let open streams finish (default %(default)s)")
+    p.add_argument("--no-watch", dest="watch", action="store_false",
+                   help="do not watch the rules file (SIGHUP still reloads)")
+    p.add_argument("--watch-poll", action="store_true",
+                   help="poll the rules directory instead of using inotify")
 
     p = commands.add_parser("check", help="validate a rules file: exit 0 if valid, 1 if not")
     p.add_argument("rules", help="the rules file (YAML)")
 
     p = commands.add_parser("explain", help="print the decision for a described request (JSON)")
-    p.add_argument("--config", required=True, help="the rules file (YAML)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="decide against this rules file")
+    where.add_argument("--admin", metavar="ADDR", help="ask a running sidecar's admin API")
     p.add_argument("-H", "--header", dest="headers", type=_header, action="append", default=[],
                    metavar="'NAME: VALUE'", help="a request header (repeatable)")
     p.add_argument("--path", default="/", help="request path (default %(default)s)")
@@ -65,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=VALUE", help="a cookie (repeatable)")
     p.add_argument("--query", dest="params", type=_pair, action="append", default=[],
                    metavar="NAME=VALUE", help="a query parameter (repeatable)")
+
+    p = commands.add_parser("status", help="show a running sidecar's table and last reload")
+    p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
+                   help="the sidecar's admin API (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    p = commands.add_parser("set-weight", help="change a split rule's weights at runtime")
+    p.add_argument("rule", help="the split rule's name")
+    p.add_argument("weights", nargs="+", type=_weight, metavar="CLUSTER=WEIGHT",
+                   help="e.g. canary=20 (with two clusters the other one takes the rest)")
+    p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
+                   help="the sidecar's admin API (default %(default)s)")
 
     p = commands.add_parser("demo", help="run Envoy + sidecar + two backends and show routing")
     p.add_argument("--rules", default="examples/rules.yaml")
@@ -80,13 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.command == "serve" and not args.admin_allow_remote
+            and not is_local_address(args.admin_listen)):
+        parser.error(f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
+                     "the admin API is unauthenticated: add --admin-allow-remote to bind it there")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except RulesError as error:
         print(error, file=sys.stderr)
+        return 1
+    except AdminError as error:
+        print(f"graysteer {args.command}: {error}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as error:
         print(f"graysteer {args.command}: {error}", file=sys.stderr)
@@ -95,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        asyncio.run(serve(ServeOptions(args.config, args.listen, args.metrics_listen, args.grace)))
+        asyncio.run(serve(ServeOptions(
+            config=args.config, listen=args.listen, admin_listen=args.admin_listen,
+            http_listen=args.http_listen, state_file=args.state_file, grace_seconds=args.grace,
+            drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll)))
         return 0
     if args.command == "check":
         from sidecar.rules_file import load_rules
@@ -105,11 +167,25 @@ def _run(args: argparse.Namespace) -> int:
               f"clusters {', '.join(table.clusters)}")
         return 0
     if args.command == "explain":
-        from sidecar.explain import explain_local
+        if args.admin:
+            result = admin_client.explain(args.admin, args.method, args.path, args.headers,
+                                          args.cookies, args.params)
+        else:
+            from sidecar.explain import explain_local
 
-        result = explain_local(args.config, args.method, args.path, args.headers,
-                               args.cookies, args.params)
+            result = explain_local(args.config, args.method, args.path, args.headers,
+                                   args.cookies, args.params)
         print(json.dumps(result, indent=2))
+        return 0
+    if args.command == "status":
+        report = admin_client.status(args.admin)
+        print(json.dumps(report, indent=2) if args.json else admin_client.format_status(report))
+        return 0
+    if args.command == "set-weight":
+        report = admin_client.set_weights(args.admin, args.rule, dict(args.weights))
+        (rule,) = [r for r in report["rules"] if r["name"] == args.rule]
+        print(f"{args.rule}: " + " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
+              + f" (version {report['version']}, persisted in {report['state_file']})")
         return 0
     if args.command == "demo":
         from sidecar.demo import run_demo

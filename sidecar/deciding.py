@@ -4,6 +4,7 @@ Shared by every adapter (ext_proc, explain) so that they all take the same path.
 """
 
 import logging
+from time import perf_counter
 
 from sidecar.core import Decision, Request, Table
 from sidecar.metrics import Metrics
@@ -30,10 +31,12 @@ class Decider:
     def decide(self, request: Request, table: Table | None = None) -> Decision:
         """Decide against `table` (by default the current one); the default cluster on error."""
         table = table or self.holder.table
+        started = perf_counter()
         try:
             decision = table.decide(request)
         except Exception as error:  # a bug or input the engine cannot handle: fail to default
             decision = self.failed(table, f"engine_{type(error).__name__}", error)
+        self.metrics.decision_seconds.observe(perf_counter() - started)
         self.metrics.count_decision(decision.cluster, decision.rule)
         return decision
 

@@ -44,7 +44,8 @@ def run_demo(rules: str, envoy_config: str, requests: int, keep_running: bool) -
             raise FileNotFoundError(f"{path} not found (run the demo from the repository root)")
     with tempfile.TemporaryDirectory(prefix="graysteer-demo-") as tmp, \
             Stack(rules, envoy_config, Path(tmp)) as stack:
-        print(f"Envoy on 127.0.0.1:{stack.port} -> sidecar 127.0.0.1:{stack.sidecar_port} -> "
+        assert stack.sidecar is not None
+        print(f"Envoy on 127.0.0.1:{stack.port} -> sidecar 127.0.0.1:{stack.sidecar.port} -> "
               + ", ".join(f"{n} 127.0.0.1:{b.port}" for n, b in stack.backends.items()))
         reached: collections.Counter[tuple[str, str]] = collections.Counter()
         client = stack.client()

@@ -111,14 +111,27 @@ class Process:
             self.popen.wait()
 
 
-def start_sidecar(rules: Path | str, workdir: Path, extra_args: Sequence[str] = (),
-                  name: str = "sidecar") -> tuple[Process, int]:
-    """Start `graysteer serve` on a free loopback port; returns the process and port."""
-    argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules),
-            "--listen", "127.0.0.1:0", *extra_args]
-    process = Process(name, argv, workdir / f"{name}.log")
-    match = process.wait_for_log(r"serving ext_proc on 127\.0\.0\.1:(\d+)")
-    return process, int(match.group(1))
+class Sidecar(Process):
+    """`graysteer serve` on free loopback ports: ext_proc `port`, `admin` API, `http` port."""
+
+    def __init__(self, rules: Path | str, workdir: Path, extra_args: Sequence[str] = (),
+                 name: str = "sidecar") -> None:
+        argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules),
+                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                "--http-listen", "127.0.0.1:0", "--drain", "0", *extra_args]
+        super().__init__(name, argv, workdir / f"{name}.log")
+        self.port = int(self.wait_for_log(r"serving ext_proc on 127\.0\.0\.1:(\d+)").group(1))
+        self.admin = self.wait_for_log(r"admin API on (\S+);").group(1)
+        self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http, timeout=5)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
 
 
 class Envoy:
@@ -209,12 +222,12 @@ class Stack:
         self.rules = Path(rules)
         self.workdir = workdir
         self.backends = {name: BackendServer(name).start_in_thread() for name in backends}
-        self.sidecar: Process | None = None
+        self.sidecar: Sidecar | None = None
         self.envoy: Envoy | None = None
         self._clients: list[HttpClient] = []
         try:
-            self.sidecar, self.sidecar_port = start_sidecar(self.rules, workdir, sidecar_args)
-            endpoints: dict[str, Address] = {"graysteer": ("127.0.0.1", self.sidecar_port)}
+            self.sidecar = Sidecar(self.rules, workdir, sidecar_args)
+            endpoints: dict[str, Address] = {"graysteer": ("127.0.0.1", self.sidecar.port)}
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
             template = yaml.safe_load(Path(envoy_config).read_text())
             self.envoy = Envoy(rewrite_envoy_config(template, endpoints), workdir)

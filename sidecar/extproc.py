@@ -76,12 +76,17 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        async for message in request_iterator:
-            if message.observability_mode:
-                continue  # "send and go": Envoy ignores answers in observability mode
-            response = self.respond(message)
-            if response is not None:
-                yield response
+        inflight = self.decider.metrics.inflight_streams
+        inflight.inc()
+        try:
+            async for message in request_iterator:
+                if message.observability_mode:
+                    continue  # "send and go": Envoy ignores answers in observability mode
+                response = self.respond(message)
+                if response is not None:
+                    yield response
+        finally:  # also when Envoy resets the stream after its last message (normal)
+            inflight.dec()
 
     def respond(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         kind = message.WhichOneof("request")

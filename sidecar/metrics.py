@@ -1,26 +1,46 @@
-"""Prometheus metrics of the sidecar. Every metric takes an injectable registry."""
+"""Prometheus metrics of the sidecar. Every metric takes an injectable registry.
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+Names follow Prometheus conventions (base units, `_total` counters, `_info` gauges);
+README.md lists each one.
+"""
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+
+from sidecar.core import Table
+
+# Deciding takes microseconds: buckets from 2 us to 10 ms.
+DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
 
 
 class Metrics:
-    """Counters the request path increments; label children are cached per label set."""
+    """What the request path and the reloader record; label children are cached."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         self.decisions = Counter(
-            "graysteer_decisions",
-            "Routing decisions made, by upstream cluster and deciding rule ('default' when none matched).",
-            ["cluster", "rule"],
-            registry=registry,
-        )
+            "graysteer_decisions", "Routing decisions, by upstream cluster and deciding rule "
+            "('default' when no rule matched).", ["cluster", "rule"], registry=registry)
         self.decision_errors = Counter(
-            "graysteer_decision_errors",
-            "Requests that could not be decided and were sent to the default cluster, by reason.",
-            ["reason"],
-            registry=registry,
-        )
+            "graysteer_decision_errors", "Requests that could not be decided and went to the "
+            "default cluster, by reason.", ["reason"], registry=registry)
+        self.decision_seconds = Histogram(
+            "graysteer_decision_duration_seconds", "Time to decide one request (matching and "
+            "bucketing, without gRPC).", buckets=DECISION_BUCKETS, registry=registry)
+        self.inflight_streams = Gauge(
+            "graysteer_inflight_streams", "ext_proc streams open now.", registry=registry)
+        self.reloads = Counter(
+            "graysteer_reloads", "Attempts to load the rules file, by result (loaded, unchanged, "
+            "invalid, missing).", ["result"], registry=registry)
+        self.config_info = Gauge(
+            "graysteer_config_info", "The rules being served (value 1): version, file version "
+            "and source.", ["version", "file_version", "source"], registry=registry)
+        self.config_loaded = Gauge(
+            "graysteer_config_loaded_timestamp_seconds", "When the table being served was "
+            "loaded (Unix time).", registry=registry)
+        self.split_weight = Gauge(
+            "graysteer_split_weight", "Weight of each cluster in each split rule, as served.",
+            ["rule", "cluster"], registry=registry)
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
 
     def count_decision(self, cluster: str, rule: str) -> None:
@@ -32,3 +52,18 @@ class Metrics:
 
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()
+
+    def count_reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
+
+    def show_table(self, table: Table) -> None:
+        """Point the info and weight gauges at a newly served table."""
+        self.config_info.clear()
+        file_version = table.version.partition("+")[0]
+        self.config_info.labels(table.version, file_version, table.source).set(1)
+        self.config_loaded.set_to_current_time()
+        self.split_weight.clear()
+        for rule in table.rules:
+            if rule.split is not None:
+                for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True):
+                    self.split_weight.labels(rule.name, cluster).set(weight)

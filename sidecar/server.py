@@ -1,18 +1,26 @@
 """`graysteer serve`: wire the rules, the decider and the gRPC servicers together."""
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from prometheus_client import start_http_server
+from grpc_health.v1 import health_pb2_grpc
 
-from sidecar.deciding import Decider, TableHolder
+from sidecar.admin import AdminServicer
+from sidecar.admin_api import admin_pb2_grpc
+from sidecar.deciding import Decider
 from sidecar.extproc import ExtProcServicer
+from sidecar.health import Readiness, start_http
 from sidecar.metrics import Metrics
-from sidecar.rules_file import load_rules
+from sidecar.reload import Reloader
+from sidecar.state_file import StateFile, default_state_path
+from sidecar.watch import watch_directory
 
 log = logging.getLogger("graysteer.server")
 
@@ -28,8 +36,13 @@ GRPC_OPTIONS = [
 class ServeOptions:
     config: str
     listen: str = "127.0.0.1:50051"
-    metrics_listen: str | None = None
+    admin_listen: str = "127.0.0.1:50052"
+    http_listen: str | None = None
+    state_file: str | None = None
     grace_seconds: float = 5.0
+    drain_seconds: float = 1.0
+    watch: bool = True
+    watch_polling: bool = False
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -40,32 +53,91 @@ def split_host_port(address: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_local_address(address: str) -> bool:
+    """True for a unix socket or a loopback HOST:PORT."""
+    if address.startswith("unix:"):
+        return True
+    host, _ = split_host_port(address, "address")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(server: grpc.aio.Server, address: str, flag: str) -> str:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"{flag}: cannot listen on {address}: {error}") from error
+    return address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
+
+
 async def serve(options: ServeOptions) -> None:
-    """Serve until SIGTERM/SIGINT, then drain streams for up to the grace period."""
-    table = load_rules(options.config)  # no last good table yet: refuse to start on error
-    holder = TableHolder(table)
+    """Serve until SIGTERM/SIGINT; then NOT_SERVING, drain, and stop within the grace period."""
     metrics = Metrics()
-    decider = Decider(holder, metrics)
+    readiness = Readiness()
+    rules = Path(options.config)
+    state_path = Path(options.state_file) if options.state_file else default_state_path(rules)
+    reloader = Reloader(rules, None, metrics, StateFile(state_path))
+    table = reloader.load_initial()  # no last good table yet: refuse to start on error
+    assert reloader.holder is not None
+    decider = Decider(reloader.holder, metrics)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(decider), server)
-    host, _ = split_host_port(options.listen, "--listen")
-    try:
-        port = server.add_insecure_port(options.listen)
-    except RuntimeError as error:
-        raise OSError(f"--listen: cannot listen on {options.listen}: {error}") from error
-    if options.metrics_listen:
-        metrics_host, metrics_port = split_host_port(options.metrics_listen, "--metrics-listen")
-        start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+    health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
+    listen = _bind(server, options.listen, "--listen")
+
+    admin = grpc.aio.server(options=GRPC_OPTIONS)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader), admin)
+    admin_listen = _bind(admin, options.admin_listen, "--admin-listen")
+
+    http = None
+    if options.http_listen:
+        host, port = split_host_port(options.http_listen, "--http-listen")
+        http = start_http(host, port, metrics.registry, readiness,
+                          lambda: {"version": reloader.holder.table.version}  # type: ignore[union-attr]
+                          )
+        log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
+
     await server.start()
-    log.info("serving ext_proc on %s:%d with rules %s version %s (%d rules)",
-             host, port, table.source, table.version, len(table.rules))
+    await admin.start()
+    await readiness.set(True, "serving")
+    log.info("serving ext_proc on %s with rules %s version %s (%d rules)",
+             listen, table.source, table.version, len(table.rules))
+    log.info("admin API on %s; state file %s", admin_listen, state_path)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload_on_sighup() -> None:
+        task = asyncio.create_task(reloader.reload("sighup", force=True))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+    watcher = None
+    if options.watch:
+        ignore = frozenset({state_path.name})
+        watcher = asyncio.create_task(watch_directory(
+            rules, lambda: reloader.reload("watch"), stop, options.watch_polling, ignore))
+
     await stop.wait()
-    log.info("shutting down: draining streams for up to %.1fs", options.grace_seconds)
+    await readiness.set(False, "shutting down")
+    log.info("shutting down: NOT_SERVING for %.1fs, then draining streams for up to %.1fs",
+             options.drain_seconds, options.grace_seconds)
+    await asyncio.sleep(options.drain_seconds)
     await server.stop(options.grace_seconds)
+    await admin.stop(0)
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if http is not None:
+        http.shutdown()
     log.info("stopped")

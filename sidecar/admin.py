@@ -1,0 +1,121 @@
+"""The admin API servicer (graysteer.admin.v1.Admin): status, explain, weights, changes."""
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin_api import admin_pb2 as pb
+from sidecar.admin_api import admin_pb2_grpc as pb_grpc
+from sidecar.core import Decision
+from sidecar.core.overrides import split_weights
+from sidecar.deciding import Decider
+from sidecar.explain import headers_message
+from sidecar.extproc import ExtProcServicer
+from sidecar.metrics import Metrics
+from sidecar.reload import Loaded, Reloader, ReloadResult
+
+_OUTCOMES = {"loaded": pb.ReloadResult.LOADED, "unchanged": pb.ReloadResult.UNCHANGED,
+             "invalid": pb.ReloadResult.INVALID, "missing": pb.ReloadResult.MISSING}
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _weights(weights: dict[str, int] | None) -> list[pb.WeightEntry]:
+    return [pb.WeightEntry(cluster=c, weight=w) for c, w in (weights or {}).items()]
+
+
+def reload_result(result: ReloadResult | None) -> pb.ReloadResult:
+    if result is None:
+        return pb.ReloadResult()
+    return pb.ReloadResult(outcome=_OUTCOMES[result.outcome.value], trigger=result.trigger,
+                           error=result.error, version=result.version, at=_timestamp(result.at))
+
+
+def table_status(reloader: Reloader, loaded: Loaded | None = None) -> pb.TableStatus:
+    loaded = loaded or reloader.loaded
+    assert loaded is not None
+    table = loaded.table
+    rules = []
+    for entry in table.document.get("rules") or []:  # type: ignore[attr-defined]
+        name = entry["name"]
+        info = pb.RuleInfo(name=name, match_json=json.dumps(entry.get("match") or {},
+                                                            sort_keys=True))
+        if "route" in entry:
+            info.action, info.route = "route", entry["route"]
+        else:
+            info.action = "split"
+            info.weights.extend(_weights(split_weights(table.document, name)))
+            info.file_weights.extend(_weights(split_weights(loaded.document, name)))
+            info.weights_overridden = name in loaded.overrides
+            info.key_sources.extend(entry["split"]["key"])
+            info.seed = entry["split"].get("seed", name)
+        rules.append(info)
+    return pb.TableStatus(
+        version=table.version, file_version=loaded.file_version, source=table.source,
+        clusters=list(table.clusters), default_cluster=table.default,
+        routing_header=table.routing_header, rules=rules,
+        last_reload=reload_result(reloader.last_result), loaded_at=_timestamp(loaded.loaded_at),
+        state_file=str(reloader.state.path), reload_failures=reloader.failures)
+
+
+def decision_message(decision: Decision) -> pb.Decision:
+    message = pb.Decision(cluster=decision.cluster, rule=decision.rule,
+                          key_source=decision.key_source or "", version=decision.version,
+                          error=decision.error or "")
+    if decision.bucket is not None:
+        message.bucket = decision.bucket
+    return message
+
+
+class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
+    def __init__(self, reloader: Reloader) -> None:
+        assert reloader.holder is not None
+        self.reloader = reloader
+        # The serving code path on the served table, with metrics of its own so that
+        # explained requests are not counted as traffic.
+        self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
+
+    async def GetTable(self, request: pb.GetTableRequest, context: Any) -> pb.TableStatus:
+        return table_status(self.reloader)
+
+    async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
+        message = headers_message(request.method or "GET", request.path or "/",
+                                  [(h.name, h.value) for h in request.headers],
+                                  [(c.name, c.value) for c in request.cookies],
+                                  [(q.name, q.value) for q in request.query])
+        response, decision = self.explainer.on_request_headers(message)
+        set_headers = response.request_headers.response.header_mutation.set_headers
+        return pb.ExplainResponse(decision=decision_message(decision), set_headers=[
+            pb.Pair(name=h.header.key, value=h.header.raw_value.decode()) for h in set_headers])
+
+    async def SetWeights(self, request: pb.SetWeightsRequest, context: Any) -> pb.TableStatus:
+        try:
+            loaded = await self.reloader.set_weights(request.rule, dict(request.weights))
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except OSError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"weights not changed: cannot write the state file "
+                                f"{self.reloader.state.path}: {error}")
+        return table_status(self.reloader, loaded)
+
+    async def WatchTable(self, request: pb.WatchTableRequest,
+                         context: Any) -> AsyncIterator[pb.TableEvent]:
+        queue = self.reloader.subscribe()
+        try:
+            yield pb.TableEvent(table=table_status(self.reloader),
+                                result=reload_result(self.reloader.last_result))
+            while True:
+                loaded, result = await queue.get()
+                yield pb.TableEvent(table=table_status(self.reloader, loaded),
+                                    result=reload_result(result))
+        finally:
+            self.reloader.unsubscribe(queue)

@@ -1,0 +1,93 @@
+"""CLI side of the admin API: `graysteer status`, `set-weight`, `explain --admin`."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from sidecar.admin_api import admin_pb2 as pb
+from sidecar.admin_api import admin_pb2_grpc as pb_grpc
+
+TIMEOUT_SECONDS = 10
+
+
+class AdminError(Exception):
+    """The admin API refused a call or could not be reached; the message says which."""
+
+
+def _call(address: str, method: str, request: Any) -> Any:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        try:
+            return getattr(stub, method)(request, timeout=TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            code = error.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise AdminError(f"admin API at {address} is not reachable "
+                                 f"({code.name}: {error.details()})") from None
+            raise AdminError(f"{error.details()} ({code.name})") from None
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+    return result
+
+
+def status(address: str) -> dict[str, Any]:
+    return as_dict(_call(address, "GetTable", pb.GetTableRequest()))
+
+
+def set_weights(address: str, rule: str, weights: dict[str, int]) -> dict[str, Any]:
+    return as_dict(_call(address, "SetWeights", pb.SetWeightsRequest(rule=rule, weights=weights)))
+
+
+def explain(address: str, method: str, path: str, headers: Sequence[tuple[str, str]],
+            cookies: Sequence[tuple[str, str]], params: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def pairs(items: Sequence[tuple[str, str]]) -> list[pb.Pair]:
+        return [pb.Pair(name=n, value=v) for n, v in items]
+
+    response = _call(address, "Explain", pb.ExplainRequest(
+        method=method, path=path, headers=pairs(headers), cookies=pairs(cookies),
+        query=pairs(params)))
+    decision = response.decision
+    return {
+        "cluster": decision.cluster,
+        "rule": decision.rule,
+        "bucket": decision.bucket if decision.HasField("bucket") else None,
+        "key_source": decision.key_source or None,
+        "version": decision.version,
+        "error": decision.error or None,
+        "set_headers": {p.name: p.value for p in response.set_headers},
+        "source": f"admin {address}",
+    }
+
+
+def format_status(table: dict[str, Any]) -> str:
+    """A human-readable status report."""
+    last = table.get("last_reload") or {}
+    lines = [
+        f"rules:    {table['source']}",
+        f"version:  {table['version']} (file {table['file_version']})",
+        f"loaded:   {table.get('loaded_at', '?')}",
+        f"last reload: {str(last.get('outcome', '?')).lower()} ({last.get('trigger', '?')}) at "
+        f"{last.get('at', '?')}; failed reloads so far: {table.get('reload_failures', 0)}",
+    ]
+    if last.get("error"):
+        lines.append("last error:")
+        lines.extend(f"  {line}" for line in last["error"].splitlines())
+    lines.append(f"default:  {table['default_cluster']}   clusters: {', '.join(table['clusters'])}")
+    lines.append(f"state file: {table['state_file']}")
+    lines.append("rules:")
+    for rule in table["rules"]:
+        if rule["action"] == "route":
+            lines.append(f"  {rule['name']:<24} route -> {rule['route']}")
+        else:
+            weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
+            note = ""
+            if rule["weights_overridden"]:
+                file_weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["file_weights"])
+                note = f"   (runtime override; file says {file_weights})"
+            lines.append(f"  {rule['name']:<24} split {weights}{note}")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Health: the gRPC health service and the HTTP /metrics, /healthz, /readyz endpoints.
+
+Readiness is one flag with two views: gRPC `grpc.health.v1` (for Envoy's health checks
+of the sidecar cluster) and HTTP /readyz (for Kubernetes). NOT_SERVING until a table is
+loaded and from the moment shutdown begins.
+"""
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+SERVICE_NAMES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
+
+
+class Readiness:
+    """The serving state, shared by the gRPC health service and /readyz."""
+
+    def __init__(self) -> None:
+        self.grpc = health.aio.HealthServicer()
+        self.ready = False
+        self.reason = "starting: no table loaded yet"
+
+    async def set(self, ready: bool, reason: str) -> None:
+        self.ready, self.reason = ready, reason
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in SERVICE_NAMES:
+            await self.grpc.set(name, status)
+
+
+def start_http(host: str, port: int, registry: CollectorRegistry, readiness: Readiness,
+               details: Callable[[], dict[str, object]]) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz from a daemon thread; returns the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.partition("?")[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":  # liveness: the process answers
+                self._send(200, b"ok\n", "text/plain")
+            elif path == "/readyz":
+                body = {"ready": readiness.ready, "reason": readiness.reason, **details()}
+                self._send(200 if readiness.ready else 503,
+                           json.dumps(body).encode() + b"\n", "application/json")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz, /readyz\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="graysteer-http", daemon=True).start()
+    return server

@@ -1,0 +1,200 @@
+"""Replacing the served table: the one place it happens.
+
+Sources only say "look again" (the directory watcher, SIGHUP, start-up) or bring a
+weight change (the admin API). The Reloader reads, validates and compiles off the
+event loop, then swaps the table with one assignment. A bad or missing file keeps the
+last good table; the reason is logged, counted and kept for `graysteer status`.
+"""
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.core import RulesError, Table, compile_table
+from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
+from sidecar.deciding import TableHolder
+from sidecar.metrics import Metrics
+from sidecar.rules_file import config_version, parse_rules
+from sidecar.state_file import StateFile
+
+log = logging.getLogger("graysteer.reload")
+
+
+class Outcome(enum.Enum):
+    LOADED = "loaded"
+    UNCHANGED = "unchanged"
+    INVALID = "invalid"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    outcome: Outcome
+    trigger: str
+    error: str = ""
+    version: str = ""  # the file version that was read ("" when unreadable)
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Everything the status shows about the table being served."""
+
+    table: Table
+    file_version: str
+    document: dict[str, Any]  # the rules file as written (before overrides)
+    overrides: dict[str, WeightOverride]
+    loaded_at: float
+
+
+class Reloader:
+    def __init__(self, path: Path, holder: TableHolder | None, metrics: Metrics,
+                 state: StateFile) -> None:
+        self.path = path
+        self.holder = holder
+        self.metrics = metrics
+        self.state = state
+        self.loaded: Loaded | None = None
+        self.last_result: ReloadResult | None = None
+        self.failures = 0
+        self._lock = asyncio.Lock()
+        self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
+
+    # -- reading the file ---------------------------------------------------------------------
+
+    def load_initial(self) -> Table:
+        """Synchronous first load at start-up; raises RulesError when there is no valid table."""
+        result, loaded = self._build("startup", force=True)
+        if loaded is None:
+            raise ValueError(result.error)  # already names the file and every problem
+        self.metrics.count_reload(result.outcome.value)
+        self._install(loaded, result)
+        return loaded.table
+
+    async def reload(self, trigger: str, force: bool = False) -> ReloadResult:
+        """Re-read the rules file (and the state file); swap the table if it is valid."""
+        async with self._lock:
+            result, loaded = await asyncio.to_thread(self._build, trigger, force)
+            self._finish(result, loaded)
+            return result
+
+    def _build(self, trigger: str, force: bool = False) -> tuple[ReloadResult, Loaded | None]:
+        try:
+            content = self.path.read_bytes()
+        except OSError as error:
+            reason = f"{self.path}: cannot read: {error.strerror or error}"
+            return ReloadResult(Outcome.MISSING, trigger, reason), None
+        version = config_version(content)
+        if not force and self.loaded is not None and self.loaded.file_version == version:
+            return ReloadResult(Outcome.UNCHANGED, trigger, version=version), None
+        try:
+            file_table = parse_rules(content, str(self.path))
+        except RulesError as error:
+            return ReloadResult(Outcome.INVALID, trigger, str(error), version), None
+        overrides = _overrides_from_state(self.state.load())
+        return ReloadResult(Outcome.LOADED, trigger, version=version), self._with_overrides(
+            file_table.document, version, overrides)
+
+    def _with_overrides(self, document: dict[str, Any], file_version: str,
+                        overrides: Mapping[str, WeightOverride]) -> Loaded:
+        effective, kept, dropped = reconcile(document, overrides)
+        for rule, why in dropped.items():
+            log.warning("runtime weights for rule %r dropped: %s", rule, why)
+        version = file_version
+        if kept:
+            digest = hashlib.sha256(json.dumps({r: o.weights for r, o in sorted(kept.items())},
+                                               sort_keys=True).encode()).hexdigest()
+            version = f"{file_version}+o{digest[:6]}"
+        table = compile_table(effective, version, str(self.path))
+        if dropped:
+            self._save_overrides(kept)
+        return Loaded(table, file_version, document, dict(kept), time.time())
+
+    # -- weights from the admin API -----------------------------------------------------------
+
+    async def set_weights(self, rule: str, requested: Mapping[str, int]) -> Loaded:
+        """Apply and persist a runtime weight change; ValueError explains a refusal."""
+        async with self._lock:
+            loaded = self.loaded
+            assert loaded is not None
+            current = split_weights(loaded.table.document, rule)
+            if current is None:
+                kind = "not a split" if loaded.table.rule(rule) else "no such rule"
+                raise ValueError(f"rule {rule!r}: {kind} (split rules: "
+                                 f"{', '.join(_split_names(loaded)) or 'none'})")
+            weights = resolve_weights(current, requested)
+            base = split_weights(loaded.document, rule)
+            assert base is not None
+            overrides = dict(loaded.overrides)
+            if weights == base:
+                overrides.pop(rule, None)  # back to what the file says: no override needed
+            else:
+                overrides[rule] = WeightOverride(rule, weights, base)
+            new = self._with_overrides(loaded.document, loaded.file_version, overrides)
+            self._save_overrides(new.overrides)
+            result = ReloadResult(Outcome.LOADED, "set_weights", version=loaded.file_version)
+            self._finish(result, new)
+            log.info("weights of rule %r set to %s (version %s)", rule, weights, new.table.version)
+            return new
+
+    def _save_overrides(self, overrides: Mapping[str, WeightOverride]) -> None:
+        state = self.state.load()
+        state["weight_overrides"] = {r: o.to_json() for r, o in sorted(overrides.items())}
+        self.state.save(state)
+
+    # -- swapping and telling -----------------------------------------------------------------
+
+    def _finish(self, result: ReloadResult, loaded: Loaded | None) -> None:
+        self.metrics.count_reload(result.outcome.value)
+        if result.outcome is Outcome.UNCHANGED:
+            return
+        self.last_result = result
+        if loaded is None:
+            self.failures += 1
+            log.error("reload (%s) refused, keeping the last good table: %s", result.trigger,
+                      result.error)
+        else:
+            self._install(loaded, result)
+            log.info("serving rules %s version %s (%s)", self.path, loaded.table.version,
+                     result.trigger)
+        current = self.loaded
+        assert current is not None
+        for queue in self._subscribers:
+            queue.put_nowait((current, result))
+
+    def _install(self, loaded: Loaded, result: ReloadResult) -> None:
+        self.loaded = loaded
+        self.last_result = result
+        if self.holder is None:
+            self.holder = TableHolder(loaded.table)
+        self.holder.table = loaded.table  # the one reference swap readers see
+        self.metrics.show_table(loaded.table)
+
+    def subscribe(self) -> "asyncio.Queue[tuple[Loaded, ReloadResult]]":
+        queue: asyncio.Queue[tuple[Loaded, ReloadResult]] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: "asyncio.Queue[tuple[Loaded, ReloadResult]]") -> None:
+        self._subscribers.discard(queue)
+
+
+def _split_names(loaded: Loaded) -> list[str]:
+    return [r.name for r in loaded.table.rules if r.split is not None]
+
+
+def _overrides_from_state(state: Mapping[str, Any]) -> dict[str, WeightOverride]:
+    overrides: dict[str, WeightOverride] = {}
+    for rule, data in (state.get("weight_overrides") or {}).items():
+        try:
+            overrides[rule] = WeightOverride.from_json(rule, data)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            log.error("ignoring unreadable weight override for rule %r: %s", rule, error)
+    return overrides

@@ -1,0 +1,63 @@
+"""The sidecar's persisted runtime state (weight overrides, rollouts), written atomically.
+
+A write goes to a temporary file in the same directory, is fsynced, then renamed over
+the old file (and the directory fsynced), so a crash leaves either the old or the new
+state, never a torn one.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("graysteer.state")
+
+STATE_FORMAT = 1
+
+
+def default_state_path(rules: Path) -> Path:
+    """`rules.yaml` -> `.rules.yaml.graysteer-state.json` in the same directory."""
+    return rules.parent / f".{rules.name}.graysteer-state.json"
+
+
+class StateFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        """The saved state; {} when there is none. A corrupt file is reported and ignored
+        (left in place for inspection until the next write replaces it)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            log.error("state file %s is unreadable, starting without runtime overrides: %s",
+                      self.path, error)
+            return {}
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            log.error("state file %s has an unknown format; ignoring it", self.path)
+            return {}
+        return data
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Replace the state file atomically; OSError names the file on failure."""
+        payload = json.dumps({**state, "format": STATE_FORMAT}, indent=2, sort_keys=True) + "\n"
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
