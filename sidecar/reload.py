@@ -26,6 +26,12 @@ from sidecar.state_file import StateFile
 
 log = logging.getLogger("graysteer.reload")
 
+# An in-place write (truncate, then write) can be read half-done. A watch-triggered read
+# that is invalid or missing is read again after this long; only if it reads the same
+# does it count as a failed reload.
+SETTLE_SECONDS = 0.1
+SETTLE_ATTEMPTS = 5
+
 
 class Outcome(enum.Enum):
     LOADED = "loaded"
@@ -64,6 +70,7 @@ class Reloader:
         self.loaded: Loaded | None = None
         self.last_result: ReloadResult | None = None
         self.failures = 0
+        self._last_read = ""  # the version of the last content evaluated, good or bad
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
 
@@ -75,6 +82,7 @@ class Reloader:
         if loaded is None:
             raise ValueError(result.error)  # already names the file and every problem
         self.metrics.count_reload(result.outcome.value)
+        self._last_read = result.version
         self._install(loaded, result)
         return loaded.table
 
@@ -82,6 +90,16 @@ class Reloader:
         """Re-read the rules file (and the state file); swap the table if it is valid."""
         async with self._lock:
             result, loaded = await asyncio.to_thread(self._build, trigger, force)
+            for _ in range(SETTLE_ATTEMPTS if trigger == "watch" else 0):
+                if loaded is not None or result.outcome is Outcome.UNCHANGED:
+                    break
+                await asyncio.sleep(SETTLE_SECONDS)
+                again, loaded = await asyncio.to_thread(self._build, trigger, force)
+                settled = again.outcome is result.outcome and again.version == result.version
+                result = again
+                if settled:
+                    break
+            self._last_read = result.version
             self._finish(result, loaded)
             return result
 
@@ -92,7 +110,7 @@ class Reloader:
             reason = f"{self.path}: cannot read: {error.strerror or error}"
             return ReloadResult(Outcome.MISSING, trigger, reason), None
         version = config_version(content)
-        if not force and self.loaded is not None and self.loaded.file_version == version:
+        if not force and version == self._last_read:
             return ReloadResult(Outcome.UNCHANGED, trigger, version=version), None
         try:
             file_table = parse_rules(content, str(self.path))

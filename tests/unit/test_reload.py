@@ -211,3 +211,39 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+
+
+def test_a_broken_file_left_in_place_is_reported_once(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(A)
+    reloader = make_reloader(path)
+    reloader.load_initial()
+
+    async def scenario() -> list[Outcome]:
+        path.write_text(BROKEN)
+        outcomes = [(await reloader.reload("watch")).outcome for _ in range(3)]
+        outcomes.append((await reloader.reload("sighup", force=True)).outcome)  # forced: again
+        return outcomes
+
+    assert asyncio.run(scenario()) == [Outcome.INVALID, Outcome.UNCHANGED, Outcome.UNCHANGED,
+                                       Outcome.INVALID]
+    assert reloader.failures == 2
+
+
+def test_a_half_written_file_is_read_again_before_it_counts(tmp_path: Path) -> None:
+    """A watch-triggered read of a torn in-place write settles on the finished content."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(A)
+    reloader = make_reloader(path)
+    reloader.load_initial()
+
+    async def scenario() -> Outcome:
+        path.write_text(B[: len(B) // 2])  # the writer is half-way
+        reload = asyncio.create_task(reloader.reload("watch"))
+        await asyncio.sleep(0.05)
+        path.write_text(B)  # ... and finishes
+        return (await reload).outcome
+
+    assert asyncio.run(scenario()) is Outcome.LOADED
+    assert reloader.failures == 0
+    assert reloader.holder is not None and reloader.holder.table.default == "canary"

@@ -1,0 +1,190 @@
+"""`graysteer envoy-config`: render a complete Envoy bootstrap for a rules file.
+
+Built from the typed dataclasses of `envoy-data-plane`, so a misspelt field is a
+Python error, not an Envoy start-up failure. The route guard lists exactly the rules'
+clusters; envoy/envoy.yaml is this output (with comments) for examples/rules.yaml.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import yaml
+from betterproto2 import Casing
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbConfig, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http2ProtocolOptions,
+    SocketAddress,
+    SubstitutionFormatString,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    HeaderMutation as EarlyHeaderMutation,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+
+from sidecar.core import Table
+from sidecar.envoy_lint import guard_regex
+from sidecar.extproc import METADATA_NAMESPACE
+
+HostPort = tuple[str, int]
+SIDECAR_CLUSTER = "graysteer"
+ACCESS_LOG_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+    "cluster=%UPSTREAM_CLUSTER% rule=%DYNAMIC_METADATA(graysteer:rule)% "
+    "bucket=%DYNAMIC_METADATA(graysteer:bucket)% version=%DYNAMIC_METADATA(graysteer:version)% "
+    "%DURATION%ms\n")
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    listen: HostPort = ("127.0.0.1", 10000)
+    admin: HostPort = ("127.0.0.1", 9901)
+    sidecar: HostPort = ("127.0.0.1", 50051)
+    upstreams: Mapping[str, HostPort] = field(default_factory=dict)  # default 127.0.0.1:8081+i
+    message_timeout_ms: int = 250
+
+
+def _address(host_port: HostPort) -> Address:
+    return Address(socket_address=SocketAddress(address=host_port[0], port_value=host_port[1]))
+
+
+def _extension(name: str, config: Any) -> TypedExtensionConfig:
+    return TypedExtensionConfig(name=name, typed_config=AnyMessage.pack(config))
+
+
+def _static_cluster(name: str, host_port: HostPort, connect_timeout: timedelta) -> Cluster:
+    return Cluster(
+        name=name, type=ClusterDiscoveryType.STATIC, connect_timeout=connect_timeout,
+        load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
+            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(host_port)))])]))
+
+
+def sidecar_cluster(address: HostPort) -> Cluster:
+    """The sidecar's cluster: HTTP/2 (gRPC) and health-checked, never used while unhealthy."""
+    cluster = _static_cluster(SIDECAR_CLUSTER, address, timedelta(milliseconds=250))
+    cluster.typed_extension_protocol_options = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
+            HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http2_protocol_options=Http2ProtocolOptions())))}
+    cluster.health_checks = [HealthCheck(
+        timeout=timedelta(milliseconds=250), interval=timedelta(milliseconds=500),
+        unhealthy_threshold=1, healthy_threshold=1,
+        grpc_health_check=HealthCheckGrpcHealthCheck(
+            service_name="envoy.service.ext_proc.v3.ExternalProcessor"))]
+    cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
+    return cluster
+
+
+def ext_proc_filter(message_timeout_ms: int) -> HttpFilter:
+    processor = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
+        failure_mode_allow=True,
+        message_timeout=timedelta(milliseconds=message_timeout_ms),
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            response_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            request_body_mode=ProcessingModeBodySendMode.NONE,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP),
+        metadata_options=MetadataOptions(receiving_namespaces=MetadataOptionsMetadataNamespaces(
+            untyped=[METADATA_NAMESPACE])))
+    return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyMessage.pack(processor))
+
+
+def routes(table: Table) -> RouteConfiguration:
+    guarded = Route(
+        match=RouteMatch(prefix="/", headers=[HeaderMatcher(
+            name=table.routing_header,
+            string_match=StringMatcher(safe_regex=RegexMatcher(regex=guard_regex(table.clusters))))]),
+        route=RouteAction(cluster_header=table.routing_header))
+    fallback = Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=table.default))
+    return RouteConfiguration(name="local_route", virtual_hosts=[
+        VirtualHost(name="app", domains=["*"], routes=[guarded, fallback])])
+
+
+def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
+    access_log = StdoutAccessLog(log_format=SubstitutionFormatString(
+        text_format_source=DataSource(inline_string=ACCESS_LOG_FORMAT)))
+    return HttpConnectionManager(
+        stat_prefix="ingress",
+        early_header_mutation_extensions=[_extension(
+            "envoy.http.early_header_mutation.header_mutation",
+            EarlyHeaderMutation(mutations=[Mutation(remove=table.routing_header)]))],
+        access_log=[AccessLog(name="envoy.access_loggers.stdout",
+                              typed_config=AnyMessage.pack(access_log))],
+        http_filters=[ext_proc_filter(options.message_timeout_ms),
+                      HttpFilter(name="envoy.filters.http.router",
+                                 typed_config=AnyMessage.pack(Router()))],
+        route_config=routes(table))
+
+
+def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
+    """A complete front-proxy bootstrap for `table`."""
+    upstreams = {c: options.upstreams.get(c, ("127.0.0.1", 8081 + i))
+                 for i, c in enumerate(table.clusters)}
+    listener = Listener(name="ingress", address=_address(options.listen), filter_chains=[
+        FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager",
+                                    typed_config=AnyMessage.pack(
+                                        connection_manager(table, options)))])])
+    clusters = [sidecar_cluster(options.sidecar)] + [
+        _static_cluster(name, address, timedelta(seconds=1)) for name, address in upstreams.items()]
+    return Bootstrap(admin=Admin(address=_address(options.admin)),
+                     static_resources=BootstrapStaticResources(listeners=[listener],
+                                                               clusters=clusters))
+
+
+def render_yaml(config: Bootstrap) -> str:
+    document = config.to_dict(casing=Casing.SNAKE)
+    return yaml.safe_dump(document, sort_keys=False, width=100)
+
+
+def parse_bootstrap(document: Mapping[str, Any]) -> Bootstrap:
+    """An Envoy bootstrap (YAML/JSON as a dict, snake or camel case) as typed objects."""
+    return Bootstrap.from_dict(dict(document))

@@ -1,0 +1,209 @@
+"""`graysteer check rules.yaml --envoy envoy.yaml`: find Envoy config that breaks steering.
+
+Works on the plain YAML (snake_case or camelCase), so any bootstrap can be checked,
+whatever other extensions it uses. Each finding is one line: what is wrong and the fix.
+"""
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.core import Table
+from sidecar.extproc import METADATA_NAMESPACE
+
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+       "HttpConnectionManager")
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+RAW_VALUE_FLAG = "envoy.reloadable_features.send_header_raw_value"
+
+
+@dataclass(frozen=True)
+class Finding:
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.problem}. Fix: {self.fix}"
+
+
+def snake_keys(node: Any) -> Any:
+    """camelCase keys -> snake_case (keys with dots, such as extension names, are kept)."""
+    if isinstance(node, dict):
+        return {(re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower() if re.fullmatch(r"[a-z][A-Za-z0-9]*", k)
+                 else k): snake_keys(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [snake_keys(v) for v in node]
+    return node
+
+
+def check(table: Table, envoy: dict[str, Any]) -> list[Finding]:
+    config = snake_keys(envoy)
+    return list(_check(table, config))
+
+
+def _check(table: Table, config: dict[str, Any]) -> Iterator[Finding]:
+    resources = config.get("static_resources") or {}
+    clusters = {c.get("name"): c for c in resources.get("clusters") or []}
+    for name in table.clusters:
+        if name not in clusters:
+            yield Finding(f"the rules name cluster {name!r} but Envoy defines no such cluster",
+                          f"add a cluster named {name!r} to static_resources.clusters")
+    managers = [f["typed_config"] for listener in resources.get("listeners") or []
+                for chain in listener.get("filter_chains") or [] for f in chain.get("filters") or []
+                if (f.get("typed_config") or {}).get("@type") == HCM]
+    if not managers:
+        yield Finding("no HTTP connection manager found", "check the file is an Envoy bootstrap")
+    for hcm in managers:
+        yield from _check_manager(table, hcm, clusters)
+    layers = (config.get("layered_runtime") or {}).get("layers") or []
+    for layer in layers:
+        value = _dotted_get(layer.get("static_layer") or {}, RAW_VALUE_FLAG)
+        if value is False or value == "false":
+            yield Finding(f"the runtime sets {RAW_VALUE_FLAG} to false: Envoy then reads header "
+                          "`value`, but ext_proc mutations carry `raw_value`, so the routing "
+                          "header arrives empty", f"remove the {RAW_VALUE_FLAG} override")
+
+
+def _dotted_get(layer: dict[str, Any], key: str) -> Any:
+    if key in layer:
+        return layer[key]
+    node: Any = layer
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -> Iterator[Finding]:
+    header = table.routing_header
+    stat = hcm.get("stat_prefix", "?")
+    filters = [f.get("typed_config") or {} for f in hcm.get("http_filters") or []]
+    sidecar_filters = [f for f in filters if f.get("@type") in (EXT_PROC, EXT_AUTHZ)]
+    if not sidecar_filters:
+        yield Finding(f"listener {stat!r} has no ext_proc or ext_authz filter: the sidecar is never "
+                      "asked", "add the ext_proc filter (see `graysteer envoy-config`)")
+    for config in sidecar_filters:
+        yield from _check_filter(config, clusters)
+    stripped = any(m.get("remove", "").lower() == header
+                   for ext in hcm.get("early_header_mutation_extensions") or []
+                   for m in (ext.get("typed_config") or {}).get("mutations") or [])
+    if not stripped:
+        yield Finding(f"listener {stat!r} does not strip a client-sent {header!r} before routing: a "
+                      "client can pick its cluster (always when the sidecar is down)",
+                      f"add early_header_mutation_extensions with `mutations: [{{remove: {header}}}]`")
+    yield from _check_routes(table, hcm, clusters)
+
+
+def _check_filter(config: dict[str, Any], clusters: dict[str, Any]) -> Iterator[Finding]:
+    is_ext_proc = config.get("@type") == EXT_PROC
+    name = "ext_proc" if is_ext_proc else "ext_authz"
+    cluster_name = ((config.get("grpc_service") or {}).get("envoy_grpc") or {}).get("cluster_name")
+    if cluster_name and cluster_name not in clusters:
+        yield Finding(f"the {name} filter points at cluster {cluster_name!r}, which does not exist",
+                      f"define the sidecar cluster {cluster_name!r}")
+    elif cluster_name and not _is_http2(clusters[cluster_name]):
+        yield Finding(f"sidecar cluster {cluster_name!r} does not speak HTTP/2: gRPC to the sidecar "
+                      "fails (status 14, HTTP 500)", "set typed_extension_protocol_options "
+                      f"{HTTP_OPTIONS} explicit_http_config.http2_protocol_options: {{}}")
+    if is_ext_proc:
+        if config.get("route_cache_action") == "RETAIN" or config.get("disable_clear_route_cache"):
+            yield Finding("ext_proc keeps the route cache: the routing header is set but the route "
+                          "(cluster) chosen before the sidecar answered is used",
+                          "remove route_cache_action: RETAIN / disable_clear_route_cache")
+        mode = config.get("processing_mode") or {}
+        if mode.get("request_header_mode") == "SKIP":
+            yield Finding("ext_proc skips request headers: nothing is decided",
+                          "set processing_mode.request_header_mode: SEND")
+        namespaces = ((config.get("metadata_options") or {}).get("receiving_namespaces")
+                      or {}).get("untyped") or []
+        if METADATA_NAMESPACE not in namespaces:
+            yield Finding(f"ext_proc drops the decision's dynamic metadata (namespace "
+                          f"{METADATA_NAMESPACE!r}): access logs cannot show rule and version",
+                          f"add metadata_options.receiving_namespaces.untyped: [{METADATA_NAMESPACE}]")
+        rules = config.get("mutation_rules") or {}
+        if rules.get("disallow_all") or rules.get("disallow_expression"):
+            yield Finding("ext_proc mutation_rules may reject the routing header mutation",
+                          "drop disallow_all / make disallow_expression exclude the routing header")
+    elif not config.get("clear_route_cache"):
+        yield Finding("ext_authz does not clear the route cache: the routing header it sets is "
+                      "ignored for routing", "set clear_route_cache: true on the ext_authz filter")
+    if not config.get("failure_mode_allow"):
+        yield Finding(f"{name} fails closed: every request fails while the sidecar is down",
+                      "set failure_mode_allow: true (requests then take the default route)")
+
+
+def _is_http2(cluster: dict[str, Any]) -> bool:
+    if "http2_protocol_options" in cluster:
+        return True
+    options = (cluster.get("typed_extension_protocol_options") or {}).get(HTTP_OPTIONS) or {}
+    explicit = options.get("explicit_http_config") or {}
+    return "http2_protocol_options" in explicit or "use_downstream_protocol_config" in options
+
+
+PROBES = ("", "unknown-cluster", "Stable", "a|b", ".*")
+
+
+def _check_routes(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -> Iterator[Finding]:
+    header = table.routing_header
+    routes = [r for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []
+              for r in vh.get("routes") or []]
+    by_header = [r for r in routes if (r.get("route") or {}).get("cluster_header")]
+    if not any(r["route"]["cluster_header"].lower() == header for r in by_header):
+        yield Finding(f"no route forwards with cluster_header: {header}: decisions are ignored",
+                      f"add a route `route: {{cluster_header: {header}}}` guarded by the cluster names")
+    for route in by_header:
+        if route["route"]["cluster_header"].lower() != header:
+            yield Finding(f"a route uses cluster_header {route['route']['cluster_header']!r} but the "
+                          f"rules set {header!r}", f"route on {header!r} or set routing_header")
+            continue
+        matchers = [h for h in (route.get("match") or {}).get("headers") or []
+                    if h.get("name", "").lower() == header]
+        accepts = _matcher(matchers[0]) if matchers else None
+        if accepts is None:
+            yield Finding(f"the cluster_header route does not check {header!r} against the known "
+                          "names: an unknown name makes Envoy answer 503 NC",
+                          f"match {header} with safe_regex {_guard(table)}")
+            continue
+        leaks = [p for p in PROBES + tuple(c + "x" for c in table.clusters) if accepts(p)
+                 and p not in clusters]
+        if leaks:
+            yield Finding(f"the guard on {header!r} lets unknown cluster names through "
+                          f"(e.g. {leaks[0]!r}): Envoy answers 503 NC for them",
+                          f"use safe_regex {_guard(table)}")
+        refused = [c for c in table.clusters if not accepts(c)]
+        if refused:
+            yield Finding(f"the guard on {header!r} refuses cluster(s) {', '.join(refused)}: their "
+                          "traffic takes the default route", f"use safe_regex {_guard(table)}")
+    if not any(not (r.get("match") or {}).get("headers") and (r.get("route") or {}).get("cluster")
+               for r in routes):
+        yield Finding("no fallback route without a header match: requests without a decision get "
+                      "404", f"add `- match: {{prefix: /}}` with `route: {{cluster: {table.default}}}`")
+
+
+def guard_regex(clusters: tuple[str, ...]) -> str:
+    """`^(stable|canary)$`: matches exactly the known names (only `.` needs escaping)."""
+    return "^(" + "|".join(c.replace(".", r"\.") for c in clusters) + ")$"
+
+
+def _guard(table: Table) -> str:
+    return guard_regex(table.clusters)
+
+
+def _matcher(matcher: dict[str, Any]) -> Any:
+    """A predicate for an Envoy HeaderMatcher on one value, or None if it accepts anything."""
+    if matcher.get("invert_match"):
+        return None
+    string = matcher.get("string_match") or {}
+    if "safe_regex" in string or "safe_regex_match" in matcher:
+        regex = (string.get("safe_regex") or matcher.get("safe_regex_match") or {}).get("regex", "")
+        try:
+            compiled = re.compile(regex)
+        except re.error:
+            return None
+        return lambda value: compiled.fullmatch(value) is not None
+    if "exact" in string or "exact_match" in matcher:
+        exact = string.get("exact", matcher.get("exact_match"))
+        return lambda value: value == exact
+    return None

@@ -1,0 +1,114 @@
+"""`graysteer check --envoy`: each broken part of an Envoy config is found, with its fix."""
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.cli import main
+from sidecar.envoy_lint import check
+from sidecar.rules_file import load_rules
+
+REPO = Path(__file__).parents[2]
+ENVOY = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
+TABLE = load_rules(REPO / "examples" / "rules.yaml")
+
+
+def hcm(config: dict[str, Any]) -> dict[str, Any]:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+
+
+def ext_proc(config: dict[str, Any]) -> dict[str, Any]:
+    return hcm(config)["http_filters"][0]["typed_config"]
+
+
+def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def guard(config: dict[str, Any]) -> dict[str, Any]:
+    return routes(config)[0]["match"]["headers"][0]
+
+
+def sidecar_cluster(config: dict[str, Any]) -> dict[str, Any]:
+    return config["static_resources"]["clusters"][0]
+
+
+CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
+    ("no early strip", lambda c: hcm(c).pop("early_header_mutation_extensions"),
+     "does not strip a client-sent 'x-route-cluster'"),
+    ("guard accepts anything", lambda c: guard(c)["string_match"]["safe_regex"].update(regex=".*"),
+     "lets unknown cluster names through"),
+    ("guard is a bare prefix", lambda c: guard(c)["string_match"]["safe_regex"].update(
+        regex="(stable|canary).*"), "lets unknown cluster names through"),
+    ("no guard", lambda c: routes(c)[0]["match"].pop("headers"), "does not check"),
+    ("guard forgets canary", lambda c: guard(c)["string_match"]["safe_regex"].update(
+        regex="^(stable)$"), "refuses cluster(s) canary"),
+    ("no fallback route", lambda c: routes(c).pop(1), "no fallback route"),
+    ("route cache kept", lambda c: ext_proc(c).update(route_cache_action="RETAIN"),
+     "keeps the route cache"),
+    ("clear route cache disabled", lambda c: ext_proc(c).update(disable_clear_route_cache=True),
+     "keeps the route cache"),
+    ("headers skipped", lambda c: ext_proc(c)["processing_mode"].update(request_header_mode="SKIP"),
+     "nothing is decided"),
+    ("metadata dropped", lambda c: ext_proc(c).pop("metadata_options"), "drops the decision's"),
+    ("fails closed", lambda c: ext_proc(c).update(failure_mode_allow=False), "fails closed"),
+    ("mutations rejected", lambda c: ext_proc(c).update(mutation_rules={"disallow_all": True}),
+     "may reject the routing header"),
+    ("sidecar not HTTP/2", lambda c: sidecar_cluster(c).pop("typed_extension_protocol_options"),
+     "does not speak HTTP/2"),
+    ("sidecar cluster missing", lambda c: c["static_resources"]["clusters"].pop(0),
+     "points at cluster 'graysteer', which does not exist"),
+    ("canary cluster missing", lambda c: c["static_resources"]["clusters"].pop(2),
+     "the rules name cluster 'canary' but Envoy defines no such cluster"),
+    ("other routing header", lambda c: routes(c)[0]["route"].update(cluster_header="x-other"),
+     "no route forwards with cluster_header: x-route-cluster"),
+    ("raw_value runtime off", lambda c: c.update(layered_runtime={"layers": [{
+        "name": "static", "static_layer": {
+            "envoy.reloadable_features.send_header_raw_value": False}}]}),
+     "routing header arrives empty"),
+    ("no sidecar filter", lambda c: hcm(c)["http_filters"].pop(0), "the sidecar is never asked"),
+]
+
+
+def test_the_shipped_config_is_clean() -> None:
+    assert check(TABLE, ENVOY) == []
+
+
+@pytest.mark.parametrize(("name", "breakage", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_each_breakage_is_found_with_a_fix(name: str, breakage: Callable[[dict[str, Any]], Any],
+                                          expected: str) -> None:
+    config = copy.deepcopy(ENVOY)
+    breakage(config)
+    findings = [str(f) for f in check(TABLE, config)]
+    assert any(expected in f and ". Fix: " in f for f in findings), findings
+
+
+def test_camel_case_config_is_understood() -> None:
+    from betterproto2 import Casing
+
+    from sidecar.envoy_config import parse_bootstrap
+
+    camel = json.loads(json.dumps(parse_bootstrap(ENVOY).to_dict(casing=Casing.CAMEL)))
+    assert "staticResources" in camel
+    assert check(TABLE, camel) == []
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = str(REPO / "examples" / "rules.yaml")
+    assert main(["check", rules, "--envoy", str(REPO / "envoy" / "envoy.yaml")]) == 0
+    broken = copy.deepcopy(ENVOY)
+    hcm(broken).pop("early_header_mutation_extensions")
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    assert main(["check", rules, "--envoy", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{path}: listener 'ingress'")
+    path.write_text("- not a bootstrap\n")
+    assert main(["check", rules, "--envoy", str(path)]) == 1
+    assert "not an Envoy bootstrap" in capsys.readouterr().err
