@@ -45,9 +45,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.02)
 
 
-def rewrite_envoy_config(config: Mapping[str, Any], clusters: Mapping[str, Address],
+def rewrite_envoy_config(config: Mapping[str, Any],
+                         clusters: Mapping[str, Address | Sequence[Address]],
                          listener_port: int = 0, admin_port: int = 0) -> dict[str, Any]:
-    """A copy of an Envoy bootstrap with listener/admin ports and cluster endpoints replaced."""
+    """A copy of an Envoy bootstrap with listener/admin ports and cluster endpoints replaced
+    (a cluster given several addresses gets one endpoint each)."""
     doc = copy.deepcopy(dict(config))
     doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
     for listener in doc["static_resources"]["listeners"]:
@@ -55,11 +57,12 @@ def rewrite_envoy_config(config: Mapping[str, Any], clusters: Mapping[str, Addre
     for cluster in doc["static_resources"]["clusters"]:
         if cluster["name"] not in clusters:
             continue
-        host, port = clusters[cluster["name"]]
-        for group in cluster["load_assignment"]["endpoints"]:
-            for endpoint in group["lb_endpoints"]:
-                address = endpoint["endpoint"]["address"]["socket_address"]
-                address["address"], address["port_value"] = host, port
+        given = clusters[cluster["name"]]
+        addresses: list[Address] = ([given] if isinstance(given[0], str)  # type: ignore[list-item]
+                                    else list(given))  # type: ignore[arg-type]
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+            for host, port in addresses]}]
     return doc
 
 
@@ -120,9 +123,18 @@ class Sidecar(Process):
                 "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                 "--http-listen", "127.0.0.1:0", "--drain", "0", *extra_args]
         super().__init__(name, argv, workdir / f"{name}.log")
-        self.port = int(self.wait_for_log(r"serving ext_proc on 127\.0\.0\.1:(\d+)").group(1))
-        self.admin = self.wait_for_log(r"admin API on (\S+);").group(1)
         self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
+        workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
+        if workers == 1:
+            self.ports = [int(self.wait_for_log(r"serving ext_proc on 127\.0\.0\.1:(\d+)").group(1))]
+            self.admins = [self.wait_for_log(r"admin API on (\S+);").group(1)]
+        else:
+            ready = r"worker (\d+) \(pid \d+\) ready ext_proc=127\.0\.0\.1:(\d+) admin=(\S+)"
+            self.wait_for_log(ready.replace(r"(\d+) \(pid", f"({workers - 1}) \\(pid"))
+            found = sorted(re.findall(ready, self.log_text()), key=lambda m: int(m[0]))
+            self.ports = [int(port) for _, port, _ in found[:workers]]
+            self.admins = [admin for _, _, admin in found[:workers]]
+        self.port, self.admin = self.ports[0], self.admins[0]
 
     def http_get(self, path: str) -> tuple[int, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.http, timeout=5)
@@ -227,7 +239,8 @@ class Stack:
         self._clients: list[HttpClient] = []
         try:
             self.sidecar = Sidecar(self.rules, workdir, sidecar_args)
-            endpoints: dict[str, Address] = {"graysteer": ("127.0.0.1", self.sidecar.port)}
+            endpoints: dict[str, Address | list[Address]] = {
+                "graysteer": [("127.0.0.1", port) for port in self.sidecar.ports]}
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
             template = yaml.safe_load(Path(envoy_config).read_text())
             self.envoy = Envoy(rewrite_envoy_config(template, endpoints), workdir)

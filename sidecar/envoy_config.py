@@ -86,6 +86,7 @@ class EnvoyOptions:
     listen: HostPort = ("127.0.0.1", 10000)
     admin: HostPort = ("127.0.0.1", 9901)
     sidecar: HostPort = ("127.0.0.1", 50051)
+    sidecar_workers: int = 1  # `serve --workers N`: N endpoints on consecutive ports
     upstreams: Mapping[str, HostPort] = field(default_factory=dict)  # default 127.0.0.1:8081+i
     message_timeout_ms: int = 250
 
@@ -98,16 +99,19 @@ def _extension(name: str, config: Any) -> TypedExtensionConfig:
     return TypedExtensionConfig(name=name, typed_config=AnyMessage.pack(config))
 
 
-def _static_cluster(name: str, host_port: HostPort, connect_timeout: timedelta) -> Cluster:
+def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timedelta) -> Cluster:
     return Cluster(
         name=name, type=ClusterDiscoveryType.STATIC, connect_timeout=connect_timeout,
         load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
-            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(host_port)))])]))
+            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(a))) for a in addresses])]))
 
 
-def sidecar_cluster(address: HostPort) -> Cluster:
-    """The sidecar's cluster: HTTP/2 (gRPC) and health-checked, never used while unhealthy."""
-    cluster = _static_cluster(SIDECAR_CLUSTER, address, timedelta(milliseconds=250))
+def sidecar_cluster(address: HostPort, workers: int = 1) -> Cluster:
+    """The sidecar's cluster: HTTP/2 (gRPC) and health-checked, never used while unhealthy;
+    one endpoint per worker process (Envoy balances streams across them)."""
+    host, port = address
+    cluster = _static_cluster(SIDECAR_CLUSTER, [(host, port + i) for i in range(workers)],
+                              timedelta(milliseconds=250))
     cluster.typed_extension_protocol_options = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
             HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
@@ -173,8 +177,8 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
         FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager",
                                     typed_config=AnyMessage.pack(
                                         connection_manager(table, options)))])])
-    clusters = [sidecar_cluster(options.sidecar)] + [
-        _static_cluster(name, address, timedelta(seconds=1)) for name, address in upstreams.items()]
+    clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers)] + [
+        _static_cluster(name, [address], timedelta(seconds=1)) for name, address in upstreams.items()]
     return Bootstrap(admin=Admin(address=_address(options.admin)),
                      static_resources=BootstrapStaticResources(listeners=[listener],
                                                                clusters=clusters))

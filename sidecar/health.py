@@ -9,11 +9,20 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 SERVICE_NAMES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
+
+
+class ReadinessView(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 class Readiness:
@@ -32,7 +41,7 @@ class Readiness:
             await self.grpc.set(name, status)
 
 
-def start_http(host: str, port: int, registry: CollectorRegistry, readiness: Readiness,
+def start_http(host: str, port: int, registry: CollectorRegistry, readiness: ReadinessView,
                details: Callable[[], dict[str, object]]) -> ThreadingHTTPServer:
     """Serve /metrics, /healthz and /readyz from a daemon thread; returns the server."""
 

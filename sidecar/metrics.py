@@ -1,13 +1,19 @@
 """Prometheus metrics of the sidecar. Every metric takes an injectable registry.
 
 Names follow Prometheus conventions (base units, `_total` counters, `_info` gauges);
-README.md lists each one.
+README.md lists each one. With `serve --workers N` every worker writes its values to
+PROMETHEUS_MULTIPROC_DIR and the supervisor serves their aggregate; each gauge says how
+workers' values combine.
 """
+
+import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.core import Table
+
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 # Deciding takes microseconds: buckets from 2 us to 10 ms.
 DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
@@ -28,20 +34,23 @@ class Metrics:
             "graysteer_decision_duration_seconds", "Time to decide one request (matching and "
             "bucketing, without gRPC).", buckets=DECISION_BUCKETS, registry=registry)
         self.inflight_streams = Gauge(
-            "graysteer_inflight_streams", "ext_proc streams open now.", registry=registry)
+            "graysteer_inflight_streams", "ext_proc streams open now.", registry=registry,
+            multiprocess_mode="livesum")
         self.reloads = Counter(
             "graysteer_reloads", "Attempts to load the rules file, by result (loaded, unchanged, "
             "invalid, missing).", ["result"], registry=registry)
         self.config_info = Gauge(
             "graysteer_config_info", "The rules being served (value 1): version, file version "
-            "and source.", ["version", "file_version", "source"], registry=registry)
+            "and source.", ["version", "file_version", "source"], registry=registry,
+            multiprocess_mode="livemax")
         self.config_loaded = Gauge(
             "graysteer_config_loaded_timestamp_seconds", "When the table being served was "
-            "loaded (Unix time).", registry=registry)
+            "loaded (Unix time).", registry=registry, multiprocess_mode="livemax")
         self.split_weight = Gauge(
             "graysteer_split_weight", "Weight of each cluster in each split rule, as served.",
-            ["rule", "cluster"], registry=registry)
+            ["rule", "cluster"], registry=registry, multiprocess_mode="livemostrecent")
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+        self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
 
     def count_decision(self, cluster: str, rule: str) -> None:
         key = (cluster, rule)
@@ -58,12 +67,20 @@ class Metrics:
 
     def show_table(self, table: Table) -> None:
         """Point the info and weight gauges at a newly served table."""
-        self.config_info.clear()
         file_version = table.version.partition("+")[0]
-        self.config_info.labels(table.version, file_version, table.source).set(1)
+        self._show(self.config_info, {(table.version, file_version, table.source): 1})
         self.config_loaded.set_to_current_time()
-        self.split_weight.clear()
-        for rule in table.rules:
-            if rule.split is not None:
-                for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True):
-                    self.split_weight.labels(rule.name, cluster).set(weight)
+        self._show(self.split_weight, {
+            (rule.name, cluster): weight for rule in table.rules if rule.split is not None
+            for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True)})
+
+    def _show(self, gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
+        """Set a labelled gauge to exactly `values`, retiring series no longer shown."""
+        for labels in self._shown.get(gauge, set()) - set(values):
+            if MULTIPROCESS:
+                gauge.labels(*labels).set(0)  # a worker cannot delete from the shared files
+            else:
+                gauge.remove(*labels)
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        self._shown[gauge] = set(values)

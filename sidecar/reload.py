@@ -47,6 +47,7 @@ class ReloadResult:
     error: str = ""
     version: str = ""  # the file version that was read ("" when unreadable)
     at: float = field(default_factory=time.time)
+    inputs: str = field(default="", repr=False)  # rules and state content read: the dedup key
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Reloader:
         self.loaded: Loaded | None = None
         self.last_result: ReloadResult | None = None
         self.failures = 0
-        self._last_read = ""  # the version of the last content evaluated, good or bad
+        self._last_read = ""  # the inputs (rules + state content) last evaluated, good or bad
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
 
@@ -82,7 +83,7 @@ class Reloader:
         if loaded is None:
             raise ValueError(result.error)  # already names the file and every problem
         self.metrics.count_reload(result.outcome.value)
-        self._last_read = result.version
+        self._last_read = result.inputs
         self._install(loaded, result)
         return loaded.table
 
@@ -99,7 +100,7 @@ class Reloader:
                 result = again
                 if settled:
                     break
-            self._last_read = result.version
+            self._last_read = result.inputs
             self._finish(result, loaded)
             return result
 
@@ -110,15 +111,19 @@ class Reloader:
             reason = f"{self.path}: cannot read: {error.strerror or error}"
             return ReloadResult(Outcome.MISSING, trigger, reason), None
         version = config_version(content)
-        if not force and version == self._last_read:
-            return ReloadResult(Outcome.UNCHANGED, trigger, version=version), None
+        # The state file (runtime weights) is an input too: when another worker process
+        # changes it, this one converges on the same table.
+        state = self.state.read_bytes()
+        inputs = f"{version}/{config_version(state)}"
+        if not force and inputs == self._last_read:
+            return ReloadResult(Outcome.UNCHANGED, trigger, version=version, inputs=inputs), None
         try:
             file_table = parse_rules(content, str(self.path))
         except RulesError as error:
-            return ReloadResult(Outcome.INVALID, trigger, str(error), version), None
-        overrides = _overrides_from_state(self.state.load())
-        return ReloadResult(Outcome.LOADED, trigger, version=version), self._with_overrides(
-            file_table.document, version, overrides)
+            return ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs), None
+        overrides = _overrides_from_state(self.state.parse(state))
+        loaded = self._with_overrides(file_table.document, version, overrides)
+        return ReloadResult(Outcome.LOADED, trigger, version=version, inputs=inputs), loaded
 
     def _with_overrides(self, document: dict[str, Any], file_version: str,
                         overrides: Mapping[str, WeightOverride]) -> Loaded:
@@ -157,7 +162,10 @@ class Reloader:
                 overrides[rule] = WeightOverride(rule, weights, base)
             new = self._with_overrides(loaded.document, loaded.file_version, overrides)
             self._save_overrides(new.overrides)
-            result = ReloadResult(Outcome.LOADED, "set_weights", version=loaded.file_version)
+            inputs = f"{loaded.file_version}/{config_version(self.state.read_bytes())}"
+            self._last_read = inputs
+            result = ReloadResult(Outcome.LOADED, "set_weights", version=loaded.file_version,
+                                  inputs=inputs)
             self._finish(result, new)
             log.info("weights of rule %r set to %s (version %s)", rule, weights, new.table.version)
             return new

@@ -43,6 +43,8 @@ class ServeOptions:
     drain_seconds: float = 1.0
     watch: bool = True
     watch_polling: bool = False
+    admin_allow_remote: bool = False
+    worker_index: int | None = None  # set when run by `serve --workers N`
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -108,6 +110,8 @@ async def serve(options: ServeOptions) -> None:
     log.info("serving ext_proc on %s with rules %s version %s (%d rules)",
              listen, table.source, table.version, len(table.rules))
     log.info("admin API on %s; state file %s", admin_listen, state_path)
+    if options.worker_index is not None:  # tell the supervisor where this worker listens
+        print(f"ready ext_proc={listen} admin={admin_listen}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,11 +125,13 @@ async def serve(options: ServeOptions) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
-    watcher = None
+    watchers = []
     if options.watch:
-        ignore = frozenset({state_path.name})
-        watcher = asyncio.create_task(watch_directory(
-            rules, lambda: reloader.reload("watch"), stop, options.watch_polling, ignore))
+        # The rules' directory, and the state file's: runtime weights set by another worker.
+        watched = {path.parent.resolve(): path for path in (state_path, rules)}
+        watchers = [asyncio.create_task(watch_directory(
+            path, lambda: reloader.reload("watch"), stop, options.watch_polling))
+            for path in watched.values()]
 
     await stop.wait()
     await readiness.set(False, "shutting down")
@@ -134,7 +140,7 @@ async def serve(options: ServeOptions) -> None:
     await asyncio.sleep(options.drain_seconds)
     await server.stop(options.grace_seconds)
     await admin.stop(0)
-    if watcher is not None:
+    for watcher in watchers:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

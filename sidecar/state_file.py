@@ -26,14 +26,27 @@ class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def read_bytes(self) -> bytes:
+        """The raw state (b"" when there is none or it cannot be read)."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as error:
+            log.error("state file %s cannot be read: %s", self.path, error)
+            return b""
+
     def load(self) -> dict[str, Any]:
         """The saved state; {} when there is none. A corrupt file is reported and ignored
         (left in place for inspection until the next write replaces it)."""
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
+        return self.parse(self.read_bytes())
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        if not raw:
             return {}
-        except (OSError, ValueError) as error:
+        try:
+            data = json.loads(raw)
+        except ValueError as error:
             log.error("state file %s is unreadable, starting without runtime overrides: %s",
                       self.path, error)
             return {}

@@ -60,3 +60,17 @@ def test_unknown_upstream_cluster_is_refused(capsys: pytest.CaptureFixture[str])
     assert main(["envoy-config", "--rules", str(REPO / "examples" / "rules.yaml"),
                  "--upstream", "nope=1.2.3.4:80"]) == 1
     assert "--upstream names cluster(s) the rules do not have: nope" in capsys.readouterr().err
+
+
+def test_workers_become_endpoints_of_the_sidecar_cluster(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "sidecar", "envoy-config", "--rules",
+                          str(REPO / "examples" / "rules.yaml"), "--workers", "3"],
+                         capture_output=True, text=True, check=True)
+    config = yaml.safe_load(out.stdout)
+    (sidecar,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "graysteer"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [50051, 50052, 50053]
+    generated = tmp_path / "envoy.yaml"
+    generated.write_text(out.stdout)
+    assert envoy_validate(generated).returncode == 0

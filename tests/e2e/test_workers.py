@@ -1,0 +1,119 @@
+"""`serve --workers N` through the real Envoy: balanced, one table, aggregate metrics, drain."""
+
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.admin_api import admin_pb2 as pb
+from sidecar.admin_api import admin_pb2_grpc as pb_grpc
+from sidecar.devstack import HttpClient, Stack, wait_for
+from tests.e2e.conftest import ENVOY_CONFIG
+
+
+def versions(admins: list[str]) -> list[str]:
+    found = []
+    for admin in admins:
+        with grpc.insecure_channel(admin) as channel:
+            found.append(pb_grpc.AdminStub(channel).GetTable(pb.GetTableRequest(), timeout=5).version)
+    return found
+
+
+def per_worker_requests(stack: Stack) -> dict[str, int]:
+    assert stack.envoy is not None
+    text = stack.envoy.admin_get("/clusters")[1]
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if parts[0] == "graysteer" and parts[2] == "rq_total":
+            counts[parts[1]] = int(parts[3])
+    return counts
+
+
+def test_three_workers_share_the_load_and_the_table(rules_file: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(rules_file.read_text())
+    with Stack(rules, ENVOY_CONFIG, tmp_path, sidecar_args=["--workers", "3"]) as stack:
+        sidecar = stack.sidecar
+        assert sidecar is not None and len(sidecar.ports) == 3 and len(set(sidecar.ports)) == 3
+        client = stack.client()
+        for i in range(300):
+            assert client.get("/", {"x-user-id": f"wk{i}"} if i % 3 else {"x-canary": "1"})[0] == 200
+        # Envoy spread the streams over every worker
+        counts = per_worker_requests(stack)
+        assert len(counts) == 3 and all(n > 30 for n in counts.values()), counts
+
+        # the supervisor's /metrics adds the workers up
+        families = {f.name: f for f in text_string_to_metric_families(sidecar.http_get("/metrics")[1])}
+        decisions = sum(s.value for s in families["graysteer_decisions"].samples
+                        if s.name == "graysteer_decisions_total")
+        assert decisions == 300
+        canary = [s.value for s in families["graysteer_decisions"].samples
+                  if s.labels == {"cluster": "canary", "rule": "force-canary"}]
+        assert canary == [100]
+        assert sidecar.http_get("/readyz")[0] == 200
+
+        # a reload reaches every worker
+        first = set(versions(sidecar.admins))
+        assert len(first) == 1
+        rules.write_text(rules.read_text() + "# edited\n")
+        wait_for(lambda: len(set(versions(sidecar.admins)) - first) == 1
+                 and len(set(versions(sidecar.admins))) == 1, 15, "all workers to reload")
+
+        # runtime weights set through one worker reach the others (state file)
+        with grpc.insecure_channel(sidecar.admins[0]) as channel:
+            pb_grpc.AdminStub(channel).SetWeights(
+                pb.SetWeightsRequest(rule="ramp", weights={"canary": 100}), timeout=5)
+        wait_for(lambda: all("+o" in v for v in versions(sidecar.admins))
+                 and len(set(versions(sidecar.admins))) == 1, 15, "all workers to take the weights")
+        assert {client.get("/", {"x-user-id": f"all{i}"})[1]["backend"] for i in range(60)} == {
+            "canary"}
+
+
+def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp_path: Path) -> None:
+    with Stack(rules_file, ENVOY_CONFIG, tmp_path,
+               sidecar_args=["--workers", "2", "--drain", "1"]) as stack:
+        sidecar = stack.sidecar
+        assert sidecar is not None
+        results: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            client = HttpClient(stack.port)
+            try:
+                while not stop.is_set():
+                    results.append(client.get("/", {"x-canary": "1"})[0])
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(results) > 100, 20, "load")
+        pid = int(re.search(r"worker 1 \(pid (\d+)\)", sidecar.log_text()).group(1))  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "worker 1 exited" in sidecar.log_text(), 10, "the supervisor to notice")
+        wait_for(lambda: sidecar.log_text().count("worker 1 (pid") == 2, 20, "worker 1 to restart")
+        assert sidecar.http_get("/readyz")[0] == 200
+        # the restarted worker is back on its port, and Envoy sends it streams again
+        worker1 = f"127.0.0.1:{sidecar.ports[1]}"
+        before = per_worker_requests(stack)[worker1]
+        wait_for(lambda: per_worker_requests(stack)[worker1] > before + 50, 20,
+                 "streams to reach the restarted worker")
+
+        assert stack.envoy is not None
+        cut = "cluster.graysteer.upstream_cx_destroy_remote_with_active_rq"
+        cut_by_the_kill = stack.envoy.stats()[cut]  # the SIGKILL cut the streams it had
+        sidecar.signal(signal.SIGTERM)
+        assert sidecar.popen.wait(30) == 0
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        stats = stack.envoy.stats()
+    assert set(results) == {200}  # the killed worker's streams failed open; none failed
+    assert "stopped (worker exit codes [0, 0])" in sidecar.log_text()
+    assert stats[cut] == cut_by_the_kill  # the drain cut no stream
