@@ -313,3 +313,22 @@ def test_sigterm_under_load_drains_without_failing_a_request(rules_file: Path,
     assert results[0][1] == "canary" and results[-1][1] == "stable"
 
 
+
+
+def test_sighup_forces_a_reload(rules_file: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(rules_file.read_text())
+    sidecar = Sidecar(rules, tmp_path, ["--no-watch"])
+    try:
+        first = admin_status(sidecar.admin).version
+        rules.write_text(rules_file.read_text().replace("weight: 70", "weight: 60")
+                         .replace("weight: 30", "weight: 40"))
+        time.sleep(0.5)  # give a watcher, were there one, time to act: there must be none
+        assert admin_status(sidecar.admin).version == first
+        sidecar.signal(signal.SIGHUP)
+        wait_for(lambda: admin_status(sidecar.admin).version != first, 10, "the SIGHUP reload")
+        status = admin_status(sidecar.admin)
+        assert status.last_reload.trigger == "sighup"
+        assert [w.weight for w in status.rules[1].weights] == [60, 40]
+    finally:
+        sidecar.stop()
