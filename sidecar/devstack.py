@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -274,3 +275,36 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class BackgroundLoad:
+    """Threads sending requests to an Envoy listener until stopped; `results` holds
+    (status, backend) per response, in order."""
+
+    def __init__(self, port: int, headers: Mapping[str, str], threads: int = 4) -> None:
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(port, dict(headers)),
+                                          daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, port: int, headers: dict[str, str]) -> None:
+        client = HttpClient(port)
+        try:
+            while not self._stop.is_set():
+                status, echo = client.get("/", headers)
+                self.results.append((status, echo.get("backend", "")))
+        finally:
+            client.close()
+
+    def wait_for_more(self, count: int, what: str, timeout: float = 30) -> None:
+        """Wait until `count` more responses than now have arrived."""
+        target = len(self.results) + count
+        wait_for(lambda: len(self.results) >= target, timeout, what)
+
+    def stop(self) -> list[tuple[int, str]]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        return self.results

@@ -17,7 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.admin_api import admin_pb2 as pb
 from sidecar.admin_api import admin_pb2_grpc as pb_grpc
 from sidecar.cli import main
-from sidecar.devstack import Envoy, HttpClient, Sidecar, Stack, rewrite_envoy_config, wait_for
+from sidecar.devstack import (
+    BackgroundLoad,
+    Envoy,
+    HttpClient,
+    Sidecar,
+    Stack,
+    rewrite_envoy_config,
+    wait_for,
+)
 from sidecar.rules_file import parse_rules
 from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG
 from tests.helpers import request
@@ -274,31 +282,14 @@ def test_sigterm_under_load_drains_without_failing_a_request(rules_file: Path,
                ) as stack:
         assert stack.sidecar is not None and stack.envoy is not None
         sidecar, envoy = stack.sidecar, stack.envoy
-        results: list[tuple[int, str]] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            client = HttpClient(stack.port)
-            try:
-                while not stop.is_set():
-                    status, echo = client.get("/", {"x-canary": "1"})
-                    results.append((status, echo.get("backend", "")))
-            finally:
-                client.close()
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: len(results) > 300, 30, "load to start")
+        load = BackgroundLoad(stack.port, {"x-canary": "1"})
+        load.wait_for_more(300, "load to start")
         sidecar.signal(signal.SIGTERM)
         # readiness flips at once, while streams still get answers during the drain
         wait_for(lambda: sidecar.http_get("/readyz")[0] == 503, 5, "/readyz to report 503")
         exit_code = sidecar.popen.wait(20)
-        after_exit = len(results)
-        wait_for(lambda: len(results) > after_exit + 200, 30, "load after the sidecar exited")
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        load.wait_for_more(200, "load after the sidecar exited")
+        results = load.stop()
         stats = envoy.stats()
 
     assert exit_code == 0

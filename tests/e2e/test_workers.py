@@ -3,7 +3,6 @@
 import os
 import re
 import signal
-import threading
 from pathlib import Path
 
 import grpc
@@ -11,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin_api import admin_pb2 as pb
 from sidecar.admin_api import admin_pb2_grpc as pb_grpc
-from sidecar.devstack import HttpClient, Stack, wait_for
+from sidecar.devstack import BackgroundLoad, Stack, wait_for
 from tests.e2e.conftest import ENVOY_CONFIG
 
 
@@ -79,21 +78,8 @@ def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp
                sidecar_args=["--workers", "2", "--drain", "1"]) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
-        results: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            client = HttpClient(stack.port)
-            try:
-                while not stop.is_set():
-                    results.append(client.get("/", {"x-canary": "1"})[0])
-            finally:
-                client.close()
-
-        threads = [threading.Thread(target=load) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: len(results) > 100, 20, "load")
+        load = BackgroundLoad(stack.port, {"x-canary": "1"}, threads=3)
+        load.wait_for_more(100, "load")
         pid = int(re.search(r"worker 1 \(pid (\d+)\)", sidecar.log_text()).group(1))  # type: ignore[union-attr]
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: "worker 1 exited" in sidecar.log_text(), 10, "the supervisor to notice")
@@ -110,10 +96,8 @@ def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp
         cut_by_the_kill = stack.envoy.stats()[cut]  # the SIGKILL cut the streams it had
         sidecar.signal(signal.SIGTERM)
         assert sidecar.popen.wait(30) == 0
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        results = load.stop()
         stats = stack.envoy.stats()
-    assert set(results) == {200}  # the killed worker's streams failed open; none failed
+    assert {status for status, _ in results} == {200}  # the killed worker's streams failed open; none failed
     assert "stopped (worker exit codes [0, 0])" in sidecar.log_text()
     assert stats[cut] == cut_by_the_kill  # the drain cut no stream

@@ -30,6 +30,15 @@ def make_reloader(path: Path) -> Reloader:
     return Reloader(path, None, Metrics(CollectorRegistry()), StateFile(default_state_path(path)))
 
 
+def started(tmp_path: Path, text: str = A) -> tuple[Path, Reloader]:
+    """A rules file with `text` and a reloader that has loaded it."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    reloader = make_reloader(path)
+    reloader.load_initial()
+    return path, reloader
+
+
 def reloads(reloader: Reloader, result: str) -> float:
     return reloader.metrics.registry.get_sample_value("graysteer_reloads_total",
                                                       {"result": result}) or 0
@@ -72,10 +81,7 @@ def test_startup_on_a_broken_file_raises_with_every_problem(tmp_path: Path) -> N
 
 
 def test_set_weights_persists_and_survives_a_restart(tmp_path: Path) -> None:
-    path = tmp_path / "rules.yaml"
-    path.write_text(A)
-    reloader = make_reloader(path)
-    reloader.load_initial()
+    path, reloader = started(tmp_path)
     loaded = asyncio.run(reloader.set_weights("ramp", {"canary": 30}))
     assert loaded.table.rules[0].split is not None
     assert loaded.table.rules[0].split.weights == (70, 30)
@@ -96,10 +102,7 @@ def test_set_weights_persists_and_survives_a_restart(tmp_path: Path) -> None:
 
 
 def test_editing_the_rules_weights_in_the_file_drops_the_override(tmp_path: Path) -> None:
-    path = tmp_path / "rules.yaml"
-    path.write_text(A)
-    reloader = make_reloader(path)
-    reloader.load_initial()
+    path, reloader = started(tmp_path)
 
     async def scenario() -> None:
         await reloader.set_weights("ramp", {"canary": 50})
@@ -214,10 +217,7 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def test_a_broken_file_left_in_place_is_reported_once(tmp_path: Path) -> None:
-    path = tmp_path / "rules.yaml"
-    path.write_text(A)
-    reloader = make_reloader(path)
-    reloader.load_initial()
+    path, reloader = started(tmp_path)
 
     async def scenario() -> list[Outcome]:
         path.write_text(BROKEN)
@@ -232,10 +232,7 @@ def test_a_broken_file_left_in_place_is_reported_once(tmp_path: Path) -> None:
 
 def test_a_half_written_file_is_read_again_before_it_counts(tmp_path: Path) -> None:
     """A watch-triggered read of a torn in-place write settles on the finished content."""
-    path = tmp_path / "rules.yaml"
-    path.write_text(A)
-    reloader = make_reloader(path)
-    reloader.load_initial()
+    path, reloader = started(tmp_path)
 
     async def scenario() -> Outcome:
         path.write_text(B[: len(B) // 2])  # the writer is half-way
