@@ -5,7 +5,8 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from sidecar import admin_client
 from sidecar.admin_client import AdminError
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll the rules directory instead of using inotify")
     p.add_argument("--workers", type=_positive, default=1,
                    help="worker processes, on ports --listen, +1, ... (default 1; see README)")
+    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="auto: uvloop when installed (default), else asyncio's own loop")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
     p = commands.add_parser("check", help="validate a rules file: exit 0 if valid, 1 if not")
@@ -167,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_event_loop(main: "Coroutine[Any, Any, None]", choice: str) -> None:
+    """Run on uvloop when asked for or (auto) installed; asyncio's loop otherwise."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("--event-loop uvloop: uvloop is not installed "
+                                 "(pip install 'graysteer[fast]')") from None
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main)
+            return
+    asyncio.run(main)
+
+
 def _check_envoy(table: "Table", path: str) -> int:
     import yaml
 
@@ -216,12 +235,13 @@ def _run(args: argparse.Namespace) -> int:
             config=args.config, listen=args.listen, admin_listen=args.admin_listen,
             http_listen=args.http_listen, state_file=args.state_file, grace_seconds=args.grace,
             drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll,
-            admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index)
+            admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index,
+            event_loop=args.event_loop)
         if args.workers > 1:
             from sidecar.workers import run_workers
 
             return run_workers(options, args.workers, args.log_level)
-        asyncio.run(serve(options))
+        run_event_loop(serve(options), args.event_loop)
         return 0
     if args.command == "check":
         from sidecar.rules_file import load_rules

@@ -44,6 +44,7 @@ class ServeOptions:
     watch: bool = True
     watch_polling: bool = False
     admin_allow_remote: bool = False
+    event_loop: str = "auto"
     worker_index: int | None = None  # set when run by `serve --workers N`
 
 

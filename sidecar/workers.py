@@ -68,7 +68,7 @@ class Supervisor:
                 "--config", o.config, "--listen", worker.listen,
                 "--admin-listen", worker.admin_listen,
                 "--drain", str(o.drain_seconds), "--grace", str(o.grace_seconds),
-                "--worker-index", str(worker.index)]
+                "--worker-index", str(worker.index), "--event-loop", o.event_loop]
         if o.admin_allow_remote:
             argv.append("--admin-allow-remote")
         if o.state_file:
