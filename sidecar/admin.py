@@ -13,7 +13,7 @@ from sidecar.admin_api import admin_pb2_grpc as pb_grpc
 from sidecar.core import Decision
 from sidecar.core.overrides import split_weights
 from sidecar.deciding import Decider
-from sidecar.explain import headers_message
+from sidecar.explain import Peer, headers_message
 from sidecar.extproc import ExtProcServicer
 from sidecar.metrics import Metrics
 from sidecar.reload import Loaded, Reloader, ReloadResult
@@ -69,7 +69,9 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None) -> pb.TableSt
 def decision_message(decision: Decision) -> pb.Decision:
     message = pb.Decision(cluster=decision.cluster, rule=decision.rule,
                           key_source=decision.key_source or "", version=decision.version,
-                          error=decision.error or "")
+                          error=decision.error or "", lane=decision.lane or "",
+                          identity=decision.identity or "", deny_status=decision.deny_status or 0,
+                          deny_reason=decision.deny_reason or "")
     if decision.bucket is not None:
         message.bucket = decision.bucket
     return message
@@ -87,14 +89,19 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return table_status(self.reloader)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
+        peer = Peer(request.uri_san, request.dns_san,
+                    request.listener_port if request.HasField("listener_port") else None)
         message = headers_message(request.method or "GET", request.path or "/",
                                   [(h.name, h.value) for h in request.headers],
                                   [(c.name, c.value) for c in request.cookies],
-                                  [(q.name, q.value) for q in request.query])
+                                  [(q.name, q.value) for q in request.query], peer)
         response, decision = self.explainer.on_request_headers(message)
-        set_headers = response.request_headers.response.header_mutation.set_headers
-        return pb.ExplainResponse(decision=decision_message(decision), set_headers=[
-            pb.Pair(name=h.header.key, value=h.header.raw_value.decode()) for h in set_headers])
+        mutation = response.request_headers.response.header_mutation
+        return pb.ExplainResponse(
+            decision=decision_message(decision),
+            set_headers=[pb.Pair(name=h.header.key, value=h.header.raw_value.decode())
+                         for h in mutation.set_headers],
+            remove_headers=list(mutation.remove_headers))
 
     async def SetWeights(self, request: pb.SetWeightsRequest, context: Any) -> pb.TableStatus:
         try:

@@ -1,13 +1,16 @@
 """CLI side of the admin API: `graysteer status`, `set-weight`, `explain --admin`."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
 
 from sidecar.admin_api import admin_pb2 as pb
 from sidecar.admin_api import admin_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from sidecar.explain import Peer
 
 TIMEOUT_SECONDS = 10
 
@@ -44,13 +47,17 @@ def set_weights(address: str, rule: str, weights: dict[str, int]) -> dict[str, A
 
 
 def explain(address: str, method: str, path: str, headers: Sequence[tuple[str, str]],
-            cookies: Sequence[tuple[str, str]], params: Sequence[tuple[str, str]]) -> dict[str, Any]:
+            cookies: Sequence[tuple[str, str]], params: Sequence[tuple[str, str]],
+            peer: "Peer") -> dict[str, Any]:
     def pairs(items: Sequence[tuple[str, str]]) -> list[pb.Pair]:
         return [pb.Pair(name=n, value=v) for n, v in items]
 
-    response = _call(address, "Explain", pb.ExplainRequest(
-        method=method, path=path, headers=pairs(headers), cookies=pairs(cookies),
-        query=pairs(params)))
+    request = pb.ExplainRequest(method=method, path=path, headers=pairs(headers),
+                                cookies=pairs(cookies), query=pairs(params),
+                                uri_san=peer.uri_san, dns_san=peer.dns_san)
+    if peer.listener_port is not None:
+        request.listener_port = peer.listener_port
+    response = _call(address, "Explain", request)
     decision = response.decision
     return {
         "cluster": decision.cluster,
@@ -59,7 +66,12 @@ def explain(address: str, method: str, path: str, headers: Sequence[tuple[str, s
         "key_source": decision.key_source or None,
         "version": decision.version,
         "error": decision.error or None,
+        "lane": decision.lane or None,
+        "identity": decision.identity or None,
+        "deny_status": decision.deny_status or None,
+        "deny_reason": decision.deny_reason or None,
         "set_headers": {p.name: p.value for p in response.set_headers},
+        "remove_headers": list(response.remove_headers),
         "source": f"admin {address}",
     }
 

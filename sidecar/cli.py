@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=VALUE", help="a cookie (repeatable)")
     p.add_argument("--query", dest="params", type=_pair, action="append", default=[],
                    metavar="NAME=VALUE", help="a query parameter (repeatable)")
+    p.add_argument("--identity", default="", metavar="URI_SAN",
+                   help="the client certificate's URI SAN, e.g. spiffe://example.org/ns/qa/sa/x "
+                   "(implies mTLS; default: a plaintext request)")
+    p.add_argument("--dns", default="", metavar="DNS_SAN", help="the client certificate's DNS SAN")
+    p.add_argument("--listener-port", type=int, help="the local port the request arrived on")
 
     p = commands.add_parser("status", help="show a running sidecar's table and last reload")
     p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
@@ -268,14 +273,15 @@ def _run(args: argparse.Namespace) -> int:
               + render_yaml(bootstrap(table, envoy_options)), end="")
         return 0
     if args.command == "explain":
+        from sidecar.explain import Peer, explain_local
+
+        peer = Peer(args.identity, args.dns, args.listener_port)
         if args.admin:
             result = admin_client.explain(args.admin, args.method, args.path, args.headers,
-                                          args.cookies, args.params)
+                                          args.cookies, args.params, peer)
         else:
-            from sidecar.explain import explain_local
-
             result = explain_local(args.config, args.method, args.path, args.headers,
-                                   args.cookies, args.params)
+                                   args.cookies, args.params, peer)
         print(json.dumps(result, indent=2))
         return 0
     if args.command == "status":

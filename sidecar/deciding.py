@@ -6,7 +6,7 @@ Shared by every adapter (ext_proc, explain) so that they all take the same path.
 import logging
 from time import perf_counter
 
-from sidecar.core import Decision, Request, Table
+from sidecar.core import Decision, Request, Steering, Table, steer
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("graysteer.decide")
@@ -28,17 +28,31 @@ class Decider:
         self.metrics = metrics
         self._logged_reasons: set[str] = set()
 
-    def decide(self, request: Request, table: Table | None = None) -> Decision:
-        """Decide against `table` (by default the current one); the default cluster on error."""
+    def steer(self, request: Request, table: Table | None = None) -> Steering:
+        """Steer against `table` (by default the current one); the default cluster on error,
+        with the untrusted headers still removed when that much was known."""
         table = table or self.holder.table
         started = perf_counter()
         try:
-            decision = table.decide(request)
+            steering = steer(table, request)
         except Exception as error:  # a bug or input the engine cannot handle: fail to default
             decision = self.failed(table, f"engine_{type(error).__name__}", error)
+            steering = Steering(decision, ((table.routing_header, decision.cluster),),
+                                tuple(h for h in table.trust.protected if h in request.headers))
         self.metrics.decision_seconds.observe(perf_counter() - started)
+        decision = steering.decision
         self.metrics.count_decision(decision.cluster, decision.rule)
-        return decision
+        if steering.remove_headers:
+            self.metrics.count_event("untrusted_headers_removed")
+        if steering.baggage_dropped:
+            self.metrics.count_event("baggage_over_limit")
+        if request.identity.malformed:
+            self.metrics.count_event("malformed_spiffe_id")
+        return steering
+
+    def decide(self, request: Request, table: Table | None = None) -> Decision:
+        """The decision alone (see `steer`)."""
+        return self.steer(request, table).decision
 
     def failed(self, table: Table, reason: str, error: BaseException) -> Decision:
         """Count a failure; log it with its traceback the first time each reason is seen."""

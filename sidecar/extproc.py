@@ -1,8 +1,9 @@
 """The Envoy ext_proc servicer: one bidirectional stream per HTTP request.
 
-On request headers it decides and answers with the routing header (raw_value,
-OVERWRITE_IF_EXISTS_OR_ADD), clear_route_cache, and the decision as dynamic
-metadata under the `graysteer` namespace. Every other message kind gets the one
+On request headers it steers (sidecar.core.steering) and answers with the routing and
+color headers (raw_value, OVERWRITE_IF_EXISTS_OR_ADD), the removal of untrusted
+override headers, clear_route_cache, and the decision as dynamic metadata under the
+`graysteer` namespace; a deny rule gets an immediate response. Every other message kind gets the one
 empty answer of its own kind, so no processing_mode produces spurious messages.
 """
 
@@ -13,14 +14,17 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from sidecar.core import Decision, Request
+from sidecar.core import NO_IDENTITY, Decision, Identity, Request, Steering
 from sidecar.deciding import Decider
 
 log = logging.getLogger("graysteer.extproc")
 
 METADATA_NAMESPACE = "graysteer"
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # Envoy keys attributes so, whatever the filter's name
+DENIED_DETAILS = "graysteer_denied"  # %RESPONSE_CODE_DETAILS% of a denied request
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 # The answer to each message kind that carries no decision: "continue unchanged".
@@ -54,12 +58,42 @@ def decision_metadata(decision: Decision) -> struct_pb2.Struct:
     return metadata
 
 
-def routing_response(decision: Decision, routing_header: str) -> ep.ProcessingResponse:
-    """Set the routing header and make Envoy pick the route again."""
-    mutation = ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=routing_header, raw_value=decision.cluster.encode()),
-        append_action=_OVERWRITE,
-    )])
+def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | None]:
+    """The peer's identity and the local port from the request attributes Envoy sends
+    (`connection.mtls`, `connection.*_peer_certificate`, `destination.port`). Envoy gives
+    only the first URI SAN and the first DNS SAN."""
+    if ATTRIBUTES_KEY not in message.attributes:
+        return NO_IDENTITY, None
+    fields = message.attributes[ATTRIBUTES_KEY].fields
+
+    def text(name: str) -> str:
+        return fields[name].string_value if name in fields else ""
+
+    port = int(fields["destination.port"].number_value) if "destination.port" in fields else None
+    mtls = "connection.mtls" in fields and fields["connection.mtls"].bool_value
+    if not mtls:
+        return NO_IDENTITY, port
+    uri, dns = text("connection.uri_san_peer_certificate"), text("connection.dns_san_peer_certificate")
+    identity = Identity.from_sans(True, (uri,) if uri else (), (dns,) if dns else (),
+                                  text("connection.subject_peer_certificate"))
+    return identity, port
+
+
+def steering_response(steering: Steering) -> ep.ProcessingResponse:
+    """Deny with an immediate response; or set the routing (and color) headers, remove the
+    untrusted ones, and make Envoy pick the route again."""
+    decision = steering.decision
+    if decision.deny_status is not None:
+        return ep.ProcessingResponse(
+            immediate_response=ep.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=decision.deny_status),
+                body=(decision.deny_reason or "").encode(), details=DENIED_DETAILS),
+            dynamic_metadata=decision_metadata(decision))
+    mutation = ep.HeaderMutation(
+        set_headers=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+            append_action=_OVERWRITE) for name, value in steering.set_headers],
+        remove_headers=list(steering.remove_headers))
     return ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(
             response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
@@ -103,8 +137,11 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """Decide one request from its headers message. The explain CLI calls this too."""
         table = self.decider.holder.table
         try:
-            request = Request.from_headers(header_dict(message.request_headers.headers))
-            decision = self.decider.decide(request, table)
+            identity, port = connection_identity(message)
+            request = Request.from_headers(header_dict(message.request_headers.headers), identity,
+                                           port)
+            steering = self.decider.steer(request, table)
         except Exception as error:  # malformed message: still answer, on the default cluster
             decision = self.decider.failed(table, f"adapter_{type(error).__name__}", error)
-        return routing_response(decision, table.routing_header), decision
+            steering = Steering(decision, ((table.routing_header, decision.cluster),))
+        return steering_response(steering), steering.decision

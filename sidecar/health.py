@@ -14,7 +14,8 @@ from typing import Protocol
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-SERVICE_NAMES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
+SERVICE_NAMES = ("", "envoy.service.ext_proc.v3.ExternalProcessor",
+                 "envoy.service.auth.v3.Authorization")
 
 
 class ReadinessView(Protocol):

@@ -30,6 +30,10 @@ class Metrics:
         self.decision_errors = Counter(
             "graysteer_decision_errors", "Requests that could not be decided and went to the "
             "default cluster, by reason.", ["reason"], registry=registry)
+        self.steering_events = Counter(
+            "graysteer_steering_events", "Notable inputs, by event: untrusted_headers_removed "
+            "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
+            "malformed_certificate, baggage_over_limit.", ["event"], registry=registry)
         self.decision_seconds = Histogram(
             "graysteer_decision_duration_seconds", "Time to decide one request (matching and "
             "bucketing, without gRPC).", buckets=DECISION_BUCKETS, registry=registry)
@@ -61,6 +65,9 @@ class Metrics:
 
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()
+
+    def count_event(self, event: str) -> None:
+        self.steering_events.labels(event).inc()
 
     def count_reload(self, result: str) -> None:
         self.reloads.labels(result).inc()

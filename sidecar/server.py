@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from sidecar.admin import AdminServicer
 from sidecar.admin_api import admin_pb2_grpc
 from sidecar.deciding import Decider
+from sidecar.extauthz import AuthorizationServicer
 from sidecar.extproc import ExtProcServicer
 from sidecar.health import Readiness, start_http
 from sidecar.metrics import Metrics
@@ -90,6 +92,7 @@ async def serve(options: ServeOptions) -> None:
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(decider), server)
+    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
     health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
     listen = _bind(server, options.listen, "--listen")
 
@@ -108,7 +111,7 @@ async def serve(options: ServeOptions) -> None:
     await server.start()
     await admin.start()
     await readiness.set(True, "serving")
-    log.info("serving ext_proc on %s with rules %s version %s (%d rules)",
+    log.info("serving ext_proc and ext_authz on %s with rules %s version %s (%d rules)",
              listen, table.source, table.version, len(table.rules))
     log.info("admin API on %s; state file %s", admin_listen, state_path)
     if options.worker_index is not None:  # tell the supervisor where this worker listens

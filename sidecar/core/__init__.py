@@ -5,13 +5,21 @@ Pure: it imports nothing from gRPC, Prometheus, YAML or the filesystem. Adapters
 """
 
 from sidecar.core.compile import DEFAULT_ROUTING_HEADER, Problem, RulesError, compile_table
+from sidecar.core.identity import NO_IDENTITY, Identity, SpiffeId, parse_spiffe_id
 from sidecar.core.request import Request
+from sidecar.core.steering import Steering, steer
 from sidecar.core.table import DEFAULT_RULE, Decision, Table
 
 __all__ = [
     "DEFAULT_ROUTING_HEADER",
     "DEFAULT_RULE",
+    "NO_IDENTITY",
     "Decision",
+    "Identity",
+    "SpiffeId",
+    "Steering",
+    "parse_spiffe_id",
+    "steer",
     "Problem",
     "Request",
     "RulesError",

@@ -16,9 +16,13 @@ from jsonschema import Draft202012Validator, ValidationError
 from sidecar.core.bucketing import cumulative
 from sidecar.core.request import Request
 from sidecar.core.schema import RULES_SCHEMA
+from sidecar.core.identity import identity_matcher
+from sidecar.core.steering import Coloring, Trust
 from sidecar.core.table import Condition, Decision, KeyGetter, Rule, Split, Table
 
 DEFAULT_ROUTING_HEADER = "x-route-cluster"
+DEFAULT_COLOR_HEADER = "x-graysteer-lane"
+DEFAULT_BAGGAGE_KEY = "graysteer.lane"
 _VALIDATOR = Draft202012Validator(RULES_SCHEMA)
 _MATCH_FORMS = "exact, prefix, regex, present, absent"
 _PATH_FORMS = "exact, prefix, regex"
@@ -144,6 +148,7 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
 
     if doc["default"] not in clusters:
         yield unknown("field default", doc["default"])
+    yield from _steering_problems(doc, clusters, unknown)
     seen: dict[str, int] = {}
     for index, rule in enumerate(doc.get("rules") or []):
         path = ["rules", index]
@@ -152,10 +157,10 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
             yield Problem(_where(doc, path + ["name"]),
                           f"duplicate rule name (first used by rules[{seen[name]}])")
         seen.setdefault(name, index)
-        actions = [a for a in ("route", "split") if a in rule]
+        actions = [a for a in ("route", "split", "deny") if a in rule]
         if len(actions) != 1:
-            yield Problem(_where(doc, path),
-                          f"needs exactly one action (route or split), got {actions or 'none'}")
+            yield Problem(_where(doc, path), "needs exactly one action (route, split or deny), "
+                          f"got {actions or 'none'}")
         if "route" in rule and rule["route"] not in clusters:
             yield unknown(_where(doc, path + ["route"]), rule["route"])
         yield from _match_problems(doc, path, rule.get("match") or {})
@@ -177,6 +182,30 @@ def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any])
             yield Problem(_where(doc, where), "use `present: true` or `absent: true`")
     if "regex" in (match.get("path") or {}):
         yield from _regex_problem(doc, path + ["match", "path", "regex"], match["path"]["regex"])
+    if "regex" in (match.get("identity") or {}):
+        yield from _regex_problem(doc, path + ["match", "identity", "regex"],
+                                  match["identity"]["regex"])
+    if (match.get("identity") or {}).get("present") is False or (
+            match.get("identity") or {}).get("absent") is False:
+        yield Problem(_where(doc, path + ["match", "identity"]),
+                      "use `present: true` or `absent: true`")
+
+
+def _steering_problems(doc: dict[str, Any], clusters: set[str], unknown: Any) -> Iterable[Problem]:
+    for index, form in enumerate((doc.get("trust") or {}).get("identities") or []):
+        if "regex" in form:
+            yield from _regex_problem(doc, ["trust", "identities", index, "regex"], form["regex"])
+    coloring = doc.get("coloring")
+    if coloring is None:
+        return
+    for lane, cluster in coloring["lanes"].items():
+        if cluster not in clusters:
+            yield unknown(f"field coloring.lanes.{lane}", cluster)
+    if coloring.get("fallback", doc["default"]) not in clusters:
+        yield unknown("field coloring.fallback", coloring["fallback"])
+    header = coloring.get("header", DEFAULT_COLOR_HEADER).lower()
+    if header == doc.get("routing_header", DEFAULT_ROUTING_HEADER).lower():
+        yield Problem("field coloring.header", "must differ from routing_header")
 
 
 def _regex_problem(doc: dict[str, Any], path: list[Any], pattern: str) -> Iterable[Problem]:
@@ -209,7 +238,8 @@ def _split_problems(doc: dict[str, Any], path: list[Any], split: dict[str, Any],
 
 
 def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
-    rules = tuple(_compile_rule(r, version) for r in doc.get("rules") or [])
+    rules = tuple(_compile_rule(r, version, doc["default"]) for r in doc.get("rules") or [])
+    coloring = _coloring(doc)
     return Table(
         version=version,
         source=source,
@@ -218,14 +248,52 @@ def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
         routing_header=doc.get("routing_header", DEFAULT_ROUTING_HEADER).lower(),
         rules=rules,
         document=doc,
+        trust=_trust(doc.get("trust") or {}, coloring),
+        coloring=coloring,
+        deny_rules=tuple(r for r in rules if r.route is not None and r.route.deny_status),
     )
 
 
-def _compile_rule(rule: dict[str, Any], version: str) -> Rule:
+def _trust(trust: dict[str, Any], coloring: Coloring | None) -> Trust:
+    protected = {h.lower() for h in trust.get("override_headers") or []}
+    if coloring is not None:
+        protected.add(coloring.header)
+    return Trust(
+        identities=tuple(identity_matcher(form) for form in trust.get("identities") or []),
+        plaintext=bool(trust.get("plaintext", False)),
+        listener_ports=frozenset(trust.get("listener_ports") or ()),
+        xfcc=bool(trust.get("xfcc", False)),
+        protected=frozenset(protected),
+    )
+
+
+def _coloring(doc: dict[str, Any]) -> Coloring | None:
+    coloring = doc.get("coloring")
+    if coloring is None:
+        return None
+    lanes = dict(coloring["lanes"])
+    lane_of: dict[str, str] = {}
+    for lane, cluster in lanes.items():
+        lane_of.setdefault(cluster, lane)
+    return Coloring(
+        header=coloring.get("header", DEFAULT_COLOR_HEADER).lower(),
+        baggage=coloring.get("baggage", DEFAULT_BAGGAGE_KEY),
+        lanes=lanes,
+        fallback=coloring.get("fallback", doc["default"]),
+        lane_of=lane_of,
+    )
+
+
+def _compile_rule(rule: dict[str, Any], version: str, default: str) -> Rule:
     name = rule["name"]
     conditions = tuple(_conditions(rule.get("match") or {}))
     if "route" in rule:
         return Rule(name, conditions, Decision(rule["route"], name, version), None)
+    if "deny" in rule:
+        deny = rule["deny"]
+        reason = deny.get("reason") or f"denied by rule {name}"
+        return Rule(name, conditions, Decision(default, name, version, deny_status=deny["status"],
+                                               deny_reason=reason), None)
     split = rule["split"]
     weights = tuple(e["weight"] for e in split["to"])
     missing = split.get("when_key_missing", "random")
@@ -247,6 +315,9 @@ def _conditions(match: dict[str, Any]) -> Iterable[Condition]:
         yield _header_condition(header.lower(), form)
     if "path" in match:
         yield _path_condition(match["path"])
+    if "identity" in match:
+        matches_identity = identity_matcher(match["identity"])
+        yield lambda request: matches_identity(request.identity)
     if "method" in match:
         methods = match["method"]
         allowed = frozenset(m.upper() for m in ([methods] if isinstance(methods, str) else methods))
@@ -282,6 +353,8 @@ def _path_condition(form: dict[str, Any]) -> Condition:
 
 
 def _key_getter(source: str) -> KeyGetter:
+    if source == "identity":  # callers sticky by workload identity
+        return lambda request: request.identity.principal or None
     kind, _, name = source.partition(":")
     if kind == "header":
         name = name.lower()

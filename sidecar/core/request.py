@@ -8,23 +8,31 @@ asks for them, and at most once per request.
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
+from sidecar.core.identity import NO_IDENTITY, Identity
+
 
 class Request:
     """Lower-cased header names -> values, plus method, path and query string."""
 
-    __slots__ = ("_cookies", "_params", "headers", "method", "path", "query")
+    __slots__ = ("_cookies", "_params", "headers", "identity", "listener_port", "method", "path",
+                 "query")
 
-    def __init__(self, headers: Mapping[str, str], method: str = "GET", path: str = "/") -> None:
+    def __init__(self, headers: Mapping[str, str], method: str = "GET", path: str = "/",
+                 identity: Identity = NO_IDENTITY, listener_port: int | None = None) -> None:
         self.headers = headers
+        self.identity = identity
+        self.listener_port = listener_port
         self.method = method.upper()
         self.path, _, self.query = path.partition("?")
         self._cookies: dict[str, str] | None = None
         self._params: dict[str, str] | None = None
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> "Request":
+    def from_headers(cls, headers: Mapping[str, str], identity: Identity = NO_IDENTITY,
+                     listener_port: int | None = None) -> "Request":
         """Build from an HTTP/2-style header map carrying `:method` and `:path`."""
-        return cls(headers, headers.get(":method", "GET"), headers.get(":path", "/"))
+        return cls(headers, headers.get(":method", "GET"), headers.get(":path", "/"), identity,
+                   listener_port)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

@@ -8,7 +8,8 @@ from typing import Any
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
-KEY_SOURCE_PATTERN = r"^(header|cookie|query):[^\s]+$"
+KEY_SOURCE_PATTERN = r"^((header|cookie|query):[^\s]+|identity)$"
+LANE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 _string_match: dict[str, Any] = {
     "type": "object",
@@ -36,6 +37,22 @@ _header_match: dict[str, Any] = {
     "maxProperties": 1,
 }
 
+_identity_match: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "exact": {"type": "string", "pattern": "^spiffe://"},
+        "glob": {"type": "string", "minLength": 1},
+        "trust_domain": {"type": "string", "minLength": 1},
+        "regex": {"type": "string"},
+        "dns": {"type": "string", "minLength": 1},
+        "present": {"type": "boolean"},
+        "absent": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 1,
+}
+
 _match: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -52,6 +69,7 @@ _match: dict[str, Any] = {
             "minItems": 1,
             "pattern": r"^[A-Za-z]+$",
         },
+        "identity": _identity_match,
     },
     "additionalProperties": False,
 }
@@ -91,6 +109,15 @@ _rule: dict[str, Any] = {
         "match": _match,
         "route": {"type": "string"},
         "split": _split,
+        "deny": {
+            "type": "object",
+            "properties": {
+                "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                "reason": {"type": "string", "maxLength": 200},
+            },
+            "required": ["status"],
+            "additionalProperties": False,
+        },
     },
     "required": ["name"],
     "additionalProperties": False,
@@ -110,6 +137,31 @@ RULES_SCHEMA: dict[str, Any] = {
         "default": {"type": "string"},
         "routing_header": {"type": "string", "pattern": HEADER_NAME_PATTERN},
         "rules": {"type": "array", "items": _rule},
+        "trust": {
+            "type": "object",
+            "properties": {
+                "identities": {"type": "array", "items": _identity_match},
+                "plaintext": {"type": "boolean"},
+                "listener_ports": {"type": "array", "uniqueItems": True,
+                                   "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
+                "xfcc": {"type": "boolean"},
+                "override_headers": {"type": "array", "uniqueItems": True,
+                                     "items": {"type": "string", "pattern": HEADER_NAME_PATTERN}},
+            },
+            "additionalProperties": False,
+        },
+        "coloring": {
+            "type": "object",
+            "properties": {
+                "header": {"type": "string", "pattern": HEADER_NAME_PATTERN},
+                "baggage": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"},
+                "lanes": {"type": "object", "propertyNames": {"pattern": LANE_PATTERN},
+                          "additionalProperties": {"type": "string"}, "minProperties": 1},
+                "fallback": {"type": "string"},
+            },
+            "required": ["lanes"],
+            "additionalProperties": False,
+        },
     },
     "required": ["version", "clusters", "default"],
     "additionalProperties": False,

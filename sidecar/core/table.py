@@ -9,11 +9,15 @@ reload builds the next one and swaps a single reference.
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sidecar.core.bucketing import bucket, entry_for
 from sidecar.core.request import Request
 
 DEFAULT_RULE = "default"
+
+if TYPE_CHECKING:
+    from sidecar.core.steering import Coloring, Trust
 
 Condition = Callable[[Request], bool]
 KeyGetter = Callable[[Request], "str | None"]
@@ -29,6 +33,10 @@ class Decision:
     bucket: int | None = None  # the split bucket, None when no split decided
     key_source: str | None = None  # e.g. "header:x-user-id", "random", "missing"
     error: str | None = None  # reason code when deciding failed and `default` was used
+    lane: str | None = None  # the traffic color passed on (with `coloring`)
+    identity: str | None = None  # the caller's SPIFFE ID or DNS name, when known
+    deny_status: int | None = None  # set when a deny rule decided: answer this status
+    deny_reason: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -38,6 +46,10 @@ class Decision:
             "key_source": self.key_source,
             "version": self.version,
             "error": self.error,
+            "lane": self.lane,
+            "identity": self.identity,
+            "deny_status": self.deny_status,
+            "deny_reason": self.deny_reason,
         }
 
 
@@ -83,7 +95,7 @@ class Rule:
     split: Split | None
 
     def decide(self, request: Request) -> Decision:
-        if self.route is not None:
+        if self.route is not None:  # a fixed route or a deny
             return self.route
         assert self.split is not None
         return self.split.decide(request)
@@ -100,6 +112,9 @@ class Table:
     routing_header: str
     rules: tuple[Rule, ...]
     document: dict[str, object] = field(repr=False, compare=False)
+    trust: "Trust" = field(default_factory=lambda: _default_trust(), repr=False)
+    coloring: "Coloring | None" = field(default=None, repr=False)
+    deny_rules: tuple[Rule, ...] = ()  # the rules whose action is deny, in table order
 
     @property
     def default_decision(self) -> Decision:
@@ -115,9 +130,22 @@ class Table:
                 return rule.decide(request)
         return Decision(self.default, DEFAULT_RULE, self.version)
 
+    def denied(self, request: Request) -> Decision | None:
+        """The first deny rule whose conditions hold, checked before lanes and routes."""
+        for rule in self.deny_rules:
+            if all(condition(request) for condition in rule.conditions):
+                return rule.decide(request)
+        return None
+
     def fallback(self, reason: str) -> Decision:
         """The decision used when deciding failed: the default cluster, with the reason."""
         return Decision(self.default, DEFAULT_RULE, self.version, error=reason)
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
+
+
+def _default_trust() -> "Trust":
+    from sidecar.core.steering import Trust
+
+    return Trust()

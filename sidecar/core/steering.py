@@ -1,0 +1,123 @@
+"""Steering one request: trust, traffic color (lanes), deny, rules -> headers to set/remove.
+
+The order, for every adapter:
+1. Identity: the connection's mTLS identity; when the rules trust XFCC and the connection
+   has none, the nearest element of `x-forwarded-client-cert`.
+2. Trust: a caller is trusted when its identity matches `trust.identities`, or it came
+   in on one of `trust.listener_ports`, or it is plaintext and `trust.plaintext` is true.
+   From an untrusted caller the override headers, the color header and the baggage lane
+   member are ignored for the decision and removed from the request sent upstream.
+3. Deny rules (in table order) are checked first: a color cannot bypass them.
+4. A lane received from a trusted caller (color header, else baggage member) decides:
+   this service's cluster for that lane, or `coloring.fallback` when it has none.
+5. Otherwise the rules decide, first match wins.
+6. The decision's lane travels on: the color header and the baggage member are set.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from sidecar.core.baggage import member_value, with_member, without_member
+from sidecar.core.identity import Identity, IdentityMatcher, identity_from_xfcc
+from sidecar.core.request import Request
+from sidecar.core.table import Decision, Table
+
+XFCC = "x-forwarded-client-cert"
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    identities: tuple[IdentityMatcher, ...] = ()
+    plaintext: bool = False
+    listener_ports: frozenset[int] = frozenset()
+    xfcc: bool = False
+    protected: frozenset[str] = frozenset()  # override headers + the color header
+
+    def allows(self, identity: Identity, listener_port: int | None) -> bool:
+        if listener_port is not None and listener_port in self.listener_ports:
+            return True
+        if not identity.mtls:
+            return self.plaintext
+        return any(matches(identity) for matches in self.identities)
+
+
+@dataclass(frozen=True, slots=True)
+class Coloring:
+    header: str
+    baggage: str | None
+    lanes: Mapping[str, str]  # lane -> this service's cluster
+    fallback: str
+    lane_of: Mapping[str, str] = field(default_factory=dict)  # cluster -> lane
+
+    def received_lane(self, headers: Mapping[str, str]) -> str | None:
+        lane = headers.get(self.header)
+        if not lane and self.baggage and "baggage" in headers:
+            lane = member_value(headers["baggage"], self.baggage)
+        return lane or None
+
+
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """What to do with one request."""
+
+    decision: Decision
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    baggage_dropped: bool = False  # the lane member was left out: baggage over its size limits
+
+    @property
+    def denied(self) -> bool:
+        return self.decision.deny_status is not None
+
+
+def steer(table: Table, request: Request) -> Steering:
+    trust, coloring = table.trust, table.coloring
+    identity = request.identity
+    if trust.xfcc and not identity.mtls and XFCC in request.headers:
+        identity = identity_from_xfcc(request.headers[XFCC]) or identity
+        request.identity = identity
+    remove: list[str] = []
+    set_headers: list[tuple[str, str]] = []
+    trusted = trust.allows(identity, request.listener_port)
+    if not trusted:
+        remove = [name for name in trust.protected if name in request.headers]
+        baggage = request.headers.get("baggage")
+        stripped = (without_member(baggage, coloring.baggage)
+                    if baggage is not None and coloring is not None and coloring.baggage else None)
+        if remove or (stripped is not None and stripped != baggage):
+            headers = {k: v for k, v in request.headers.items() if k not in remove}
+            if stripped is not None and stripped != baggage:
+                if stripped:
+                    headers["baggage"] = stripped
+                    set_headers.append(("baggage", stripped))
+                else:
+                    del headers["baggage"]
+                    remove.append("baggage")
+            request.headers = headers
+
+    decision = table.denied(request)
+    lane = coloring.received_lane(request.headers) if coloring and trusted else None
+    if decision is None and lane is not None and coloring is not None:
+        decision = Decision(coloring.lanes.get(lane, coloring.fallback), f"lane:{lane}",
+                            table.version)
+    if decision is None:
+        decision = table.decide(request)
+    if identity.principal:
+        decision = replace(decision, identity=identity.principal)
+    if decision.deny_status is not None:
+        return Steering(decision, remove_headers=tuple(remove))
+
+    set_headers.insert(0, (table.routing_header, decision.cluster))
+    dropped = False
+    if coloring is not None:
+        lane = lane or coloring.lane_of.get(decision.cluster, decision.cluster)
+        decision = replace(decision, lane=lane)
+        set_headers.append((coloring.header, lane))
+        if coloring.baggage:
+            current = dict(set_headers).get("baggage", request.headers.get("baggage", ""))
+            baggage, added = with_member(current, coloring.baggage, lane)
+            dropped = not added
+            set_headers = [(k, v) for k, v in set_headers if k != "baggage"]
+            if baggage:
+                set_headers.append(("baggage", baggage))
+    return Steering(decision, tuple(set_headers), tuple(remove), dropped)
