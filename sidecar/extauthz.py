@@ -91,7 +91,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
 
-    async def Check(self, request: authz.CheckRequest, context: Any) -> authz.CheckResponse:  # noqa: N802
+    async def Check(self, request: authz.CheckRequest, context: Any) -> authz.CheckResponse:
         return self.check(request)[0]
 
     def check(self, request: authz.CheckRequest) -> tuple[authz.CheckResponse, Decision]:

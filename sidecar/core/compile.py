@@ -14,9 +14,9 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError
 
 from sidecar.core.bucketing import cumulative
+from sidecar.core.identity import identity_matcher
 from sidecar.core.request import Request
 from sidecar.core.schema import RULES_SCHEMA
-from sidecar.core.identity import identity_matcher
 from sidecar.core.steering import Coloring, Trust
 from sidecar.core.table import Condition, Decision, KeyGetter, Rule, Split, Table
 

@@ -43,27 +43,31 @@ def parse_spiffe_id(uri: str) -> SpiffeId | None:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What is known of the peer. `spiffe` is the first valid SPIFFE ID among the URI SANs."""
+    """What is known of the peer. `spiffe_ids` are the valid SPIFFE IDs among the URI SANs
+    (matchers accept any of them); `spiffe` is the first, the one decisions show."""
 
     mtls: bool = False
     uri_sans: tuple[str, ...] = ()
     dns_sans: tuple[str, ...] = ()
     subject: str = ""
-    spiffe: SpiffeId | None = None
+    spiffe_ids: tuple[SpiffeId, ...] = ()
     malformed: tuple[str, ...] = ()  # SANs that looked like SPIFFE IDs but were not valid
+
+    @property
+    def spiffe(self) -> SpiffeId | None:
+        return self.spiffe_ids[0] if self.spiffe_ids else None
 
     @classmethod
     def from_sans(cls, mtls: bool, uri_sans: tuple[str, ...] = (), dns_sans: tuple[str, ...] = (),
                   subject: str = "") -> "Identity":
-        spiffe = None
-        malformed = []
+        valid, malformed = [], []
         for uri in uri_sans:
             parsed = parse_spiffe_id(uri)
-            if parsed is None and uri.startswith("spiffe:"):
+            if parsed is not None:
+                valid.append(parsed)
+            elif uri.startswith("spiffe:"):
                 malformed.append(uri)
-            elif parsed is not None and spiffe is None:
-                spiffe = parsed
-        return cls(mtls, uri_sans, dns_sans, subject, spiffe, tuple(malformed))
+        return cls(mtls, uri_sans, dns_sans, subject, tuple(valid), tuple(malformed))
 
     @property
     def principal(self) -> str:
@@ -83,18 +87,16 @@ def identity_matcher(form: dict[str, object]) -> IdentityMatcher:
     regex (full match on the SPIFFE ID), dns (a DNS SAN, glob allowed), present, absent."""
     if "exact" in form:
         exact = str(form["exact"])
-        return lambda identity: identity.spiffe is not None and str(identity.spiffe) == exact
+        return lambda identity: any(str(i) == exact for i in identity.spiffe_ids)
     if "glob" in form:
         pattern = re.compile(fnmatch.translate(str(form["glob"])))
-        return lambda identity: identity.spiffe is not None and bool(
-            pattern.match(str(identity.spiffe)))
+        return lambda identity: any(pattern.match(str(i)) for i in identity.spiffe_ids)
     if "trust_domain" in form:
         domain = str(form["trust_domain"])
-        return lambda identity: identity.spiffe is not None and identity.spiffe.trust_domain == domain
+        return lambda identity: any(i.trust_domain == domain for i in identity.spiffe_ids)
     if "regex" in form:
         regex = re.compile(str(form["regex"]))
-        return lambda identity: identity.spiffe is not None and bool(
-            regex.fullmatch(str(identity.spiffe)))
+        return lambda identity: any(regex.fullmatch(str(i)) for i in identity.spiffe_ids)
     if "dns" in form:
         dns = re.compile(fnmatch.translate(str(form["dns"]).lower()))
         return lambda identity: any(dns.match(name.lower()) for name in identity.dns_sans)

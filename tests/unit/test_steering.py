@@ -1,0 +1,203 @@
+"""Trust, color, deny and identity rules through both servicers, with real protos."""
+
+from urllib.parse import quote
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as authz
+from google.protobuf import json_format
+from prometheus_client import CollectorRegistry
+
+from sidecar.deciding import Decider, TableHolder
+from sidecar.explain import Peer, explain_local, headers_message
+from sidecar.extauthz import AuthorizationServicer
+from sidecar.extproc import ExtProcServicer
+from sidecar.metrics import Metrics
+from tests.helpers import table_from_yaml
+from tests.tls import make_ca, make_leaf
+
+QA = "spiffe://example.org/ns/qa/sa/tester"
+WEB = "spiffe://example.org/ns/prod/sa/web"
+RULES = """
+version: 1
+clusters: [stable, canary]
+default: stable
+trust:
+  identities: [{glob: "spiffe://example.org/ns/qa/*"}]
+  override_headers: [x-canary]
+  listener_ports: [15001]
+coloring:
+  lanes: {stable: stable, canary: canary}
+rules:
+  - name: admin-needs-identity
+    match: {path: {prefix: /admin}, identity: {absent: true}}
+    deny: {status: 403, reason: "admin needs a client certificate"}
+  - name: force-canary
+    match: {headers: {x-canary: "1"}}
+    route: canary
+  - name: qa
+    match: {identity: {glob: "spiffe://example.org/ns/qa/*"}}
+    route: canary
+  - name: by-workload
+    split:
+      key: [identity, header:x-user-id]
+      to: [{cluster: stable, weight: 50}, {cluster: canary, weight: 50}]
+      when_key_missing: stable
+"""
+
+
+def servicers() -> tuple[ExtProcServicer, AuthorizationServicer, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    decider = Decider(TableHolder(table_from_yaml(RULES)), metrics)
+    return ExtProcServicer(decider), AuthorizationServicer(decider), metrics
+
+
+def ext_proc(headers: list[tuple[str, str]], peer: Peer = Peer(), path: str = "/") -> dict:
+    servicer = servicers()[0]
+    response, decision = servicer.on_request_headers(headers_message("GET", path, headers,
+                                                                      peer=peer))
+    mutation = response.request_headers.response.header_mutation
+    return {"decision": decision, "response": response,
+            "set": {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers},
+            "removed": set(mutation.remove_headers)}
+
+
+def test_identity_rule_routes_qa_to_canary_and_colors_it() -> None:
+    out = ext_proc([], Peer(uri_san=QA))
+    assert (out["decision"].cluster, out["decision"].rule) == ("canary", "qa")
+    assert out["decision"].identity == QA
+    assert out["set"] == {"x-route-cluster": "canary", "x-graysteer-lane": "canary",
+                          "baggage": "graysteer.lane=canary"}
+
+
+def test_override_header_from_an_untrusted_identity_is_ignored_and_removed() -> None:
+    out = ext_proc([("x-canary", "1"), ("x-user-id", "u")], Peer(uri_san=WEB))
+    assert out["decision"].rule == "by-workload"  # not force-canary
+    assert out["removed"] == {"x-canary"}
+    trusted = ext_proc([("x-canary", "1")], Peer(uri_san=QA))
+    assert (trusted["decision"].rule, trusted["removed"]) == ("force-canary", set())
+
+
+def test_plaintext_is_untrusted_unless_it_comes_in_on_a_trusted_listener() -> None:
+    assert ext_proc([("x-canary", "1")])["removed"] == {"x-canary"}
+    on_trusted_port = ext_proc([("x-canary", "1")], Peer(listener_port=15001))
+    assert on_trusted_port["decision"].rule == "force-canary"
+
+
+def test_color_from_a_trusted_caller_decides_and_travels_on() -> None:
+    out = ext_proc([("x-graysteer-lane", "canary"), ("baggage", "a=1"),
+                    ("traceparent", "00-abc-def-01")], Peer(listener_port=15001))
+    assert (out["decision"].cluster, out["decision"].rule) == ("canary", "lane:canary")
+    assert out["set"]["baggage"] == "a=1,graysteer.lane=canary"
+    assert "traceparent" not in out["set"] and not out["removed"]  # trace context untouched
+
+
+def test_color_in_baggage_alone_is_honoured() -> None:
+    out = ext_proc([("baggage", "graysteer.lane=canary,x=y")], Peer(listener_port=15001))
+    assert out["decision"].rule == "lane:canary"
+
+
+def test_unknown_lane_goes_to_the_fallback_and_is_passed_on() -> None:
+    out = ext_proc([("x-graysteer-lane", "blue")], Peer(listener_port=15001))
+    assert (out["decision"].cluster, out["set"]["x-graysteer-lane"]) == ("stable", "blue")
+
+
+def test_color_from_an_untrusted_caller_is_stripped_from_header_and_baggage() -> None:
+    out = ext_proc([("x-graysteer-lane", "canary"), ("baggage", "graysteer.lane=canary,a=1"),
+                    ("x-user-id", "u1")], Peer(uri_san=WEB))
+    assert out["decision"].rule == "by-workload"
+    assert "x-graysteer-lane" in out["removed"]
+    lane = out["decision"].lane
+    assert out["set"]["baggage"] == f"a=1,graysteer.lane={lane}"  # ours, from the decision
+
+
+def test_deny_is_an_immediate_response_and_cannot_be_bypassed_by_color() -> None:
+    out = ext_proc([("x-graysteer-lane", "canary")], Peer(listener_port=15001), path="/admin/x")
+    immediate = out["response"].immediate_response
+    assert out["response"].WhichOneof("response") == "immediate_response"
+    assert (immediate.status.code, immediate.body) == (403, b"admin needs a client certificate")
+    assert immediate.details == "graysteer_denied"
+    assert ext_proc([], Peer(uri_san=QA), path="/admin/x")["decision"].rule == "qa"
+
+
+def test_split_by_workload_identity_is_sticky() -> None:
+    first = ext_proc([], Peer(uri_san=WEB))["decision"]
+    assert first.key_source == "identity"
+    assert all(ext_proc([], Peer(uri_san=WEB))["decision"].cluster == first.cluster
+               for _ in range(10))
+
+
+def test_malformed_san_is_no_identity_and_counted() -> None:
+    ext, _, metrics = servicers()
+    _, decision = ext.on_request_headers(headers_message(
+        "GET", "/admin", [], peer=Peer(uri_san="spiffe://example.org//bad")))
+    assert decision.deny_status == 403  # treated as no identity
+    assert metrics.registry.get_sample_value("graysteer_steering_events_total",
+                                             {"event": "malformed_spiffe_id"}) == 1
+
+
+def test_xfcc_is_ignored_unless_trusted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    xfcc = f"Hash=x;URI={QA}"
+    out = ext_proc([("x-forwarded-client-cert", xfcc)])
+    assert out["decision"].identity is None and out["decision"].rule != "qa"
+    trusting = tmp_path / "rules.yaml"
+    trusting.write_text(RULES.replace("  listener_ports: [15001]", "  xfcc: true"))
+    result = explain_local(str(trusting), "GET", "/", [("x-forwarded-client-cert", xfcc)])
+    assert (result["rule"], result["identity"]) == ("qa", QA)
+
+
+# ---- ext_authz ------------------------------------------------------------------------------
+
+
+def check_request(headers: dict[str, str], path: str = "/", principal: str = "",
+                  certificate: str = "", port: int = 0) -> authz.CheckRequest:
+    request = authz.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "GET", path
+    http.headers.update(headers)
+    request.attributes.source.principal = principal
+    request.attributes.source.certificate = certificate
+    request.attributes.destination.address.socket_address.port_value = port
+    return request
+
+
+def test_ext_authz_sets_value_not_raw_value_and_removes_untrusted() -> None:
+    _, authz_servicer, _ = servicers()
+    response, decision = authz_servicer.check(check_request({"x-canary": "1", "x-user-id": "u"},
+                                                            principal=WEB))
+    assert response.status.code == 0
+    headers = {h.header.key: (h.header.value, h.header.raw_value)
+               for h in response.ok_response.headers}
+    assert headers["x-route-cluster"] == (decision.cluster, b"")
+    assert list(response.ok_response.headers_to_remove) == ["x-canary"]
+    metadata = json_format.MessageToDict(response.dynamic_metadata)
+    assert metadata["rule"] == "by-workload" and metadata["identity"] == WEB
+
+
+def test_ext_authz_reads_every_san_of_the_forwarded_certificate() -> None:
+    ca = make_ca()
+    _, pem = make_leaf(ca, "client", uris=["spiffe://other.org/first", QA], dns=["c.example.org"])
+    _, authz_servicer, _ = servicers()
+    # `principal` shows only the first URI SAN; the QA identity is the certificate's second
+    _, from_principal = authz_servicer.check(check_request({}, principal="spiffe://other.org/first"))
+    assert from_principal.rule == "by-workload"
+    _, decision = authz_servicer.check(check_request(
+        {}, principal="spiffe://other.org/first", certificate=quote(pem.decode())))
+    assert (decision.rule, decision.identity) == ("qa", "spiffe://other.org/first")
+
+
+def test_ext_authz_deny_and_malformed_certificate() -> None:
+    _, authz_servicer, metrics = servicers()
+    response, _ = authz_servicer.check(check_request({}, path="/admin",
+                                                     certificate="not-a-certificate"))
+    assert response.status.code == 7  # PERMISSION_DENIED
+    assert response.denied_response.status.code == 403
+    assert metrics.registry.get_sample_value("graysteer_steering_events_total",
+                                             {"event": "malformed_certificate"}) == 1
+
+
+@pytest.mark.parametrize("principal", ["CN=client,O=Example", "client.example.org"])
+def test_ext_authz_principal_forms(principal: str) -> None:
+    _, authz_servicer, _ = servicers()
+    _, decision = authz_servicer.check(check_request({}, principal=principal))
+    assert decision.cluster in ("stable", "canary")
+
