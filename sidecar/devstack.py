@@ -127,7 +127,8 @@ class Sidecar(Process):
         self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
         workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
         if workers == 1:
-            self.ports = [int(self.wait_for_log(r"serving ext_proc and ext_authz on 127\.0\.0\.1:(\d+)").group(1))]
+            serving = r"serving ext_proc and ext_authz on 127\.0\.0\.1:(\d+)"
+            self.ports = [int(self.wait_for_log(serving).group(1))]
             self.admins = [self.wait_for_log(r"admin API on (\S+);").group(1)]
         else:
             ready = r"worker (\d+) \(pid \d+\) ready ext_proc=127\.0\.0\.1:(\d+) admin=(\S+)"

@@ -51,10 +51,10 @@ def servicers() -> tuple[ExtProcServicer, AuthorizationServicer, Metrics]:
     return ExtProcServicer(decider), AuthorizationServicer(decider), metrics
 
 
-def ext_proc(headers: list[tuple[str, str]], peer: Peer = Peer(), path: str = "/") -> dict:
+def ext_proc(headers: list[tuple[str, str]], peer: Peer | None = None, path: str = "/") -> dict:
     servicer = servicers()[0]
     response, decision = servicer.on_request_headers(headers_message("GET", path, headers,
-                                                                      peer=peer))
+                                                                      peer=peer or Peer()))
     mutation = response.request_headers.response.header_mutation
     return {"decision": decision, "response": response,
             "set": {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers},
