@@ -2,12 +2,20 @@
 
 It answers every request with JSON naming itself and echoing the request line
 and headers, so a caller can see which lane a request reached and what the
-upstream received (e.g. that a client-sent routing header never arrives).
+upstream received (e.g. that a client-sent routing header never arrives). With
+`forward_to` it is a service in a call chain: it calls the next hop (through its own
+outbound Envoy) with the trace context, baggage and lane header, and embeds the
+answer.
 """
 
+import http.client
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# What a well-behaved service passes on to the services it calls: trace context and
+# the W3C baggage (OpenTelemetry propagates both), and the lane header.
+PROPAGATED = ("traceparent", "tracestate", "baggage", "x-graysteer-lane", "x-user-id")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -16,21 +24,38 @@ class _Handler(BaseHTTPRequestHandler):
     server: "BackendServer"
 
     def _answer(self) -> None:
+        self.server.requests += 1
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
-        body = json.dumps({
+        echo: dict[str, object] = {
             "backend": self.server.name,
             "method": self.command,
             "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
-        }).encode()
+        }
+        if self.server.forward_to is not None:  # a service that calls the next hop
+            echo["downstream"] = self._call_next_hop()
+        body = json.dumps(echo).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.send_header("x-backend", self.server.name)
         self.end_headers()
         self.wfile.write(body)
+
+    def _call_next_hop(self) -> object:
+        assert self.server.forward_to is not None
+        headers = {name: self.headers[name] for name in PROPAGATED if name in self.headers}
+        connection = http.client.HTTPConnection(*self.server.forward_to, timeout=10)
+        try:
+            connection.request("GET", self.path, headers=headers)
+            response = connection.getresponse()
+            return {"status": response.status, **json.loads(response.read() or b"{}")}
+        except (OSError, ValueError) as error:
+            return {"status": 0, "error": str(error)}
+        finally:
+            connection.close()
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
 
@@ -41,9 +66,12 @@ class _Handler(BaseHTTPRequestHandler):
 class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0,
+                 forward_to: tuple[str, int] | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.name = name
+        self.forward_to = forward_to
+        self.requests = 0
 
     @property
     def port(self) -> int:

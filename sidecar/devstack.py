@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,10 +49,14 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def rewrite_envoy_config(config: Mapping[str, Any],
                          clusters: Mapping[str, Address | Sequence[Address]],
-                         listener_port: int = 0, admin_port: int = 0) -> dict[str, Any]:
+                         listener_port: int = 0, admin_port: int = 0,
+                         tls_dir: Path | None = None) -> dict[str, Any]:
     """A copy of an Envoy bootstrap with listener/admin ports and cluster endpoints replaced
-    (a cluster given several addresses gets one endpoint each)."""
+    (a cluster given several addresses gets one endpoint each), and certificate files
+    taken from `tls_dir` (same file names) when given."""
     doc = copy.deepcopy(dict(config))
+    if tls_dir is not None:
+        _replace_filenames(doc, tls_dir)
     doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
     for listener in doc["static_resources"]["listeners"]:
         listener["address"]["socket_address"]["port_value"] = listener_port
@@ -65,6 +70,18 @@ def rewrite_envoy_config(config: Mapping[str, Any],
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
             for host, port in addresses]}]
     return doc
+
+
+def _replace_filenames(node: Any, directory: Path) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "filename" and isinstance(value, str):
+                node[key] = str(directory / Path(value).name)
+            else:
+                _replace_filenames(value, directory)
+    elif isinstance(node, list):
+        for value in node:
+            _replace_filenames(value, directory)
 
 
 class Process:
@@ -199,10 +216,13 @@ class Envoy:
 
 
 class HttpClient:
-    """A keep-alive HTTP/1.1 client for one Envoy listener."""
+    """A keep-alive HTTP/1.1 client for one Envoy listener (HTTPS with `tls`)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
-        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.conn: http.client.HTTPConnection = (
+            http.client.HTTPSConnection(host, port, timeout=timeout, context=tls) if tls
+            else http.client.HTTPConnection(host, port, timeout=timeout))
 
     def get(self, path: str = "/", headers: Mapping[str, str] | None = None,
             method: str = "GET") -> tuple[int, dict[str, Any]]:

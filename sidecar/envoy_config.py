@@ -18,6 +18,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbCon
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    ApiVersion,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
@@ -26,6 +27,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     SocketAddress,
     SubstitutionFormatString,
+    TransportSocket,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -44,6 +46,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     MetadataOptions,
@@ -55,10 +58,20 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
+    HttpConnectionManagerForwardClientCertDetails,
+    HttpConnectionManagerSetCurrentClientCertDetails,
     HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    DownstreamTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
@@ -74,11 +87,30 @@ from sidecar.extproc import METADATA_NAMESPACE
 
 HostPort = tuple[str, int]
 SIDECAR_CLUSTER = "graysteer"
-ACCESS_LOG_FORMAT = (
-    '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
-    "cluster=%UPSTREAM_CLUSTER% rule=%DYNAMIC_METADATA(graysteer:rule)% "
-    "bucket=%DYNAMIC_METADATA(graysteer:bucket)% version=%DYNAMIC_METADATA(graysteer:version)% "
-    "%DURATION%ms\n")
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy files ext_authz metadata
+# What Envoy must send with each ext_proc request for identity and trust by listener.
+REQUEST_ATTRIBUTES = ["connection.mtls", "connection.uri_san_peer_certificate",
+                      "connection.dns_san_peer_certificate", "connection.subject_peer_certificate",
+                      "destination.port"]
+
+
+def access_log_format(namespace: str) -> str:
+    return ('[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+            f"cluster=%UPSTREAM_CLUSTER% rule=%DYNAMIC_METADATA({namespace}:rule)% "
+            f"bucket=%DYNAMIC_METADATA({namespace}:bucket)% "
+            f"lane=%DYNAMIC_METADATA({namespace}:lane)% "
+            f"identity=%DYNAMIC_METADATA({namespace}:identity)% "
+            f"version=%DYNAMIC_METADATA({namespace}:version)% %DURATION%ms\n")
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """A listener that requires client certificates from `ca` with a URI SAN under `san_prefix`."""
+
+    ca: str = "/etc/graysteer/tls/ca.pem"
+    cert: str = "/etc/graysteer/tls/server.pem"
+    key: str = "/etc/graysteer/tls/server.key"
+    san_prefix: str = "spiffe://example.org/"
 
 
 @dataclass(frozen=True)
@@ -89,6 +121,8 @@ class EnvoyOptions:
     sidecar_workers: int = 1  # `serve --workers N`: N endpoints on consecutive ports
     upstreams: Mapping[str, HostPort] = field(default_factory=dict)  # default 127.0.0.1:8081+i
     message_timeout_ms: int = 250
+    mode: str = "ext_proc"  # or "ext_authz"
+    mtls: TlsOptions | None = None
 
 
 def _address(host_port: HostPort) -> Address:
@@ -106,7 +140,7 @@ def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timed
             lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(a))) for a in addresses])]))
 
 
-def sidecar_cluster(address: HostPort, workers: int = 1) -> Cluster:
+def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc") -> Cluster:
     """The sidecar's cluster: HTTP/2 (gRPC) and health-checked, never used while unhealthy;
     one endpoint per worker process (Envoy balances streams across them)."""
     host, port = address
@@ -119,8 +153,9 @@ def sidecar_cluster(address: HostPort, workers: int = 1) -> Cluster:
     cluster.health_checks = [HealthCheck(
         timeout=timedelta(milliseconds=250), interval=timedelta(milliseconds=500),
         unhealthy_threshold=1, healthy_threshold=1,
-        grpc_health_check=HealthCheckGrpcHealthCheck(
-            service_name="envoy.service.ext_proc.v3.ExternalProcessor"))]
+        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=(
+            "envoy.service.auth.v3.Authorization" if mode == "ext_authz"
+            else "envoy.service.ext_proc.v3.ExternalProcessor")))]
     cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
     return cluster
 
@@ -138,8 +173,35 @@ def ext_proc_filter(message_timeout_ms: int) -> HttpFilter:
             request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
             response_trailer_mode=ProcessingModeHeaderSendMode.SKIP),
         metadata_options=MetadataOptions(receiving_namespaces=MetadataOptionsMetadataNamespaces(
-            untyped=[METADATA_NAMESPACE])))
+            untyped=[METADATA_NAMESPACE])),
+        request_attributes=list(REQUEST_ATTRIBUTES))
     return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyMessage.pack(processor))
+
+
+def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
+    authz = ExtAuthz(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
+                                 timeout=timedelta(milliseconds=timeout_ms)),
+        transport_api_version=ApiVersion.V3,
+        failure_mode_allow=True,
+        clear_route_cache=True,  # re-route on the header the sidecar sets
+        include_peer_certificate=mtls)  # every SAN, not only the first
+    return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
+
+
+def tls_socket(tls: TlsOptions) -> TransportSocket:
+    context = DownstreamTlsContext(
+        require_client_certificate=True,
+        common_tls_context=CommonTlsContext(
+            tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=tls.cert),
+                                             private_key=DataSource(filename=tls.key))],
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=tls.ca),
+                match_typed_subject_alt_names=[SubjectAltNameMatcher(
+                    san_type=SubjectAltNameMatcherSanType.URI,
+                    matcher=StringMatcher(prefix=tls.san_prefix))])))
+    return TransportSocket(name="envoy.transport_sockets.tls",
+                           typed_config=AnyMessage.pack(context))
 
 
 def routes(table: Table) -> RouteConfiguration:
@@ -154,30 +216,42 @@ def routes(table: Table) -> RouteConfiguration:
 
 
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
+    authz = options.mode == "ext_authz"
     access_log = StdoutAccessLog(log_format=SubstitutionFormatString(
-        text_format_source=DataSource(inline_string=ACCESS_LOG_FORMAT)))
-    return HttpConnectionManager(
+        text_format_source=DataSource(inline_string=access_log_format(
+            EXT_AUTHZ_NAMESPACE if authz else METADATA_NAMESPACE))))
+    sidecar_filter = (ext_authz_filter(options.message_timeout_ms, options.mtls is not None)
+                      if authz else ext_proc_filter(options.message_timeout_ms))
+    manager = HttpConnectionManager(
         stat_prefix="ingress",
         early_header_mutation_extensions=[_extension(
             "envoy.http.early_header_mutation.header_mutation",
             EarlyHeaderMutation(mutations=[Mutation(remove=table.routing_header)]))],
         access_log=[AccessLog(name="envoy.access_loggers.stdout",
                               typed_config=AnyMessage.pack(access_log))],
-        http_filters=[ext_proc_filter(options.message_timeout_ms),
+        http_filters=[sidecar_filter,
                       HttpFilter(name="envoy.filters.http.router",
                                  typed_config=AnyMessage.pack(Router()))],
         route_config=routes(table))
+    if options.mtls is not None:
+        # Replace any client-sent XFCC with Envoy's own account of the client certificate.
+        manager.forward_client_cert_details = HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET
+        manager.set_current_client_cert_details = HttpConnectionManagerSetCurrentClientCertDetails(
+            subject=True, uri=True, dns=True)
+    return manager
 
 
 def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     """A complete front-proxy bootstrap for `table`."""
     upstreams = {c: options.upstreams.get(c, ("127.0.0.1", 8081 + i))
                  for i, c in enumerate(table.clusters)}
-    listener = Listener(name="ingress", address=_address(options.listen), filter_chains=[
-        FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager",
-                                    typed_config=AnyMessage.pack(
-                                        connection_manager(table, options)))])])
-    clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers)] + [
+    chain = FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager",
+                                        typed_config=AnyMessage.pack(
+                                            connection_manager(table, options)))])
+    if options.mtls is not None:
+        chain.transport_socket = tls_socket(options.mtls)
+    listener = Listener(name="ingress", address=_address(options.listen), filter_chains=[chain])
+    clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, options.mode)] + [
         _static_cluster(name, [address], timedelta(seconds=1)) for name, address in upstreams.items()]
     return Bootstrap(admin=Admin(address=_address(options.admin)),
                      static_resources=BootstrapStaticResources(listeners=[listener],

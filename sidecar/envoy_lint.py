@@ -126,9 +126,15 @@ def _check_filter(config: dict[str, Any], clusters: dict[str, Any]) -> Iterator[
         if rules.get("disallow_all") or rules.get("disallow_expression"):
             yield Finding("ext_proc mutation_rules may reject the routing header mutation",
                           "drop disallow_all / make disallow_expression exclude the routing header")
-    elif not config.get("clear_route_cache"):
-        yield Finding("ext_authz does not clear the route cache: the routing header it sets is "
-                      "ignored for routing", "set clear_route_cache: true on the ext_authz filter")
+    else:
+        if not config.get("clear_route_cache"):
+            yield Finding("ext_authz does not clear the route cache: the routing header it sets "
+                          "is ignored for routing", "set clear_route_cache: true on the ext_authz "
+                          "filter")
+        if config.get("encode_raw_headers"):
+            yield Finding("ext_authz has encode_raw_headers: true: Envoy then reads `raw_value` "
+                          "from the answer, but graysteer's ext_authz answer carries `value`, so "
+                          "the routing header arrives empty", "remove encode_raw_headers")
     if not config.get("failure_mode_allow"):
         yield Finding(f"{name} fails closed: every request fails while the sidecar is down",
                       "set failure_mode_allow: true (requests then take the default route)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.envoy_config import EnvoyOptions, bootstrap, parse_bootstrap, render_yaml
+from sidecar.envoy_config import EnvoyOptions, TlsOptions, bootstrap, parse_bootstrap, render_yaml
 from sidecar.envoy_lint import check, guard_regex
 from sidecar.rules_file import load_rules, parse_rules
 from tests.e2e.conftest import REPO, envoy_validate
@@ -22,10 +22,15 @@ rules:
 """
 
 
-def test_envoy_yaml_is_the_generated_config() -> None:
+@pytest.mark.parametrize(("name", "options"), [
+    ("envoy.yaml", EnvoyOptions()),
+    ("mtls.yaml", EnvoyOptions(mtls=TlsOptions())),
+    ("ext_authz.yaml", EnvoyOptions(mode="ext_authz", mtls=TlsOptions())),
+])
+def test_envoy_files_are_the_generated_configs(name: str, options: EnvoyOptions) -> None:
     table = load_rules(REPO / "examples" / "rules.yaml")
-    committed = parse_bootstrap(yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text()))
-    assert committed == bootstrap(table, EnvoyOptions())
+    committed = parse_bootstrap(yaml.safe_load((REPO / "envoy" / name).read_text()))
+    assert committed == bootstrap(table, options)
 
 
 def test_guard_lists_exactly_the_rules_clusters() -> None:

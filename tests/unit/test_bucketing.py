@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mmh3
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +80,39 @@ def test_same_key_same_bucket_in_a_new_process() -> None:
                              capture_output=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": hash_seed})
         assert json.loads(out.stdout) == here
+
+
+# OpenFeature flagd-testbed (evaluator/gherkin/fractional.feature, @fractional-v2 and
+# @fractional-nested; flags from evaluator/flags/testkit-flags.json): the string flagd
+# hashes (flag key + targeting key, or a custom bucketing value), the variants with their
+# weights, and the variant flagd picks. The last five keys hash to 0, 1, 2^31-1, 2^31 and
+# 2^32-1: the edges of the integer formula.
+S4 = [("clubs", 25), ("diamonds", 25), ("hearts", 25), ("spades", 25)]
+HALF = [("lower", 50), ("upper", 50)]
+FLAGD_V2_VECTORS = [
+    ("fractional-flagjack", S4, "hearts"), ("fractional-flagqueen", S4, "spades"),
+    ("fractional-flagten", S4, "clubs"), ("fractional-flagnine", S4, "diamonds"),
+    ("fractional-flag3", S4, "clubs"),
+    ("fractional-flag-shorthandjon@company.com", [("heads", 1), ("tails", 1)], "heads"),
+    ("fractional-flag-shorthandjane@company.com", [("heads", 1), ("tails", 1)], "tails"),
+    ("shared-seedseven", S4, "hearts"), ("shared-seedeight", S4, "diamonds"),
+    ("shared-seednine", S4, "clubs"), ("shared-seedtwo", S4, "spades"),
+    ("jon@company.com", [("b0", 50), ("b1", 50)], "b0"), ("user1", [("b0", 50), ("b1", 50)], "b1"),
+    ("jon@company.com", [("red", 100), ("blue", 10)], "red"),
+    ("user1", [("red", 100), ("blue", 10)], "red"),
+    ("jon@company.com", [("red", 0), ("blue", 10)], "blue"),
+    ("ejOoVL", HALF, "lower"), ("bY9fO-", HALF, "lower"), ("SI7p-", HALF, "lower"),
+    ("6LvT0", HALF, "upper"), ("ceQdGm", HALF, "upper"),
+]
+
+
+@pytest.mark.parametrize(("hashed", "variants", "expected"), FLAGD_V2_VECTORS)
+def test_same_variant_as_flagd(hashed: str, variants: list[tuple[str, int]], expected: str) -> None:
+    names = [name for name, _ in variants]
+    assert names[assign("", [w for _, w in variants], [hashed])[0]] == expected
+
+
+def test_seed_plus_key_is_what_flagd_hashes() -> None:
+    """A rule with seed 'fractional-flag' and key 'jack' = flagd's flag key + targeting key."""
+    weights = [w for _, w in S4]
+    assert assign("fractional-flag", weights, ["jack"]) == assign("", weights, ["fractional-flagjack"])

@@ -77,3 +77,17 @@ def test_serve_refuses_to_start_on_an_invalid_rules_file(tmp_path: Path) -> None
                              "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert f"{bad}: field clusters: must not be empty" in result.stderr
+
+
+def test_explain_with_an_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nclusters: [stable, canary]\ndefault: stable\n"
+                     "trust: {identities: [{trust_domain: example.org}], override_headers: [x-canary]}\n"
+                     "rules:\n  - name: qa\n    match: {identity: {glob: 'spiffe://example.org/ns/qa/*'}}\n"
+                     "    route: canary\n")
+    qa = "spiffe://example.org/ns/qa/sa/tester"
+    assert main(["explain", "--config", str(rules), "--identity", qa]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["cluster"], result["rule"], result["identity"]) == ("canary", "qa", qa)
+    assert main(["explain", "--config", str(rules), "-H", "x-canary: 1"]) == 0  # plaintext
+    assert json.loads(capsys.readouterr().out)["remove_headers"] == ["x-canary"]

@@ -76,8 +76,23 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
 ]
 
 
-def test_the_shipped_config_is_clean() -> None:
-    assert check(TABLE, ENVOY) == []
+@pytest.mark.parametrize("name", ["envoy.yaml", "mtls.yaml", "ext_authz.yaml"])
+def test_the_shipped_configs_are_clean(name: str) -> None:
+    assert check(TABLE, yaml.safe_load((REPO / "envoy" / name).read_text())) == []
+
+
+AUTHZ = yaml.safe_load((REPO / "envoy" / "ext_authz.yaml").read_text())
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"clear_route_cache": False}, "does not clear the route cache"),
+    ({"encode_raw_headers": True}, "reads `raw_value`"),
+    ({"failure_mode_allow": False}, "fails closed"),
+])
+def test_ext_authz_breakages(change: dict[str, Any], expected: str) -> None:
+    config = copy.deepcopy(AUTHZ)
+    ext_proc(config).update(change)  # the first HTTP filter: here, ext_authz
+    assert any(expected in str(f) for f in check(TABLE, config))
 
 
 @pytest.mark.parametrize(("name", "breakage", "expected"), CASES, ids=[c[0] for c in CASES])
