@@ -35,6 +35,27 @@ _PASS_THROUGH = {
     "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
     "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
 }
+_PASS_THROUGH_BYTES = {kind: answer.SerializeToString() for kind, answer in _PASS_THROUGH.items()}
+
+# Serialized answers by steering outcome. Answers repeat (a route rule's answer is constant,
+# a split's depends on its bucket), and building and serializing the protobuf costs several
+# times more than deciding. Bounded: cleared when full.
+ANSWER_CACHE_SIZE = 10_000
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def _serialize(response: ep.ProcessingResponse | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(servicer: "ExtProcServicer", server: Any) -> None:
+    """Register the servicer; its stream yields pre-serialized answers (bytes)."""
+    import grpc
+
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            servicer.Process, request_deserializer=ep.ProcessingRequest.FromString,
+            response_serializer=_serialize)}),))
 
 
 def header_dict(header_map: Any) -> dict[str, str]:
@@ -106,35 +127,52 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
+        self._answers: dict[Steering, bytes] = {}
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
-    ) -> AsyncIterator[ep.ProcessingResponse]:
+    ) -> AsyncIterator[bytes]:
         inflight = self.decider.metrics.inflight_streams
         inflight.inc()
         try:
             async for message in request_iterator:
                 if message.observability_mode:
                     continue  # "send and go": Envoy ignores answers in observability mode
-                response = self.respond(message)
-                if response is not None:
-                    yield response
+                answer = self.answer(message)
+                if answer is not None:
+                    yield answer
         finally:  # also when Envoy resets the stream after its last message (normal)
             inflight.dec()
 
-    def respond(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+    def answer(self, message: ep.ProcessingRequest) -> bytes | None:
+        """The serialized answer to one message (the serving path)."""
         kind = message.WhichOneof("request")
         if kind == "request_headers":
-            return self.on_request_headers(message)[0]
-        answer = _PASS_THROUGH.get(kind or "")
+            steering = self.steering(message)
+            answer = self._answers.get(steering)
+            if answer is None:
+                if len(self._answers) >= ANSWER_CACHE_SIZE:
+                    self._answers.clear()
+                answer = self._answers[steering] = steering_response(steering).SerializeToString()
+            return answer
+        answer = _PASS_THROUGH_BYTES.get(kind or "")
         if answer is None:
             log.warning("ext_proc message of unknown kind %r left unanswered", kind)
         return answer
+
+    def respond(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+        """The answer to one message, as a message."""
+        answer = self.answer(message)
+        return None if answer is None else ep.ProcessingResponse.FromString(answer)
 
     def on_request_headers(
         self, message: ep.ProcessingRequest
     ) -> tuple[ep.ProcessingResponse, Decision]:
         """Decide one request from its headers message. The explain CLI calls this too."""
+        steering = self.steering(message)
+        return steering_response(steering), steering.decision
+
+    def steering(self, message: ep.ProcessingRequest) -> Steering:
         table = self.decider.holder.table
         try:
             identity, port = connection_identity(message)
@@ -144,4 +182,4 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         except Exception as error:  # malformed message: still answer, on the default cluster
             decision = self.decider.failed(table, f"adapter_{type(error).__name__}", error)
             steering = Steering(decision, ((table.routing_header, decision.cluster),))
-        return steering_response(steering), steering.decision
+        return steering

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from sidecar.admin import AdminServicer
@@ -18,6 +17,7 @@ from sidecar.admin_api import admin_pb2_grpc
 from sidecar.deciding import Decider
 from sidecar.extauthz import AuthorizationServicer
 from sidecar.extproc import ExtProcServicer
+from sidecar.extproc import add_to_server as add_ext_proc
 from sidecar.health import Readiness, start_http
 from sidecar.metrics import Metrics
 from sidecar.reload import Reloader
@@ -91,7 +91,7 @@ async def serve(options: ServeOptions) -> None:
     decider = Decider(reloader.holder, metrics)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(decider), server)
+    add_ext_proc(ExtProcServicer(decider), server)
     authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
     health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
     listen = _bind(server, options.listen, "--listen")

@@ -16,7 +16,7 @@ from sidecar.core.bucketing import bucket
 from sidecar.core.table import Rule
 from sidecar.deciding import Decider, TableHolder
 from sidecar.explain import headers_message
-from sidecar.extproc import ExtProcServicer
+from sidecar.extproc import ExtProcServicer, add_to_server
 from sidecar.metrics import Metrics
 from tests.helpers import table_from_rules
 
@@ -134,7 +134,7 @@ def test_observability_mode_gets_no_answers() -> None:
         async def messages() -> Any:
             yield ep.ProcessingRequest(request_headers=ep.HttpHeaders(), observability_mode=True)
 
-        return [r async for r in servicer.Process(messages(), None)]
+        return [ep.ProcessingResponse.FromString(r) async for r in servicer.Process(messages(), None)]
 
     assert asyncio.run(run()) == []
 
@@ -145,7 +145,7 @@ def test_full_stream_over_a_real_grpc_channel() -> None:
 
     async def run() -> list[str]:
         server = grpc.aio.server()
-        ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:

@@ -1,0 +1,109 @@
+"""Ratios, the Markdown table, the README section and the chart of a benchmark run."""
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def one_line(s: dict[str, Any]) -> str:
+    return " | ".join(
+        f"{c}: {s[c]['rps']:.0f} req/s p50 {s[c]['p50_ms']:.2f} ms p99 {s[c]['p99_ms']:.2f} ms "
+        f"cpu/req {_cpu(s[c])} errors {s[c]['errors']}" for c in ("c1", "c32"))
+
+
+def median(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario's rounds -> the median of every number (errors: the total)."""
+    merged: dict[str, Any] = {"key": outcomes[0]["key"], "title": outcomes[0]["title"],
+                              "failure_mode_allowed": sum(o["failure_mode_allowed"] for o in outcomes)}
+    for level in ("c1", "c32"):
+        merged[level] = {}
+        for name, value in outcomes[0][level].items():
+            values = [o[level][name] for o in outcomes]
+            merged[level][name] = (None if value is None else sum(values) if name == "errors"
+                                   else statistics.median(values))
+        merged[level]["rounds"] = [o[level]["sidecar_cpu_ms_per_request"] for o in outcomes]
+    return merged
+
+
+def _cpu(m: dict[str, Any]) -> str:
+    return "-" if m["sidecar_cpu_ms_per_request"] is None else f"{m['sidecar_cpu_ms_per_request']:.3f} ms"
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    """Throughput at 32 connections relative to (a) and (e); CPU per request relative to (e)."""
+    by_key = {s["key"]: s for s in results["scenarios"]}
+    native, floor = by_key.get("a"), by_key.get("e")
+    for s in results["scenarios"]:
+        ratios: dict[str, float | None] = {}
+        if native:
+            ratios["rps_vs_native"] = round(s["c32"]["rps"] / native["c32"]["rps"], 3)
+            ratios["added_p50_ms_at_1_conn"] = round(s["c1"]["p50_ms"] - native["c1"]["p50_ms"], 3)
+        if floor:
+            ratios["rps_vs_floor"] = round(s["c32"]["rps"] / floor["c32"]["rps"], 3)
+            cpu, floor_cpu = (s["c32"]["sidecar_cpu_ms_per_request"],
+                              floor["c32"]["sidecar_cpu_ms_per_request"])
+            ratios["cpu_vs_floor"] = round(cpu / floor_cpu, 3) if cpu and floor_cpu else None
+        s["ratios"] = ratios
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python "
+        f"{m['python']}, grpcio {m['grpcio']}, Envoy {m['envoy']}; "
+        f"{results['seconds_per_measurement']:.0f} s per measurement, {results['rounds']} rounds "
+        "interleaved, medians shown (errors: total); wrk, one thread. Both Envoys, wrk and the "
+        "sidecar share the machine's cores.",
+        "",
+        "| scenario | req/s @1 | p50 @1 | p99 @1 | req/s @32 | p50 @32 | p99 @32 | sidecar CPU ms/req @32 "
+        "| CPU s /1000 req @32 | errors | ×(a) req/s | ×(e) req/s | ×(e) CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results["scenarios"]:
+        c1, c32, r = s["c1"], s["c32"], s.get("ratios", {})
+        lines.append(
+            f"| ({s['key']}) {s['title']} | {c1['rps']:.0f} | {c1['p50_ms']:.2f} ms | "
+            f"{c1['p99_ms']:.2f} ms | {c32['rps']:.0f} | {c32['p50_ms']:.2f} ms | "
+            f"{c32['p99_ms']:.2f} ms | {_cpu(c32)} | "
+            f"{'-' if c32['sidecar_cpu_s_per_1000'] is None else c32['sidecar_cpu_s_per_1000']} | "
+            f"{c1['errors'] + c32['errors']} | {_ratio(r.get('rps_vs_native'))} | "
+            f"{_ratio(r.get('rps_vs_floor'))} | {_ratio(r.get('cpu_vs_floor'))} |")
+    micro = results.get("decision_micro_benchmark")
+    if micro:
+        lines += ["", f"Decision function on a realistic table ({micro['rules']} rules, "
+                  f"{micro['splits']} splits; header, path and identity matches): "
+                  f"**{micro['steer_us']:.2f} µs** per `steer` (trust, lanes, rules, headers), "
+                  f"{micro['decide_us']:.2f} µs per `Table.decide`; baseline in the same run: "
+                  f"{micro['empty_table_us']:.2f} µs for an empty table."]
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_readme(path: Path, table: str) -> None:
+    text = path.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = results["scenarios"]
+    labels = [f"({s['key']})" for s in scenarios]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(labels, [s["c32"]["rps"] for s in scenarios], color="#4c72b0")
+    left.set_title("requests/s at 32 connections")
+    cpu = [s["c32"]["sidecar_cpu_ms_per_request"] or 0 for s in scenarios]
+    right.bar(labels, cpu, color="#dd8452")
+    right.set_title("sidecar CPU ms per request (32 connections)")
+    figure.suptitle("; ".join(f"({s['key']}) {s['title']}" for s in scenarios), fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

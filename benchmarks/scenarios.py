@@ -1,0 +1,119 @@
+"""The scenarios: each is a front Envoy config (from envoy/ or the generator) plus the
+sidecar process behind it, if any. Upstreams are Envoy `direct_response` listeners in a
+second Envoy, so they cost almost nothing."""
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from betterproto2 import Casing
+
+from sidecar.devstack import Envoy, Process, Sidecar
+from sidecar.envoy_config import EnvoyOptions, bootstrap
+from sidecar.rules_file import load_rules
+
+REPO = Path(__file__).parents[1]
+RULES = REPO / "examples" / "rules.yaml"
+ENVOY_YAML = REPO / "envoy" / "envoy.yaml"
+
+
+def backends_config() -> dict[str, Any]:
+    """One Envoy, two listeners (stable, canary) answering 200 from direct_response."""
+    listeners = []
+    for name in ("stable", "canary"):
+        listeners.append({"name": name, "address": {"socket_address": {
+            "address": "127.0.0.1", "port_value": 0}}, "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": name, "http_filters": [{
+                        "name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router."
+                                     "v3.Router"}}],
+                    "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": [{
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": name}}}]}]},
+                }}]}]})
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"listeners": listeners}}
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+
+
+def envoy_yaml() -> dict[str, Any]:
+    return yaml.safe_load(ENVOY_YAML.read_text())
+
+
+def native() -> dict[str, Any]:
+    """(a) Envoy routes on a header the client sends; no sidecar, no strip."""
+    config = envoy_yaml()
+    hcm = _hcm(config)
+    hcm["http_filters"] = hcm["http_filters"][-1:]  # the router only
+    del hcm["early_header_mutation_extensions"]
+    return config
+
+
+def with_response_headers() -> dict[str, Any]:
+    """(c) envoy.yaml with the response headers sent to the sidecar too."""
+    config = envoy_yaml()
+    _hcm(config)["http_filters"][0]["typed_config"]["processing_mode"]["response_header_mode"] = "SEND"
+    return config
+
+
+def ext_authz() -> dict[str, Any]:
+    """(d) the ext_authz front proxy (plaintext: the load tool does not do client certs)."""
+    table = load_rules(RULES)
+    return bootstrap(table, EnvoyOptions(mode="ext_authz")).to_dict(casing=Casing.SNAKE)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    envoy: Callable[[], dict[str, Any]]
+    sidecar: str  # "graysteer", "empty" or "none"
+    workers: int = 1
+    headers: dict[str, str] = field(default_factory=dict)  # sent by the load tool
+    vary_user: bool = True  # a different x-user-id per request (exercises the split)
+    sidecar_args: tuple[str, ...] = ()
+
+    def start_sidecar(self, workdir: Path) -> Process | None:
+        if self.sidecar == "none":
+            return None
+        if self.sidecar == "empty":
+            process = Process("empty", [sys.executable, "-m", "benchmarks.empty_servicer", "0"],
+                              workdir / "empty.log")
+            process.ports = [int(process.wait_for_log(r"on 127\.0\.0\.1:(\d+)").group(1))]  # type: ignore[attr-defined]
+            return process
+        args = ["--workers", str(self.workers)] if self.workers > 1 else []
+        return Sidecar(RULES, workdir, [*args, *self.sidecar_args], name=f"sidecar-{self.key}")
+
+
+SCENARIOS = [
+    Scenario("a", "Envoy native header routing (no sidecar)", native, "none",
+             headers={"x-route-cluster": "stable"}, vary_user=False),
+    Scenario("b", "ext_proc, request headers only", envoy_yaml, "graysteer"),
+    Scenario("c", "ext_proc, request + response headers", with_response_headers, "graysteer"),
+    Scenario("d", "ext_authz", ext_authz, "graysteer"),
+    Scenario("e", "empty ext_proc servicer (floor of Python gRPC)", envoy_yaml, "empty"),
+    Scenario("f2", "(b) with 2 worker processes", envoy_yaml, "graysteer", workers=2),
+    Scenario("f3", "(b) with 3 worker processes", envoy_yaml, "graysteer", workers=3),
+]
+
+
+def front_envoy(scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int],
+                workdir: Path) -> Envoy:
+    from sidecar.devstack import rewrite_envoy_config
+
+    endpoints: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in upstreams.items()}
+    if sidecar_ports:
+        endpoints["graysteer"] = [("127.0.0.1", port) for port in sidecar_ports]
+    config = copy.deepcopy(scenario.envoy())
+    return Envoy(rewrite_envoy_config(config, endpoints), workdir, name=f"front-{scenario.key}")
