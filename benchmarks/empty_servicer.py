@@ -23,7 +23,7 @@ OTHER = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
 
 
 class Constant(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:  # noqa: N802
+    async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for message in requests:
             yield ANSWER if message.HasField("request_headers") else OTHER
 
