@@ -58,7 +58,7 @@ def markdown(results: dict[str, Any]) -> str:
         "sidecar share the machine's cores.",
         "",
         "| scenario | req/s @1 | p50 @1 | p99 @1 | req/s @32 | p50 @32 | p99 @32 | sidecar CPU ms/req @32 "
-        "| CPU s /1000 req @32 | errors | ×(a) req/s | ×(e) req/s | ×(e) CPU |",
+        "| CPU s /1000 req @32 | errors | req/s vs (a) | req/s vs (e) | CPU vs (e) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["scenarios"]:
