@@ -2,7 +2,7 @@
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -17,6 +17,9 @@ from sidecar.explain import Peer, headers_message
 from sidecar.extproc import ExtProcServicer
 from sidecar.metrics import Metrics
 from sidecar.reload import Loaded, Reloader, ReloadResult
+
+if TYPE_CHECKING:
+    from sidecar.rollouts import RolloutController
 
 _OUTCOMES = {"loaded": pb.ReloadResult.LOADED, "unchanged": pb.ReloadResult.UNCHANGED,
              "invalid": pb.ReloadResult.INVALID, "missing": pb.ReloadResult.MISSING}
@@ -39,7 +42,17 @@ def reload_result(result: ReloadResult | None) -> pb.ReloadResult:
                            error=result.error, version=result.version, at=_timestamp(result.at))
 
 
-def table_status(reloader: Reloader, loaded: Loaded | None = None) -> pb.TableStatus:
+def rollout_statuses(controller: "RolloutController | None") -> list[pb.RolloutStatus]:
+    if controller is None:
+        return []
+    return [pb.RolloutStatus(rule=r["rule"], phase=r["phase"], step=r["step"],
+                             canary_weight=r["canary_weight"], reason=r["reason"],
+                             verdict=r["verdict"], report_json=json.dumps(r))
+            for r in controller.report()]
+
+
+def table_status(reloader: Reloader, loaded: Loaded | None = None,
+                 controller: "RolloutController | None" = None) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
     assert loaded is not None
     table = loaded.table
@@ -63,7 +76,8 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None) -> pb.TableSt
         clusters=list(table.clusters), default_cluster=table.default,
         routing_header=table.routing_header, rules=rules,
         last_reload=reload_result(reloader.last_result), loaded_at=_timestamp(loaded.loaded_at),
-        state_file=str(reloader.state.path), reload_failures=reloader.failures)
+        state_file=str(reloader.state.path), reload_failures=reloader.failures,
+        rollouts=rollout_statuses(controller))
 
 
 def decision_message(decision: Decision) -> pb.Decision:
@@ -78,15 +92,16 @@ def decision_message(decision: Decision) -> pb.Decision:
 
 
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, reloader: Reloader) -> None:
+    def __init__(self, reloader: Reloader, controller: "RolloutController | None" = None) -> None:
         assert reloader.holder is not None
         self.reloader = reloader
+        self.controller = controller
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
         self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
 
     async def GetTable(self, request: pb.GetTableRequest, context: Any) -> pb.TableStatus:
-        return table_status(self.reloader)
+        return table_status(self.reloader, controller=self.controller)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
         peer = Peer(request.uri_san, request.dns_san,
@@ -104,6 +119,10 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             remove_headers=list(mutation.remove_headers))
 
     async def SetWeights(self, request: pb.SetWeightsRequest, context: Any) -> pb.TableStatus:
+        if self.controller is not None and self.controller.is_driving(request.rule):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"rule {request.rule!r} is driven by a progressing rollout: "
+                                "pause or abort it first (graysteer rollout pause RULE)")
         try:
             loaded = await self.reloader.set_weights(request.rule, dict(request.weights))
         except ValueError as error:
@@ -112,17 +131,30 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"weights not changed: cannot write the state file "
                                 f"{self.reloader.state.path}: {error}")
-        return table_status(self.reloader, loaded)
+        return table_status(self.reloader, loaded, self.controller)
+
+    async def Rollout(self, request: pb.RolloutRequest, context: Any) -> pb.RolloutStatus:
+        if self.controller is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no rollout controller here")
+        try:
+            await self.controller.action(request.rule, request.action)  # type: ignore[union-attr]
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except OSError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"cannot write the state file: {error}")
+        (status,) = [s for s in rollout_statuses(self.controller) if s.rule == request.rule]
+        return status
 
     async def WatchTable(self, request: pb.WatchTableRequest,
                          context: Any) -> AsyncIterator[pb.TableEvent]:
         queue = self.reloader.subscribe()
         try:
-            yield pb.TableEvent(table=table_status(self.reloader),
+            yield pb.TableEvent(table=table_status(self.reloader, controller=self.controller),
                                 result=reload_result(self.reloader.last_result))
             while True:
                 loaded, result = await queue.get()
-                yield pb.TableEvent(table=table_status(self.reloader, loaded),
+                yield pb.TableEvent(table=table_status(self.reloader, loaded, self.controller),
                                     result=reload_result(result))
         finally:
             self.reloader.unsubscribe(queue)

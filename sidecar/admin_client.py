@@ -42,6 +42,10 @@ def status(address: str) -> dict[str, Any]:
     return as_dict(_call(address, "GetTable", pb.GetTableRequest()))
 
 
+def rollout(address: str, rule: str, action: str) -> dict[str, Any]:
+    return as_dict(_call(address, "Rollout", pb.RolloutRequest(rule=rule, action=action)))
+
+
 def set_weights(address: str, rule: str, weights: dict[str, int]) -> dict[str, Any]:
     return as_dict(_call(address, "SetWeights", pb.SetWeightsRequest(rule=rule, weights=weights)))
 
@@ -91,6 +95,10 @@ def format_status(table: dict[str, Any]) -> str:
         lines.extend(f"  {line}" for line in last["error"].splitlines())
     lines.append(f"default:  {table['default_cluster']}   clusters: {', '.join(table['clusters'])}")
     lines.append(f"state file: {table['state_file']}")
+    for rollout in table.get("rollouts") or []:
+        lines.append(f"rollout {rollout['rule']}: {rollout['phase']}, step {rollout['step']}, "
+                     f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
+                     f"{rollout['reason']}")
     lines.append("rules:")
     for rule in table["rules"]:
         if rule["action"] == "route":

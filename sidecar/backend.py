@@ -10,7 +10,9 @@ answer.
 
 import http.client
 import json
+import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # What a well-behaved service passes on to the services it calls: trace context and
@@ -25,6 +27,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         self.server.requests += 1
+        if self.server.delay_ms:  # a slow version, for rollout analysis tests
+            time.sleep(self.server.delay_ms / 1000)
+        if self.server.fail_rate and random.random() < self.server.fail_rate:
+            self._fail()
+            return
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
@@ -41,6 +48,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.send_header("x-backend", self.server.name)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _fail(self) -> None:
+        body = b'{"error": "injected failure"}'
+        self.send_response(503)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
@@ -72,6 +87,8 @@ class BackendServer(ThreadingHTTPServer):
         self.name = name
         self.forward_to = forward_to
         self.requests = 0
+        self.fail_rate = 0.0  # share of requests answered 503 (settable while running)
+        self.delay_ms = 0.0  # added to every answer (settable while running)
 
     @property
     def port(self) -> int:

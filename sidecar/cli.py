@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="auto: uvloop when installed (default), else asyncio's own loop")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--envoy-admin", type=_address("--envoy-admin"), metavar="HOST:PORT",
+                   help="Envoy's admin address, read for rollout analysis (default: none)")
+    p.add_argument("--rollout-poll", type=_seconds, default=1.0,
+                   help="seconds between rollout analyses (default %(default)s)")
 
     p = commands.add_parser("check", help="validate a rules file: exit 0 if valid, 1 if not")
     p.add_argument("rules", help="the rules file (YAML)")
@@ -165,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rule", help="the split rule's name")
     p.add_argument("weights", nargs="+", type=_weight, metavar="CLUSTER=WEIGHT",
                    help="e.g. canary=20 (with two clusters the other one takes the rest)")
+    p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
+                   help="the sidecar's admin API (default %(default)s)")
+
+    p = commands.add_parser("rollout", help="promote, pause, resume or abort a rollout")
+    p.add_argument("action", choices=["promote", "pause", "resume", "abort"])
+    p.add_argument("rule", help="the split rule whose rollout to act on")
     p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
                    help="the sidecar's admin API (default %(default)s)")
 
@@ -227,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = f"[worker {args.worker_index}] " if getattr(args, "worker_index", None) is not None else ""
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     try:
         return _run(args)
     except RulesError as error:
@@ -247,7 +258,8 @@ def _run(args: argparse.Namespace) -> int:
             http_listen=args.http_listen, state_file=args.state_file, grace_seconds=args.grace,
             drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll,
             admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index,
-            event_loop=args.event_loop)
+            event_loop=args.event_loop, envoy_admin=args.envoy_admin,
+            rollout_poll_seconds=args.rollout_poll)
         if args.workers > 1:
             from sidecar.workers import run_workers
 
@@ -298,6 +310,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         report = admin_client.status(args.admin)
         print(json.dumps(report, indent=2) if args.json else admin_client.format_status(report))
+        return 0
+    if args.command == "rollout":
+        status = admin_client.rollout(args.admin, args.rule, args.action)
+        print(f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
+              f"{status['canary_weight']} ({status['reason']})")
         return 0
     if args.command == "set-weight":
         report = admin_client.set_weights(args.admin, args.rule, dict(args.weights))

@@ -7,11 +7,13 @@ clusters pointed at the processes started here).
 
 import copy
 import http.client
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -250,7 +252,7 @@ class Stack:
 
     def __init__(self, rules: Path | str, envoy_config: Path | str, workdir: Path,
                  backends: Sequence[str] = ("stable", "canary"),
-                 sidecar_args: Sequence[str] = ()) -> None:
+                 sidecar_args: Sequence[str] = (), envoy_admin_port: int = 0) -> None:
         from sidecar.backend import BackendServer
 
         self.rules = Path(rules)
@@ -265,7 +267,8 @@ class Stack:
                 "graysteer": [("127.0.0.1", port) for port in self.sidecar.ports]}
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
             template = yaml.safe_load(Path(envoy_config).read_text())
-            self.envoy = Envoy(rewrite_envoy_config(template, endpoints), workdir)
+            self.envoy = Envoy(rewrite_envoy_config(template, endpoints,
+                                                    admin_port=envoy_admin_port), workdir)
         except BaseException:
             self.stop()
             raise
@@ -298,11 +301,22 @@ class Stack:
         self.stop()
 
 
+def free_port() -> int:
+    """A port free now (for a process that must be told its address before it starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class BackgroundLoad:
     """Threads sending requests to an Envoy listener until stopped; `results` holds
-    (status, backend) per response, in order."""
+    (status, backend) per response, in order. With `vary_user` each request carries a new
+    x-user-id, so splits see many users."""
 
-    def __init__(self, port: int, headers: Mapping[str, str], threads: int = 4) -> None:
+    def __init__(self, port: int, headers: Mapping[str, str], threads: int = 4,
+                 vary_user: bool = False) -> None:
+        self.vary_user = vary_user
+        self._count = itertools.count()
         self.results: list[tuple[int, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(port, dict(headers)),
@@ -314,6 +328,8 @@ class BackgroundLoad:
         client = HttpClient(port)
         try:
             while not self._stop.is_set():
+                if self.vary_user:
+                    headers = {**headers, "x-user-id": f"load-{next(self._count)}"}
                 status, echo = client.get("/", headers)
                 self.results.append((status, echo.get("backend", "")))
         finally:

@@ -37,6 +37,7 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
     LocalityLbEndpoints,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.metrics.v3 import HistogramBucketSettings, StatsConfig
 from envoy_data_plane.envoy.config.route.v3 import (
     HeaderMatcher,
     Route,
@@ -255,7 +256,19 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
         _static_cluster(name, [address], timedelta(seconds=1)) for name, address in upstreams.items()]
     return Bootstrap(admin=Admin(address=_address(options.admin)),
                      static_resources=BootstrapStaticResources(listeners=[listener],
-                                                               clusters=clusters))
+                                                               clusters=clusters),
+                     stats_flush_interval=timedelta(seconds=1), stats_config=stats_config())
+
+
+# Rollout analysis reads each lane's p99 from Envoy's upstream_rq_time histogram: buckets
+# fine enough around typical latency limits, refreshed every second (stats_flush_interval).
+RQ_TIME_BUCKETS_MS = [1, 2, 5, 10, 25, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800, 900,
+                      1000, 1500, 2000, 3000, 5000, 10000, 30000]
+
+
+def stats_config() -> StatsConfig:
+    return StatsConfig(histogram_bucket_settings=[HistogramBucketSettings(
+        match=StringMatcher(suffix="upstream_rq_time"), buckets=[float(b) for b in RQ_TIME_BUCKETS_MS])])
 
 
 def render_yaml(config: Bootstrap) -> str:

@@ -42,9 +42,14 @@ class Readiness:
             await self.grpc.set(name, status)
 
 
+Extra = Callable[[str], "tuple[int, object] | None"]
+
+
 def start_http(host: str, port: int, registry: CollectorRegistry, readiness: ReadinessView,
-               details: Callable[[], dict[str, object]]) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz and /readyz from a daemon thread; returns the server."""
+               details: Callable[[], dict[str, object]],
+               extra: Extra | None = None) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz (and whatever `extra` answers, as JSON) from a
+    daemon thread; returns the server."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -57,8 +62,12 @@ def start_http(host: str, port: int, registry: CollectorRegistry, readiness: Rea
                 body = {"ready": readiness.ready, "reason": readiness.reason, **details()}
                 self._send(200 if readiness.ready else 503,
                            json.dumps(body).encode() + b"\n", "application/json")
+            elif extra is not None and (answer := extra(path)) is not None:
+                self._send(answer[0], json.dumps(answer[1], indent=1).encode() + b"\n",
+                           "application/json")
             else:
-                self._send(404, b"not found: try /metrics, /healthz, /readyz\n", "text/plain")
+                self._send(404, b"not found: try /metrics, /healthz, /readyz, /rollouts\n",
+                           "text/plain")
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)

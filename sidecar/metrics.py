@@ -7,11 +7,15 @@ workers' values combine.
 """
 
 import os
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.core import Table
+
+if TYPE_CHECKING:
+    from sidecar.core.rollout import Verdict
 
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
@@ -53,6 +57,24 @@ class Metrics:
         self.split_weight = Gauge(
             "graysteer_split_weight", "Weight of each cluster in each split rule, as served.",
             ["rule", "cluster"], registry=registry, multiprocess_mode="livemostrecent")
+        self.rollout_step = Gauge(
+            "graysteer_rollout_step", "The step each rollout is at (0-based).", ["rule"],
+            registry=registry, multiprocess_mode="livemax")
+        self.rollout_state = Gauge(
+            "graysteer_rollout_state", "1 for the phase each rollout is in (progressing, paused, "
+            "promoted, aborted).", ["rule", "state"], registry=registry, multiprocess_mode="livemax")
+        self.rollout_canary_weight = Gauge(
+            "graysteer_rollout_canary_weight", "The canary weight each rollout sets.", ["rule"],
+            registry=registry, multiprocess_mode="livemax")
+        self.lane_error_ratio = Gauge(
+            "graysteer_lane_error_ratio", "5xx share of each lane's responses in the analysis "
+            "window.", ["lane"], registry=registry, multiprocess_mode="livemax")
+        self.lane_p99_seconds = Gauge(
+            "graysteer_lane_p99_seconds", "99th percentile response time of each lane in the "
+            "analysis window.", ["lane"], registry=registry, multiprocess_mode="livemax")
+        self.lane_requests = Gauge(
+            "graysteer_lane_window_requests", "Responses of each lane in the analysis window.",
+            ["lane"], registry=registry, multiprocess_mode="livemax")
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
 
@@ -80,6 +102,22 @@ class Metrics:
         self._show(self.split_weight, {
             (rule.name, cluster): weight for rule in table.rules if rule.split is not None
             for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True)})
+
+    def show_rollout(self, rule: str, phase: str, step: int, weight: int) -> None:
+        from sidecar.core.rollout import PHASES
+
+        self.rollout_step.labels(rule).set(step)
+        self.rollout_canary_weight.labels(rule).set(weight)
+        for name in PHASES:
+            self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+
+    def show_lanes(self, verdict: "Verdict") -> None:
+        for lane, window in ((verdict.canary_lane, verdict.canary),
+                             (verdict.baseline_lane, verdict.baseline)):
+            self.lane_requests.labels(lane).set(window.requests)
+            self.lane_error_ratio.labels(lane).set(window.error_rate)
+            if window.p99_ms is not None:
+                self.lane_p99_seconds.labels(lane).set(window.p99_ms / 1000)
 
     def _show(self, gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
         """Set a labelled gauge to exactly `values`, retiring series no longer shown."""

@@ -142,7 +142,8 @@ class Reloader:
 
     # -- weights from the admin API -----------------------------------------------------------
 
-    async def set_weights(self, rule: str, requested: Mapping[str, int]) -> Loaded:
+    async def set_weights(self, rule: str, requested: Mapping[str, int],
+                          trigger: str = "set_weights") -> Loaded:
         """Apply and persist a runtime weight change; ValueError explains a refusal."""
         async with self._lock:
             loaded = self.loaded
@@ -164,7 +165,7 @@ class Reloader:
             self._save_overrides(new.overrides)
             inputs = f"{loaded.file_version}/{config_version(self.state.read_bytes())}"
             self._last_read = inputs
-            result = ReloadResult(Outcome.LOADED, "set_weights", version=loaded.file_version,
+            result = ReloadResult(Outcome.LOADED, trigger, version=loaded.file_version,
                                   inputs=inputs)
             self._finish(result, new)
             log.info("weights of rule %r set to %s (version %s)", rule, weights, new.table.version)
@@ -174,6 +175,15 @@ class Reloader:
         state = self.state.load()
         state["weight_overrides"] = {r: o.to_json() for r, o in sorted(overrides.items())}
         self.state.save(state)
+
+    def save_state_section(self, key: str, data: Any) -> None:
+        """Persist another part of the runtime state (e.g. rollouts) in the same state file,
+        without this change looking like new input to our own watcher."""
+        state = self.state.load()
+        state[key] = data
+        self.state.save(state)
+        if self.loaded is not None and self._last_read.startswith(self.loaded.file_version + "/"):
+            self._last_read = f"{self.loaded.file_version}/{config_version(self.state.read_bytes())}"
 
     # -- swapping and telling -----------------------------------------------------------------
 

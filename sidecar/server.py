@@ -21,6 +21,7 @@ from sidecar.extproc import add_to_server as add_ext_proc
 from sidecar.health import Readiness, start_http
 from sidecar.metrics import Metrics
 from sidecar.reload import Reloader
+from sidecar.rollouts import EnvoyStats, RolloutController, http_view
 from sidecar.state_file import StateFile, default_state_path
 from sidecar.watch import watch_directory
 
@@ -47,6 +48,8 @@ class ServeOptions:
     watch_polling: bool = False
     admin_allow_remote: bool = False
     event_loop: str = "auto"
+    envoy_admin: str | None = None  # Envoy's admin address: where rollouts read lane statistics
+    rollout_poll_seconds: float = 1.0
     worker_index: int | None = None  # set when run by `serve --workers N`
 
 
@@ -96,16 +99,25 @@ async def serve(options: ServeOptions) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
     listen = _bind(server, options.listen, "--listen")
 
+    controller = None
+    if options.worker_index in (None, 0):  # one controller; other workers follow the state file
+        stats = (EnvoyStats(split_host_port(options.envoy_admin, "--envoy-admin"), 60.0)
+                 if options.envoy_admin else None)
+        controller = RolloutController(reloader, metrics, stats, options.rollout_poll_seconds)
+        if table.rollouts and stats is None:
+            log.warning("the rules have rollouts but no --envoy-admin: they cannot be analysed "
+                        "and will not advance")
+
     admin = grpc.aio.server(options=GRPC_OPTIONS)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader), admin)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller), admin)
     admin_listen = _bind(admin, options.admin_listen, "--admin-listen")
 
     http = None
     if options.http_listen:
         host, port = split_host_port(options.http_listen, "--http-listen")
         http = start_http(host, port, metrics.registry, readiness,
-                          lambda: {"version": reloader.holder.table.version}  # type: ignore[union-attr]
-                          )
+                          lambda: {"version": reloader.holder.table.version},  # type: ignore[union-attr]
+                          (lambda path: http_view(controller, path)) if controller else None)
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
 
     await server.start()
@@ -136,6 +148,9 @@ async def serve(options: ServeOptions) -> None:
         watchers = [asyncio.create_task(watch_directory(
             path, lambda: reloader.reload("watch"), stop, options.watch_polling))
             for path in watched.values()]
+
+    if controller is not None:
+        watchers.append(asyncio.create_task(controller.run(stop)))
 
     await stop.wait()
     await readiness.set(False, "shutting down")

@@ -73,6 +73,8 @@ class Supervisor:
             argv.append("--admin-allow-remote")
         if o.state_file:
             argv += ["--state-file", o.state_file]
+        if o.envoy_admin:
+            argv += ["--envoy-admin", o.envoy_admin, "--rollout-poll", str(o.rollout_poll_seconds)]
         if not o.watch:
             argv.append("--no-watch")
         if o.watch_polling:

@@ -6,6 +6,8 @@ meaning (unknown clusters, duplicate names, actions, weights, regexes). Any
 problem refuses the whole document: a table is never half-loaded.
 """
 
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from sidecar.core.bucketing import cumulative
 from sidecar.core.identity import identity_matcher
 from sidecar.core.request import Request
+from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
 from sidecar.core.schema import RULES_SCHEMA
 from sidecar.core.steering import Coloring, Trust
 from sidecar.core.table import Condition, Decision, KeyGetter, Rule, Split, Table
@@ -166,6 +169,8 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
         yield from _match_problems(doc, path, rule.get("match") or {})
         if "split" in rule:
             yield from _split_problems(doc, path, rule["split"], clusters, unknown)
+        if "rollout" in rule:
+            yield from _rollout_problems(doc, path, rule)
 
 
 def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any]) -> Iterable[Problem]:
@@ -234,6 +239,64 @@ def _split_problems(doc: dict[str, Any], path: list[Any], split: dict[str, Any],
                       f"(clusters: {', '.join(sorted(clusters))})")
 
 
+def _rollout_problems(doc: dict[str, Any], path: list[Any], rule: dict[str, Any]) -> Iterable[Problem]:
+    rollout = rule["rollout"]
+    where = path + ["rollout"]
+    if "split" not in rule:
+        yield Problem(_where(doc, where), "a rollout drives a split: this rule has no split")
+        return
+    entries = [e["cluster"] for e in rule["split"]["to"]]
+    total = sum(e["weight"] for e in rule["split"]["to"])
+    if rollout["canary"] not in entries:
+        yield Problem(_where(doc, where + ["canary"]), f"{rollout['canary']!r} is not an entry "
+                      f"of this split ({', '.join(entries)})")
+    elif len(entries) < 2:
+        yield Problem(_where(doc, where + ["canary"]), "the split needs another entry to compare")
+    previous = -1
+    for i, step in enumerate(rollout["steps"]):
+        if step["weight"] > total:
+            yield Problem(_where(doc, where + ["steps", i, "weight"]),
+                          f"{step['weight']} is more than the split's total weight {total}")
+        if step["weight"] < previous:
+            yield Problem(_where(doc, where + ["steps", i, "weight"]),
+                          f"steps must not go down ({previous} -> {step['weight']})")
+        previous = step["weight"]
+        if "hold" in step:
+            yield from _duration_problem(doc, where + ["steps", i, "hold"], step["hold"])
+        elif i < len(rollout["steps"]) - 1:
+            yield Problem(_where(doc, where + ["steps", i]), "every step but the last needs a hold")
+    yield from _duration_problem(doc, where + ["analysis", "window"], rollout["analysis"]["window"])
+
+
+def _duration_problem(doc: dict[str, Any], path: list[Any], text: str) -> Iterable[Problem]:
+    try:
+        if parse_duration(text) <= 0:
+            yield Problem(_where(doc, path), "must be longer than 0")
+    except ValueError as error:
+        yield Problem(_where(doc, path), str(error))
+
+
+def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
+    rollout, split = rule["rollout"], rule["split"]
+    analysis = rollout["analysis"]
+    entries = [e["cluster"] for e in split["to"]]
+    # What restarts a rollout when the rules file changes: its own section, the split's
+    # clusters and total; not the split's current weights, which the rollout itself sets.
+    fingerprint = hashlib.sha256(json.dumps(
+        [rollout, entries, sum(e["weight"] for e in split["to"])], sort_keys=True).encode())
+    return RolloutSpec(
+        rule=rule["name"], canary=rollout["canary"],
+        baseline=next(c for c in entries if c != rollout["canary"]),
+        steps=tuple(Step(s["weight"], parse_duration(s["hold"]) if "hold" in s else 0.0)
+                    for s in rollout["steps"]),
+        analysis=Analysis(parse_duration(analysis["window"]), analysis["min_requests"],
+                          float(analysis["max_error_rate"]),
+                          analysis.get("max_error_rate_vs_stable"), analysis.get("max_p99_ms")),
+        on_failure=rollout.get("on_failure", "rollback"),
+        total=sum(e["weight"] for e in split["to"]),
+        fingerprint=fingerprint.hexdigest()[:12])
+
+
 # ---- compile ---------------------------------------------------------------------------------
 
 
@@ -251,6 +314,7 @@ def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
         trust=_trust(doc.get("trust") or {}, coloring),
         coloring=coloring,
         deny_rules=tuple(r for r in rules if r.route is not None and r.route.deny_status),
+        rollouts={r["name"]: _rollout_spec(r) for r in doc.get("rules") or [] if "rollout" in r},
     )
 
 

@@ -109,6 +109,32 @@ _rule: dict[str, Any] = {
         "match": _match,
         "route": {"type": "string"},
         "split": _split,
+        "rollout": {
+            "type": "object",
+            "properties": {
+                "canary": {"type": "string"},
+                "steps": {"type": "array", "minItems": 1, "items": {
+                    "type": "object",
+                    "properties": {"weight": {"type": "integer", "minimum": 0},
+                                   "hold": {"type": "string"}},
+                    "required": ["weight"], "additionalProperties": False}},
+                "analysis": {
+                    "type": "object",
+                    "properties": {
+                        "window": {"type": "string"},
+                        "min_requests": {"type": "integer", "minimum": 1},
+                        "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                        "max_error_rate_vs_stable": {"type": "number", "exclusiveMinimum": 0},
+                        "max_p99_ms": {"type": "number", "exclusiveMinimum": 0},
+                    },
+                    "required": ["window", "min_requests", "max_error_rate"],
+                    "additionalProperties": False,
+                },
+                "on_failure": {"enum": ["rollback", "pause"]},
+            },
+            "required": ["canary", "steps", "analysis"],
+            "additionalProperties": False,
+        },
         "deny": {
             "type": "object",
             "properties": {

@@ -17,6 +17,7 @@ from sidecar.core.request import Request
 DEFAULT_RULE = "default"
 
 if TYPE_CHECKING:
+    from sidecar.core.rollout import RolloutSpec
     from sidecar.core.steering import Coloring, Trust
 
 Condition = Callable[[Request], bool]
@@ -115,6 +116,7 @@ class Table:
     trust: "Trust" = field(default_factory=lambda: _default_trust(), repr=False)
     coloring: "Coloring | None" = field(default=None, repr=False)
     deny_rules: tuple[Rule, ...] = ()  # the rules whose action is deny, in table order
+    rollouts: "dict[str, RolloutSpec]" = field(default_factory=dict, compare=False)
 
     @property
     def default_decision(self) -> Decision:
