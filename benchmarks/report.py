@@ -1,6 +1,7 @@
 """Ratios, the Markdown table, the README section and the chart of a benchmark run."""
 
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     cpu = [s["c32"]["sidecar_cpu_ms_per_request"] or 0 for s in scenarios]
     right.bar(labels, cpu, color="#dd8452")
     right.set_title("sidecar CPU ms per request (32 connections)")
-    figure.suptitle("; ".join(f"({s['key']}) {s['title']}" for s in scenarios), fontsize=6)
-    figure.tight_layout()
+    caption = "; ".join(f"({s['key']}) {s['title']}" for s in scenarios)
+    figure.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 170)), fontsize=7, va="bottom")
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=110)

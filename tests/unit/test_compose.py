@@ -34,7 +34,8 @@ def mounts(service: dict[str, Any]) -> dict[str, Path]:
     result = {}
     for volume in service.get("volumes", []):
         host, container = volume.split(":")[:2]
-        result[container] = REPO / host
+        if host.startswith((".", "/")):  # a bind mount, not a named volume
+            result[container] = REPO / host
     return result
 
 
@@ -94,3 +95,12 @@ def test_sidecar_rules_file_is_mounted_and_valid() -> None:
     # every cluster the rules may name is one envoy.yaml defines
     envoy_clusters = {c["name"] for c in ENVOY["static_resources"]["clusters"]}
     assert set(table.clusters) <= envoy_clusters
+
+
+def test_sidecar_reads_the_envoy_admin_envoy_yaml_defines_and_keeps_state_in_a_volume() -> None:
+    sidecar = COMPOSE["services"]["sidecar"]
+    admin = ENVOY["admin"]["address"]["socket_address"]
+    assert flag(sidecar, "--envoy-admin") == f"{admin['address']}:{admin['port_value']}"
+    state_dir = str(Path(flag(sidecar, "--state-file")).parent)
+    named = {v.split(":")[0]: v.split(":")[1] for v in sidecar["volumes"] if not v.startswith(".")}
+    assert state_dir in named.values() and set(named) <= set(COMPOSE["volumes"])
