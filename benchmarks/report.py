@@ -58,26 +58,26 @@ def markdown(results: dict[str, Any]) -> str:
         "interleaved, medians shown (errors: total); wrk, one thread. Both Envoys, wrk and the "
         "sidecar share the machine's cores.",
         "",
-        "| scenario | req/s @1 | p50 @1 | p99 @1 | req/s @32 | p50 @32 | p99 @32 | sidecar CPU ms/req @32 "
-        "| CPU s /1000 req @32 | errors | req/s vs (a) | req/s vs (e) | CPU vs (e) |",
+        "| scenario | req/s @1 | p50 @1 | p99 @1 | sidecar CPU ms/req @1 | req/s @32 | p50 @32 | "
+        "p99 @32 | sidecar CPU ms/req @32 | errors | req/s vs (a) | req/s vs (e) | CPU vs (e) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["scenarios"]:
         c1, c32, r = s["c1"], s["c32"], s.get("ratios", {})
         lines.append(
             f"| ({s['key']}) {s['title']} | {c1['rps']:.0f} | {c1['p50_ms']:.2f} ms | "
-            f"{c1['p99_ms']:.2f} ms | {c32['rps']:.0f} | {c32['p50_ms']:.2f} ms | "
+            f"{c1['p99_ms']:.2f} ms | {_cpu(c1)} | {c32['rps']:.0f} | {c32['p50_ms']:.2f} ms | "
             f"{c32['p99_ms']:.2f} ms | {_cpu(c32)} | "
-            f"{'-' if c32['sidecar_cpu_s_per_1000'] is None else c32['sidecar_cpu_s_per_1000']} | "
             f"{c1['errors'] + c32['errors']} | {_ratio(r.get('rps_vs_native'))} | "
             f"{_ratio(r.get('rps_vs_floor'))} | {_ratio(r.get('cpu_vs_floor'))} |")
     micro = results.get("decision_micro_benchmark")
     if micro:
         lines += ["", f"Decision function on a realistic table ({micro['rules']} rules, "
                   f"{micro['splits']} splits; header, path and identity matches): "
-                  f"**{micro['steer_us']:.2f} µs** per `steer` (trust, lanes, rules, headers), "
-                  f"{micro['decide_us']:.2f} µs per `Table.decide`; baseline in the same run: "
-                  f"{micro['empty_table_us']:.2f} µs for an empty table."]
+                  f"**{micro['decide_us']:.2f} µs** per `Table.decide` (empty table: "
+                  f"{micro['decide_empty_table_us']:.2f} µs); **{micro['steer_us']:.2f} µs** per "
+                  f"`steer` (trust, lanes, rules, headers; it includes building the request "
+                  f"view) (empty table: {micro['steer_empty_table_us']:.2f} µs)."]
     return "\n".join(lines)
 
 
