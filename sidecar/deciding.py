@@ -48,6 +48,8 @@ class Decider:
             self.metrics.count_event("baggage_over_limit")
         if request.identity.malformed:
             self.metrics.count_event("malformed_spiffe_id")
+        for what in steering.malformed:
+            self.metrics.count_event(f"malformed_{what}")
         return steering
 
     def decide(self, request: Request, table: Table | None = None) -> Decision:

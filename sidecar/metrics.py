@@ -37,7 +37,8 @@ class Metrics:
         self.steering_events = Counter(
             "graysteer_steering_events", "Notable inputs, by event: untrusted_headers_removed "
             "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
-            "malformed_certificate, baggage_over_limit.", ["event"], registry=registry)
+            "malformed_certificate, malformed_xfcc, malformed_baggage, baggage_over_limit.", ["event"],
+            registry=registry)
         self.decision_seconds = Histogram(
             "graysteer_decision_duration_seconds", "Time to decide one request (matching and "
             "bucketing, without gRPC).", buckets=DECISION_BUCKETS, registry=registry)

@@ -18,6 +18,11 @@ def _key(member: str) -> str:
     return member.partition("=")[0].strip()
 
 
+def well_formed(header: str) -> bool:
+    """Every list member has the `key=value` form (empty headers are well formed)."""
+    return all(_key(m) and "=" in m for m in _members(header))
+
+
 def member_value(header: str, key: str) -> str | None:
     """The value of `key` in a baggage header (properties after `;` dropped), or None."""
     for member in _members(header):

@@ -17,7 +17,7 @@ The order, for every adapter:
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from sidecar.core.baggage import member_value, with_member, without_member
+from sidecar.core.baggage import member_value, well_formed, with_member, without_member
 from sidecar.core.identity import Identity, IdentityMatcher, identity_from_xfcc
 from sidecar.core.request import Request
 from sidecar.core.table import Decision, Table
@@ -64,6 +64,7 @@ class Steering:
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     baggage_dropped: bool = False  # the lane member was left out: baggage over its size limits
+    malformed: tuple[str, ...] = ()  # inputs ignored as malformed: "xfcc", "baggage"
 
     @property
     def denied(self) -> bool:
@@ -73,9 +74,15 @@ class Steering:
 def steer(table: Table, request: Request) -> Steering:
     trust, coloring = table.trust, table.coloring
     identity = request.identity
+    malformed: list[str] = []
     if trust.xfcc and not identity.mtls and XFCC in request.headers:
-        identity = identity_from_xfcc(request.headers[XFCC]) or identity
-        request.identity = identity
+        from_xfcc = identity_from_xfcc(request.headers[XFCC])
+        if from_xfcc is None:
+            malformed.append("xfcc")  # no identity from it: the request is decided without one
+        else:
+            identity = request.identity = from_xfcc
+    if coloring is not None and coloring.baggage and not well_formed(request.headers.get("baggage", "")):
+        malformed.append("baggage")  # members kept as written; only ours is read and replaced
     remove: list[str] = []
     set_headers: list[tuple[str, str]] = []
     trusted = trust.allows(identity, request.listener_port)
@@ -105,7 +112,7 @@ def steer(table: Table, request: Request) -> Steering:
     if identity.principal:
         decision = replace(decision, identity=identity.principal)
     if decision.deny_status is not None:
-        return Steering(decision, remove_headers=tuple(remove))
+        return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed))
 
     set_headers.insert(0, (table.routing_header, decision.cluster))
     dropped = False
@@ -120,4 +127,4 @@ def steer(table: Table, request: Request) -> Steering:
             set_headers = [(k, v) for k, v in set_headers if k != "baggage"]
             if baggage:
                 set_headers.append(("baggage", baggage))
-    return Steering(decision, tuple(set_headers), tuple(remove), dropped)
+    return Steering(decision, tuple(set_headers), tuple(remove), dropped, tuple(malformed))

@@ -201,3 +201,21 @@ def test_ext_authz_principal_forms(principal: str) -> None:
     _, decision = authz_servicer.check(check_request({}, principal=principal))
     assert decision.cluster in ("stable", "canary")
 
+
+
+def test_malformed_xfcc_and_baggage_are_counted_and_harmless(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    trusting = tmp_path / "rules.yaml"
+    trusting.write_text(RULES.replace("  listener_ports: [15001]", "  xfcc: true"))
+    from sidecar.rules_file import load_rules
+
+    metrics = Metrics(CollectorRegistry())
+    servicer = ExtProcServicer(Decider(TableHolder(load_rules(trusting)), metrics))
+    response, decision = servicer.on_request_headers(headers_message("GET", "/", [
+        ("x-forwarded-client-cert", "garbage"), ("baggage", "ok=1,junk,also=2")]))
+    assert decision.identity is None and decision.rule == "by-workload"
+    baggage = {h.header.key: h.header.raw_value.decode()
+               for h in response.request_headers.response.header_mutation.set_headers}["baggage"]
+    assert baggage.startswith("ok=1,junk,also=2,graysteer.lane=")  # others kept as written
+    for event in ("malformed_xfcc", "malformed_baggage"):
+        assert metrics.registry.get_sample_value("graysteer_steering_events_total",
+                                                 {"event": event}) == 1
