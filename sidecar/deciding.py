@@ -4,9 +4,11 @@ Shared by every adapter (ext_proc, explain) so that they all take the same path.
 """
 
 import logging
+from collections.abc import Mapping
 from time import perf_counter
 
 from sidecar.core import Decision, Request, Steering, Table, steer
+from sidecar.core.steering import fallback
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("graysteer.decide")
@@ -32,13 +34,12 @@ class Decider:
         """Steer against `table` (by default the current one); the default cluster on error,
         with the untrusted headers still removed when that much was known."""
         table = table or self.holder.table
+        headers = request.headers  # as received: steer() replaces them with the stripped ones
         started = perf_counter()
         try:
             steering = steer(table, request)
         except Exception as error:  # a bug or input the engine cannot handle: fail to default
-            decision = self.failed(table, f"engine_{type(error).__name__}", error)
-            steering = Steering(decision, ((table.routing_header, decision.cluster),),
-                                tuple(h for h in table.trust.protected if h in request.headers))
+            steering = self.fallback(table, f"engine_{type(error).__name__}", error, headers)
         self.metrics.decision_seconds.observe(perf_counter() - started)
         decision = steering.decision
         self.metrics.count_decision(decision.cluster, decision.rule)
@@ -55,6 +56,12 @@ class Decider:
     def decide(self, request: Request, table: Table | None = None) -> Decision:
         """The decision alone (see `steer`)."""
         return self.steer(request, table).decision
+
+    def fallback(self, table: Table, reason: str, error: BaseException,
+                 headers: Mapping[str, str] | None) -> Steering:
+        """The one answer to a request that could not be decided (see core `fallback`):
+        counted and logged, the caller treated as untrusted."""
+        return fallback(table, self.failed(table, reason, error), headers)
 
     def failed(self, table: Table, reason: str, error: BaseException) -> Decision:
         """Count a failure; log it with its traceback the first time each reason is seen."""

@@ -63,6 +63,9 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerSetCurrentClientCertDetails,
     HttpFilter,
 )
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManagerPathWithEscapedSlashesAction as EscapedSlashes,
+)
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
@@ -83,11 +86,13 @@ from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from sidecar.core import Table
+from sidecar.envoy_backstop import backstop_filters, decided_route_overrides, protected_headers
 from sidecar.envoy_lint import guard_regex
 from sidecar.extproc import METADATA_NAMESPACE
 
 HostPort = tuple[str, int]
 SIDECAR_CLUSTER = "graysteer"
+HEALTH_CHECK_INTERVAL = timedelta(milliseconds=500)
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy files ext_authz metadata
 # What Envoy must send with each ext_proc request for identity and trust by listener.
 REQUEST_ATTRIBUTES = ["connection.mtls", "connection.uri_san_peer_certificate",
@@ -151,9 +156,13 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
             HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
                 http2_protocol_options=Http2ProtocolOptions())))}
+    # Every interval is 0.5 s, the idle ones too: Envoy checks a cluster that never had
+    # traffic only every `no_traffic_interval` (default 60 s), so an Envoy that started
+    # before its sidecar (every pod, `compose up`) would skip the sidecar for a minute.
     cluster.health_checks = [HealthCheck(
-        timeout=timedelta(milliseconds=250), interval=timedelta(milliseconds=500),
-        unhealthy_threshold=1, healthy_threshold=1,
+        timeout=timedelta(milliseconds=250), interval=HEALTH_CHECK_INTERVAL,
+        no_traffic_interval=HEALTH_CHECK_INTERVAL, no_traffic_healthy_interval=HEALTH_CHECK_INTERVAL,
+        unhealthy_interval=HEALTH_CHECK_INTERVAL, unhealthy_threshold=1, healthy_threshold=1,
         grpc_health_check=HealthCheckGrpcHealthCheck(service_name=(
             "envoy.service.auth.v3.Authorization" if mode == "ext_authz"
             else "envoy.service.ext_proc.v3.ExternalProcessor")))]
@@ -206,12 +215,16 @@ def tls_socket(tls: TlsOptions) -> TransportSocket:
 
 
 def routes(table: Table) -> RouteConfiguration:
+    """The decided route (a known cluster named by the routing header, which only the sidecar
+    sets) and the fallback route, which carries the backstop (sidecar.envoy_backstop)."""
     guarded = Route(
         match=RouteMatch(prefix="/", headers=[HeaderMatcher(
             name=table.routing_header,
             string_match=StringMatcher(safe_regex=RegexMatcher(regex=guard_regex(table.clusters))))]),
-        route=RouteAction(cluster_header=table.routing_header))
-    fallback = Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=table.default))
+        route=RouteAction(cluster_header=table.routing_header),
+        typed_per_filter_config=decided_route_overrides(table))
+    fallback = Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=table.default),
+                     request_headers_to_remove=protected_headers(table))
     return RouteConfiguration(name="local_route", virtual_hosts=[
         VirtualHost(name="app", domains=["*"], routes=[guarded, fallback])])
 
@@ -230,10 +243,14 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
             EarlyHeaderMutation(mutations=[Mutation(remove=table.routing_header)]))],
         access_log=[AccessLog(name="envoy.access_loggers.stdout",
                               typed_config=AnyMessage.pack(access_log))],
-        http_filters=[sidecar_filter,
+        http_filters=[sidecar_filter, *backstop_filters(table),
                       HttpFilter(name="envoy.filters.http.router",
                                  typed_config=AnyMessage.pack(Router()))],
-        route_config=routes(table))
+        route_config=routes(table),
+        # Rules and RBAC see the path a backend will serve: `//admin`, `/./admin`,
+        # `/%61dmin` and `/api/../admin` are all `/admin` before any filter runs.
+        normalize_path=True, merge_slashes=True,
+        path_with_escaped_slashes_action=EscapedSlashes.UNESCAPE_AND_REDIRECT)
     if options.mtls is not None:
         # Replace any client-sent XFCC with Envoy's own account of the client certificate.
         manager.forward_client_cert_details = HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET

@@ -10,10 +10,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core import Table
+from sidecar.envoy_backstop import (
+    LUA_FILTER,
+    LUA_MARKER,
+    RBAC_FILTER,
+    baggage_key,
+    deny_rules,
+    protected_headers,
+)
 from sidecar.extproc import METADATA_NAMESPACE
 
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
        "HttpConnectionManager")
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -94,6 +104,10 @@ def _check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) 
                       "client can pick its cluster (always when the sidecar is down)",
                       f"add early_header_mutation_extensions with `mutations: [{{remove: {header}}}]`")
     yield from _check_routes(table, hcm, clusters)
+    if any(f.get("failure_mode_allow") for f in sidecar_filters):
+        yield from _check_backstop(table, hcm, filters)
+    yield from _check_paths(table, hcm)
+    yield from _check_xfcc(table, hcm)
 
 
 def _check_filter(config: dict[str, Any], clusters: dict[str, Any]) -> Iterator[Finding]:
@@ -107,6 +121,8 @@ def _check_filter(config: dict[str, Any], clusters: dict[str, Any]) -> Iterator[
         yield Finding(f"sidecar cluster {cluster_name!r} does not speak HTTP/2: gRPC to the sidecar "
                       "fails (status 14, HTTP 500)", "set typed_extension_protocol_options "
                       f"{HTTP_OPTIONS} explicit_http_config.http2_protocol_options: {{}}")
+    if cluster_name in clusters:
+        yield from _check_health_checks(cluster_name, clusters[cluster_name])
     if is_ext_proc:
         if config.get("route_cache_action") == "RETAIN" or config.get("disable_clear_route_cache"):
             yield Finding("ext_proc keeps the route cache: the routing header is set but the route "
@@ -135,9 +151,39 @@ def _check_filter(config: dict[str, Any], clusters: dict[str, Any]) -> Iterator[
             yield Finding("ext_authz has encode_raw_headers: true: Envoy then reads `raw_value` "
                           "from the answer, but graysteer's ext_authz answer carries `value`, so "
                           "the routing header arrives empty", "remove encode_raw_headers")
-    if not config.get("failure_mode_allow"):
-        yield Finding(f"{name} fails closed: every request fails while the sidecar is down",
-                      "set failure_mode_allow: true (requests then take the default route)")
+
+
+# Envoy checks a cluster that never had traffic every `no_traffic_interval` (default 60 s).
+MAX_IDLE_CHECK_SECONDS = 5.0
+
+
+def _seconds(duration: Any) -> float | None:
+    """A protobuf Duration as YAML writes it ("0.5s", or {seconds, nanos}) in seconds."""
+    if isinstance(duration, str) and duration.endswith("s"):
+        try:
+            return float(duration[:-1])
+        except ValueError:
+            return None
+    if isinstance(duration, dict):
+        return float(duration.get("seconds", 0)) + float(duration.get("nanos", 0)) / 1e9
+    return None
+
+
+def _check_health_checks(name: str, cluster: dict[str, Any]) -> Iterator[Finding]:
+    checks = cluster.get("health_checks") or []
+    if not checks:
+        yield Finding(f"sidecar cluster {name!r} has no health check: while the sidecar is down or "
+                      "draining every request waits for a connect timeout",
+                      "add a grpc_health_check (see `graysteer envoy-config`)")
+    for check in checks:
+        idle = _seconds(check.get("no_traffic_interval", "60s"))
+        if idle is None or idle > MAX_IDLE_CHECK_SECONDS:
+            yield Finding(f"sidecar cluster {name!r} is re-checked only every "
+                          f"{check.get('no_traffic_interval', '60s (the default)')} while it has "
+                          "no traffic: an Envoy that starts before its sidecar (every pod, "
+                          "`compose up`) sends every request on without a decision until then",
+                          "set no_traffic_interval (and no_traffic_healthy_interval) to the "
+                          "health check interval, e.g. 0.5s")
 
 
 def _is_http2(cluster: dict[str, Any]) -> bool:
@@ -213,3 +259,82 @@ def _matcher(matcher: dict[str, Any]) -> Any:
         exact = string.get("exact", matcher.get("exact_match"))
         return lambda value: value == exact
     return None
+
+
+def _fallback_routes(hcm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routes a request takes when no decision set the routing header."""
+    return [r for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []
+            for r in vh.get("routes") or []
+            if not (r.get("match") or {}).get("headers") and (r.get("route") or {}).get("cluster")]
+
+
+def _check_backstop(table: Table, hcm: dict[str, Any], filters: list[dict[str, Any]]
+                    ) -> Iterator[Finding]:
+    """Fail-open routing must not fail open on security: deny rules and the strip of what an
+    untrusted caller may not carry must hold on the fallback route without the sidecar."""
+    stat = hcm.get("stat_prefix", "?")
+    fallbacks = _fallback_routes(hcm)
+    denied = deny_rules(table)
+    policies = {name for f in filters if f.get("@type") == RBAC
+                and (f.get("rules") or {}).get("action", "ALLOW") == "DENY"
+                for name in (f.get("rules") or {}).get("policies") or {}}
+    missing = [name for name in denied if name not in policies]
+    if missing:
+        yield Finding(f"listener {stat!r} lets deny rule(s) {', '.join(missing)} through while the "
+                      "sidecar is away (failure_mode_allow routes on without a decision)",
+                      "add the RBAC filter `graysteer envoy-config` generates from the deny rules")
+    for route in fallbacks:
+        per_filter = route.get("typed_per_filter_config") or {}
+        if denied and RBAC_FILTER in per_filter and not per_filter[RBAC_FILTER].get("rbac"):
+            yield Finding("the fallback route switches the RBAC deny backstop off",
+                          f"remove typed_per_filter_config {RBAC_FILTER} from the fallback route")
+        removed = {h.lower() for h in route.get("request_headers_to_remove") or []}
+        kept = [h for h in protected_headers(table) if h not in removed]
+        if kept:
+            yield Finding(f"the fallback route passes client-sent {', '.join(kept)} to the backend "
+                          "while the sidecar is away: the next hop honours a smuggled override or "
+                          f"lane", f"add request_headers_to_remove: [{', '.join(kept)}] to it")
+        if (per_filter.get(LUA_FILTER) or {}).get("disabled"):
+            yield Finding("the fallback route switches the baggage strip (Lua) off",
+                          f"remove typed_per_filter_config {LUA_FILTER} from the fallback route")
+    key = baggage_key(table)
+    marker = f'{LUA_MARKER} "{key}"'
+    if key and not any(marker in ((f.get("default_source_code") or {}).get("inline_string") or "")
+                       for f in filters if f.get("@type") == LUA):
+        yield Finding(f"listener {stat!r} passes a client-sent baggage member {key!r} to the backend "
+                      "while the sidecar is away", "add the Lua filter `graysteer envoy-config` "
+                      "generates after the sidecar's filter")
+
+
+SAFE_SLASH_ACTIONS = ("UNESCAPE_AND_REDIRECT", "UNESCAPE_AND_FORWARD", "REJECT_REQUEST")
+
+
+def _check_paths(table: Table, hcm: dict[str, Any]) -> Iterator[Finding]:
+    rules = table.document.get("rules") or []
+    assert isinstance(rules, list)
+    if not any("path" in (r.get("match") or {}) for r in rules):
+        return
+    missing = [f"{key}: {value}" for key, value, ok in (
+        ("normalize_path", "true", hcm.get("normalize_path") is True),
+        ("merge_slashes", "true", hcm.get("merge_slashes") is True),
+        ("path_with_escaped_slashes_action", "UNESCAPE_AND_REDIRECT",
+         hcm.get("path_with_escaped_slashes_action") in SAFE_SLASH_ACTIONS)) if not ok]
+    if missing:
+        yield Finding(f"rules match on the path but listener {hcm.get('stat_prefix', '?')!r} does not "
+                      "normalize it: `//admin`, `/./admin`, `/%61dmin` or `/api/../admin` walk "
+                      "around a path rule", f"set {', '.join(missing)} on the connection manager")
+
+
+def _check_xfcc(table: Table, hcm: dict[str, Any]) -> Iterator[Finding]:
+    if not table.trust.xfcc:
+        return
+    stat = hcm.get("stat_prefix", "?")
+    mode = hcm.get("forward_client_cert_details", "SANITIZE")
+    if mode != "SANITIZE_SET":
+        yield Finding(f"the rules trust x-forwarded-client-cert (trust.xfcc) but listener {stat!r} "
+                      f"has forward_client_cert_details {mode}: a client can claim any identity "
+                      "(or none reaches the sidecar)", "set forward_client_cert_details: SANITIZE_SET "
+                      "with set_current_client_cert_details {uri: true, dns: true}")
+    elif not (hcm.get("set_current_client_cert_details") or {}).get("uri"):
+        yield Finding(f"listener {stat!r} sets x-forwarded-client-cert without the URI SAN: the "
+                      "sidecar sees no SPIFFE ID", "set set_current_client_cert_details.uri: true")

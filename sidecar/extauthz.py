@@ -96,17 +96,17 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
 
     def check(self, request: authz.CheckRequest) -> tuple[authz.CheckResponse, Decision]:
         table = self.decider.holder.table
+        headers = None
         try:
             attributes = request.attributes
             http = attributes.request.http
+            headers = {k.lower(): v for k, v in http.headers.items()}
             identity, malformed = peer_identity(attributes.source)
             if malformed:
                 self.decider.metrics.count_event("malformed_certificate")
             port = attributes.destination.address.socket_address.port_value or None
-            headers = {k.lower(): v for k, v in http.headers.items()}
             steering = self.decider.steer(
                 Request(headers, http.method or "GET", http.path or "/", identity, port), table)
-        except Exception as error:  # still answer: allow, on the default cluster
-            decision = self.decider.failed(table, f"adapter_{type(error).__name__}", error)
-            steering = Steering(decision, ((table.routing_header, decision.cluster),))
+        except Exception as error:  # still answer: allow, as for an untrusted caller
+            steering = self.decider.fallback(table, f"adapter_{type(error).__name__}", error, headers)
         return check_response(steering), steering.decision

@@ -174,12 +174,10 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def steering(self, message: ep.ProcessingRequest) -> Steering:
         table = self.decider.holder.table
+        headers = None
         try:
+            headers = header_dict(message.request_headers.headers)
             identity, port = connection_identity(message)
-            request = Request.from_headers(header_dict(message.request_headers.headers), identity,
-                                           port)
-            steering = self.decider.steer(request, table)
-        except Exception as error:  # malformed message: still answer, on the default cluster
-            decision = self.decider.failed(table, f"adapter_{type(error).__name__}", error)
-            steering = Steering(decision, ((table.routing_header, decision.cluster),))
-        return steering
+            return self.decider.steer(Request.from_headers(headers, identity, port), table)
+        except Exception as error:  # malformed message: still answer, as for an untrusted caller
+            return self.decider.fallback(table, f"adapter_{type(error).__name__}", error, headers)

@@ -71,6 +71,45 @@ class Steering:
         return self.decision.deny_status is not None
 
 
+def strip_untrusted(table: Table, headers: Mapping[str, str]
+                    ) -> tuple[Mapping[str, str], list[str], list[tuple[str, str]]]:
+    """What an untrusted caller may not carry: the protected headers and the lane member of
+    `baggage`. Returns (the headers without them, names to remove, headers to set)."""
+    coloring = table.coloring
+    remove = [name for name in table.trust.protected if name in headers]
+    set_headers: list[tuple[str, str]] = []
+    baggage = headers.get("baggage")
+    stripped = (without_member(baggage, coloring.baggage)
+                if baggage is not None and coloring is not None and coloring.baggage else None)
+    if not remove and (stripped is None or stripped == baggage):
+        return headers, [], []
+    kept = {k: v for k, v in headers.items() if k not in remove}
+    if stripped is not None and stripped != baggage:
+        if stripped:
+            kept["baggage"] = stripped
+            set_headers.append(("baggage", stripped))
+        else:
+            del kept["baggage"]
+            remove.append("baggage")
+    return kept, remove, set_headers
+
+
+def fallback(table: Table, decision: Decision, headers: Mapping[str, str] | None) -> Steering:
+    """The answer when deciding failed (`decision` is `table.fallback(reason)`).
+
+    The caller is treated as untrusted: protected headers and the lane baggage member are
+    removed (all protected names when the headers could not even be read). No routing header
+    is set, so Envoy takes its fallback route to the default cluster, where the backstop
+    (sidecar.envoy_backstop) still applies the deny rules this failed attempt could not."""
+    if headers is None:
+        names = set(table.trust.protected)
+        if table.coloring is not None and table.coloring.baggage:
+            names.add("baggage")  # unreadable: the lane member cannot be cut out of it
+        return Steering(decision, (), tuple(sorted(names)))
+    _, remove, set_headers = strip_untrusted(table, headers)
+    return Steering(decision, tuple(set_headers), tuple(remove))
+
+
 def steer(table: Table, request: Request) -> Steering:
     trust, coloring = table.trust, table.coloring
     identity = request.identity
@@ -83,24 +122,11 @@ def steer(table: Table, request: Request) -> Steering:
             identity = request.identity = from_xfcc
     if coloring is not None and coloring.baggage and not well_formed(request.headers.get("baggage", "")):
         malformed.append("baggage")  # members kept as written; only ours is read and replaced
+    trusted = trust.allows(identity, request.listener_port)
     remove: list[str] = []
     set_headers: list[tuple[str, str]] = []
-    trusted = trust.allows(identity, request.listener_port)
     if not trusted:
-        remove = [name for name in trust.protected if name in request.headers]
-        baggage = request.headers.get("baggage")
-        stripped = (without_member(baggage, coloring.baggage)
-                    if baggage is not None and coloring is not None and coloring.baggage else None)
-        if remove or (stripped is not None and stripped != baggage):
-            headers = {k: v for k, v in request.headers.items() if k not in remove}
-            if stripped is not None and stripped != baggage:
-                if stripped:
-                    headers["baggage"] = stripped
-                    set_headers.append(("baggage", stripped))
-                else:
-                    del headers["baggage"]
-                    remove.append("baggage")
-            request.headers = headers
+        request.headers, remove, set_headers = strip_untrusted(table, request.headers)
 
     decision = table.denied(request)
     lane = coloring.received_lane(request.headers) if coloring and trusted else None

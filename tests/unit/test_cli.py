@@ -41,7 +41,8 @@ def test_explain_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> N
     assert result["rule"] == "beta-tier"
     assert result["bucket"] is None
     assert len(result["version"]) == 12
-    assert result["set_headers"] == {"x-route-cluster": "canary"}
+    assert result["set_headers"] == {"x-route-cluster": "canary", "x-graysteer-lane": "canary",
+                                     "baggage": "graysteer.lane=canary"}
 
 
 @pytest.mark.parametrize("args", [

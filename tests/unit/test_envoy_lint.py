@@ -12,6 +12,7 @@ import yaml
 from sidecar.cli import main
 from sidecar.envoy_lint import check
 from sidecar.rules_file import load_rules
+from tests.helpers import table_from_yaml
 
 REPO = Path(__file__).parents[2]
 ENVOY = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
@@ -57,7 +58,24 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("headers skipped", lambda c: ext_proc(c)["processing_mode"].update(request_header_mode="SKIP"),
      "nothing is decided"),
     ("metadata dropped", lambda c: ext_proc(c).pop("metadata_options"), "drops the decision's"),
-    ("fails closed", lambda c: ext_proc(c).update(failure_mode_allow=False), "fails closed"),
+    ("idle sidecar checked every minute", lambda c: sidecar_cluster(c)["health_checks"][0].pop(
+        "no_traffic_interval"), "re-checked only every 60s"),
+    ("idle check too slow", lambda c: sidecar_cluster(c)["health_checks"][0].update(
+        no_traffic_interval="30s"), "re-checked only every 30s"),
+    ("no health check", lambda c: sidecar_cluster(c).pop("health_checks"), "has no health check"),
+    ("no deny backstop", lambda c: hcm(c)["http_filters"].pop(2),
+     "lets deny rule(s) block-admin through while the sidecar is away"),
+    ("deny backstop off on the fallback route", lambda c: routes(c)[1].update(
+        typed_per_filter_config=routes(c)[0]["typed_per_filter_config"]),
+     "switches the RBAC deny backstop off"),
+    ("fallback keeps the lane header", lambda c: routes(c)[1].pop("request_headers_to_remove"),
+     "passes client-sent x-graysteer-lane to the backend"),
+    ("no baggage strip", lambda c: hcm(c)["http_filters"].pop(1),
+     "passes a client-sent baggage member 'graysteer.lane'"),
+    ("paths not normalized", lambda c: hcm(c).pop("normalize_path"), "does not normalize it"),
+    ("slashes not merged", lambda c: hcm(c).pop("merge_slashes"), "merge_slashes: true"),
+    ("escaped slashes kept", lambda c: hcm(c).update(
+        path_with_escaped_slashes_action="KEEP_UNCHANGED"), "path_with_escaped_slashes_action"),
     ("mutations rejected", lambda c: ext_proc(c).update(mutation_rules={"disallow_all": True}),
      "may reject the routing header"),
     ("sidecar not HTTP/2", lambda c: sidecar_cluster(c).pop("typed_extension_protocol_options"),
@@ -87,7 +105,6 @@ AUTHZ = yaml.safe_load((REPO / "envoy" / "ext_authz.yaml").read_text())
 @pytest.mark.parametrize(("change", "expected"), [
     ({"clear_route_cache": False}, "does not clear the route cache"),
     ({"encode_raw_headers": True}, "reads `raw_value`"),
-    ({"failure_mode_allow": False}, "fails closed"),
 ])
 def test_ext_authz_breakages(change: dict[str, Any], expected: str) -> None:
     config = copy.deepcopy(AUTHZ)
@@ -127,3 +144,39 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     path.write_text("- not a bootstrap\n")
     assert main(["check", rules, "--envoy", str(path)]) == 1
     assert "not an Envoy bootstrap" in capsys.readouterr().err
+
+
+def test_failing_closed_is_a_choice_not_a_finding() -> None:
+    """Fail-closed lets nothing through undecided, so it needs no backstop either."""
+    config = copy.deepcopy(ENVOY)
+    ext_proc(config).update(failure_mode_allow=False)
+    del hcm(config)["http_filters"][1:3]  # no Lua, no RBAC
+    assert check(TABLE, config) == []
+
+
+XFCC_TABLE = table_from_yaml("""\
+    version: 1
+    clusters: [stable, canary]
+    default: stable
+    trust: {xfcc: true, identities: [{trust_domain: example.org}], override_headers: [x-canary]}
+    rules: [{name: force, match: {headers: {x-canary: "1"}}, route: canary}]
+    """)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("ALWAYS_FORWARD_ONLY", "a client can claim any identity"),
+    ("APPEND_FORWARD", "a client can claim any identity"),
+    ("FORWARD_ONLY", "a client can claim any identity"),
+    ("SANITIZE", "a client can claim any identity"),
+])
+def test_trusting_xfcc_needs_envoy_to_set_it(mode: str, expected: str) -> None:
+    config = yaml.safe_load((REPO / "envoy" / "mtls.yaml").read_text())
+    assert not any("x-forwarded-client-cert" in str(f) for f in check(XFCC_TABLE, config))
+    hcm(config)["forward_client_cert_details"] = mode
+    assert any(expected in str(f) for f in check(XFCC_TABLE, config))
+
+
+def test_xfcc_without_the_uri_san_is_found() -> None:
+    config = yaml.safe_load((REPO / "envoy" / "mtls.yaml").read_text())
+    hcm(config)["set_current_client_cert_details"]["uri"] = False
+    assert any("without the URI SAN" in str(f) for f in check(XFCC_TABLE, config))

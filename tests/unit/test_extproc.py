@@ -107,7 +107,9 @@ def test_engine_failure_routes_to_default_and_is_counted(caplog: pytest.LogCaptu
     holder.table = dataclasses.replace(holder.table, rules=(bad_rule,))
     for _ in range(3):
         response, decision = servicer.on_request_headers(headers_message("GET", "/", []))
-        assert routed_to(response) == {"x-route-cluster": b"stable"}
+        # No routing header: Envoy's fallback route (default cluster, deny backstop) applies.
+        assert routed_to(response) == {}
+        assert response.request_headers.response.clear_route_cache is True
         assert (decision.rule, decision.error) == ("default", "engine_KeyError")
     assert metrics.registry.get_sample_value(
         "graysteer_decision_errors_total", {"reason": "engine_KeyError"}) == 3
@@ -172,3 +174,46 @@ def test_full_stream_over_a_real_grpc_channel() -> None:
 
     assert asyncio.run(run()) == ["request_headers", "request_body", "response_headers",
                                   "response_trailers"]
+
+
+GUARDED = {"trust": {"identities": [{"trust_domain": "example.org"}], "override_headers": ["x-canary"]},
+           "coloring": {"lanes": {"stable": "stable", "canary": "canary"}}}
+SMUGGLED = [("x-canary", "1"), ("x-graysteer-lane", "canary"),
+            ("baggage", "graysteer.lane=canary,tenant=acme")]
+
+
+def guarded_servicer(rules: list[dict[str, Any]]) -> ExtProcServicer:
+    table = table_from_rules(rules, **GUARDED)
+    return ExtProcServicer(Decider(TableHolder(table), Metrics(CollectorRegistry())))
+
+
+def removed_and_set(response: ep.ProcessingResponse) -> tuple[set[str], dict[str, bytes]]:
+    mutation = response.request_headers.response.header_mutation
+    return set(mutation.remove_headers), routed_to(response)
+
+
+def test_adapter_failure_still_strips_what_an_untrusted_caller_sent() -> None:
+    servicer = guarded_servicer(RULES)
+    message = headers_message("GET", "/", SMUGGLED)
+    # A malformed attribute (a port of +inf) makes the adapter fail after reading headers.
+    message.attributes["envoy.filters.http.ext_proc"].fields["destination.port"].number_value = float("inf")
+    response, decision = servicer.on_request_headers(message)
+    assert decision.error == "adapter_OverflowError"
+    removed, set_headers = removed_and_set(response)
+    assert {"x-canary", "x-graysteer-lane"} <= removed
+    assert set_headers == {"baggage": b"tenant=acme"}  # only our member is cut out
+
+
+def test_engine_failure_strips_the_headers_as_received() -> None:
+    servicer = guarded_servicer(RULES)
+    holder = servicer.decider.holder
+
+    def broken(request: Any) -> bool:
+        raise KeyError("boom")
+
+    holder.table = dataclasses.replace(holder.table, rules=(Rule("buggy", (broken,), None, None),))
+    response, decision = servicer.on_request_headers(headers_message("GET", "/", SMUGGLED))
+    assert decision.error == "engine_KeyError"
+    removed, set_headers = removed_and_set(response)
+    assert {"x-canary", "x-graysteer-lane"} <= removed
+    assert set_headers == {"baggage": b"tenant=acme"}
