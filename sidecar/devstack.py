@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -138,9 +138,9 @@ class Sidecar(Process):
     """`graysteer serve` on free loopback ports: ext_proc `port`, `admin` API, `http` port."""
 
     def __init__(self, rules: Path | str, workdir: Path, extra_args: Sequence[str] = (),
-                 name: str = "sidecar") -> None:
+                 name: str = "sidecar", port: int = 0) -> None:
         argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules),
-                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0",
                 "--http-listen", "127.0.0.1:0", "--drain", "0", *extra_args]
         super().__init__(name, argv, workdir / f"{name}.log")
         self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
@@ -250,28 +250,50 @@ class HttpClient:
 class Stack:
     """Sample backends + the sidecar + Envoy (from an `envoy/` config), all on loopback."""
 
-    def __init__(self, rules: Path | str, envoy_config: Path | str, workdir: Path,
-                 backends: Sequence[str] = ("stable", "canary"),
-                 sidecar_args: Sequence[str] = (), envoy_admin_port: int = 0) -> None:
+    def __init__(self, rules: Path | str, envoy_config: Path | str | Mapping[str, Any],
+                 workdir: Path, backends: Sequence[str] = ("stable", "canary"),
+                 sidecar_args: Sequence[str] = (), envoy_admin_port: int = 0,
+                 sidecar_first: bool = True) -> None:
+        """With `sidecar_first=False` Envoy starts alone, as in a pod where its container
+        comes up first; `start_sidecar()` then starts the sidecar on the port Envoy uses."""
         from sidecar.backend import BackendServer
 
         self.rules = Path(rules)
         self.workdir = workdir
+        self.sidecar_args = tuple(sidecar_args)
         self.backends = {name: BackendServer(name).start_in_thread() for name in backends}
         self.sidecar: Sidecar | None = None
         self.envoy: Envoy | None = None
         self._clients: list[HttpClient] = []
+        self._starts = itertools.count()
+        self.sidecar_port = 0  # known once the first sidecar listens, or chosen for Envoy
         try:
-            self.sidecar = Sidecar(self.rules, workdir, sidecar_args)
+            if sidecar_first:
+                self.start_sidecar()
+                assert self.sidecar is not None
+                ports = self.sidecar.ports
+            else:
+                ports = [free_port()]
+            self.sidecar_port = ports[0]
             endpoints: dict[str, Address | list[Address]] = {
-                "graysteer": [("127.0.0.1", port) for port in self.sidecar.ports]}
+                "graysteer": [("127.0.0.1", port) for port in ports]}
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
-            template = yaml.safe_load(Path(envoy_config).read_text())
+            template = (yaml.safe_load(Path(envoy_config).read_text())
+                        if isinstance(envoy_config, str | Path) else envoy_config)
             self.envoy = Envoy(rewrite_envoy_config(template, endpoints,
                                                     admin_port=envoy_admin_port), workdir)
         except BaseException:
             self.stop()
             raise
+
+    def start_sidecar(self) -> "Sidecar":
+        """Start the sidecar (again), on the port Envoy sends to once that is known."""
+        if self.sidecar is not None:
+            self.sidecar.stop()
+        n = next(self._starts)
+        self.sidecar = Sidecar(self.rules, self.workdir, self.sidecar_args,
+                               name="sidecar" if n == 0 else f"sidecar-{n}", port=self.sidecar_port)
+        return self.sidecar
 
     @property
     def port(self) -> int:
@@ -308,16 +330,28 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class Sample(NamedTuple):
+    """One response seen by BackgroundLoad."""
+
+    status: int
+    backend: str  # the backend that answered ("" when none did)
+    decided: bool  # the sidecar decided it: the backend received the routing header
+    user: str  # the x-user-id sent ("" without one)
+
+
 class BackgroundLoad:
-    """Threads sending requests to an Envoy listener until stopped; `results` holds
-    (status, backend) per response, in order. With `vary_user` each request carries a new
-    x-user-id, so splits see many users."""
+    """Threads sending requests to an Envoy listener until stopped; `samples` holds one
+    Sample per response, in order. With `vary_user` each request carries a new x-user-id,
+    so splits see many users; with `users` the requests cycle through those user ids."""
 
     def __init__(self, port: int, headers: Mapping[str, str], threads: int = 4,
-                 vary_user: bool = False) -> None:
+                 vary_user: bool = False, users: Sequence[str] = (),
+                 routing_header: str = "x-route-cluster") -> None:
         self.vary_user = vary_user
+        self.users = list(users)
+        self.routing_header = routing_header
         self._count = itertools.count()
-        self.results: list[tuple[int, str]] = []
+        self.samples: list[Sample] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(port, dict(headers)),
                                           daemon=True) for _ in range(threads)]
@@ -328,17 +362,28 @@ class BackgroundLoad:
         client = HttpClient(port)
         try:
             while not self._stop.is_set():
-                if self.vary_user:
-                    headers = {**headers, "x-user-id": f"load-{next(self._count)}"}
+                n = next(self._count)
+                if self.users:
+                    headers = {**headers, "x-user-id": self.users[n % len(self.users)]}
+                elif self.vary_user:
+                    headers = {**headers, "x-user-id": f"load-{n}"}
                 status, echo = client.get("/", headers)
-                self.results.append((status, echo.get("backend", "")))
+                received = echo.get("headers") or {}
+                self.samples.append(Sample(status, echo.get("backend", ""),
+                                           self.routing_header in received,
+                                           headers.get("x-user-id", "")))
         finally:
             client.close()
 
+    @property
+    def results(self) -> list[tuple[int, str]]:
+        """(status, backend) per response, in order."""
+        return [(s.status, s.backend) for s in self.samples]
+
     def wait_for_more(self, count: int, what: str, timeout: float = 30) -> None:
         """Wait until `count` more responses than now have arrived."""
-        target = len(self.results) + count
-        wait_for(lambda: len(self.results) >= target, timeout, what)
+        target = len(self.samples) + count
+        wait_for(lambda: len(self.samples) >= target, timeout, what)
 
     def stop(self) -> list[tuple[int, str]]:
         self._stop.set()

@@ -153,4 +153,7 @@ def steer(table: Table, request: Request) -> Steering:
             set_headers = [(k, v) for k, v in set_headers if k != "baggage"]
             if baggage:
                 set_headers.append(("baggage", baggage))
-    return Steering(decision, tuple(set_headers), tuple(remove), dropped, tuple(malformed))
+    # A header set here replaces the caller's: never also remove it (ext_authz applies
+    # removals after additions, which would drop the lane we just set).
+    kept_removals = tuple(h for h in remove if h not in dict(set_headers))
+    return Steering(decision, tuple(set_headers), kept_removals, dropped, tuple(malformed))

@@ -217,3 +217,13 @@ def test_engine_failure_strips_the_headers_as_received() -> None:
     removed, set_headers = removed_and_set(response)
     assert {"x-canary", "x-graysteer-lane"} <= removed
     assert set_headers == {"baggage": b"tenant=acme"}
+
+
+def test_a_header_the_sidecar_sets_is_never_also_removed() -> None:
+    """ext_authz applies removals after additions: a removed lane header would vanish."""
+    servicer = guarded_servicer(RULES)
+    response, decision = servicer.on_request_headers(headers_message("GET", "/", SMUGGLED))
+    removed, set_headers = removed_and_set(response)
+    assert set_headers["x-graysteer-lane"] == decision.cluster.encode()
+    assert set_headers["baggage"] == f"tenant=acme,graysteer.lane={decision.cluster}".encode()
+    assert removed == {"x-canary"}
