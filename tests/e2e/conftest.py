@@ -59,3 +59,16 @@ def own_stack(rules_file: Path, tmp_path: Path) -> Iterator[Stack]:
     """A stack for a test that breaks something (kills the sidecar)."""
     with Stack(rules_file, ENVOY_CONFIG, tmp_path) as running:
         yield running
+
+
+# Figures the fault tests measure (failed requests, requests that skipped the sidecar,
+# recovery times), printed at the end of the run: docs/operations figures come from here.
+FAULT_FIGURES: dict[str, dict[str, object]] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FAULT_FIGURES:
+        terminalreporter.section("fault figures (through the real Envoy, under load)")
+        for name, figures in FAULT_FIGURES.items():
+            terminalreporter.write_line(
+                f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
