@@ -31,7 +31,9 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def certificate_identity(pem: str) -> Identity | None:
-    """Every URI and DNS SAN of a (URL-encoded) PEM certificate; None if unreadable."""
+    """Every URI and DNS SAN of a (URL-encoded) PEM certificate; None if unreadable. With
+    more than one URI SAN the certificate is no X509-SVID: no SPIFFE identity, and its
+    SPIFFE-like SANs count as malformed (`Identity.from_sans`)."""
     try:
         certificate = x509.load_pem_x509_certificate(unquote(pem).encode())
         try:
@@ -46,7 +48,9 @@ def certificate_identity(pem: str) -> Identity | None:
 
 
 def peer_identity(source: Any) -> tuple[Identity, bool]:
-    """(identity, malformed certificate?) of the downstream peer of a CheckRequest."""
+    """(identity, malformed certificate?) of the downstream peer of a CheckRequest. Without
+    the certificate (`include_peer_certificate` off) only `principal`, the first URI SAN, is
+    known: a certificate with several URI SANs cannot be told apart then."""
     if source.certificate:
         identity = certificate_identity(source.certificate)
         if identity is not None:

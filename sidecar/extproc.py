@@ -82,7 +82,11 @@ def decision_metadata(decision: Decision) -> struct_pb2.Struct:
 def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | None]:
     """The peer's identity and the local port from the request attributes Envoy sends
     (`connection.mtls`, `connection.*_peer_certificate`, `destination.port`). Envoy gives
-    only the first URI SAN and the first DNS SAN."""
+    only the first URI SAN and the first DNS SAN; whether the certificate has other URI SANs
+    (then it is no SVID: no SPIFFE identity, as in ext_authz, which reads them all) is read
+    from the request's `x-forwarded-client-cert` when present (see Identity.from_first_sans).
+    That header can only take the connection's identity away, never add one, so this holds
+    even when the client sent it itself and Envoy passed it on."""
     if ATTRIBUTES_KEY not in message.attributes:
         return NO_IDENTITY, None
     fields = message.attributes[ATTRIBUTES_KEY].fields
@@ -94,9 +98,15 @@ def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | 
     mtls = "connection.mtls" in fields and fields["connection.mtls"].bool_value
     if not mtls:
         return NO_IDENTITY, port
-    uri, dns = text("connection.uri_san_peer_certificate"), text("connection.dns_san_peer_certificate")
-    identity = Identity.from_sans(True, (uri,) if uri else (), (dns,) if dns else (),
-                                  text("connection.subject_peer_certificate"))
+    uri = text("connection.uri_san_peer_certificate")
+    xfcc = None
+    if uri:  # repeated headers joined with "," (XFCC's element separator), as header_dict does
+        values = [entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+                  for entry in message.request_headers.headers.headers
+                  if entry.key.lower() == "x-forwarded-client-cert"]
+        xfcc = ",".join(values) or None
+    identity = Identity.from_first_sans(uri, text("connection.dns_san_peer_certificate"),
+                                        text("connection.subject_peer_certificate"), xfcc)
     return identity, port
 
 

@@ -2,13 +2,13 @@
 
 Two passes, and every problem of both is reported, never just the first:
 structure by JSON Schema (unknown keys, wrong types, missing fields), then
-meaning (unknown clusters, duplicate names, actions, weights, regexes). Any
-problem refuses the whole document: a table is never half-loaded.
+meaning (unknown clusters, duplicate names, actions, weights, regexes as Envoy's RE2
+accepts them, identity matchers). Any problem refuses the whole document: a table is never
+half-loaded.
 """
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError
 
 from sidecar.core.bucketing import cumulative
-from sidecar.core.identity import identity_matcher
+from sidecar.core.identity import compile_regex, identity_form_problem, identity_matcher, regex_problem
 from sidecar.core.request import Request
 from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
 from sidecar.core.schema import RULES_SCHEMA
@@ -187,9 +187,8 @@ def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any])
             yield Problem(_where(doc, where), "use `present: true` or `absent: true`")
     if "regex" in (match.get("path") or {}):
         yield from _regex_problem(doc, path + ["match", "path", "regex"], match["path"]["regex"])
-    if "regex" in (match.get("identity") or {}):
-        yield from _regex_problem(doc, path + ["match", "identity", "regex"],
-                                  match["identity"]["regex"])
+    if "identity" in match:
+        yield from _identity_problem(doc, path + ["match", "identity"], match["identity"])
     if (match.get("identity") or {}).get("present") is False or (
             match.get("identity") or {}).get("absent") is False:
         yield Problem(_where(doc, path + ["match", "identity"]),
@@ -198,8 +197,7 @@ def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any])
 
 def _steering_problems(doc: dict[str, Any], clusters: set[str], unknown: Any) -> Iterable[Problem]:
     for index, form in enumerate((doc.get("trust") or {}).get("identities") or []):
-        if "regex" in form:
-            yield from _regex_problem(doc, ["trust", "identities", index, "regex"], form["regex"])
+        yield from _identity_problem(doc, ["trust", "identities", index], form)
     coloring = doc.get("coloring")
     if coloring is None:
         return
@@ -214,10 +212,18 @@ def _steering_problems(doc: dict[str, Any], clusters: set[str], unknown: Any) ->
 
 
 def _regex_problem(doc: dict[str, Any], path: list[Any], pattern: str) -> Iterable[Problem]:
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        yield Problem(_where(doc, path), f"invalid regex {pattern!r}: {error}")
+    """RE2, as Envoy's safe_regex: what Envoy would refuse is refused here too."""
+    problem = regex_problem(pattern)
+    if problem:
+        yield Problem(_where(doc, path), problem)
+
+
+def _identity_problem(doc: dict[str, Any], path: list[Any], form: dict[str, Any]) -> Iterable[Problem]:
+    """An identity matcher form (in trust.identities or a rule's match.identity), located at
+    its one key."""
+    problem = identity_form_problem(form)
+    if problem:
+        yield Problem(_where(doc, path + list(form)[:1]), problem)
 
 
 def _split_problems(doc: dict[str, Any], path: list[Any], split: dict[str, Any],
@@ -398,8 +404,8 @@ def _header_condition(name: str, form: str | dict[str, Any]) -> Condition:
         prefix = form["prefix"]
         return lambda request: request.headers.get(name, "").startswith(prefix)
     if "regex" in form:
-        fullmatch = re.compile(form["regex"]).fullmatch
-        return lambda request: (v := request.headers.get(name)) is not None and bool(fullmatch(v))
+        fullmatch = compile_regex(form["regex"])
+        return lambda request: (v := request.headers.get(name)) is not None and fullmatch(v)
     if form.get("present"):
         return lambda request: name in request.headers
     return lambda request: name not in request.headers
@@ -412,8 +418,8 @@ def _path_condition(form: dict[str, Any]) -> Condition:
     if "prefix" in form:
         prefix = form["prefix"]
         return lambda request: request.path.startswith(prefix)
-    fullmatch = re.compile(form["regex"]).fullmatch
-    return lambda request: fullmatch(request.path) is not None
+    fullmatch = compile_regex(form["regex"])
+    return lambda request: fullmatch(request.path)
 
 
 def _key_getter(source: str) -> KeyGetter:

@@ -1,73 +1,198 @@
-"""The client's workload identity and the matchers that test it.
+"""The client's workload identity, the matchers that test it, and the rules file's regexes.
 
 An `Identity` is what the adapters could establish about the peer: whether the
-connection used mTLS, the certificate's URI SANs (SPIFFE IDs among them), DNS SANs and
-subject. SPIFFE IDs are parsed and validated here (spec: trust domain of lower-case
-letters, digits, `.`, `-`, `_`; path segments of letters, digits, `.`, `-`, `_`, no
-empty, `.` or `..` segment, no query or fragment); a malformed one is not an identity.
+connection used mTLS, the certificate's URI SANs, DNS SANs and subject, and its SPIFFE ID.
+SPIFFE IDs are parsed and validated here (spec: trust domain of at most 255 lower-case
+letters, digits, `.`, `-`, `_`; a non-empty path of segments of letters, digits, `.`, `-`,
+`_`, no empty, `.` or `..` segment, no query or fragment); a malformed one is not an
+identity. An X509-SVID has exactly one URI SAN: a certificate with several has no SPIFFE
+identity at all.
+
+Regexes in the rules file are RE2, compiled as Envoy compiles `safe_regex` (`compile_regex`),
+so that a pattern means the same in the sidecar as in Envoy and matching takes linear time.
 """
 
-import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import re2
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_PATH_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/")
+MAX_TRUST_DOMAIN = 255  # SPIFFE-ID spec
+MAX_SPIFFE_ID = 2048  # SPIFFE-ID spec (bytes; the IDs accepted here are ASCII)
+
+
+# ---- RE2: the regexes of the rules file ----------------------------------------------------------
+
+MAX_PROGRAM_SIZE = 100  # Envoy's default `re2.max_program_size.error_level`; larger is refused
+
+
+def _envoy_options() -> Any:
+    """RE2's defaults without error logging: Envoy's `RE2::Quiet` (UTF-8, Perl-like syntax,
+    case-sensitive, leftmost-first)."""
+    if not hasattr(re2, "Options"):
+        raise ImportError("the `re2` module in use is not google-re2's: install google-re2")
+    options = re2.Options()
+    options.log_errors = False
+    return options
+
+
+_OPTIONS = _envoy_options()
+
+
+def _require_re2_itself() -> None:
+    """Refuse to run on a module named `re2` that is not google-re2's binding. Some (pyre2,
+    fb-re2) silently fall back to Python's backtracking `re` for what RE2 refuses, which would
+    bring the ReDoS back and change what patterns mean. google-re2 (checked up to 1.1) has no
+    fallback: every pattern goes to the C++ RE2, and a backreference is an error."""
+    try:
+        re2.compile(r"(a)\1", _OPTIONS)
+    except re2.error:
+        return
+    raise ImportError("the `re2` module in use falls back to Python's re: install google-re2")
+
+
+_require_re2_itself()
+
+
+class RegexError(ValueError):
+    """A pattern Envoy's `safe_regex` would refuse."""
+
+
+FullMatch = Callable[[str], bool]
+
+
+def compile_regex(pattern: str) -> FullMatch:
+    """`pattern` as Envoy's `safe_regex` compiles it, as a test of a WHOLE value (Envoy
+    full-matches header values and paths). Raises RegexError for what Envoy refuses: invalid
+    RE2 (backreferences, lookaround, ...) and programs larger than MAX_PROGRAM_SIZE."""
+    try:
+        compiled = re2.compile(pattern, _OPTIONS)
+    except re2.error as error:
+        reason = error.args[0] if error.args else error
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise RegexError(f"not valid RE2 syntax ({reason}); the rules file's regexes are RE2, "
+                         "as Envoy's safe_regex: no backreferences, lookaround or \\Z") from None
+    if compiled.programsize > MAX_PROGRAM_SIZE:
+        raise RegexError(f"too complex: RE2 program size {compiled.programsize} > "
+                         f"{MAX_PROGRAM_SIZE}, the limit of Envoy's safe_regex "
+                         "(re2.max_program_size.error_level); simplify it")
+    fullmatch = compiled.fullmatch
+    return lambda text: fullmatch(text) is not None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why Envoy would refuse `pattern`, or None."""
+    try:
+        compile_regex(pattern)
+    except RegexError as error:
+        return f"invalid regex {pattern!r}: {error}"
+    return None
+
+
+# ---- SPIFFE IDs ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class SpiffeId:
     trust_domain: str
-    path: str  # "" or "/seg/seg"
+    path: str  # "/seg/seg", never empty: a workload (leaf) ID
 
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}{self.path}"
 
 
 def parse_spiffe_id(uri: str) -> SpiffeId | None:
-    """`spiffe://example.org/ns/qa/sa/tester` -> SpiffeId, or None when not a valid SPIFFE ID."""
-    if not uri.startswith("spiffe://") or len(uri) > 2048:
+    """`spiffe://example.org/ns/qa/sa/tester` -> SpiffeId, or None when not a valid workload
+    SPIFFE ID (`spiffe://example.org` alone names the trust domain, no workload)."""
+    if not uri.startswith("spiffe://") or len(uri) > MAX_SPIFFE_ID:
         return None
-    rest = uri[len("spiffe://"):]
-    domain, slash, path = rest.partition("/")
-    if not _TRUST_DOMAIN.fullmatch(domain):
+    domain, slash, path = uri[len("spiffe://"):].partition("/")
+    if not slash or len(domain) > MAX_TRUST_DOMAIN or not _TRUST_DOMAIN.fullmatch(domain):
         return None
-    if not slash:
-        return SpiffeId(domain, "")
-    segments = path.split("/")
-    if any(s in ("", ".", "..") or not _SEGMENT.fullmatch(s) for s in segments):
+    if any(s in ("", ".", "..") or not _SEGMENT.fullmatch(s) for s in path.split("/")):
         return None
     return SpiffeId(domain, "/" + path)
 
 
+def trust_domain_problem(domain: str) -> str | None:
+    """Why `domain` is not a trust domain name, or None."""
+    if domain.startswith("spiffe:") or "/" in domain:
+        return f"{domain!r}: write the trust domain alone (e.g. 'example.org'), without spiffe:// or a path"
+    if not domain:
+        return "the trust domain is empty"
+    if len(domain) > MAX_TRUST_DOMAIN:
+        return f"trust domain longer than {MAX_TRUST_DOMAIN} characters"
+    if _TRUST_DOMAIN.fullmatch(domain):
+        return None
+    if _TRUST_DOMAIN.fullmatch(domain.lower()):
+        return (f"trust domains are lower-case: write {domain.lower()!r} ({domain!r} could never "
+                "match a valid SPIFFE ID)")
+    return f"{domain!r}: a trust domain holds only lower-case letters, digits, '.', '-' and '_'"
+
+
+def spiffe_id_problem(uri: str) -> str | None:
+    """Why `uri` is not a valid workload SPIFFE ID, or None."""
+    if parse_spiffe_id(uri) is not None:
+        return None
+    domain, slash, _ = uri.removeprefix("spiffe://").partition("/")
+    if uri.startswith("spiffe://") and (problem := trust_domain_problem(domain)):
+        return problem
+    if uri.startswith("spiffe://") and not slash:
+        return f"{uri!r} has no path: it names a trust domain, not a workload"
+    return (f"{uri!r} is not a valid SPIFFE ID (spiffe://<trust domain>/<path>; path segments "
+            "of letters, digits, '.', '-', '_'; no empty, '.' or '..' segment, query or fragment)")
+
+
+def _looks_like_spiffe(uri: str) -> bool:
+    return uri[:7].lower() == "spiffe:"
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What is known of the peer. `spiffe_ids` are the valid SPIFFE IDs among the URI SANs
-    (matchers accept any of them); `spiffe` is the first, the one decisions show."""
+    """What is known of the peer. `spiffe` is the certificate's SPIFFE ID: its only URI SAN,
+    when that is a valid one."""
 
     mtls: bool = False
     uri_sans: tuple[str, ...] = ()
     dns_sans: tuple[str, ...] = ()
     subject: str = ""
-    spiffe_ids: tuple[SpiffeId, ...] = ()
-    malformed: tuple[str, ...] = ()  # SANs that looked like SPIFFE IDs but were not valid
-
-    @property
-    def spiffe(self) -> SpiffeId | None:
-        return self.spiffe_ids[0] if self.spiffe_ids else None
+    spiffe: SpiffeId | None = None
+    malformed: tuple[str, ...] = ()  # SANs that looked like SPIFFE IDs but are not (counted)
 
     @classmethod
     def from_sans(cls, mtls: bool, uri_sans: tuple[str, ...] = (), dns_sans: tuple[str, ...] = (),
                   subject: str = "") -> "Identity":
-        valid, malformed = [], []
-        for uri in uri_sans:
-            parsed = parse_spiffe_id(uri)
-            if parsed is not None:
-                valid.append(parsed)
-            elif uri.startswith("spiffe:"):
-                malformed.append(uri)
-        return cls(mtls, uri_sans, dns_sans, subject, tuple(valid), tuple(malformed))
+        """From every SAN of a certificate. X509-SVID: an SVID has exactly one URI SAN and a
+        certificate with several must be rejected; it gets no SPIFFE identity, and those of its
+        URI SANs that look like SPIFFE IDs are reported malformed (so metrics show it)."""
+        spiffe = parse_spiffe_id(uri_sans[0]) if len(uri_sans) == 1 else None
+        malformed = () if spiffe else tuple(u for u in uri_sans if _looks_like_spiffe(u))
+        return cls(mtls, uri_sans, dns_sans, subject, spiffe, malformed)
+
+    @classmethod
+    def from_first_sans(cls, uri: str, dns: str, subject: str, xfcc: str | None) -> "Identity":
+        """From what Envoy's ext_proc attributes give: the certificate's FIRST URI SAN and first
+        DNS SAN only. Whether the certificate has more URI SANs (then it is no SVID, as
+        `from_sans` decides with all of them) shows in the `x-forwarded-client-cert` header
+        Envoy writes: when its nearest element lists `uri` together with other URI SANs, they
+        are taken as the certificate's and the peer gets no SPIFFE identity.
+
+        This is safe even when the client wrote that header itself (Envoy not sanitizing it):
+        it can only take away the identity of the connection the request came on (the element
+        must list that connection's URI SAN), never give one."""
+        uri_sans: tuple[str, ...] = (uri,) if uri else ()
+        nearest = identity_from_xfcc(xfcc) if uri and xfcc else None
+        if nearest is not None and uri in nearest.uri_sans and len(nearest.uri_sans) > 1:
+            others = list(nearest.uri_sans)
+            others.remove(uri)
+            uri_sans = (uri, *others)
+        return cls.from_sans(True, uri_sans, (dns,) if dns else (), subject)
 
     @property
     def principal(self) -> str:
@@ -82,27 +207,135 @@ NO_IDENTITY = Identity()
 IdentityMatcher = Callable[[Identity], bool]
 
 
-def identity_matcher(form: dict[str, object]) -> IdentityMatcher:
-    """One of: exact (a SPIFFE ID), glob (`spiffe://example.org/ns/qa/*`), trust_domain,
-    regex (full match on the SPIFFE ID), dns (a DNS SAN, glob allowed), present, absent."""
+# ---- identity matchers ---------------------------------------------------------------------------
+
+
+def identity_form_problem(form: dict[str, Any]) -> str | None:
+    """Why an identity matcher form (one key) is refused, or None. Refused: what could never
+    match (an upper-case trust domain, an invalid SPIFFE ID) and what would match more than it
+    says (a glob that crosses the trust domain, a DNS wildcard other than one left-most label)."""
     if "exact" in form:
-        exact = str(form["exact"])
-        return lambda identity: any(str(i) == exact for i in identity.spiffe_ids)
+        return spiffe_id_problem(str(form["exact"]))
     if "glob" in form:
-        pattern = re.compile(fnmatch.translate(str(form["glob"])))
-        return lambda identity: any(pattern.match(str(i)) for i in identity.spiffe_ids)
+        return _glob_problem(str(form["glob"]))
+    if "trust_domain" in form:
+        return trust_domain_problem(str(form["trust_domain"]))
+    if "regex" in form:
+        return regex_problem(str(form["regex"]))
+    if "dns" in form:
+        return _dns_problem(str(form["dns"]))
+    return None
+
+
+def _glob_problem(glob: str) -> str | None:
+    if not glob.startswith("spiffe://") or "/" not in glob[len("spiffe://"):]:
+        if glob.startswith("spiffe://") and not any(c in glob for c in "*?[]"):
+            return spiffe_id_problem(glob)  # a glob without wildcards is exactly one ID
+        return (f"{glob!r}: a SPIFFE glob needs a literal trust domain: it starts with "
+                "spiffe://<trust domain>/ (e.g. spiffe://example.org/ns/qa/*) or is exactly a "
+                "SPIFFE ID")
+    domain, _, path = glob[len("spiffe://"):].partition("/")
+    if any(c in domain for c in "*?[]"):
+        return (f"{glob!r}: a SPIFFE glob needs a literal trust domain: "
+                "spiffe://<trust domain>/... (`*` matches within the path only)")
+    if problem := trust_domain_problem(domain):
+        return problem
+    if any(c in path for c in "?[]"):
+        return (f"{glob!r}: only `*` is a wildcard in a SPIFFE glob (any characters within the "
+                "path, `/` included); `?`, `[` and `]` are not supported")
+    if "*" not in path:
+        return spiffe_id_problem(glob)
+    foreign = sorted({c for c in path if c not in _PATH_CHARACTERS and c != "*"})
+    if foreign:
+        return (f"{glob!r} can never match: SPIFFE ID paths hold only letters, digits, '.', "
+                f"'-', '_' and '/', not {', '.join(repr(c) for c in foreign)}")
+    return None
+
+
+def _glob_matcher(glob: str) -> FullMatch:
+    """`*` matches any characters, the rest is literal. Validated globs put the trust domain
+    and the `/` after it before any `*`, so a match never leaves the trust domain. Matched
+    without a regex: the literal pieces in order, leftmost first, which is exact for `*`-only
+    patterns and linear in practice (no backtracking)."""
+    if "*" not in glob:
+        return lambda text: text == glob
+    first, *middle, last = glob.split("*")
+
+    def matches(text: str) -> bool:
+        start, end = len(first), len(text) - len(last)
+        if end < start or not text.startswith(first) or not text.endswith(last):
+            return False
+        for piece in middle:
+            found = text.find(piece, start, end)
+            if found < 0:
+                return False
+            start = found + len(piece)
+        return True
+
+    return matches
+
+
+def _dns_problem(pattern: str) -> str | None:
+    if any(c in pattern for c in "?[]"):
+        return (f"{pattern!r}: only `*` is a wildcard in a DNS pattern, as the whole left-most "
+                "label (`*.example.org`); `?`, `[` and `]` are not supported")
+    labels = pattern.split(".")
+    if "*" in pattern and (labels[0] != "*" or len(labels) < 2 or "*" in ".".join(labels[1:])):
+        return (f"{pattern!r}: a DNS wildcard is `*` as the whole left-most label "
+                "(`*.example.org`, matching exactly one label, as RFC 6125 and Envoy)")
+    if "" in labels:
+        return f"{pattern!r}: a DNS name has no empty label"
+    return None
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _dns_matcher(pattern: str) -> Callable[[str], bool]:
+    """A DNS SAN test, ASCII case-insensitive (as Envoy's). `*.example.org` matches exactly one
+    left-most label: `a.example.org`, not `a.b.example.org`, `.example.org`, `example.org` or
+    a SAN that is itself the wildcard `*.example.org`."""
+    pattern = pattern.translate(_ASCII_LOWER)
+    if not pattern.startswith("*."):
+        return lambda name: name.translate(_ASCII_LOWER) == pattern
+    suffix = pattern[1:]  # ".example.org"
+
+    def matches(name: str) -> bool:
+        name = name.translate(_ASCII_LOWER)
+        label = name[:-len(suffix)]
+        return name.endswith(suffix) and bool(label) and "." not in label and "*" not in label
+
+    return matches
+
+
+def identity_matcher(form: dict[str, Any]) -> IdentityMatcher:
+    """One of: exact (a SPIFFE ID), glob (`spiffe://example.org/ns/qa/*`: `*` matches any
+    characters within the path), trust_domain, regex (RE2, full match on the SPIFFE ID), dns
+    (a DNS SAN; `*.` matches one left-most label), present, absent. The form must have passed
+    `identity_form_problem`."""
+    if "exact" in form:
+        exact = parse_spiffe_id(str(form["exact"]))
+        return lambda identity: identity.spiffe is not None and identity.spiffe == exact
+    if "glob" in form:
+        return _spiffe_test(_glob_matcher(str(form["glob"])))
     if "trust_domain" in form:
         domain = str(form["trust_domain"])
-        return lambda identity: any(i.trust_domain == domain for i in identity.spiffe_ids)
+        return lambda identity: identity.spiffe is not None and identity.spiffe.trust_domain == domain
     if "regex" in form:
-        regex = re.compile(str(form["regex"]))
-        return lambda identity: any(regex.fullmatch(str(i)) for i in identity.spiffe_ids)
+        return _spiffe_test(compile_regex(str(form["regex"])))
     if "dns" in form:
-        dns = re.compile(fnmatch.translate(str(form["dns"]).lower()))
-        return lambda identity: any(dns.match(name.lower()) for name in identity.dns_sans)
+        dns = _dns_matcher(str(form["dns"]))
+        return lambda identity: any(dns(name) for name in identity.dns_sans)
     if form.get("present"):
         return lambda identity: bool(identity.principal)
     return lambda identity: not identity.principal
+
+
+def _spiffe_test(matches: FullMatch) -> IdentityMatcher:
+    return lambda identity: identity.spiffe is not None and matches(str(identity.spiffe))
+
+
+# ---- x-forwarded-client-cert ---------------------------------------------------------------------
 
 
 def _split_unquoted(text: str, separator: str) -> list[str]:

@@ -1,17 +1,29 @@
 """SPIFFE IDs, identity matchers, XFCC and W3C baggage: the pure pieces of trust and color."""
 
+from fnmatch import fnmatchcase
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.core.baggage import MAX_BYTES, member_value, with_member, without_member
-from sidecar.core.identity import Identity, identity_from_xfcc, identity_matcher, parse_spiffe_id
+from sidecar.core.identity import (
+    MAX_PROGRAM_SIZE,
+    Identity,
+    RegexError,
+    compile_regex,
+    identity_from_xfcc,
+    identity_matcher,
+    parse_spiffe_id,
+)
 
 QA = "spiffe://example.org/ns/qa/sa/tester"
 
 
 @pytest.mark.parametrize(("uri", "domain", "path"), [
     (QA, "example.org", "/ns/qa/sa/tester"),
-    ("spiffe://example.org", "example.org", ""),
     ("spiffe://a-b_c.9/x.y-z_1", "a-b_c.9", "/x.y-z_1"),
+    ("spiffe://" + "d" * 255 + "/x", "d" * 255, "/x"),
 ])
 def test_valid_spiffe_ids(uri: str, domain: str, path: str) -> None:
     parsed = parse_spiffe_id(uri)
@@ -21,6 +33,8 @@ def test_valid_spiffe_ids(uri: str, domain: str, path: str) -> None:
 
 @pytest.mark.parametrize("uri", [
     "spiffe://Example.org/x",        # upper case trust domain
+    "spiffe://example.org",          # the trust domain itself, not a workload (no path)
+    "spiffe://" + "d" * 256 + "/x",  # trust domain over 255 characters
     "spiffe:///x",                   # empty trust domain
     "spiffe://example.org/",         # trailing slash: empty segment
     "spiffe://example.org//x",       # empty segment
@@ -41,10 +55,46 @@ def test_malformed_spiffe_ids_are_no_identity(uri: str) -> None:
         assert identity.malformed == (uri,)
 
 
-def test_first_valid_spiffe_id_wins_and_dns_is_the_fallback_principal() -> None:
-    identity = Identity.from_sans(True, ("spiffe://bad//x", QA), ("svc.example.org",))
-    assert identity.principal == QA
+def test_dns_is_the_fallback_principal() -> None:
+    assert Identity.from_sans(True, (QA,), ("svc.example.org",)).principal == QA
     assert Identity.from_sans(True, (), ("svc.example.org",)).principal == "svc.example.org"
+
+
+@pytest.mark.parametrize("uris", [
+    (QA, "spiffe://example.org/ns/prod/sa/web"),
+    ("spiffe://other.org/first", QA),
+    (QA, "https://example.org/not-spiffe"),
+    (QA, QA),
+])
+def test_several_uri_sans_are_no_svid(uris: tuple[str, ...]) -> None:
+    # X509-SVID: an SVID has exactly one URI SAN; a certificate with more must be rejected
+    identity = Identity.from_sans(True, uris, ("svc.example.org",))
+    assert identity.spiffe is None
+    assert identity.malformed == tuple(u for u in uris if u.startswith("spiffe:"))  # counted
+    assert not identity_matcher({"exact": QA})(identity)
+    assert not identity_matcher({"glob": "spiffe://example.org/*"})(identity)
+    assert not identity_matcher({"trust_domain": "example.org"})(identity)
+    assert identity.principal == "svc.example.org"  # the DNS SAN is still the certificate's
+
+
+# ext_proc: Envoy sends only the first URI SAN; the nearest XFCC element shows the others
+@pytest.mark.parametrize(("xfcc", "spiffe"), [
+    (None, QA),
+    (f"Hash=h;URI={QA};DNS=c.example.org", QA),
+    (f'Hash=h;Subject="CN=c";URI={QA};URI=spiffe://other.org/x', None),
+    (f"Hash=h;URI=spiffe://other.org/x;URI={QA}", None),
+    (f"Hash=h;URI={QA};URI=https://example.org/x", None),
+    (f"Hash=h;URI={QA};URI={QA}", None),
+    # an earlier hop's element, a foreign one, or garbage says nothing about this connection
+    (f"URI={QA};URI=spiffe://other.org/x,Hash=h;URI={QA}", QA),
+    ("Hash=h;URI=spiffe://other.org/x;URI=spiffe://other.org/y", QA),
+    ("garbage", QA),
+])
+def test_first_uri_san_is_checked_against_xfcc(xfcc: str | None, spiffe: str | None) -> None:
+    identity = Identity.from_first_sans(QA, "c.example.org", "CN=c", xfcc)
+    assert (str(identity.spiffe) if identity.spiffe else None) == spiffe
+    assert (QA in identity.malformed) is (spiffe is None)  # counted as malformed_spiffe_id
+    assert identity.dns_sans == ("c.example.org",) and identity.subject == "CN=c"
 
 
 @pytest.mark.parametrize(("form", "identity", "expected"), [
@@ -59,14 +109,77 @@ def test_first_valid_spiffe_id_wins_and_dns_is_the_fallback_principal() -> None:
     ({"regex": r"ns/qa"}, Identity.from_sans(True, (QA,)), False),  # full match
     ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("Api.Example.org",)), True),
     ({"dns": "*.example.org"}, Identity.from_sans(True, (QA,)), False),
+    # a DNS wildcard is exactly one left-most label (RFC 6125, as Envoy's SAN matchers)
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.example.org",)), True),
+    ({"dns": "*.Example.ORG"}, Identity.from_sans(True, (), ("a.example.org",)), True),
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.b.example.org",)), False),
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), (".example.org",)), False),
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("*.example.org",)), False),
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("example.org",)), False),
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.example.org.evil",)), False),
+    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("aexample.org",)), False),
+    ({"dns": "api.example.org"}, Identity.from_sans(True, (), ("API.example.org",)), True),
+    ({"dns": "api.example.org"}, Identity.from_sans(True, (), ("x.api.example.org",)), False),
+    # ASCII case folding only: the Kelvin sign is not a "k"
+    ({"dns": "kube.example.org"}, Identity.from_sans(True, (), ("\u212aube.example.org",)), False),
+    # a glob stays in its trust domain; `*` spans `/` within the path
+    ({"glob": "spiffe://example.org/*"},
+     Identity.from_sans(True, ("spiffe://example.organization.evil/x",)), False),
+    ({"glob": "spiffe://example.org/*"}, Identity.from_sans(True, (QA,)), True),
+    ({"glob": "spiffe://example.org/ns/*/sa/tester"}, Identity.from_sans(True, (QA,)), True),
+    ({"glob": "spiffe://example.org/ns/*/sa/Tester"}, Identity.from_sans(True, (QA,)), False),
+    ({"glob": QA}, Identity.from_sans(True, (QA,)), True),
+    ({"glob": "spiffe://example.org/ns/q.*"}, Identity.from_sans(True, (QA,)), False),  # `.` literal
     ({"present": True}, Identity.from_sans(True, (QA,)), True),
     ({"present": True}, Identity(), False),
     ({"absent": True}, Identity(), True),
     ({"absent": True}, Identity.from_sans(True, ("spiffe://bad//x",)), True),  # malformed = none
-    ({"glob": "spiffe://*"}, Identity.from_sans(True, ("spiffe://bad//x",)), False),
+    ({"glob": "spiffe://bad/*"}, Identity.from_sans(True, ("spiffe://bad//x",)), False),
+    ({"regex": "spiffe://example.org"}, Identity.from_sans(True, ("spiffe://example.org",)), False),
 ])
 def test_identity_matchers(form: dict, identity: Identity, expected: bool) -> None:
     assert identity_matcher(form)(identity) is expected
+
+
+# ---- regexes: RE2 as Envoy's safe_regex ---------------------------------------------------------
+
+
+def test_regexes_are_real_re2_never_python_re() -> None:
+    # A module named `re2` that fell back to Python's `re` would accept these.
+    for pattern in (r"(a)\1", "(?=a)", "(?<=a)b", "(?!a)", r"a\Z", "a++"):
+        with pytest.raises(RegexError, match="RE2"):
+            compile_regex(pattern)
+    # RE2 semantics, not Python's: \d is ASCII only, `$` does not match before a final newline
+    assert not compile_regex(r"b\d+")("b\u0663")  # ARABIC-INDIC DIGIT THREE: Python's \d matches
+    assert not compile_regex("a$\n")("a\n")  # Python's `$` also matches before a final newline
+
+
+def test_program_size_limit_is_envoys() -> None:
+    assert MAX_PROGRAM_SIZE == 100
+    assert compile_regex("a{96}")("a" * 96)  # program size 100: allowed
+    with pytest.raises(RegexError, match=r"program size 101 > 100"):
+        compile_regex("a{97}")
+    with pytest.raises(RegexError, match=r"program size 1004 > 100"):
+        compile_regex("a{1000}")
+
+
+@pytest.mark.parametrize(("pattern", "text", "expected"), [
+    ("b[0-9]+", "b12", True),
+    ("b[0-9]+", "b12x", False),      # the whole value, as Envoy
+    ("b[0-9]+", "xb12", False),
+    ("(?i)beta", "BeTa", True),
+    ("é+", "éé", True),               # UTF-8, as Envoy's RE2
+])
+def test_regexes_match_the_whole_value(pattern: str, text: str, expected: bool) -> None:
+    assert compile_regex(pattern)(text) is expected
+
+
+@given(pattern=st.text("ab/*", max_size=12),
+       path=st.lists(st.text("ab", min_size=1, max_size=4), min_size=1, max_size=4).map("/".join))
+def test_glob_star_matches_any_characters_within_the_path(pattern: str, path: str) -> None:
+    glob, spiffe_id = "spiffe://example.org/" + pattern, "spiffe://example.org/" + path
+    matches = identity_matcher({"glob": glob})(Identity.from_sans(True, (spiffe_id,)))
+    assert matches is fnmatchcase(spiffe_id, glob)
 
 
 def test_xfcc_uses_the_nearest_element() -> None:

@@ -1,5 +1,10 @@
 """Table-driven tests of every match form, precedence and split key source."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 from sidecar.core import Request
@@ -29,6 +34,12 @@ MATCH_CASES = [
     ({"path": {"prefix": "/api/"}}, request("/apx/v1"), False),
     ({"path": {"regex": "/u/[0-9]+"}}, request("/u/42"), True),
     ({"path": {"regex": "/u/[0-9]+"}}, request("/u/42/x"), False),
+    # regexes are RE2, as Envoy's safe_regex: \d is ASCII only (Python's `re` matches any digit)
+    ({"headers": {"x-tier": {"regex": r"b\d+"}}}, request(x_tier="b\u0663"), False),
+    # paths and header values are case-sensitive, as in Envoy
+    ({"path": {"regex": "/API/.*"}}, request("/api/x"), False),
+    ({"path": {"prefix": "/API"}}, request("/api"), False),
+    ({"headers": {"x-tier": "Beta"}}, request(x_tier="beta"), False),
     ({"method": ["GET", "post"]}, request(method="POST"), True),
     ({"method": ["GET"]}, request(method="DELETE"), False),
     ({"method": "get"}, request(method="GET"), True),
@@ -146,3 +157,28 @@ def test_routing_header_default_and_override() -> None:
 def test_route_decisions_are_prebuilt() -> None:
     table = table_from_rules([{"name": "r", "route": "canary"}])
     assert table.decide(request()) is table.decide(request())
+
+
+# The decision runs in a child process: a thread cannot bound Python's `re`, which holds the GIL
+# while it backtracks (a join(timeout) returns only when the match ends), so with a backtracking
+# engine this test would hang instead of failing. The bound is for liveness, not performance.
+CATASTROPHIC = textwrap.dedent("""
+    from sidecar.core import Request, compile_table
+
+    table = compile_table({"version": 1, "clusters": ["stable", "canary"], "default": "stable",
+                           "rules": [
+        {"name": "tier", "match": {"headers": {"x-user-tier": {"regex": "(a+)+$"}}},
+         "route": "canary"},
+        {"name": "path", "match": {"path": {"regex": "/(x+x+)+y"}}, "route": "canary"}]},
+        "v", "rules.yaml")
+    print(table.decide(Request({"x-user-tier": "a" * 9_999 + "!"})).rule,
+          table.decide(Request({}, "GET", "/" + "x" * 10_000)).rule,
+          table.decide(Request({"x-user-tier": "a" * 10_000}, "GET", "/" + "x" * 10_000 + "y")).rule)
+""")
+
+
+def test_catastrophic_backtracking_patterns_decide_at_once() -> None:
+    done = subprocess.run([sys.executable, "-c", CATASTROPHIC], capture_output=True, text=True,
+                          timeout=30, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["default", "default", "tier"]

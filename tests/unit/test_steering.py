@@ -135,6 +135,30 @@ def test_malformed_san_is_no_identity_and_counted() -> None:
                                              {"event": "malformed_spiffe_id"}) == 1
 
 
+@pytest.mark.parametrize(("xfcc", "trusted"), [
+    (None, True),
+    (f"Hash=h;URI={QA};DNS=tester.example.org", True),
+    (f"Hash=h;URI={QA};URI=spiffe://other.org/second", False),
+    (f"Hash=h;URI=spiffe://other.org/first;URI={QA}", False),
+    # the nearest element does not describe this connection: it says nothing about it
+    (f"Hash=h;URI={QA};URI=spiffe://other.org/x,Hash=h;URI=spiffe://other.org/y", True),
+])
+def test_ext_proc_checks_the_first_uri_san_against_xfcc(xfcc: str | None, trusted: bool) -> None:
+    # Envoy gives ext_proc only the first URI SAN; its own XFCC lists every one. A certificate
+    # with several is no SVID, as ext_authz (which reads the whole certificate) decides.
+    ext, _, metrics = servicers()
+    headers = [("x-canary", "1")] + ([("x-forwarded-client-cert", xfcc)] if xfcc else [])
+    response, decision = ext.on_request_headers(headers_message("GET", "/", headers,
+                                                                peer=Peer(uri_san=QA)))
+    assert (decision.rule == "force-canary") is trusted
+    assert (decision.identity == QA) is trusted
+    removed = set(response.request_headers.response.header_mutation.remove_headers)
+    assert ("x-canary" in removed) is not trusted
+    assert metrics.registry.get_sample_value(
+        "graysteer_steering_events_total", {"event": "malformed_spiffe_id"}) == (
+        None if trusted else 1)
+
+
 def test_xfcc_is_ignored_unless_trusted(tmp_path) -> None:  # type: ignore[no-untyped-def]
     xfcc = f"Hash=x;URI={QA}"
     out = ext_proc([("x-forwarded-client-cert", xfcc)])
@@ -175,14 +199,27 @@ def test_ext_authz_sets_value_not_raw_value_and_removes_untrusted() -> None:
 
 def test_ext_authz_reads_every_san_of_the_forwarded_certificate() -> None:
     ca = make_ca()
-    _, pem = make_leaf(ca, "client", uris=["spiffe://other.org/first", QA], dns=["c.example.org"])
+    _, pem = make_leaf(ca, "client", uris=[QA], dns=["first.example.org", "c.example.org"])
     _, authz_servicer, _ = servicers()
-    # `principal` shows only the first URI SAN; the QA identity is the certificate's second
-    _, from_principal = authz_servicer.check(check_request({}, principal="spiffe://other.org/first"))
-    assert from_principal.rule == "by-workload"
     _, decision = authz_servicer.check(check_request(
-        {}, principal="spiffe://other.org/first", certificate=quote(pem.decode())))
-    assert (decision.rule, decision.identity) == ("qa", "spiffe://other.org/first")
+        {}, principal=QA, certificate=quote(pem.decode())))
+    assert (decision.rule, decision.identity) == ("qa", QA)
+
+
+def test_ext_authz_certificate_with_several_uri_sans_has_no_spiffe_identity() -> None:
+    # X509-SVID: exactly one URI SAN. Envoy's `principal` shows only the first (here QA); the
+    # forwarded certificate shows the second, and then neither is the caller's identity.
+    ca = make_ca()
+    _, pem = make_leaf(ca, "client", uris=[QA, "spiffe://other.org/second"])
+    _, authz_servicer, metrics = servicers()
+    response, decision = authz_servicer.check(check_request(
+        {"x-canary": "1"}, path="/admin", principal=QA, certificate=quote(pem.decode())))
+    assert decision.identity is None and decision.deny_status == 403  # admin needs an identity
+    assert response.denied_response.status.code == 403
+    assert metrics.registry.get_sample_value("graysteer_steering_events_total",
+                                             {"event": "malformed_spiffe_id"}) == 1
+    assert metrics.registry.get_sample_value("graysteer_steering_events_total",
+                                             {"event": "malformed_certificate"}) is None
 
 
 def test_ext_authz_deny_and_malformed_certificate() -> None:

@@ -149,3 +149,109 @@ def test_version_is_a_hash_of_the_content(tmp_path: Path) -> None:
 def test_example_rules_file_is_valid() -> None:
     table = load_rules(Path(__file__).parents[2] / "examples" / "rules.yaml")
     assert table.clusters == ("stable", "canary")
+
+
+# ---- regexes are RE2, as Envoy's safe_regex --------------------------------------------------
+
+REGEX_CASES = [
+    # (where the regex goes, pattern, expected fragments)
+    ("rules.0.match", {"headers": {"x-user-tier": {"regex": r"(a)\1"}}},
+     ["rule 'force' (rules[0]) field match.headers.x-user-tier.regex", "RE2", "\\1"]),
+    ("rules.0.match", {"path": {"regex": "(?=a)"}},
+     ["rule 'force' (rules[0]) field match.path.regex", "RE2"]),
+    ("rules.0.match", {"path": {"regex": "(?<=a)b"}}, ["field match.path.regex", "RE2"]),
+    ("rules.0.match", {"path": {"regex": r"/a\Z"}}, ["field match.path.regex", "RE2"]),
+    ("rules.0.match", {"headers": {"x-a": {"regex": "a{97}"}}},
+     ["field match.headers.x-a.regex", "program size 101 > 100"]),
+    ("rules.0.match", {"identity": {"regex": "(abc|def){50}"}},
+     ["rule 'force' (rules[0]) field match.identity.regex", "program size 404 > 100"]),
+    ("trust", {"identities": [{"regex": "(abc|def){50}"}]},
+     ["field trust.identities[0].regex", "program size 404 > 100"]),
+    ("trust", {"identities": [{"regex": r"spiffe://(x)\1"}]},
+     ["field trust.identities[0].regex", "RE2"]),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "fragments"), REGEX_CASES,
+                         ids=[c[2][0][-40:] + " " + str(c[1])[-30:] for c in REGEX_CASES])
+def test_regexes_envoy_would_refuse_are_refused(path: str, value: Any, fragments: list[str]) -> None:
+    with pytest.raises(RulesError) as caught:
+        compile_table(with_change(path, value), "v", "rules.yaml")
+    rendered = [str(p) for p in caught.value.problems]
+    assert any(all(f in line for f in fragments) for line in rendered), rendered
+
+
+def test_program_size_at_envoys_limit_is_accepted() -> None:
+    # a{96} has RE2 program size 100: Envoy accepts it (checked with `envoy --mode validate`),
+    # a{97} (101) it refuses.
+    doc = with_change("rules.0.match", {"headers": {"x-a": {"regex": "a{96}"}}})
+    assert compile_table(doc, "v", "rules.yaml").rules[0].name == "force"
+
+
+# ---- identity matchers: what could never match, or match too much, is refused -----------------
+
+IDENTITY_CASES = [
+    # (matcher form, expected fragments)
+    ({"trust_domain": "Example.org"}, ["trust domains are lower-case", "'example.org'"]),
+    ({"trust_domain": "spiffe://example.org"}, ["without spiffe://"]),
+    ({"trust_domain": "example.org/ns"}, ["without spiffe://"]),
+    ({"trust_domain": "exa mple.org"}, ["letters, digits"]),
+    ({"trust_domain": "a" * 256}, ["longer than 255"]),
+    ({"exact": "spiffe://Example.org/ns/qa"}, ["trust domains are lower-case"]),
+    ({"exact": "spiffe://example.org"}, ["no path", "not a workload"]),
+    ({"exact": "spiffe://example.org/"}, ["not a valid SPIFFE ID"]),
+    ({"exact": "spiffe://example.org/ns//qa"}, ["not a valid SPIFFE ID"]),
+    ({"exact": "spiffe://example.org/ns/qa?x=1"}, ["not a valid SPIFFE ID"]),
+    ({"glob": "spiffe://example.org*"}, ["literal trust domain", "spiffe://<trust domain>/"]),
+    ({"glob": "spiffe://*"}, ["literal trust domain"]),
+    ({"glob": "spiffe://*.example.org/x"}, ["literal trust domain"]),
+    ({"glob": "https://example.org/*"}, ["spiffe://<trust domain>/"]),
+    ({"glob": "spiffe://Example.org/*"}, ["trust domains are lower-case"]),
+    ({"glob": "spiffe://example.org/ns/?a"}, ["only `*`", "?"]),
+    ({"glob": "spiffe://example.org/ns/[ab]/*"}, ["only `*`", "["]),
+    ({"glob": "spiffe://example.org/ns/qa]"}, ["only `*`"]),
+    ({"glob": "spiffe://example.org/ns/%41/*"}, ["can never match", "'%'"]),
+    ({"glob": "spiffe://example.org"}, ["no path", "not a workload"]),
+    ({"glob": "spiffe:///ns/*"}, ["trust domain is empty"]),
+    ({"exact": "spiffe:///ns/qa"}, ["trust domain is empty"]),
+    ({"dns": "a.*.example.org"}, ["whole left-most label"]),
+    ({"dns": "a*.example.org"}, ["whole left-most label"]),
+    ({"dns": "*example.org"}, ["whole left-most label"]),
+    ({"dns": "*"}, ["whole left-most label"]),
+    ({"dns": "*.*.example.org"}, ["whole left-most label"]),
+    ({"dns": "?.example.org"}, ["only `*`"]),
+    ({"dns": "[ab].example.org"}, ["only `*`"]),
+    ({"dns": "a..example.org"}, ["empty label"]),
+]
+
+
+@pytest.mark.parametrize(("form", "fragments"), IDENTITY_CASES,
+                         ids=[str(c[0])[:50] for c in IDENTITY_CASES])
+def test_identity_matchers_are_validated_where_they_are_used(form: dict[str, Any],
+                                                              fragments: list[str]) -> None:
+    key = next(iter(form))
+    in_rule = with_change("rules.0.match", {"identity": form})
+    in_trust = with_change("trust", {"identities": [{"present": True}, form]})
+    for doc, where in ((in_rule, f"rule 'force' (rules[0]) field match.identity.{key}"),
+                       (in_trust, f"field trust.identities[1].{key}")):
+        with pytest.raises(RulesError) as caught:
+            compile_table(doc, "v", "rules.yaml")
+        rendered = [str(p) for p in caught.value.problems]
+        assert any(line.startswith(where) and all(f in line for f in fragments)
+                   for line in rendered), rendered
+
+
+@pytest.mark.parametrize("form", [
+    {"trust_domain": "example.org"},
+    {"trust_domain": "a-b_c.9"},
+    {"exact": "spiffe://example.org/ns/qa/sa/tester"},
+    {"glob": "spiffe://example.org/*"},
+    {"glob": "spiffe://example.org/ns/*/sa/Web-1"},
+    {"glob": "spiffe://example.org/ns/qa/sa/tester"},   # no wildcard: exactly this ID
+    {"dns": "*.example.org"},
+    {"dns": "API.Example.org"},
+    {"regex": r"spiffe://example\.org/ns/(qa|dev)/.*"},
+])
+def test_valid_identity_matchers_load(form: dict[str, Any]) -> None:
+    compile_table(with_change("rules.0.match", {"identity": form}), "v", "rules.yaml")
+    compile_table(with_change("trust", {"identities": [form]}), "v", "rules.yaml")
