@@ -78,6 +78,48 @@ class Metrics:
             ["lane"], registry=registry, multiprocess_mode="livemax")
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
+        self.envoy_bypassed: Counter | None = None  # watch_envoy() creates these
+        self.envoy_requests: Counter | None = None
+        self.envoy_bypass_ratio: Gauge | None = None
+        self.envoy_stats_up: Gauge | None = None
+
+    def watch_envoy(self) -> None:
+        """Create the series read from Envoy's stats (`serve --envoy-admin`): only a process
+        that reads them exports them, so an absent series means "not watched", never 0."""
+        if self.envoy_stats_up is not None:
+            return
+        self.envoy_bypassed = Counter(
+            "graysteer_envoy_bypassed_requests", "Requests Envoy sent on without a decision from "
+            "the sidecar (Envoy's failure_mode_allowed: sidecar away or unhealthy, message "
+            "timeout, gRPC error), by filter (mode: ext_proc, ext_authz).", ["mode"],
+            registry=self.registry)
+        self.envoy_requests = Counter(
+            "graysteer_envoy_requests", "Requests on Envoy's connection managers that run the "
+            "filter (their downstream_rq_total), by filter: the bypass ratio's denominator.",
+            ["mode"], registry=self.registry)
+        self.envoy_bypass_ratio = Gauge(
+            "graysteer_envoy_bypass_ratio", "Share of requests Envoy sent on without a decision "
+            "between the last two reads of its stats, by filter.", ["mode"],
+            registry=self.registry, multiprocess_mode="livemax")
+        self.envoy_stats_up = Gauge(
+            "graysteer_envoy_stats_up", "1 when the last read of Envoy's stats (--envoy-admin) "
+            "succeeded, 0 when it failed.", registry=self.registry, multiprocess_mode="livemax")
+
+    def count_bypass(self, mode: str, bypassed: float, requests: float, ratio: float) -> None:
+        """One window between two reads of Envoy's stats, for one filter."""
+        from sidecar.bypass import MODES
+
+        if mode not in MODES:  # a closed set: never a label built from input
+            raise ValueError(f"unknown mode {mode!r}")
+        assert self.envoy_bypassed is not None and self.envoy_requests is not None
+        assert self.envoy_bypass_ratio is not None
+        self.envoy_bypassed.labels(mode).inc(bypassed)
+        self.envoy_requests.labels(mode).inc(requests)
+        self.envoy_bypass_ratio.labels(mode).set(ratio)
+
+    def show_envoy_stats_up(self, up: bool) -> None:
+        assert self.envoy_stats_up is not None
+        self.envoy_stats_up.set(1 if up else 0)
 
     def count_decision(self, cluster: str, rule: str) -> None:
         key = (cluster, rule)

@@ -5,6 +5,7 @@ Observation source: Envoy's own per-cluster statistics (`/stats/prometheus`), po
 `--rollout-poll` seconds: counters by status class and the `upstream_rq_time` histogram.
 It costs nothing per request, unlike reading every response in the ext_proc response
 phase (a second gRPC message per request; see benchmarks/README.md, scenario (c)).
+The same read, once per poll, feeds the other observers of Envoy's stats (bypass.py).
 """
 
 import asyncio
@@ -12,13 +13,16 @@ import contextlib
 import http.client
 import logging
 import time
+import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.bypass import STATS_FILTER as BYPASS_STATS_FILTER
 from sidecar.core.rollout import (
     PROGRESSING,
     LaneWindow,
@@ -50,10 +54,15 @@ class LaneCounts:
 
 def parse_envoy_stats(text: str) -> dict[str, LaneCounts]:
     """Envoy's Prometheus text -> counts per cluster."""
+    return lane_counts(text_string_to_metric_families(text))
+
+
+def lane_counts(families: Iterable[Metric]) -> dict[str, LaneCounts]:
+    """Envoy's Prometheus metric families -> counts per cluster."""
     requests: dict[str, float] = {}
     errors: dict[str, float] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         for sample in family.samples:
             cluster = sample.labels.get("envoy_cluster_name")
             if cluster is None:
@@ -83,6 +92,12 @@ def window(old: LaneCounts | None, new: LaneCounts | None) -> LaneWindow:
                       p99_from_buckets(list(new.bounds), counts) if counts else None)
 
 
+# Envoy stat names read on each poll: each lane's responses, and what bypass.py needs.
+STATS_FILTER = r"cluster\..*\.upstream_rq_|" + BYPASS_STATS_FILTER
+
+Observer = Callable[[float, "list[Metric] | None", str], None]
+
+
 class EnvoyStats:
     """Polls one Envoy admin endpoint and keeps a bounded ring of snapshots."""
 
@@ -90,15 +105,40 @@ class EnvoyStats:
         self.admin = admin
         self.keep_seconds = keep_seconds
         self.snapshots: deque[tuple[float, dict[str, LaneCounts]]] = deque()
+        self.readable: bool | None = None  # None before the first read
 
     def fetch(self) -> str:
         connection = http.client.HTTPConnection(*self.admin, timeout=2)
         try:
-            connection.request("GET", "/stats/prometheus?filter=cluster%5C..*%5C.upstream_rq_")
+            connection.request("GET", "/stats/prometheus?filter="
+                               + urllib.parse.quote(STATS_FILTER, safe=""))
             response = connection.getresponse()
-            return response.read().decode()
+            body = response.read().decode()
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status} from /stats/prometheus: {body[:200]}")
+            return body
         finally:
             connection.close()
+
+    def read(self) -> list[Metric]:
+        """Fetch and parse (blocking: run it in a thread)."""
+        return list(text_string_to_metric_families(self.fetch()))
+
+    async def poll(self, now: float) -> tuple[list[Metric] | None, str]:
+        """One read, off the event loop: (families, "") and the lanes recorded, or (None, why).
+        A failure is logged when reading stops working, not on every poll."""
+        try:
+            families = await asyncio.to_thread(self.read)
+            self.record(now, lane_counts(families))
+        except (OSError, ValueError) as error:
+            if self.readable is not False:
+                log.warning("cannot read Envoy stats from %s:%d: %s", *self.admin, error)
+            self.readable = False
+            return None, str(error) or type(error).__name__
+        if self.readable is False:
+            log.info("reading Envoy stats from %s:%d again", *self.admin)
+        self.readable = True
+        return families, ""
 
     def record(self, now: float, lanes: dict[str, LaneCounts]) -> None:
         self.snapshots.append((now, lanes))
@@ -128,12 +168,14 @@ def split_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int) 
 
 class RolloutController:
     def __init__(self, reloader: Reloader, metrics: Metrics, stats: EnvoyStats | None,
-                 poll_seconds: float, clock: Callable[[], float] = time.time) -> None:
+                 poll_seconds: float, clock: Callable[[], float] = time.time,
+                 observers: Sequence[Observer] = ()) -> None:
         self.reloader = reloader
         self.metrics = metrics
         self.stats = stats
         self.poll_seconds = poll_seconds
         self.clock = clock
+        self.observers = tuple(observers)  # given each read of Envoy's stats, rollouts or not
         self.states: dict[str, RolloutState] = {}
         self.verdicts: dict[str, Verdict] = {}
         self._lock = asyncio.Lock()
@@ -157,16 +199,17 @@ class RolloutController:
                 await asyncio.wait_for(stop.wait(), self.poll_seconds)
 
     async def tick(self) -> None:
+        now = self.clock()
+        if self.stats is not None:  # one read per poll, for the rollouts and the observers
+            families, error = await self.stats.poll(now)
+            for observe in self.observers:
+                try:
+                    observe(now, families, error)
+                except Exception:  # an observer's bug must not stop the rollouts
+                    log.exception("an observer of Envoy's stats failed")
         specs = self.specs()
         if not specs:
             return
-        now = self.clock()
-        if self.stats is not None:
-            try:
-                text = await asyncio.to_thread(self.stats.fetch)
-                self.stats.record(now, parse_envoy_stats(text))
-            except (OSError, ValueError) as error:
-                log.warning("cannot read Envoy stats from %s:%d: %s", *self.stats.admin, error)
         async with self._lock:
             for rule, spec in specs.items():
                 await self._step(rule, spec, now)

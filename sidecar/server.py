@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from sidecar.admin import AdminServicer
 from sidecar.admin_api import admin_pb2_grpc
+from sidecar.bypass import BypassMonitor
 from sidecar.deciding import Decider
 from sidecar.extauthz import AuthorizationServicer
 from sidecar.extproc import ExtProcServicer
@@ -48,8 +49,8 @@ class ServeOptions:
     watch_polling: bool = False
     admin_allow_remote: bool = False
     event_loop: str = "auto"
-    envoy_admin: str | None = None  # Envoy's admin address: where rollouts read lane statistics
-    rollout_poll_seconds: float = 1.0
+    envoy_admin: str | None = None  # Envoy's admin: rollouts and the bypass count read its stats
+    rollout_poll_seconds: float = 1.0  # also how often Envoy's bypass counters are read
     worker_index: int | None = None  # set when run by `serve --workers N`
 
 
@@ -100,10 +101,14 @@ async def serve(options: ServeOptions) -> None:
     listen = _bind(server, options.listen, "--listen")
 
     controller = None
+    bypass = None
     if options.worker_index in (None, 0):  # one controller; other workers follow the state file
         stats = (EnvoyStats(split_host_port(options.envoy_admin, "--envoy-admin"), 60.0)
                  if options.envoy_admin else None)
-        controller = RolloutController(reloader, metrics, stats, options.rollout_poll_seconds)
+        if options.envoy_admin:  # count what Envoy sends on without asking, from the same poll
+            bypass = BypassMonitor(metrics, options.envoy_admin, options.rollout_poll_seconds)
+        controller = RolloutController(reloader, metrics, stats, options.rollout_poll_seconds,
+                                       observers=[bypass.observe] if bypass else ())
         if table.rollouts and stats is None:
             log.warning("the rules have rollouts but no --envoy-admin: they cannot be analysed "
                         "and will not advance")
