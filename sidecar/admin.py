@@ -19,6 +19,7 @@ from sidecar.metrics import Metrics
 from sidecar.reload import Loaded, Reloader, ReloadResult
 
 if TYPE_CHECKING:
+    from sidecar.bypass import BypassMonitor
     from sidecar.rollouts import RolloutController
 
 _OUTCOMES = {"loaded": pb.ReloadResult.LOADED, "unchanged": pb.ReloadResult.UNCHANGED,
@@ -51,8 +52,25 @@ def rollout_statuses(controller: "RolloutController | None") -> list[pb.RolloutS
             for r in controller.report()]
 
 
+def envoy_bypass(monitor: "BypassMonitor | None") -> pb.EnvoyBypass:
+    """What this process knows of requests Envoy sent on without a decision."""
+    if monitor is None:
+        return pb.EnvoyBypass(watching=False)
+    report = monitor.report()
+    message = pb.EnvoyBypass(
+        watching=True, envoy_admin=report["envoy_admin"], poll_seconds=report["poll_seconds"],
+        stats_readable=report["stats_readable"], error=report["error"],
+        modes=[pb.BypassCount(**mode) for mode in report["modes"]])
+    if report["last_read"] is not None:
+        message.last_read.CopyFrom(_timestamp(report["last_read"]))
+    if report["ready_max_ratio"] is not None:
+        message.ready_max_ratio = report["ready_max_ratio"]
+    return message
+
+
 def table_status(reloader: Reloader, loaded: Loaded | None = None,
-                 controller: "RolloutController | None" = None) -> pb.TableStatus:
+                 controller: "RolloutController | None" = None,
+                 bypass: "BypassMonitor | None" = None) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
     assert loaded is not None
     table = loaded.table
@@ -77,7 +95,7 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None,
         routing_header=table.routing_header, rules=rules,
         last_reload=reload_result(reloader.last_result), loaded_at=_timestamp(loaded.loaded_at),
         state_file=str(reloader.state.path), reload_failures=reloader.failures,
-        rollouts=rollout_statuses(controller))
+        rollouts=rollout_statuses(controller), envoy_bypass=envoy_bypass(bypass))
 
 
 def decision_message(decision: Decision) -> pb.Decision:
@@ -92,16 +110,18 @@ def decision_message(decision: Decision) -> pb.Decision:
 
 
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, reloader: Reloader, controller: "RolloutController | None" = None) -> None:
+    def __init__(self, reloader: Reloader, controller: "RolloutController | None" = None,
+                 bypass: "BypassMonitor | None" = None) -> None:
         assert reloader.holder is not None
         self.reloader = reloader
         self.controller = controller
+        self.bypass = bypass
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
         self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
 
     async def GetTable(self, request: pb.GetTableRequest, context: Any) -> pb.TableStatus:
-        return table_status(self.reloader, controller=self.controller)
+        return table_status(self.reloader, controller=self.controller, bypass=self.bypass)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
         peer = Peer(request.uri_san, request.dns_san,
@@ -131,7 +151,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"weights not changed: cannot write the state file "
                                 f"{self.reloader.state.path}: {error}")
-        return table_status(self.reloader, loaded, self.controller)
+        return table_status(self.reloader, loaded, self.controller, self.bypass)
 
     async def Rollout(self, request: pb.RolloutRequest, context: Any) -> pb.RolloutStatus:
         if self.controller is None:
@@ -150,11 +170,13 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                          context: Any) -> AsyncIterator[pb.TableEvent]:
         queue = self.reloader.subscribe()
         try:
-            yield pb.TableEvent(table=table_status(self.reloader, controller=self.controller),
+            yield pb.TableEvent(table=table_status(self.reloader, controller=self.controller,
+                                                   bypass=self.bypass),
                                 result=reload_result(self.reloader.last_result))
             while True:
                 loaded, result = await queue.get()
-                yield pb.TableEvent(table=table_status(self.reloader, loaded, self.controller),
+                yield pb.TableEvent(table=table_status(self.reloader, loaded, self.controller,
+                                                       self.bypass),
                                     result=reload_result(result))
         finally:
             self.reloader.unsubscribe(queue)

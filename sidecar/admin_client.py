@@ -95,6 +95,7 @@ def format_status(table: dict[str, Any]) -> str:
         lines.extend(f"  {line}" for line in last["error"].splitlines())
     lines.append(f"default:  {table['default_cluster']}   clusters: {', '.join(table['clusters'])}")
     lines.append(f"state file: {table['state_file']}")
+    lines.extend(format_bypass(table.get("envoy_bypass")))
     for rollout in table.get("rollouts") or []:
         lines.append(f"rollout {rollout['rule']}: {rollout['phase']}, step {rollout['step']}, "
                      f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
@@ -111,3 +112,35 @@ def format_status(table: dict[str, Any]) -> str:
                 note = f"   (runtime override; file says {file_weights})"
             lines.append(f"  {rule['name']:<24} split {weights}{note}")
     return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if part else "0%"
+
+
+def format_bypass(bypass: dict[str, Any] | None) -> list[str]:
+    """Requests Envoy sent on without a decision, as `graysteer status` lines."""
+    if not bypass or not bypass.get("watching"):
+        return ["envoy bypass: not read by this process (serve --envoy-admin HOST:PORT; with "
+                "--workers, worker 0 reads it)"]
+    head = (f"envoy bypass: reading Envoy's stats at {bypass['envoy_admin']} every "
+            f"{bypass['poll_seconds']:g}s; ")
+    head += (f"last read {bypass.get('last_read', '?')}" if bypass["stats_readable"]
+             else f"CANNOT READ THEM: {bypass['error']}")
+    lines = [head]
+    limit = bypass.get("ready_max_ratio")
+    for mode in bypass.get("modes") or []:
+        # uint64 fields arrive as strings in proto3 JSON. Envoy counts a request when it
+        # arrives and bypasses it up to message_timeout later, so a read can fall in between:
+        # the requests shown are at least the bypassed ones.
+        total, recent = int(mode["bypassed_requests"]), int(mode["window_bypassed"])
+        requests = max(int(mode["requests"]), total)
+        recent_requests = max(int(mode["window_requests"]), recent)
+        lines.append(
+            f"  {mode['mode']}: {total} of {requests} requests sent on without a decision "
+            f"({_share(total, requests)}) since the sidecar began reading; last window "
+            f"{recent} of {recent_requests} ({_share(recent, recent_requests)})"
+            + (f"; /readyz limit {limit:.1%}" if limit is not None else ""))
+    if bypass["stats_readable"] and not bypass.get("modes"):
+        lines.append("  no ext_proc or ext_authz filter in Envoy's stats")
+    return lines

@@ -59,6 +59,17 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = -1
+    if not 0 <= ratio < 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to below 1 (e.g. 0.05), "
+                                         f"got {value!r}")
+    return ratio
+
+
 def _upstream(value: str) -> tuple[str, tuple[str, int]]:
     cluster, sep, address = value.partition("=")
     if not sep or not cluster:
@@ -111,9 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: uvloop when installed (default), else asyncio's own loop")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--envoy-admin", type=_address("--envoy-admin"), metavar="HOST:PORT",
-                   help="Envoy's admin address, read for rollout analysis (default: none)")
+                   help="Envoy's admin address, read for rollout analysis and to count requests "
+                   "Envoy sends on without a decision (default: none)")
     p.add_argument("--rollout-poll", type=_seconds, default=1.0,
-                   help="seconds between rollout analyses (default %(default)s)")
+                   help="seconds between reads of Envoy's stats: rollout analyses and bypass "
+                   "counts (default %(default)s)")
+    p.add_argument("--ready-max-bypass-ratio", type=_ratio, metavar="R",
+                   help="/readyz answers 503 while Envoy sends more than this share of requests "
+                   "on without a decision (needs --envoy-admin and --http-listen; default off)")
 
     p = commands.add_parser("check", help="validate a rules file: exit 0 if valid, 1 if not")
     p.add_argument("rules", help="the rules file (YAML)")
@@ -234,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             and not is_local_address(args.admin_listen)):
         parser.error(f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
                      "the admin API is unauthenticated: add --admin-allow-remote to bind it there")
+    if args.command == "serve" and args.ready_max_bypass_ratio is not None and not (
+            args.envoy_admin and args.http_listen):
+        parser.error("--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
+                     "and --http-listen (the /readyz it acts on)")
     worker = f"[worker {args.worker_index}] " if getattr(args, "worker_index", None) is not None else ""
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
@@ -259,7 +279,8 @@ def _run(args: argparse.Namespace) -> int:
             drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll,
             admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index,
             event_loop=args.event_loop, envoy_admin=args.envoy_admin,
-            rollout_poll_seconds=args.rollout_poll)
+            rollout_poll_seconds=args.rollout_poll,
+            ready_max_bypass_ratio=args.ready_max_bypass_ratio)
         if args.workers > 1:
             from sidecar.workers import run_workers
 

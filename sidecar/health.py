@@ -42,6 +42,51 @@ class Readiness:
             await self.grpc.set(name, status)
 
 
+class BypassGate:
+    """/readyz that also answers 503 while Envoy sends more than `max_ratio` of requests on
+    without a decision (`serve --ready-max-bypass-ratio`), the ratio of the last read of
+    Envoy's stats; `ratio()` gives None when that is unknown, which never fails readiness.
+
+    Only the HTTP view: the gRPC health that Envoy checks must not follow it, or a sidecar
+    that Envoy bypasses would turn itself NOT_SERVING, Envoy would then bypass it entirely,
+    and the ratio could never come down again.
+    """
+
+    def __init__(self, base: ReadinessView, ratio: Callable[[], float | None],
+                 max_ratio: float) -> None:
+        self.base = base
+        self.ratio = ratio
+        self.max_ratio = max_ratio
+
+    def _over(self) -> float | None:
+        ratio = self.ratio()
+        return ratio if ratio is not None and ratio > self.max_ratio else None
+
+    @property
+    def ready(self) -> bool:
+        return self.base.ready and self._over() is None
+
+    @property
+    def reason(self) -> str:
+        over = self._over() if self.base.ready else None
+        if over is None:
+            return self.base.reason
+        return (f"Envoy sent {over:.1%} of requests on without a decision from the sidecar "
+                f"between the last two reads of its stats (limit {self.max_ratio:.1%}, "
+                "--ready-max-bypass-ratio)")
+
+
+def registry_bypass_ratio(registry: CollectorRegistry) -> float | None:
+    """The highest graysteer_envoy_bypass_ratio in a registry (the supervisor's view of its
+    workers), or None while graysteer_envoy_stats_up is not 1."""
+    up = registry.get_sample_value("graysteer_envoy_stats_up")
+    if up != 1:
+        return None
+    ratios = [sample.value for metric in registry.collect()
+              if metric.name == "graysteer_envoy_bypass_ratio" for sample in metric.samples]
+    return max(ratios, default=0.0)
+
+
 Extra = Callable[[str], "tuple[int, object] | None"]
 
 

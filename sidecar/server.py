@@ -19,7 +19,7 @@ from sidecar.deciding import Decider
 from sidecar.extauthz import AuthorizationServicer
 from sidecar.extproc import ExtProcServicer
 from sidecar.extproc import add_to_server as add_ext_proc
-from sidecar.health import Readiness, start_http
+from sidecar.health import BypassGate, Readiness, ReadinessView, start_http
 from sidecar.metrics import Metrics
 from sidecar.reload import Reloader
 from sidecar.rollouts import EnvoyStats, RolloutController, http_view
@@ -51,6 +51,7 @@ class ServeOptions:
     event_loop: str = "auto"
     envoy_admin: str | None = None  # Envoy's admin: rollouts and the bypass count read its stats
     rollout_poll_seconds: float = 1.0  # also how often Envoy's bypass counters are read
+    ready_max_bypass_ratio: float | None = None  # /readyz 503 above this share of bypasses
     worker_index: int | None = None  # set when run by `serve --workers N`
 
 
@@ -106,7 +107,8 @@ async def serve(options: ServeOptions) -> None:
         stats = (EnvoyStats(split_host_port(options.envoy_admin, "--envoy-admin"), 60.0)
                  if options.envoy_admin else None)
         if options.envoy_admin:  # count what Envoy sends on without asking, from the same poll
-            bypass = BypassMonitor(metrics, options.envoy_admin, options.rollout_poll_seconds)
+            bypass = BypassMonitor(metrics, options.envoy_admin, options.rollout_poll_seconds,
+                                   options.ready_max_bypass_ratio)
         controller = RolloutController(reloader, metrics, stats, options.rollout_poll_seconds,
                                        observers=[bypass.observe] if bypass else ())
         if table.rollouts and stats is None:
@@ -114,13 +116,16 @@ async def serve(options: ServeOptions) -> None:
                         "and will not advance")
 
     admin = grpc.aio.server(options=GRPC_OPTIONS)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller), admin)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), admin)
     admin_listen = _bind(admin, options.admin_listen, "--admin-listen")
 
     http = None
     if options.http_listen:
         host, port = split_host_port(options.http_listen, "--http-listen")
-        http = start_http(host, port, metrics.registry, readiness,
+        view: ReadinessView = readiness
+        if bypass is not None and options.ready_max_bypass_ratio is not None:
+            view = BypassGate(readiness, bypass.readiness_ratio, options.ready_max_bypass_ratio)
+        http = start_http(host, port, metrics.registry, view,
                           lambda: {"version": reloader.holder.table.version},  # type: ignore[union-attr]
                           (lambda path: http_view(controller, path)) if controller else None)
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])

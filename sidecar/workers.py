@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from sidecar.health import start_http
+from sidecar.health import BypassGate, ReadinessView, registry_bypass_ratio, start_http
 from sidecar.server import ServeOptions, split_host_port
 
 log = logging.getLogger("graysteer.workers")
@@ -133,7 +133,11 @@ class Supervisor:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
             host, port = split_host_port(self.options.http_listen, "--http-listen")
-            http = start_http(host, port, registry, self.readiness, lambda: {
+            view: ReadinessView = self.readiness
+            if self.options.ready_max_bypass_ratio is not None:  # worker 0 reads the ratio
+                view = BypassGate(view, lambda: registry_bypass_ratio(registry),
+                                  self.options.ready_max_bypass_ratio)
+            http = start_http(host, port, registry, view, lambda: {
                 "workers": self.count, "ready_workers": sum(w.ready for w in self.workers)})
             log.info("serving /metrics /healthz /readyz on http://%s:%d", host,
                      http.server_address[1])
