@@ -200,6 +200,11 @@ class AuthzHttpServer:
         self._sweeper = loop.create_task(self._sweep())
 
     @property
+    def host(self) -> str:
+        assert self._server is not None
+        return str(self._server.sockets[0].getsockname()[0])
+
+    @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])

@@ -14,8 +14,10 @@ from sidecar.core import RulesError, Table
 from sidecar.server import ServeOptions, is_local_address, serve, split_host_port
 
 
-def _address(flag: str) -> "type[str]":
+def _address(flag: str, allow_off: bool = False) -> "type[str]":
     def parse(value: str) -> str:
+        if allow_off and value == "off":
+            return value
         try:
             split_host_port(value, flag)
         except ValueError as error:
@@ -97,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="serve Envoy's ext_proc API")
     p.add_argument("--config", required=True, help="the rules file (YAML)")
-    p.add_argument("--listen", default="127.0.0.1:50051", type=_address("--listen"),
-                   help="HOST:PORT of the ext_proc gRPC server (default %(default)s)")
+    p.add_argument("--listen", default="127.0.0.1:50051", type=_address("--listen", allow_off=True),
+                   help="HOST:PORT of the gRPC server (ext_proc, ext_authz, health), or 'off' "
+                   "to serve only --authz-http-listen (default %(default)s)")
+    p.add_argument("--authz-http-listen", type=_address("--authz-http-listen"), metavar="HOST:PORT",
+                   help="also answer Envoy's ext_authz over plain HTTP/1.1 here: the fast path "
+                   "(envoy-config --mode ext_authz_http; default off)")
     p.add_argument("--admin-listen", default="127.0.0.1:50052", type=_admin_address,
                    help="HOST:PORT or unix:PATH of the admin API (default %(default)s)")
     p.add_argument("--admin-allow-remote", action="store_true",
@@ -138,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("envoy-config", help="print an Envoy bootstrap for a rules file")
     p.add_argument("--rules", required=True, help="the rules file (YAML)")
-    p.add_argument("--mode", choices=["ext_proc", "ext_authz"], default="ext_proc",
-                   help="how Envoy calls the sidecar (default %(default)s)")
+    p.add_argument("--mode", choices=["ext_proc", "ext_authz", "ext_authz_http"], default="ext_proc",
+                   help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, or "
+                   "ext_authz over plain HTTP (serve --authz-http-listen) (default %(default)s)")
     p.add_argument("--mtls", action="store_true",
                    help="require client certificates on the listener (see --tls-dir, --trust-domain)")
     p.add_argument("--tls-dir", default="/etc/graysteer/tls",
@@ -151,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default="127.0.0.1:9901", type=_address("--admin"),
                    help="Envoy's admin address (default %(default)s)")
     p.add_argument("--sidecar", default="127.0.0.1:50051", type=_address("--sidecar"),
-                   help="the sidecar's ext_proc address (default %(default)s)")
+                   help="the sidecar's address: serve --listen, or --authz-http-listen with "
+                   "--mode ext_authz_http (default %(default)s)")
     p.add_argument("--workers", type=_positive, default=1,
                    help="sidecar worker processes (serve --workers): endpoints --sidecar, +1, ...")
     p.add_argument("--upstream", dest="upstreams", action="append", default=[], type=_upstream,
@@ -250,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             and not is_local_address(args.admin_listen)):
         parser.error(f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
                      "the admin API is unauthenticated: add --admin-allow-remote to bind it there")
+    if args.command == "serve" and args.listen == "off" and not args.authz_http_listen:
+        parser.error("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
     if args.command == "serve" and args.ready_max_bypass_ratio is not None and not (
             args.envoy_admin and args.http_listen):
         parser.error("--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
@@ -274,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         options = ServeOptions(
-            config=args.config, listen=args.listen, admin_listen=args.admin_listen,
+            config=args.config, listen=None if args.listen == "off" else args.listen,
+            authz_http_listen=args.authz_http_listen, admin_listen=args.admin_listen,
             http_listen=args.http_listen, state_file=args.state_file, grace_seconds=args.grace,
             drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll,
             admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index,

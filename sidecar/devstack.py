@@ -134,27 +134,44 @@ class Process:
             self.popen.wait()
 
 
+def sidecar_transport(envoy_config: Mapping[str, Any]) -> str:
+    """"http" when the Envoy config health-checks the sidecar over HTTP (ext_authz over
+    HTTP), else "grpc"."""
+    for cluster in envoy_config["static_resources"]["clusters"]:
+        if cluster["name"] == "graysteer":
+            checks = cluster.get("health_checks") or [{}]
+            return "http" if "http_health_check" in checks[0] else "grpc"
+    return "grpc"
+
+
 class Sidecar(Process):
-    """`graysteer serve` on free loopback ports: ext_proc `port`, `admin` API, `http` port."""
+    """`graysteer serve` on free loopback ports: `port` (gRPC, or with transport="http" the HTTP
+    ext_authz server), `admin` API, `http` port (metrics, health)."""
 
     def __init__(self, rules: Path | str, workdir: Path, extra_args: Sequence[str] = (),
-                 name: str = "sidecar", port: int = 0) -> None:
-        argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules),
-                "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0",
-                "--http-listen", "127.0.0.1:0", "--drain", "0", *extra_args]
+                 name: str = "sidecar", port: int = 0, transport: str = "grpc") -> None:
+        listen = (["--listen", f"127.0.0.1:{port}"] if transport == "grpc"
+                  else ["--listen", "off", "--authz-http-listen", f"127.0.0.1:{port}"])
+        argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules), *listen,
+                "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--drain", "0",
+                *extra_args]
         super().__init__(name, argv, workdir / f"{name}.log")
+        self.transport = transport
         self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
         workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
+        key = "ext_proc" if transport == "grpc" else "authz_http"
         if workers == 1:
-            serving = r"serving ext_proc and ext_authz on 127\.0\.0\.1:(\d+)"
+            serving = (r"serving gRPC ext_proc and ext_authz on 127\.0\.0\.1:(\d+)" if transport == "grpc"
+                       else r"HTTP ext_authz on 127\.0\.0\.1:(\d+)")
             self.ports = [int(self.wait_for_log(serving).group(1))]
             self.admins = [self.wait_for_log(r"admin API on (\S+);").group(1)]
         else:
-            ready = r"worker (\d+) \(pid \d+\) ready ext_proc=127\.0\.0\.1:(\d+) admin=(\S+)"
+            ready = r"worker (\d+) \(pid \d+\) ready (.*)"
             self.wait_for_log(ready.replace(r"(\d+) \(pid", f"({workers - 1}) \\(pid"))
             found = sorted(re.findall(ready, self.log_text()), key=lambda m: int(m[0]))
-            self.ports = [int(port) for _, port, _ in found[:workers]]
-            self.admins = [admin for _, _, admin in found[:workers]]
+            fields = [dict(pair.split("=", 1) for pair in line.split()) for _, line in found[:workers]]
+            self.ports = [int(f[key].rpartition(":")[2]) for f in fields]
+            self.admins = [f["admin"] for f in fields]
         self.port, self.admin = self.ports[0], self.admins[0]
 
     def http_get(self, path: str) -> tuple[int, str]:
@@ -255,7 +272,8 @@ class Stack:
                  sidecar_args: Sequence[str] = (), envoy_admin_port: int = 0,
                  sidecar_first: bool = True) -> None:
         """With `sidecar_first=False` Envoy starts alone, as in a pod where its container
-        comes up first; `start_sidecar()` then starts the sidecar on the port Envoy uses."""
+        comes up first; `start_sidecar()` then starts the sidecar on the port Envoy uses.
+        The sidecar serves the transport the Envoy config calls (gRPC, or HTTP ext_authz)."""
         from sidecar.backend import BackendServer
 
         self.rules = Path(rules)
@@ -267,6 +285,9 @@ class Stack:
         self._clients: list[HttpClient] = []
         self._starts = itertools.count()
         self.sidecar_port = 0  # known once the first sidecar listens, or chosen for Envoy
+        template = (yaml.safe_load(Path(envoy_config).read_text())
+                    if isinstance(envoy_config, str | Path) else envoy_config)
+        self.transport = sidecar_transport(template)
         try:
             if sidecar_first:
                 self.start_sidecar()
@@ -278,8 +299,6 @@ class Stack:
             endpoints: dict[str, Address | list[Address]] = {
                 "graysteer": [("127.0.0.1", port) for port in ports]}
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
-            template = (yaml.safe_load(Path(envoy_config).read_text())
-                        if isinstance(envoy_config, str | Path) else envoy_config)
             self.envoy = Envoy(rewrite_envoy_config(template, endpoints,
                                                     admin_port=envoy_admin_port), workdir)
         except BaseException:
@@ -292,7 +311,8 @@ class Stack:
             self.sidecar.stop()
         n = next(self._starts)
         self.sidecar = Sidecar(self.rules, self.workdir, self.sidecar_args,
-                               name="sidecar" if n == 0 else f"sidecar-{n}", port=self.sidecar_port)
+                               name="sidecar" if n == 0 else f"sidecar-{n}", port=self.sidecar_port,
+                               transport=self.transport)
         return self.sidecar
 
     @property

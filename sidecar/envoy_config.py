@@ -22,9 +22,12 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
+    HealthCheckHttpHealthCheck,
     Http2ProtocolOptions,
+    HttpUri,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
@@ -47,7 +50,12 @@ from envoy_data_plane.envoy.config.route.v3 import (
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    AuthorizationRequest,
+    AuthorizationResponse,
+    ExtAuthz,
+    HttpService,
+)
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     MetadataOptions,
@@ -81,11 +89,13 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
+from sidecar.authz_http import DECISION_HEADER_PREFIX, HEALTH_PATH, LISTENER_PORT_HEADER, PATH_PREFIX
 from sidecar.core import Table
+from sidecar.core.steering import steered_headers
 from sidecar.envoy_backstop import backstop_filters, decided_route_overrides, protected_headers
 from sidecar.envoy_lint import guard_regex
 from sidecar.extproc import METADATA_NAMESPACE
@@ -100,13 +110,18 @@ REQUEST_ATTRIBUTES = ["connection.mtls", "connection.uri_san_peer_certificate",
                       "destination.port"]
 
 
-def access_log_format(namespace: str) -> str:
+MODES = ("ext_proc", "ext_authz", "ext_authz_http")
+
+
+def access_log_format(namespace: str, key_prefix: str = "") -> str:
+    """One line per request with the decision's fields, read from dynamic metadata under
+    `namespace` (keys `key_prefix` + field: ext_authz over HTTP files them by header name)."""
+    def field(name: str) -> str:
+        return f"{name}=%DYNAMIC_METADATA({namespace}:{key_prefix}{name})%"
+
     return ('[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
-            f"cluster=%UPSTREAM_CLUSTER% rule=%DYNAMIC_METADATA({namespace}:rule)% "
-            f"bucket=%DYNAMIC_METADATA({namespace}:bucket)% "
-            f"lane=%DYNAMIC_METADATA({namespace}:lane)% "
-            f"identity=%DYNAMIC_METADATA({namespace}:identity)% "
-            f"version=%DYNAMIC_METADATA({namespace}:version)% %DURATION%ms\n")
+            f"cluster=%UPSTREAM_CLUSTER% {field('rule')} {field('bucket')} {field('lane')} "
+            f"{field('identity')} {field('version')} %DURATION%ms\n")
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,7 @@ class EnvoyOptions:
     sidecar_workers: int = 1  # `serve --workers N`: N endpoints on consecutive ports
     upstreams: Mapping[str, HostPort] = field(default_factory=dict)  # default 127.0.0.1:8081+i
     message_timeout_ms: int = 250
-    mode: str = "ext_proc"  # or "ext_authz"
+    mode: str = "ext_proc"  # one of MODES
     mtls: TlsOptions | None = None
 
 
@@ -147,15 +162,23 @@ def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timed
 
 
 def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc") -> Cluster:
-    """The sidecar's cluster: HTTP/2 (gRPC) and health-checked, never used while unhealthy;
-    one endpoint per worker process (Envoy balances streams across them)."""
+    """The sidecar's cluster, health-checked and never used while unhealthy; one endpoint per
+    worker process (Envoy balances across them). gRPC modes: HTTP/2 and the gRPC health
+    service; ext_authz_http: HTTP/1.1 keep-alive and the sidecar's HTTP health path."""
     host, port = address
     cluster = _static_cluster(SIDECAR_CLUSTER, [(host, port + i) for i in range(workers)],
                               timedelta(milliseconds=250))
-    cluster.typed_extension_protocol_options = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
-            HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                http2_protocol_options=Http2ProtocolOptions())))}
+    http_check = grpc_check = None
+    if mode == "ext_authz_http":
+        http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
+    else:
+        cluster.typed_extension_protocol_options = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
+                HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions())))}
+        grpc_check = HealthCheckGrpcHealthCheck(service_name=(
+            "envoy.service.auth.v3.Authorization" if mode == "ext_authz"
+            else "envoy.service.ext_proc.v3.ExternalProcessor"))
     # Every interval is 0.5 s, the idle ones too: Envoy checks a cluster that never had
     # traffic only every `no_traffic_interval` (default 60 s), so an Envoy that started
     # before its sidecar (every pod, `compose up`) would skip the sidecar for a minute.
@@ -163,9 +186,7 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
         timeout=timedelta(milliseconds=250), interval=HEALTH_CHECK_INTERVAL,
         no_traffic_interval=HEALTH_CHECK_INTERVAL, no_traffic_healthy_interval=HEALTH_CHECK_INTERVAL,
         unhealthy_interval=HEALTH_CHECK_INTERVAL, unhealthy_threshold=1, healthy_threshold=1,
-        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=(
-            "envoy.service.auth.v3.Authorization" if mode == "ext_authz"
-            else "envoy.service.ext_proc.v3.ExternalProcessor")))]
+        http_health_check=http_check, grpc_health_check=grpc_check)]
     cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
     return cluster
 
@@ -196,6 +217,33 @@ def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
         failure_mode_allow=True,
         clear_route_cache=True,  # re-route on the header the sidecar sets
         include_peer_certificate=mtls)  # every SAN, not only the first
+    return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
+
+
+def ext_authz_http_filter(table: Table, timeout_ms: int) -> HttpFilter:
+    """ext_authz over plain HTTP/1.1 (sidecar.authz_http): the check carries every request
+    header (XFCC is Envoy's own with --mtls) and the listener port, set by Envoy; a 200's
+    steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
+    removed, its decision headers become dynamic metadata; a deny answer reaches the client
+    with its status, body and content-type only."""
+    def exact(*names: str) -> ListStringMatcher:
+        return ListStringMatcher(patterns=[StringMatcher(exact=name) for name in names])
+
+    authz = ExtAuthz(
+        http_service=HttpService(
+            server_uri=HttpUri(uri=f"http://{SIDECAR_CLUSTER}", cluster=SIDECAR_CLUSTER,
+                               timeout=timedelta(milliseconds=timeout_ms)),
+            path_prefix=PATH_PREFIX,
+            authorization_request=AuthorizationRequest(headers_to_add=[
+                HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%")]),
+            authorization_response=AuthorizationResponse(
+                allowed_upstream_headers=exact(*steered_headers(table)),
+                allowed_client_headers=exact("content-type"),
+                dynamic_metadata_from_headers=ListStringMatcher(patterns=[
+                    StringMatcher(prefix=DECISION_HEADER_PREFIX)]))),
+        allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
+        failure_mode_allow=True,
+        clear_route_cache=True)  # re-route on the header the sidecar sets
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
 
 
@@ -230,12 +278,17 @@ def routes(table: Table) -> RouteConfiguration:
 
 
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
-    authz = options.mode == "ext_authz"
+    if options.mode == "ext_authz_http":
+        log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX)
+        sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms)
+    elif options.mode == "ext_authz":
+        log_format = access_log_format(EXT_AUTHZ_NAMESPACE)
+        sidecar_filter = ext_authz_filter(options.message_timeout_ms, options.mtls is not None)
+    else:
+        log_format = access_log_format(METADATA_NAMESPACE)
+        sidecar_filter = ext_proc_filter(options.message_timeout_ms)
     access_log = StdoutAccessLog(log_format=SubstitutionFormatString(
-        text_format_source=DataSource(inline_string=access_log_format(
-            EXT_AUTHZ_NAMESPACE if authz else METADATA_NAMESPACE))))
-    sidecar_filter = (ext_authz_filter(options.message_timeout_ms, options.mtls is not None)
-                      if authz else ext_proc_filter(options.message_timeout_ms))
+        text_format_source=DataSource(inline_string=log_format)))
     manager = HttpConnectionManager(
         stat_prefix="ingress",
         early_header_mutation_extensions=[_extension(

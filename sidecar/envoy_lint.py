@@ -9,7 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.authz_http import DECISION_HEADER_PREFIX, HEALTH_PATH, LISTENER_PORT_HEADER, PATH_PREFIX
 from sidecar.core import Table
+from sidecar.core.identity import RegexError, compile_regex
+from sidecar.core.steering import steered_headers
 from sidecar.envoy_backstop import (
     LUA_FILTER,
     LUA_MARKER,
@@ -95,7 +98,10 @@ def _check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) 
         yield Finding(f"listener {stat!r} has no ext_proc or ext_authz filter: the sidecar is never "
                       "asked", "add the ext_proc filter (see `graysteer envoy-config`)")
     for config in sidecar_filters:
-        yield from _check_filter(config, clusters)
+        if "http_service" in config:
+            yield from _check_http_service(table, config, hcm, clusters)
+        else:
+            yield from _check_filter(config, clusters)
     stripped = any(m.get("remove", "").lower() == header
                    for ext in hcm.get("early_header_mutation_extensions") or []
                    for m in (ext.get("typed_config") or {}).get("mutations") or [])
@@ -151,6 +157,130 @@ def _check_filter(config: dict[str, Any], clusters: dict[str, Any]) -> Iterator[
             yield Finding("ext_authz has encode_raw_headers: true: Envoy then reads `raw_value` "
                           "from the answer, but graysteer's ext_authz answer carries `value`, so "
                           "the routing header arrives empty", "remove encode_raw_headers")
+
+
+MAX_CHECK_TIMEOUT_SECONDS = 1.0
+# Headers the sidecar must see to decide, besides those the rules name.
+NEEDED_HEADERS = ("cookie", "baggage", "x-forwarded-client-cert")
+
+
+def _matches(matcher: dict[str, Any], name: str) -> bool:
+    """Whether an Envoy StringMatcher accepts `name` (a header name, lower case)."""
+    if matcher.get("ignore_case"):
+        matcher = {k: v.lower() if isinstance(v, str) else v for k, v in matcher.items()}
+    if "exact" in matcher:
+        return bool(name == matcher["exact"])
+    if "prefix" in matcher:
+        return name.startswith(matcher["prefix"])
+    if "suffix" in matcher:
+        return name.endswith(matcher["suffix"])
+    if "contains" in matcher:
+        return matcher["contains"] in name
+    if "safe_regex" in matcher:
+        try:
+            return compile_regex((matcher["safe_regex"] or {}).get("regex", ""))(name)
+        except RegexError:
+            return False
+    return False
+
+
+def _matches_any(patterns: dict[str, Any] | None, name: str) -> bool:
+    return any(_matches(m, name) for m in (patterns or {}).get("patterns") or [])
+
+
+def _check_http_service(table: Table, config: dict[str, Any], hcm: dict[str, Any],
+                        clusters: dict[str, Any]) -> Iterator[Finding]:
+    """ext_authz over plain HTTP (sidecar.authz_http): what the check must carry and what
+    Envoy must take from the answer."""
+    service = config.get("http_service") or {}
+    cluster_name = (service.get("server_uri") or {}).get("cluster")
+    if cluster_name not in clusters:
+        yield Finding(f"the ext_authz http_service points at cluster {cluster_name!r}, which does "
+                      "not exist", "define the sidecar cluster and name it in server_uri.cluster")
+    else:
+        cluster = clusters[cluster_name]
+        if _is_http2(cluster):
+            yield Finding(f"sidecar cluster {cluster_name!r} speaks HTTP/2, but the sidecar's HTTP "
+                          "authz server speaks HTTP/1.1: every check fails",
+                          "remove http2_protocol_options from the sidecar cluster")
+        yield from _check_health_checks(cluster_name, cluster)
+        for check in cluster.get("health_checks") or []:
+            if (check.get("http_health_check") or {}).get("path") != HEALTH_PATH:
+                yield Finding(f"sidecar cluster {cluster_name!r} is not health-checked over HTTP "
+                              f"on {HEALTH_PATH}: Envoy cannot see the sidecar draining or not "
+                              "ready", f"use http_health_check: {{path: {HEALTH_PATH}}}")
+    timeout = _seconds((service.get("server_uri") or {}).get("timeout"))
+    if timeout is None or timeout > MAX_CHECK_TIMEOUT_SECONDS:
+        yield Finding(f"the ext_authz check timeout is {timeout if timeout is not None else 'unset'}"
+                      ": a stalled sidecar holds every request that long",
+                      "set http_service.server_uri.timeout to 0.25s (at most 1s)")
+    if service.get("path_prefix") != PATH_PREFIX:
+        yield Finding(f"ext_authz path_prefix is {service.get('path_prefix')!r}, not {PATH_PREFIX!r}: "
+                      "the sidecar would match path rules against the wrong path",
+                      f"set http_service.path_prefix: {PATH_PREFIX}")
+    if not config.get("clear_route_cache"):
+        yield Finding("ext_authz does not clear the route cache: the routing header it sets is "
+                      "ignored for routing", "set clear_route_cache: true on the ext_authz filter")
+    allowed = config.get("allowed_headers") or ((service.get("authorization_request") or {})
+                                                .get("allowed_headers"))
+    disallowed = config.get("disallowed_headers")
+    needed = [*sorted(table.trust.protected), *NEEDED_HEADERS]
+    if table.coloring is not None:
+        needed.append(table.coloring.header)
+    if not _matches_any(allowed, "x-any-header-a-rule-reads"):
+        yield Finding("ext_authz allowed_headers does not pass every request header to the sidecar: "
+                      "rules on the headers it leaves out never match",
+                      "set allowed_headers: {patterns: [{safe_regex: {regex: '.*'}}]}")
+    for name in needed:
+        if _matches_any(disallowed, name):
+            yield Finding(f"ext_authz disallowed_headers keeps {name!r} from the sidecar",
+                          f"remove the pattern matching {name!r} from disallowed_headers")
+    added = {h.get("key", "").lower(): h.get("value") for h in
+             (service.get("authorization_request") or {}).get("headers_to_add") or []}
+    if added.get(LISTENER_PORT_HEADER) != "%DOWNSTREAM_LOCAL_PORT%":
+        yield Finding(f"ext_authz does not set {LISTENER_PORT_HEADER} itself: the sidecar then "
+                      "reads a client-sent value, and a client can claim a trusted listener port",
+                      f"add authorization_request.headers_to_add: [{{key: {LISTENER_PORT_HEADER}, "
+                      "value: '%DOWNSTREAM_LOCAL_PORT%'}]")
+    response = service.get("authorization_response") or {}
+    for name in steered_headers(table):
+        if not _matches_any(response.get("allowed_upstream_headers"), name):
+            yield Finding(f"ext_authz does not copy {name!r} from the sidecar's answer to the "
+                          "request (allowed_upstream_headers)" + (": nothing is routed"
+                          if name == table.routing_header else ": the lane does not travel on"),
+                          f"add {{exact: {name}}} to authorization_response.allowed_upstream_headers")
+    if not _matches_any(response.get("dynamic_metadata_from_headers"), DECISION_HEADER_PREFIX + "rule"):
+        yield Finding("ext_authz drops the decision headers: access logs cannot show rule and "
+                      "version", "set authorization_response.dynamic_metadata_from_headers: "
+                      f"{{patterns: [{{prefix: {DECISION_HEADER_PREFIX}}}]}}")
+    if not (response.get("allowed_client_headers") or {}).get("patterns"):
+        yield Finding("ext_authz passes every header of a deny answer to the client, the "
+                      "sidecar's decision headers included",
+                      "set authorization_response.allowed_client_headers: {patterns: [{exact: "
+                      "content-type}]}")
+    yield from _check_http_identity(table, hcm)
+
+
+def _check_http_identity(table: Table, hcm: dict[str, Any]) -> Iterator[Finding]:
+    """Over HTTP the client certificate reaches the sidecar only as Envoy's own XFCC."""
+    stat = hcm.get("stat_prefix", "?")
+    mode = hcm.get("forward_client_cert_details", "SANITIZE")
+    if mode not in ("SANITIZE", "SANITIZE_SET"):
+        yield Finding(f"listener {stat!r} forwards a client-sent x-forwarded-client-cert "
+                      f"({mode}) to the HTTP authz check: a client can name its own identity",
+                      "set forward_client_cert_details: SANITIZE_SET (or SANITIZE without mTLS)")
+    rules = table.document.get("rules") or []
+    assert isinstance(rules, list)
+    uses_identity = bool(table.trust.identities) or any(
+        "identity" in (r.get("match") or {}) for r in rules)
+    sets_uri = (hcm.get("set_current_client_cert_details") or {}).get("uri")
+    if uses_identity and not (mode == "SANITIZE_SET" and sets_uri):
+        yield Finding(f"the rules use client identities, but over HTTP the sidecar learns the "
+                      f"client certificate only from Envoy's x-forwarded-client-cert, which "
+                      f"listener {stat!r} does not set: identity rules never match",
+                      "require client certificates and set forward_client_cert_details: "
+                      "SANITIZE_SET with set_current_client_cert_details {uri: true, dns: true} "
+                      "(`graysteer envoy-config --mode ext_authz_http --mtls`)")
 
 
 # Envoy checks a cluster that never had traffic every `no_traffic_interval` (default 60 s).

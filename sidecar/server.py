@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from sidecar.admin import AdminServicer
 from sidecar.admin_api import admin_pb2_grpc
+from sidecar.authz_http import AuthzHttpServer, start_authz_http
 from sidecar.bypass import BypassMonitor
 from sidecar.deciding import Decider
 from sidecar.extauthz import AuthorizationServicer
@@ -39,7 +40,8 @@ GRPC_OPTIONS = [
 @dataclass(frozen=True)
 class ServeOptions:
     config: str
-    listen: str = "127.0.0.1:50051"
+    listen: str | None = "127.0.0.1:50051"  # gRPC: ext_proc, ext_authz, health; None: off
+    authz_http_listen: str | None = None  # ext_authz over plain HTTP/1.1 (sidecar.authz_http)
     admin_listen: str = "127.0.0.1:50052"
     http_listen: str | None = None
     state_file: str | None = None
@@ -95,11 +97,22 @@ async def serve(options: ServeOptions) -> None:
     assert reloader.holder is not None
     decider = Decider(reloader.holder, metrics)
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    add_ext_proc(ExtProcServicer(decider), server)
-    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
-    health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
-    listen = _bind(server, options.listen, "--listen")
+    server = None
+    listen = "off"
+    if options.listen is not None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        add_ext_proc(ExtProcServicer(decider), server)
+        authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
+        health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
+        listen = _bind(server, options.listen, "--listen")
+    authz_http: AuthzHttpServer | None = None
+    if options.authz_http_listen is not None:
+        host, port = split_host_port(options.authz_http_listen, "--authz-http-listen")
+        try:
+            authz_http = await start_authz_http(decider, host, port, lambda: readiness.ready)
+        except OSError as error:
+            raise OSError(f"--authz-http-listen: cannot listen on {options.authz_http_listen}: "
+                          f"{error.strerror or error}") from error
 
     controller = None
     bypass = None
@@ -130,14 +143,17 @@ async def serve(options: ServeOptions) -> None:
                           (lambda path: http_view(controller, path)) if controller else None)
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
 
-    await server.start()
+    if server is not None:
+        await server.start()
     await admin.start()
     await readiness.set(True, "serving")
-    log.info("serving ext_proc and ext_authz on %s with rules %s version %s (%d rules)",
-             listen, table.source, table.version, len(table.rules))
+    http_address = "off" if authz_http is None else f"{authz_http.host}:{authz_http.port}"
+    log.info("serving gRPC ext_proc and ext_authz on %s, HTTP ext_authz on %s, with rules %s "
+             "version %s (%d rules)", listen, http_address, table.source, table.version,
+             len(table.rules))
     log.info("admin API on %s; state file %s", admin_listen, state_path)
     if options.worker_index is not None:  # tell the supervisor where this worker listens
-        print(f"ready ext_proc={listen} admin={admin_listen}", flush=True)
+        print(f"ready ext_proc={listen} admin={admin_listen} authz_http={http_address}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -167,7 +183,8 @@ async def serve(options: ServeOptions) -> None:
     log.info("shutting down: NOT_SERVING for %.1fs, then draining streams for up to %.1fs",
              options.drain_seconds, options.grace_seconds)
     await asyncio.sleep(options.drain_seconds)
-    await server.stop(options.grace_seconds)
+    await asyncio.gather(*([server.stop(options.grace_seconds)] if server is not None else []),
+                         *([authz_http.close(options.grace_seconds)] if authz_http is not None else []))
     await admin.stop(0)
     for watcher in watchers:
         watcher.cancel()

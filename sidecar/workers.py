@@ -33,8 +33,10 @@ log = logging.getLogger("graysteer.workers")
 RESTART_DELAY_SECONDS = 1.0
 
 
-def worker_address(address: str, index: int) -> str:
+def worker_address(address: str | None, index: int) -> str | None:
     """The i-th worker's address: port + i, or port 0 (a free port) for each."""
+    if address is None:
+        return None
     if address.startswith("unix:"):
         return f"{address}.{index}" if index else address
     host, port = split_host_port(address, "address")
@@ -44,8 +46,9 @@ def worker_address(address: str, index: int) -> str:
 @dataclass
 class Worker:
     index: int
-    listen: str  # after the first start: the address actually bound, reused by restarts
+    listen: str | None  # after the first start: the address actually bound, reused by restarts
     admin_listen: str
+    authz_http_listen: str | None
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
 
@@ -56,7 +59,8 @@ class Supervisor:
         self.count = count
         self.log_level = log_level
         self.workers = [Worker(i, worker_address(options.listen, i),
-                               worker_address(options.admin_listen, i)) for i in range(count)]
+                               str(worker_address(options.admin_listen, i)),
+                               worker_address(options.authz_http_listen, i)) for i in range(count)]
         self.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
             prefix="graysteer-metrics-")
         self._own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
@@ -65,10 +69,12 @@ class Supervisor:
     def argv(self, worker: Worker) -> list[str]:
         o = self.options
         argv = [sys.executable, "-m", "sidecar", "--log-level", self.log_level, "serve",
-                "--config", o.config, "--listen", worker.listen,
+                "--config", o.config, "--listen", worker.listen or "off",
                 "--admin-listen", worker.admin_listen,
                 "--drain", str(o.drain_seconds), "--grace", str(o.grace_seconds),
                 "--worker-index", str(worker.index), "--event-loop", o.event_loop]
+        if worker.authz_http_listen:
+            argv += ["--authz-http-listen", worker.authz_http_listen]
         if o.admin_allow_remote:
             argv.append("--admin-allow-remote")
         if o.state_file:
@@ -93,7 +99,11 @@ class Supervisor:
             raise RuntimeError(f"worker {worker.index} failed to start (exit code {code})")
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         # A restart must come back where Envoy sends this worker's streams.
-        worker.listen, worker.admin_listen = fields["ext_proc"], fields["admin"]
+        worker.admin_listen = fields["admin"]
+        if worker.listen is not None:
+            worker.listen = fields["ext_proc"]
+        if worker.authz_http_listen is not None:
+            worker.authz_http_listen = fields["authz_http"]
         worker.ready = True
         log.info("worker %d (pid %d) ready %s", worker.index, worker.process.pid,
                  line[len("ready "):])

@@ -94,6 +94,17 @@ def strip_untrusted(table: Table, headers: Mapping[str, str]
     return kept, remove, set_headers
 
 
+def steered_headers(table: Table) -> list[str]:
+    """Every header a Steering may set on the request: what Envoy must let the sidecar set
+    (ext_authz over HTTP copies only the listed ones), in this order."""
+    names = [table.routing_header]
+    if table.coloring is not None:
+        names.append(table.coloring.header)
+        if table.coloring.baggage:
+            names.append("baggage")
+    return names
+
+
 def fallback(table: Table, decision: Decision, headers: Mapping[str, str] | None) -> Steering:
     """The answer when deciding failed (`decision` is `table.fallback(reason)`).
 

@@ -15,9 +15,19 @@ from pathlib import Path
 import pytest
 
 from sidecar.devstack import BackgroundLoad, Sample, Stack, wait_for
-from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG, FAULT_FIGURES
+from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG, FAULT_FIGURES, REPO
 
 USERS = [f"user-{i}" for i in range(60)]
+# The shipped front proxies of the two transports: gRPC ext_proc, and ext_authz over HTTP.
+CONFIGS = {"ext_proc": ENVOY_CONFIG, "ext_authz_http": REPO / "envoy" / "ext_authz_http.yaml"}
+# Envoy's count of checks it gave up on, per transport (the sidecar answered too late).
+TIMEOUT_STATS = {"ext_proc": "http.ingress.ext_proc.message_timeouts",
+                 "ext_authz_http": "http.ingress.ext_authz.error"}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture()
@@ -63,9 +73,9 @@ def start_load(loads: list[BackgroundLoad], stack: Stack) -> BackgroundLoad:
 
 
 @pytest.mark.parametrize("order", ["sidecar_first", "envoy_first"])
-def test_start_order(order: str, rules: Path, tmp_path: Path,
+def test_start_order(order: str, mode: str, rules: Path, tmp_path: Path,
                      load_on: list[BackgroundLoad]) -> None:
-    with Stack(rules, ENVOY_CONFIG, tmp_path, sidecar_first=order == "sidecar_first") as stack:
+    with Stack(rules, CONFIGS[mode], tmp_path, sidecar_first=order == "sidecar_first") as stack:
         load = start_load(load_on, stack)
         load.wait_for_more(100, "load before the sidecar")
         before = len(load.samples)
@@ -76,7 +86,7 @@ def test_start_order(order: str, rules: Path, tmp_path: Path,
         load.wait_for_more(300, "load with the sidecar")
         samples = load.stop()
         after = load.samples[before:]
-    FAULT_FIGURES[f"start {order}"] = {
+    FAULT_FIGURES[f"{mode}: start {order}"] = {
         "requests": len(load.samples), "failed": len(failed(load.samples)),
         "skipped_before_sidecar_ready": skipped(load.samples[:before]),
         "seconds_to_first_decisions": recovery}
@@ -85,9 +95,9 @@ def test_start_order(order: str, rules: Path, tmp_path: Path,
     assert all(s.decided for s in after[-300:])
 
 
-def test_sigkill_and_restart_keeps_users_on_their_lanes(rules: Path, tmp_path: Path,
+def test_sigkill_and_restart_keeps_users_on_their_lanes(mode: str, rules: Path, tmp_path: Path,
                                                          load_on: list[BackgroundLoad]) -> None:
-    with Stack(rules, ENVOY_CONFIG, tmp_path) as stack:
+    with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         assert stack.sidecar is not None
         load = start_load(load_on, stack)
         load.wait_for_more(400, "load before the kill")
@@ -101,7 +111,7 @@ def test_sigkill_and_restart_keeps_users_on_their_lanes(rules: Path, tmp_path: P
         load.wait_for_more(400, "load after the restart")
         load.stop()
     after = lanes(load.samples[restarted:])
-    FAULT_FIGURES["sigkill + restart"] = {
+    FAULT_FIGURES[f"{mode}: sigkill + restart"] = {
         "requests": len(load.samples), "failed": len(failed(load.samples)),
         "skipped_while_down": skipped(load.samples[mark:restarted]),
         "seconds_to_decisions_after_restart": recovery,
@@ -112,9 +122,9 @@ def test_sigkill_and_restart_keeps_users_on_their_lanes(rules: Path, tmp_path: P
     assert {u: after[u] for u in USERS} == {u: before[u] for u in USERS}  # sticky across restarts
 
 
-def test_sigterm_drains_without_failures(rules: Path, tmp_path: Path,
+def test_sigterm_drains_without_failures(mode: str, rules: Path, tmp_path: Path,
                                          load_on: list[BackgroundLoad]) -> None:
-    with Stack(rules, ENVOY_CONFIG, tmp_path) as stack:
+    with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
         load = start_load(load_on, stack)
@@ -127,7 +137,7 @@ def test_sigterm_drains_without_failures(rules: Path, tmp_path: Path,
         stack.start_sidecar()
         recovery = decided_again(load, "decisions after the restart")
         load.stop()
-    FAULT_FIGURES["sigterm + restart"] = {
+    FAULT_FIGURES[f"{mode}: sigterm + restart"] = {
         "requests": len(load.samples), "failed": len(failed(load.samples)),
         "skipped_while_stopped": skipped(load.samples[mark:stopped]),
         "seconds_to_decisions_after_restart": recovery}
@@ -135,9 +145,9 @@ def test_sigterm_drains_without_failures(rules: Path, tmp_path: Path,
     assert all(s.decided for s in load.samples[:mark])
 
 
-def test_a_frozen_sidecar_fails_open_after_message_timeout(rules: Path, tmp_path: Path,
+def test_a_frozen_sidecar_fails_open_after_message_timeout(mode: str, rules: Path, tmp_path: Path,
                                                            load_on: list[BackgroundLoad]) -> None:
-    with Stack(rules, ENVOY_CONFIG, tmp_path) as stack:
+    with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None and stack.envoy is not None
         load = start_load(load_on, stack)
@@ -151,18 +161,18 @@ def test_a_frozen_sidecar_fails_open_after_message_timeout(rules: Path, tmp_path
         thawed = len(load.samples)
         recovery = decided_again(load, "decisions after the freeze")
         load.stop()
-        timeouts = stack.envoy.stats()["http.ingress.ext_proc.message_timeouts"]
-    FAULT_FIGURES["frozen beyond message_timeout"] = {
+        timeouts = stack.envoy.stats()[TIMEOUT_STATS[mode]]
+    FAULT_FIGURES[f"{mode}: frozen beyond message_timeout"] = {
         "requests": len(load.samples), "failed": len(failed(load.samples)),
         "skipped_while_frozen": skipped(load.samples[mark:thawed]),
-        "envoy_message_timeouts": timeouts, "seconds_to_decisions_after_thaw": recovery}
+        "envoy_timeouts_or_errors": timeouts, "seconds_to_decisions_after_thaw": recovery}
     assert failed(load.samples) == []
     assert timeouts > 0
 
 
-def test_40_rewrites_and_a_broken_file_lose_nothing(rules: Path, tmp_path: Path,
+def test_40_rewrites_and_a_broken_file_lose_nothing(mode: str, rules: Path, tmp_path: Path,
                                                     load_on: list[BackgroundLoad]) -> None:
-    with Stack(rules, ENVOY_CONFIG, tmp_path) as stack:
+    with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
         load = start_load(load_on, stack)
@@ -175,7 +185,7 @@ def test_40_rewrites_and_a_broken_file_lose_nothing(rules: Path, tmp_path: Path,
                  "the broken file to be refused")
         load.wait_for_more(200, "load after the broken file")
         load.stop()
-    FAULT_FIGURES["40 rewrites + broken file"] = {
+    FAULT_FIGURES[f"{mode}: 40 rewrites + broken file"] = {
         "requests": len(load.samples), "failed": len(failed(load.samples)),
         "skipped": skipped(load.samples)}
     assert failed(load.samples) == []

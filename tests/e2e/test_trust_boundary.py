@@ -39,7 +39,7 @@ WALKAROUNDS = ["/admin", "/admin/users", "//admin", "/./admin", "/%61dmin", "/ap
                "/api/%2e%2e/admin", "/%2e/admin", "///admin//x"]
 
 
-@pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz", "ext_authz_http"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Envoy with the generated config of each mode; the sidecar starts after Envoy."""
     workdir = tmp_path_factory.mktemp(f"trust-{request.param}")

@@ -92,3 +92,15 @@ def test_explain_with_an_identity(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (result["cluster"], result["rule"], result["identity"]) == ("canary", "qa", qa)
     assert main(["explain", "--config", str(rules), "-H", "x-canary: 1"]) == 0  # plaintext
     assert json.loads(capsys.readouterr().out)["remove_headers"] == ["x-canary"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--listen", "off"], "--listen off leaves nothing to serve"),
+    (["--authz-http-listen", "nowhere"], "--authz-http-listen: expected HOST:PORT"),
+])
+def test_serve_transport_flags_are_checked(args: list[str], message: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--config", "examples/rules.yaml", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
