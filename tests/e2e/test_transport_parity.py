@@ -2,6 +2,7 @@
 the generated config of each mode (ext_proc, ext_authz over gRPC, ext_authz over HTTP) reach
 the same backend with the same steered headers, exactly as `graysteer explain` predicts."""
 
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.devstack import Stack
+from sidecar.devstack import Stack, wait_for
 from sidecar.envoy_config import MODES, EnvoyOptions, bootstrap, render_yaml
 from sidecar.explain import explain_local
 from sidecar.rules_file import load_rules
@@ -80,6 +81,17 @@ def outcomes(stack: Stack) -> list[tuple[Any, ...]]:
     return seen
 
 
+def access_log_line(stack: Stack) -> str:
+    stack.client().get("/marker-for-access-log", {"x-user-id": "user-3"})
+    assert stack.envoy is not None
+    log = stack.envoy.process
+    return str(wait_for(lambda: re.search(r".*marker-for-access-log.*", log.log_text()), 10,
+                        "the access log line").group(0))
+
+
+LOG_LINES: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def by_mode(rules: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
@@ -88,6 +100,7 @@ def by_mode(rules: Path,
         config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), EnvoyOptions(mode=mode))))
         with Stack(rules, config, tmp_path_factory.mktemp(mode)) as stack:
             results[mode] = outcomes(stack)
+            LOG_LINES[mode] = access_log_line(stack)
     yield results
 
 
@@ -113,3 +126,11 @@ def test_explain_predicts_every_transport(rules: Path, by_mode: dict[str, list[t
             for name in explained["remove_headers"]:
                 if name not in explained["set_headers"]:
                     assert received[name] is None, (mode, CASES[case], name)
+
+
+def test_every_transport_logs_the_decision(rules: Path, by_mode: dict[str, list[tuple[Any, ...]]]) -> None:
+    explained = explain_local(str(rules), "GET", "/", [("x-user-id", "user-3")])
+    for mode in by_mode:
+        line = LOG_LINES[mode]
+        assert f"cluster={explained['cluster']} rule=by-user bucket={explained['bucket']}" in line, mode
+        assert f"lane={explained['cluster']}" in line and f"version={explained['version']}" in line, mode
