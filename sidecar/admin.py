@@ -81,6 +81,11 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None,
                                                             sort_keys=True))
         if "route" in entry:
             info.action, info.route = "route", entry["route"]
+        elif "deny" in entry:
+            deny = entry["deny"] or {}
+            info.action = "deny"
+            info.deny_status = int(deny.get("status", 403))
+            info.deny_reason = str(deny.get("reason", ""))
         else:
             info.action = "split"
             info.weights.extend(_weights(split_weights(table.document, name)))

@@ -104,6 +104,8 @@ def format_status(table: dict[str, Any]) -> str:
     for rule in table["rules"]:
         if rule["action"] == "route":
             lines.append(f"  {rule['name']:<24} route -> {rule['route']}")
+        elif rule["action"] == "deny":
+            lines.append(f"  {rule['name']:<24} deny {rule['deny_status']}: {rule['deny_reason']}")
         else:
             weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
             note = ""
