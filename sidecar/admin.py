@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.admin_api import admin_pb2 as pb
 from sidecar.admin_api import admin_pb2_grpc as pb_grpc
-from sidecar.core import Decision
+from sidecar.core import Decision, decision_fields
 from sidecar.core.overrides import split_weights
 from sidecar.deciding import Decider
 from sidecar.explain import Peer, headers_message
@@ -72,7 +72,6 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None,
                  controller: "RolloutController | None" = None,
                  bypass: "BypassMonitor | None" = None) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
-    assert loaded is not None
     table = loaded.table
     rules = []
     for entry in table.document.get("rules") or []:  # type: ignore[attr-defined]
@@ -104,20 +103,13 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None,
 
 
 def decision_message(decision: Decision) -> pb.Decision:
-    message = pb.Decision(cluster=decision.cluster, rule=decision.rule,
-                          key_source=decision.key_source or "", version=decision.version,
-                          error=decision.error or "", lane=decision.lane or "",
-                          identity=decision.identity or "", deny_status=decision.deny_status or 0,
-                          deny_reason=decision.deny_reason or "")
-    if decision.bucket is not None:
-        message.bucket = decision.bucket
-    return message
+    fields = pb.Decision.DESCRIPTOR.fields_by_name
+    return pb.Decision(**{k: v for k, v in decision_fields(decision).items() if k in fields})
 
 
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, reloader: Reloader, controller: "RolloutController | None" = None,
                  bypass: "BypassMonitor | None" = None) -> None:
-        assert reloader.holder is not None
         self.reloader = reloader
         self.controller = controller
         self.bypass = bypass

@@ -50,7 +50,7 @@ from typing import cast
 
 import httptools
 
-from sidecar.core import NO_IDENTITY, Identity, Request, Steering
+from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.core.identity import identity_from_xfcc
 from sidecar.deciding import Decider
 
@@ -127,7 +127,7 @@ def answer_bytes(steering: Steering, head_only: bool = False) -> bytes:
     """The HTTP answer to one check (see the module docstring). `head_only` for HEAD."""
     decision = steering.decision
     fields = [(DECISION_HEADER_PREFIX + key.replace("_", "-"), str(value))
-              for key, value in decision.as_dict().items() if value is not None]
+              for key, value in decision_fields(decision).items()]
     if decision.deny_status is not None:
         status = decision.deny_status if decision.deny_status < 500 else DENY_STATUS_INSTEAD_OF_5XX
         body = (decision.deny_reason or "").encode()
@@ -244,7 +244,7 @@ class AuthzHttpServer:
                 self.decider.metrics.count_event("malformed_xfcc")
             return self.decider.steer(request, table)
         except Exception as error:  # still answer, as for an untrusted caller
-            return self.decider.fallback(table, "adapter_error", error, headers)
+            return self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
 
     def log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from time import perf_counter
 
-from sidecar.core import Decision, Request, Steering, Table, steer
+from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
 from sidecar.core.steering import fallback
 from sidecar.metrics import Metrics
 
@@ -34,12 +34,11 @@ class Decider:
         """Steer against `table` (by default the current one); the default cluster on error,
         with the untrusted headers still removed when that much was known."""
         table = table or self.holder.table
-        headers = request.headers  # as received: steer() replaces them with the stripped ones
         started = perf_counter()
         try:
             steering = steer(table, request)
         except Exception as error:  # a bug or input the engine cannot handle: fail to default
-            steering = self.fallback(table, f"engine_{type(error).__name__}", error, headers)
+            steering = self.fallback(table, ErrorCode.ENGINE, error, request.headers)
         self.metrics.decision_seconds.observe(perf_counter() - started)
         decision = steering.decision
         self.metrics.count_decision(decision.cluster, decision.rule)
@@ -47,7 +46,7 @@ class Decider:
             self.metrics.count_event("untrusted_headers_removed")
         if steering.baggage_dropped:
             self.metrics.count_event("baggage_over_limit")
-        if request.identity.malformed:
+        if steering.identity.malformed:
             self.metrics.count_event("malformed_spiffe_id")
         for what in steering.malformed:
             self.metrics.count_event(f"malformed_{what}")
@@ -57,17 +56,20 @@ class Decider:
         """The decision alone (see `steer`)."""
         return self.steer(request, table).decision
 
-    def fallback(self, table: Table, reason: str, error: BaseException,
+    def fallback(self, table: Table, code: ErrorCode, error: BaseException,
                  headers: Mapping[str, str] | None) -> Steering:
-        """The one answer to a request that could not be decided (see core `fallback`):
-        counted and logged, the caller treated as untrusted."""
-        return fallback(table, self.failed(table, reason, error), headers)
+        """The one answer to a request that could not be decided, for every transport (see
+        core `fallback`): counted and logged, the caller treated as untrusted."""
+        return fallback(table, self.failed(table, code, error), headers)
 
-    def failed(self, table: Table, reason: str, error: BaseException) -> Decision:
-        """Count a failure; log it with its traceback the first time each reason is seen."""
-        self.metrics.count_error(reason)
-        if reason not in self._logged_reasons:
-            self._logged_reasons.add(reason)
-            log.error("deciding failed (%s); routing to default %r; later failures with this "
-                      "reason are only counted", reason, table.default, exc_info=error)
-        return table.fallback(reason)
+    def failed(self, table: Table, code: ErrorCode, error: BaseException) -> Decision:
+        """Count a failure by its code; log it with its traceback the first time each kind
+        (code and exception class) is seen."""
+        self.metrics.count_error(code)
+        kind = f"{code}:{type(error).__name__}"
+        if kind not in self._logged_reasons:
+            self._logged_reasons.add(kind)
+            log.error("deciding failed (%s, %s); routing to default %r; later failures of this "
+                      "kind are only counted", code, type(error).__name__, table.default,
+                      exc_info=error)
+        return table.fallback(code)

@@ -22,7 +22,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.core import NO_IDENTITY, Decision, Identity, Request, Steering
+from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.deciding import Decider
 
 log = logging.getLogger("graysteer.extauthz")
@@ -67,7 +67,7 @@ def peer_identity(source: Any) -> tuple[Identity, bool]:
 
 def check_response(steering: Steering) -> authz.CheckResponse:
     decision = steering.decision
-    metadata = decision_fields(decision)
+    metadata = decision_struct(decision)
     if decision.deny_status is not None:
         return authz.CheckResponse(
             status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
@@ -85,9 +85,9 @@ def check_response(steering: Steering) -> authz.CheckResponse:
         dynamic_metadata=metadata)
 
 
-def decision_fields(decision: Decision) -> struct_pb2.Struct:
+def decision_struct(decision: Decision) -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
-    metadata.update({k: v for k, v in decision.as_dict().items() if v is not None})
+    metadata.update(decision_fields(decision))
     return metadata
 
 
@@ -112,5 +112,5 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             steering = self.decider.steer(
                 Request(headers, http.method or "GET", http.path or "/", identity, port), table)
         except Exception as error:  # still answer: allow, as for an untrusted caller
-            steering = self.decider.fallback(table, f"adapter_{type(error).__name__}", error, headers)
+            steering = self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
         return check_response(steering), steering.decision

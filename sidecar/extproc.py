@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from sidecar.core import NO_IDENTITY, Decision, Identity, Request, Steering
+from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.deciding import Decider
 
 log = logging.getLogger("graysteer.extproc")
@@ -74,8 +74,7 @@ def header_dict(header_map: Any) -> dict[str, str]:
 def decision_metadata(decision: Decision) -> struct_pb2.Struct:
     """The decision as dynamic metadata: `%DYNAMIC_METADATA(graysteer:rule)%` in access logs."""
     metadata = struct_pb2.Struct()
-    fields = {k: v for k, v in decision.as_dict().items() if v is not None}
-    metadata.get_or_create_struct(METADATA_NAMESPACE).update(fields)
+    metadata.get_or_create_struct(METADATA_NAMESPACE).update(decision_fields(decision))
     return metadata
 
 
@@ -190,4 +189,4 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             identity, port = connection_identity(message)
             return self.decider.steer(Request.from_headers(headers, identity, port), table)
         except Exception as error:  # malformed message: still answer, as for an untrusted caller
-            return self.decider.fallback(table, f"adapter_{type(error).__name__}", error, headers)
+            return self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)

@@ -62,30 +62,30 @@ class Loaded:
 
 
 class Reloader:
-    def __init__(self, path: Path, holder: TableHolder | None, metrics: Metrics,
-                 state: StateFile) -> None:
+    """The rules file (and state file) behind the served table. Built with a first valid
+    table, loaded synchronously: there is never a reloader, and so never a holder, without
+    one. Raises ValueError naming the file and every problem when there is none."""
+
+    def __init__(self, path: Path, metrics: Metrics, state: StateFile) -> None:
         self.path = path
-        self.holder = holder
         self.metrics = metrics
         self.state = state
-        self.loaded: Loaded | None = None
-        self.last_result: ReloadResult | None = None
         self.failures = 0
-        self._last_read = ""  # the inputs (rules + state content) last evaluated, good or bad
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
-
-    # -- reading the file ---------------------------------------------------------------------
-
-    def load_initial(self) -> Table:
-        """Synchronous first load at start-up; raises RulesError when there is no valid table."""
         result, loaded = self._build("startup", force=True)
         if loaded is None:
             raise ValueError(result.error)  # already names the file and every problem
         self.metrics.count_reload(result.outcome.value)
-        self._last_read = result.inputs
+        self._last_read = result.inputs  # the inputs (rules + state content) last evaluated
+        self.holder = TableHolder(loaded.table)
+        self.loaded = loaded
+        self.last_result = result
         self._install(loaded, result)
-        return loaded.table
+
+    @property
+    def table(self) -> Table:
+        return self.holder.table
 
     async def reload(self, trigger: str, force: bool = False) -> ReloadResult:
         """Re-read the rules file (and the state file); swap the table if it is valid."""
@@ -147,7 +147,6 @@ class Reloader:
         """Apply and persist a runtime weight change; ValueError explains a refusal."""
         async with self._lock:
             loaded = self.loaded
-            assert loaded is not None
             current = split_weights(loaded.table.document, rule)
             if current is None:
                 kind = "not a split" if loaded.table.rule(rule) else "no such rule"
@@ -182,7 +181,7 @@ class Reloader:
         state = self.state.load()
         state[key] = data
         self.state.save(state)
-        if self.loaded is not None and self._last_read.startswith(self.loaded.file_version + "/"):
+        if self._last_read.startswith(self.loaded.file_version + "/"):
             self._last_read = f"{self.loaded.file_version}/{config_version(self.state.read_bytes())}"
 
     # -- swapping and telling -----------------------------------------------------------------
@@ -200,16 +199,12 @@ class Reloader:
             self._install(loaded, result)
             log.info("serving rules %s version %s (%s)", self.path, loaded.table.version,
                      result.trigger)
-        current = self.loaded
-        assert current is not None
         for queue in self._subscribers:
-            queue.put_nowait((current, result))
+            queue.put_nowait((self.loaded, result))
 
     def _install(self, loaded: Loaded, result: ReloadResult) -> None:
         self.loaded = loaded
         self.last_result = result
-        if self.holder is None:
-            self.holder = TableHolder(loaded.table)
         self.holder.table = loaded.table  # the one reference swap readers see
         self.metrics.show_table(loaded.table)
 

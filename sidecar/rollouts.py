@@ -186,8 +186,7 @@ class RolloutController:
                 log.error("ignoring unreadable rollout state of %r: %s", rule, error)
 
     def specs(self) -> dict[str, RolloutSpec]:
-        assert self.reloader.holder is not None
-        return self.reloader.holder.table.rollouts
+        return self.reloader.table.rollouts
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -92,9 +92,8 @@ async def serve(options: ServeOptions) -> None:
     readiness = Readiness()
     rules = Path(options.config)
     state_path = Path(options.state_file) if options.state_file else default_state_path(rules)
-    reloader = Reloader(rules, None, metrics, StateFile(state_path))
-    table = reloader.load_initial()  # no last good table yet: refuse to start on error
-    assert reloader.holder is not None
+    reloader = Reloader(rules, metrics, StateFile(state_path))  # refuses to start on error
+    table = reloader.table
     decider = Decider(reloader.holder, metrics)
 
     server = None
@@ -139,7 +138,7 @@ async def serve(options: ServeOptions) -> None:
         if bypass is not None and options.ready_max_bypass_ratio is not None:
             view = BypassGate(readiness, bypass.readiness_ratio, options.ready_max_bypass_ratio)
         http = start_http(host, port, metrics.registry, view,
-                          lambda: {"version": reloader.holder.table.version},  # type: ignore[union-attr]
+                          lambda: {"version": reloader.table.version},
                           (lambda path: http_view(controller, path)) if controller else None)
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
 

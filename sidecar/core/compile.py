@@ -17,11 +17,11 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from sidecar.core.bucketing import cumulative
 from sidecar.core.identity import compile_regex, identity_form_problem, identity_matcher, regex_problem
+from sidecar.core.model import Coloring, Decision, Reason, Trust
 from sidecar.core.request import Request
 from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
 from sidecar.core.schema import RULES_SCHEMA
-from sidecar.core.steering import Coloring, Trust
-from sidecar.core.table import Condition, Decision, KeyGetter, Rule, Split, Table
+from sidecar.core.table import Condition, KeyGetter, Rule, Split, Table
 
 DEFAULT_ROUTING_HEADER = "x-route-cluster"
 DEFAULT_COLOR_HEADER = "x-graysteer-lane"
@@ -361,9 +361,9 @@ def _compile_rule(rule: dict[str, Any], version: str, default: str) -> Rule:
         return Rule(name, conditions, Decision(rule["route"], name, version), None)
     if "deny" in rule:
         deny = rule["deny"]
-        reason = deny.get("reason") or f"denied by rule {name}"
-        return Rule(name, conditions, Decision(default, name, version, deny_status=deny["status"],
-                                               deny_reason=reason), None)
+        body = deny.get("reason") or f"denied by rule {name}"
+        return Rule(name, conditions, Decision(default, name, version, reason=Reason.DENY,
+                                               deny_status=deny["status"], deny_reason=body), None)
     split = rule["split"]
     weights = tuple(e["weight"] for e in split["to"])
     missing = split.get("when_key_missing", "random")

@@ -34,6 +34,18 @@ class Request:
         return cls(headers, headers.get(":method", "GET"), headers.get(":path", "/"), identity,
                    listener_port)
 
+    def seen_as(self, headers: Mapping[str, str], identity: Identity) -> "Request":
+        """This request with other headers (an untrusted caller's, stripped) or identity
+        (from XFCC): a new view, this one unchanged. Parsed query parameters are shared."""
+        if headers is self.headers and identity is self.identity:
+            return self
+        other = Request.__new__(Request)
+        other.headers, other.identity, other.listener_port = headers, identity, self.listener_port
+        other.method, other.path, other.query = self.method, self.path, self.query
+        other._cookies = self._cookies if headers is self.headers else None
+        other._params = self._params
+        return other
+
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
 

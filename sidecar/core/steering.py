@@ -15,60 +15,17 @@ The order, for every adapter:
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from sidecar.core.baggage import member_value, well_formed, with_member, without_member
-from sidecar.core.identity import Identity, IdentityMatcher, identity_from_xfcc
+from sidecar.core.baggage import well_formed, with_member, without_member
+from sidecar.core.identity import identity_from_xfcc
+from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust
 from sidecar.core.request import Request
-from sidecar.core.table import Decision, Table
+from sidecar.core.table import Table
+
+__all__ = ["Coloring", "Steering", "Trust", "fallback", "steer", "steered_headers", "strip_untrusted"]
 
 XFCC = "x-forwarded-client-cert"
-
-
-@dataclass(frozen=True, slots=True)
-class Trust:
-    identities: tuple[IdentityMatcher, ...] = ()
-    plaintext: bool = False
-    listener_ports: frozenset[int] = frozenset()
-    xfcc: bool = False
-    protected: frozenset[str] = frozenset()  # override headers + the color header
-
-    def allows(self, identity: Identity, listener_port: int | None) -> bool:
-        if listener_port is not None and listener_port in self.listener_ports:
-            return True
-        if not identity.mtls:
-            return self.plaintext
-        return any(matches(identity) for matches in self.identities)
-
-
-@dataclass(frozen=True, slots=True)
-class Coloring:
-    header: str
-    baggage: str | None
-    lanes: Mapping[str, str]  # lane -> this service's cluster
-    fallback: str
-    lane_of: Mapping[str, str] = field(default_factory=dict)  # cluster -> lane
-
-    def received_lane(self, headers: Mapping[str, str]) -> str | None:
-        lane = headers.get(self.header)
-        if not lane and self.baggage and "baggage" in headers:
-            lane = member_value(headers["baggage"], self.baggage)
-        return lane or None
-
-
-@dataclass(frozen=True, slots=True)
-class Steering:
-    """What to do with one request."""
-
-    decision: Decision
-    set_headers: tuple[tuple[str, str], ...] = ()
-    remove_headers: tuple[str, ...] = ()
-    baggage_dropped: bool = False  # the lane member was left out: baggage over its size limits
-    malformed: tuple[str, ...] = ()  # inputs ignored as malformed: "xfcc", "baggage"
-
-    @property
-    def denied(self) -> bool:
-        return self.decision.deny_status is not None
 
 
 def strip_untrusted(table: Table, headers: Mapping[str, str]
@@ -116,12 +73,15 @@ def fallback(table: Table, decision: Decision, headers: Mapping[str, str] | None
         names = set(table.trust.protected)
         if table.coloring is not None and table.coloring.baggage:
             names.add("baggage")  # unreadable: the lane member cannot be cut out of it
-        return Steering(decision, (), tuple(sorted(names)))
+        return Steering(decision, remove_headers=tuple(sorted(names)))
     _, remove, set_headers = strip_untrusted(table, headers)
-    return Steering(decision, tuple(set_headers), tuple(remove))
+    return Steering(decision, set_headers=tuple(set_headers), remove_headers=tuple(remove))
 
 
 def steer(table: Table, request: Request) -> Steering:
+    """Steer one request (see the module docstring). `request` is left as it is: the
+    Steering says which identity was used; the headers it was decided on are the request's
+    less `remove_headers`."""
     trust, coloring = table.trust, table.coloring
     identity = request.identity
     malformed: list[str] = []
@@ -130,26 +90,29 @@ def steer(table: Table, request: Request) -> Steering:
         if from_xfcc is None:
             malformed.append("xfcc")  # no identity from it: the request is decided without one
         else:
-            identity = request.identity = from_xfcc
+            identity = from_xfcc
     if coloring is not None and coloring.baggage and not well_formed(request.headers.get("baggage", "")):
         malformed.append("baggage")  # members kept as written; only ours is read and replaced
     trusted = trust.allows(identity, request.listener_port)
+    headers = request.headers
     remove: list[str] = []
     set_headers: list[tuple[str, str]] = []
     if not trusted:
-        request.headers, remove, set_headers = strip_untrusted(table, request.headers)
+        headers, remove, set_headers = strip_untrusted(table, headers)
+    seen = request.seen_as(headers, identity)
 
-    decision = table.denied(request)
-    lane = coloring.received_lane(request.headers) if coloring and trusted else None
+    decision = table.denied(seen)
+    lane = coloring.received_lane(headers) if coloring and trusted else None
     if decision is None and lane is not None and coloring is not None:
         decision = Decision(coloring.lanes.get(lane, coloring.fallback), f"lane:{lane}",
-                            table.version)
+                            table.version, reason=Reason.LANE)
     if decision is None:
-        decision = table.decide(request)
+        decision = table.decide(seen)
     if identity.principal:
         decision = replace(decision, identity=identity.principal)
     if decision.deny_status is not None:
-        return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed))
+        return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed),
+                        identity=identity)
 
     set_headers.insert(0, (table.routing_header, decision.cluster))
     dropped = False
@@ -158,7 +121,7 @@ def steer(table: Table, request: Request) -> Steering:
         decision = replace(decision, lane=lane)
         set_headers.append((coloring.header, lane))
         if coloring.baggage:
-            current = dict(set_headers).get("baggage", request.headers.get("baggage", ""))
+            current = dict(set_headers).get("baggage", headers.get("baggage", ""))
             baggage, added = with_member(current, coloring.baggage, lane)
             dropped = not added
             set_headers = [(k, v) for k, v in set_headers if k != "baggage"]
@@ -167,4 +130,4 @@ def steer(table: Table, request: Request) -> Steering:
     # A header set here replaces the caller's: never also remove it (ext_authz applies
     # removals after additions, which would drop the lane we just set).
     kept_removals = tuple(h for h in remove if h not in dict(set_headers))
-    return Steering(decision, tuple(set_headers), kept_removals, dropped, tuple(malformed))
+    return Steering(decision, tuple(set_headers), kept_removals, dropped, tuple(malformed), identity)

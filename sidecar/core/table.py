@@ -12,46 +12,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sidecar.core.bucketing import bucket, entry_for
+from sidecar.core.model import Coloring, Decision, ErrorCode, Reason, Trust
 from sidecar.core.request import Request
 
 DEFAULT_RULE = "default"
 
 if TYPE_CHECKING:
     from sidecar.core.rollout import RolloutSpec
-    from sidecar.core.steering import Coloring, Trust
 
 Condition = Callable[[Request], bool]
 KeyGetter = Callable[[Request], "str | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Where one request goes, and why."""
-
-    cluster: str
-    rule: str  # the deciding rule's name, or "default"
-    version: str  # the config version (hash of the rules file content)
-    bucket: int | None = None  # the split bucket, None when no split decided
-    key_source: str | None = None  # e.g. "header:x-user-id", "random", "missing"
-    error: str | None = None  # reason code when deciding failed and `default` was used
-    lane: str | None = None  # the traffic color passed on (with `coloring`)
-    identity: str | None = None  # the caller's SPIFFE ID or DNS name, when known
-    deny_status: int | None = None  # set when a deny rule decided: answer this status
-    deny_reason: str | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "cluster": self.cluster,
-            "rule": self.rule,
-            "bucket": self.bucket,
-            "key_source": self.key_source,
-            "version": self.version,
-            "error": self.error,
-            "lane": self.lane,
-            "identity": self.identity,
-            "deny_status": self.deny_status,
-            "deny_reason": self.deny_reason,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +48,13 @@ class Split:
             if key:
                 b = bucket(self.seed, key, total)
                 return Decision(self.clusters[entry_for(self.bounds, b)], self.rule,
-                                self.version, b, source)
+                                self.version, b, source, reason=Reason.SPLIT)
         if self.when_key_missing is not None:
-            return Decision(self.when_key_missing, self.rule, self.version, None, "missing")
+            return Decision(self.when_key_missing, self.rule, self.version, None, "missing",
+                            reason=Reason.SPLIT)
         b = random.randrange(total)
         return Decision(self.clusters[entry_for(self.bounds, b)], self.rule, self.version,
-                        b, "random")
+                        b, "random", reason=Reason.SPLIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +84,14 @@ class Table:
     routing_header: str
     rules: tuple[Rule, ...]
     document: dict[str, object] = field(repr=False, compare=False)
-    trust: "Trust" = field(default_factory=lambda: _default_trust(), repr=False)
-    coloring: "Coloring | None" = field(default=None, repr=False)
+    trust: Trust = field(default_factory=Trust, repr=False)
+    coloring: Coloring | None = field(default=None, repr=False)
     deny_rules: tuple[Rule, ...] = ()  # the rules whose action is deny, in table order
     rollouts: "dict[str, RolloutSpec]" = field(default_factory=dict, compare=False)
 
     @property
     def default_decision(self) -> Decision:
-        return Decision(self.default, DEFAULT_RULE, self.version)
+        return Decision(self.default, DEFAULT_RULE, self.version, reason=Reason.DEFAULT)
 
     def decide(self, request: Request) -> Decision:
         """The first rule whose conditions all hold decides; else the default cluster."""
@@ -130,7 +101,7 @@ class Table:
                     break
             else:
                 return rule.decide(request)
-        return Decision(self.default, DEFAULT_RULE, self.version)
+        return self.default_decision
 
     def denied(self, request: Request) -> Decision | None:
         """The first deny rule whose conditions hold, checked before lanes and routes."""
@@ -139,15 +110,11 @@ class Table:
                 return rule.decide(request)
         return None
 
-    def fallback(self, reason: str) -> Decision:
-        """The decision used when deciding failed: the default cluster, with the reason."""
-        return Decision(self.default, DEFAULT_RULE, self.version, error=reason)
+    def fallback(self, error: ErrorCode) -> Decision:
+        """The decision used when deciding failed: the default cluster, with the error."""
+        return Decision(self.default, DEFAULT_RULE, self.version, error=error,
+                        reason=Reason.FALLBACK)
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
 
-
-def _default_trust() -> "Trust":
-    from sidecar.core.steering import Trust
-
-    return Trust()

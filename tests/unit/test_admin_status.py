@@ -17,8 +17,7 @@ REPO = Path(__file__).parents[2]
 def test_status_describes_route_split_and_deny_rules(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     shutil.copy(REPO / "examples" / "rules.yaml", rules)  # route, split and deny rules
-    reloader = Reloader(rules, None, Metrics(CollectorRegistry()), StateFile(default_state_path(rules)))
-    reloader.load_initial()
+    reloader = Reloader(rules, Metrics(CollectorRegistry()), StateFile(default_state_path(rules)))
     status = as_dict(table_status(reloader))
     actions = {rule["name"]: rule["action"] for rule in status["rules"]}
     assert actions == {"block-admin": "deny", "force-canary": "route", "beta-tier": "route",

@@ -242,7 +242,7 @@ def test_the_poll_feeds_observers_without_any_rollout(envoy_admin: FakeEnvoyAdmi
     """One read per poll, also when the rules have no rollout; an HTTP error is unreadable."""
     seen: list[tuple[bool, str]] = []
     reloader = SimpleNamespace(state=SimpleNamespace(load=dict),
-                               holder=SimpleNamespace(table=SimpleNamespace(rollouts={})))
+                               table=SimpleNamespace(rollouts={}))
     controller = RolloutController(
         reloader, Metrics(CollectorRegistry()), EnvoyStats(envoy_admin.address, 60), 1.0,  # type: ignore[arg-type]
         observers=[lambda now, fams, error: seen.append((fams is not None, error))])

@@ -27,16 +27,14 @@ BROKEN = A.replace("weight: 10", "weight: -10")
 
 
 def make_reloader(path: Path) -> Reloader:
-    return Reloader(path, None, Metrics(CollectorRegistry()), StateFile(default_state_path(path)))
+    return Reloader(path, Metrics(CollectorRegistry()), StateFile(default_state_path(path)))
 
 
 def started(tmp_path: Path, text: str = A) -> tuple[Path, Reloader]:
     """A rules file with `text` and a reloader that has loaded it."""
     path = tmp_path / "rules.yaml"
     path.write_text(text)
-    reloader = make_reloader(path)
-    reloader.load_initial()
-    return path, reloader
+    return path, make_reloader(path)
 
 
 def reloads(reloader: Reloader, result: str) -> float:
@@ -48,9 +46,8 @@ def test_reload_swaps_only_valid_tables(tmp_path: Path) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text(A)
     reloader = make_reloader(path)
-    first = reloader.load_initial()
+    first = reloader.table
     holder = reloader.holder
-    assert holder is not None
 
     async def scenario() -> None:
         assert (await reloader.reload("test")).outcome is Outcome.UNCHANGED
@@ -77,7 +74,7 @@ def test_startup_on_a_broken_file_raises_with_every_problem(tmp_path: Path) -> N
     path = tmp_path / "rules.yaml"
     path.write_text(BROKEN)
     with pytest.raises(ValueError, match=r"field split\.to\[1\]\.weight"):
-        make_reloader(path).load_initial()
+        make_reloader(path)
 
 
 def test_set_weights_persists_and_survives_a_restart(tmp_path: Path) -> None:
@@ -92,7 +89,7 @@ def test_set_weights_persists_and_survives_a_restart(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
     restarted = make_reloader(path)
-    table = restarted.load_initial()
+    table = restarted.table
     assert table.version == loaded.table.version
     assert table.rules[0].split is not None and table.rules[0].split.weights == (70, 30)
     # back to the file's weights: the override disappears
@@ -108,7 +105,6 @@ def test_editing_the_rules_weights_in_the_file_drops_the_override(tmp_path: Path
         await reloader.set_weights("ramp", {"canary": 50})
         path.write_text(A + "# an unrelated edit\n")
         await reloader.reload("test")
-        assert reloader.holder is not None
         assert reloader.holder.table.rules[0].split.weights == (50, 50)  # type: ignore[union-attr]
         path.write_text(A.replace("weight: 90", "weight: 80").replace("weight: 10", "weight: 20"))
         await reloader.reload("test")
@@ -128,10 +124,10 @@ def test_set_weights_refusals_change_nothing(tmp_path: Path, rule: str, weights:
     path = tmp_path / "rules.yaml"
     path.write_text(A)
     reloader = make_reloader(path)
-    table = reloader.load_initial()
+    table = reloader.table
     with pytest.raises(ValueError, match=message):
         asyncio.run(reloader.set_weights(rule, weights))
-    assert reloader.holder is not None and reloader.holder.table is table
+    assert reloader.holder.table is table
     assert not default_state_path(path).exists()
 
 
@@ -139,7 +135,7 @@ def test_corrupt_state_file_is_ignored(tmp_path: Path, caplog: pytest.LogCapture
     path = tmp_path / "rules.yaml"
     path.write_text(A)
     default_state_path(path).write_text("{not json")
-    table = make_reloader(path).load_initial()
+    table = make_reloader(path).table
     assert table.rules[0].split is not None and table.rules[0].split.weights == (90, 10)
     assert "unreadable" in caplog.text
 
@@ -183,7 +179,6 @@ def test_watcher_picks_up_each_kind_of_update(tmp_path: Path, replace: Callable[
     else:
         path.write_text(A)
     reloader = make_reloader(path)
-    reloader.load_initial()
 
     async def scenario() -> None:
         stop = asyncio.Event()
@@ -202,7 +197,6 @@ def test_watcher_picks_up_each_kind_of_update(tmp_path: Path, replace: Callable[
         await asyncio.wait_for(watcher, 5)
 
     asyncio.run(scenario())
-    assert reloader.holder is not None
     assert reloader.holder.table.decide(request(u="x")).rule == "ramp"
 
 
@@ -243,4 +237,4 @@ def test_a_half_written_file_is_read_again_before_it_counts(tmp_path: Path) -> N
 
     assert asyncio.run(scenario()) is Outcome.LOADED
     assert reloader.failures == 0
-    assert reloader.holder is not None and reloader.holder.table.default == "canary"
+    assert reloader.holder.table.default == "canary"

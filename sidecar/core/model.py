@@ -1,0 +1,121 @@
+"""The decision core's vocabulary: what a decision is, why it was taken, how it failed,
+and what steering a request means. Plain data: `table` and `steering` both build on it.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sidecar.core.baggage import member_value
+from sidecar.core.identity import NO_IDENTITY, Identity, IdentityMatcher
+
+
+class Reason(StrEnum):
+    """What kind of step decided a request: a closed set, used as a metric label, in
+    dynamic metadata, logs, `explain` and the admin API."""
+
+    ROUTE = "route"  # a rule with a fixed route
+    SPLIT = "split"  # a rule's weighted split
+    LANE = "lane"  # a lane received from a trusted caller
+    DENY = "deny"  # a deny rule refused the request
+    DEFAULT = "default"  # no rule matched: the default cluster
+    FALLBACK = "fallback"  # deciding failed: the default cluster, caller treated as untrusted
+
+
+class ErrorCode(StrEnum):
+    """Why deciding failed (the `error` of a FALLBACK decision): a closed set, used alike in
+    logs, the `graysteer_decision_errors_total{reason}` label and dynamic metadata. The
+    exception itself is logged, never turned into a label."""
+
+    ENGINE = "engine_error"  # the core raised on this request: a bug, or input it cannot handle
+    ADAPTER = "adapter_error"  # the transport could not read Envoy's message or build its answer
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes, and why."""
+
+    cluster: str
+    rule: str  # the deciding rule's name, "default", or "lane:<lane>"
+    version: str  # the config version (hash of the rules file content)
+    bucket: int | None = None  # the split bucket, None when no split decided
+    key_source: str | None = None  # e.g. "header:x-user-id", "random", "missing"
+    error: "ErrorCode | None" = None  # why deciding failed and `default` was used
+    lane: str | None = None  # the traffic color passed on (with `coloring`)
+    identity: str | None = None  # the caller's SPIFFE ID or DNS name, when known
+    deny_status: int | None = None  # set when a deny rule decided: answer this status
+    deny_reason: str | None = None
+    reason: Reason = Reason.ROUTE  # what kind of step decided
+
+    def as_dict(self) -> dict[str, object]:
+        """Every field by name, None for those not set (see `decision_fields`)."""
+        return {
+            "cluster": self.cluster,
+            "rule": self.rule,
+            "reason": str(self.reason),
+            "bucket": self.bucket,
+            "key_source": self.key_source,
+            "version": self.version,
+            "error": None if self.error is None else str(self.error),
+            "lane": self.lane,
+            "identity": self.identity,
+            "deny_status": self.deny_status,
+            "deny_reason": self.deny_reason,
+        }
+
+
+def decision_fields(decision: Decision) -> dict[str, str | int]:
+    """The one conversion of a decision to named fields, for every transport (dynamic
+    metadata, decision headers), `explain`, the admin API and the CLI: the fields that are
+    set, as strings and integers."""
+    return {key: value for key, value in decision.as_dict().items()  # type: ignore[misc]
+            if value is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    identities: tuple[IdentityMatcher, ...] = ()
+    plaintext: bool = False
+    listener_ports: frozenset[int] = frozenset()
+    xfcc: bool = False
+    protected: frozenset[str] = frozenset()  # override headers + the color header
+
+    def allows(self, identity: Identity, listener_port: int | None) -> bool:
+        if listener_port is not None and listener_port in self.listener_ports:
+            return True
+        if not identity.mtls:
+            return self.plaintext
+        return any(matches(identity) for matches in self.identities)
+
+
+@dataclass(frozen=True, slots=True)
+class Coloring:
+    header: str
+    baggage: str | None
+    lanes: Mapping[str, str]  # lane -> this service's cluster
+    fallback: str
+    lane_of: Mapping[str, str] = field(default_factory=dict)  # cluster -> lane
+
+    def received_lane(self, headers: Mapping[str, str]) -> str | None:
+        lane = headers.get(self.header)
+        if not lane and self.baggage and "baggage" in headers:
+            lane = member_value(headers["baggage"], self.baggage)
+        return lane or None
+
+
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """What to do with one request."""
+
+    decision: Decision
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    baggage_dropped: bool = False  # the lane member was left out: baggage over its size limits
+    malformed: tuple[str, ...] = ()  # inputs ignored as malformed: "xfcc", "baggage"
+    identity: Identity = NO_IDENTITY  # the identity the decision used (mTLS, else XFCC)
+
+    @property
+    def denied(self) -> bool:
+        return self.decision.deny_status is not None
+
+
