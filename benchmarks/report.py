@@ -33,10 +33,12 @@ def _cpu(m: dict[str, Any]) -> str:
 
 
 def add_ratios(results: dict[str, Any]) -> None:
-    """Throughput at 32 connections relative to (a) and (e); CPU per request relative to (e)."""
+    """Throughput at 32 connections relative to (a) and to the floor of the scenario's
+    transport ((e) for gRPC, (h0) for HTTP); CPU per request relative to that floor."""
     by_key = {s["key"]: s for s in results["scenarios"]}
-    native, floor = by_key.get("a"), by_key.get("e")
+    native = by_key.get("a")
     for s in results["scenarios"]:
+        floor = by_key.get(s.get("floor") or "")
         ratios: dict[str, float | None] = {}
         if native:
             ratios["rps_vs_native"] = round(s["c32"]["rps"] / native["c32"]["rps"], 3)
@@ -59,8 +61,9 @@ def markdown(results: dict[str, Any]) -> str:
         "sidecar share the machine's cores.",
         "",
         "| scenario | req/s @1 | p50 @1 | p99 @1 | sidecar CPU ms/req @1 | req/s @32 | p50 @32 | "
-        "p99 @32 | sidecar CPU ms/req @32 | errors | req/s vs (a) | req/s vs (e) | CPU vs (e) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "p99 @32 | sidecar CPU ms/req @32 | errors | added p50 @1 vs (a) | req/s vs (a) | floor | "
+        "req/s vs floor | CPU vs floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["scenarios"]:
         c1, c32, r = s["c1"], s["c32"], s.get("ratios", {})
@@ -68,7 +71,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| ({s['key']}) {s['title']} | {c1['rps']:.0f} | {c1['p50_ms']:.2f} ms | "
             f"{c1['p99_ms']:.2f} ms | {_cpu(c1)} | {c32['rps']:.0f} | {c32['p50_ms']:.2f} ms | "
             f"{c32['p99_ms']:.2f} ms | {_cpu(c32)} | "
-            f"{c1['errors'] + c32['errors']} | {_ratio(r.get('rps_vs_native'))} | "
+            f"{c1['errors'] + c32['errors']} | {_ms(r.get('added_p50_ms_at_1_conn'))} | "
+            f"{_ratio(r.get('rps_vs_native'))} | {'(' + s['floor'] + ')' if s.get('floor') else '-'} | "
             f"{_ratio(r.get('rps_vs_floor'))} | {_ratio(r.get('cpu_vs_floor'))} |")
     micro = results.get("decision_micro_benchmark")
     if micro:
@@ -79,6 +83,10 @@ def markdown(results: dict[str, Any]) -> str:
                   f"`steer` (trust, lanes, rules, headers; it includes building the request "
                   f"view) (empty table: {micro['steer_empty_table_us']:.2f} µs)."]
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def _ratio(value: float | None) -> str:

@@ -58,7 +58,7 @@ def measure(scenario: Scenario, upstreams: dict[str, int], wrk: str, seconds: fl
                      20, "the sidecar endpoints to be healthy")
         script = lua_script(workdir / f"{scenario.key}.lua", scenario.headers, scenario.vary_user)
         run(wrk, envoy.port, 8, 1, script)  # warm-up
-        result: dict[str, Any] = {"key": scenario.key, "title": scenario.title}
+        result: dict[str, Any] = {"key": scenario.key, "title": scenario.title, "floor": scenario.floor}
         for connections in CONNECTIONS:
             pids = sidecar_pids(sidecar)
             before = cpu_seconds(pids)

@@ -73,12 +73,20 @@ def ext_authz() -> dict[str, Any]:
     return bootstrap(table, EnvoyOptions(mode="ext_authz")).to_dict(casing=Casing.SNAKE)
 
 
+def ext_authz_http() -> dict[str, Any]:
+    """(h) the ext_authz-over-HTTP front proxy: envoy/ext_authz_http.yaml's generator."""
+    table = load_rules(RULES)
+    return bootstrap(table, EnvoyOptions(mode="ext_authz_http")).to_dict(casing=Casing.SNAKE)
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
     title: str
     envoy: Callable[[], dict[str, Any]]
-    sidecar: str  # "graysteer", "empty" or "none"
+    sidecar: str  # "graysteer", "empty" (an empty servicer of the transport's shape) or "none"
+    transport: str = "grpc"  # or "http": ext_authz over HTTP
+    floor: str | None = "e"  # the scenario that is this transport's floor, for the ratios
     workers: int = 1
     headers: dict[str, str] = field(default_factory=dict)  # sent by the load tool
     vary_user: bool = True  # a different x-user-id per request (exercises the split)
@@ -88,23 +96,31 @@ class Scenario:
         if self.sidecar == "none":
             return None
         if self.sidecar == "empty":
-            process = Process("empty", [sys.executable, "-m", "benchmarks.empty_servicer", "0"],
-                              workdir / "empty.log")
+            module = "benchmarks.empty_servicer" if self.transport == "grpc" else "benchmarks.empty_http"
+            process = Process(f"empty-{self.key}", [sys.executable, "-m", module, "0"],
+                              workdir / f"empty-{self.key}.log")
             process.ports = [int(process.wait_for_log(r"on 127\.0\.0\.1:(\d+)").group(1))]  # type: ignore[attr-defined]
             return process
         args = ["--workers", str(self.workers)] if self.workers > 1 else []
-        return Sidecar(RULES, workdir, [*args, *self.sidecar_args], name=f"sidecar-{self.key}")
+        return Sidecar(RULES, workdir, [*args, *self.sidecar_args], name=f"sidecar-{self.key}",
+                       transport=self.transport)
 
 
 SCENARIOS = [
     Scenario("a", "Envoy native header routing (no sidecar)", native, "none",
-             headers={"x-route-cluster": "stable"}, vary_user=False),
+             headers={"x-route-cluster": "stable"}, vary_user=False, floor=None),
     Scenario("b", "ext_proc, request headers only", envoy_yaml, "graysteer"),
     Scenario("c", "ext_proc, request + response headers", with_response_headers, "graysteer"),
     Scenario("d", "ext_authz", ext_authz, "graysteer"),
     Scenario("e", "empty ext_proc servicer (floor of Python gRPC)", envoy_yaml, "empty"),
     Scenario("f2", "(b) with 2 worker processes", envoy_yaml, "graysteer", workers=2),
     Scenario("f3", "(b) with 3 worker processes", envoy_yaml, "graysteer", workers=3),
+    Scenario("h", "ext_authz over HTTP (the fast path)", ext_authz_http, "graysteer",
+             transport="http", floor="h0"),
+    Scenario("h0", "empty HTTP responder (floor of the HTTP transport)", ext_authz_http, "empty",
+             transport="http", floor="h0"),
+    Scenario("h2", "(h) with 2 worker processes", ext_authz_http, "graysteer", workers=2,
+             transport="http", floor="h0"),
 ]
 
 
