@@ -17,6 +17,7 @@ def one_line(s: dict[str, Any]) -> str:
 def median(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """One scenario's rounds -> the median of every number (errors: the total)."""
     merged: dict[str, Any] = {"key": outcomes[0]["key"], "title": outcomes[0]["title"],
+                              "floor": outcomes[0].get("floor"),
                               "failure_mode_allowed": sum(o["failure_mode_allowed"] for o in outcomes)}
     for level in ("c1", "c32"):
         merged[level] = {}
