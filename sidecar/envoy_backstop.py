@@ -37,6 +37,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import PathMatcher, RegexMatcher, St
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from sidecar.core import Table
+from sidecar.core.identity import regex_problem
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 LUA_FILTER = "envoy.filters.http.lua"
@@ -76,9 +77,26 @@ def _header_permission(name: str, form: str | dict[str, Any]) -> Permission:
     return Permission(header=HeaderMatcher(name=name, string_match=_string_matcher(form)))
 
 
-def _glob_regex(glob: str) -> str:
-    """A SPIFFE glob (`*` any run of characters) as an anchored RE2 pattern."""
-    return "".join(".*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", glob))
+def _envoy_regex(pattern: str, what: str) -> StringMatcher:
+    """`pattern` as a safe_regex matcher, or ValueError when Envoy would refuse it (RE2's
+    program size limit): the config must never fail to load in Envoy."""
+    problem = regex_problem(pattern)
+    if problem:
+        raise ValueError(f"{what} cannot be enforced by Envoy's RBAC backstop: {problem}")
+    return _regex(pattern)
+
+
+def _glob_matcher(glob: str) -> StringMatcher:
+    """A SPIFFE glob (`*` any run of characters, as the sidecar matches it): exact without a
+    wildcard, a prefix with one trailing `*` (no regex, so no size limit), else an anchored
+    RE2 pattern."""
+    stars = glob.count("*")
+    if stars == 0:
+        return StringMatcher(exact=glob)
+    if stars == 1 and glob.endswith("*"):
+        return StringMatcher(prefix=glob[:-1])
+    pattern = "".join(".*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", glob))
+    return _envoy_regex(pattern, f"identity glob {glob!r}")
 
 
 def _dns_regex(pattern: str) -> str:
@@ -94,14 +112,16 @@ def _principal(form: dict[str, Any]) -> Principal:
     if "exact" in form:
         name = StringMatcher(exact=str(form["exact"]))
     elif "glob" in form:
-        name = _regex(_glob_regex(str(form["glob"])))
+        name = _glob_matcher(str(form["glob"]))
     elif "trust_domain" in form:
         name = StringMatcher(prefix=f"spiffe://{form['trust_domain']}/")
     elif "regex" in form:
-        name = _regex(str(form["regex"]))
+        name = _regex(str(form["regex"]))  # refused at load already when Envoy would refuse it
     elif "dns" in form:
-        name = StringMatcher(safe_regex=RegexMatcher(regex=_dns_regex(str(form["dns"]))),
-                             ignore_case=True)
+        dns = str(form["dns"])
+        name = (StringMatcher(exact=dns.lower(), ignore_case=True) if not dns.startswith("*.")
+                else _envoy_regex(_dns_regex(dns), f"DNS pattern {dns!r}"))
+        name.ignore_case = True
     else:
         any_peer = Principal(authenticated=PrincipalAuthenticated())
         return any_peer if form.get("present") else Principal(not_id=any_peer)

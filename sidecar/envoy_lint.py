@@ -381,10 +381,9 @@ def _matcher(matcher: dict[str, Any]) -> Any:
     if "safe_regex" in string or "safe_regex_match" in matcher:
         regex = (string.get("safe_regex") or matcher.get("safe_regex_match") or {}).get("regex", "")
         try:
-            compiled = re.compile(regex)
-        except re.error:
+            return compile_regex(regex)  # RE2 with Envoy's limits: what Envoy will match
+        except RegexError:
             return None
-        return lambda value: compiled.fullmatch(value) is not None
     if "exact" in string or "exact_match" in matcher:
         exact = string.get("exact", matcher.get("exact_match"))
         return lambda value: value == exact

@@ -180,3 +180,47 @@ def test_xfcc_without_the_uri_san_is_found() -> None:
     config = yaml.safe_load((REPO / "envoy" / "mtls.yaml").read_text())
     hcm(config)["set_current_client_cert_details"]["uri"] = False
     assert any("without the URI SAN" in str(f) for f in check(XFCC_TABLE, config))
+
+
+def _principals(rules_yaml: str) -> Any:
+    from sidecar.envoy_config import EnvoyOptions, bootstrap, render_yaml
+
+    config = yaml.safe_load(render_yaml(bootstrap(table_from_yaml(rules_yaml), EnvoyOptions())))
+    rbac = next(f for f in hcm(config)["http_filters"] if f["name"] == "envoy.filters.http.rbac")
+    policy = next(iter(rbac["typed_config"]["rules"]["policies"].values()))
+    return policy["principals"][0]
+
+
+def _deny_on(identity: str) -> str:
+    return f"""
+version: 1
+clusters: [stable, canary]
+default: stable
+rules:
+  - name: no-qa
+    match: {{identity: {identity}}}
+    deny: {{status: 403}}
+"""
+
+
+def test_backstop_matches_a_trailing_glob_by_prefix_whatever_its_length() -> None:
+    glob = "spiffe://example.org/ns/" + "q" * 150 + "/*"
+    principal = _principals(_deny_on(f'{{glob: "{glob}"}}'))
+    assert principal["authenticated"]["principal_name"] == {"prefix": glob[:-1]}
+
+
+def test_backstop_refuses_a_glob_envoy_could_not_compile() -> None:
+    from sidecar.envoy_config import EnvoyOptions, bootstrap
+
+    glob = "spiffe://example.org/ns/*/" + "q" * 150 + "/*"
+    with pytest.raises(ValueError, match="cannot be enforced by Envoy's RBAC backstop"):
+        bootstrap(table_from_yaml(_deny_on(f'{{glob: "{glob}"}}')), EnvoyOptions())
+    short = _principals(_deny_on('{glob: "spiffe://example.org/ns/*/sa/x"}'))
+    assert short["authenticated"]["principal_name"]["safe_regex"]["regex"] == (
+        r"spiffe://example\.org/ns/.*/sa/x")
+
+
+def test_a_guard_envoy_cannot_compile_is_no_guard() -> None:
+    config = copy.deepcopy(ENVOY)
+    guard(config)["string_match"] = {"safe_regex": {"regex": "^(?=s)(stable|canary)$"}}  # lookahead: not RE2
+    assert any("does not check" in str(f) for f in check(TABLE, config))
