@@ -12,7 +12,7 @@ import yaml
 
 from sidecar.backend import BackendServer
 from sidecar.devstack import Envoy, HttpClient, Sidecar, rewrite_envoy_config
-from sidecar.envoy_config import EnvoyOptions, bootstrap
+from sidecar.envoy_config import EnvoyOptions, TlsOptions, bootstrap
 from sidecar.rules_file import parse_rules
 from tests.e2e.conftest import REPO
 from tests.tls import make_ca, make_leaf, write_pair
@@ -77,6 +77,8 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for uri in (QA, OPS, WEB, "spiffe://other.org/ns/x/sa/outsider"):
         name = uri.rsplit("/", 1)[-1]
         write_pair(directory, name, make_leaf(ca, name, uris=[uri], dns=[f"{name}.example.org"]))
+    # Two URI SANs: no SVID (X509-SVID), so no SPIFFE identity in any mode.
+    write_pair(directory, "twin", make_leaf(ca, "twin", uris=[QA, WEB]))
     stranger = make_ca("another CA")
     write_pair(directory, "stranger", make_leaf(stranger, "stranger", uris=[QA]))
     return directory
@@ -90,7 +92,8 @@ def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path,
     (workdir / "b.yaml").write_text(b_rules)
     backends = {name: BackendServer(name).start_in_thread() for name in ("b-stable", "b-canary")}
     stack.extend(backends.values())
-    b_sidecar = Sidecar(workdir / "b.yaml", workdir, name="b-sidecar")
+    transport = "http" if mode == "ext_authz_http" else "grpc"
+    b_sidecar = Sidecar(workdir / "b.yaml", workdir, name="b-sidecar", transport=transport)
     stack.append(b_sidecar)
     b_table = parse_rules(b_rules.encode(), "b")
     outbound_config = bootstrap(b_table, EnvoyOptions(mode=mode)).to_dict(
@@ -102,10 +105,14 @@ def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path,
     for lane in ("stable", "canary"):
         backends[f"a-{lane}"] = BackendServer(f"a-{lane}", forward_to=("127.0.0.1", outbound.port))
         stack.append(backends[f"a-{lane}"].start_in_thread())
-    front_sidecar = Sidecar(workdir / "front.yaml", workdir, name="front-sidecar")
+    front_sidecar = Sidecar(workdir / "front.yaml", workdir, name="front-sidecar", transport=transport)
     stack.append(front_sidecar)
-    template = yaml.safe_load((REPO / "envoy" / ("mtls.yaml" if mode == "ext_proc"
-                                                 else "ext_authz.yaml")).read_text())
+    if mode == "ext_authz_http":  # no shipped mTLS file for it: the generator's output
+        template = bootstrap(parse_rules(FRONT_RULES.encode(), "front"), EnvoyOptions(
+            mode=mode, mtls=TlsOptions())).to_dict(casing=__import__("betterproto2").Casing.SNAKE)
+    else:
+        template = yaml.safe_load((REPO / "envoy" / ("mtls.yaml" if mode == "ext_proc"
+                                                     else "ext_authz.yaml")).read_text())
     front = Envoy(rewrite_envoy_config(template, {
         "graysteer": ("127.0.0.1", front_sidecar.port),
         "stable": ("127.0.0.1", backends["a-stable"].port),
@@ -115,7 +122,7 @@ def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path,
     return Chain(front.port, tls_dir, front, backends)
 
 
-@pytest.fixture(params=["ext_proc", "ext_authz"], scope="module")
+@pytest.fixture(params=["ext_proc", "ext_authz", "ext_authz_http"], scope="module")
 def chain(request: pytest.FixtureRequest, tls_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     stack: list[Any] = []
@@ -140,6 +147,13 @@ def call(chain: Chain, identity: str | None, headers: dict[str, str] | None = No
 def test_qa_identity_goes_to_canary_another_to_stable(chain: Chain) -> None:
     assert call(chain, QA)["backend"] == "a-canary"
     assert call(chain, WEB)["backend"] == "a-stable"
+
+
+def test_a_certificate_with_two_uri_sans_has_no_identity(chain: Chain) -> None:
+    # The first SAN is QA (trusted, routed to canary): honoured, it would be canary.
+    echo = call(chain, "twin", {"x-canary": "1"})
+    assert echo["backend"] == "a-stable"
+    assert "x-canary" not in echo["headers"]  # untrusted: the override is removed too
 
 
 def test_override_header_counts_only_from_a_trusted_identity(chain: Chain) -> None:
