@@ -1,7 +1,8 @@
 """Scenario (h0): the floor of the HTTP transport here. An asyncio Protocol with the httptools
-parser on uvloop, the same server shape as graysteer's HTTP ext_authz server: it answers every
-check with one constant 200 carrying the routing header (the shape of graysteer's answer),
-and 200 to the health path; it decides nothing, counts nothing.
+parser on uvloop, the same server shape as graysteer's HTTP ext_authz server: it receives each
+check's headers into a dict (as the gRPC floor receives its message) and answers one constant
+200 carrying the routing header (the shape of graysteer's answer), the health path included;
+it decides nothing, counts nothing.
 Run: python -m benchmarks.empty_http PORT"""
 
 import asyncio
@@ -17,6 +18,7 @@ class Constant(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
+        self.headers: dict[str, str] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -31,6 +33,12 @@ class Constant(asyncio.Protocol):
         if self.out:
             self.transport.write(b"".join(self.out))
             self.out = []
+
+    def on_message_begin(self) -> None:
+        self.headers = {}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
 
     def on_message_complete(self) -> None:
         self.out.append(ANSWER)

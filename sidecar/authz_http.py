@@ -331,7 +331,9 @@ class _Connection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
+        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF; inlined: once per header
+        if self.head_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "request head too large")
         if len(self.headers) >= self.limits.max_headers:
             raise _Reject(431, "too many request headers")
         key = name.decode("latin-1").lower()

@@ -47,6 +47,12 @@ class Decision:
     deny_reason: str | None = None
     reason: Reason = Reason.ROUTE  # what kind of step decided
 
+    def carrying(self, lane: str | None, identity: str | None) -> "Decision":
+        """This decision with the lane passed on and the caller's identity (built directly:
+        `dataclasses.replace` costs a fifth of a whole steering)."""
+        return Decision(self.cluster, self.rule, self.version, self.bucket, self.key_source,
+                        self.error, lane, identity, self.deny_status, self.deny_reason, self.reason)
+
     def as_dict(self) -> dict[str, object]:
         """Every field by name, None for those not set (see `decision_fields`)."""
         return {

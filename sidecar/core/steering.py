@@ -15,8 +15,6 @@ The order, for every adapter:
 """
 
 from collections.abc import Mapping
-from dataclasses import replace
-
 from sidecar.core.baggage import well_formed, with_member, without_member
 from sidecar.core.identity import identity_from_xfcc
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust
@@ -110,7 +108,7 @@ def steer(table: Table, request: Request) -> Steering:
         decision = table.decide(seen)
     if decision.deny_status is not None:
         if identity.principal:
-            decision = replace(decision, identity=identity.principal)
+            decision = decision.carrying(decision.lane, identity.principal)
         return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed),
                         identity=identity)
 
@@ -118,8 +116,8 @@ def steer(table: Table, request: Request) -> Steering:
     dropped = False
     if coloring is not None:
         lane = lane or coloring.lane_of.get(decision.cluster, decision.cluster)
-    if identity.principal or lane is not None:  # one copy: replace() costs microseconds
-        decision = replace(decision, identity=identity.principal or decision.identity, lane=lane)
+    if identity.principal or lane is not None:
+        decision = decision.carrying(lane, identity.principal or decision.identity)
     if coloring is not None and lane is not None:
         set_headers.append((coloring.header, lane))
         if coloring.baggage:

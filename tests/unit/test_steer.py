@@ -100,3 +100,14 @@ def test_steer(row: Row) -> None:
 
 def test_every_reason_is_reached_and_the_set_is_closed() -> None:
     assert {row.reason for row in ROWS} | {Reason.DEFAULT, Reason.FALLBACK} == set(Reason)
+
+
+def test_carrying_keeps_every_other_field() -> None:
+    from dataclasses import fields, replace
+
+    from sidecar.core import Decision, ErrorCode
+
+    full = Decision("c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why",
+                    Reason.FALLBACK)
+    assert full.carrying("l1", "id1") == replace(full, lane="l1", identity="id1")
+    assert len(fields(Decision)) == 11  # a new field must be added to carrying() too
