@@ -11,7 +11,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 def one_line(s: dict[str, Any]) -> str:
     return " | ".join(
         f"{c}: {s[c]['rps']:.0f} req/s p50 {s[c]['p50_ms']:.2f} ms p99 {s[c]['p99_ms']:.2f} ms "
-        f"cpu/req {_cpu(s[c])} errors {s[c]['errors']}" for c in ("c1", "c32"))
+        f"cpu/req {_cpu(s[c])} errors {s[c]['errors']}"
+        + (f" worker shares {s[c]['worker_cpu_shares']}" if len(s[c].get("worker_cpu_shares") or []) > 1
+           else "") for c in ("c1", "c32"))
 
 
 def median(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -23,6 +25,9 @@ def median(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         merged[level] = {}
         for name, value in outcomes[0][level].items():
             values = [o[level][name] for o in outcomes]
+            if isinstance(value, list):  # per-worker shares: every round's, as measured
+                merged[level][name] = values
+                continue
             merged[level][name] = (None if value is None else sum(values) if name == "errors"
                                    else statistics.median(values))
         merged[level]["rounds"] = [o[level]["sidecar_cpu_ms_per_request"] for o in outcomes]

@@ -54,19 +54,22 @@ def measure(scenario: Scenario, upstreams: dict[str, int], wrk: str, seconds: fl
         ports: list[int] = getattr(sidecar, "ports", [])
         envoy = front_envoy(scenario, ports, upstreams, workdir)
         if ports:  # wait for Envoy's health checks to find every sidecar endpoint healthy
-            wait_for(lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == len(ports),
+            wait_for(lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == len(set(ports)),
                      20, "the sidecar endpoints to be healthy")
         script = lua_script(workdir / f"{scenario.key}.lua", scenario.headers, scenario.vary_user)
         run(wrk, envoy.port, 8, 1, script)  # warm-up
         result: dict[str, Any] = {"key": scenario.key, "title": scenario.title, "floor": scenario.floor}
         for connections in CONNECTIONS:
             pids = sidecar_pids(sidecar)
-            before = cpu_seconds(pids)
+            before = [cpu_seconds([pid]) for pid in pids]
             load = run(wrk, envoy.port, connections, seconds, script)
-            used = cpu_seconds(pids) - before
+            each = [cpu_seconds([pid]) - b for pid, b in zip(pids, before, strict=True)]
+            used = sum(each)
             result[f"c{connections}"] = {  # ms of CPU per request = s per 1000 requests
                 **load.as_dict(),
                 "sidecar_cpu_ms_per_request": round(1000 * used / load.requests, 4) if pids else None,
+                # how evenly worker processes share the work (one process: [1.0])
+                "worker_cpu_shares": [round(e / used, 2) if used else None for e in each],
             }
         stats = envoy.stats()
         result["failure_mode_allowed"] = stats.get("http.ingress.ext_proc.failure_mode_allowed", 0) + \

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from betterproto2 import Casing
 
-from sidecar.devstack import Envoy, Process, Sidecar
+from sidecar.devstack import Envoy, Process, Sidecar, free_port
 from sidecar.envoy_config import EnvoyOptions, bootstrap
 from sidecar.rules_file import load_rules
 
@@ -102,8 +102,9 @@ class Scenario:
             process.ports = [int(process.wait_for_log(r"on 127\.0\.0\.1:(\d+)").group(1))]  # type: ignore[attr-defined]
             return process
         args = ["--workers", str(self.workers)] if self.workers > 1 else []
+        shared = "--authz-http-shared-port" in self.sidecar_args  # needs a fixed port
         return Sidecar(RULES, workdir, [*args, *self.sidecar_args], name=f"sidecar-{self.key}",
-                       transport=self.transport)
+                       transport=self.transport, port=free_port() if shared else 0)
 
 
 SCENARIOS = [
@@ -119,8 +120,11 @@ SCENARIOS = [
              transport="http", floor="h0"),
     Scenario("h0", "empty HTTP responder (floor of the HTTP transport)", ext_authz_http, "empty",
              transport="http", floor="h0"),
-    Scenario("h2", "(h) with 2 worker processes", ext_authz_http, "graysteer", workers=2,
-             transport="http", floor="h0"),
+    Scenario("h2", "(h) with 2 worker processes, ports +0, +1", ext_authz_http, "graysteer",
+             workers=2, transport="http", floor="h0"),
+    Scenario("h2s", "(h) with 2 worker processes sharing one port (SO_REUSEPORT)", ext_authz_http,
+             "graysteer", workers=2, transport="http", floor="h0",
+             sidecar_args=("--authz-http-shared-port",)),
 ]
 
 
@@ -129,7 +133,7 @@ def front_envoy(scenario: Scenario, sidecar_ports: list[int], upstreams: dict[st
     from sidecar.devstack import rewrite_envoy_config
 
     endpoints: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in upstreams.items()}
-    if sidecar_ports:
-        endpoints["graysteer"] = [("127.0.0.1", port) for port in sidecar_ports]
+    if sidecar_ports:  # one endpoint per distinct port (workers sharing one port: one)
+        endpoints["graysteer"] = [("127.0.0.1", port) for port in sorted(set(sidecar_ports))]
     config = copy.deepcopy(scenario.envoy())
     return Envoy(rewrite_envoy_config(config, endpoints), workdir, name=f"front-{scenario.key}")

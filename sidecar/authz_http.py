@@ -194,9 +194,10 @@ class AuthzHttpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._logged: set[str] = set()
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                reuse_port=reuse_port or None)
         self._sweeper = loop.create_task(self._sweep())
 
     @property
@@ -403,11 +404,12 @@ class _Connection(asyncio.Protocol):
 
 async def start_authz_http(decider: Decider, host: str, port: int, ready: Callable[[], bool], *,
                            path_prefix: str = PATH_PREFIX, health_path: str = HEALTH_PATH,
-                           limits: Limits = Limits()) -> AuthzHttpServer:
+                           limits: Limits = Limits(), reuse_port: bool = False) -> AuthzHttpServer:
     """Serve Envoy's HTTP ext_authz checks on host:port (port 0: any free port, see `.port`)
-    on the running loop. Stop with `await server.close(grace)`."""
+    on the running loop; with `reuse_port`, share the port with other processes that ask for
+    it too (SO_REUSEPORT: the kernel spreads connections). Stop with `await server.close(grace)`."""
     server = AuthzHttpServer(decider, ready, path_prefix=path_prefix, health_path=health_path,
                              limits=limits)
-    await server.start(host, port)
+    await server.start(host, port, reuse_port)
     return server
 

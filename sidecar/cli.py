@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authz-http-listen", type=_address("--authz-http-listen"), metavar="HOST:PORT",
                    help="also answer Envoy's ext_authz over plain HTTP/1.1 here: the fast path "
                    "(envoy-config --mode ext_authz_http; default off)")
+    p.add_argument("--authz-http-shared-port", action="store_true",
+                   help="with --workers N: every worker listens on the --authz-http-listen port "
+                   "itself (SO_REUSEPORT; the kernel spreads Envoy's connections) instead of "
+                   "port, port+1, ...")
     p.add_argument("--admin-listen", default="127.0.0.1:50052", type=_admin_address,
                    help="HOST:PORT or unix:PATH of the admin API (default %(default)s)")
     p.add_argument("--admin-allow-remote", action="store_true",
@@ -258,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             and not is_local_address(args.admin_listen)):
         parser.error(f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
                      "the admin API is unauthenticated: add --admin-allow-remote to bind it there")
+    if args.command == "serve" and args.authz_http_shared_port and (
+            not args.authz_http_listen or args.authz_http_listen.endswith(":0")):
+        parser.error("--authz-http-shared-port needs --authz-http-listen with a fixed port")
     if args.command == "serve" and args.listen == "off" and not args.authz_http_listen:
         parser.error("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
     if args.command == "serve" and args.ready_max_bypass_ratio is not None and not (
@@ -286,6 +293,7 @@ def _run(args: argparse.Namespace) -> int:
         options = ServeOptions(
             config=args.config, listen=None if args.listen == "off" else args.listen,
             authz_http_listen=args.authz_http_listen, admin_listen=args.admin_listen,
+            authz_http_shared_port=args.authz_http_shared_port,
             http_listen=args.http_listen, state_file=args.state_file, grace_seconds=args.grace,
             drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll,
             admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index,

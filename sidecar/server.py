@@ -42,6 +42,7 @@ class ServeOptions:
     config: str
     listen: str | None = "127.0.0.1:50051"  # gRPC: ext_proc, ext_authz, health; None: off
     authz_http_listen: str | None = None  # ext_authz over plain HTTP/1.1 (sidecar.authz_http)
+    authz_http_shared_port: bool = False  # workers share the HTTP port (SO_REUSEPORT)
     admin_listen: str = "127.0.0.1:50052"
     http_listen: str | None = None
     state_file: str | None = None
@@ -108,7 +109,8 @@ async def serve(options: ServeOptions) -> None:
     if options.authz_http_listen is not None:
         host, port = split_host_port(options.authz_http_listen, "--authz-http-listen")
         try:
-            authz_http = await start_authz_http(decider, host, port, lambda: readiness.ready)
+            authz_http = await start_authz_http(decider, host, port, lambda: readiness.ready,
+                                                reuse_port=options.authz_http_shared_port)
         except OSError as error:
             raise OSError(f"--authz-http-listen: cannot listen on {options.authz_http_listen}: "
                           f"{error.strerror or error}") from error

@@ -60,7 +60,9 @@ class Supervisor:
         self.log_level = log_level
         self.workers = [Worker(i, worker_address(options.listen, i),
                                str(worker_address(options.admin_listen, i)),
-                               worker_address(options.authz_http_listen, i)) for i in range(count)]
+                               options.authz_http_listen if options.authz_http_shared_port
+                               else worker_address(options.authz_http_listen, i))
+                        for i in range(count)]
         self.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
             prefix="graysteer-metrics-")
         self._own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
@@ -75,6 +77,8 @@ class Supervisor:
                 "--worker-index", str(worker.index), "--event-loop", o.event_loop]
         if worker.authz_http_listen:
             argv += ["--authz-http-listen", worker.authz_http_listen]
+            if o.authz_http_shared_port:
+                argv.append("--authz-http-shared-port")
         if o.admin_allow_remote:
             argv.append("--admin-allow-remote")
         if o.state_file:

@@ -101,3 +101,27 @@ def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp
     assert {status for status, _ in results} == {200}  # the killed worker's streams failed open; none failed
     assert "stopped (worker exit codes [0, 0])" in sidecar.log_text()
     assert stats[cut] == cut_by_the_kill  # the drain cut no stream
+
+
+def test_http_workers_share_the_checks_and_a_dead_one_comes_back(rules_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """ext_authz over HTTP with two workers on ports +0, +1: Envoy's HTTP pool spreads checks
+    over both; a killed worker is restarted on its port and gets checks again; nothing fails."""
+    config = ENVOY_CONFIG.parent / "ext_authz_http.yaml"
+    with Stack(rules_file, config, tmp_path, sidecar_args=["--workers", "2"]) as stack:
+        sidecar = stack.sidecar
+        assert sidecar is not None and sidecar.transport == "http" and len(set(sidecar.ports)) == 2
+        load = BackgroundLoad(stack.port, {}, threads=3, users=[f"u{i}" for i in range(20)])
+        load.wait_for_more(200, "load")
+        counts = per_worker_requests(stack)
+        assert all(counts[f"127.0.0.1:{port}"] > 0 for port in sidecar.ports)
+        pid = int(re.search(r"worker 1 \(pid (\d+)\)", sidecar.log_text()).group(1))  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: sidecar.log_text().count("worker 1 (pid") == 2, 20, "worker 1 to restart")
+        worker1 = f"127.0.0.1:{sidecar.ports[1]}"
+        before = per_worker_requests(stack)[worker1]
+        wait_for(lambda: per_worker_requests(stack)[worker1] > before + 50, 20,
+                 "checks to reach the restarted worker")
+        load.stop()
+    assert {s.status for s in load.samples} == {200}
+    assert all(s.backend for s in load.samples)

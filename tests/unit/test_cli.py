@@ -97,6 +97,8 @@ def test_explain_with_an_identity(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize(("args", "message"), [
     (["--listen", "off"], "--listen off leaves nothing to serve"),
     (["--authz-http-listen", "nowhere"], "--authz-http-listen: expected HOST:PORT"),
+    (["--authz-http-listen", "127.0.0.1:0", "--authz-http-shared-port"], "needs --authz-http-listen "
+     "with a fixed port"),
 ])
 def test_serve_transport_flags_are_checked(args: list[str], message: str,
                                            capsys: pytest.CaptureFixture[str]) -> None:
