@@ -15,6 +15,7 @@ The order, for every adapter:
 """
 
 from collections.abc import Mapping
+
 from sidecar.core.baggage import well_formed, with_member, without_member
 from sidecar.core.identity import identity_from_xfcc
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust
