@@ -1,7 +1,9 @@
 # The Graysteer sidecar (also the sample backends of docker-compose.yml).
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# setup.py generates the admin API's code from protos/ at build time (grpcio-tools).
+COPY pyproject.toml setup.py README.md ./
+COPY protos ./protos
 COPY sidecar ./sidecar
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 graysteer
 USER graysteer

@@ -1,6 +1,6 @@
 """Build hook: generate the admin API's Python code from protos/ with grpcio-tools.
 
-The generated modules (sidecar/admin_api/admin_pb2*.py) are not committed: they are
+The generated modules (sidecar/admin/api/admin_pb2*.py) are not committed: they are
 produced from protos/graysteer/admin/v1/admin.proto on every build and editable
 install, so the .proto file is the only source of truth and the generated code always
 matches the pinned grpcio-tools (see pyproject.toml's build-system requirements).
@@ -13,7 +13,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 PROTO_DIR = ROOT / "protos" / "graysteer" / "admin" / "v1"
-PACKAGE_DIR = "sidecar/admin_api"  # where the generated modules live, as an import path
+PACKAGE_DIR = "sidecar/admin/api"  # where the generated modules live, as an import path
 
 
 def generate_admin_api() -> None:
@@ -23,7 +23,7 @@ def generate_admin_api() -> None:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
-        f"-I{PACKAGE_DIR}={PROTO_DIR}",  # import path sidecar/admin_api/admin.proto
+        f"-I{PACKAGE_DIR}={PROTO_DIR}",  # import path sidecar/admin/api/admin.proto
         f"-I{well_known}",
         f"--python_out={ROOT}",
         f"--grpc_python_out={ROOT}",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.scenarios import SCENARIOS, backends_config, front_envoy
 from benchmarks.wrk import ensure_wrk, lua_script, run
-from sidecar.devstack import Envoy, wait_for
+from sidecar.dev.devstack import Envoy, wait_for
 
 
 def summarize(raw: str) -> dict[str, float]:

@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 from betterproto2 import Casing
 
-from sidecar.devstack import Envoy, Process, Sidecar, free_port
-from sidecar.envoy_config import EnvoyOptions, bootstrap
-from sidecar.rules_file import load_rules
+from sidecar.dev.devstack import Envoy, Process, Sidecar, free_port
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.runtime.load import load_rules
 
 REPO = Path(__file__).parents[1]
 RULES = REPO / "examples" / "rules.yaml"
@@ -130,7 +130,7 @@ SCENARIOS = [
 
 def front_envoy(scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int],
                 workdir: Path) -> Envoy:
-    from sidecar.devstack import rewrite_envoy_config
+    from sidecar.dev.devstack import rewrite_envoy_config
 
     endpoints: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in upstreams.items()}
     if sidecar_ports:  # one endpoint per distinct port (workers sharing one port: one)

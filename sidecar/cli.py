@@ -8,8 +8,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from sidecar import admin_client
-from sidecar.admin_client import AdminError
+from sidecar.admin import client as admin_client
+from sidecar.admin.client import AdminError
 from sidecar.core import RulesError, Table
 from sidecar.server import ServeOptions, is_local_address, serve, split_host_port
 
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy", metavar="ENVOY_YAML",
                    help="also check an Envoy bootstrap against the rules (guard, strip, HTTP/2...)")
 
+    commands.add_parser("schema", help="print the rules file's JSON Schema (for editors)")
+
     p = commands.add_parser("envoy-config", help="print an Envoy bootstrap for a rules file")
     p.add_argument("--rules", required=True, help="the rules file (YAML)")
     p.add_argument("--mode", choices=["ext_proc", "ext_authz", "ext_authz_http"], default="ext_proc",
@@ -238,7 +240,7 @@ def run_event_loop(main: "Coroutine[Any, Any, None]", choice: str) -> None:
 def _check_envoy(table: "Table", path: str) -> int:
     import yaml
 
-    from sidecar.envoy_lint import check
+    from sidecar.envoyconf.lint import check
 
     try:
         with open(path) as handle:
@@ -307,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
         run_event_loop(serve(options), args.event_loop)
         return 0
     if args.command == "check":
-        from sidecar.rules_file import load_rules
+        from sidecar.runtime.load import load_rules
 
         table = load_rules(args.rules)
         print(f"{args.rules}: ok, version {table.version}, {len(table.rules)} rules, "
@@ -315,9 +317,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.envoy:
             return _check_envoy(table, args.envoy)
         return 0
+    if args.command == "schema":
+        from sidecar.core.schema import RULES_SCHEMA
+
+        print(json.dumps(RULES_SCHEMA, indent=2, sort_keys=True))
+        return 0
     if args.command == "envoy-config":
-        from sidecar.envoy_config import EnvoyOptions, TlsOptions, bootstrap, render_yaml
-        from sidecar.rules_file import load_rules
+        from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, render_yaml
+        from sidecar.runtime.load import load_rules
 
         table = load_rules(args.rules)
         unknown = sorted({c for c, _ in args.upstreams} - set(table.clusters))
@@ -336,7 +343,7 @@ def _run(args: argparse.Namespace) -> int:
               + render_yaml(bootstrap(table, envoy_options)), end="")
         return 0
     if args.command == "explain":
-        from sidecar.explain import Peer, explain_local
+        from sidecar.transports.explain import Peer, explain_local
 
         peer = Peer(args.identity, args.dns, args.listener_port)
         if args.admin:
@@ -363,11 +370,11 @@ def _run(args: argparse.Namespace) -> int:
               + f" (version {report['version']}, persisted in {report['state_file']})")
         return 0
     if args.command == "demo":
-        from sidecar.demo import run_demo
+        from sidecar.dev.demo import run_demo
 
         return run_demo(args.rules, args.envoy_config, args.requests, args.keep_running)
     if args.command == "demo-backend":
-        from sidecar.backend import run_backend
+        from sidecar.dev.backend import run_backend
 
         host, port = split_host_port(args.listen, "--listen")
         run_backend(args.name, host, port)

@@ -12,20 +12,20 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from sidecar.admin import AdminServicer
-from sidecar.admin_api import admin_pb2_grpc
-from sidecar.authz_http import AuthzHttpServer, start_authz_http
-from sidecar.bypass import BypassMonitor
-from sidecar.deciding import Decider
-from sidecar.extauthz import AuthorizationServicer
-from sidecar.extproc import ExtProcServicer
-from sidecar.extproc import add_to_server as add_ext_proc
-from sidecar.health import BypassGate, Readiness, ReadinessView, start_http
-from sidecar.metrics import Metrics
-from sidecar.reload import Reloader
-from sidecar.rollouts import EnvoyStats, RolloutController, http_view
-from sidecar.state_file import StateFile, default_state_path
-from sidecar.watch import watch_directory
+from sidecar.admin.api import admin_pb2_grpc
+from sidecar.admin.servicer import AdminServicer
+from sidecar.runtime.bypass import BypassMonitor
+from sidecar.runtime.decider import Decider
+from sidecar.runtime.health import BypassGate, Readiness, ReadinessView, start_http
+from sidecar.runtime.metrics import Metrics
+from sidecar.runtime.reload import Reloader
+from sidecar.runtime.rollouts import EnvoyStats, RolloutController, http_view
+from sidecar.runtime.sources.file import watch_directory
+from sidecar.runtime.state_file import StateFile, default_state_path
+from sidecar.transports.authz_http import AuthzHttpServer, start_authz_http
+from sidecar.transports.ext_authz import AuthorizationServicer
+from sidecar.transports.ext_proc import ExtProcServicer
+from sidecar.transports.ext_proc import add_to_server as add_ext_proc
 
 log = logging.getLogger("graysteer.server")
 
@@ -41,7 +41,7 @@ GRPC_OPTIONS = [
 class ServeOptions:
     config: str
     listen: str | None = "127.0.0.1:50051"  # gRPC: ext_proc, ext_authz, health; None: off
-    authz_http_listen: str | None = None  # ext_authz over plain HTTP/1.1 (sidecar.authz_http)
+    authz_http_listen: str | None = None  # ext_authz over plain HTTP/1.1 (sidecar.transports.authz_http)
     authz_http_shared_port: bool = False  # workers share the HTTP port (SO_REUSEPORT)
     admin_listen: str = "127.0.0.1:50052"
     http_listen: str | None = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from sidecar.health import BypassGate, ReadinessView, registry_bypass_ratio, start_http
+from sidecar.runtime.health import BypassGate, ReadinessView, registry_bypass_ratio, start_http
 from sidecar.server import ServeOptions, split_host_port
 
 log = logging.getLogger("graysteer.workers")

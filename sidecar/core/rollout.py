@@ -1,7 +1,7 @@
 """Progressive delivery, the pure part: a rollout's spec, the analysis of a window of lane
 statistics, the verdict, and the state machine that turns time and verdicts into weights.
 
-No clock, no I/O: the controller (sidecar/rollouts.py) passes `now` and the observed
+No clock, no I/O: the controller (sidecar/runtime/rollouts.py) passes `now` and the observed
 counts in, and applies the weights that come out.
 """
 

@@ -67,7 +67,7 @@ def fallback(table: Table, decision: Decision, headers: Mapping[str, str] | None
     The caller is treated as untrusted: protected headers and the lane baggage member are
     removed (all protected names when the headers could not even be read). No routing header
     is set, so Envoy takes its fallback route to the default cluster, where the backstop
-    (sidecar.envoy_backstop) still applies the deny rules this failed attempt could not."""
+    (sidecar.envoyconf.backstop) still applies the deny rules this failed attempt could not."""
     if headers is None:
         names = set(table.trust.protected)
         if table.coloring is not None and table.coloring.baggage:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.devstack import Stack, envoy_binary
+from sidecar.dev.devstack import Stack, envoy_binary
 
 REPO = Path(__file__).parents[2]
 ENVOY_CONFIG = REPO / "envoy" / "envoy.yaml"

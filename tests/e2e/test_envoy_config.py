@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.envoy_config import EnvoyOptions, TlsOptions, bootstrap, parse_bootstrap, render_yaml
-from sidecar.envoy_lint import check, guard_regex
-from sidecar.rules_file import load_rules, parse_rules
+from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, parse_bootstrap, render_yaml
+from sidecar.envoyconf.lint import check, guard_regex
+from sidecar.runtime.load import load_rules, parse_rules
 from tests.e2e.conftest import REPO, envoy_validate
 
 THREE = b"""version: 1

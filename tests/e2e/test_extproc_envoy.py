@@ -6,8 +6,8 @@ import re
 import signal
 from pathlib import Path
 
-from sidecar.devstack import Stack, wait_for
-from sidecar.rules_file import load_rules
+from sidecar.dev.devstack import Stack, wait_for
+from sidecar.runtime.load import load_rules
 from tests.e2e.conftest import ENVOY_CONFIG, envoy_validate
 from tests.helpers import request
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.backend import BackendServer
-from sidecar.devstack import Envoy, HttpClient, Sidecar, rewrite_envoy_config
-from sidecar.envoy_config import EnvoyOptions, TlsOptions, bootstrap
-from sidecar.rules_file import parse_rules
+from sidecar.dev.backend import BackendServer
+from sidecar.dev.devstack import Envoy, HttpClient, Sidecar, rewrite_envoy_config
+from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap
+from sidecar.runtime.load import parse_rules
 from tests.e2e.conftest import REPO
 from tests.tls import make_ca, make_leaf, write_pair
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.admin_api import admin_pb2 as pb
-from sidecar.admin_api import admin_pb2_grpc as pb_grpc
+from sidecar.admin.api import admin_pb2 as pb
+from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.cli import main
-from sidecar.devstack import (
+from sidecar.dev.devstack import (
     BackgroundLoad,
     Envoy,
     HttpClient,
@@ -26,7 +26,7 @@ from sidecar.devstack import (
     rewrite_envoy_config,
     wait_for,
 )
-from sidecar.rules_file import parse_rules
+from sidecar.runtime.load import parse_rules
 from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG
 from tests.helpers import request
 
@@ -189,7 +189,7 @@ def test_20000_requests_while_the_rules_are_rewritten_50_times(tmp_path: Path) -
     tables = {t.version: t for t in (parse_rules(TABLE_A.encode(), "a"),
                                      parse_rules(TABLE_B.encode(), "b"))}
     sidecar = Sidecar(rules, tmp_path)
-    from sidecar.backend import BackendServer
+    from sidecar.dev.backend import BackendServer
 
     backends = {n: BackendServer(n).start_in_thread() for n in ("stable", "canary")}
     endpoints = {"graysteer": ("127.0.0.1", sidecar.port),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
-from sidecar.devstack import BackgroundLoad, Sidecar, Stack, free_port, wait_for
+from sidecar.dev.devstack import BackgroundLoad, Sidecar, Stack, free_port, wait_for
 from tests.e2e.conftest import ENVOY_CONFIG
 
 RULES = """

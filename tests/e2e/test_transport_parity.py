@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.devstack import Stack, wait_for
-from sidecar.envoy_config import MODES, EnvoyOptions, bootstrap, render_yaml
-from sidecar.explain import explain_local
-from sidecar.rules_file import load_rules
+from sidecar.dev.devstack import Stack, wait_for
+from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap, render_yaml
+from sidecar.runtime.load import load_rules
+from sidecar.transports.explain import explain_local
 
 RULES = textwrap.dedent("""\
     version: 1

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.devstack import Stack, wait_for
-from sidecar.envoy_config import EnvoyOptions, bootstrap, render_yaml
-from sidecar.rules_file import load_rules
+from sidecar.dev.devstack import Stack, wait_for
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+from sidecar.runtime.load import load_rules
 
 RULES = textwrap.dedent("""\
     version: 1

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.admin_api import admin_pb2 as pb
-from sidecar.admin_api import admin_pb2_grpc as pb_grpc
-from sidecar.devstack import BackgroundLoad, Stack, wait_for
+from sidecar.admin.api import admin_pb2 as pb
+from sidecar.admin.api import admin_pb2_grpc as pb_grpc
+from sidecar.dev.devstack import BackgroundLoad, Stack, wait_for
 from tests.e2e.conftest import ENVOY_CONFIG
 
 

@@ -1,0 +1,148 @@
+"""CLI side of the admin API: `graysteer status`, `set-weight`, `explain --admin`."""
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format
+
+from sidecar.admin.api import admin_pb2 as pb
+from sidecar.admin.api import admin_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from sidecar.transports.explain import Peer
+
+TIMEOUT_SECONDS = 10
+
+
+class AdminError(Exception):
+    """The admin API refused a call or could not be reached; the message says which."""
+
+
+def _call(address: str, method: str, request: Any) -> Any:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        try:
+            return getattr(stub, method)(request, timeout=TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            code = error.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise AdminError(f"admin API at {address} is not reachable "
+                                 f"({code.name}: {error.details()})") from None
+            raise AdminError(f"{error.details()} ({code.name})") from None
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+    return result
+
+
+def status(address: str) -> dict[str, Any]:
+    return as_dict(_call(address, "GetTable", pb.GetTableRequest()))
+
+
+def rollout(address: str, rule: str, action: str) -> dict[str, Any]:
+    return as_dict(_call(address, "Rollout", pb.RolloutRequest(rule=rule, action=action)))
+
+
+def set_weights(address: str, rule: str, weights: dict[str, int]) -> dict[str, Any]:
+    return as_dict(_call(address, "SetWeights", pb.SetWeightsRequest(rule=rule, weights=weights)))
+
+
+def explain(address: str, method: str, path: str, headers: Sequence[tuple[str, str]],
+            cookies: Sequence[tuple[str, str]], params: Sequence[tuple[str, str]],
+            peer: "Peer") -> dict[str, Any]:
+    def pairs(items: Sequence[tuple[str, str]]) -> list[pb.Pair]:
+        return [pb.Pair(name=n, value=v) for n, v in items]
+
+    request = pb.ExplainRequest(method=method, path=path, headers=pairs(headers),
+                                cookies=pairs(cookies), query=pairs(params),
+                                uri_san=peer.uri_san, dns_san=peer.dns_san)
+    if peer.listener_port is not None:
+        request.listener_port = peer.listener_port
+    response = _call(address, "Explain", request)
+    decision = response.decision
+    return {
+        "cluster": decision.cluster,
+        "rule": decision.rule,
+        "bucket": decision.bucket if decision.HasField("bucket") else None,
+        "key_source": decision.key_source or None,
+        "version": decision.version,
+        "error": decision.error or None,
+        "lane": decision.lane or None,
+        "identity": decision.identity or None,
+        "deny_status": decision.deny_status or None,
+        "deny_reason": decision.deny_reason or None,
+        "set_headers": {p.name: p.value for p in response.set_headers},
+        "remove_headers": list(response.remove_headers),
+        "source": f"admin {address}",
+    }
+
+
+def format_status(table: dict[str, Any]) -> str:
+    """A human-readable status report."""
+    last = table.get("last_reload") or {}
+    lines = [
+        f"rules:    {table['source']}",
+        f"version:  {table['version']} (file {table['file_version']})",
+        f"loaded:   {table.get('loaded_at', '?')}",
+        f"last reload: {str(last.get('outcome', '?')).lower()} ({last.get('trigger', '?')}) at "
+        f"{last.get('at', '?')}; failed reloads so far: {table.get('reload_failures', 0)}",
+    ]
+    if last.get("error"):
+        lines.append("last error:")
+        lines.extend(f"  {line}" for line in last["error"].splitlines())
+    lines.append(f"default:  {table['default_cluster']}   clusters: {', '.join(table['clusters'])}")
+    lines.append(f"state file: {table['state_file']}")
+    lines.extend(format_bypass(table.get("envoy_bypass")))
+    for rollout in table.get("rollouts") or []:
+        lines.append(f"rollout {rollout['rule']}: {rollout['phase']}, step {rollout['step']}, "
+                     f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
+                     f"{rollout['reason']}")
+    lines.append("rules:")
+    for rule in table["rules"]:
+        if rule["action"] == "route":
+            lines.append(f"  {rule['name']:<24} route -> {rule['route']}")
+        elif rule["action"] == "deny":
+            lines.append(f"  {rule['name']:<24} deny {rule['deny_status']}: {rule['deny_reason']}")
+        else:
+            weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
+            note = ""
+            if rule["weights_overridden"]:
+                file_weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["file_weights"])
+                note = f"   (runtime override; file says {file_weights})"
+            lines.append(f"  {rule['name']:<24} split {weights}{note}")
+    return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if part else "0%"
+
+
+def format_bypass(bypass: dict[str, Any] | None) -> list[str]:
+    """Requests Envoy sent on without a decision, as `graysteer status` lines."""
+    if not bypass or not bypass.get("watching"):
+        return ["envoy bypass: not read by this process (serve --envoy-admin HOST:PORT; with "
+                "--workers, worker 0 reads it)"]
+    head = (f"envoy bypass: reading Envoy's stats at {bypass['envoy_admin']} every "
+            f"{bypass['poll_seconds']:g}s; ")
+    head += (f"last read {bypass.get('last_read', '?')}" if bypass["stats_readable"]
+             else f"CANNOT READ THEM: {bypass['error']}")
+    lines = [head]
+    limit = bypass.get("ready_max_ratio")
+    for mode in bypass.get("modes") or []:
+        # uint64 fields arrive as strings in proto3 JSON. Envoy counts a request when it
+        # arrives and bypasses it up to message_timeout later, so a read can fall in between:
+        # the requests shown are at least the bypassed ones.
+        total, recent = int(mode["bypassed_requests"]), int(mode["window_bypassed"])
+        requests = max(int(mode["requests"]), total)
+        recent_requests = max(int(mode["window_requests"]), recent)
+        lines.append(
+            f"  {mode['mode']}: {total} of {requests} requests sent on without a decision "
+            f"({_share(total, requests)}) since the sidecar began reading; last window "
+            f"{recent} of {recent_requests} ({_share(recent, recent_requests)})"
+            + (f"; /readyz limit {limit:.1%}" if limit is not None else ""))
+    if bypass["stats_readable"] and not bypass.get("modes"):
+        lines.append("  no ext_proc or ext_authz filter in Envoy's stats")
+    return lines

@@ -1,0 +1,314 @@
+"""The rollout controller: reads each lane's responses from Envoy's admin endpoint, judges
+the canary, moves rollouts through their steps and applies the weights.
+
+Observation source: Envoy's own per-cluster statistics (`/stats/prometheus`), polled every
+`--rollout-poll` seconds: counters by status class and the `upstream_rq_time` histogram.
+It costs nothing per request, unlike reading every response in the ext_proc response
+phase (a second gRPC message per request; see benchmarks/README.md, scenario (c)).
+The same read, once per poll, feeds the other observers of Envoy's stats (bypass.py).
+"""
+
+import asyncio
+import contextlib
+import http.client
+import logging
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.core.rollout import (
+    PROGRESSING,
+    LaneWindow,
+    RolloutSpec,
+    RolloutState,
+    Verdict,
+    act,
+    advance,
+    canary_weight,
+    judge,
+    p99_from_buckets,
+    start,
+)
+from sidecar.runtime.bypass import STATS_FILTER as BYPASS_STATS_FILTER
+from sidecar.runtime.metrics import Metrics
+from sidecar.runtime.reload import Reloader
+
+log = logging.getLogger("graysteer.rollout")
+
+
+@dataclass(frozen=True)
+class LaneCounts:
+    """Cumulative counts of one lane (cluster) at one moment."""
+
+    requests: float
+    errors: float
+    bounds: tuple[float, ...]  # histogram upper bounds in ms, the last +Inf
+    buckets: tuple[float, ...]  # cumulative counts per bound
+
+
+def parse_envoy_stats(text: str) -> dict[str, LaneCounts]:
+    """Envoy's Prometheus text -> counts per cluster."""
+    return lane_counts(text_string_to_metric_families(text))
+
+
+def lane_counts(families: Iterable[Metric]) -> dict[str, LaneCounts]:
+    """Envoy's Prometheus metric families -> counts per cluster."""
+    requests: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in families:
+        for sample in family.samples:
+            cluster = sample.labels.get("envoy_cluster_name")
+            if cluster is None:
+                continue
+            if sample.name in ("envoy_cluster_upstream_rq_xx", "envoy_cluster_upstream_rq_xx_total"):
+                requests[cluster] = requests.get(cluster, 0) + sample.value
+                if sample.labels.get("envoy_response_code_class") == "5":
+                    errors[cluster] = errors.get(cluster, 0) + sample.value
+            elif sample.name == "envoy_cluster_upstream_rq_time_bucket":
+                buckets.setdefault(cluster, []).append((float(sample.labels["le"]), sample.value))
+    lanes = {}
+    for cluster, total in requests.items():
+        pairs = sorted(buckets.get(cluster, []))
+        lanes[cluster] = LaneCounts(total, errors.get(cluster, 0.0),
+                                    tuple(b for b, _ in pairs), tuple(c for _, c in pairs))
+    return lanes
+
+
+def window(old: LaneCounts | None, new: LaneCounts | None) -> LaneWindow:
+    """A lane's responses between two snapshots."""
+    if new is None:
+        return LaneWindow()
+    if old is None:
+        old = LaneCounts(0, 0, new.bounds, tuple(0.0 for _ in new.buckets))
+    counts = [n - o for n, o in zip(new.buckets, old.buckets, strict=False)]
+    return LaneWindow(int(new.requests - old.requests), int(new.errors - old.errors),
+                      p99_from_buckets(list(new.bounds), counts) if counts else None)
+
+
+# Envoy stat names read on each poll: each lane's responses, and what bypass.py needs.
+STATS_FILTER = r"cluster\..*\.upstream_rq_|" + BYPASS_STATS_FILTER
+
+Observer = Callable[[float, "list[Metric] | None", str], None]
+
+
+class EnvoyStats:
+    """Polls one Envoy admin endpoint and keeps a bounded ring of snapshots."""
+
+    def __init__(self, admin: tuple[str, int], keep_seconds: float) -> None:
+        self.admin = admin
+        self.keep_seconds = keep_seconds
+        self.snapshots: deque[tuple[float, dict[str, LaneCounts]]] = deque()
+        self.readable: bool | None = None  # None before the first read
+
+    def fetch(self) -> str:
+        connection = http.client.HTTPConnection(*self.admin, timeout=2)
+        try:
+            connection.request("GET", "/stats/prometheus?filter="
+                               + urllib.parse.quote(STATS_FILTER, safe=""))
+            response = connection.getresponse()
+            body = response.read().decode()
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status} from /stats/prometheus: {body[:200]}")
+            return body
+        finally:
+            connection.close()
+
+    def read(self) -> list[Metric]:
+        """Fetch and parse (blocking: run it in a thread)."""
+        return list(text_string_to_metric_families(self.fetch()))
+
+    async def poll(self, now: float) -> tuple[list[Metric] | None, str]:
+        """One read, off the event loop: (families, "") and the lanes recorded, or (None, why).
+        A failure is logged when reading stops working, not on every poll."""
+        try:
+            families = await asyncio.to_thread(self.read)
+            self.record(now, lane_counts(families))
+        except (OSError, ValueError) as error:
+            if self.readable is not False:
+                log.warning("cannot read Envoy stats from %s:%d: %s", *self.admin, error)
+            self.readable = False
+            return None, str(error) or type(error).__name__
+        if self.readable is False:
+            log.info("reading Envoy stats from %s:%d again", *self.admin)
+        self.readable = True
+        return families, ""
+
+    def record(self, now: float, lanes: dict[str, LaneCounts]) -> None:
+        self.snapshots.append((now, lanes))
+        while self.snapshots and now - self.snapshots[0][0] > self.keep_seconds + 1:
+            self.snapshots.popleft()
+
+    def lane_window(self, lane: str, seconds: float, now: float) -> LaneWindow:
+        if not self.snapshots:
+            return LaneWindow()
+        newest = self.snapshots[-1][1].get(lane)
+        oldest = next((lanes.get(lane) for t, lanes in self.snapshots if now - t <= seconds),
+                      None)
+        return window(oldest, newest)
+
+
+def split_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int) -> dict[str, int]:
+    """The split's weights for a canary weight: the total stays; the other entries share the
+    rest in proportion to the file's weights (the first takes the rounding)."""
+    others = {c: w for c, w in file_weights.items() if c != spec.canary}
+    rest = spec.total - canary
+    base = sum(others.values())
+    shares = {c: (rest * w // base if base else 0) for c, w in others.items()}
+    first = next(iter(others))
+    shares[first] += rest - sum(shares.values()) if base else rest
+    return {**shares, spec.canary: canary}
+
+
+class RolloutController:
+    def __init__(self, reloader: Reloader, metrics: Metrics, stats: EnvoyStats | None,
+                 poll_seconds: float, clock: Callable[[], float] = time.time,
+                 observers: Sequence[Observer] = ()) -> None:
+        self.reloader = reloader
+        self.metrics = metrics
+        self.stats = stats
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.observers = tuple(observers)  # given each read of Envoy's stats, rollouts or not
+        self.states: dict[str, RolloutState] = {}
+        self.verdicts: dict[str, Verdict] = {}
+        self._lock = asyncio.Lock()
+        for rule, data in (reloader.state.load().get("rollouts") or {}).items():
+            try:
+                self.states[rule] = RolloutState.from_json(data)
+            except (KeyError, TypeError, ValueError) as error:
+                log.error("ignoring unreadable rollout state of %r: %s", rule, error)
+
+    def specs(self) -> dict[str, RolloutSpec]:
+        return self.reloader.table.rollouts
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:  # one bad tick must not stop the controller
+                log.exception("rollout tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll_seconds)
+
+    async def tick(self) -> None:
+        now = self.clock()
+        if self.stats is not None:  # one read per poll, for the rollouts and the observers
+            families, error = await self.stats.poll(now)
+            for observe in self.observers:
+                try:
+                    observe(now, families, error)
+                except Exception:  # an observer's bug must not stop the rollouts
+                    log.exception("an observer of Envoy's stats failed")
+        specs = self.specs()
+        if not specs:
+            return
+        async with self._lock:
+            for rule, spec in specs.items():
+                await self._step(rule, spec, now)
+
+    async def _step(self, rule: str, spec: RolloutSpec, now: float) -> None:
+        saved = self.states.get(rule)
+        state = saved
+        if state is None or state.fingerprint != spec.fingerprint:
+            if state is not None:
+                log.info("rollout of %r changed in the rules file: starting again", rule)
+            state = start(spec, now)
+        verdict = self.verdict(spec, now)
+        self.verdicts[rule] = verdict
+        new = advance(spec, state, now, verdict)
+        await self._apply(rule, spec, new, verdict, saved)  # a new rollout is saved at once
+
+    def verdict(self, spec: RolloutSpec, now: float) -> Verdict:
+        lanes = (spec.canary, spec.baseline)
+        if self.stats is None:
+            return judge(spec.analysis, LaneWindow(), LaneWindow(), lanes)
+        seconds = spec.analysis.window
+        return judge(spec.analysis, self.stats.lane_window(spec.canary, seconds, now),
+                     self.stats.lane_window(spec.baseline, seconds, now), lanes)
+
+    async def _apply(self, rule: str, spec: RolloutSpec, new: RolloutState,
+                     verdict: Verdict | None, old: RolloutState | None) -> None:
+        if new != old:
+            self.states[rule] = new
+            self._save()
+            if old is None or new.phase != old.phase or new.step != old.step:
+                log.info("rollout %s: %s step %d (canary weight %d): %s %s", rule, new.phase,
+                         new.step, canary_weight(spec, new), new.reason, new.numbers or "")
+        weight = canary_weight(spec, new)
+        assert self.reloader.loaded is not None
+        from sidecar.core.overrides import split_weights as table_weights
+
+        current = table_weights(self.reloader.loaded.table.document, rule) or {}
+        if current.get(spec.canary) != weight:
+            file_weights = table_weights(self.reloader.loaded.document, rule) or {}
+            await self.reloader.set_weights(rule, split_weights(spec, file_weights, weight),
+                                            trigger=f"rollout:{new.phase}")
+        self.metrics.show_rollout(rule, new.phase, new.step, weight)
+        if verdict is not None:
+            self.metrics.show_lanes(verdict)
+
+    def _save(self) -> None:
+        self.reloader.save_state_section("rollouts", {r: s.to_json() for r, s in self.states.items()})
+
+    async def action(self, rule: str, action: str) -> RolloutState:
+        """promote / pause / resume / abort; ValueError explains a refusal."""
+        spec = self.specs().get(rule)
+        if spec is None:
+            raise ValueError(f"rule {rule!r} has no rollout (rollouts: "
+                             f"{', '.join(self.specs()) or 'none'})")
+        async with self._lock:
+            now = self.clock()
+            state = self.states.get(rule) or start(spec, now)
+            new = act(spec, state, action, now)
+            await self._apply(rule, spec, new, None, state)
+            return new
+
+    def is_driving(self, rule: str) -> bool:
+        state = self.states.get(rule)
+        return rule in self.specs() and (state is None or state.phase == PROGRESSING)
+
+    def report(self) -> list[dict[str, Any]]:
+        """Each rollout's state and current analysis, for /rollouts and the admin API."""
+        now = self.clock()
+        out = []
+        for rule, spec in self.specs().items():
+            state = self.states.get(rule) or start(spec, now)
+            verdict = self.verdicts.get(rule) or self.verdict(spec, now)
+            out.append({
+                "rule": rule, "phase": state.phase, "step": state.step,
+                "steps": len(spec.steps), "canary": spec.canary, "baseline": spec.baseline,
+                "canary_weight": canary_weight(spec, state), "total_weight": spec.total,
+                "hold_remaining_seconds": max(0.0, round(
+                    spec.steps[state.step].hold - (now - state.step_started), 3))
+                if state.phase == PROGRESSING else None,
+                "reason": state.reason, "numbers": state.numbers,
+                "verdict": verdict.outcome, "verdict_reason": verdict.reason,
+                "analysis": {**verdict.numbers(), "window_seconds": spec.analysis.window,
+                             "min_requests": spec.analysis.min_requests},
+            })
+        return out
+
+
+def http_view(controller: RolloutController, path: str) -> tuple[int, object] | None:
+    """GET /rollouts, /rollouts/RULE, and /rollouts/RULE/check (200 unless the analysis is in
+    breach or the rollout was aborted: a Flagger webhook or an Argo `web` metric gate)."""
+    if path in ("/rollouts", "/rollouts/"):
+        return 200, controller.report()
+    parts = path.strip("/").split("/")
+    if parts[0] != "rollouts" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "check"):
+        return None
+    found = [r for r in controller.report() if r["rule"] == parts[1]]
+    if not found:
+        return 404, {"error": f"no rollout for rule {parts[1]!r}"}
+    report = found[0]
+    if len(parts) == 3:
+        healthy = report["verdict"] != "breach" and report["phase"] != "aborted"
+        return (200 if healthy else 503), report
+    return 200, report

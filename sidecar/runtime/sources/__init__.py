@@ -1,0 +1,1 @@
+"""Where rules come from, one module per source (`file`: a rules file and its directory)."""

@@ -1,0 +1,415 @@
+"""Envoy's ext_authz filter over plain HTTP/1.1 (`http_service`): the fast transport.
+
+Envoy sends each check as an HTTP/1.1 request on a keep-alive connection from its pool:
+the original method, `path_prefix` + the original path, Host, and the headers the filter
+config allows (`allowed_headers`, `authorization_request.headers_to_add`), with
+Content-Length: 0. This server parses it with `httptools` (the parser uvicorn uses) in an
+asyncio Protocol on whatever loop runs (uvloop in production), decides synchronously
+(`Decider.steer`), and answers:
+
+- allowed: 200 with the steering's headers (routing, color, baggage), which Envoy copies to
+  the request when `authorization_response.allowed_upstream_headers` lists them; the
+  untrusted headers named in `x-envoy-auth-headers-to-remove` (Envoy removes them, OK answers
+  only); the decision as `x-graysteer-decision-<field>` headers, which
+  `authorization_response.dynamic_metadata_from_headers` turns into dynamic metadata under
+  `envoy.filters.http.ext_authz`, e.g.
+  `%DYNAMIC_METADATA(envoy.filters.http.ext_authz:x-graysteer-decision-rule)%`;
+- denied: the deny rule's status and reason as the body; Envoy sends both to the client.
+
+Never a 5xx for a decision: Envoy treats any 5xx as a failed check (failure_mode_allow or
+status_on_error apply), so a deny rule with a 5xx status is answered 403 here, the rule's
+status still in `x-graysteer-decision-deny-status`.
+
+Assumptions the generated Envoy config must make true:
+- `x-forwarded-client-cert` is Envoy's own: HCM `forward_client_cert_details: SANITIZE_SET`
+  with `set_current_client_cert_details: {uri: true, dns: true, subject: true}`, and the
+  header listed in `allowed_headers`. Its nearest element is taken as the connection's
+  identity (no header: a plaintext connection). With any other XFCC mode a client could
+  name its own identity.
+- `x-graysteer-listener-port` comes from `authorization_request.headers_to_add` with the
+  value `%DOWNSTREAM_LOCAL_PORT%` (Envoy overwrites any client value), and is NOT listed in
+  `allowed_headers`.
+- `path_prefix` is `/graysteer-check` (PATH_PREFIX); the health path (HEALTH_PATH) lies
+  outside it, so no forwarded request can reach it.
+- `authorization_response.allowed_client_headers` is set (e.g. to content-type): left empty,
+  Envoy passes every header of a deny answer to the client, the decision headers included.
+
+Bounds: request head bytes and header count (431), body bytes (413), malformed HTTP (400,
+then close), a deadline per request from its first byte and an idle deadline per
+keep-alive connection, and reading paused while a peer does not read its answers.
+"""
+
+import asyncio
+import http
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
+from sidecar.core.identity import identity_from_xfcc
+from sidecar.runtime.decider import Decider
+
+log = logging.getLogger("graysteer.authz_http")
+
+PATH_PREFIX = "/graysteer-check"
+HEALTH_PATH = "/graysteer-health"
+LISTENER_PORT_HEADER = "x-graysteer-listener-port"
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"  # Envoy's name with the default header prefix
+XFCC = "x-forwarded-client-cert"
+# Not "x-graysteer-": the default color header is x-graysteer-lane, and the decision has a lane.
+DECISION_HEADER_PREFIX = "x-graysteer-decision-"
+DENY_STATUS_INSTEAD_OF_5XX = 403
+# A connection with a client certificate whose XFCC element names no URI or DNS SAN.
+MTLS_UNNAMED = Identity(mtls=True)
+# Headers that describe the check request itself (Envoy's async client adds the x-envoy ones),
+# not the request being checked.
+_CHECK_ONLY = ("content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
+               "x-envoy-expected-rq-timeout-ms")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 64 * 1024  # request line + header names and values, per request
+    max_headers: int = 100
+    max_body_bytes: int = 64 * 1024  # read and discarded
+    request_timeout: float = 10.0  # from a request's first byte to its last
+    idle_timeout: float = 300.0  # no request under way; keep Envoy's pool idle_timeout below it
+    answer_cache_bytes: int = 1 << 20
+    max_cached_answer: int = 2048  # larger answers (long baggage) are built each time
+
+
+# ---- the pure parts: check request -> Request, Steering -> answer bytes -------------------------
+
+
+def check_request(method: str, target: str, headers: dict[str, str],
+                  path_prefix: str = PATH_PREFIX) -> Request:
+    """The core Request for one check: `target` without `path_prefix`, `headers` lower-cased
+    (repeats joined), as the ext_proc adapter sees them (`:method`, `:path`, `:authority`).
+    Consumes `headers`."""
+    for name in _CHECK_ONLY:
+        headers.pop(name, None)
+    port_text = headers.pop(LISTENER_PORT_HEADER, "")
+    port = int(port_text) if port_text.isdecimal() and len(port_text) <= 5 else None
+    if "host" in headers:
+        headers[":authority"] = headers.pop("host")
+    path = target[len(path_prefix):] if path_prefix and target.startswith(path_prefix) else target
+    path = path or "/"
+    headers[":method"] = method
+    headers[":path"] = path
+    identity = NO_IDENTITY
+    if XFCC in headers:
+        identity = identity_from_xfcc(headers[XFCC]) or MTLS_UNNAMED
+    return Request(headers, method, path, identity, port)
+
+
+def _value(text: str) -> str:
+    """A header value that cannot break the answer's framing (rule texts are free-form)."""
+    return _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
+
+
+def _head(status: int, fields: list[tuple[str, str]], body: bytes, head_only: bool = False) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Denied"
+    lines = [f"HTTP/1.1 {status} {phrase}", f"content-length: {len(body)}"]
+    lines += [f"{name}: {_value(value)}" for name, value in fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
+
+
+def answer_bytes(steering: Steering, head_only: bool = False) -> bytes:
+    """The HTTP answer to one check (see the module docstring). `head_only` for HEAD."""
+    decision = steering.decision
+    fields = [(DECISION_HEADER_PREFIX + key.replace("_", "-"), str(value))
+              for key, value in decision_fields(decision).items()]
+    if decision.deny_status is not None:
+        status = decision.deny_status if decision.deny_status < 500 else DENY_STATUS_INSTEAD_OF_5XX
+        body = (decision.deny_reason or "").encode()
+        return _head(status, [("content-type", "text/plain; charset=utf-8"), *fields], body, head_only)
+    fields = list(steering.set_headers) + fields
+    if steering.remove_headers:
+        fields.append((HEADERS_TO_REMOVE, ",".join(steering.remove_headers)))
+    return _head(200, fields, b"", head_only)
+
+
+def plain_answer(status: int, text: str, close: bool = False) -> bytes:
+    fields = [("content-type", "text/plain; charset=utf-8")] + ([("connection", "close")] if close else [])
+    return _head(status, fields, text.encode())
+
+
+class AnswerCache:
+    """Serialized 200/deny answers by Steering, bounded in bytes: an entry costs its answer
+    and its key (which holds about the same strings); answers over `max_entry` bytes (long
+    client baggage) are not kept at all, so keys stay small. Cleared when full."""
+
+    def __init__(self, max_bytes: int, max_entry: int) -> None:
+        self.max_bytes, self.max_entry = max_bytes, max_entry
+        self.size = 0
+        self._answers: dict[Steering, bytes] = {}
+
+    def get(self, steering: Steering) -> bytes:
+        answer = self._answers.get(steering)
+        if answer is None:
+            answer = answer_bytes(steering)
+            if len(answer) <= self.max_entry:
+                cost = 2 * len(answer) + 256
+                if self.size + cost > self.max_bytes:
+                    self._answers.clear()
+                    self.size = 0
+                self._answers[steering] = answer
+                self.size += cost
+        return answer
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+class AuthzHttpServer:
+    """The listening socket, its connections, the answer cache and the deadline sweeper."""
+
+    def __init__(self, decider: Decider, ready: Callable[[], bool], *,
+                 path_prefix: str = PATH_PREFIX, health_path: str = HEALTH_PATH,
+                 limits: Limits = Limits()) -> None:
+        if path_prefix and health_path.startswith(path_prefix):
+            raise ValueError(f"health path {health_path!r} lies under the check prefix {path_prefix!r}")
+        self.decider, self.ready, self.limits = decider, ready, limits
+        self.path_prefix = path_prefix
+        self.health_target = health_path.encode()
+        self.answers = AnswerCache(limits.answer_cache_bytes, limits.max_cached_answer)
+        self.connections: set[_Connection] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._logged: set[str] = set()
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                reuse_port=reuse_port or None)
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def host(self) -> str:
+        assert self._server is not None
+        return str(self._server.sockets[0].getsockname()[0])
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; answer what is under way with `connection: close`, close idle
+        connections now, abort what is left after `grace` seconds."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.drain()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _sweep(self) -> None:
+        interval = min(1.0, self.limits.request_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                if now > connection.deadline:
+                    connection.abort()
+
+    def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
+        table = self.decider.holder.table
+        try:
+            request = check_request(method, target, headers, self.path_prefix)
+            if request.identity is MTLS_UNNAMED:
+                self.decider.metrics.count_event("malformed_xfcc")
+            return self.decider.steer(request, table)
+        except Exception as error:  # still answer, as for an untrusted caller
+            return self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
+
+    def log_once(self, kind: str, message: str) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("%s (later ones of this kind are not logged)", message)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection from Envoy. Parsing and deciding are synchronous, so the
+    answers to pipelined requests are produced in order within one `data_received`."""
+
+    def __init__(self, server: AuthzHttpServer) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.out: list[bytes] = []
+        self.closing = False  # no more requests are read: close once the answers are written
+        self.in_message = self.in_body = False
+        self.deadline = time.monotonic() + self.limits.idle_timeout
+        self.target = b""
+        self.headers: dict[str, str] = {}
+        self.head_bytes = self.raw_head_bytes = self.body_bytes = 0
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        self.server.connections.add(self)
+        if self.server.draining:
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:  # the peer is not reading its answers: stop reading requests
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.deadline = time.monotonic() + self.limits.request_timeout
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.deadline = time.monotonic() + self.limits.idle_timeout
+        if not self.closing:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self.in_body:  # bytes of a head not yet complete, counted before httptools buffers them
+            self.raw_head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+            if self.in_message and not self.in_body and self.raw_head_bytes > self.limits.max_header_bytes:
+                raise _Reject(431, "request head too large")
+        except _Reject as reject:
+            self._reject(reject)
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # answered already (CONNECT, Upgrade): nothing more is HTTP here
+        except httptools.HttpParserError as error:
+            cause = error.__context__
+            if self.closing:
+                pass
+            elif isinstance(cause, _Reject):
+                self._reject(cause)
+            elif cause is not None:  # a bug here, not Envoy's: 5xx, so Envoy's failure mode applies
+                log.error("authz HTTP: failed on a request", exc_info=cause)
+                self._reject(_Reject(500, "internal error"))
+            else:
+                self._reject(_Reject(400, f"malformed request: {error}"))
+        self._flush()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.closing:  # a request pipelined after one we answer with connection: close
+            raise _Reject(0, "")
+        self.in_message = True
+        self.deadline = time.monotonic() + self.limits.request_timeout
+        self.target = b""
+        self.headers = {}
+        self.head_bytes = self.body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF; inlined: once per header
+        if self.head_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "request head too large")
+        if len(self.headers) >= self.limits.max_headers:
+            raise _Reject(431, "too many request headers")
+        key = name.decode("latin-1").lower()
+        text = value.decode("utf-8", "replace")
+        if key in self.headers:
+            text = self.headers[key] + ("; " if key == "cookie" else ",") + text
+        self.headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self.in_body = True
+        self.raw_head_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.limits.max_body_bytes:
+            raise _Reject(413, "request body too large")
+
+    def on_message_complete(self) -> None:
+        self.in_message = self.in_body = False
+        self.deadline = time.monotonic() + self.limits.idle_timeout
+        answer = self._answer()
+        if not self.parser.should_keep_alive() or self.server.draining:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+            self.closing = True
+        self.out.append(answer)
+
+    # the rest
+    def _answer(self) -> bytes:
+        server = self.server
+        target = self.target
+        if target == server.health_target or target.startswith(server.health_target + b"?"):
+            return plain_answer(200, "ready\n") if server.ready() else plain_answer(503, "not ready\n")
+        method = self.parser.get_method().decode("latin-1")
+        steering = server.steer(method, target.decode("utf-8", "replace"), self.headers)
+        if method == "HEAD":
+            return answer_bytes(steering, head_only=True)
+        return server.answers.get(steering)
+
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size + 4  # ": " and CRLF
+        if self.head_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "request head too large")
+
+    def _reject(self, reject: _Reject) -> None:
+        self.server.log_once(str(reject.status), f"authz HTTP: answered {reject.status}: {reject.text}")
+        self.out.append(plain_answer(reject.status, f"graysteer: {reject.text}\n", close=True))
+        self.closing = True
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        if self.out:
+            self.transport.write(self.out[0] if len(self.out) == 1 else b"".join(self.out))
+            self.out = []
+        if self.closing:
+            self.transport.close()  # after the buffered answers are written
+
+    def drain(self) -> None:
+        """Close now when idle, else after answering the request under way."""
+        if not self.in_message:
+            self.closing = True
+            self._flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def start_authz_http(decider: Decider, host: str, port: int, ready: Callable[[], bool], *,
+                           path_prefix: str = PATH_PREFIX, health_path: str = HEALTH_PATH,
+                           limits: Limits = Limits(), reuse_port: bool = False) -> AuthzHttpServer:
+    """Serve Envoy's HTTP ext_authz checks on host:port (port 0: any free port, see `.port`)
+    on the running loop; with `reuse_port`, share the port with other processes that ask for
+    it too (SO_REUSEPORT: the kernel spreads connections). Stop with `await server.close(grace)`."""
+    server = AuthzHttpServer(decider, ready, path_prefix=path_prefix, health_path=health_path,
+                             limits=limits)
+    await server.start(host, port, reuse_port)
+    return server
+

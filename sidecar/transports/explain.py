@@ -1,0 +1,79 @@
+"""`graysteer explain`: decide a described request through the serving code path.
+
+The request is turned into the very ext_proc message Envoy would send and handed
+to the same servicer method that answers Envoy, so explain cannot drift from serving.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
+from prometheus_client import CollectorRegistry
+
+from sidecar.runtime.decider import Decider, TableHolder
+from sidecar.runtime.load import load_rules
+from sidecar.runtime.metrics import Metrics
+from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The connection a described request arrives on (what Envoy's attributes would say)."""
+
+    uri_san: str = ""  # e.g. spiffe://example.org/ns/qa/sa/tester; implies mTLS
+    dns_san: str = ""  # implies mTLS
+    listener_port: int | None = None
+
+    def attributes(self) -> struct_pb2.Struct:
+        fields: dict[str, object] = {"connection.mtls": bool(self.uri_san or self.dns_san)}
+        if self.uri_san:
+            fields["connection.uri_san_peer_certificate"] = self.uri_san
+        if self.dns_san:
+            fields["connection.dns_san_peer_certificate"] = self.dns_san
+        if self.listener_port is not None:
+            fields["destination.port"] = self.listener_port
+        attributes = struct_pb2.Struct()
+        attributes.update(fields)
+        return attributes
+
+
+def headers_message(method: str, path: str, headers: Sequence[tuple[str, str]],
+                    cookies: Sequence[tuple[str, str]] = (),
+                    params: Sequence[tuple[str, str]] = (),
+                    peer: Peer = Peer()) -> ep.ProcessingRequest:
+    """The ext_proc request_headers message Envoy would send for this request."""
+    if params:
+        path += ("&" if "?" in path else "?") + urlencode(list(params))
+    pairs = [(":method", method.upper()), (":path", path), (":scheme", "http"),
+             (":authority", "graysteer.local"), *headers]
+    if cookies:
+        pairs.append(("cookie", "; ".join(f"{k}={v}" for k, v in cookies)))
+    header_map = base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode()) for k, v in pairs])
+    message = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=header_map,
+                                                                  end_of_stream=True))
+    message.attributes[ATTRIBUTES_KEY].CopyFrom(peer.attributes())
+    return message
+
+
+def explain_local(config: str, method: str, path: str, headers: Sequence[tuple[str, str]],
+                  cookies: Sequence[tuple[str, str]] = (),
+                  params: Sequence[tuple[str, str]] = (), peer: Peer = Peer()) -> dict[str, object]:
+    """The decision for a described request, against a rules file."""
+    table = load_rules(config)
+    servicer = ExtProcServicer(Decider(TableHolder(table), Metrics(CollectorRegistry())))
+    response, decision = servicer.on_request_headers(
+        headers_message(method, path, headers, cookies, params, peer))
+    return {**decision.as_dict(), **response_effects(response), "source": table.source}
+
+
+def response_effects(response: ep.ProcessingResponse) -> dict[str, object]:
+    """What an ext_proc answer does to the request: headers set and removed."""
+    mutation = response.request_headers.response.header_mutation
+    return {
+        "set_headers": {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers},
+        "remove_headers": list(mutation.remove_headers),
+    }

@@ -1,0 +1,192 @@
+"""The Envoy ext_proc servicer: one bidirectional stream per HTTP request.
+
+On request headers it steers (sidecar.core.steering) and answers with the routing and
+color headers (raw_value, OVERWRITE_IF_EXISTS_OR_ADD), the removal of untrusted
+override headers, clear_route_cache, and the decision as dynamic metadata under the
+`graysteer` namespace; a deny rule gets an immediate response. Every other message kind gets the one
+empty answer of its own kind, so no processing_mode produces spurious messages.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
+from sidecar.runtime.decider import Decider
+
+log = logging.getLogger("graysteer.extproc")
+
+METADATA_NAMESPACE = "graysteer"
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # Envoy keys attributes so, whatever the filter's name
+DENIED_DETAILS = "graysteer_denied"  # %RESPONSE_CODE_DETAILS% of a denied request
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# The answer to each message kind that carries no decision: "continue unchanged".
+_PASS_THROUGH = {
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+    "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+    "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+}
+_PASS_THROUGH_BYTES = {kind: answer.SerializeToString() for kind, answer in _PASS_THROUGH.items()}
+
+# Serialized answers by steering outcome. Answers repeat (a route rule's answer is constant,
+# a split's depends on its bucket), and building and serializing the protobuf costs several
+# times more than deciding. Bounded: cleared when full.
+ANSWER_CACHE_SIZE = 10_000
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def _serialize(response: ep.ProcessingResponse | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(servicer: "ExtProcServicer", server: Any) -> None:
+    """Register the servicer; its stream yields pre-serialized answers (bytes)."""
+    import grpc
+
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            servicer.Process, request_deserializer=ep.ProcessingRequest.FromString,
+            response_serializer=_serialize)}),))
+
+
+def header_dict(header_map: Any) -> dict[str, str]:
+    """Envoy's HeaderMap -> {lower-case name: value}. Envoy sends values in raw_value;
+    repeated headers are joined as HTTP allows (`,`; `; ` for cookie)."""
+    headers: dict[str, str] = {}
+    for entry in header_map.headers:
+        key = entry.key.lower()
+        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        if key in headers:
+            value = headers[key] + ("; " if key == "cookie" else ",") + value
+        headers[key] = value
+    return headers
+
+
+def decision_metadata(decision: Decision) -> struct_pb2.Struct:
+    """The decision as dynamic metadata: `%DYNAMIC_METADATA(graysteer:rule)%` in access logs."""
+    metadata = struct_pb2.Struct()
+    metadata.get_or_create_struct(METADATA_NAMESPACE).update(decision_fields(decision))
+    return metadata
+
+
+def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | None]:
+    """The peer's identity and the local port from the request attributes Envoy sends
+    (`connection.mtls`, `connection.*_peer_certificate`, `destination.port`). Envoy gives
+    only the first URI SAN and the first DNS SAN; whether the certificate has other URI SANs
+    (then it is no SVID: no SPIFFE identity, as in ext_authz, which reads them all) is read
+    from the request's `x-forwarded-client-cert` when present (see Identity.from_first_sans).
+    That header can only take the connection's identity away, never add one, so this holds
+    even when the client sent it itself and Envoy passed it on."""
+    if ATTRIBUTES_KEY not in message.attributes:
+        return NO_IDENTITY, None
+    fields = message.attributes[ATTRIBUTES_KEY].fields
+
+    def text(name: str) -> str:
+        return fields[name].string_value if name in fields else ""
+
+    port = int(fields["destination.port"].number_value) if "destination.port" in fields else None
+    mtls = "connection.mtls" in fields and fields["connection.mtls"].bool_value
+    if not mtls:
+        return NO_IDENTITY, port
+    uri = text("connection.uri_san_peer_certificate")
+    xfcc = None
+    if uri:  # repeated headers joined with "," (XFCC's element separator), as header_dict does
+        values = [entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+                  for entry in message.request_headers.headers.headers
+                  if entry.key.lower() == "x-forwarded-client-cert"]
+        xfcc = ",".join(values) or None
+    identity = Identity.from_first_sans(uri, text("connection.dns_san_peer_certificate"),
+                                        text("connection.subject_peer_certificate"), xfcc)
+    return identity, port
+
+
+def steering_response(steering: Steering) -> ep.ProcessingResponse:
+    """Deny with an immediate response; or set the routing (and color) headers, remove the
+    untrusted ones, and make Envoy pick the route again."""
+    decision = steering.decision
+    if decision.deny_status is not None:
+        return ep.ProcessingResponse(
+            immediate_response=ep.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=decision.deny_status),
+                body=(decision.deny_reason or "").encode(), details=DENIED_DETAILS),
+            dynamic_metadata=decision_metadata(decision))
+    mutation = ep.HeaderMutation(
+        set_headers=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+            append_action=_OVERWRITE) for name, value in steering.set_headers],
+        remove_headers=list(steering.remove_headers))
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
+        dynamic_metadata=decision_metadata(decision),
+    )
+
+
+class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Thin: loops over the stream and answers each message exactly once."""
+
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+        self._answers: dict[Steering, bytes] = {}
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
+    ) -> AsyncIterator[bytes]:
+        inflight = self.decider.metrics.inflight_streams
+        inflight.inc()
+        try:
+            async for message in request_iterator:
+                if message.observability_mode:
+                    continue  # "send and go": Envoy ignores answers in observability mode
+                answer = self.answer(message)
+                if answer is not None:
+                    yield answer
+        finally:  # also when Envoy resets the stream after its last message (normal)
+            inflight.dec()
+
+    def answer(self, message: ep.ProcessingRequest) -> bytes | None:
+        """The serialized answer to one message (the serving path)."""
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            steering = self.steering(message)
+            answer = self._answers.get(steering)
+            if answer is None:
+                if len(self._answers) >= ANSWER_CACHE_SIZE:
+                    self._answers.clear()
+                answer = self._answers[steering] = steering_response(steering).SerializeToString()
+            return answer
+        answer = _PASS_THROUGH_BYTES.get(kind or "")
+        if answer is None:
+            log.warning("ext_proc message of unknown kind %r left unanswered", kind)
+        return answer
+
+    def respond(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+        """The answer to one message, as a message."""
+        answer = self.answer(message)
+        return None if answer is None else ep.ProcessingResponse.FromString(answer)
+
+    def on_request_headers(
+        self, message: ep.ProcessingRequest
+    ) -> tuple[ep.ProcessingResponse, Decision]:
+        """Decide one request from its headers message. The explain CLI calls this too."""
+        steering = self.steering(message)
+        return steering_response(steering), steering.decision
+
+    def steering(self, message: ep.ProcessingRequest) -> Steering:
+        table = self.decider.holder.table
+        headers = None
+        try:
+            headers = header_dict(message.request_headers.headers)
+            identity, port = connection_identity(message)
+            return self.decider.steer(Request.from_headers(headers, identity, port), table)
+        except Exception as error:  # malformed message: still answer, as for an untrusted caller
+            return self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)

@@ -1,0 +1,27 @@
+"""`graysteer status` describes every kind of rule the rules file may hold."""
+
+import shutil
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin.client import as_dict, format_status
+from sidecar.admin.servicer import table_status
+from sidecar.runtime.metrics import Metrics
+from sidecar.runtime.reload import Reloader
+from sidecar.runtime.state_file import StateFile, default_state_path
+
+REPO = Path(__file__).parents[2]
+
+
+def test_status_describes_route_split_and_deny_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    shutil.copy(REPO / "examples" / "rules.yaml", rules)  # route, split and deny rules
+    reloader = Reloader(rules, Metrics(CollectorRegistry()), StateFile(default_state_path(rules)))
+    status = as_dict(table_status(reloader))
+    actions = {rule["name"]: rule["action"] for rule in status["rules"]}
+    assert actions == {"block-admin": "deny", "force-canary": "route", "beta-tier": "route",
+                       "checkout-ramp": "split"}
+    text = format_status(status)
+    assert "block-admin              deny 403: the admin API is internal" in text
+    assert "checkout-ramp            split stable=90 canary=10" in text

@@ -1,0 +1,206 @@
+"""Progressive delivery, pure parts: spec validation, verdicts, p99, the state machine."""
+
+import copy
+from typing import Any
+
+import pytest
+
+from sidecar.core import RulesError, compile_table
+from sidecar.core.rollout import (
+    ABORTED,
+    BREACH,
+    HEALTHY,
+    INCONCLUSIVE,
+    PAUSED,
+    PROGRESSING,
+    PROMOTED,
+    Analysis,
+    LaneWindow,
+    RolloutState,
+    act,
+    advance,
+    canary_weight,
+    judge,
+    p99_from_buckets,
+    parse_duration,
+    start,
+)
+from sidecar.runtime.rollouts import parse_envoy_stats, split_weights
+
+DOC: dict[str, Any] = {
+    "version": 1, "clusters": ["stable", "canary"], "default": "stable",
+    "rules": [{"name": "ramp", "split": {"key": ["header:u"], "to": [
+        {"cluster": "stable", "weight": 100}, {"cluster": "canary", "weight": 0}]},
+        "rollout": {"canary": "canary",
+                    "steps": [{"weight": 5, "hold": "60s"}, {"weight": 25, "hold": "2m"},
+                              {"weight": 100}],
+                    "analysis": {"window": "30s", "min_requests": 50, "max_error_rate": 0.05,
+                                 "max_error_rate_vs_stable": 2.0, "max_p99_ms": 800},
+                    "on_failure": "rollback"}}],
+}
+
+
+def spec_of(doc: dict[str, Any] = DOC) -> Any:
+    return compile_table(doc, "v", "rules.yaml").rollouts["ramp"]
+
+
+def with_rollout(**changes: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(DOC)
+    doc["rules"][0]["rollout"].update(changes)
+    return doc
+
+
+def test_spec_compiles() -> None:
+    spec = spec_of()
+    assert (spec.canary, spec.baseline, spec.total) == ("canary", "stable", 100)
+    assert [(s.weight, s.hold) for s in spec.steps] == [(5, 60.0), (25, 120.0), (100, 0.0)]
+    assert spec.analysis.window == 30.0
+
+
+@pytest.mark.parametrize(("doc", "fragment"), [
+    (with_rollout(canary="cnary"), "field rollout.canary: 'cnary' is not an entry"),
+    (with_rollout(steps=[{"weight": 50, "hold": "1s"}, {"weight": 10}]), "must not go down"),
+    (with_rollout(steps=[{"weight": 150}]), "more than the split's total weight 100"),
+    (with_rollout(steps=[{"weight": 5}, {"weight": 10}]), "every step but the last needs a hold"),
+    (with_rollout(steps=[{"weight": 5, "hold": "soon"}, {"weight": 10}]), "is not a duration"),
+    (with_rollout(steps=[{"weight": 5, "hold": "0s"}, {"weight": 10}]), "longer than 0"),
+    (with_rollout(steps=[]), "field rollout.steps: must not be empty"),
+    (with_rollout(on_failure="panic"), "field rollout.on_failure"),
+    (with_rollout(analysis={"window": "30s", "min_requests": 0, "max_error_rate": 0.1}),
+     "field rollout.analysis.min_requests"),
+    (with_rollout(analysis={"window": "30s", "min_requests": 5, "max_error_rate": 1.5}),
+     "field rollout.analysis.max_error_rate"),
+    (with_rollout(analysis={"window": "1 minute", "min_requests": 5, "max_error_rate": 0.1}),
+     "field rollout.analysis.window"),
+    (with_rollout(speed=3), "unknown key 'speed'"),
+])
+def test_spec_validation(doc: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(RulesError) as caught:
+        compile_table(doc, "v", "rules.yaml")
+    assert any(fragment in str(p) and "rule 'ramp' (rules[0])" in str(p)
+               for p in caught.value.problems), caught.value.problems
+
+
+def test_rollout_needs_a_split() -> None:
+    doc = copy.deepcopy(DOC)
+    doc["rules"][0]["route"] = "stable"
+    del doc["rules"][0]["split"]
+    with pytest.raises(RulesError, match="a rollout drives a split"):
+        compile_table(doc, "v", "rules.yaml")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("2m", 120),
+                                              ("1h", 3600), ("1.5s", 1.5)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+ANALYSIS = Analysis(window=30, min_requests=50, max_error_rate=0.05,
+                    max_error_rate_vs_stable=2.0, max_p99_ms=800)
+
+
+@pytest.mark.parametrize(("canary", "baseline", "outcome", "reason"), [
+    (LaneWindow(49, 49), LaneWindow(1000, 0), INCONCLUSIVE, "fewer than min_requests"),
+    (LaneWindow(100, 1, 100.0), LaneWindow(1000, 10), HEALTHY, "within"),
+    (LaneWindow(100, 6), LaneWindow(1000, 0), BREACH, "max_error_rate"),
+    (LaneWindow(100, 3), LaneWindow(1000, 10), BREACH, "x baseline"),  # 3% > 2 x 1%
+    (LaneWindow(100, 3), LaneWindow(40, 0), HEALTHY, "within"),  # baseline too small: skipped
+    (LaneWindow(100, 0, 900.0), LaneWindow(1000, 0), BREACH, "p99"),
+])
+def test_verdicts(canary: LaneWindow, baseline: LaneWindow, outcome: str, reason: str) -> None:
+    verdict = judge(ANALYSIS, canary, baseline)
+    assert verdict.outcome == outcome and reason in verdict.reason
+
+
+def test_p99_from_bucket_deltas() -> None:
+    bounds = [10.0, 100.0, 1000.0, float("inf")]
+    assert p99_from_buckets(bounds, [0, 0, 0, 0]) is None
+    assert p99_from_buckets(bounds, [100, 100, 100, 100]) == pytest.approx(9.9)
+    assert p99_from_buckets(bounds, [50, 90, 100, 100]) == pytest.approx(100 + 900 * 0.9)
+    assert p99_from_buckets(bounds, [0, 0, 0, 100]) == 1000.0
+
+
+HEALTHY_V = judge(ANALYSIS, LaneWindow(100, 0, 10.0), LaneWindow(100, 0, 10.0))
+THIN_V = judge(ANALYSIS, LaneWindow(10, 0), LaneWindow(100, 0))
+BAD_V = judge(ANALYSIS, LaneWindow(100, 30), LaneWindow(100, 0))
+
+
+def test_steps_advance_only_after_the_hold_with_a_healthy_verdict() -> None:
+    spec = spec_of()
+    state = start(spec, 0.0)
+    assert canary_weight(spec, state) == 5
+    assert advance(spec, state, 59.0, HEALTHY_V) == state  # hold not over
+    assert advance(spec, state, 61.0, THIN_V) == state  # no verdict: no step
+    state = advance(spec, state, 61.0, HEALTHY_V)
+    assert (state.phase, state.step, canary_weight(spec, state)) == (PROGRESSING, 1, 25)
+    state = advance(spec, state, 61.0 + 121, HEALTHY_V)
+    assert (state.phase, canary_weight(spec, state)) == (PROMOTED, 100)
+    assert advance(spec, state, 1e9, BAD_V) == state  # promoted is final
+
+
+@pytest.mark.parametrize(("on_failure", "phase", "weight"), [("rollback", ABORTED, 0),
+                                                             ("pause", PAUSED, 5)])
+def test_breach(on_failure: str, phase: str, weight: int) -> None:
+    spec = spec_of(with_rollout(on_failure=on_failure))
+    state = advance(spec, start(spec, 0.0), 1.0, BAD_V)
+    assert (state.phase, canary_weight(spec, state)) == (phase, weight)
+    assert "max_error_rate" in state.reason and state.numbers["canary_error_rate"] == 0.3
+    assert advance(spec, state, 100.0, HEALTHY_V) == state  # stays until an operator acts
+
+
+def test_operator_actions() -> None:
+    spec = spec_of()
+    state = start(spec, 0.0)
+    paused = act(spec, state, "pause", 1.0)
+    assert paused.phase == PAUSED
+    resumed = act(spec, paused, "resume", 5.0)
+    assert (resumed.phase, resumed.step_started) == (PROGRESSING, 5.0)
+    aborted = act(spec, resumed, "abort", 6.0)
+    assert canary_weight(spec, aborted) == 0
+    assert act(spec, aborted, "resume", 7.0).step == 0
+    promoted = act(spec, state, "promote", 8.0)
+    assert (promoted.phase, canary_weight(spec, promoted)) == (PROMOTED, 100)
+    with pytest.raises(ValueError, match="already progressing"):
+        act(spec, state, "resume", 9.0)
+    with pytest.raises(ValueError, match="unknown action"):
+        act(spec, state, "yolo", 9.0)
+
+
+def test_state_round_trip() -> None:
+    state = advance(spec_of(), start(spec_of(), 0.0), 1.0, BAD_V)
+    assert RolloutState.from_json(state.to_json()) == state
+    with pytest.raises(ValueError):
+        RolloutState.from_json({"phase": "dancing", "step": 0, "step_started": 0})
+
+
+def test_split_weights_keep_the_total() -> None:
+    spec = spec_of()
+    assert split_weights(spec, {"stable": 100, "canary": 0}, 25) == {"stable": 75, "canary": 25}
+    three = copy.deepcopy(DOC)
+    three["clusters"].append("v3")
+    three["rules"][0]["split"]["to"] = [{"cluster": "stable", "weight": 60},
+                                        {"cluster": "v3", "weight": 30},
+                                        {"cluster": "canary", "weight": 10}]
+    spec3 = spec_of(three)
+    assert split_weights(spec3, {"stable": 60, "v3": 30, "canary": 10}, 40) == {
+        "stable": 40, "v3": 20, "canary": 40}
+
+
+ENVOY_SAMPLE = """# TYPE envoy_cluster_upstream_rq_xx counter
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="canary"} 90
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="canary"} 10
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="stable"} 500
+# TYPE envoy_cluster_upstream_rq_time histogram
+envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="canary",le="100"} 80
+envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="canary",le="1000"} 100
+envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="canary",le="+Inf"} 100
+envoy_cluster_upstream_rq_time_sum{envoy_cluster_name="canary"} 5000
+envoy_cluster_upstream_rq_time_count{envoy_cluster_name="canary"} 100
+"""
+
+
+def test_parse_envoy_prometheus_stats() -> None:
+    lanes = parse_envoy_stats(ENVOY_SAMPLE)
+    assert (lanes["canary"].requests, lanes["canary"].errors) == (100, 10)
+    assert lanes["canary"].bounds == (100.0, 1000.0, float("inf"))
+    assert lanes["stable"].requests == 500

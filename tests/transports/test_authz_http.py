@@ -1,0 +1,400 @@
+"""The HTTP ext_authz server through real sockets on loopback, against a real Decider."""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import httptools
+import pytest
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from sidecar.core import Decision, Steering
+from sidecar.runtime.decider import Decider, TableHolder
+from sidecar.runtime.metrics import Metrics
+from sidecar.transports.authz_http import (
+    DECISION_HEADER_PREFIX,
+    AnswerCache,
+    AuthzHttpServer,
+    Limits,
+    answer_bytes,
+    start_authz_http,
+)
+from sidecar.transports.explain import Peer, headers_message
+from sidecar.transports.ext_proc import ExtProcServicer
+from tests.helpers import table_from_yaml
+
+QA = "spiffe://example.org/ns/qa/sa/tester"
+WEB = "spiffe://example.org/ns/prod/sa/web"
+RULES = """
+version: 1
+clusters: [stable, canary]
+default: stable
+trust:
+  identities: [{glob: "spiffe://example.org/ns/qa/*"}]
+  override_headers: [x-canary]
+  listener_ports: [15001]
+coloring:
+  lanes: {stable: stable, canary: canary}
+rules:
+  - name: no-admin
+    match: {path: {prefix: /admin}}
+    deny: {status: 451, reason: "no admin here"}
+  - name: api-v2
+    match: {path: {prefix: /api/v2}}
+    route: canary
+  - name: force-canary
+    match: {headers: {x-canary: "1"}}
+    route: canary
+  - name: by-user
+    split:
+      key: [header:x-user-id]
+      to: [{cluster: stable, weight: 50}, {cluster: canary, weight: 50}]
+      when_key_missing: stable
+"""
+FAST = Limits(request_timeout=0.3, idle_timeout=5.0)
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+@pytest.fixture(params=[asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> LoopFactory:
+    """Every socket test runs on both loops: uvloop in production, asyncio's own elsewhere."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def decider() -> Decider:
+    return Decider(TableHolder(table_from_yaml(RULES)), Metrics(CollectorRegistry()))
+
+
+def check(path: str, *headers: tuple[str, str], method: str = "GET", port: int = 8080) -> bytes:
+    """The check request Envoy sends for `path` (with its path_prefix) on listener `port`."""
+    lines = [f"{method} /graysteer-check{path} HTTP/1.1", "host: shop.example", "content-length: 0",
+             f"x-graysteer-listener-port: {port}", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    def decision(self) -> Decision:
+        """The Decision back from the x-graysteer-decision-* headers."""
+        fields: dict[str, object] = {k[len(DECISION_HEADER_PREFIX):].replace("-", "_"): v
+                                     for k, v in self.headers if k.startswith(DECISION_HEADER_PREFIX)}
+        for number in ("bucket", "deny_status"):
+            if number in fields:
+                fields[number] = int(str(fields[number]))
+        return Decision(**fields)  # type: ignore[arg-type]
+
+
+@dataclass
+class Client:
+    """One connection; answers parsed with httptools' response parser."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    answers: list[Answer] = field(default_factory=list)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.current = Answer(0, [])
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.current.headers.append((name.decode().lower(), value.decode()))
+
+    def on_body(self, body: bytes) -> None:
+        self.current.body += body
+
+    def on_message_complete(self) -> None:
+        self.current.status = self.parser.get_status_code()
+        self.answers.append(self.current)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self, count: int, timeout: float = 5.0) -> list[Answer]:
+        async with asyncio.timeout(timeout):
+            while len(self.answers) < count and not self.closed:
+                await self.read_some()
+        taken, self.answers = self.answers[:count], self.answers[count:]
+        return taken
+
+    async def read_some(self) -> None:
+        data = await self.reader.read(65536)
+        if not data:
+            self.closed = True
+        else:
+            self.parser.feed_data(data)
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not self.closed:
+                await self.read_some()
+
+    async def ask(self, data: bytes) -> Answer:
+        await self.send(data)
+        (answer,) = await self.receive(1)
+        return answer
+
+
+def serve(loop: LoopFactory,
+          test: Callable[[AuthzHttpServer, Callable[[], Awaitable[Client]]], Awaitable[None]],
+          ready: Callable[[], bool] = lambda: True, limits: Limits = FAST,
+          the_decider: Decider | None = None) -> None:
+    async def run() -> None:
+        server = await start_authz_http(the_decider or decider(), "127.0.0.1", 0, ready, limits=limits)
+        clients: list[Client] = []
+
+        async def connect() -> Client:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            clients.append(Client(reader, writer))
+            return clients[-1]
+
+        try:
+            await test(server, connect)
+        finally:
+            for client in clients:
+                client.writer.close()
+            await server.close(grace=1.0)
+            assert not server.connections
+
+    with asyncio.Runner(loop_factory=loop) as runner:
+        runner.run(run())
+
+
+def test_keep_alive_answers_several_requests_on_one_connection(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        for _ in range(3):
+            answer = await client.ask(check("/", ("x-user-id", "7")))
+            assert answer.status == 200
+            assert answer.header("connection") is None
+            assert answer.header("x-route-cluster") in ("stable", "canary")
+        assert not client.closed and len(server.connections) == 1
+
+    serve(loop, test)
+
+
+def test_pipelined_requests_are_answered_in_order(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        await client.send(check("/api/v2/x") + check("/admin") + check("/shop"))
+        answers = await client.receive(3)
+        assert [a.status for a in answers] == [200, 451, 200]
+        assert [a.decision().rule for a in answers] == ["api-v2", "no-admin", "by-user"]
+        assert answers[0].header("x-route-cluster") == "canary"
+        assert answers[2].header("x-route-cluster") == "stable"
+
+    serve(loop, test)
+
+
+def test_malformed_request_gets_400_and_the_connection_closes(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        await client.send(b"GET /graysteer-check/ HTTP/1.1\r\nbad header line\r\n\r\n")
+        (answer,) = await client.receive(1)
+        assert answer.status == 400
+        assert answer.header("connection") == "close"
+        assert b"malformed request" in answer.body
+        await client.wait_closed()
+
+    serve(loop, test)
+
+
+@pytest.mark.parametrize("headers", [
+    [("x-big", "a" * 70_000)],  # one header over the 64 KiB head
+    [(f"x-h{i}", "1") for i in range(101)],  # over 100 headers
+], ids=["bytes", "count"])
+def test_oversized_request_head_gets_431(headers: list[tuple[str, str]], loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        assert (await client.ask(check("/", *headers))).status == 431
+        await client.wait_closed()
+
+    serve(loop, test, limits=Limits())
+
+
+def test_a_head_that_never_ends_is_cut_at_the_limit(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        await client.send(b"GET /graysteer-check/ HTTP/1.1\r\nx-endless: ")
+        answers: list[Answer] = []
+        for _ in range(20):  # 80 KiB of one header value, never finished
+            await client.send(b"a" * 4096)
+            if client.closed or answers:
+                break
+            with contextlib.suppress(TimeoutError):
+                answers = await client.receive(1, timeout=0.01)
+        answers = answers or await client.receive(1)
+        assert answers[0].status == 431
+
+    serve(loop, test, limits=Limits())
+
+
+def test_request_body_is_discarded_and_bounded(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        small = check("/").replace(b"content-length: 0", b"content-length: 5") + b"hello"
+        assert (await client.ask(small)).status == 200
+        big = check("/").replace(b"content-length: 0", b"content-length: 100") + b"x" * 100
+        answer = await client.ask(big)
+        assert answer.status == 413
+        await client.wait_closed()
+
+    serve(loop, test, limits=replace(FAST, max_body_bytes=64))
+
+
+def test_slow_clients_do_not_stall_others_and_are_cut_off(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        stalled, trickling, good = await connect(), await connect(), await connect()
+        await stalled.send(b"GET /graysteer-check/ HTTP/1.1\r\nx-a: ")
+
+        async def trickle() -> None:  # one byte every 50 ms: bytes keep coming, the request never ends
+            await trickling.send(b"GET /graysteer-check/ HTTP/1.1\r\n")
+            while not trickling.closed:
+                trickling.writer.write(b"x")
+                await asyncio.sleep(0.05)
+
+        trickler = asyncio.create_task(trickle())
+        for _ in range(5):
+            assert (await good.ask(check("/api/v2/"))).status == 200
+        await stalled.wait_closed(timeout=2.0)  # past request_timeout (0.3 s)
+        await trickling.wait_closed(timeout=2.0)
+        trickler.cancel()
+        assert (await good.ask(check("/"))).status == 200  # the good connection lives on
+
+    serve(loop, test)
+
+
+def test_deny_rule_answers_its_status_and_reason(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        answer = await (await connect()).ask(check("/admin/users"))
+        assert answer.status == 451
+        assert answer.body == b"no admin here"
+        assert answer.header("x-route-cluster") is None
+        assert answer.decision().deny_status == 451
+
+    serve(loop, test)
+
+
+def test_a_5xx_deny_status_is_answered_403_never_5xx() -> None:
+    decision = Decision("stable", "down", "v1", deny_status=503, deny_reason="maintenance")
+    head, _, body = answer_bytes(Steering(decision)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 ")
+    assert b"x-graysteer-decision-deny-status: 503" in head
+    assert body == b"maintenance"
+    head_only = answer_bytes(Steering(decision), head_only=True)
+    assert head_only.endswith(b"\r\n\r\n") and b"content-length: 11" in head_only
+
+
+def test_untrusted_override_header_is_listed_for_removal(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        answer = await (await connect()).ask(check("/", ("x-canary", "1")))
+        assert answer.status == 200
+        assert answer.header("x-envoy-auth-headers-to-remove") == "x-canary"
+        assert answer.header("x-route-cluster") == "stable"
+        assert answer.decision().rule == "by-user"
+
+    serve(loop, test)
+
+
+def test_xfcc_identity_trusted_by_the_rules_has_its_override_honoured(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        xfcc = f'Hash=abc;Subject="CN=qa,O=Example";URI={QA}'
+        trusted = await client.ask(check("/", ("x-forwarded-client-cert", xfcc), ("x-canary", "1")))
+        assert trusted.header("x-route-cluster") == "canary"
+        assert trusted.header("x-envoy-auth-headers-to-remove") is None
+        assert trusted.decision().identity == QA
+        xfcc = f"Hash=abc;URI={WEB}"
+        other = await client.ask(check("/", ("x-forwarded-client-cert", xfcc), ("x-canary", "1")))
+        assert other.header("x-envoy-auth-headers-to-remove") == "x-canary"
+
+    serve(loop, test)
+
+
+def test_health_path_follows_readiness(loop: LoopFactory) -> None:
+    state = {"ready": True}
+
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        health = b"GET /graysteer-health HTTP/1.1\r\nhost: sidecar\r\n\r\n"
+        assert (await client.ask(health)).status == 200
+        state["ready"] = False
+        assert (await client.ask(health)).status == 503
+        # Envoy prefixes every check: a client request to the health path is decided, not answered.
+        forwarded = await client.ask(check("/graysteer-health"))
+        assert forwarded.status == 200 and forwarded.decision().rule == "by-user"
+
+    serve(loop, test, ready=lambda: state["ready"])
+
+
+def test_path_prefix_is_stripped_before_matching_path_rules(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        answer = await (await connect()).ask(check("/api/v2/orders?id=1"))
+        assert answer.decision().rule == "api-v2"
+        assert answer.header("x-route-cluster") == "canary"
+
+    serve(loop, test)
+
+
+def test_close_drains_idle_keep_alive_connections(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        assert (await client.ask(check("/"))).status == 200
+        await server.close(grace=1.0)
+        await client.wait_closed(timeout=1.0)
+
+    serve(loop, test)
+
+
+def test_answer_cache_is_bounded_in_bytes_and_skips_large_answers() -> None:
+    cache = AnswerCache(max_bytes=4096, max_entry=512)
+    for i in range(100):
+        steering = Steering(Decision("stable", f"rule-{i}", "v1"), (("x-route-cluster", "stable"),))
+        assert cache.get(steering) == answer_bytes(steering)
+        assert cache.size <= 4096
+    large = Steering(Decision("stable", "r", "v1"), (("baggage", "k=" + "v" * 1000),))
+    before = cache.size
+    assert cache.get(large) == answer_bytes(large)
+    assert cache.size == before
+
+
+PARITY_CASES: list[tuple[str, list[tuple[str, str]], Peer]] = [
+    ("/", [], Peer()),
+    ("/", [("x-user-id", "42")], Peer()),
+    ("/", [("x-canary", "1")], Peer()),
+    ("/", [("x-canary", "1")], Peer(listener_port=15001)),
+    ("/", [("x-canary", "1")], Peer(uri_san=QA)),
+    ("/", [("x-canary", "1")], Peer(uri_san=WEB)),
+    ("/admin", [], Peer()),
+    ("/api/v2/x?q=1", [("x-user-id", "7")], Peer()),
+    ("/", [("x-graysteer-lane", "canary"), ("baggage", "graysteer.lane=canary,t=1")], Peer(uri_san=QA)),
+    ("/", [("cookie", "a=1; uid=9")], Peer()),
+]
+
+
+def test_same_decisions_as_ext_proc(loop: LoopFactory) -> None:
+    the_decider = decider()
+    servicer = ExtProcServicer(the_decider)
+    expected = [servicer.on_request_headers(headers_message("GET", path, headers, peer=peer))[1]
+                for path, headers, peer in PARITY_CASES]
+
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        for (path, headers, peer), decision in zip(PARITY_CASES, expected, strict=True):
+            extra = [("x-forwarded-client-cert", f"Hash=abc;URI={peer.uri_san}")] if peer.uri_san else []
+            request = check(path, *headers, *extra, port=peer.listener_port or 8080)
+            assert (await client.ask(request)).decision() == decision, path
+
+    serve(loop, test, the_decider=the_decider)
