@@ -9,12 +9,13 @@ from sidecar.core import Identity, Request, Table, compile_table, steer
 
 def realistic_document() -> dict[str, Any]:
     rules: list[dict[str, Any]] = [
-        {"name": "admin-needs-identity", "match": {"path": {"prefix": "/admin"},
-                                                   "identity": {"absent": True}},
-         "deny": {"status": 403}},
+        {
+            "name": "admin-needs-identity",
+            "match": {"path": {"prefix": "/admin"}, "identity": {"absent": True}},
+            "deny": {"status": 403},
+        },
         {"name": "force-canary", "match": {"headers": {"x-canary": "1"}}, "route": "canary"},
-        {"name": "qa", "match": {"identity": {"glob": "spiffe://example.org/ns/qa/*"}},
-         "route": "canary"},
+        {"name": "qa", "match": {"identity": {"glob": "spiffe://example.org/ns/qa/*"}}, "route": "canary"},
     ]
     for i in range(44):  # per-tenant and per-feature routes, none matching the sample traffic
         match: dict[str, Any] = {"headers": {"x-tenant": f"tenant-{i}"}}
@@ -25,25 +26,50 @@ def realistic_document() -> dict[str, Any]:
         if i % 5 == 0:
             match["identity"] = {"trust_domain": f"tenant{i}.example.org"}
         rules.append({"name": f"tenant-{i}", "match": match, "route": "v2"})
-    for name, key, path in (("search-ramp", "header:x-user-id", "/search"),
-                            ("cart-ramp", "cookie:uid", "/cart"),
-                            ("checkout-ramp", "header:x-user-id", "/")):
-        rules.append({"name": name, "match": {"path": {"prefix": path}}, "split": {
-            "key": [key, "query:gray_id"], "to": [{"cluster": "stable", "weight": 90},
-                                                  {"cluster": "canary", "weight": 10}]}})
-    return {"version": 1, "clusters": ["stable", "canary", "v2"], "default": "stable",
-            "trust": {"identities": [{"glob": "spiffe://example.org/ns/qa/*"}],
-                      "override_headers": ["x-canary"]},
-            "coloring": {"lanes": {"stable": "stable", "canary": "canary", "v2": "v2"}},
-            "rules": rules}
+    for name, key, path in (
+        ("search-ramp", "header:x-user-id", "/search"),
+        ("cart-ramp", "cookie:uid", "/cart"),
+        ("checkout-ramp", "header:x-user-id", "/"),
+    ):
+        rules.append(
+            {
+                "name": name,
+                "match": {"path": {"prefix": path}},
+                "split": {
+                    "key": [key, "query:gray_id"],
+                    "to": [{"cluster": "stable", "weight": 90}, {"cluster": "canary", "weight": 10}],
+                },
+            }
+        )
+    return {
+        "version": 1,
+        "clusters": ["stable", "canary", "v2"],
+        "default": "stable",
+        "trust": {"identities": [{"glob": "spiffe://example.org/ns/qa/*"}], "override_headers": ["x-canary"]},
+        "coloring": {"lanes": {"stable": "stable", "canary": "canary", "v2": "v2"}},
+        "rules": rules,
+    }
 
 
 def sample_requests() -> list[Request]:
     web = Identity.from_sans(True, ("spiffe://example.org/ns/prod/sa/web",))
-    headers = {":method": "GET", ":authority": "shop.example.org", "user-agent": "bench/1.0",
-               "accept": "*/*", "x-request-id": "5f0c", "traceparent": "00-ab-cd-01"}
-    return [Request({**headers, "x-user-id": f"user-{i}", "cookie": f"uid=u{i}; theme=dark"},
-                    "GET", "/checkout/step-2?x=1", web) for i in range(200)]
+    headers = {
+        ":method": "GET",
+        ":authority": "shop.example.org",
+        "user-agent": "bench/1.0",
+        "accept": "*/*",
+        "x-request-id": "5f0c",
+        "traceparent": "00-ab-cd-01",
+    }
+    return [
+        Request(
+            {**headers, "x-user-id": f"user-{i}", "cookie": f"uid=u{i}; theme=dark"},
+            "GET",
+            "/checkout/step-2?x=1",
+            web,
+        )
+        for i in range(200)
+    ]
 
 
 def _per_call_us(function: Any, table: Table, requests: list[Request], repeat: int = 5) -> float:
@@ -64,6 +90,7 @@ def micro_benchmark() -> dict[str, Any]:
     def fresh(function: Any) -> Any:  # steer may rewrite request.headers: copy per call
         def call(t: Table, r: Request) -> Any:
             return function(t, Request(r.headers, r.method, r.path + "?" + r.query, r.identity))
+
         return call
 
     return {

@@ -14,11 +14,21 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-ANSWER = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
-    header_mutation=ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key="x-route-cluster", raw_value=b"stable"),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]),
-    clear_route_cache=True)))
+ANSWER = ep.ProcessingResponse(
+    request_headers=ep.HeadersResponse(
+        response=ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(
+                set_headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key="x-route-cluster", raw_value=b"stable"),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ]
+            ),
+            clear_route_cache=True,
+        )
+    )
+)
 OTHER = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
 
 
@@ -35,8 +45,9 @@ async def main(port: int) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor",
-                              health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(
+        "envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING
+    )
     print(f"serving ext_proc and ext_authz on 127.0.0.1:{bound}", flush=True)
     await server.wait_for_termination()
 

@@ -51,17 +51,42 @@ def main() -> int:
         backends = Envoy(backends_config(), workdir, name="backends")
         sidecar = scenario.start_sidecar(workdir)
         assert sidecar is not None
-        envoy = front_envoy(scenario, sidecar.ports, {"stable": backends.ports["stable"],  # type: ignore[attr-defined]
-                                                     "canary": backends.ports["canary"]}, workdir)
+        envoy = front_envoy(
+            scenario,
+            sidecar.ports,
+            {
+                "stable": backends.ports["stable"],  # type: ignore[attr-defined]
+                "canary": backends.ports["canary"],
+            },
+            workdir,
+        )
         try:
-            wait_for(lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == 1, 20,
-                     "the sidecar to be healthy")
+            wait_for(
+                lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == 1,
+                20,
+                "the sidecar to be healthy",
+            )
             script = lua_script(workdir / "b.lua", {}, vary_user=True)
             output = workdir / "profile.txt"
-            spy = subprocess.Popen([str(py_spy), "record", "--pid", str(sidecar.popen.pid),
-                                    "--duration", str(args.seconds), "--format", "raw",
-                                    "--output", str(output), "--rate", "200", "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen(
+                [
+                    str(py_spy),
+                    "record",
+                    "--pid",
+                    str(sidecar.popen.pid),
+                    "--duration",
+                    str(args.seconds),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(output),
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(0.5)
             run(wrk, envoy.port, 32, args.seconds, script)
             spy.wait(timeout=60)

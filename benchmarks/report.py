@@ -12,15 +12,23 @@ def one_line(s: dict[str, Any]) -> str:
     return " | ".join(
         f"{c}: {s[c]['rps']:.0f} req/s p50 {s[c]['p50_ms']:.2f} ms p99 {s[c]['p99_ms']:.2f} ms "
         f"cpu/req {_cpu(s[c])} errors {s[c]['errors']}"
-        + (f" worker shares {s[c]['worker_cpu_shares']}" if len(s[c].get("worker_cpu_shares") or []) > 1
-           else "") for c in ("c1", "c32"))
+        + (
+            f" worker shares {s[c]['worker_cpu_shares']}"
+            if len(s[c].get("worker_cpu_shares") or []) > 1
+            else ""
+        )
+        for c in ("c1", "c32")
+    )
 
 
 def median(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """One scenario's rounds -> the median of every number (errors: the total)."""
-    merged: dict[str, Any] = {"key": outcomes[0]["key"], "title": outcomes[0]["title"],
-                              "floor": outcomes[0].get("floor"),
-                              "failure_mode_allowed": sum(o["failure_mode_allowed"] for o in outcomes)}
+    merged: dict[str, Any] = {
+        "key": outcomes[0]["key"],
+        "title": outcomes[0]["title"],
+        "floor": outcomes[0].get("floor"),
+        "failure_mode_allowed": sum(o["failure_mode_allowed"] for o in outcomes),
+    }
     for level in ("c1", "c32"):
         merged[level] = {}
         for name, value in outcomes[0][level].items():
@@ -28,8 +36,9 @@ def median(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
             if isinstance(value, list):  # per-worker shares: every round's, as measured
                 merged[level][name] = values
                 continue
-            merged[level][name] = (None if value is None else sum(values) if name == "errors"
-                                   else statistics.median(values))
+            merged[level][name] = (
+                None if value is None else sum(values) if name == "errors" else statistics.median(values)
+            )
         merged[level]["rounds"] = [o[level]["sidecar_cpu_ms_per_request"] for o in outcomes]
     return merged
 
@@ -51,8 +60,10 @@ def add_ratios(results: dict[str, Any]) -> None:
             ratios["added_p50_ms_at_1_conn"] = round(s["c1"]["p50_ms"] - native["c1"]["p50_ms"], 3)
         if floor:
             ratios["rps_vs_floor"] = round(s["c32"]["rps"] / floor["c32"]["rps"], 3)
-            cpu, floor_cpu = (s["c32"]["sidecar_cpu_ms_per_request"],
-                              floor["c32"]["sidecar_cpu_ms_per_request"])
+            cpu, floor_cpu = (
+                s["c32"]["sidecar_cpu_ms_per_request"],
+                floor["c32"]["sidecar_cpu_ms_per_request"],
+            )
             ratios["cpu_vs_floor"] = round(cpu / floor_cpu, 3) if cpu and floor_cpu else None
         s["ratios"] = ratios
 
@@ -79,15 +90,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"{c32['p99_ms']:.2f} ms | {_cpu(c32)} | "
             f"{c1['errors'] + c32['errors']} | {_ms(r.get('added_p50_ms_at_1_conn'))} | "
             f"{_ratio(r.get('rps_vs_native'))} | {'(' + s['floor'] + ')' if s.get('floor') else '-'} | "
-            f"{_ratio(r.get('rps_vs_floor'))} | {_ratio(r.get('cpu_vs_floor'))} |")
+            f"{_ratio(r.get('rps_vs_floor'))} | {_ratio(r.get('cpu_vs_floor'))} |"
+        )
     micro = results.get("decision_micro_benchmark")
     if micro:
-        lines += ["", f"Decision function on a realistic table ({micro['rules']} rules, "
-                  f"{micro['splits']} splits; header, path and identity matches): "
-                  f"**{micro['decide_us']:.2f} µs** per `Table.decide` (empty table: "
-                  f"{micro['decide_empty_table_us']:.2f} µs); **{micro['steer_us']:.2f} µs** per "
-                  f"`steer` (trust, lanes, rules, headers; it includes building the request "
-                  f"view) (empty table: {micro['steer_empty_table_us']:.2f} µs)."]
+        lines += [
+            "",
+            f"Decision function on a realistic table ({micro['rules']} rules, "
+            f"{micro['splits']} splits; header, path and identity matches): "
+            f"**{micro['decide_us']:.2f} µs** per `Table.decide` (empty table: "
+            f"{micro['decide_empty_table_us']:.2f} µs); **{micro['steer_us']:.2f} µs** per "
+            f"`steer` (trust, lanes, rules, headers; it includes building the request "
+            f"view) (empty table: {micro['steer_empty_table_us']:.2f} µs).",
+        ]
     return "\n".join(lines)
 
 

@@ -46,16 +46,20 @@ def sidecar_pids(process: Process | None) -> list[int]:
     return workers or [process.popen.pid]
 
 
-def measure(scenario: Scenario, upstreams: dict[str, int], wrk: str, seconds: float,
-            workdir: Path) -> dict[str, Any]:
+def measure(
+    scenario: Scenario, upstreams: dict[str, int], wrk: str, seconds: float, workdir: Path
+) -> dict[str, Any]:
     sidecar = scenario.start_sidecar(workdir)
     envoy = None
     try:
         ports: list[int] = getattr(sidecar, "ports", [])
         envoy = front_envoy(scenario, ports, upstreams, workdir)
         if ports:  # wait for Envoy's health checks to find every sidecar endpoint healthy
-            wait_for(lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == len(set(ports)),
-                     20, "the sidecar endpoints to be healthy")
+            wait_for(
+                lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == len(set(ports)),
+                20,
+                "the sidecar endpoints to be healthy",
+            )
         script = lua_script(workdir / f"{scenario.key}.lua", scenario.headers, scenario.vary_user)
         run(wrk, envoy.port, 8, 1, script)  # warm-up
         result: dict[str, Any] = {"key": scenario.key, "title": scenario.title, "floor": scenario.floor}
@@ -72,8 +76,9 @@ def measure(scenario: Scenario, upstreams: dict[str, int], wrk: str, seconds: fl
                 "worker_cpu_shares": [round(e / used, 2) if used else None for e in each],
             }
         stats = envoy.stats()
-        result["failure_mode_allowed"] = stats.get("http.ingress.ext_proc.failure_mode_allowed", 0) + \
-            stats.get("http.ingress.ext_authz.failure_mode_allowed", 0)
+        result["failure_mode_allowed"] = stats.get(
+            "http.ingress.ext_proc.failure_mode_allowed", 0
+        ) + stats.get("http.ingress.ext_authz.failure_mode_allowed", 0)
         return result
     finally:
         if envoy is not None:
@@ -83,24 +88,39 @@ def measure(scenario: Scenario, upstreams: dict[str, int], wrk: str, seconds: fl
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     envoy = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "grpcio": grpc.__version__,
-            "envoy": re.search(r"/(\d+\.\d+\.\d+)/", envoy).group(1) if "/" in envoy else envoy.strip(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "envoy": re.search(r"/(\d+\.\d+\.\d+)/", envoy).group(1) if "/" in envoy else envoy.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="one round of 2 s measurements (about a minute and a half)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one round of 2 s measurements (about a minute and a half)"
+    )
     parser.add_argument("--seconds", type=float, help="seconds per measurement")
     parser.add_argument("--only", help="comma-separated scenario keys (default: all)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="measure every scenario this many times, interleaved; report medians "
-                        "(default %(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every scenario this many times, interleaved; report medians (default %(default)s)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; keep the saved results")
     args = parser.parse_args(argv)
     seconds = args.seconds or (2.0 if args.quick else 6.0)
@@ -108,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
     chosen = [s for s in SCENARIOS if not args.only or s.key in args.only.split(",")]
     wrk = ensure_wrk()
-    results: dict[str, Any] = {"machine": machine(), "seconds_per_measurement": seconds,
-                               "rounds": args.rounds, "scenarios": []}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "seconds_per_measurement": seconds,
+        "rounds": args.rounds,
+        "scenarios": [],
+    }
     rounds: dict[str, list[dict[str, Any]]] = {s.key: [] for s in chosen}
     with tempfile.TemporaryDirectory(prefix="graysteer-bench-") as tmp:
         workdir = Path(tmp)

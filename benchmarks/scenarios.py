@@ -21,30 +21,64 @@ RULES = REPO / "examples" / "rules.yaml"
 ENVOY_YAML = REPO / "envoy" / "envoy.yaml"
 
 
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
 def backends_config() -> dict[str, Any]:
     """One Envoy, two listeners (stable, canary) answering 200 from direct_response."""
     listeners = []
     for name in ("stable", "canary"):
-        listeners.append({"name": name, "address": {"socket_address": {
-            "address": "127.0.0.1", "port_value": 0}}, "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                             "http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": name, "http_filters": [{
-                        "name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router."
-                                     "v3.Router"}}],
-                    "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": [{
-                        "match": {"prefix": "/"},
-                        "direct_response": {"status": 200, "body": {"inline_string": name}}}]}]},
-                }}]}]})
-    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-            "static_resources": {"listeners": listeners}}
+        listeners.append(
+            {
+                "name": name,
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.http_connection_manager",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                    "http_connection_manager.v3.HttpConnectionManager",
+                                    "stat_prefix": name,
+                                    "http_filters": [
+                                        {
+                                            "name": "envoy.filters.http.router",
+                                            "typed_config": {"@type": ROUTER_TYPE},
+                                        }
+                                    ],
+                                    "route_config": {
+                                        "virtual_hosts": [
+                                            {
+                                                "name": name,
+                                                "domains": ["*"],
+                                                "routes": [
+                                                    {
+                                                        "match": {"prefix": "/"},
+                                                        "direct_response": {
+                                                            "status": 200,
+                                                            "body": {"inline_string": name},
+                                                        },
+                                                    }
+                                                ],
+                                            }
+                                        ]
+                                    },
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": listeners},
+    }
 
 
 def _hcm(config: dict[str, Any]) -> dict[str, Any]:
-    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
 def envoy_yaml() -> dict[str, Any]:
@@ -97,39 +131,75 @@ class Scenario:
             return None
         if self.sidecar == "empty":
             module = "benchmarks.empty_servicer" if self.transport == "grpc" else "benchmarks.empty_http"
-            process = Process(f"empty-{self.key}", [sys.executable, "-m", module, "0"],
-                              workdir / f"empty-{self.key}.log")
+            process = Process(
+                f"empty-{self.key}", [sys.executable, "-m", module, "0"], workdir / f"empty-{self.key}.log"
+            )
             process.ports = [int(process.wait_for_log(r"on 127\.0\.0\.1:(\d+)").group(1))]  # type: ignore[attr-defined]
             return process
         args = ["--workers", str(self.workers)] if self.workers > 1 else []
         shared = "--authz-http-shared-port" in self.sidecar_args  # needs a fixed port
-        return Sidecar(RULES, workdir, [*args, *self.sidecar_args], name=f"sidecar-{self.key}",
-                       transport=self.transport, port=free_port() if shared else 0)
+        return Sidecar(
+            RULES,
+            workdir,
+            [*args, *self.sidecar_args],
+            name=f"sidecar-{self.key}",
+            transport=self.transport,
+            port=free_port() if shared else 0,
+        )
 
 
 SCENARIOS = [
-    Scenario("a", "Envoy native header routing (no sidecar)", native, "none",
-             headers={"x-route-cluster": "stable"}, vary_user=False, floor=None),
+    Scenario(
+        "a",
+        "Envoy native header routing (no sidecar)",
+        native,
+        "none",
+        headers={"x-route-cluster": "stable"},
+        vary_user=False,
+        floor=None,
+    ),
     Scenario("b", "ext_proc, request headers only", envoy_yaml, "graysteer"),
     Scenario("c", "ext_proc, request + response headers", with_response_headers, "graysteer"),
     Scenario("d", "ext_authz", ext_authz, "graysteer"),
     Scenario("e", "empty ext_proc servicer (floor of Python gRPC)", envoy_yaml, "empty"),
     Scenario("f2", "(b) with 2 worker processes", envoy_yaml, "graysteer", workers=2),
     Scenario("f3", "(b) with 3 worker processes", envoy_yaml, "graysteer", workers=3),
-    Scenario("h", "ext_authz over HTTP (the fast path)", ext_authz_http, "graysteer",
-             transport="http", floor="h0"),
-    Scenario("h0", "empty HTTP responder (floor of the HTTP transport)", ext_authz_http, "empty",
-             transport="http", floor="h0"),
-    Scenario("h2", "(h) with 2 worker processes, ports +0, +1", ext_authz_http, "graysteer",
-             workers=2, transport="http", floor="h0"),
-    Scenario("h2s", "(h) with 2 worker processes sharing one port (SO_REUSEPORT)", ext_authz_http,
-             "graysteer", workers=2, transport="http", floor="h0",
-             sidecar_args=("--authz-http-shared-port",)),
+    Scenario(
+        "h", "ext_authz over HTTP (the fast path)", ext_authz_http, "graysteer", transport="http", floor="h0"
+    ),
+    Scenario(
+        "h0",
+        "empty HTTP responder (floor of the HTTP transport)",
+        ext_authz_http,
+        "empty",
+        transport="http",
+        floor="h0",
+    ),
+    Scenario(
+        "h2",
+        "(h) with 2 worker processes, ports +0, +1",
+        ext_authz_http,
+        "graysteer",
+        workers=2,
+        transport="http",
+        floor="h0",
+    ),
+    Scenario(
+        "h2s",
+        "(h) with 2 worker processes sharing one port (SO_REUSEPORT)",
+        ext_authz_http,
+        "graysteer",
+        workers=2,
+        transport="http",
+        floor="h0",
+        sidecar_args=("--authz-http-shared-port",),
+    ),
 ]
 
 
-def front_envoy(scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int],
-                workdir: Path) -> Envoy:
+def front_envoy(
+    scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int], workdir: Path
+) -> Envoy:
     from sidecar.dev.devstack import rewrite_envoy_config
 
     endpoints: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in upstreams.items()}

@@ -38,8 +38,12 @@ def ensure_wrk() -> str:
 def lua_script(path: Path, headers: dict[str, str], vary_user: bool) -> Path:
     """A wrk script sending `headers`, plus a new x-user-id per request when `vary_user`."""
     fixed = ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items())
-    lines = ["counter = 0", "request = function()", "  counter = counter + 1",
-             f"  local headers = {{{fixed}}}"]
+    lines = [
+        "counter = 0",
+        "request = function()",
+        "  counter = counter + 1",
+        f"  local headers = {{{fixed}}}",
+    ]
     if vary_user:
         lines.append('  headers["x-user-id"] = "user-" .. counter')
     lines += ['  return wrk.format("GET", "/checkout", headers)', "end"]
@@ -59,16 +63,27 @@ def parse(output: str) -> WrkResult:
     if requests is None or rps is None:
         raise ValueError(f"unexpected wrk output:\n{output}")
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                       output)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if socket:
         errors += sum(int(n) for n in socket.groups())
-    return WrkResult(int(requests.group(1)), float(rps.group(1)), latency("50"), latency("99"),
-                     errors)
+    return WrkResult(int(requests.group(1)), float(rps.group(1)), latency("50"), latency("99"), errors)
 
 
 def run(wrk: str, port: int, connections: int, seconds: float, script: Path) -> WrkResult:
-    out = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-                          "-s", str(script), f"http://127.0.0.1:{port}/"],
-                         capture_output=True, text=True, check=True, timeout=seconds + 60)
+    out = subprocess.run(
+        [
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    )
     return parse(out.stdout)

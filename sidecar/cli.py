@@ -67,8 +67,7 @@ def _ratio(value: str) -> float:
     except ValueError:
         ratio = -1
     if not 0 <= ratio < 1:
-        raise argparse.ArgumentTypeError(f"expected a share from 0 to below 1 (e.g. 0.05), "
-                                         f"got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to below 1 (e.g. 0.05), got {value!r}")
     return ratio
 
 
@@ -85,135 +84,273 @@ def _upstream(value: str) -> tuple[str, tuple[str, int]]:
 def _weight(value: str) -> tuple[str, int]:
     cluster, sep, weight = value.partition("=")
     if not sep or not cluster or not weight.isdigit():
-        raise argparse.ArgumentTypeError(f"expected CLUSTER=WEIGHT with a whole number >= 0, "
-                                         f"got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected CLUSTER=WEIGHT with a whole number >= 0, got {value!r}")
     return cluster, int(weight)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="graysteer", description="Gray-release traffic steering sidecar for Envoy.")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        prog="graysteer", description="Gray-release traffic steering sidecar for Envoy."
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("serve", help="serve Envoy's ext_proc API")
     p.add_argument("--config", required=True, help="the rules file (YAML)")
-    p.add_argument("--listen", default="127.0.0.1:50051", type=_address("--listen", allow_off=True),
-                   help="HOST:PORT of the gRPC server (ext_proc, ext_authz, health), or 'off' "
-                   "to serve only --authz-http-listen (default %(default)s)")
-    p.add_argument("--authz-http-listen", type=_address("--authz-http-listen"), metavar="HOST:PORT",
-                   help="also answer Envoy's ext_authz over plain HTTP/1.1 here: the fast path "
-                   "(envoy-config --mode ext_authz_http; default off)")
-    p.add_argument("--authz-http-shared-port", action="store_true",
-                   help="with --workers N: every worker listens on the --authz-http-listen port "
-                   "itself (SO_REUSEPORT; the kernel spreads Envoy's connections) instead of "
-                   "port, port+1, ...")
-    p.add_argument("--admin-listen", default="127.0.0.1:50052", type=_admin_address,
-                   help="HOST:PORT or unix:PATH of the admin API (default %(default)s)")
-    p.add_argument("--admin-allow-remote", action="store_true",
-                   help="allow --admin-listen on a non-loopback address (it is unauthenticated)")
-    p.add_argument("--http-listen", type=_address("--http-listen"),
-                   help="HOST:PORT for /metrics, /healthz and /readyz (default: off)")
-    p.add_argument("--state-file", help="where runtime weight changes are persisted "
-                   "(default: .RULES.graysteer-state.json beside the rules file)")
-    p.add_argument("--drain", type=_seconds, default=1.0,
-                   help="on SIGTERM, seconds to report NOT_SERVING before closing, so Envoy's "
-                   "health checks stop sending streams (default %(default)s)")
-    p.add_argument("--grace", type=_seconds, default=5.0,
-                   help="then, seconds to let open streams finish (default %(default)s)")
-    p.add_argument("--no-watch", dest="watch", action="store_false",
-                   help="do not watch the rules file (SIGHUP still reloads)")
-    p.add_argument("--watch-poll", action="store_true",
-                   help="poll the rules directory instead of using inotify")
-    p.add_argument("--workers", type=_positive, default=1,
-                   help="worker processes, on ports --listen, +1, ... (default 1; see README)")
-    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                   help="auto: uvloop when installed (default), else asyncio's own loop")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        type=_address("--listen", allow_off=True),
+        help="HOST:PORT of the gRPC server (ext_proc, ext_authz, health), or 'off' "
+        "to serve only --authz-http-listen (default %(default)s)",
+    )
+    p.add_argument(
+        "--authz-http-listen",
+        type=_address("--authz-http-listen"),
+        metavar="HOST:PORT",
+        help="also answer Envoy's ext_authz over plain HTTP/1.1 here: the fast path "
+        "(envoy-config --mode ext_authz_http; default off)",
+    )
+    p.add_argument(
+        "--authz-http-shared-port",
+        action="store_true",
+        help="with --workers N: every worker listens on the --authz-http-listen port "
+        "itself (SO_REUSEPORT; the kernel spreads Envoy's connections) instead of "
+        "port, port+1, ...",
+    )
+    p.add_argument(
+        "--admin-listen",
+        default="127.0.0.1:50052",
+        type=_admin_address,
+        help="HOST:PORT or unix:PATH of the admin API (default %(default)s)",
+    )
+    p.add_argument(
+        "--admin-allow-remote",
+        action="store_true",
+        help="allow --admin-listen on a non-loopback address (it is unauthenticated)",
+    )
+    p.add_argument(
+        "--http-listen",
+        type=_address("--http-listen"),
+        help="HOST:PORT for /metrics, /healthz and /readyz (default: off)",
+    )
+    p.add_argument(
+        "--state-file",
+        help="where runtime weight changes are persisted "
+        "(default: .RULES.graysteer-state.json beside the rules file)",
+    )
+    p.add_argument(
+        "--drain",
+        type=_seconds,
+        default=1.0,
+        help="on SIGTERM, seconds to report NOT_SERVING before closing, so Envoy's "
+        "health checks stop sending streams (default %(default)s)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=5.0,
+        help="then, seconds to let open streams finish (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not watch the rules file (SIGHUP still reloads)",
+    )
+    p.add_argument(
+        "--watch-poll", action="store_true", help="poll the rules directory instead of using inotify"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes, on ports --listen, +1, ... (default 1; see README)",
+    )
+    p.add_argument(
+        "--event-loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="auto: uvloop when installed (default), else asyncio's own loop",
+    )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--envoy-admin", type=_address("--envoy-admin"), metavar="HOST:PORT",
-                   help="Envoy's admin address, read for rollout analysis and to count requests "
-                   "Envoy sends on without a decision (default: none)")
-    p.add_argument("--rollout-poll", type=_seconds, default=1.0,
-                   help="seconds between reads of Envoy's stats: rollout analyses and bypass "
-                   "counts (default %(default)s)")
-    p.add_argument("--ready-max-bypass-ratio", type=_ratio, metavar="R",
-                   help="/readyz answers 503 while Envoy sends more than this share of requests "
-                   "on without a decision (needs --envoy-admin and --http-listen; default off)")
+    p.add_argument(
+        "--envoy-admin",
+        type=_address("--envoy-admin"),
+        metavar="HOST:PORT",
+        help="Envoy's admin address, read for rollout analysis and to count requests "
+        "Envoy sends on without a decision (default: none)",
+    )
+    p.add_argument(
+        "--rollout-poll",
+        type=_seconds,
+        default=1.0,
+        help="seconds between reads of Envoy's stats: rollout analyses and bypass "
+        "counts (default %(default)s)",
+    )
+    p.add_argument(
+        "--ready-max-bypass-ratio",
+        type=_ratio,
+        metavar="R",
+        help="/readyz answers 503 while Envoy sends more than this share of requests "
+        "on without a decision (needs --envoy-admin and --http-listen; default off)",
+    )
 
     p = commands.add_parser("check", help="validate a rules file: exit 0 if valid, 1 if not")
     p.add_argument("rules", help="the rules file (YAML)")
-    p.add_argument("--envoy", metavar="ENVOY_YAML",
-                   help="also check an Envoy bootstrap against the rules (guard, strip, HTTP/2...)")
+    p.add_argument(
+        "--envoy",
+        metavar="ENVOY_YAML",
+        help="also check an Envoy bootstrap against the rules (guard, strip, HTTP/2...)",
+    )
 
     commands.add_parser("schema", help="print the rules file's JSON Schema (for editors)")
 
     p = commands.add_parser("envoy-config", help="print an Envoy bootstrap for a rules file")
     p.add_argument("--rules", required=True, help="the rules file (YAML)")
-    p.add_argument("--mode", choices=["ext_proc", "ext_authz", "ext_authz_http"], default="ext_proc",
-                   help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, or "
-                   "ext_authz over plain HTTP (serve --authz-http-listen) (default %(default)s)")
-    p.add_argument("--mtls", action="store_true",
-                   help="require client certificates on the listener (see --tls-dir, --trust-domain)")
-    p.add_argument("--tls-dir", default="/etc/graysteer/tls",
-                   help="with --mtls: ca.pem, server.pem and server.key (default %(default)s)")
-    p.add_argument("--trust-domain", default="example.org",
-                   help="with --mtls: accept client URI SANs spiffe://DOMAIN/... (default %(default)s)")
-    p.add_argument("--listen", default="127.0.0.1:10000", type=_address("--listen"),
-                   help="Envoy's listener (default %(default)s)")
-    p.add_argument("--admin", default="127.0.0.1:9901", type=_address("--admin"),
-                   help="Envoy's admin address (default %(default)s)")
-    p.add_argument("--sidecar", default="127.0.0.1:50051", type=_address("--sidecar"),
-                   help="the sidecar's address: serve --listen, or --authz-http-listen with "
-                   "--mode ext_authz_http (default %(default)s)")
-    p.add_argument("--workers", type=_positive, default=1,
-                   help="sidecar worker processes (serve --workers): endpoints --sidecar, +1, ...")
-    p.add_argument("--upstream", dest="upstreams", action="append", default=[], type=_upstream,
-                   metavar="CLUSTER=HOST:PORT",
-                   help="a cluster's address (repeatable; default 127.0.0.1:8081, 8082, ...)")
+    p.add_argument(
+        "--mode",
+        choices=["ext_proc", "ext_authz", "ext_authz_http"],
+        default="ext_proc",
+        help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, or "
+        "ext_authz over plain HTTP (serve --authz-http-listen) (default %(default)s)",
+    )
+    p.add_argument(
+        "--mtls",
+        action="store_true",
+        help="require client certificates on the listener (see --tls-dir, --trust-domain)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default="/etc/graysteer/tls",
+        help="with --mtls: ca.pem, server.pem and server.key (default %(default)s)",
+    )
+    p.add_argument(
+        "--trust-domain",
+        default="example.org",
+        help="with --mtls: accept client URI SANs spiffe://DOMAIN/... (default %(default)s)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:10000",
+        type=_address("--listen"),
+        help="Envoy's listener (default %(default)s)",
+    )
+    p.add_argument(
+        "--admin",
+        default="127.0.0.1:9901",
+        type=_address("--admin"),
+        help="Envoy's admin address (default %(default)s)",
+    )
+    p.add_argument(
+        "--sidecar",
+        default="127.0.0.1:50051",
+        type=_address("--sidecar"),
+        help="the sidecar's address: serve --listen, or --authz-http-listen with "
+        "--mode ext_authz_http (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="sidecar worker processes (serve --workers): endpoints --sidecar, +1, ...",
+    )
+    p.add_argument(
+        "--upstream",
+        dest="upstreams",
+        action="append",
+        default=[],
+        type=_upstream,
+        metavar="CLUSTER=HOST:PORT",
+        help="a cluster's address (repeatable; default 127.0.0.1:8081, 8082, ...)",
+    )
 
     p = commands.add_parser("explain", help="print the decision for a described request (JSON)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="decide against this rules file")
     where.add_argument("--admin", metavar="ADDR", help="ask a running sidecar's admin API")
-    p.add_argument("-H", "--header", dest="headers", type=_header, action="append", default=[],
-                   metavar="'NAME: VALUE'", help="a request header (repeatable)")
+    p.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable)",
+    )
     p.add_argument("--path", default="/", help="request path (default %(default)s)")
     p.add_argument("--method", default="GET", help="request method (default %(default)s)")
-    p.add_argument("--cookie", dest="cookies", type=_pair, action="append", default=[],
-                   metavar="NAME=VALUE", help="a cookie (repeatable)")
-    p.add_argument("--query", dest="params", type=_pair, action="append", default=[],
-                   metavar="NAME=VALUE", help="a query parameter (repeatable)")
-    p.add_argument("--identity", default="", metavar="URI_SAN",
-                   help="the client certificate's URI SAN, e.g. spiffe://example.org/ns/qa/sa/x "
-                   "(implies mTLS; default: a plaintext request)")
+    p.add_argument(
+        "--cookie",
+        dest="cookies",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a cookie (repeatable)",
+    )
+    p.add_argument(
+        "--query",
+        dest="params",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a query parameter (repeatable)",
+    )
+    p.add_argument(
+        "--identity",
+        default="",
+        metavar="URI_SAN",
+        help="the client certificate's URI SAN, e.g. spiffe://example.org/ns/qa/sa/x "
+        "(implies mTLS; default: a plaintext request)",
+    )
     p.add_argument("--dns", default="", metavar="DNS_SAN", help="the client certificate's DNS SAN")
     p.add_argument("--listener-port", type=int, help="the local port the request arrived on")
 
     p = commands.add_parser("status", help="show a running sidecar's table and last reload")
-    p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
-                   help="the sidecar's admin API (default %(default)s)")
+    p.add_argument(
+        "--admin",
+        default="127.0.0.1:50052",
+        metavar="ADDR",
+        help="the sidecar's admin API (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
     p = commands.add_parser("set-weight", help="change a split rule's weights at runtime")
     p.add_argument("rule", help="the split rule's name")
-    p.add_argument("weights", nargs="+", type=_weight, metavar="CLUSTER=WEIGHT",
-                   help="e.g. canary=20 (with two clusters the other one takes the rest)")
-    p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
-                   help="the sidecar's admin API (default %(default)s)")
+    p.add_argument(
+        "weights",
+        nargs="+",
+        type=_weight,
+        metavar="CLUSTER=WEIGHT",
+        help="e.g. canary=20 (with two clusters the other one takes the rest)",
+    )
+    p.add_argument(
+        "--admin",
+        default="127.0.0.1:50052",
+        metavar="ADDR",
+        help="the sidecar's admin API (default %(default)s)",
+    )
 
     p = commands.add_parser("rollout", help="promote, pause, resume or abort a rollout")
     p.add_argument("action", choices=["promote", "pause", "resume", "abort"])
     p.add_argument("rule", help="the split rule whose rollout to act on")
-    p.add_argument("--admin", default="127.0.0.1:50052", metavar="ADDR",
-                   help="the sidecar's admin API (default %(default)s)")
+    p.add_argument(
+        "--admin",
+        default="127.0.0.1:50052",
+        metavar="ADDR",
+        help="the sidecar's admin API (default %(default)s)",
+    )
 
     p = commands.add_parser("demo", help="run Envoy + sidecar + two backends and show routing")
     p.add_argument("--rules", default="examples/rules.yaml")
     p.add_argument("--envoy-config", default="envoy/envoy.yaml")
     p.add_argument("--requests", type=int, default=400, help="requests to send (default 400)")
-    p.add_argument("--keep-running", action="store_true",
-                   help="keep the stack running after the report until Ctrl-C")
+    p.add_argument(
+        "--keep-running", action="store_true", help="keep the stack running after the report until Ctrl-C"
+    )
 
     p = commands.add_parser("demo-backend", help="a sample HTTP backend that echoes the request")
     p.add_argument("--name", required=True, help="the name it reports (e.g. stable)")
@@ -228,8 +365,9 @@ def run_event_loop(main: "Coroutine[Any, Any, None]", choice: str) -> None:
             import uvloop
         except ImportError:
             if choice == "uvloop":
-                raise ValueError("--event-loop uvloop: uvloop is not installed "
-                                 "(pip install 'graysteer[fast]')") from None
+                raise ValueError(
+                    "--event-loop uvloop: uvloop is not installed (pip install 'graysteer[fast]')"
+                ) from None
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(main)
@@ -260,22 +398,34 @@ def _check_envoy(table: "Table", path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.command == "serve" and not args.admin_allow_remote
-            and not is_local_address(args.admin_listen)):
-        parser.error(f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
-                     "the admin API is unauthenticated: add --admin-allow-remote to bind it there")
-    if args.command == "serve" and args.authz_http_shared_port and (
-            not args.authz_http_listen or args.authz_http_listen.endswith(":0")):
+    if args.command == "serve" and not args.admin_allow_remote and not is_local_address(args.admin_listen):
+        parser.error(
+            f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
+            "the admin API is unauthenticated: add --admin-allow-remote to bind it there"
+        )
+    if (
+        args.command == "serve"
+        and args.authz_http_shared_port
+        and (not args.authz_http_listen or args.authz_http_listen.endswith(":0"))
+    ):
         parser.error("--authz-http-shared-port needs --authz-http-listen with a fixed port")
     if args.command == "serve" and args.listen == "off" and not args.authz_http_listen:
         parser.error("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
-    if args.command == "serve" and args.ready_max_bypass_ratio is not None and not (
-            args.envoy_admin and args.http_listen):
-        parser.error("--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
-                     "and --http-listen (the /readyz it acts on)")
+    if (
+        args.command == "serve"
+        and args.ready_max_bypass_ratio is not None
+        and not (args.envoy_admin and args.http_listen)
+    ):
+        parser.error(
+            "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
+            "and --http-listen (the /readyz it acts on)"
+        )
     worker = f"[worker {args.worker_index}] " if getattr(args, "worker_index", None) is not None else ""
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s",
+    )
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     try:
         return _run(args)
@@ -293,15 +443,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         options = ServeOptions(
-            config=args.config, listen=None if args.listen == "off" else args.listen,
-            authz_http_listen=args.authz_http_listen, admin_listen=args.admin_listen,
+            config=args.config,
+            listen=None if args.listen == "off" else args.listen,
+            authz_http_listen=args.authz_http_listen,
+            admin_listen=args.admin_listen,
             authz_http_shared_port=args.authz_http_shared_port,
-            http_listen=args.http_listen, state_file=args.state_file, grace_seconds=args.grace,
-            drain_seconds=args.drain, watch=args.watch, watch_polling=args.watch_poll,
-            admin_allow_remote=args.admin_allow_remote, worker_index=args.worker_index,
-            event_loop=args.event_loop, envoy_admin=args.envoy_admin,
+            http_listen=args.http_listen,
+            state_file=args.state_file,
+            grace_seconds=args.grace,
+            drain_seconds=args.drain,
+            watch=args.watch,
+            watch_polling=args.watch_poll,
+            admin_allow_remote=args.admin_allow_remote,
+            worker_index=args.worker_index,
+            event_loop=args.event_loop,
+            envoy_admin=args.envoy_admin,
             rollout_poll_seconds=args.rollout_poll,
-            ready_max_bypass_ratio=args.ready_max_bypass_ratio)
+            ready_max_bypass_ratio=args.ready_max_bypass_ratio,
+        )
         if args.workers > 1:
             from sidecar.workers import run_workers
 
@@ -312,8 +471,10 @@ def _run(args: argparse.Namespace) -> int:
         from sidecar.runtime.load import load_rules
 
         table = load_rules(args.rules)
-        print(f"{args.rules}: ok, version {table.version}, {len(table.rules)} rules, "
-              f"clusters {', '.join(table.clusters)}")
+        print(
+            f"{args.rules}: ok, version {table.version}, {len(table.rules)} rules, "
+            f"clusters {', '.join(table.clusters)}"
+        )
         if args.envoy:
             return _check_envoy(table, args.envoy)
         return 0
@@ -330,28 +491,41 @@ def _run(args: argparse.Namespace) -> int:
         unknown = sorted({c for c, _ in args.upstreams} - set(table.clusters))
         if unknown:
             raise ValueError(f"--upstream names cluster(s) the rules do not have: {', '.join(unknown)}")
-        envoy_options = EnvoyOptions(listen=split_host_port(args.listen, "--listen"),
-                               admin=split_host_port(args.admin, "--admin"),
-                               sidecar=split_host_port(args.sidecar, "--sidecar"),
-                               sidecar_workers=args.workers, upstreams=dict(args.upstreams),
-                               mode=args.mode, mtls=TlsOptions(
-                                   f"{args.tls_dir}/ca.pem", f"{args.tls_dir}/server.pem",
-                                   f"{args.tls_dir}/server.key",
-                                   f"spiffe://{args.trust_domain}/") if args.mtls else None)
+        envoy_options = EnvoyOptions(
+            listen=split_host_port(args.listen, "--listen"),
+            admin=split_host_port(args.admin, "--admin"),
+            sidecar=split_host_port(args.sidecar, "--sidecar"),
+            sidecar_workers=args.workers,
+            upstreams=dict(args.upstreams),
+            mode=args.mode,
+            mtls=TlsOptions(
+                f"{args.tls_dir}/ca.pem",
+                f"{args.tls_dir}/server.pem",
+                f"{args.tls_dir}/server.key",
+                f"spiffe://{args.trust_domain}/",
+            )
+            if args.mtls
+            else None,
+        )
         flags = " ".join(sys.argv[2:]) if sys.argv[1:2] == ["envoy-config"] else f"--rules {args.rules}"
-        print(f"# Generated by: graysteer envoy-config {flags}\n"
-              + render_yaml(bootstrap(table, envoy_options)), end="")
+        print(
+            f"# Generated by: graysteer envoy-config {flags}\n"
+            + render_yaml(bootstrap(table, envoy_options)),
+            end="",
+        )
         return 0
     if args.command == "explain":
         from sidecar.transports.explain import Peer, explain_local
 
         peer = Peer(args.identity, args.dns, args.listener_port)
         if args.admin:
-            result = admin_client.explain(args.admin, args.method, args.path, args.headers,
-                                          args.cookies, args.params, peer)
+            result = admin_client.explain(
+                args.admin, args.method, args.path, args.headers, args.cookies, args.params, peer
+            )
         else:
-            result = explain_local(args.config, args.method, args.path, args.headers,
-                                   args.cookies, args.params, peer)
+            result = explain_local(
+                args.config, args.method, args.path, args.headers, args.cookies, args.params, peer
+            )
         print(json.dumps(result, indent=2))
         return 0
     if args.command == "status":
@@ -360,14 +534,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "rollout":
         status = admin_client.rollout(args.admin, args.rule, args.action)
-        print(f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
-              f"{status['canary_weight']} ({status['reason']})")
+        print(
+            f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
+            f"{status['canary_weight']} ({status['reason']})"
+        )
         return 0
     if args.command == "set-weight":
         report = admin_client.set_weights(args.admin, args.rule, dict(args.weights))
         (rule,) = [r for r in report["rules"] if r["name"] == args.rule]
-        print(f"{args.rule}: " + " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
-              + f" (version {report['version']}, persisted in {report['state_file']})")
+        print(
+            f"{args.rule}: "
+            + " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
+            + f" (version {report['version']}, persisted in {report['state_file']})"
+        )
         return 0
     if args.command == "demo":
         from sidecar.dev.demo import run_demo

@@ -109,25 +109,38 @@ async def serve(options: ServeOptions) -> None:
     if options.authz_http_listen is not None:
         host, port = split_host_port(options.authz_http_listen, "--authz-http-listen")
         try:
-            authz_http = await start_authz_http(decider, host, port, lambda: readiness.ready,
-                                                reuse_port=options.authz_http_shared_port)
+            authz_http = await start_authz_http(
+                decider, host, port, lambda: readiness.ready, reuse_port=options.authz_http_shared_port
+            )
         except OSError as error:
-            raise OSError(f"--authz-http-listen: cannot listen on {options.authz_http_listen}: "
-                          f"{error.strerror or error}") from error
+            raise OSError(
+                f"--authz-http-listen: cannot listen on {options.authz_http_listen}: "
+                f"{error.strerror or error}"
+            ) from error
 
     controller = None
     bypass = None
     if options.worker_index in (None, 0):  # one controller; other workers follow the state file
-        stats = (EnvoyStats(split_host_port(options.envoy_admin, "--envoy-admin"), 60.0)
-                 if options.envoy_admin else None)
+        stats = (
+            EnvoyStats(split_host_port(options.envoy_admin, "--envoy-admin"), 60.0)
+            if options.envoy_admin
+            else None
+        )
         if options.envoy_admin:  # count what Envoy sends on without asking, from the same poll
-            bypass = BypassMonitor(metrics, options.envoy_admin, options.rollout_poll_seconds,
-                                   options.ready_max_bypass_ratio)
-        controller = RolloutController(reloader, metrics, stats, options.rollout_poll_seconds,
-                                       observers=[bypass.observe] if bypass else ())
+            bypass = BypassMonitor(
+                metrics, options.envoy_admin, options.rollout_poll_seconds, options.ready_max_bypass_ratio
+            )
+        controller = RolloutController(
+            reloader,
+            metrics,
+            stats,
+            options.rollout_poll_seconds,
+            observers=[bypass.observe] if bypass else (),
+        )
         if table.rollouts and stats is None:
-            log.warning("the rules have rollouts but no --envoy-admin: they cannot be analysed "
-                        "and will not advance")
+            log.warning(
+                "the rules have rollouts but no --envoy-admin: they cannot be analysed and will not advance"
+            )
 
     admin = grpc.aio.server(options=GRPC_OPTIONS)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), admin)
@@ -139,9 +152,14 @@ async def serve(options: ServeOptions) -> None:
         view: ReadinessView = readiness
         if bypass is not None and options.ready_max_bypass_ratio is not None:
             view = BypassGate(readiness, bypass.readiness_ratio, options.ready_max_bypass_ratio)
-        http = start_http(host, port, metrics.registry, view,
-                          lambda: {"version": reloader.table.version},
-                          (lambda path: http_view(controller, path)) if controller else None)
+        http = start_http(
+            host,
+            port,
+            metrics.registry,
+            view,
+            lambda: {"version": reloader.table.version},
+            (lambda path: http_view(controller, path)) if controller else None,
+        )
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
 
     if server is not None:
@@ -149,9 +167,15 @@ async def serve(options: ServeOptions) -> None:
     await admin.start()
     await readiness.set(True, "serving")
     http_address = "off" if authz_http is None else f"{authz_http.host}:{authz_http.port}"
-    log.info("serving gRPC ext_proc and ext_authz on %s, HTTP ext_authz on %s, with rules %s "
-             "version %s (%d rules)", listen, http_address, table.source, table.version,
-             len(table.rules))
+    log.info(
+        "serving gRPC ext_proc and ext_authz on %s, HTTP ext_authz on %s, with rules %s "
+        "version %s (%d rules)",
+        listen,
+        http_address,
+        table.source,
+        table.version,
+        len(table.rules),
+    )
     log.info("admin API on %s; state file %s", admin_listen, state_path)
     if options.worker_index is not None:  # tell the supervisor where this worker listens
         print(f"ready ext_proc={listen} admin={admin_listen} authz_http={http_address}", flush=True)
@@ -172,20 +196,28 @@ async def serve(options: ServeOptions) -> None:
     if options.watch:
         # The rules' directory, and the state file's: runtime weights set by another worker.
         watched = {path.parent.resolve(): path for path in (state_path, rules)}
-        watchers = [asyncio.create_task(watch_directory(
-            path, lambda: reloader.reload("watch"), stop, options.watch_polling))
-            for path in watched.values()]
+        watchers = [
+            asyncio.create_task(
+                watch_directory(path, lambda: reloader.reload("watch"), stop, options.watch_polling)
+            )
+            for path in watched.values()
+        ]
 
     if controller is not None:
         watchers.append(asyncio.create_task(controller.run(stop)))
 
     await stop.wait()
     await readiness.set(False, "shutting down")
-    log.info("shutting down: NOT_SERVING for %.1fs, then draining streams for up to %.1fs",
-             options.drain_seconds, options.grace_seconds)
+    log.info(
+        "shutting down: NOT_SERVING for %.1fs, then draining streams for up to %.1fs",
+        options.drain_seconds,
+        options.grace_seconds,
+    )
     await asyncio.sleep(options.drain_seconds)
-    await asyncio.gather(*([server.stop(options.grace_seconds)] if server is not None else []),
-                         *([authz_http.close(options.grace_seconds)] if authz_http is not None else []))
+    await asyncio.gather(
+        *([server.stop(options.grace_seconds)] if server is not None else []),
+        *([authz_http.close(options.grace_seconds)] if authz_http is not None else []),
+    )
     await admin.stop(0)
     for watcher in watchers:
         watcher.cancel()

@@ -58,23 +58,47 @@ class Supervisor:
         self.options = options
         self.count = count
         self.log_level = log_level
-        self.workers = [Worker(i, worker_address(options.listen, i),
-                               str(worker_address(options.admin_listen, i)),
-                               options.authz_http_listen if options.authz_http_shared_port
-                               else worker_address(options.authz_http_listen, i))
-                        for i in range(count)]
+        self.workers = [
+            Worker(
+                i,
+                worker_address(options.listen, i),
+                str(worker_address(options.admin_listen, i)),
+                options.authz_http_listen
+                if options.authz_http_shared_port
+                else worker_address(options.authz_http_listen, i),
+            )
+            for i in range(count)
+        ]
         self.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
-            prefix="graysteer-metrics-")
+            prefix="graysteer-metrics-"
+        )
         self._own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
         self.stopping = False
 
     def argv(self, worker: Worker) -> list[str]:
         o = self.options
-        argv = [sys.executable, "-m", "sidecar", "--log-level", self.log_level, "serve",
-                "--config", o.config, "--listen", worker.listen or "off",
-                "--admin-listen", worker.admin_listen,
-                "--drain", str(o.drain_seconds), "--grace", str(o.grace_seconds),
-                "--worker-index", str(worker.index), "--event-loop", o.event_loop]
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "--log-level",
+            self.log_level,
+            "serve",
+            "--config",
+            o.config,
+            "--listen",
+            worker.listen or "off",
+            "--admin-listen",
+            worker.admin_listen,
+            "--drain",
+            str(o.drain_seconds),
+            "--grace",
+            str(o.grace_seconds),
+            "--worker-index",
+            str(worker.index),
+            "--event-loop",
+            o.event_loop,
+        ]
         if worker.authz_http_listen:
             argv += ["--authz-http-listen", worker.authz_http_listen]
             if o.authz_http_shared_port:
@@ -95,7 +119,8 @@ class Supervisor:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         worker.ready = False
         worker.process = await asyncio.create_subprocess_exec(
-            *self.argv(worker), env=env, stdout=asyncio.subprocess.PIPE)
+            *self.argv(worker), env=env, stdout=asyncio.subprocess.PIPE
+        )
         assert worker.process.stdout is not None
         line = (await worker.process.stdout.readline()).decode().strip()
         if not line.startswith("ready "):
@@ -109,8 +134,7 @@ class Supervisor:
         if worker.authz_http_listen is not None:
             worker.authz_http_listen = fields["authz_http"]
         worker.ready = True
-        log.info("worker %d (pid %d) ready %s", worker.index, worker.process.pid,
-                 line[len("ready "):])
+        log.info("worker %d (pid %d) ready %s", worker.index, worker.process.pid, line[len("ready ") :])
 
     async def watch(self, worker: Worker) -> None:
         """Restart a worker that exits while the supervisor is not stopping."""
@@ -121,8 +145,9 @@ class Supervisor:
             multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             if self.stopping:
                 return
-            log.error("worker %d exited with %s; restarting in %.0fs", worker.index, code,
-                      RESTART_DELAY_SECONDS)
+            log.error(
+                "worker %d exited with %s; restarting in %.0fs", worker.index, code, RESTART_DELAY_SECONDS
+            )
             await asyncio.sleep(RESTART_DELAY_SECONDS)
             if not self.stopping:
                 try:
@@ -149,12 +174,17 @@ class Supervisor:
             host, port = split_host_port(self.options.http_listen, "--http-listen")
             view: ReadinessView = self.readiness
             if self.options.ready_max_bypass_ratio is not None:  # worker 0 reads the ratio
-                view = BypassGate(view, lambda: registry_bypass_ratio(registry),
-                                  self.options.ready_max_bypass_ratio)
-            http = start_http(host, port, registry, view, lambda: {
-                "workers": self.count, "ready_workers": sum(w.ready for w in self.workers)})
-            log.info("serving /metrics /healthz /readyz on http://%s:%d", host,
-                     http.server_address[1])
+                view = BypassGate(
+                    view, lambda: registry_bypass_ratio(registry), self.options.ready_max_bypass_ratio
+                )
+            http = start_http(
+                host,
+                port,
+                registry,
+                view,
+                lambda: {"workers": self.count, "ready_workers": sum(w.ready for w in self.workers)},
+            )
+            log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
         watchers = [asyncio.create_task(self.watch(w)) for w in self.workers]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -12,8 +12,12 @@ def table_from_yaml(text: str, version: str = "test") -> Table:
     return compile_table(yaml.safe_load(textwrap.dedent(text)), version, "rules.yaml")
 
 
-def table_from_rules(rules: list[dict[str, Any]], clusters: tuple[str, ...] = ("stable", "canary"),
-                     default: str = "stable", **top: Any) -> Table:
+def table_from_rules(
+    rules: list[dict[str, Any]],
+    clusters: tuple[str, ...] = ("stable", "canary"),
+    default: str = "stable",
+    **top: Any,
+) -> Table:
     doc = {"version": 1, "clusters": list(clusters), "default": default, "rules": rules, **top}
     return compile_table(doc, "test", "rules.yaml")
 

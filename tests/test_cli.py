@@ -18,11 +18,11 @@ def test_check_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ok, version" in capsys.readouterr().out
 
 
-def test_check_invalid_exits_1_with_precise_errors(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_invalid_exits_1_with_precise_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("version: 1\nclusters: [stable]\ndefault: stable\n"
-                   "rules: [{name: r, route: canary}]\n")
+    bad.write_text("version: 1\nclusters: [stable]\ndefault: stable\nrules: [{name: r, route: canary}]\n")
     assert main(["check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: rule 'r' (rules[0]) field route: unknown cluster 'canary'" in err
@@ -34,19 +34,35 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_explain_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", "--config", EXAMPLE, "-H", "X-User-Tier: beta1", "--path", "/api/x",
-                 "--method", "post"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--config",
+                EXAMPLE,
+                "-H",
+                "X-User-Tier: beta1",
+                "--path",
+                "/api/x",
+                "--method",
+                "post",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["cluster"] == "canary"
     assert result["rule"] == "beta-tier"
     assert result["bucket"] is None
     assert len(result["version"]) == 12
-    assert result["set_headers"] == {"x-route-cluster": "canary", "x-graysteer-lane": "canary",
-                                     "baggage": "graysteer.lane=canary"}
+    assert result["set_headers"] == {
+        "x-route-cluster": "canary",
+        "x-graysteer-lane": "canary",
+        "baggage": "graysteer.lane=canary",
+    }
 
 
-@pytest.mark.parametrize("args", [
-    ["--cookie", "uid=u1"], ["--query", "gray_id=u1"], ["-H", "x-user-id: u1"]])
+@pytest.mark.parametrize("args", [["--cookie", "uid=u1"], ["--query", "gray_id=u1"], ["-H", "x-user-id: u1"]])
 def test_explain_split_key_sources_agree(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "--config", EXAMPLE, *args]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -56,15 +72,19 @@ def test_explain_split_key_sources_agree(args: list[str], capsys: pytest.Capture
     assert result["key_source"].endswith(("uid", "gray_id", "x-user-id"))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["explain", "--config", EXAMPLE, "-H", "no-colon"], "expected 'Name: value'"),
-    (["explain", "--config", EXAMPLE, "--cookie", "nope"], "expected name=value"),
-    (["serve", "--config", EXAMPLE, "--listen", "50051"], "expected HOST:PORT"),
-    (["serve", "--config", EXAMPLE, "--listen", "host:99999"], "expected HOST:PORT"),
-    (["frobnicate"], "invalid choice"),
-])
-def test_bad_flags_exit_2_with_a_specific_message(args: list[str], message: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["explain", "--config", EXAMPLE, "-H", "no-colon"], "expected 'Name: value'"),
+        (["explain", "--config", EXAMPLE, "--cookie", "nope"], "expected name=value"),
+        (["serve", "--config", EXAMPLE, "--listen", "50051"], "expected HOST:PORT"),
+        (["serve", "--config", EXAMPLE, "--listen", "host:99999"], "expected HOST:PORT"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_specific_message(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -74,18 +94,24 @@ def test_bad_flags_exit_2_with_a_specific_message(args: list[str], message: str,
 def test_serve_refuses_to_start_on_an_invalid_rules_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nclusters: []\ndefault: x\n")
-    result = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(bad),
-                             "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(bad), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert f"{bad}: field clusters: must not be empty" in result.stderr
 
 
 def test_explain_with_an_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text("version: 1\nclusters: [stable, canary]\ndefault: stable\n"
-                     "trust: {identities: [{trust_domain: example.org}], override_headers: [x-canary]}\n"
-                     "rules:\n  - name: qa\n    match: {identity: {glob: 'spiffe://example.org/ns/qa/*'}}\n"
-                     "    route: canary\n")
+    rules.write_text(
+        "version: 1\nclusters: [stable, canary]\ndefault: stable\n"
+        "trust: {identities: [{trust_domain: example.org}], override_headers: [x-canary]}\n"
+        "rules:\n  - name: qa\n    match: {identity: {glob: 'spiffe://example.org/ns/qa/*'}}\n"
+        "    route: canary\n"
+    )
     qa = "spiffe://example.org/ns/qa/sa/tester"
     assert main(["explain", "--config", str(rules), "--identity", qa]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -94,14 +120,20 @@ def test_explain_with_an_identity(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert json.loads(capsys.readouterr().out)["remove_headers"] == ["x-canary"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--listen", "off"], "--listen off leaves nothing to serve"),
-    (["--authz-http-listen", "nowhere"], "--authz-http-listen: expected HOST:PORT"),
-    (["--authz-http-listen", "127.0.0.1:0", "--authz-http-shared-port"], "needs --authz-http-listen "
-     "with a fixed port"),
-])
-def test_serve_transport_flags_are_checked(args: list[str], message: str,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "off"], "--listen off leaves nothing to serve"),
+        (["--authz-http-listen", "nowhere"], "--authz-http-listen: expected HOST:PORT"),
+        (
+            ["--authz-http-listen", "127.0.0.1:0", "--authz-http-shared-port"],
+            "needs --authz-http-listen with a fixed port",
+        ),
+    ],
+)
+def test_serve_transport_flags_are_checked(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--config", "examples/rules.yaml", *args])
     assert exit_info.value.code == 2

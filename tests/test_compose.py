@@ -44,7 +44,7 @@ def host_path(service: dict[str, Any], container_path: str) -> Path:
         if container_path == container:
             return host
         if container_path.startswith(container.rstrip("/") + "/"):
-            return host / container_path[len(container.rstrip("/")) + 1:]
+            return host / container_path[len(container.rstrip("/")) + 1 :]
     raise AssertionError(f"{container_path} is not mounted into the service")
 
 
@@ -61,7 +61,10 @@ def test_built_services_have_a_dockerfile_whose_sources_exist() -> None:
             for source in shlex.split(line)[1:-1]:
                 assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
     assert [n for n, s in COMPOSE["services"].items() if s.get("build") == "."] == [
-        "sidecar", "stable", "canary"]
+        "sidecar",
+        "stable",
+        "canary",
+    ]
 
 
 def test_envoy_service_uses_envoy_yaml_with_only_the_listener_rebound() -> None:
@@ -72,8 +75,7 @@ def test_envoy_service_uses_envoy_yaml_with_only_the_listener_rebound() -> None:
     sed = re.search(r"sed 's/([^/]+)/([^/]+)/'", script)
     original = (REPO / "envoy" / "envoy.yaml").read_text()
     assert original.count(sed.group(1)) == 1  # exactly the listener address, nothing else
-    listener_port = ENVOY["static_resources"]["listeners"][0]["address"]["socket_address"][
-        "port_value"]
+    listener_port = ENVOY["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
     assert f"port_value: {listener_port}" in sed.group(2)
     assert envoy["ports"] == [f"{listener_port}:{listener_port}"]
 

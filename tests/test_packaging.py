@@ -25,14 +25,28 @@ def test_the_wheel_from_the_dockerfiles_files_runs(tmp_path: Path) -> None:
     for source in copied_sources():
         origin = REPO / source
         if origin.is_dir():
-            shutil.copytree(origin, context / source,
-                            ignore=shutil.ignore_patterns("__pycache__", "*_pb2*.py"))
+            shutil.copytree(
+                origin, context / source, ignore=shutil.ignore_patterns("__pycache__", "*_pb2*.py")
+            )
         else:
             shutil.copy(origin, context / source)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(wheels), str(context)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(wheels),
+            str(context),
+        ],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = wheels.glob("graysteer-*.whl")
     installed = tmp_path / "installed"
     with zipfile.ZipFile(wheel) as archive:
@@ -40,9 +54,18 @@ def test_the_wheel_from_the_dockerfiles_files_runs(tmp_path: Path) -> None:
         names = archive.namelist()
     assert any(name.endswith("admin_pb2.py") for name in names)  # generated from protos/
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import sidecar; "
-         "assert sidecar.__file__.startswith(sys.argv[1]), sidecar.__file__; "
-         "from sidecar.cli import main; sys.argv = ['graysteer', '--help']; main()",
-         str(installed)], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import sidecar; "
+            "assert sidecar.__file__.startswith(sys.argv[1]), sidecar.__file__; "
+            "from sidecar.cli import main; sys.argv = ['graysteer', '--help']; main()",
+            str(installed),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "envoy-config" in result.stdout and "serve" in result.stdout

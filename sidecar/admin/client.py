@@ -27,14 +27,16 @@ def _call(address: str, method: str, request: Any) -> Any:
         except grpc.RpcError as error:
             code = error.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise AdminError(f"admin API at {address} is not reachable "
-                                 f"({code.name}: {error.details()})") from None
+                raise AdminError(
+                    f"admin API at {address} is not reachable ({code.name}: {error.details()})"
+                ) from None
             raise AdminError(f"{error.details()} ({code.name})") from None
 
 
 def as_dict(message: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    result: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return result
 
 
@@ -50,15 +52,27 @@ def set_weights(address: str, rule: str, weights: dict[str, int]) -> dict[str, A
     return as_dict(_call(address, "SetWeights", pb.SetWeightsRequest(rule=rule, weights=weights)))
 
 
-def explain(address: str, method: str, path: str, headers: Sequence[tuple[str, str]],
-            cookies: Sequence[tuple[str, str]], params: Sequence[tuple[str, str]],
-            peer: "Peer") -> dict[str, Any]:
+def explain(
+    address: str,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    cookies: Sequence[tuple[str, str]],
+    params: Sequence[tuple[str, str]],
+    peer: "Peer",
+) -> dict[str, Any]:
     def pairs(items: Sequence[tuple[str, str]]) -> list[pb.Pair]:
         return [pb.Pair(name=n, value=v) for n, v in items]
 
-    request = pb.ExplainRequest(method=method, path=path, headers=pairs(headers),
-                                cookies=pairs(cookies), query=pairs(params),
-                                uri_san=peer.uri_san, dns_san=peer.dns_san)
+    request = pb.ExplainRequest(
+        method=method,
+        path=path,
+        headers=pairs(headers),
+        cookies=pairs(cookies),
+        query=pairs(params),
+        uri_san=peer.uri_san,
+        dns_san=peer.dns_san,
+    )
     if peer.listener_port is not None:
         request.listener_port = peer.listener_port
     response = _call(address, "Explain", request)
@@ -97,9 +111,11 @@ def format_status(table: dict[str, Any]) -> str:
     lines.append(f"state file: {table['state_file']}")
     lines.extend(format_bypass(table.get("envoy_bypass")))
     for rollout in table.get("rollouts") or []:
-        lines.append(f"rollout {rollout['rule']}: {rollout['phase']}, step {rollout['step']}, "
-                     f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
-                     f"{rollout['reason']}")
+        lines.append(
+            f"rollout {rollout['rule']}: {rollout['phase']}, step {rollout['step']}, "
+            f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
+            f"{rollout['reason']}"
+        )
     lines.append("rules:")
     for rule in table["rules"]:
         if rule["action"] == "route":
@@ -123,12 +139,18 @@ def _share(part: int, whole: int) -> str:
 def format_bypass(bypass: dict[str, Any] | None) -> list[str]:
     """Requests Envoy sent on without a decision, as `graysteer status` lines."""
     if not bypass or not bypass.get("watching"):
-        return ["envoy bypass: not read by this process (serve --envoy-admin HOST:PORT; with "
-                "--workers, worker 0 reads it)"]
-    head = (f"envoy bypass: reading Envoy's stats at {bypass['envoy_admin']} every "
-            f"{bypass['poll_seconds']:g}s; ")
-    head += (f"last read {bypass.get('last_read', '?')}" if bypass["stats_readable"]
-             else f"CANNOT READ THEM: {bypass['error']}")
+        return [
+            "envoy bypass: not read by this process (serve --envoy-admin HOST:PORT; with "
+            "--workers, worker 0 reads it)"
+        ]
+    head = (
+        f"envoy bypass: reading Envoy's stats at {bypass['envoy_admin']} every {bypass['poll_seconds']:g}s; "
+    )
+    head += (
+        f"last read {bypass.get('last_read', '?')}"
+        if bypass["stats_readable"]
+        else f"CANNOT READ THEM: {bypass['error']}"
+    )
     lines = [head]
     limit = bypass.get("ready_max_ratio")
     for mode in bypass.get("modes") or []:
@@ -142,7 +164,8 @@ def format_bypass(bypass: dict[str, Any] | None) -> list[str]:
             f"  {mode['mode']}: {total} of {requests} requests sent on without a decision "
             f"({_share(total, requests)}) since the sidecar began reading; last window "
             f"{recent} of {recent_requests} ({_share(recent, recent_requests)})"
-            + (f"; /readyz limit {limit:.1%}" if limit is not None else ""))
+            + (f"; /readyz limit {limit:.1%}" if limit is not None else "")
+        )
     if bypass["stats_readable"] and not bypass.get("modes"):
         lines.append("  no ext_proc or ext_authz filter in Envoy's stats")
     return lines

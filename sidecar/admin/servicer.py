@@ -22,8 +22,12 @@ if TYPE_CHECKING:
     from sidecar.runtime.bypass import BypassMonitor
     from sidecar.runtime.rollouts import RolloutController
 
-_OUTCOMES = {"loaded": pb.ReloadResult.LOADED, "unchanged": pb.ReloadResult.UNCHANGED,
-             "invalid": pb.ReloadResult.INVALID, "missing": pb.ReloadResult.MISSING}
+_OUTCOMES = {
+    "loaded": pb.ReloadResult.LOADED,
+    "unchanged": pb.ReloadResult.UNCHANGED,
+    "invalid": pb.ReloadResult.INVALID,
+    "missing": pb.ReloadResult.MISSING,
+}
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -39,17 +43,30 @@ def _weights(weights: dict[str, int] | None) -> list[pb.WeightEntry]:
 def reload_result(result: ReloadResult | None) -> pb.ReloadResult:
     if result is None:
         return pb.ReloadResult()
-    return pb.ReloadResult(outcome=_OUTCOMES[result.outcome.value], trigger=result.trigger,
-                           error=result.error, version=result.version, at=_timestamp(result.at))
+    return pb.ReloadResult(
+        outcome=_OUTCOMES[result.outcome.value],
+        trigger=result.trigger,
+        error=result.error,
+        version=result.version,
+        at=_timestamp(result.at),
+    )
 
 
 def rollout_statuses(controller: "RolloutController | None") -> list[pb.RolloutStatus]:
     if controller is None:
         return []
-    return [pb.RolloutStatus(rule=r["rule"], phase=r["phase"], step=r["step"],
-                             canary_weight=r["canary_weight"], reason=r["reason"],
-                             verdict=r["verdict"], report_json=json.dumps(r))
-            for r in controller.report()]
+    return [
+        pb.RolloutStatus(
+            rule=r["rule"],
+            phase=r["phase"],
+            step=r["step"],
+            canary_weight=r["canary_weight"],
+            reason=r["reason"],
+            verdict=r["verdict"],
+            report_json=json.dumps(r),
+        )
+        for r in controller.report()
+    ]
 
 
 def envoy_bypass(monitor: "BypassMonitor | None") -> pb.EnvoyBypass:
@@ -58,9 +75,13 @@ def envoy_bypass(monitor: "BypassMonitor | None") -> pb.EnvoyBypass:
         return pb.EnvoyBypass(watching=False)
     report = monitor.report()
     message = pb.EnvoyBypass(
-        watching=True, envoy_admin=report["envoy_admin"], poll_seconds=report["poll_seconds"],
-        stats_readable=report["stats_readable"], error=report["error"],
-        modes=[pb.BypassCount(**mode) for mode in report["modes"]])
+        watching=True,
+        envoy_admin=report["envoy_admin"],
+        poll_seconds=report["poll_seconds"],
+        stats_readable=report["stats_readable"],
+        error=report["error"],
+        modes=[pb.BypassCount(**mode) for mode in report["modes"]],
+    )
     if report["last_read"] is not None:
         message.last_read.CopyFrom(_timestamp(report["last_read"]))
     if report["ready_max_ratio"] is not None:
@@ -68,16 +89,18 @@ def envoy_bypass(monitor: "BypassMonitor | None") -> pb.EnvoyBypass:
     return message
 
 
-def table_status(reloader: Reloader, loaded: Loaded | None = None,
-                 controller: "RolloutController | None" = None,
-                 bypass: "BypassMonitor | None" = None) -> pb.TableStatus:
+def table_status(
+    reloader: Reloader,
+    loaded: Loaded | None = None,
+    controller: "RolloutController | None" = None,
+    bypass: "BypassMonitor | None" = None,
+) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
     table = loaded.table
     rules = []
     for entry in table.document.get("rules") or []:  # type: ignore[attr-defined]
         name = entry["name"]
-        info = pb.RuleInfo(name=name, match_json=json.dumps(entry.get("match") or {},
-                                                            sort_keys=True))
+        info = pb.RuleInfo(name=name, match_json=json.dumps(entry.get("match") or {}, sort_keys=True))
         if "route" in entry:
             info.action, info.route = "route", entry["route"]
         elif "deny" in entry:
@@ -94,12 +117,20 @@ def table_status(reloader: Reloader, loaded: Loaded | None = None,
             info.seed = entry["split"].get("seed", name)
         rules.append(info)
     return pb.TableStatus(
-        version=table.version, file_version=loaded.file_version, source=table.source,
-        clusters=list(table.clusters), default_cluster=table.default,
-        routing_header=table.routing_header, rules=rules,
-        last_reload=reload_result(reloader.last_result), loaded_at=_timestamp(loaded.loaded_at),
-        state_file=str(reloader.state.path), reload_failures=reloader.failures,
-        rollouts=rollout_statuses(controller), envoy_bypass=envoy_bypass(bypass))
+        version=table.version,
+        file_version=loaded.file_version,
+        source=table.source,
+        clusters=list(table.clusters),
+        default_cluster=table.default,
+        routing_header=table.routing_header,
+        rules=rules,
+        last_reload=reload_result(reloader.last_result),
+        loaded_at=_timestamp(loaded.loaded_at),
+        state_file=str(reloader.state.path),
+        reload_failures=reloader.failures,
+        rollouts=rollout_statuses(controller),
+        envoy_bypass=envoy_bypass(bypass),
+    )
 
 
 def decision_message(decision: Decision) -> pb.Decision:
@@ -108,8 +139,12 @@ def decision_message(decision: Decision) -> pb.Decision:
 
 
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, reloader: Reloader, controller: "RolloutController | None" = None,
-                 bypass: "BypassMonitor | None" = None) -> None:
+    def __init__(
+        self,
+        reloader: Reloader,
+        controller: "RolloutController | None" = None,
+        bypass: "BypassMonitor | None" = None,
+    ) -> None:
         self.reloader = reloader
         self.controller = controller
         self.bypass = bypass
@@ -121,33 +156,45 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return table_status(self.reloader, controller=self.controller, bypass=self.bypass)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
-        peer = Peer(request.uri_san, request.dns_san,
-                    request.listener_port if request.HasField("listener_port") else None)
-        message = headers_message(request.method or "GET", request.path or "/",
-                                  [(h.name, h.value) for h in request.headers],
-                                  [(c.name, c.value) for c in request.cookies],
-                                  [(q.name, q.value) for q in request.query], peer)
+        peer = Peer(
+            request.uri_san,
+            request.dns_san,
+            request.listener_port if request.HasField("listener_port") else None,
+        )
+        message = headers_message(
+            request.method or "GET",
+            request.path or "/",
+            [(h.name, h.value) for h in request.headers],
+            [(c.name, c.value) for c in request.cookies],
+            [(q.name, q.value) for q in request.query],
+            peer,
+        )
         response, decision = self.explainer.on_request_headers(message)
         mutation = response.request_headers.response.header_mutation
         return pb.ExplainResponse(
             decision=decision_message(decision),
-            set_headers=[pb.Pair(name=h.header.key, value=h.header.raw_value.decode())
-                         for h in mutation.set_headers],
-            remove_headers=list(mutation.remove_headers))
+            set_headers=[
+                pb.Pair(name=h.header.key, value=h.header.raw_value.decode()) for h in mutation.set_headers
+            ],
+            remove_headers=list(mutation.remove_headers),
+        )
 
     async def SetWeights(self, request: pb.SetWeightsRequest, context: Any) -> pb.TableStatus:
         if self.controller is not None and self.controller.is_driving(request.rule):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"rule {request.rule!r} is driven by a progressing rollout: "
-                                "pause or abort it first (graysteer rollout pause RULE)")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"rule {request.rule!r} is driven by a progressing rollout: "
+                "pause or abort it first (graysteer rollout pause RULE)",
+            )
         try:
             loaded = await self.reloader.set_weights(request.rule, dict(request.weights))
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except OSError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"weights not changed: cannot write the state file "
-                                f"{self.reloader.state.path}: {error}")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"weights not changed: cannot write the state file {self.reloader.state.path}: {error}",
+            )
         return table_status(self.reloader, loaded, self.controller, self.bypass)
 
     async def Rollout(self, request: pb.RolloutRequest, context: Any) -> pb.RolloutStatus:
@@ -158,22 +205,22 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except OSError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"cannot write the state file: {error}")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write the state file: {error}")
         (status,) = [s for s in rollout_statuses(self.controller) if s.rule == request.rule]
         return status
 
-    async def WatchTable(self, request: pb.WatchTableRequest,
-                         context: Any) -> AsyncIterator[pb.TableEvent]:
+    async def WatchTable(self, request: pb.WatchTableRequest, context: Any) -> AsyncIterator[pb.TableEvent]:
         queue = self.reloader.subscribe()
         try:
-            yield pb.TableEvent(table=table_status(self.reloader, controller=self.controller,
-                                                   bypass=self.bypass),
-                                result=reload_result(self.reloader.last_result))
+            yield pb.TableEvent(
+                table=table_status(self.reloader, controller=self.controller, bypass=self.bypass),
+                result=reload_result(self.reloader.last_result),
+            )
             while True:
                 loaded, result = await queue.get()
-                yield pb.TableEvent(table=table_status(self.reloader, loaded, self.controller,
-                                                       self.bypass),
-                                    result=reload_result(result))
+                yield pb.TableEvent(
+                    table=table_status(self.reloader, loaded, self.controller, self.bypass),
+                    result=reload_result(result),
+                )
         finally:
             self.reloader.unsubscribe(queue)

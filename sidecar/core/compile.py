@@ -86,13 +86,9 @@ def _explain(error: ValidationError) -> str:
         wanted = " or ".join(_TYPE_NAMES[t] for t in ([types] if isinstance(types, str) else types))
         hint = ' (quote it: "1")' if isinstance(value, int | float) and "a string" in wanted else ""
         return f"must be {wanted}, got {_kind(value)} {value!r}{hint}"
-    if error.validator in ("minProperties", "maxProperties") and "present" in schema.get(
-        "properties", {}
-    ):
+    if error.validator in ("minProperties", "maxProperties") and "present" in schema.get("properties", {}):
         return f"needs exactly one of {_MATCH_FORMS}, got {sorted(value) or 'none'}"
-    if error.validator in ("minProperties", "maxProperties") and "exact" in schema.get(
-        "properties", {}
-    ):
+    if error.validator in ("minProperties", "maxProperties") and "exact" in schema.get("properties", {}):
         return f"needs exactly one of {_PATH_FORMS}, got {sorted(value) or 'none'}"
     if error.validator == "required":
         return error.message.replace("is a required property", "is required")
@@ -116,8 +112,15 @@ _TYPE_NAMES = {
 
 
 def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "mapping",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _where(document: dict[str, Any], path: list[Any]) -> str:
@@ -157,13 +160,15 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
         path = ["rules", index]
         name = rule["name"]
         if name in seen:
-            yield Problem(_where(doc, path + ["name"]),
-                          f"duplicate rule name (first used by rules[{seen[name]}])")
+            yield Problem(
+                _where(doc, path + ["name"]), f"duplicate rule name (first used by rules[{seen[name]}])"
+            )
         seen.setdefault(name, index)
         actions = [a for a in ("route", "split", "deny") if a in rule]
         if len(actions) != 1:
-            yield Problem(_where(doc, path), "needs exactly one action (route, split or deny), "
-                          f"got {actions or 'none'}")
+            yield Problem(
+                _where(doc, path), f"needs exactly one action (route, split or deny), got {actions or 'none'}"
+            )
         if "route" in rule and rule["route"] not in clusters:
             yield unknown(_where(doc, path + ["route"]), rule["route"])
         yield from _match_problems(doc, path, rule.get("match") or {})
@@ -178,8 +183,9 @@ def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any])
     for header, form in (match.get("headers") or {}).items():
         where = path + ["match", "headers", header]
         if header.lower() in lowered:
-            yield Problem(_where(doc, where),
-                          f"same header as {lowered[header.lower()]!r} (names are case-insensitive)")
+            yield Problem(
+                _where(doc, where), f"same header as {lowered[header.lower()]!r} (names are case-insensitive)"
+            )
         lowered.setdefault(header.lower(), header)
         if isinstance(form, dict) and "regex" in form:
             yield from _regex_problem(doc, where + ["regex"], form["regex"])
@@ -189,10 +195,10 @@ def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any])
         yield from _regex_problem(doc, path + ["match", "path", "regex"], match["path"]["regex"])
     if "identity" in match:
         yield from _identity_problem(doc, path + ["match", "identity"], match["identity"])
-    if (match.get("identity") or {}).get("present") is False or (
-            match.get("identity") or {}).get("absent") is False:
-        yield Problem(_where(doc, path + ["match", "identity"]),
-                      "use `present: true` or `absent: true`")
+    if (match.get("identity") or {}).get("present") is False or (match.get("identity") or {}).get(
+        "absent"
+    ) is False:
+        yield Problem(_where(doc, path + ["match", "identity"]), "use `present: true` or `absent: true`")
 
 
 def _steering_problems(doc: dict[str, Any], clusters: set[str], unknown: Any) -> Iterable[Problem]:
@@ -226,8 +232,9 @@ def _identity_problem(doc: dict[str, Any], path: list[Any], form: dict[str, Any]
         yield Problem(_where(doc, path + list(form)[:1]), problem)
 
 
-def _split_problems(doc: dict[str, Any], path: list[Any], split: dict[str, Any],
-                    clusters: set[str], unknown: Any) -> Iterable[Problem]:
+def _split_problems(
+    doc: dict[str, Any], path: list[Any], split: dict[str, Any], clusters: set[str], unknown: Any
+) -> Iterable[Problem]:
     seen: set[str] = set()
     for i, entry in enumerate(split["to"]):
         where = _where(doc, path + ["split", "to", i, "cluster"])
@@ -240,9 +247,10 @@ def _split_problems(doc: dict[str, Any], path: list[Any], split: dict[str, Any],
         yield Problem(_where(doc, path + ["split", "to"]), "total weight must be greater than 0")
     missing = split.get("when_key_missing", "random")
     if missing != "random" and missing not in clusters:
-        yield Problem(_where(doc, path + ["split", "when_key_missing"]),
-                      f"must be 'random' or a cluster name, got {missing!r} "
-                      f"(clusters: {', '.join(sorted(clusters))})")
+        yield Problem(
+            _where(doc, path + ["split", "when_key_missing"]),
+            f"must be 'random' or a cluster name, got {missing!r} (clusters: {', '.join(sorted(clusters))})",
+        )
 
 
 def _rollout_problems(doc: dict[str, Any], path: list[Any], rule: dict[str, Any]) -> Iterable[Problem]:
@@ -254,18 +262,24 @@ def _rollout_problems(doc: dict[str, Any], path: list[Any], rule: dict[str, Any]
     entries = [e["cluster"] for e in rule["split"]["to"]]
     total = sum(e["weight"] for e in rule["split"]["to"])
     if rollout["canary"] not in entries:
-        yield Problem(_where(doc, where + ["canary"]), f"{rollout['canary']!r} is not an entry "
-                      f"of this split ({', '.join(entries)})")
+        yield Problem(
+            _where(doc, where + ["canary"]),
+            f"{rollout['canary']!r} is not an entry of this split ({', '.join(entries)})",
+        )
     elif len(entries) < 2:
         yield Problem(_where(doc, where + ["canary"]), "the split needs another entry to compare")
     previous = -1
     for i, step in enumerate(rollout["steps"]):
         if step["weight"] > total:
-            yield Problem(_where(doc, where + ["steps", i, "weight"]),
-                          f"{step['weight']} is more than the split's total weight {total}")
+            yield Problem(
+                _where(doc, where + ["steps", i, "weight"]),
+                f"{step['weight']} is more than the split's total weight {total}",
+            )
         if step["weight"] < previous:
-            yield Problem(_where(doc, where + ["steps", i, "weight"]),
-                          f"steps must not go down ({previous} -> {step['weight']})")
+            yield Problem(
+                _where(doc, where + ["steps", i, "weight"]),
+                f"steps must not go down ({previous} -> {step['weight']})",
+            )
         previous = step["weight"]
         if "hold" in step:
             yield from _duration_problem(doc, where + ["steps", i, "hold"], step["hold"])
@@ -288,19 +302,27 @@ def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
     entries = [e["cluster"] for e in split["to"]]
     # What restarts a rollout when the rules file changes: its own section, the split's
     # clusters and total; not the split's current weights, which the rollout itself sets.
-    fingerprint = hashlib.sha256(json.dumps(
-        [rollout, entries, sum(e["weight"] for e in split["to"])], sort_keys=True).encode())
+    fingerprint = hashlib.sha256(
+        json.dumps([rollout, entries, sum(e["weight"] for e in split["to"])], sort_keys=True).encode()
+    )
     return RolloutSpec(
-        rule=rule["name"], canary=rollout["canary"],
+        rule=rule["name"],
+        canary=rollout["canary"],
         baseline=next(c for c in entries if c != rollout["canary"]),
-        steps=tuple(Step(s["weight"], parse_duration(s["hold"]) if "hold" in s else 0.0)
-                    for s in rollout["steps"]),
-        analysis=Analysis(parse_duration(analysis["window"]), analysis["min_requests"],
-                          float(analysis["max_error_rate"]),
-                          analysis.get("max_error_rate_vs_stable"), analysis.get("max_p99_ms")),
+        steps=tuple(
+            Step(s["weight"], parse_duration(s["hold"]) if "hold" in s else 0.0) for s in rollout["steps"]
+        ),
+        analysis=Analysis(
+            parse_duration(analysis["window"]),
+            analysis["min_requests"],
+            float(analysis["max_error_rate"]),
+            analysis.get("max_error_rate_vs_stable"),
+            analysis.get("max_p99_ms"),
+        ),
         on_failure=rollout.get("on_failure", "rollback"),
         total=sum(e["weight"] for e in split["to"]),
-        fingerprint=fingerprint.hexdigest()[:12])
+        fingerprint=fingerprint.hexdigest()[:12],
+    )
 
 
 # ---- compile ---------------------------------------------------------------------------------
@@ -362,8 +384,14 @@ def _compile_rule(rule: dict[str, Any], version: str, default: str) -> Rule:
     if "deny" in rule:
         deny = rule["deny"]
         body = deny.get("reason") or f"denied by rule {name}"
-        return Rule(name, conditions, Decision(default, name, version, reason=Reason.DENY,
-                                               deny_status=deny["status"], deny_reason=body), None)
+        return Rule(
+            name,
+            conditions,
+            Decision(
+                default, name, version, reason=Reason.DENY, deny_status=deny["status"], deny_reason=body
+            ),
+            None,
+        )
     split = rule["split"]
     weights = tuple(e["weight"] for e in split["to"])
     missing = split.get("when_key_missing", "random")

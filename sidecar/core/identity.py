@@ -76,12 +76,16 @@ def compile_regex(pattern: str) -> FullMatch:
         reason = error.args[0] if error.args else error
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
-        raise RegexError(f"not valid RE2 syntax ({reason}); the rules file's regexes are RE2, "
-                         "as Envoy's safe_regex: no backreferences, lookaround or \\Z") from None
+        raise RegexError(
+            f"not valid RE2 syntax ({reason}); the rules file's regexes are RE2, "
+            "as Envoy's safe_regex: no backreferences, lookaround or \\Z"
+        ) from None
     if compiled.programsize > MAX_PROGRAM_SIZE:
-        raise RegexError(f"too complex: RE2 program size {compiled.programsize} > "
-                         f"{MAX_PROGRAM_SIZE}, the limit of Envoy's safe_regex "
-                         "(re2.max_program_size.error_level); simplify it")
+        raise RegexError(
+            f"too complex: RE2 program size {compiled.programsize} > "
+            f"{MAX_PROGRAM_SIZE}, the limit of Envoy's safe_regex "
+            "(re2.max_program_size.error_level); simplify it"
+        )
     fullmatch = compiled.fullmatch
     return lambda text: fullmatch(text) is not None
 
@@ -112,7 +116,7 @@ def parse_spiffe_id(uri: str) -> SpiffeId | None:
     SPIFFE ID (`spiffe://example.org` alone names the trust domain, no workload)."""
     if not uri.startswith("spiffe://") or len(uri) > MAX_SPIFFE_ID:
         return None
-    domain, slash, path = uri[len("spiffe://"):].partition("/")
+    domain, slash, path = uri[len("spiffe://") :].partition("/")
     if not slash or len(domain) > MAX_TRUST_DOMAIN or not _TRUST_DOMAIN.fullmatch(domain):
         return None
     if any(s in ("", ".", "..") or not _SEGMENT.fullmatch(s) for s in path.split("/")):
@@ -131,8 +135,10 @@ def trust_domain_problem(domain: str) -> str | None:
     if _TRUST_DOMAIN.fullmatch(domain):
         return None
     if _TRUST_DOMAIN.fullmatch(domain.lower()):
-        return (f"trust domains are lower-case: write {domain.lower()!r} ({domain!r} could never "
-                "match a valid SPIFFE ID)")
+        return (
+            f"trust domains are lower-case: write {domain.lower()!r} ({domain!r} could never "
+            "match a valid SPIFFE ID)"
+        )
     return f"{domain!r}: a trust domain holds only lower-case letters, digits, '.', '-' and '_'"
 
 
@@ -145,8 +151,10 @@ def spiffe_id_problem(uri: str) -> str | None:
         return problem
     if uri.startswith("spiffe://") and not slash:
         return f"{uri!r} has no path: it names a trust domain, not a workload"
-    return (f"{uri!r} is not a valid SPIFFE ID (spiffe://<trust domain>/<path>; path segments "
-            "of letters, digits, '.', '-', '_'; no empty, '.' or '..' segment, query or fragment)")
+    return (
+        f"{uri!r} is not a valid SPIFFE ID (spiffe://<trust domain>/<path>; path segments "
+        "of letters, digits, '.', '-', '_'; no empty, '.' or '..' segment, query or fragment)"
+    )
 
 
 def _looks_like_spiffe(uri: str) -> bool:
@@ -166,8 +174,9 @@ class Identity:
     malformed: tuple[str, ...] = ()  # SANs that looked like SPIFFE IDs but are not (counted)
 
     @classmethod
-    def from_sans(cls, mtls: bool, uri_sans: tuple[str, ...] = (), dns_sans: tuple[str, ...] = (),
-                  subject: str = "") -> "Identity":
+    def from_sans(
+        cls, mtls: bool, uri_sans: tuple[str, ...] = (), dns_sans: tuple[str, ...] = (), subject: str = ""
+    ) -> "Identity":
         """From every SAN of a certificate. X509-SVID: an SVID has exactly one URI SAN and a
         certificate with several must be rejected; it gets no SPIFFE identity, and those of its
         URI SANs that look like SPIFFE IDs are reported malformed (so metrics show it)."""
@@ -228,27 +237,35 @@ def identity_form_problem(form: dict[str, Any]) -> str | None:
 
 
 def _glob_problem(glob: str) -> str | None:
-    if not glob.startswith("spiffe://") or "/" not in glob[len("spiffe://"):]:
+    if not glob.startswith("spiffe://") or "/" not in glob[len("spiffe://") :]:
         if glob.startswith("spiffe://") and not any(c in glob for c in "*?[]"):
             return spiffe_id_problem(glob)  # a glob without wildcards is exactly one ID
-        return (f"{glob!r}: a SPIFFE glob needs a literal trust domain: it starts with "
-                "spiffe://<trust domain>/ (e.g. spiffe://example.org/ns/qa/*) or is exactly a "
-                "SPIFFE ID")
-    domain, _, path = glob[len("spiffe://"):].partition("/")
+        return (
+            f"{glob!r}: a SPIFFE glob needs a literal trust domain: it starts with "
+            "spiffe://<trust domain>/ (e.g. spiffe://example.org/ns/qa/*) or is exactly a "
+            "SPIFFE ID"
+        )
+    domain, _, path = glob[len("spiffe://") :].partition("/")
     if any(c in domain for c in "*?[]"):
-        return (f"{glob!r}: a SPIFFE glob needs a literal trust domain: "
-                "spiffe://<trust domain>/... (`*` matches within the path only)")
+        return (
+            f"{glob!r}: a SPIFFE glob needs a literal trust domain: "
+            "spiffe://<trust domain>/... (`*` matches within the path only)"
+        )
     if problem := trust_domain_problem(domain):
         return problem
     if any(c in path for c in "?[]"):
-        return (f"{glob!r}: only `*` is a wildcard in a SPIFFE glob (any characters within the "
-                "path, `/` included); `?`, `[` and `]` are not supported")
+        return (
+            f"{glob!r}: only `*` is a wildcard in a SPIFFE glob (any characters within the "
+            "path, `/` included); `?`, `[` and `]` are not supported"
+        )
     if "*" not in path:
         return spiffe_id_problem(glob)
     foreign = sorted({c for c in path if c not in _PATH_CHARACTERS and c != "*"})
     if foreign:
-        return (f"{glob!r} can never match: SPIFFE ID paths hold only letters, digits, '.', "
-                f"'-', '_' and '/', not {', '.join(repr(c) for c in foreign)}")
+        return (
+            f"{glob!r} can never match: SPIFFE ID paths hold only letters, digits, '.', "
+            f"'-', '_' and '/', not {', '.join(repr(c) for c in foreign)}"
+        )
     return None
 
 
@@ -277,12 +294,16 @@ def _glob_matcher(glob: str) -> FullMatch:
 
 def _dns_problem(pattern: str) -> str | None:
     if any(c in pattern for c in "?[]"):
-        return (f"{pattern!r}: only `*` is a wildcard in a DNS pattern, as the whole left-most "
-                "label (`*.example.org`); `?`, `[` and `]` are not supported")
+        return (
+            f"{pattern!r}: only `*` is a wildcard in a DNS pattern, as the whole left-most "
+            "label (`*.example.org`); `?`, `[` and `]` are not supported"
+        )
     labels = pattern.split(".")
     if "*" in pattern and (labels[0] != "*" or len(labels) < 2 or "*" in ".".join(labels[1:])):
-        return (f"{pattern!r}: a DNS wildcard is `*` as the whole left-most label "
-                "(`*.example.org`, matching exactly one label, as RFC 6125 and Envoy)")
+        return (
+            f"{pattern!r}: a DNS wildcard is `*` as the whole left-most label "
+            "(`*.example.org`, matching exactly one label, as RFC 6125 and Envoy)"
+        )
     if "" in labels:
         return f"{pattern!r}: a DNS name has no empty label"
     return None
@@ -302,7 +323,7 @@ def _dns_matcher(pattern: str) -> Callable[[str], bool]:
 
     def matches(name: str) -> bool:
         name = name.translate(_ASCII_LOWER)
-        label = name[:-len(suffix)]
+        label = name[: -len(suffix)]
         return name.endswith(suffix) and bool(label) and "." not in label and "*" not in label
 
     return matches

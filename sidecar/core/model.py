@@ -50,8 +50,19 @@ class Decision:
     def carrying(self, lane: str | None, identity: str | None) -> "Decision":
         """This decision with the lane passed on and the caller's identity (built directly:
         `dataclasses.replace` costs a fifth of a whole steering)."""
-        return Decision(self.cluster, self.rule, self.version, self.bucket, self.key_source,
-                        self.error, lane, identity, self.deny_status, self.deny_reason, self.reason)
+        return Decision(
+            self.cluster,
+            self.rule,
+            self.version,
+            self.bucket,
+            self.key_source,
+            self.error,
+            lane,
+            identity,
+            self.deny_status,
+            self.deny_reason,
+            self.reason,
+        )
 
     def as_dict(self) -> dict[str, object]:
         """Every field by name, None for those not set (see `decision_fields`)."""
@@ -74,8 +85,7 @@ def decision_fields(decision: Decision) -> dict[str, str | int]:
     """The one conversion of a decision to named fields, for every transport (dynamic
     metadata, decision headers), `explain`, the admin API and the CLI: the fields that are
     set, as strings and integers."""
-    return {key: value for key, value in decision.as_dict().items()  # type: ignore[misc]
-            if value is not None}
+    return {key: value for key, value in decision.as_dict().items() if isinstance(value, str | int)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,5 +133,3 @@ class Steering:
     @property
     def denied(self) -> bool:
         return self.decision.deny_status is not None
-
-

@@ -33,8 +33,9 @@ class WeightOverride:
         weights, base = data["weights"], data["base"]
         if not all(isinstance(v, int) and v >= 0 for v in [*weights.values(), *base.values()]):
             raise ValueError(f"override for {rule!r}: weights must be integers >= 0")
-        return cls(rule, {str(k): int(v) for k, v in weights.items()},
-                   {str(k): int(v) for k, v in base.items()})
+        return cls(
+            rule, {str(k): int(v) for k, v in weights.items()}, {str(k): int(v) for k, v in base.items()}
+        )
 
 
 def split_weights(document: Mapping[str, Any], rule: str) -> dict[str, int] | None:
@@ -54,8 +55,9 @@ def resolve_weights(current: Mapping[str, int], requested: Mapping[str, int]) ->
     """
     unknown = sorted(set(requested) - set(current))
     if unknown:
-        raise ValueError(f"unknown cluster(s) {', '.join(unknown)} for this split "
-                         f"(split clusters: {', '.join(current)})")
+        raise ValueError(
+            f"unknown cluster(s) {', '.join(unknown)} for this split (split clusters: {', '.join(current)})"
+        )
     if not requested:
         raise ValueError("no weights given")
     if any(w < 0 for w in requested.values()):
@@ -65,16 +67,19 @@ def resolve_weights(current: Mapping[str, int], requested: Mapping[str, int]) ->
     if len(unnamed) == 1:
         remainder = sum(current.values()) - sum(requested.values())
         if remainder < 0:
-            raise ValueError(f"weights {dict(requested)} exceed the split's total "
-                             f"{sum(current.values())}; name every cluster to change the total")
+            raise ValueError(
+                f"weights {dict(requested)} exceed the split's total "
+                f"{sum(current.values())}; name every cluster to change the total"
+            )
         result[unnamed[0]] = remainder
     if sum(result.values()) <= 0:
         raise ValueError("total weight must be greater than 0")
     return result
 
 
-def reconcile(document: Mapping[str, Any], overrides: Mapping[str, WeightOverride]
-              ) -> tuple[dict[str, Any], dict[str, WeightOverride], dict[str, str]]:
+def reconcile(
+    document: Mapping[str, Any], overrides: Mapping[str, WeightOverride]
+) -> tuple[dict[str, Any], dict[str, WeightOverride], dict[str, str]]:
     """Apply the overrides that still hold to a copy of the document.
 
     Returns (document with override weights, overrides kept, {rule: why dropped}).
@@ -89,13 +94,14 @@ def reconcile(document: Mapping[str, Any], overrides: Mapping[str, WeightOverrid
         elif set(file_weights) != set(override.weights):
             dropped[name] = "the split's clusters changed in the rules file"
         elif file_weights != override.base:
-            dropped[name] = (f"the rules file changed this rule's weights "
-                             f"({override.base} -> {file_weights}); the file wins")
+            dropped[name] = (
+                f"the rules file changed this rule's weights "
+                f"({override.base} -> {file_weights}); the file wins"
+            )
         else:
             kept[name] = override
     for entry in result.get("rules") or []:
         if entry.get("name") in kept:
             weights = kept[entry["name"]].weights
-            entry["split"]["to"] = [{**t, "weight": weights[t["cluster"]]}
-                                    for t in entry["split"]["to"]]
+            entry["split"]["to"] = [{**t, "weight": weights[t["cluster"]]} for t in entry["split"]["to"]]
     return result, kept, dropped

@@ -14,11 +14,16 @@ from sidecar.core.identity import NO_IDENTITY, Identity
 class Request:
     """Lower-cased header names -> values, plus method, path and query string."""
 
-    __slots__ = ("_cookies", "_params", "headers", "identity", "listener_port", "method", "path",
-                 "query")
+    __slots__ = ("_cookies", "_params", "headers", "identity", "listener_port", "method", "path", "query")
 
-    def __init__(self, headers: Mapping[str, str], method: str = "GET", path: str = "/",
-                 identity: Identity = NO_IDENTITY, listener_port: int | None = None) -> None:
+    def __init__(
+        self,
+        headers: Mapping[str, str],
+        method: str = "GET",
+        path: str = "/",
+        identity: Identity = NO_IDENTITY,
+        listener_port: int | None = None,
+    ) -> None:
         self.headers = headers
         self.identity = identity
         self.listener_port = listener_port
@@ -28,11 +33,11 @@ class Request:
         self._params: dict[str, str] | None = None
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str], identity: Identity = NO_IDENTITY,
-                     listener_port: int | None = None) -> "Request":
+    def from_headers(
+        cls, headers: Mapping[str, str], identity: Identity = NO_IDENTITY, listener_port: int | None = None
+    ) -> "Request":
         """Build from an HTTP/2-style header map carrying `:method` and `:path`."""
-        return cls(headers, headers.get(":method", "GET"), headers.get(":path", "/"), identity,
-                   listener_port)
+        return cls(headers, headers.get(":method", "GET"), headers.get(":path", "/"), identity, listener_port)
 
     def seen_as(self, headers: Mapping[str, str], identity: Identity) -> "Request":
         """This request with other headers (an untrusted caller's, stripped) or identity

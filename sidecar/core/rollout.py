@@ -76,37 +76,63 @@ class Verdict:
     baseline_lane: str = "stable"
 
     def numbers(self) -> dict[str, Any]:
-        return {"canary_requests": self.canary.requests, "canary_error_rate": round(
-            self.canary.error_rate, 4), "canary_p99_ms": self.canary.p99_ms,
+        return {
+            "canary_requests": self.canary.requests,
+            "canary_error_rate": round(self.canary.error_rate, 4),
+            "canary_p99_ms": self.canary.p99_ms,
             "baseline_requests": self.baseline.requests,
             "baseline_error_rate": round(self.baseline.error_rate, 4),
-            "baseline_p99_ms": self.baseline.p99_ms}
+            "baseline_p99_ms": self.baseline.p99_ms,
+        }
 
 
-def judge(analysis: Analysis, canary: LaneWindow, baseline: LaneWindow,
-          lanes: tuple[str, str] = ("canary", "stable")) -> Verdict:
+def judge(
+    analysis: Analysis,
+    canary: LaneWindow,
+    baseline: LaneWindow,
+    lanes: tuple[str, str] = ("canary", "stable"),
+) -> Verdict:
     """The verdict on a window. No verdict on fewer than min_requests canary responses; the
     comparison with the baseline lane is skipped while it has fewer than min_requests."""
-    return replace(_judge(analysis, canary, baseline), canary_lane=lanes[0],
-                   baseline_lane=lanes[1])
+    return replace(_judge(analysis, canary, baseline), canary_lane=lanes[0], baseline_lane=lanes[1])
 
 
 def _judge(analysis: Analysis, canary: LaneWindow, baseline: LaneWindow) -> Verdict:
     if canary.requests < analysis.min_requests:
-        return Verdict(INCONCLUSIVE, f"{canary.requests} canary responses in the window, "
-                       f"fewer than min_requests {analysis.min_requests}", canary, baseline)
+        return Verdict(
+            INCONCLUSIVE,
+            f"{canary.requests} canary responses in the window, "
+            f"fewer than min_requests {analysis.min_requests}",
+            canary,
+            baseline,
+        )
     if canary.error_rate > analysis.max_error_rate:
-        return Verdict(BREACH, f"canary error rate {canary.error_rate:.3f} > max_error_rate "
-                       f"{analysis.max_error_rate}", canary, baseline)
+        return Verdict(
+            BREACH,
+            f"canary error rate {canary.error_rate:.3f} > max_error_rate {analysis.max_error_rate}",
+            canary,
+            baseline,
+        )
     ratio = analysis.max_error_rate_vs_stable
-    if (ratio is not None and baseline.requests >= analysis.min_requests and canary.errors
-            and canary.error_rate > ratio * baseline.error_rate):
-        return Verdict(BREACH, f"canary error rate {canary.error_rate:.3f} > {ratio} x baseline "
-                       f"{baseline.error_rate:.3f}", canary, baseline)
-    if (analysis.max_p99_ms is not None and canary.p99_ms is not None
-            and canary.p99_ms > analysis.max_p99_ms):
-        return Verdict(BREACH, f"canary p99 {canary.p99_ms:.0f} ms > max_p99_ms "
-                       f"{analysis.max_p99_ms:.0f}", canary, baseline)
+    if (
+        ratio is not None
+        and baseline.requests >= analysis.min_requests
+        and canary.errors
+        and canary.error_rate > ratio * baseline.error_rate
+    ):
+        return Verdict(
+            BREACH,
+            f"canary error rate {canary.error_rate:.3f} > {ratio} x baseline {baseline.error_rate:.3f}",
+            canary,
+            baseline,
+        )
+    if analysis.max_p99_ms is not None and canary.p99_ms is not None and canary.p99_ms > analysis.max_p99_ms:
+        return Verdict(
+            BREACH,
+            f"canary p99 {canary.p99_ms:.0f} ms > max_p99_ms {analysis.max_p99_ms:.0f}",
+            canary,
+            baseline,
+        )
     return Verdict(HEALTHY, "within every threshold", canary, baseline)
 
 
@@ -137,17 +163,29 @@ class RolloutState:
     changed_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "step": self.step, "step_started": self.step_started,
-                "reason": self.reason, "numbers": self.numbers, "fingerprint": self.fingerprint,
-                "changed_at": self.changed_at}
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "step_started": self.step_started,
+            "reason": self.reason,
+            "numbers": self.numbers,
+            "fingerprint": self.fingerprint,
+            "changed_at": self.changed_at,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RolloutState":
         if data.get("phase") not in PHASES or not isinstance(data.get("step"), int):
             raise ValueError(f"not a rollout state: {data!r}")
-        return cls(data["phase"], data["step"], float(data["step_started"]),
-                   str(data.get("reason", "")), dict(data.get("numbers") or {}),
-                   str(data.get("fingerprint", "")), float(data.get("changed_at", 0.0)))
+        return cls(
+            data["phase"],
+            data["step"],
+            float(data["step_started"]),
+            str(data.get("reason", "")),
+            dict(data.get("numbers") or {}),
+            str(data.get("fingerprint", "")),
+            float(data.get("changed_at", 0.0)),
+        )
 
 
 def start(spec: RolloutSpec, now: float) -> RolloutState:
@@ -169,25 +207,42 @@ def advance(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict
         return state
     if verdict.outcome == BREACH:
         phase = ABORTED if spec.on_failure == "rollback" else PAUSED
-        return replace(state, phase=phase, reason=verdict.reason, numbers=verdict.numbers(),
-                       changed_at=now)
+        return replace(state, phase=phase, reason=verdict.reason, numbers=verdict.numbers(), changed_at=now)
     hold = spec.steps[state.step].hold
     if verdict.outcome != HEALTHY or now - state.step_started < hold:
         return state
     step = state.step + 1
     if step >= len(spec.steps) - 1:
-        return replace(state, phase=PROMOTED, step=len(spec.steps) - 1, step_started=now,
-                       reason="every step passed its analysis", numbers=verdict.numbers(),
-                       changed_at=now)
-    return replace(state, step=step, step_started=now, reason=f"step {step} after a healthy "
-                   f"hold of {hold:g}s", numbers=verdict.numbers(), changed_at=now)
+        return replace(
+            state,
+            phase=PROMOTED,
+            step=len(spec.steps) - 1,
+            step_started=now,
+            reason="every step passed its analysis",
+            numbers=verdict.numbers(),
+            changed_at=now,
+        )
+    return replace(
+        state,
+        step=step,
+        step_started=now,
+        reason=f"step {step} after a healthy hold of {hold:g}s",
+        numbers=verdict.numbers(),
+        changed_at=now,
+    )
 
 
 def act(spec: RolloutSpec, state: RolloutState, action: str, now: float) -> RolloutState:
     """An operator's action: promote, pause, resume, abort. ValueError if it makes no sense."""
     if action == "promote":
-        return replace(state, phase=PROMOTED, step=len(spec.steps) - 1, step_started=now,
-                       reason="promoted by an operator", changed_at=now)
+        return replace(
+            state,
+            phase=PROMOTED,
+            step=len(spec.steps) - 1,
+            step_started=now,
+            reason="promoted by an operator",
+            changed_at=now,
+        )
     if action == "abort":
         return replace(state, phase=ABORTED, reason="aborted by an operator", changed_at=now)
     if action == "pause":
@@ -198,6 +253,12 @@ def act(spec: RolloutSpec, state: RolloutState, action: str, now: float) -> Roll
         if state.phase == PROGRESSING:
             raise ValueError("the rollout is already progressing")
         step = 0 if state.phase in (ABORTED, PROMOTED) else state.step
-        return replace(state, phase=PROGRESSING, step=step, step_started=now,
-                       reason="resumed by an operator", changed_at=now)
+        return replace(
+            state,
+            phase=PROGRESSING,
+            step=step,
+            step_started=now,
+            reason="resumed by an operator",
+            changed_at=now,
+        )
     raise ValueError(f"unknown action {action!r} (promote, pause, resume, abort)")

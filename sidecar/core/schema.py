@@ -113,11 +113,19 @@ _rule: dict[str, Any] = {
             "type": "object",
             "properties": {
                 "canary": {"type": "string"},
-                "steps": {"type": "array", "minItems": 1, "items": {
-                    "type": "object",
-                    "properties": {"weight": {"type": "integer", "minimum": 0},
-                                   "hold": {"type": "string"}},
-                    "required": ["weight"], "additionalProperties": False}},
+                "steps": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "weight": {"type": "integer", "minimum": 0},
+                            "hold": {"type": "string"},
+                        },
+                        "required": ["weight"],
+                        "additionalProperties": False,
+                    },
+                },
                 "analysis": {
                     "type": "object",
                     "properties": {
@@ -168,11 +176,17 @@ RULES_SCHEMA: dict[str, Any] = {
             "properties": {
                 "identities": {"type": "array", "items": _identity_match},
                 "plaintext": {"type": "boolean"},
-                "listener_ports": {"type": "array", "uniqueItems": True,
-                                   "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
+                "listener_ports": {
+                    "type": "array",
+                    "uniqueItems": True,
+                    "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+                },
                 "xfcc": {"type": "boolean"},
-                "override_headers": {"type": "array", "uniqueItems": True,
-                                     "items": {"type": "string", "pattern": HEADER_NAME_PATTERN}},
+                "override_headers": {
+                    "type": "array",
+                    "uniqueItems": True,
+                    "items": {"type": "string", "pattern": HEADER_NAME_PATTERN},
+                },
             },
             "additionalProperties": False,
         },
@@ -181,8 +195,12 @@ RULES_SCHEMA: dict[str, Any] = {
             "properties": {
                 "header": {"type": "string", "pattern": HEADER_NAME_PATTERN},
                 "baggage": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"},
-                "lanes": {"type": "object", "propertyNames": {"pattern": LANE_PATTERN},
-                          "additionalProperties": {"type": "string"}, "minProperties": 1},
+                "lanes": {
+                    "type": "object",
+                    "propertyNames": {"pattern": LANE_PATTERN},
+                    "additionalProperties": {"type": "string"},
+                    "minProperties": 1,
+                },
                 "fallback": {"type": "string"},
             },
             "required": ["lanes"],

@@ -27,16 +27,20 @@ __all__ = ["Coloring", "Steering", "Trust", "fallback", "steer", "steered_header
 XFCC = "x-forwarded-client-cert"
 
 
-def strip_untrusted(table: Table, headers: Mapping[str, str]
-                    ) -> tuple[Mapping[str, str], list[str], list[tuple[str, str]]]:
+def strip_untrusted(
+    table: Table, headers: Mapping[str, str]
+) -> tuple[Mapping[str, str], list[str], list[tuple[str, str]]]:
     """What an untrusted caller may not carry: the protected headers and the lane member of
     `baggage`. Returns (the headers without them, names to remove, headers to set)."""
     coloring = table.coloring
     remove = [name for name in table.trust.protected if name in headers]
     set_headers: list[tuple[str, str]] = []
     baggage = headers.get("baggage")
-    stripped = (without_member(baggage, coloring.baggage)
-                if baggage is not None and coloring is not None and coloring.baggage else None)
+    stripped = (
+        without_member(baggage, coloring.baggage)
+        if baggage is not None and coloring is not None and coloring.baggage
+        else None
+    )
     if not remove and (stripped is None or stripped == baggage):
         return headers, [], []
     kept = {k: v for k, v in headers.items() if k not in remove}
@@ -103,15 +107,15 @@ def steer(table: Table, request: Request) -> Steering:
     decision = table.denied(seen)
     lane = coloring.received_lane(headers) if coloring and trusted else None
     if decision is None and lane is not None and coloring is not None:
-        decision = Decision(coloring.lanes.get(lane, coloring.fallback), f"lane:{lane}",
-                            table.version, reason=Reason.LANE)
+        decision = Decision(
+            coloring.lanes.get(lane, coloring.fallback), f"lane:{lane}", table.version, reason=Reason.LANE
+        )
     if decision is None:
         decision = table.decide(seen)
     if decision.deny_status is not None:
         if identity.principal:
             decision = decision.carrying(decision.lane, identity.principal)
-        return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed),
-                        identity=identity)
+        return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed), identity=identity)
 
     set_headers.insert(0, (table.routing_header, decision.cluster))
     dropped = False

@@ -47,14 +47,27 @@ class Split:
             key = getter(request)
             if key:
                 b = bucket(self.seed, key, total)
-                return Decision(self.clusters[entry_for(self.bounds, b)], self.rule,
-                                self.version, b, source, reason=Reason.SPLIT)
+                return Decision(
+                    self.clusters[entry_for(self.bounds, b)],
+                    self.rule,
+                    self.version,
+                    b,
+                    source,
+                    reason=Reason.SPLIT,
+                )
         if self.when_key_missing is not None:
-            return Decision(self.when_key_missing, self.rule, self.version, None, "missing",
-                            reason=Reason.SPLIT)
+            return Decision(
+                self.when_key_missing, self.rule, self.version, None, "missing", reason=Reason.SPLIT
+            )
         b = random.randrange(total)
-        return Decision(self.clusters[entry_for(self.bounds, b)], self.rule, self.version,
-                        b, "random", reason=Reason.SPLIT)
+        return Decision(
+            self.clusters[entry_for(self.bounds, b)],
+            self.rule,
+            self.version,
+            b,
+            "random",
+            reason=Reason.SPLIT,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +125,7 @@ class Table:
 
     def fallback(self, error: ErrorCode) -> Decision:
         """The decision used when deciding failed: the default cluster, with the error."""
-        return Decision(self.default, DEFAULT_RULE, self.version, error=error,
-                        reason=Reason.FALLBACK)
+        return Decision(self.default, DEFAULT_RULE, self.version, error=error, reason=Reason.FALLBACK)
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
-

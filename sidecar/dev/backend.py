@@ -81,8 +81,9 @@ class _Handler(BaseHTTPRequestHandler):
 class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0,
-                 forward_to: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, name: str, host: str = "127.0.0.1", port: int = 0, forward_to: tuple[str, int] | None = None
+    ) -> None:
         super().__init__((host, port), _Handler)
         self.name = name
         self.forward_to = forward_to
@@ -95,8 +96,7 @@ class BackendServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
     def start_in_thread(self) -> "BackendServer":
-        threading.Thread(target=self.serve_forever, name=f"backend-{self.name}",
-                         daemon=True).start()
+        threading.Thread(target=self.serve_forever, name=f"backend-{self.name}", daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -49,10 +49,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.02)
 
 
-def rewrite_envoy_config(config: Mapping[str, Any],
-                         clusters: Mapping[str, Address | Sequence[Address]],
-                         listener_port: int = 0, admin_port: int = 0,
-                         tls_dir: Path | None = None) -> dict[str, Any]:
+def rewrite_envoy_config(
+    config: Mapping[str, Any],
+    clusters: Mapping[str, Address | Sequence[Address]],
+    listener_port: int = 0,
+    admin_port: int = 0,
+    tls_dir: Path | None = None,
+) -> dict[str, Any]:
     """A copy of an Envoy bootstrap with listener/admin ports and cluster endpoints replaced
     (a cluster given several addresses gets one endpoint each), and certificate files
     taken from `tls_dir` (same file names) when given."""
@@ -66,11 +69,17 @@ def rewrite_envoy_config(config: Mapping[str, Any],
         if cluster["name"] not in clusters:
             continue
         given = clusters[cluster["name"]]
-        addresses: list[Address] = ([given] if isinstance(given[0], str)  # type: ignore[list-item]
-                                    else list(given))  # type: ignore[arg-type]
-        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-            for host, port in addresses]}]
+        addresses: list[Address] = (
+            [given] if isinstance(given[0], str) else list(given)  # type: ignore[list-item, arg-type]
+        )
+        cluster["load_assignment"]["endpoints"] = [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                    for host, port in addresses
+                ]
+            }
+        ]
     return doc
 
 
@@ -89,14 +98,20 @@ def _replace_filenames(node: Any, directory: Path) -> None:
 class Process:
     """A child process with its output in a log file; stopped by SIGTERM, then SIGKILL."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.popen = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                      env={**os.environ, **(env or {})})
+        self.popen = subprocess.Popen(
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -106,8 +121,9 @@ class Process:
 
         def found() -> re.Match[str] | None:
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n"
-                                   f"{self.log_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode}:\n{self.log_text()[-3000:]}"
+                )
             return regex.search(self.log_text())
 
         return wait_for(found, timeout, f"{self.name} to log {pattern!r}")  # type: ignore[no-any-return]
@@ -135,7 +151,7 @@ class Process:
 
 
 def sidecar_transport(envoy_config: Mapping[str, Any]) -> str:
-    """"http" when the Envoy config health-checks the sidecar over HTTP (ext_authz over
+    """ "http" when the Envoy config health-checks the sidecar over HTTP (ext_authz over
     HTTP), else "grpc"."""
     for cluster in envoy_config["static_resources"]["clusters"]:
         if cluster["name"] == "graysteer":
@@ -148,21 +164,47 @@ class Sidecar(Process):
     """`graysteer serve` on free loopback ports: `port` (gRPC, or with transport="http" the HTTP
     ext_authz server), `admin` API, `http` port (metrics, health)."""
 
-    def __init__(self, rules: Path | str, workdir: Path, extra_args: Sequence[str] = (),
-                 name: str = "sidecar", port: int = 0, transport: str = "grpc") -> None:
-        listen = (["--listen", f"127.0.0.1:{port}"] if transport == "grpc"
-                  else ["--listen", "off", "--authz-http-listen", f"127.0.0.1:{port}"])
-        argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(rules), *listen,
-                "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--drain", "0",
-                *extra_args]
+    def __init__(
+        self,
+        rules: Path | str,
+        workdir: Path,
+        extra_args: Sequence[str] = (),
+        name: str = "sidecar",
+        port: int = 0,
+        transport: str = "grpc",
+    ) -> None:
+        listen = (
+            ["--listen", f"127.0.0.1:{port}"]
+            if transport == "grpc"
+            else ["--listen", "off", "--authz-http-listen", f"127.0.0.1:{port}"]
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "serve",
+            "--config",
+            str(rules),
+            *listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--drain",
+            "0",
+            *extra_args,
+        ]
         super().__init__(name, argv, workdir / f"{name}.log")
         self.transport = transport
         self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
         workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
         key = "ext_proc" if transport == "grpc" else "authz_http"
         if workers == 1:
-            serving = (r"serving gRPC ext_proc and ext_authz on 127\.0\.0\.1:(\d+)" if transport == "grpc"
-                       else r"HTTP ext_authz on 127\.0\.0\.1:(\d+)")
+            serving = (
+                r"serving gRPC ext_proc and ext_authz on 127\.0\.0\.1:(\d+)"
+                if transport == "grpc"
+                else r"HTTP ext_authz on 127\.0\.0\.1:(\d+)"
+            )
             self.ports = [int(self.wait_for_log(serving).group(1))]
             self.admins = [self.wait_for_log(r"admin API on (\S+);").group(1)]
         else:
@@ -187,25 +229,42 @@ class Sidecar(Process):
 class Envoy:
     """A running Envoy: its listener port, its admin API and its log."""
 
-    def __init__(self, config: Mapping[str, Any], workdir: Path, name: str = "envoy",
-                 concurrency: int = 1) -> None:
+    def __init__(
+        self, config: Mapping[str, Any], workdir: Path, name: str = "envoy", concurrency: int = 1
+    ) -> None:
         self.name = name
         config_path = workdir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
         admin_file = workdir / f"{name}.admin"
         admin_file.unlink(missing_ok=True)
-        self.process = Process(name, [
-            envoy_binary(), "-c", str(config_path), "--use-dynamic-base-id",
-            "--admin-address-path", str(admin_file), "--concurrency", str(concurrency),
-            "-l", "warning", "--disable-hot-restart", "--file-flush-interval-msec", "100",
-        ], workdir / f"{name}.log")
+        self.process = Process(
+            name,
+            [
+                envoy_binary(),
+                "-c",
+                str(config_path),
+                "--use-dynamic-base-id",
+                "--admin-address-path",
+                str(admin_file),
+                "--concurrency",
+                str(concurrency),
+                "-l",
+                "warning",
+                "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "100",
+            ],
+            workdir / f"{name}.log",
+        )
         admin = wait_for(lambda: self._read_admin(admin_file), 20, f"{name} admin address")
         host, _, port = admin.rpartition(":")
         self.admin: Address = (host, int(port))
         wait_for(lambda: self.admin_get("/ready")[0] == 200, 20, f"{name} to be ready")
         listeners = json.loads(self.admin_get("/listeners?format=json")[1])
-        self.ports = {entry["name"]: entry["local_address"]["socket_address"]["port_value"]
-                      for entry in listeners["listener_statuses"]}
+        self.ports = {
+            entry["name"]: entry["local_address"]["socket_address"]["port_value"]
+            for entry in listeners["listener_statuses"]
+        }
         self.port: int = next(iter(self.ports.values()))
 
     def _read_admin(self, path: Path) -> str | None:
@@ -237,14 +296,18 @@ class Envoy:
 class HttpClient:
     """A keep-alive HTTP/1.1 client for one Envoy listener (HTTPS with `tls`)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.conn: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(host, port, timeout=timeout, context=tls) if tls
-            else http.client.HTTPConnection(host, port, timeout=timeout))
+            http.client.HTTPSConnection(host, port, timeout=timeout, context=tls)
+            if tls
+            else http.client.HTTPConnection(host, port, timeout=timeout)
+        )
 
-    def get(self, path: str = "/", headers: Mapping[str, str] | None = None,
-            method: str = "GET") -> tuple[int, dict[str, Any]]:
+    def get(
+        self, path: str = "/", headers: Mapping[str, str] | None = None, method: str = "GET"
+    ) -> tuple[int, dict[str, Any]]:
         """Send one request; returns the status and the backend's JSON echo (or {})."""
         try:
             self.conn.request(method, path, headers=dict(headers or {}))
@@ -267,10 +330,16 @@ class HttpClient:
 class Stack:
     """Sample backends + the sidecar + Envoy (from an `envoy/` config), all on loopback."""
 
-    def __init__(self, rules: Path | str, envoy_config: Path | str | Mapping[str, Any],
-                 workdir: Path, backends: Sequence[str] = ("stable", "canary"),
-                 sidecar_args: Sequence[str] = (), envoy_admin_port: int = 0,
-                 sidecar_first: bool = True) -> None:
+    def __init__(
+        self,
+        rules: Path | str,
+        envoy_config: Path | str | Mapping[str, Any],
+        workdir: Path,
+        backends: Sequence[str] = ("stable", "canary"),
+        sidecar_args: Sequence[str] = (),
+        envoy_admin_port: int = 0,
+        sidecar_first: bool = True,
+    ) -> None:
         """With `sidecar_first=False` Envoy starts alone, as in a pod where its container
         comes up first; `start_sidecar()` then starts the sidecar on the port Envoy uses.
         The sidecar serves the transport the Envoy config calls (gRPC, or HTTP ext_authz)."""
@@ -285,8 +354,11 @@ class Stack:
         self._clients: list[HttpClient] = []
         self._starts = itertools.count()
         self.sidecar_port = 0  # known once the first sidecar listens, or chosen for Envoy
-        template = (yaml.safe_load(Path(envoy_config).read_text())
-                    if isinstance(envoy_config, str | Path) else envoy_config)
+        template = (
+            yaml.safe_load(Path(envoy_config).read_text())
+            if isinstance(envoy_config, str | Path)
+            else envoy_config
+        )
         self.transport = sidecar_transport(template)
         try:
             if sidecar_first:
@@ -297,10 +369,12 @@ class Stack:
                 ports = [free_port()]
             self.sidecar_port = ports[0]
             endpoints: dict[str, Address | list[Address]] = {
-                "graysteer": [("127.0.0.1", port) for port in ports]}
+                "graysteer": [("127.0.0.1", port) for port in ports]
+            }
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
-            self.envoy = Envoy(rewrite_envoy_config(template, endpoints,
-                                                    admin_port=envoy_admin_port), workdir)
+            self.envoy = Envoy(
+                rewrite_envoy_config(template, endpoints, admin_port=envoy_admin_port), workdir
+            )
         except BaseException:
             self.stop()
             raise
@@ -310,9 +384,14 @@ class Stack:
         if self.sidecar is not None:
             self.sidecar.stop()
         n = next(self._starts)
-        self.sidecar = Sidecar(self.rules, self.workdir, self.sidecar_args,
-                               name="sidecar" if n == 0 else f"sidecar-{n}", port=self.sidecar_port,
-                               transport=self.transport)
+        self.sidecar = Sidecar(
+            self.rules,
+            self.workdir,
+            self.sidecar_args,
+            name="sidecar" if n == 0 else f"sidecar-{n}",
+            port=self.sidecar_port,
+            transport=self.transport,
+        )
         return self.sidecar
 
     @property
@@ -364,17 +443,25 @@ class BackgroundLoad:
     Sample per response, in order. With `vary_user` each request carries a new x-user-id,
     so splits see many users; with `users` the requests cycle through those user ids."""
 
-    def __init__(self, port: int, headers: Mapping[str, str], threads: int = 4,
-                 vary_user: bool = False, users: Sequence[str] = (),
-                 routing_header: str = "x-route-cluster") -> None:
+    def __init__(
+        self,
+        port: int,
+        headers: Mapping[str, str],
+        threads: int = 4,
+        vary_user: bool = False,
+        users: Sequence[str] = (),
+        routing_header: str = "x-route-cluster",
+    ) -> None:
         self.vary_user = vary_user
         self.users = list(users)
         self.routing_header = routing_header
         self._count = itertools.count()
         self.samples: list[Sample] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(port, dict(headers)),
-                                          daemon=True) for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(port, dict(headers)), daemon=True)
+            for _ in range(threads)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -389,9 +476,14 @@ class BackgroundLoad:
                     headers = {**headers, "x-user-id": f"load-{n}"}
                 status, echo = client.get("/", headers)
                 received = echo.get("headers") or {}
-                self.samples.append(Sample(status, echo.get("backend", ""),
-                                           self.routing_header in received,
-                                           headers.get("x-user-id", "")))
+                self.samples.append(
+                    Sample(
+                        status,
+                        echo.get("backend", ""),
+                        self.routing_header in received,
+                        headers.get("x-user-id", ""),
+                    )
+                )
         finally:
             client.close()
 

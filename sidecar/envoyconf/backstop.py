@@ -119,8 +119,11 @@ def _principal(form: dict[str, Any]) -> Principal:
         name = _regex(str(form["regex"]))  # refused at load already when Envoy would refuse it
     elif "dns" in form:
         dns = str(form["dns"])
-        name = (StringMatcher(exact=dns.lower(), ignore_case=True) if not dns.startswith("*.")
-                else _envoy_regex(_dns_regex(dns), f"DNS pattern {dns!r}"))
+        name = (
+            StringMatcher(exact=dns.lower(), ignore_case=True)
+            if not dns.startswith("*.")
+            else _envoy_regex(_dns_regex(dns), f"DNS pattern {dns!r}")
+        )
         name.ignore_case = True
     else:
         any_peer = Principal(authenticated=PrincipalAuthenticated())
@@ -135,9 +138,18 @@ def deny_policy(match: dict[str, Any]) -> Policy:
         rules.append(Permission(url_path=PathMatcher(path=_string_matcher(match["path"]))))
     if "method" in match:
         methods = match["method"]
-        rules.append(Permission(or_rules=PermissionSet(rules=[
-            Permission(header=HeaderMatcher(name=":method", string_match=StringMatcher(exact=m.upper())))
-            for m in ([methods] if isinstance(methods, str) else methods)])))
+        rules.append(
+            Permission(
+                or_rules=PermissionSet(
+                    rules=[
+                        Permission(
+                            header=HeaderMatcher(name=":method", string_match=StringMatcher(exact=m.upper()))
+                        )
+                        for m in ([methods] if isinstance(methods, str) else methods)
+                    ]
+                )
+            )
+        )
     permission = Permission(and_rules=PermissionSet(rules=rules)) if rules else Permission(any=True)
     principal = _principal(match["identity"]) if "identity" in match else Principal(any=True)
     return Policy(permissions=[permission], principals=[principal])
@@ -155,9 +167,12 @@ def rbac_filter(table: Table) -> HttpFilter | None:
     denied = deny_rules(table)
     if not denied:
         return None
-    config = Rbac(rules=RbacRules(action=RbacAction.DENY,
-                                  policies={name: deny_policy(m) for name, m in denied.items()}),
-                  rules_stat_prefix=RBAC_STAT_PREFIX)
+    config = Rbac(
+        rules=RbacRules(
+            action=RbacAction.DENY, policies={name: deny_policy(m) for name, m in denied.items()}
+        ),
+        rules_stat_prefix=RBAC_STAT_PREFIX,
+    )
     return HttpFilter(name=RBAC_FILTER, typed_config=AnyMessage.pack(config))
 
 

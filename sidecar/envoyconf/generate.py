@@ -110,9 +110,13 @@ SIDECAR_CLUSTER = "graysteer"
 HEALTH_CHECK_INTERVAL = timedelta(milliseconds=500)
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy files ext_authz metadata
 # What Envoy must send with each ext_proc request for identity and trust by listener.
-REQUEST_ATTRIBUTES = ["connection.mtls", "connection.uri_san_peer_certificate",
-                      "connection.dns_san_peer_certificate", "connection.subject_peer_certificate",
-                      "destination.port"]
+REQUEST_ATTRIBUTES = [
+    "connection.mtls",
+    "connection.uri_san_peer_certificate",
+    "connection.dns_san_peer_certificate",
+    "connection.subject_peer_certificate",
+    "destination.port",
+]
 
 
 MODES = ("ext_proc", "ext_authz", "ext_authz_http")
@@ -121,12 +125,15 @@ MODES = ("ext_proc", "ext_authz", "ext_authz_http")
 def access_log_format(namespace: str, key_prefix: str = "") -> str:
     """One line per request with the decision's fields, read from dynamic metadata under
     `namespace` (keys `key_prefix` + field: ext_authz over HTTP files them by header name)."""
+
     def field(name: str) -> str:
         return f"{name}=%DYNAMIC_METADATA({namespace}:{key_prefix}{name})%"
 
-    return ('[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
-            f"cluster=%UPSTREAM_CLUSTER% {field('rule')} {field('bucket')} {field('lane')} "
-            f"{field('identity')} {field('version')} %DURATION%ms\n")
+    return (
+        '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+        f"cluster=%UPSTREAM_CLUSTER% {field('rule')} {field('bucket')} {field('lane')} "
+        f"{field('identity')} {field('version')} %DURATION%ms\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -161,9 +168,18 @@ def _extension(name: str, config: Any) -> TypedExtensionConfig:
 
 def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timedelta) -> Cluster:
     return Cluster(
-        name=name, type=ClusterDiscoveryType.STATIC, connect_timeout=connect_timeout,
-        load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
-            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(a))) for a in addresses])]))
+        name=name,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=connect_timeout,
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(a))) for a in addresses]
+                )
+            ],
+        ),
+    )
 
 
 def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc") -> Cluster:
@@ -171,27 +187,45 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     worker process (Envoy balances across them). gRPC modes: HTTP/2 and the gRPC health
     service; ext_authz_http: HTTP/1.1 keep-alive and the sidecar's HTTP health path."""
     host, port = address
-    cluster = _static_cluster(SIDECAR_CLUSTER, [(host, port + i) for i in range(workers)],
-                              timedelta(milliseconds=250))
+    cluster = _static_cluster(
+        SIDECAR_CLUSTER, [(host, port + i) for i in range(workers)], timedelta(milliseconds=250)
+    )
     http_check = grpc_check = None
     if mode == "ext_authz_http":
         http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
     else:
         cluster.typed_extension_protocol_options = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
-                HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions())))}
-        grpc_check = HealthCheckGrpcHealthCheck(service_name=(
-            "envoy.service.auth.v3.Authorization" if mode == "ext_authz"
-            else "envoy.service.ext_proc.v3.ExternalProcessor"))
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        }
+        grpc_check = HealthCheckGrpcHealthCheck(
+            service_name=(
+                "envoy.service.auth.v3.Authorization"
+                if mode == "ext_authz"
+                else "envoy.service.ext_proc.v3.ExternalProcessor"
+            )
+        )
     # Every interval is 0.5 s, the idle ones too: Envoy checks a cluster that never had
     # traffic only every `no_traffic_interval` (default 60 s), so an Envoy that started
     # before its sidecar (every pod, `compose up`) would skip the sidecar for a minute.
-    cluster.health_checks = [HealthCheck(
-        timeout=timedelta(milliseconds=250), interval=HEALTH_CHECK_INTERVAL,
-        no_traffic_interval=HEALTH_CHECK_INTERVAL, no_traffic_healthy_interval=HEALTH_CHECK_INTERVAL,
-        unhealthy_interval=HEALTH_CHECK_INTERVAL, unhealthy_threshold=1, healthy_threshold=1,
-        http_health_check=http_check, grpc_health_check=grpc_check)]
+    cluster.health_checks = [
+        HealthCheck(
+            timeout=timedelta(milliseconds=250),
+            interval=HEALTH_CHECK_INTERVAL,
+            no_traffic_interval=HEALTH_CHECK_INTERVAL,
+            no_traffic_healthy_interval=HEALTH_CHECK_INTERVAL,
+            unhealthy_interval=HEALTH_CHECK_INTERVAL,
+            unhealthy_threshold=1,
+            healthy_threshold=1,
+            http_health_check=http_check,
+            grpc_health_check=grpc_check,
+        )
+    ]
     cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
     return cluster
 
@@ -207,21 +241,27 @@ def ext_proc_filter(message_timeout_ms: int) -> HttpFilter:
             request_body_mode=ProcessingModeBodySendMode.NONE,
             response_body_mode=ProcessingModeBodySendMode.NONE,
             request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP),
-        metadata_options=MetadataOptions(receiving_namespaces=MetadataOptionsMetadataNamespaces(
-            untyped=[METADATA_NAMESPACE])),
-        request_attributes=list(REQUEST_ATTRIBUTES))
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+        ),
+        request_attributes=list(REQUEST_ATTRIBUTES),
+    )
     return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyMessage.pack(processor))
 
 
 def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
     authz = ExtAuthz(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
-                                 timeout=timedelta(milliseconds=timeout_ms)),
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
+            timeout=timedelta(milliseconds=timeout_ms),
+        ),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=True,
         clear_route_cache=True,  # re-route on the header the sidecar sets
-        include_peer_certificate=mtls)  # every SAN, not only the first
+        include_peer_certificate=mtls,
+    )  # every SAN, not only the first
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
 
 
@@ -231,24 +271,33 @@ def ext_authz_http_filter(table: Table, timeout_ms: int) -> HttpFilter:
     steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
     removed, its decision headers become dynamic metadata; a deny answer reaches the client
     with its status, body and content-type only."""
+
     def exact(*names: str) -> ListStringMatcher:
         return ListStringMatcher(patterns=[StringMatcher(exact=name) for name in names])
 
     authz = ExtAuthz(
         http_service=HttpService(
-            server_uri=HttpUri(uri=f"http://{SIDECAR_CLUSTER}", cluster=SIDECAR_CLUSTER,
-                               timeout=timedelta(milliseconds=timeout_ms)),
+            server_uri=HttpUri(
+                uri=f"http://{SIDECAR_CLUSTER}",
+                cluster=SIDECAR_CLUSTER,
+                timeout=timedelta(milliseconds=timeout_ms),
+            ),
             path_prefix=PATH_PREFIX,
-            authorization_request=AuthorizationRequest(headers_to_add=[
-                HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%")]),
+            authorization_request=AuthorizationRequest(
+                headers_to_add=[HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%")]
+            ),
             authorization_response=AuthorizationResponse(
                 allowed_upstream_headers=exact(*steered_headers(table)),
                 allowed_client_headers=exact("content-type"),
-                dynamic_metadata_from_headers=ListStringMatcher(patterns=[
-                    StringMatcher(prefix=DECISION_HEADER_PREFIX)]))),
+                dynamic_metadata_from_headers=ListStringMatcher(
+                    patterns=[StringMatcher(prefix=DECISION_HEADER_PREFIX)]
+                ),
+            ),
+        ),
         allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
         failure_mode_allow=True,
-        clear_route_cache=True)  # re-route on the header the sidecar sets
+        clear_route_cache=True,
+    )  # re-route on the header the sidecar sets
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
 
 
@@ -256,30 +305,49 @@ def tls_socket(tls: TlsOptions) -> TransportSocket:
     context = DownstreamTlsContext(
         require_client_certificate=True,
         common_tls_context=CommonTlsContext(
-            tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=tls.cert),
-                                             private_key=DataSource(filename=tls.key))],
+            tls_certificates=[
+                TlsCertificate(
+                    certificate_chain=DataSource(filename=tls.cert), private_key=DataSource(filename=tls.key)
+                )
+            ],
             validation_context=CertificateValidationContext(
                 trusted_ca=DataSource(filename=tls.ca),
-                match_typed_subject_alt_names=[SubjectAltNameMatcher(
-                    san_type=SubjectAltNameMatcherSanType.URI,
-                    matcher=StringMatcher(prefix=tls.san_prefix))])))
-    return TransportSocket(name="envoy.transport_sockets.tls",
-                           typed_config=AnyMessage.pack(context))
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.URI,
+                        matcher=StringMatcher(prefix=tls.san_prefix),
+                    )
+                ],
+            ),
+        ),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyMessage.pack(context))
 
 
 def routes(table: Table) -> RouteConfiguration:
     """The decided route (a known cluster named by the routing header, which only the sidecar
     sets) and the fallback route, which carries the backstop (sidecar.envoyconf.backstop)."""
     guarded = Route(
-        match=RouteMatch(prefix="/", headers=[HeaderMatcher(
-            name=table.routing_header,
-            string_match=StringMatcher(safe_regex=RegexMatcher(regex=guard_regex(table.clusters))))]),
+        match=RouteMatch(
+            prefix="/",
+            headers=[
+                HeaderMatcher(
+                    name=table.routing_header,
+                    string_match=StringMatcher(safe_regex=RegexMatcher(regex=guard_regex(table.clusters))),
+                )
+            ],
+        ),
         route=RouteAction(cluster_header=table.routing_header),
-        typed_per_filter_config=decided_route_overrides(table))
-    fallback = Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=table.default),
-                     request_headers_to_remove=protected_headers(table))
-    return RouteConfiguration(name="local_route", virtual_hosts=[
-        VirtualHost(name="app", domains=["*"], routes=[guarded, fallback])])
+        typed_per_filter_config=decided_route_overrides(table),
+    )
+    fallback = Route(
+        match=RouteMatch(prefix="/"),
+        route=RouteAction(cluster=table.default),
+        request_headers_to_remove=protected_headers(table),
+    )
+    return RouteConfiguration(
+        name="local_route", virtual_hosts=[VirtualHost(name="app", domains=["*"], routes=[guarded, fallback])]
+    )
 
 
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
@@ -292,58 +360,101 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
     else:
         log_format = access_log_format(METADATA_NAMESPACE)
         sidecar_filter = ext_proc_filter(options.message_timeout_ms)
-    access_log = StdoutAccessLog(log_format=SubstitutionFormatString(
-        text_format_source=DataSource(inline_string=log_format)))
+    access_log = StdoutAccessLog(
+        log_format=SubstitutionFormatString(text_format_source=DataSource(inline_string=log_format))
+    )
     manager = HttpConnectionManager(
         stat_prefix="ingress",
-        early_header_mutation_extensions=[_extension(
-            "envoy.http.early_header_mutation.header_mutation",
-            EarlyHeaderMutation(mutations=[Mutation(remove=table.routing_header)]))],
-        access_log=[AccessLog(name="envoy.access_loggers.stdout",
-                              typed_config=AnyMessage.pack(access_log))],
-        http_filters=[sidecar_filter, *backstop_filters(table),
-                      HttpFilter(name="envoy.filters.http.router",
-                                 typed_config=AnyMessage.pack(Router()))],
+        early_header_mutation_extensions=[
+            _extension(
+                "envoy.http.early_header_mutation.header_mutation",
+                EarlyHeaderMutation(mutations=[Mutation(remove=table.routing_header)]),
+            )
+        ],
+        access_log=[AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(access_log))],
+        http_filters=[
+            sidecar_filter,
+            *backstop_filters(table),
+            HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
+        ],
         route_config=routes(table),
         # Rules and RBAC see the path a backend will serve: `//admin`, `/./admin`,
         # `/%61dmin` and `/api/../admin` are all `/admin` before any filter runs.
-        normalize_path=True, merge_slashes=True,
-        path_with_escaped_slashes_action=EscapedSlashes.UNESCAPE_AND_REDIRECT)
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=EscapedSlashes.UNESCAPE_AND_REDIRECT,
+    )
     if options.mtls is not None:
         # Replace any client-sent XFCC with Envoy's own account of the client certificate.
         manager.forward_client_cert_details = HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET
         manager.set_current_client_cert_details = HttpConnectionManagerSetCurrentClientCertDetails(
-            subject=True, uri=True, dns=True)
+            subject=True, uri=True, dns=True
+        )
     return manager
 
 
 def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     """A complete front-proxy bootstrap for `table`."""
-    upstreams = {c: options.upstreams.get(c, ("127.0.0.1", 8081 + i))
-                 for i, c in enumerate(table.clusters)}
-    chain = FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager",
-                                        typed_config=AnyMessage.pack(
-                                            connection_manager(table, options)))])
+    upstreams = {c: options.upstreams.get(c, ("127.0.0.1", 8081 + i)) for i, c in enumerate(table.clusters)}
+    chain = FilterChain(
+        filters=[
+            Filter(
+                name="envoy.filters.network.http_connection_manager",
+                typed_config=AnyMessage.pack(connection_manager(table, options)),
+            )
+        ]
+    )
     if options.mtls is not None:
         chain.transport_socket = tls_socket(options.mtls)
     listener = Listener(name="ingress", address=_address(options.listen), filter_chains=[chain])
     clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, options.mode)] + [
-        _static_cluster(name, [address], timedelta(seconds=1)) for name, address in upstreams.items()]
-    return Bootstrap(admin=Admin(address=_address(options.admin)),
-                     static_resources=BootstrapStaticResources(listeners=[listener],
-                                                               clusters=clusters),
-                     stats_flush_interval=timedelta(seconds=1), stats_config=stats_config())
+        _static_cluster(name, [address], timedelta(seconds=1)) for name, address in upstreams.items()
+    ]
+    return Bootstrap(
+        admin=Admin(address=_address(options.admin)),
+        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
+        stats_flush_interval=timedelta(seconds=1),
+        stats_config=stats_config(),
+    )
 
 
 # Rollout analysis reads each lane's p99 from Envoy's upstream_rq_time histogram: buckets
 # fine enough around typical latency limits, refreshed every second (stats_flush_interval).
-RQ_TIME_BUCKETS_MS = [1, 2, 5, 10, 25, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800, 900,
-                      1000, 1500, 2000, 3000, 5000, 10000, 30000]
+RQ_TIME_BUCKETS_MS = [
+    1,
+    2,
+    5,
+    10,
+    25,
+    50,
+    100,
+    150,
+    200,
+    300,
+    400,
+    500,
+    600,
+    700,
+    800,
+    900,
+    1000,
+    1500,
+    2000,
+    3000,
+    5000,
+    10000,
+    30000,
+]
 
 
 def stats_config() -> StatsConfig:
-    return StatsConfig(histogram_bucket_settings=[HistogramBucketSettings(
-        match=StringMatcher(suffix="upstream_rq_time"), buckets=[float(b) for b in RQ_TIME_BUCKETS_MS])])
+    return StatsConfig(
+        histogram_bucket_settings=[
+            HistogramBucketSettings(
+                match=StringMatcher(suffix="upstream_rq_time"), buckets=[float(b) for b in RQ_TIME_BUCKETS_MS]
+            )
+        ]
+    )
 
 
 def render_yaml(config: Bootstrap) -> str:

@@ -40,8 +40,10 @@ log = logging.getLogger("graysteer.bypass")
 MODES = ("ext_proc", "ext_authz")  # the only values of the `mode` label
 
 # Envoy stat names (not Prometheus names) the bypass count needs, for /stats?filter=.
-STATS_FILTER = (r"^http\..*\.(ext_proc|ext_authz)\..*failure_mode_allowed$"
-                r"|^http\..*\.downstream_rq_total$|^server\.uptime$")
+STATS_FILTER = (
+    r"^http\..*\.(ext_proc|ext_authz)\..*failure_mode_allowed$"
+    r"|^http\..*\.downstream_rq_total$|^server\.uptime$"
+)
 
 # A filter's own stat_prefix lands inside the ext_proc name (…_ext_proc_<prefix>_…) and in a
 # label for ext_authz (envoy_ext_authz_prefix); the parser appends _total to counters.
@@ -86,8 +88,13 @@ def parse_counts(families: Iterable[Metric]) -> EnvoyCounts:
                 series = (sample.name, tuple(sorted(sample.labels.items())))
                 bypassed.setdefault(mode, {})[series] = sample.value
                 hcms.setdefault(mode, set()).add(sample.labels[_HCM])
-    return EnvoyCounts({mode: ModeCounts(series, {h: requests.get(h, 0.0) for h in hcms[mode]})
-                        for mode, series in bypassed.items()}, uptime)
+    return EnvoyCounts(
+        {
+            mode: ModeCounts(series, {h: requests.get(h, 0.0) for h in hcms[mode]})
+            for mode, series in bypassed.items()
+        },
+        uptime,
+    )
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,10 @@ def window(old: EnvoyCounts | None, new: EnvoyCounts) -> Window:
     modes = {}
     for mode, counts in new.modes.items():
         before = old.modes.get(mode, ModeCounts({}, {}))
-        modes[mode] = ModeWindow(_increase(before.bypassed, counts.bypassed, restarted),
-                                 _increase(before.requests, counts.requests, restarted))
+        modes[mode] = ModeWindow(
+            _increase(before.bypassed, counts.bypassed, restarted),
+            _increase(before.requests, counts.requests, restarted),
+        )
     return Window(modes, restarted)
 
 
@@ -139,8 +148,9 @@ class BypassMonitor:
     ratio /readyz may act on. Fed by the Envoy stats poller (rollouts.EnvoyStats), off the
     request path."""
 
-    def __init__(self, metrics: Metrics, envoy_admin: str, poll_seconds: float,
-                 ready_max_ratio: float | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, envoy_admin: str, poll_seconds: float, ready_max_ratio: float | None = None
+    ) -> None:
         self.metrics = metrics
         self.envoy_admin = envoy_admin
         self.poll_seconds = poll_seconds
@@ -177,15 +187,23 @@ class BypassMonitor:
         stops (with the episode's count): not one per read."""
         episode = self._episodes.get(mode)
         if part.bypassed and episode is None:
-            log.warning("Envoy is sending requests on without a decision from the sidecar "
-                        "(%s failure_mode_allowed): %d of %d since the last read", mode,
-                        part.bypassed, part.requests)
+            log.warning(
+                "Envoy is sending requests on without a decision from the sidecar "
+                "(%s failure_mode_allowed): %d of %d since the last read",
+                mode,
+                part.bypassed,
+                part.requests,
+            )
             self._episodes[mode] = part
         elif part.bypassed and episode is not None:
             self._episodes[mode] = episode + part
         elif episode is not None and part.requests:  # traffic again, all of it decided
-            log.info("Envoy asks the sidecar again (%s): %d of %d requests went on without a "
-                     "decision meanwhile", mode, episode.bypassed, episode.requests)
+            log.info(
+                "Envoy asks the sidecar again (%s): %d of %d requests went on without a decision meanwhile",
+                mode,
+                episode.bypassed,
+                episode.requests,
+            )
             del self._episodes[mode]
 
     def readiness_ratio(self) -> float | None:
@@ -197,14 +215,21 @@ class BypassMonitor:
     def report(self) -> dict[str, Any]:
         """Everything `graysteer status` shows about bypassed requests."""
         return {
-            "envoy_admin": self.envoy_admin, "poll_seconds": self.poll_seconds,
-            "stats_readable": self.readable, "error": self.error, "last_read": self.read_at,
+            "envoy_admin": self.envoy_admin,
+            "poll_seconds": self.poll_seconds,
+            "stats_readable": self.readable,
+            "error": self.error,
+            "last_read": self.read_at,
             "ready_max_ratio": self.ready_max_ratio,
-            "modes": [{
-                "mode": mode, "bypassed_requests": int(total.bypassed),
-                "requests": int(total.requests),
-                "window_bypassed": int(self.window.get(mode, ModeWindow()).bypassed),
-                "window_requests": int(self.window.get(mode, ModeWindow()).requests),
-                "window_ratio": self.window.get(mode, ModeWindow()).ratio,
-            } for mode, total in sorted(self.totals.items())],
+            "modes": [
+                {
+                    "mode": mode,
+                    "bypassed_requests": int(total.bypassed),
+                    "requests": int(total.requests),
+                    "window_bypassed": int(self.window.get(mode, ModeWindow()).bypassed),
+                    "window_requests": int(self.window.get(mode, ModeWindow()).requests),
+                    "window_ratio": self.window.get(mode, ModeWindow()).ratio,
+                }
+                for mode, total in sorted(self.totals.items())
+            ],
         }

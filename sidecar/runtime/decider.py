@@ -56,8 +56,9 @@ class Decider:
         """The decision alone (see `steer`)."""
         return self.steer(request, table).decision
 
-    def fallback(self, table: Table, code: ErrorCode, error: BaseException,
-                 headers: Mapping[str, str] | None) -> Steering:
+    def fallback(
+        self, table: Table, code: ErrorCode, error: BaseException, headers: Mapping[str, str] | None
+    ) -> Steering:
         """The one answer to a request that could not be decided, for every transport (see
         core `fallback`): counted and logged, the caller treated as untrusted."""
         return fallback(table, self.failed(table, code, error), headers)
@@ -69,7 +70,12 @@ class Decider:
         kind = f"{code}:{type(error).__name__}"
         if kind not in self._logged_reasons:
             self._logged_reasons.add(kind)
-            log.error("deciding failed (%s, %s); routing to default %r; later failures of this "
-                      "kind are only counted", code, type(error).__name__, table.default,
-                      exc_info=error)
+            log.error(
+                "deciding failed (%s, %s); routing to default %r; later failures of this "
+                "kind are only counted",
+                code,
+                type(error).__name__,
+                table.default,
+                exc_info=error,
+            )
         return table.fallback(code)

@@ -14,8 +14,7 @@ from typing import Protocol
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-SERVICE_NAMES = ("", "envoy.service.ext_proc.v3.ExternalProcessor",
-                 "envoy.service.auth.v3.Authorization")
+SERVICE_NAMES = ("", "envoy.service.ext_proc.v3.ExternalProcessor", "envoy.service.auth.v3.Authorization")
 
 
 class ReadinessView(Protocol):
@@ -36,8 +35,9 @@ class Readiness:
 
     async def set(self, ready: bool, reason: str) -> None:
         self.ready, self.reason = ready, reason
-        status = (health_pb2.HealthCheckResponse.SERVING if ready
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in SERVICE_NAMES:
             await self.grpc.set(name, status)
 
@@ -52,8 +52,7 @@ class BypassGate:
     and the ratio could never come down again.
     """
 
-    def __init__(self, base: ReadinessView, ratio: Callable[[], float | None],
-                 max_ratio: float) -> None:
+    def __init__(self, base: ReadinessView, ratio: Callable[[], float | None], max_ratio: float) -> None:
         self.base = base
         self.ratio = ratio
         self.max_ratio = max_ratio
@@ -71,9 +70,11 @@ class BypassGate:
         over = self._over() if self.base.ready else None
         if over is None:
             return self.base.reason
-        return (f"Envoy sent {over:.1%} of requests on without a decision from the sidecar "
-                f"between the last two reads of its stats (limit {self.max_ratio:.1%}, "
-                "--ready-max-bypass-ratio)")
+        return (
+            f"Envoy sent {over:.1%} of requests on without a decision from the sidecar "
+            f"between the last two reads of its stats (limit {self.max_ratio:.1%}, "
+            "--ready-max-bypass-ratio)"
+        )
 
 
 def registry_bypass_ratio(registry: CollectorRegistry) -> float | None:
@@ -82,17 +83,26 @@ def registry_bypass_ratio(registry: CollectorRegistry) -> float | None:
     up = registry.get_sample_value("graysteer_envoy_stats_up")
     if up != 1:
         return None
-    ratios = [sample.value for metric in registry.collect()
-              if metric.name == "graysteer_envoy_bypass_ratio" for sample in metric.samples]
+    ratios = [
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "graysteer_envoy_bypass_ratio"
+        for sample in metric.samples
+    ]
     return max(ratios, default=0.0)
 
 
 Extra = Callable[[str], "tuple[int, object] | None"]
 
 
-def start_http(host: str, port: int, registry: CollectorRegistry, readiness: ReadinessView,
-               details: Callable[[], dict[str, object]],
-               extra: Extra | None = None) -> ThreadingHTTPServer:
+def start_http(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    readiness: ReadinessView,
+    details: Callable[[], dict[str, object]],
+    extra: Extra | None = None,
+) -> ThreadingHTTPServer:
     """Serve /metrics, /healthz and /readyz (and whatever `extra` answers, as JSON) from a
     daemon thread; returns the server."""
 
@@ -105,14 +115,13 @@ def start_http(host: str, port: int, registry: CollectorRegistry, readiness: Rea
                 self._send(200, b"ok\n", "text/plain")
             elif path == "/readyz":
                 body = {"ready": readiness.ready, "reason": readiness.reason, **details()}
-                self._send(200 if readiness.ready else 503,
-                           json.dumps(body).encode() + b"\n", "application/json")
+                self._send(
+                    200 if readiness.ready else 503, json.dumps(body).encode() + b"\n", "application/json"
+                )
             elif extra is not None and (answer := extra(path)) is not None:
-                self._send(answer[0], json.dumps(answer[1], indent=1).encode() + b"\n",
-                           "application/json")
+                self._send(answer[0], json.dumps(answer[1], indent=1).encode() + b"\n", "application/json")
             else:
-                self._send(404, b"not found: try /metrics, /healthz, /readyz, /rollouts\n",
-                           "text/plain")
+                self._send(404, b"not found: try /metrics, /healthz, /readyz, /rollouts\n", "text/plain")
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)

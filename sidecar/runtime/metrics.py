@@ -29,53 +29,105 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         self.decisions = Counter(
-            "graysteer_decisions", "Routing decisions, by upstream cluster and deciding rule "
-            "('default' when no rule matched).", ["cluster", "rule"], registry=registry)
+            "graysteer_decisions",
+            "Routing decisions, by upstream cluster and deciding rule ('default' when no rule matched).",
+            ["cluster", "rule"],
+            registry=registry,
+        )
         self.decision_errors = Counter(
-            "graysteer_decision_errors", "Requests that could not be decided and went to the "
-            "default cluster, by reason.", ["reason"], registry=registry)
+            "graysteer_decision_errors",
+            "Requests that could not be decided and went to the default cluster, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.steering_events = Counter(
-            "graysteer_steering_events", "Notable inputs, by event: untrusted_headers_removed "
+            "graysteer_steering_events",
+            "Notable inputs, by event: untrusted_headers_removed "
             "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
-            "malformed_certificate, malformed_xfcc, malformed_baggage, baggage_over_limit.", ["event"],
-            registry=registry)
+            "malformed_certificate, malformed_xfcc, malformed_baggage, baggage_over_limit.",
+            ["event"],
+            registry=registry,
+        )
         self.decision_seconds = Histogram(
-            "graysteer_decision_duration_seconds", "Time to decide one request (matching and "
-            "bucketing, without gRPC).", buckets=DECISION_BUCKETS, registry=registry)
+            "graysteer_decision_duration_seconds",
+            "Time to decide one request (matching and bucketing, without gRPC).",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
         self.inflight_streams = Gauge(
-            "graysteer_inflight_streams", "ext_proc streams open now.", registry=registry,
-            multiprocess_mode="livesum")
+            "graysteer_inflight_streams",
+            "ext_proc streams open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.reloads = Counter(
-            "graysteer_reloads", "Attempts to load the rules file, by result (loaded, unchanged, "
-            "invalid, missing).", ["result"], registry=registry)
+            "graysteer_reloads",
+            "Attempts to load the rules file, by result (loaded, unchanged, invalid, missing).",
+            ["result"],
+            registry=registry,
+        )
         self.config_info = Gauge(
-            "graysteer_config_info", "The rules being served (value 1): version, file version "
-            "and source.", ["version", "file_version", "source"], registry=registry,
-            multiprocess_mode="livemax")
+            "graysteer_config_info",
+            "The rules being served (value 1): version, file version and source.",
+            ["version", "file_version", "source"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.config_loaded = Gauge(
-            "graysteer_config_loaded_timestamp_seconds", "When the table being served was "
-            "loaded (Unix time).", registry=registry, multiprocess_mode="livemax")
+            "graysteer_config_loaded_timestamp_seconds",
+            "When the table being served was loaded (Unix time).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.split_weight = Gauge(
-            "graysteer_split_weight", "Weight of each cluster in each split rule, as served.",
-            ["rule", "cluster"], registry=registry, multiprocess_mode="livemostrecent")
+            "graysteer_split_weight",
+            "Weight of each cluster in each split rule, as served.",
+            ["rule", "cluster"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
         self.rollout_step = Gauge(
-            "graysteer_rollout_step", "The step each rollout is at (0-based).", ["rule"],
-            registry=registry, multiprocess_mode="livemax")
+            "graysteer_rollout_step",
+            "The step each rollout is at (0-based).",
+            ["rule"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.rollout_state = Gauge(
-            "graysteer_rollout_state", "1 for the phase each rollout is in (progressing, paused, "
-            "promoted, aborted).", ["rule", "state"], registry=registry, multiprocess_mode="livemax")
+            "graysteer_rollout_state",
+            "1 for the phase each rollout is in (progressing, paused, promoted, aborted).",
+            ["rule", "state"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.rollout_canary_weight = Gauge(
-            "graysteer_rollout_canary_weight", "The canary weight each rollout sets.", ["rule"],
-            registry=registry, multiprocess_mode="livemax")
+            "graysteer_rollout_canary_weight",
+            "The canary weight each rollout sets.",
+            ["rule"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.lane_error_ratio = Gauge(
-            "graysteer_lane_error_ratio", "5xx share of each lane's responses in the analysis "
-            "window.", ["lane"], registry=registry, multiprocess_mode="livemax")
+            "graysteer_lane_error_ratio",
+            "5xx share of each lane's responses in the analysis window.",
+            ["lane"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.lane_p99_seconds = Gauge(
-            "graysteer_lane_p99_seconds", "99th percentile response time of each lane in the "
-            "analysis window.", ["lane"], registry=registry, multiprocess_mode="livemax")
+            "graysteer_lane_p99_seconds",
+            "99th percentile response time of each lane in the analysis window.",
+            ["lane"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.lane_requests = Gauge(
-            "graysteer_lane_window_requests", "Responses of each lane in the analysis window.",
-            ["lane"], registry=registry, multiprocess_mode="livemax")
+            "graysteer_lane_window_requests",
+            "Responses of each lane in the analysis window.",
+            ["lane"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
         self.envoy_bypassed: Counter | None = None  # watch_envoy() creates these
@@ -89,21 +141,34 @@ class Metrics:
         if self.envoy_stats_up is not None:
             return
         self.envoy_bypassed = Counter(
-            "graysteer_envoy_bypassed_requests", "Requests Envoy sent on without a decision from "
+            "graysteer_envoy_bypassed_requests",
+            "Requests Envoy sent on without a decision from "
             "the sidecar (Envoy's failure_mode_allowed: sidecar away or unhealthy, message "
-            "timeout, gRPC error), by filter (mode: ext_proc, ext_authz).", ["mode"],
-            registry=self.registry)
+            "timeout, gRPC error), by filter (mode: ext_proc, ext_authz).",
+            ["mode"],
+            registry=self.registry,
+        )
         self.envoy_requests = Counter(
-            "graysteer_envoy_requests", "Requests on Envoy's connection managers that run the "
+            "graysteer_envoy_requests",
+            "Requests on Envoy's connection managers that run the "
             "filter (their downstream_rq_total), by filter: the bypass ratio's denominator.",
-            ["mode"], registry=self.registry)
+            ["mode"],
+            registry=self.registry,
+        )
         self.envoy_bypass_ratio = Gauge(
-            "graysteer_envoy_bypass_ratio", "Share of requests Envoy sent on without a decision "
-            "between the last two reads of its stats, by filter.", ["mode"],
-            registry=self.registry, multiprocess_mode="livemax")
+            "graysteer_envoy_bypass_ratio",
+            "Share of requests Envoy sent on without a decision "
+            "between the last two reads of its stats, by filter.",
+            ["mode"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.envoy_stats_up = Gauge(
-            "graysteer_envoy_stats_up", "1 when the last read of Envoy's stats (--envoy-admin) "
-            "succeeded, 0 when it failed.", registry=self.registry, multiprocess_mode="livemax")
+            "graysteer_envoy_stats_up",
+            "1 when the last read of Envoy's stats (--envoy-admin) succeeded, 0 when it failed.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
     def count_bypass(self, mode: str, bypassed: float, requests: float, ratio: float) -> None:
         """One window between two reads of Envoy's stats, for one filter."""
@@ -142,9 +207,15 @@ class Metrics:
         file_version = table.version.partition("+")[0]
         self._show(self.config_info, {(table.version, file_version, table.source): 1})
         self.config_loaded.set_to_current_time()
-        self._show(self.split_weight, {
-            (rule.name, cluster): weight for rule in table.rules if rule.split is not None
-            for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True)})
+        self._show(
+            self.split_weight,
+            {
+                (rule.name, cluster): weight
+                for rule in table.rules
+                if rule.split is not None
+                for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True)
+            },
+        )
 
     def show_rollout(self, rule: str, phase: str, step: int, weight: int) -> None:
         from sidecar.core.rollout import PHASES
@@ -155,8 +226,10 @@ class Metrics:
             self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
 
     def show_lanes(self, verdict: "Verdict") -> None:
-        for lane, window in ((verdict.canary_lane, verdict.canary),
-                             (verdict.baseline_lane, verdict.baseline)):
+        for lane, window in (
+            (verdict.canary_lane, verdict.canary),
+            (verdict.baseline_lane, verdict.baseline),
+        ):
             self.lane_requests.labels(lane).set(window.requests)
             self.lane_error_ratio.labels(lane).set(window.error_rate)
             if window.p99_ms is not None:

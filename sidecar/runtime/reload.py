@@ -125,15 +125,17 @@ class Reloader:
         loaded = self._with_overrides(file_table.document, version, overrides)
         return ReloadResult(Outcome.LOADED, trigger, version=version, inputs=inputs), loaded
 
-    def _with_overrides(self, document: dict[str, Any], file_version: str,
-                        overrides: Mapping[str, WeightOverride]) -> Loaded:
+    def _with_overrides(
+        self, document: dict[str, Any], file_version: str, overrides: Mapping[str, WeightOverride]
+    ) -> Loaded:
         effective, kept, dropped = reconcile(document, overrides)
         for rule, why in dropped.items():
             log.warning("runtime weights for rule %r dropped: %s", rule, why)
         version = file_version
         if kept:
-            digest = hashlib.sha256(json.dumps({r: o.weights for r, o in sorted(kept.items())},
-                                               sort_keys=True).encode()).hexdigest()
+            digest = hashlib.sha256(
+                json.dumps({r: o.weights for r, o in sorted(kept.items())}, sort_keys=True).encode()
+            ).hexdigest()
             version = f"{file_version}+o{digest[:6]}"
         table = compile_table(effective, version, str(self.path))
         if dropped:
@@ -142,16 +144,18 @@ class Reloader:
 
     # -- weights from the admin API -----------------------------------------------------------
 
-    async def set_weights(self, rule: str, requested: Mapping[str, int],
-                          trigger: str = "set_weights") -> Loaded:
+    async def set_weights(
+        self, rule: str, requested: Mapping[str, int], trigger: str = "set_weights"
+    ) -> Loaded:
         """Apply and persist a runtime weight change; ValueError explains a refusal."""
         async with self._lock:
             loaded = self.loaded
             current = split_weights(loaded.table.document, rule)
             if current is None:
                 kind = "not a split" if loaded.table.rule(rule) else "no such rule"
-                raise ValueError(f"rule {rule!r}: {kind} (split rules: "
-                                 f"{', '.join(_split_names(loaded)) or 'none'})")
+                raise ValueError(
+                    f"rule {rule!r}: {kind} (split rules: {', '.join(_split_names(loaded)) or 'none'})"
+                )
             weights = resolve_weights(current, requested)
             base = split_weights(loaded.document, rule)
             assert base is not None
@@ -164,8 +168,7 @@ class Reloader:
             self._save_overrides(new.overrides)
             inputs = f"{loaded.file_version}/{config_version(self.state.read_bytes())}"
             self._last_read = inputs
-            result = ReloadResult(Outcome.LOADED, trigger, version=loaded.file_version,
-                                  inputs=inputs)
+            result = ReloadResult(Outcome.LOADED, trigger, version=loaded.file_version, inputs=inputs)
             self._finish(result, new)
             log.info("weights of rule %r set to %s (version %s)", rule, weights, new.table.version)
             return new
@@ -193,12 +196,10 @@ class Reloader:
         self.last_result = result
         if loaded is None:
             self.failures += 1
-            log.error("reload (%s) refused, keeping the last good table: %s", result.trigger,
-                      result.error)
+            log.error("reload (%s) refused, keeping the last good table: %s", result.trigger, result.error)
         else:
             self._install(loaded, result)
-            log.info("serving rules %s version %s (%s)", self.path, loaded.table.version,
-                     result.trigger)
+            log.info("serving rules %s version %s (%s)", self.path, loaded.table.version, result.trigger)
         for queue in self._subscribers:
             queue.put_nowait((self.loaded, result))
 

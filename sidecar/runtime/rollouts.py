@@ -76,8 +76,9 @@ def lane_counts(families: Iterable[Metric]) -> dict[str, LaneCounts]:
     lanes = {}
     for cluster, total in requests.items():
         pairs = sorted(buckets.get(cluster, []))
-        lanes[cluster] = LaneCounts(total, errors.get(cluster, 0.0),
-                                    tuple(b for b, _ in pairs), tuple(c for _, c in pairs))
+        lanes[cluster] = LaneCounts(
+            total, errors.get(cluster, 0.0), tuple(b for b, _ in pairs), tuple(c for _, c in pairs)
+        )
     return lanes
 
 
@@ -88,8 +89,11 @@ def window(old: LaneCounts | None, new: LaneCounts | None) -> LaneWindow:
     if old is None:
         old = LaneCounts(0, 0, new.bounds, tuple(0.0 for _ in new.buckets))
     counts = [n - o for n, o in zip(new.buckets, old.buckets, strict=False)]
-    return LaneWindow(int(new.requests - old.requests), int(new.errors - old.errors),
-                      p99_from_buckets(list(new.bounds), counts) if counts else None)
+    return LaneWindow(
+        int(new.requests - old.requests),
+        int(new.errors - old.errors),
+        p99_from_buckets(list(new.bounds), counts) if counts else None,
+    )
 
 
 # Envoy stat names read on each poll: each lane's responses, and what bypass.py needs.
@@ -110,8 +114,7 @@ class EnvoyStats:
     def fetch(self) -> str:
         connection = http.client.HTTPConnection(*self.admin, timeout=2)
         try:
-            connection.request("GET", "/stats/prometheus?filter="
-                               + urllib.parse.quote(STATS_FILTER, safe=""))
+            connection.request("GET", "/stats/prometheus?filter=" + urllib.parse.quote(STATS_FILTER, safe=""))
             response = connection.getresponse()
             body = response.read().decode()
             if response.status != 200:
@@ -149,8 +152,7 @@ class EnvoyStats:
         if not self.snapshots:
             return LaneWindow()
         newest = self.snapshots[-1][1].get(lane)
-        oldest = next((lanes.get(lane) for t, lanes in self.snapshots if now - t <= seconds),
-                      None)
+        oldest = next((lanes.get(lane) for t, lanes in self.snapshots if now - t <= seconds), None)
         return window(oldest, newest)
 
 
@@ -167,9 +169,15 @@ def split_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int) 
 
 
 class RolloutController:
-    def __init__(self, reloader: Reloader, metrics: Metrics, stats: EnvoyStats | None,
-                 poll_seconds: float, clock: Callable[[], float] = time.time,
-                 observers: Sequence[Observer] = ()) -> None:
+    def __init__(
+        self,
+        reloader: Reloader,
+        metrics: Metrics,
+        stats: EnvoyStats | None,
+        poll_seconds: float,
+        clock: Callable[[], float] = time.time,
+        observers: Sequence[Observer] = (),
+    ) -> None:
         self.reloader = reloader
         self.metrics = metrics
         self.stats = stats
@@ -230,17 +238,34 @@ class RolloutController:
         if self.stats is None:
             return judge(spec.analysis, LaneWindow(), LaneWindow(), lanes)
         seconds = spec.analysis.window
-        return judge(spec.analysis, self.stats.lane_window(spec.canary, seconds, now),
-                     self.stats.lane_window(spec.baseline, seconds, now), lanes)
+        return judge(
+            spec.analysis,
+            self.stats.lane_window(spec.canary, seconds, now),
+            self.stats.lane_window(spec.baseline, seconds, now),
+            lanes,
+        )
 
-    async def _apply(self, rule: str, spec: RolloutSpec, new: RolloutState,
-                     verdict: Verdict | None, old: RolloutState | None) -> None:
+    async def _apply(
+        self,
+        rule: str,
+        spec: RolloutSpec,
+        new: RolloutState,
+        verdict: Verdict | None,
+        old: RolloutState | None,
+    ) -> None:
         if new != old:
             self.states[rule] = new
             self._save()
             if old is None or new.phase != old.phase or new.step != old.step:
-                log.info("rollout %s: %s step %d (canary weight %d): %s %s", rule, new.phase,
-                         new.step, canary_weight(spec, new), new.reason, new.numbers or "")
+                log.info(
+                    "rollout %s: %s step %d (canary weight %d): %s %s",
+                    rule,
+                    new.phase,
+                    new.step,
+                    canary_weight(spec, new),
+                    new.reason,
+                    new.numbers or "",
+                )
         weight = canary_weight(spec, new)
         assert self.reloader.loaded is not None
         from sidecar.core.overrides import split_weights as table_weights
@@ -248,8 +273,9 @@ class RolloutController:
         current = table_weights(self.reloader.loaded.table.document, rule) or {}
         if current.get(spec.canary) != weight:
             file_weights = table_weights(self.reloader.loaded.document, rule) or {}
-            await self.reloader.set_weights(rule, split_weights(spec, file_weights, weight),
-                                            trigger=f"rollout:{new.phase}")
+            await self.reloader.set_weights(
+                rule, split_weights(spec, file_weights, weight), trigger=f"rollout:{new.phase}"
+            )
         self.metrics.show_rollout(rule, new.phase, new.step, weight)
         if verdict is not None:
             self.metrics.show_lanes(verdict)
@@ -261,8 +287,7 @@ class RolloutController:
         """promote / pause / resume / abort; ValueError explains a refusal."""
         spec = self.specs().get(rule)
         if spec is None:
-            raise ValueError(f"rule {rule!r} has no rollout (rollouts: "
-                             f"{', '.join(self.specs()) or 'none'})")
+            raise ValueError(f"rule {rule!r} has no rollout (rollouts: {', '.join(self.specs()) or 'none'})")
         async with self._lock:
             now = self.clock()
             state = self.states.get(rule) or start(spec, now)
@@ -281,18 +306,32 @@ class RolloutController:
         for rule, spec in self.specs().items():
             state = self.states.get(rule) or start(spec, now)
             verdict = self.verdicts.get(rule) or self.verdict(spec, now)
-            out.append({
-                "rule": rule, "phase": state.phase, "step": state.step,
-                "steps": len(spec.steps), "canary": spec.canary, "baseline": spec.baseline,
-                "canary_weight": canary_weight(spec, state), "total_weight": spec.total,
-                "hold_remaining_seconds": max(0.0, round(
-                    spec.steps[state.step].hold - (now - state.step_started), 3))
-                if state.phase == PROGRESSING else None,
-                "reason": state.reason, "numbers": state.numbers,
-                "verdict": verdict.outcome, "verdict_reason": verdict.reason,
-                "analysis": {**verdict.numbers(), "window_seconds": spec.analysis.window,
-                             "min_requests": spec.analysis.min_requests},
-            })
+            out.append(
+                {
+                    "rule": rule,
+                    "phase": state.phase,
+                    "step": state.step,
+                    "steps": len(spec.steps),
+                    "canary": spec.canary,
+                    "baseline": spec.baseline,
+                    "canary_weight": canary_weight(spec, state),
+                    "total_weight": spec.total,
+                    "hold_remaining_seconds": max(
+                        0.0, round(spec.steps[state.step].hold - (now - state.step_started), 3)
+                    )
+                    if state.phase == PROGRESSING
+                    else None,
+                    "reason": state.reason,
+                    "numbers": state.numbers,
+                    "verdict": verdict.outcome,
+                    "verdict_reason": verdict.reason,
+                    "analysis": {
+                        **verdict.numbers(),
+                        "window_seconds": spec.analysis.window,
+                        "min_requests": spec.analysis.min_requests,
+                    },
+                }
+            )
         return out
 
 

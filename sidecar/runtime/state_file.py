@@ -47,8 +47,7 @@ class StateFile:
         try:
             data = json.loads(raw)
         except ValueError as error:
-            log.error("state file %s is unreadable, starting without runtime overrides: %s",
-                      self.path, error)
+            log.error("state file %s is unreadable, starting without runtime overrides: %s", self.path, error)
             return {}
         if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
             log.error("state file %s has an unknown format; ignoring it", self.path)

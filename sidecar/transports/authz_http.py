@@ -68,8 +68,14 @@ DENY_STATUS_INSTEAD_OF_5XX = 403
 MTLS_UNNAMED = Identity(mtls=True)
 # Headers that describe the check request itself (Envoy's async client adds the x-envoy ones),
 # not the request being checked.
-_CHECK_ONLY = ("content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
-               "x-envoy-expected-rq-timeout-ms")
+_CHECK_ONLY = (
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "x-envoy-internal",
+    "x-envoy-expected-rq-timeout-ms",
+)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -87,8 +93,9 @@ class Limits:
 # ---- the pure parts: check request -> Request, Steering -> answer bytes -------------------------
 
 
-def check_request(method: str, target: str, headers: dict[str, str],
-                  path_prefix: str = PATH_PREFIX) -> Request:
+def check_request(
+    method: str, target: str, headers: dict[str, str], path_prefix: str = PATH_PREFIX
+) -> Request:
     """The core Request for one check: `target` without `path_prefix`, `headers` lower-cased
     (repeats joined), as the ext_proc adapter sees them (`:method`, `:path`, `:authority`).
     Consumes `headers`."""
@@ -98,7 +105,7 @@ def check_request(method: str, target: str, headers: dict[str, str],
     port = int(port_text) if port_text.isdecimal() and len(port_text) <= 5 else None
     if "host" in headers:
         headers[":authority"] = headers.pop("host")
-    path = target[len(path_prefix):] if path_prefix and target.startswith(path_prefix) else target
+    path = target[len(path_prefix) :] if path_prefix and target.startswith(path_prefix) else target
     path = path or "/"
     headers[":method"] = method
     headers[":path"] = path
@@ -126,8 +133,10 @@ def _head(status: int, fields: list[tuple[str, str]], body: bytes, head_only: bo
 def answer_bytes(steering: Steering, head_only: bool = False) -> bytes:
     """The HTTP answer to one check (see the module docstring). `head_only` for HEAD."""
     decision = steering.decision
-    fields = [(DECISION_HEADER_PREFIX + key.replace("_", "-"), str(value))
-              for key, value in decision_fields(decision).items()]
+    fields = [
+        (DECISION_HEADER_PREFIX + key.replace("_", "-"), str(value))
+        for key, value in decision_fields(decision).items()
+    ]
     if decision.deny_status is not None:
         status = decision.deny_status if decision.deny_status < 500 else DENY_STATUS_INSTEAD_OF_5XX
         body = (decision.deny_reason or "").encode()
@@ -179,9 +188,15 @@ class _Reject(Exception):
 class AuthzHttpServer:
     """The listening socket, its connections, the answer cache and the deadline sweeper."""
 
-    def __init__(self, decider: Decider, ready: Callable[[], bool], *,
-                 path_prefix: str = PATH_PREFIX, health_path: str = HEALTH_PATH,
-                 limits: Limits = Limits()) -> None:
+    def __init__(
+        self,
+        decider: Decider,
+        ready: Callable[[], bool],
+        *,
+        path_prefix: str = PATH_PREFIX,
+        health_path: str = HEALTH_PATH,
+        limits: Limits = Limits(),
+    ) -> None:
         if path_prefix and health_path.startswith(path_prefix):
             raise ValueError(f"health path {health_path!r} lies under the check prefix {path_prefix!r}")
         self.decider, self.ready, self.limits = decider, ready, limits
@@ -196,8 +211,9 @@ class AuthzHttpServer:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port,
-                                                reuse_port=reuse_port or None)
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_port=reuse_port or None
+        )
         self._sweeper = loop.create_task(self._sweep())
 
     @property
@@ -282,13 +298,14 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:  # the peer is not reading its answers: stop reading requests
         assert self.transport is not None
-        self.transport.pause_reading()
+        if not self.transport.is_closing():  # uvloop raises on a closed transport
+            self.transport.pause_reading()
         self.deadline = time.monotonic() + self.limits.request_timeout
 
     def resume_writing(self) -> None:
         assert self.transport is not None
         self.deadline = time.monotonic() + self.limits.idle_timeout
-        if not self.closing:
+        if not self.closing and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -385,6 +402,9 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         assert self.transport is not None
+        if self.transport.is_closing():  # closed or aborted already: nobody to answer
+            self.out = []
+            return
         if self.out:
             self.transport.write(self.out[0] if len(self.out) == 1 else b"".join(self.out))
             self.out = []
@@ -402,14 +422,20 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-async def start_authz_http(decider: Decider, host: str, port: int, ready: Callable[[], bool], *,
-                           path_prefix: str = PATH_PREFIX, health_path: str = HEALTH_PATH,
-                           limits: Limits = Limits(), reuse_port: bool = False) -> AuthzHttpServer:
+async def start_authz_http(
+    decider: Decider,
+    host: str,
+    port: int,
+    ready: Callable[[], bool],
+    *,
+    path_prefix: str = PATH_PREFIX,
+    health_path: str = HEALTH_PATH,
+    limits: Limits = Limits(),
+    reuse_port: bool = False,
+) -> AuthzHttpServer:
     """Serve Envoy's HTTP ext_authz checks on host:port (port 0: any free port, see `.port`)
     on the running loop; with `reuse_port`, share the port with other processes that ask for
     it too (SO_REUSEPORT: the kernel spreads connections). Stop with `await server.close(grace)`."""
-    server = AuthzHttpServer(decider, ready, path_prefix=path_prefix, health_path=health_path,
-                             limits=limits)
+    server = AuthzHttpServer(decider, ready, path_prefix=path_prefix, health_path=health_path, limits=limits)
     await server.start(host, port, reuse_port)
     return server
-

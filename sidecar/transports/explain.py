@@ -40,33 +40,49 @@ class Peer:
         return attributes
 
 
-def headers_message(method: str, path: str, headers: Sequence[tuple[str, str]],
-                    cookies: Sequence[tuple[str, str]] = (),
-                    params: Sequence[tuple[str, str]] = (),
-                    peer: Peer = Peer()) -> ep.ProcessingRequest:
+def headers_message(
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    cookies: Sequence[tuple[str, str]] = (),
+    params: Sequence[tuple[str, str]] = (),
+    peer: Peer = Peer(),
+) -> ep.ProcessingRequest:
     """The ext_proc request_headers message Envoy would send for this request."""
     if params:
         path += ("&" if "?" in path else "?") + urlencode(list(params))
-    pairs = [(":method", method.upper()), (":path", path), (":scheme", "http"),
-             (":authority", "graysteer.local"), *headers]
+    pairs = [
+        (":method", method.upper()),
+        (":path", path),
+        (":scheme", "http"),
+        (":authority", "graysteer.local"),
+        *headers,
+    ]
     if cookies:
         pairs.append(("cookie", "; ".join(f"{k}={v}" for k, v in cookies)))
-    header_map = base_pb2.HeaderMap(headers=[
-        base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode()) for k, v in pairs])
-    message = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=header_map,
-                                                                  end_of_stream=True))
+    header_map = base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode()) for k, v in pairs]
+    )
+    message = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=header_map, end_of_stream=True))
     message.attributes[ATTRIBUTES_KEY].CopyFrom(peer.attributes())
     return message
 
 
-def explain_local(config: str, method: str, path: str, headers: Sequence[tuple[str, str]],
-                  cookies: Sequence[tuple[str, str]] = (),
-                  params: Sequence[tuple[str, str]] = (), peer: Peer = Peer()) -> dict[str, object]:
+def explain_local(
+    config: str,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    cookies: Sequence[tuple[str, str]] = (),
+    params: Sequence[tuple[str, str]] = (),
+    peer: Peer = Peer(),
+) -> dict[str, object]:
     """The decision for a described request, against a rules file."""
     table = load_rules(config)
     servicer = ExtProcServicer(Decider(TableHolder(table), Metrics(CollectorRegistry())))
     response, decision = servicer.on_request_headers(
-        headers_message(method, path, headers, cookies, params, peer))
+        headers_message(method, path, headers, cookies, params, peer)
+    )
     return {**decision.as_dict(), **response_effects(response), "source": table.source}
 
 

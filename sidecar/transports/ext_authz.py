@@ -41,8 +41,11 @@ def certificate_identity(pem: str) -> Identity | None:
         except x509.ExtensionNotFound:
             sans = x509.SubjectAlternativeName([])
         return Identity.from_sans(
-            True, tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)),
-            tuple(sans.get_values_for_type(x509.DNSName)), certificate.subject.rfc4514_string())
+            True,
+            tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)),
+            tuple(sans.get_values_for_type(x509.DNSName)),
+            certificate.subject.rfc4514_string(),
+        )
     except ValueError:
         return None
 
@@ -72,17 +75,23 @@ def check_response(steering: Steering) -> authz.CheckResponse:
         return authz.CheckResponse(
             status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
             denied_response=authz.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=decision.deny_status),
-                body=decision.deny_reason or ""),
-            dynamic_metadata=metadata)
+                status=http_status_pb2.HttpStatus(code=decision.deny_status), body=decision.deny_reason or ""
+            ),
+            dynamic_metadata=metadata,
+        )
     return authz.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=authz.OkHttpResponse(
-            headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v),
-                                                append_action=_OVERWRITE)
-                     for k, v in steering.set_headers],
-            headers_to_remove=list(steering.remove_headers)),
-        dynamic_metadata=metadata)
+            headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE
+                )
+                for k, v in steering.set_headers
+            ],
+            headers_to_remove=list(steering.remove_headers),
+        ),
+        dynamic_metadata=metadata,
+    )
 
 
 def decision_struct(decision: Decision) -> struct_pb2.Struct:
@@ -110,7 +119,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
                 self.decider.metrics.count_event("malformed_certificate")
             port = attributes.destination.address.socket_address.port_value or None
             steering = self.decider.steer(
-                Request(headers, http.method or "GET", http.path or "/", identity, port), table)
+                Request(headers, http.method or "GET", http.path or "/", identity, port), table
+            )
         except Exception as error:  # still answer: allow, as for an untrusted caller
             steering = self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
         return check_response(steering), steering.decision

@@ -52,10 +52,20 @@ def add_to_server(servicer: "ExtProcServicer", server: Any) -> None:
     """Register the servicer; its stream yields pre-serialized answers (bytes)."""
     import grpc
 
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        "Process": grpc.stream_stream_rpc_method_handler(
-            servicer.Process, request_deserializer=ep.ProcessingRequest.FromString,
-            response_serializer=_serialize)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Process": grpc.stream_stream_rpc_method_handler(
+                        servicer.Process,
+                        request_deserializer=ep.ProcessingRequest.FromString,
+                        response_serializer=_serialize,
+                    )
+                },
+            ),
+        )
+    )
 
 
 def header_dict(header_map: Any) -> dict[str, str]:
@@ -100,12 +110,15 @@ def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | 
     uri = text("connection.uri_san_peer_certificate")
     xfcc = None
     if uri:  # repeated headers joined with "," (XFCC's element separator), as header_dict does
-        values = [entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-                  for entry in message.request_headers.headers.headers
-                  if entry.key.lower() == "x-forwarded-client-cert"]
+        values = [
+            entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+            for entry in message.request_headers.headers.headers
+            if entry.key.lower() == "x-forwarded-client-cert"
+        ]
         xfcc = ",".join(values) or None
-    identity = Identity.from_first_sans(uri, text("connection.dns_san_peer_certificate"),
-                                        text("connection.subject_peer_certificate"), xfcc)
+    identity = Identity.from_first_sans(
+        uri, text("connection.dns_san_peer_certificate"), text("connection.subject_peer_certificate"), xfcc
+    )
     return identity, port
 
 
@@ -117,16 +130,24 @@ def steering_response(steering: Steering) -> ep.ProcessingResponse:
         return ep.ProcessingResponse(
             immediate_response=ep.ImmediateResponse(
                 status=http_status_pb2.HttpStatus(code=decision.deny_status),
-                body=(decision.deny_reason or "").encode(), details=DENIED_DETAILS),
-            dynamic_metadata=decision_metadata(decision))
+                body=(decision.deny_reason or "").encode(),
+                details=DENIED_DETAILS,
+            ),
+            dynamic_metadata=decision_metadata(decision),
+        )
     mutation = ep.HeaderMutation(
-        set_headers=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
-            append_action=_OVERWRITE) for name, value in steering.set_headers],
-        remove_headers=list(steering.remove_headers))
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
+            )
+            for name, value in steering.set_headers
+        ],
+        remove_headers=list(steering.remove_headers),
+    )
     return ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(
-            response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
+            response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+        ),
         dynamic_metadata=decision_metadata(decision),
     )
 
@@ -174,9 +195,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         answer = self.answer(message)
         return None if answer is None else ep.ProcessingResponse.FromString(answer)
 
-    def on_request_headers(
-        self, message: ep.ProcessingRequest
-    ) -> tuple[ep.ProcessingResponse, Decision]:
+    def on_request_headers(self, message: ep.ProcessingRequest) -> tuple[ep.ProcessingResponse, Decision]:
         """Decide one request from its headers message. The explain CLI calls this too."""
         steering = self.steering(message)
         return steering_response(steering), steering.decision

@@ -20,8 +20,12 @@ def test_status_describes_route_split_and_deny_rules(tmp_path: Path) -> None:
     reloader = Reloader(rules, Metrics(CollectorRegistry()), StateFile(default_state_path(rules)))
     status = as_dict(table_status(reloader))
     actions = {rule["name"]: rule["action"] for rule in status["rules"]}
-    assert actions == {"block-admin": "deny", "force-canary": "route", "beta-tier": "route",
-                       "checkout-ramp": "split"}
+    assert actions == {
+        "block-admin": "deny",
+        "force-canary": "route",
+        "beta-tier": "route",
+        "checkout-ramp": "split",
+    }
     text = format_status(status)
     assert "block-admin              deny 403: the admin API is internal" in text
     assert "checkout-ramp            split stable=90 canary=10" in text

@@ -16,7 +16,8 @@ from sidecar.core.bucketing import bucket, cumulative, entry_for
 KEYS = [f"user-{i}" for i in range(100_000)]
 
 weights_lists = st.lists(st.integers(min_value=0, max_value=1000), min_size=1, max_size=5).filter(
-    lambda ws: sum(ws) > 0)
+    lambda ws: sum(ws) > 0
+)
 
 
 def assign(seed: str, weights: list[int], keys: list[str]) -> list[int]:
@@ -52,10 +53,15 @@ def test_each_entry_gets_its_weight_share(weights: list[int], seed: str) -> None
 
 
 @settings(max_examples=40, deadline=None)
-@given(weights=weights_lists, raise_by=st.integers(min_value=1, max_value=1000),
-       lower_others=st.booleans(), seed=st.text(max_size=12))
+@given(
+    weights=weights_lists,
+    raise_by=st.integers(min_value=1, max_value=1000),
+    lower_others=st.booleans(),
+    seed=st.text(max_size=12),
+)
 def test_raising_the_last_weight_never_moves_its_users_out(
-        weights: list[int], raise_by: int, lower_others: bool, seed: str) -> None:
+    weights: list[int], raise_by: int, lower_others: bool, seed: str
+) -> None:
     keys = KEYS[:5000]
     before = assign(seed, weights, keys)
     after_weights = list(weights)
@@ -73,12 +79,19 @@ def test_raising_the_last_weight_never_moves_its_users_out(
 def test_same_key_same_bucket_in_a_new_process() -> None:
     keys = KEYS[:200]
     here = [bucket("seed-x", k, 1000) for k in keys]
-    code = ("import json,sys; from sidecar.core.bucketing import bucket; "
-            "print(json.dumps([bucket('seed-x', k, 1000) for k in json.loads(sys.stdin.read())]))")
+    code = (
+        "import json,sys; from sidecar.core.bucketing import bucket; "
+        "print(json.dumps([bucket('seed-x', k, 1000) for k in json.loads(sys.stdin.read())]))"
+    )
     for hash_seed in ("0", "12345"):  # Python's str hash randomisation must not matter
-        out = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), text=True,
-                             capture_output=True, check=True,
-                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps(keys),
+            text=True,
+            capture_output=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
         assert json.loads(out.stdout) == here
 
 
@@ -90,19 +103,27 @@ def test_same_key_same_bucket_in_a_new_process() -> None:
 S4 = [("clubs", 25), ("diamonds", 25), ("hearts", 25), ("spades", 25)]
 HALF = [("lower", 50), ("upper", 50)]
 FLAGD_V2_VECTORS = [
-    ("fractional-flagjack", S4, "hearts"), ("fractional-flagqueen", S4, "spades"),
-    ("fractional-flagten", S4, "clubs"), ("fractional-flagnine", S4, "diamonds"),
+    ("fractional-flagjack", S4, "hearts"),
+    ("fractional-flagqueen", S4, "spades"),
+    ("fractional-flagten", S4, "clubs"),
+    ("fractional-flagnine", S4, "diamonds"),
     ("fractional-flag3", S4, "clubs"),
     ("fractional-flag-shorthandjon@company.com", [("heads", 1), ("tails", 1)], "heads"),
     ("fractional-flag-shorthandjane@company.com", [("heads", 1), ("tails", 1)], "tails"),
-    ("shared-seedseven", S4, "hearts"), ("shared-seedeight", S4, "diamonds"),
-    ("shared-seednine", S4, "clubs"), ("shared-seedtwo", S4, "spades"),
-    ("jon@company.com", [("b0", 50), ("b1", 50)], "b0"), ("user1", [("b0", 50), ("b1", 50)], "b1"),
+    ("shared-seedseven", S4, "hearts"),
+    ("shared-seedeight", S4, "diamonds"),
+    ("shared-seednine", S4, "clubs"),
+    ("shared-seedtwo", S4, "spades"),
+    ("jon@company.com", [("b0", 50), ("b1", 50)], "b0"),
+    ("user1", [("b0", 50), ("b1", 50)], "b1"),
     ("jon@company.com", [("red", 100), ("blue", 10)], "red"),
     ("user1", [("red", 100), ("blue", 10)], "red"),
     ("jon@company.com", [("red", 0), ("blue", 10)], "blue"),
-    ("ejOoVL", HALF, "lower"), ("bY9fO-", HALF, "lower"), ("SI7p-", HALF, "lower"),
-    ("6LvT0", HALF, "upper"), ("ceQdGm", HALF, "upper"),
+    ("ejOoVL", HALF, "lower"),
+    ("bY9fO-", HALF, "lower"),
+    ("SI7p-", HALF, "lower"),
+    ("6LvT0", HALF, "upper"),
+    ("ceQdGm", HALF, "upper"),
 ]
 
 

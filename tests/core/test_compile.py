@@ -15,9 +15,13 @@ GOOD: dict[str, Any] = {
     "default": "stable",
     "rules": [
         {"name": "force", "match": {"headers": {"x-canary": "1"}}, "route": "canary"},
-        {"name": "ramp", "split": {"key": ["header:x-user-id"],
-                                   "to": [{"cluster": "stable", "weight": 90},
-                                          {"cluster": "canary", "weight": 10}]}},
+        {
+            "name": "ramp",
+            "split": {
+                "key": ["header:x-user-id"],
+                "to": [{"cluster": "stable", "weight": 90}, {"cluster": "canary", "weight": 10}],
+            },
+        },
     ],
 }
 
@@ -39,49 +43,69 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
 CASES = [
     # (document, expected fragments of one problem)
     (with_change("default", "stabel"), ["field default", "unknown cluster 'stabel'"]),
-    (with_change("rules.0.route", "nowhere"),
-     ["rule 'force' (rules[0]) field route", "unknown cluster 'nowhere'"]),
-    (with_change("rules.1.split.to.1.cluster", "cnary"),
-     ["rule 'ramp' (rules[1]) field split.to[1].cluster", "unknown cluster 'cnary'"]),
-    (with_change("rules.1.name", "force"),
-     ["rule 'force' (rules[1]) field name", "duplicate rule name"]),
+    (
+        with_change("rules.0.route", "nowhere"),
+        ["rule 'force' (rules[0]) field route", "unknown cluster 'nowhere'"],
+    ),
+    (
+        with_change("rules.1.split.to.1.cluster", "cnary"),
+        ["rule 'ramp' (rules[1]) field split.to[1].cluster", "unknown cluster 'cnary'"],
+    ),
+    (with_change("rules.1.name", "force"), ["rule 'force' (rules[1]) field name", "duplicate rule name"]),
     (with_change("rules.0.route", None), ["rule 'force' (rules[0])", "exactly one action", "none"]),
-    (with_change("rules.0.split", {"key": ["header:u"], "to": [{"cluster": "canary", "weight": 1}]}),
-     ["rule 'force' (rules[0])", "exactly one action", "'route', 'split'"]),
-    (with_change("rules.1.split.to", [{"cluster": "stable", "weight": 0},
-                                      {"cluster": "canary", "weight": 0}]),
-     ["rule 'ramp' (rules[1]) field split.to", "total weight must be greater than 0"]),
-    (with_change("rules.1.split.to.0.weight", -5),
-     ["rule 'ramp' (rules[1]) field split.to[0].weight", "-5 is less than the minimum of 0"]),
-    (with_change("rules.1.split.to.0.weight", 2.5),
-     ["field split.to[0].weight", "must be an integer"]),
-    (with_change("rules.1.split.to.0.weight", "90"),
-     ["field split.to[0].weight", "must be an integer, got string '90'"]),
-    (with_change("rules.0.match", {"headers": {"x-canary": {"regex": "(["}}}),
-     ["rule 'force' (rules[0]) field match.headers.x-canary.regex", "invalid regex"]),
-    (with_change("rules.0.match", {"path": {"regex": "*"}}),
-     ["field match.path.regex", "invalid regex"]),
+    (
+        with_change("rules.0.split", {"key": ["header:u"], "to": [{"cluster": "canary", "weight": 1}]}),
+        ["rule 'force' (rules[0])", "exactly one action", "'route', 'split'"],
+    ),
+    (
+        with_change(
+            "rules.1.split.to", [{"cluster": "stable", "weight": 0}, {"cluster": "canary", "weight": 0}]
+        ),
+        ["rule 'ramp' (rules[1]) field split.to", "total weight must be greater than 0"],
+    ),
+    (
+        with_change("rules.1.split.to.0.weight", -5),
+        ["rule 'ramp' (rules[1]) field split.to[0].weight", "-5 is less than the minimum of 0"],
+    ),
+    (with_change("rules.1.split.to.0.weight", 2.5), ["field split.to[0].weight", "must be an integer"]),
+    (
+        with_change("rules.1.split.to.0.weight", "90"),
+        ["field split.to[0].weight", "must be an integer, got string '90'"],
+    ),
+    (
+        with_change("rules.0.match", {"headers": {"x-canary": {"regex": "(["}}}),
+        ["rule 'force' (rules[0]) field match.headers.x-canary.regex", "invalid regex"],
+    ),
+    (with_change("rules.0.match", {"path": {"regex": "*"}}), ["field match.path.regex", "invalid regex"]),
     (with_change("rules.0.rout", "canary"), ["rule 'force' (rules[0])", "unknown key 'rout'"]),
     (with_change("colors", "x"), ["document", "unknown key 'colors'"]),
     (with_change("rules.1.split.weights", 1), ["field split", "unknown key 'weights'"]),
-    (with_change("rules.0.match", {"headers": {"x-canary": 1}}),
-     ["field match.headers.x-canary", "must be a string or a mapping, got integer 1", "quote"]),
-    (with_change("rules.0.match", {"headers": {"x-canary": {"exact": "1", "prefix": "2"}}}),
-     ["field match.headers.x-canary", "exactly one of exact, prefix, regex, present, absent"]),
-    (with_change("rules.0.match", {"headers": {"x-canary": {"contains": "1"}}}),
-     ["field match.headers.x-canary", "unknown key 'contains'"]),
-    (with_change("rules.0.match", {"headers": {"X-A": "1", "x-a": "2"}}),
-     ["field match.headers.x-a", "case-insensitive"]),
+    (
+        with_change("rules.0.match", {"headers": {"x-canary": 1}}),
+        ["field match.headers.x-canary", "must be a string or a mapping, got integer 1", "quote"],
+    ),
+    (
+        with_change("rules.0.match", {"headers": {"x-canary": {"exact": "1", "prefix": "2"}}}),
+        ["field match.headers.x-canary", "exactly one of exact, prefix, regex, present, absent"],
+    ),
+    (
+        with_change("rules.0.match", {"headers": {"x-canary": {"contains": "1"}}}),
+        ["field match.headers.x-canary", "unknown key 'contains'"],
+    ),
+    (
+        with_change("rules.0.match", {"headers": {"X-A": "1", "x-a": "2"}}),
+        ["field match.headers.x-a", "case-insensitive"],
+    ),
     (with_change("rules.0.match", {"path": "/api"}), ["field match.path", "must be a mapping"]),
     (with_change("rules.0.match", {"method": []}), ["field match.method", "must not be empty"]),
-    (with_change("rules.1.split.key", []), ["rule 'ramp' (rules[1]) field split.key",
-                                            "must not be empty"]),
+    (with_change("rules.1.split.key", []), ["rule 'ramp' (rules[1]) field split.key", "must not be empty"]),
     (with_change("rules.1.split.key", ["user"]), ["field split.key[0]", "'user' is not valid"]),
     (with_change("rules.1.split.to", []), ["field split.to", "must not be empty"]),
-    (with_change("rules.1.split.when_key_missing", "nowhere"),
-     ["field split.when_key_missing", "must be 'random' or a cluster name"]),
-    (with_change("rules.1.split.to.1.cluster", "stable"),
-     ["field split.to[1].cluster", "appears twice"]),
+    (
+        with_change("rules.1.split.when_key_missing", "nowhere"),
+        ["field split.when_key_missing", "must be 'random' or a cluster name"],
+    ),
+    (with_change("rules.1.split.to.1.cluster", "stable"), ["field split.to[1].cluster", "appears twice"]),
     (with_change("rules.1.split.to.1.weight", None), ["field split.to[1]", "'weight' is required"]),
     (with_change("clusters", []), ["field clusters", "must not be empty"]),
     (with_change("clusters", ["stable", "stable"]), ["field clusters", "non-unique"]),
@@ -118,13 +142,16 @@ def test_all_problems_are_reported_not_just_the_first() -> None:
     assert len(caught.value.problems) == 3
 
 
-@pytest.mark.parametrize(("content", "fragment"), [
-    (b"version: 1\nclusters: [stable\n", "invalid YAML"),
-    (b"version: 1\n  bad: indent\n", "line 2"),
-    (b"- just\n- a list\n", "document: must be a mapping of fields, got list"),
-    (b"", "document: must be a mapping of fields, got null"),
-    (b"\xff\xfe", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"version: 1\nclusters: [stable\n", "invalid YAML"),
+        (b"version: 1\n  bad: indent\n", "line 2"),
+        (b"- just\n- a list\n", "document: must be a mapping of fields, got list"),
+        (b"", "document: must be a mapping of fields, got null"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
 def test_unparseable_files(content: bytes, fragment: str) -> None:
     with pytest.raises(RulesError) as caught:
         parse_rules(content, "/etc/graysteer/rules.yaml")
@@ -155,25 +182,42 @@ def test_example_rules_file_is_valid() -> None:
 
 REGEX_CASES = [
     # (where the regex goes, pattern, expected fragments)
-    ("rules.0.match", {"headers": {"x-user-tier": {"regex": r"(a)\1"}}},
-     ["rule 'force' (rules[0]) field match.headers.x-user-tier.regex", "RE2", "\\1"]),
-    ("rules.0.match", {"path": {"regex": "(?=a)"}},
-     ["rule 'force' (rules[0]) field match.path.regex", "RE2"]),
+    (
+        "rules.0.match",
+        {"headers": {"x-user-tier": {"regex": r"(a)\1"}}},
+        ["rule 'force' (rules[0]) field match.headers.x-user-tier.regex", "RE2", "\\1"],
+    ),
+    (
+        "rules.0.match",
+        {"path": {"regex": "(?=a)"}},
+        ["rule 'force' (rules[0]) field match.path.regex", "RE2"],
+    ),
     ("rules.0.match", {"path": {"regex": "(?<=a)b"}}, ["field match.path.regex", "RE2"]),
     ("rules.0.match", {"path": {"regex": r"/a\Z"}}, ["field match.path.regex", "RE2"]),
-    ("rules.0.match", {"headers": {"x-a": {"regex": "a{97}"}}},
-     ["field match.headers.x-a.regex", "program size 101 > 100"]),
-    ("rules.0.match", {"identity": {"regex": "(abc|def){50}"}},
-     ["rule 'force' (rules[0]) field match.identity.regex", "program size 404 > 100"]),
-    ("trust", {"identities": [{"regex": "(abc|def){50}"}]},
-     ["field trust.identities[0].regex", "program size 404 > 100"]),
-    ("trust", {"identities": [{"regex": r"spiffe://(x)\1"}]},
-     ["field trust.identities[0].regex", "RE2"]),
+    (
+        "rules.0.match",
+        {"headers": {"x-a": {"regex": "a{97}"}}},
+        ["field match.headers.x-a.regex", "program size 101 > 100"],
+    ),
+    (
+        "rules.0.match",
+        {"identity": {"regex": "(abc|def){50}"}},
+        ["rule 'force' (rules[0]) field match.identity.regex", "program size 404 > 100"],
+    ),
+    (
+        "trust",
+        {"identities": [{"regex": "(abc|def){50}"}]},
+        ["field trust.identities[0].regex", "program size 404 > 100"],
+    ),
+    ("trust", {"identities": [{"regex": r"spiffe://(x)\1"}]}, ["field trust.identities[0].regex", "RE2"]),
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "fragments"), REGEX_CASES,
-                         ids=[c[2][0][-40:] + " " + str(c[1])[-30:] for c in REGEX_CASES])
+@pytest.mark.parametrize(
+    ("path", "value", "fragments"),
+    REGEX_CASES,
+    ids=[c[2][0][-40:] + " " + str(c[1])[-30:] for c in REGEX_CASES],
+)
 def test_regexes_envoy_would_refuse_are_refused(path: str, value: Any, fragments: list[str]) -> None:
     with pytest.raises(RulesError) as caught:
         compile_table(with_change(path, value), "v", "rules.yaml")
@@ -225,33 +269,39 @@ IDENTITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("form", "fragments"), IDENTITY_CASES,
-                         ids=[str(c[0])[:50] for c in IDENTITY_CASES])
-def test_identity_matchers_are_validated_where_they_are_used(form: dict[str, Any],
-                                                              fragments: list[str]) -> None:
+@pytest.mark.parametrize(("form", "fragments"), IDENTITY_CASES, ids=[str(c[0])[:50] for c in IDENTITY_CASES])
+def test_identity_matchers_are_validated_where_they_are_used(
+    form: dict[str, Any], fragments: list[str]
+) -> None:
     key = next(iter(form))
     in_rule = with_change("rules.0.match", {"identity": form})
     in_trust = with_change("trust", {"identities": [{"present": True}, form]})
-    for doc, where in ((in_rule, f"rule 'force' (rules[0]) field match.identity.{key}"),
-                       (in_trust, f"field trust.identities[1].{key}")):
+    for doc, where in (
+        (in_rule, f"rule 'force' (rules[0]) field match.identity.{key}"),
+        (in_trust, f"field trust.identities[1].{key}"),
+    ):
         with pytest.raises(RulesError) as caught:
             compile_table(doc, "v", "rules.yaml")
         rendered = [str(p) for p in caught.value.problems]
-        assert any(line.startswith(where) and all(f in line for f in fragments)
-                   for line in rendered), rendered
+        assert any(line.startswith(where) and all(f in line for f in fragments) for line in rendered), (
+            rendered
+        )
 
 
-@pytest.mark.parametrize("form", [
-    {"trust_domain": "example.org"},
-    {"trust_domain": "a-b_c.9"},
-    {"exact": "spiffe://example.org/ns/qa/sa/tester"},
-    {"glob": "spiffe://example.org/*"},
-    {"glob": "spiffe://example.org/ns/*/sa/Web-1"},
-    {"glob": "spiffe://example.org/ns/qa/sa/tester"},   # no wildcard: exactly this ID
-    {"dns": "*.example.org"},
-    {"dns": "API.Example.org"},
-    {"regex": r"spiffe://example\.org/ns/(qa|dev)/.*"},
-])
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"trust_domain": "example.org"},
+        {"trust_domain": "a-b_c.9"},
+        {"exact": "spiffe://example.org/ns/qa/sa/tester"},
+        {"glob": "spiffe://example.org/*"},
+        {"glob": "spiffe://example.org/ns/*/sa/Web-1"},
+        {"glob": "spiffe://example.org/ns/qa/sa/tester"},  # no wildcard: exactly this ID
+        {"dns": "*.example.org"},
+        {"dns": "API.Example.org"},
+        {"regex": r"spiffe://example\.org/ns/(qa|dev)/.*"},
+    ],
+)
 def test_valid_identity_matchers_load(form: dict[str, Any]) -> None:
     compile_table(with_change("rules.0.match", {"identity": form}), "v", "rules.yaml")
     compile_table(with_change("trust", {"identities": [form]}), "v", "rules.yaml")

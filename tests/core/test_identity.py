@@ -20,33 +20,39 @@ from sidecar.core.identity import (
 QA = "spiffe://example.org/ns/qa/sa/tester"
 
 
-@pytest.mark.parametrize(("uri", "domain", "path"), [
-    (QA, "example.org", "/ns/qa/sa/tester"),
-    ("spiffe://a-b_c.9/x.y-z_1", "a-b_c.9", "/x.y-z_1"),
-    ("spiffe://" + "d" * 255 + "/x", "d" * 255, "/x"),
-])
+@pytest.mark.parametrize(
+    ("uri", "domain", "path"),
+    [
+        (QA, "example.org", "/ns/qa/sa/tester"),
+        ("spiffe://a-b_c.9/x.y-z_1", "a-b_c.9", "/x.y-z_1"),
+        ("spiffe://" + "d" * 255 + "/x", "d" * 255, "/x"),
+    ],
+)
 def test_valid_spiffe_ids(uri: str, domain: str, path: str) -> None:
     parsed = parse_spiffe_id(uri)
     assert parsed is not None and (parsed.trust_domain, parsed.path) == (domain, path)
     assert str(parsed) == uri
 
 
-@pytest.mark.parametrize("uri", [
-    "spiffe://Example.org/x",        # upper case trust domain
-    "spiffe://example.org",          # the trust domain itself, not a workload (no path)
-    "spiffe://" + "d" * 256 + "/x",  # trust domain over 255 characters
-    "spiffe:///x",                   # empty trust domain
-    "spiffe://example.org/",         # trailing slash: empty segment
-    "spiffe://example.org//x",       # empty segment
-    "spiffe://example.org/./x",      # dot segment
-    "spiffe://example.org/../x",
-    "spiffe://example.org/x?y=1",    # query
-    "spiffe://example.org/x#f",      # fragment
-    "spiffe://user@example.org/x",   # userinfo
-    "spiffe://example.org:8080/x",   # port
-    "https://example.org/x",
-    "spiffe://example.org/" + "a" * 2050,
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "spiffe://Example.org/x",  # upper case trust domain
+        "spiffe://example.org",  # the trust domain itself, not a workload (no path)
+        "spiffe://" + "d" * 256 + "/x",  # trust domain over 255 characters
+        "spiffe:///x",  # empty trust domain
+        "spiffe://example.org/",  # trailing slash: empty segment
+        "spiffe://example.org//x",  # empty segment
+        "spiffe://example.org/./x",  # dot segment
+        "spiffe://example.org/../x",
+        "spiffe://example.org/x?y=1",  # query
+        "spiffe://example.org/x#f",  # fragment
+        "spiffe://user@example.org/x",  # userinfo
+        "spiffe://example.org:8080/x",  # port
+        "https://example.org/x",
+        "spiffe://example.org/" + "a" * 2050,
+    ],
+)
 def test_malformed_spiffe_ids_are_no_identity(uri: str) -> None:
     assert parse_spiffe_id(uri) is None
     identity = Identity.from_sans(True, (uri,))
@@ -60,12 +66,15 @@ def test_dns_is_the_fallback_principal() -> None:
     assert Identity.from_sans(True, (), ("svc.example.org",)).principal == "svc.example.org"
 
 
-@pytest.mark.parametrize("uris", [
-    (QA, "spiffe://example.org/ns/prod/sa/web"),
-    ("spiffe://other.org/first", QA),
-    (QA, "https://example.org/not-spiffe"),
-    (QA, QA),
-])
+@pytest.mark.parametrize(
+    "uris",
+    [
+        (QA, "spiffe://example.org/ns/prod/sa/web"),
+        ("spiffe://other.org/first", QA),
+        (QA, "https://example.org/not-spiffe"),
+        (QA, QA),
+    ],
+)
 def test_several_uri_sans_are_no_svid(uris: tuple[str, ...]) -> None:
     # X509-SVID: an SVID has exactly one URI SAN; a certificate with more must be rejected
     identity = Identity.from_sans(True, uris, ("svc.example.org",))
@@ -78,18 +87,21 @@ def test_several_uri_sans_are_no_svid(uris: tuple[str, ...]) -> None:
 
 
 # ext_proc: Envoy sends only the first URI SAN; the nearest XFCC element shows the others
-@pytest.mark.parametrize(("xfcc", "spiffe"), [
-    (None, QA),
-    (f"Hash=h;URI={QA};DNS=c.example.org", QA),
-    (f'Hash=h;Subject="CN=c";URI={QA};URI=spiffe://other.org/x', None),
-    (f"Hash=h;URI=spiffe://other.org/x;URI={QA}", None),
-    (f"Hash=h;URI={QA};URI=https://example.org/x", None),
-    (f"Hash=h;URI={QA};URI={QA}", None),
-    # an earlier hop's element, a foreign one, or garbage says nothing about this connection
-    (f"URI={QA};URI=spiffe://other.org/x,Hash=h;URI={QA}", QA),
-    ("Hash=h;URI=spiffe://other.org/x;URI=spiffe://other.org/y", QA),
-    ("garbage", QA),
-])
+@pytest.mark.parametrize(
+    ("xfcc", "spiffe"),
+    [
+        (None, QA),
+        (f"Hash=h;URI={QA};DNS=c.example.org", QA),
+        (f'Hash=h;Subject="CN=c";URI={QA};URI=spiffe://other.org/x', None),
+        (f"Hash=h;URI=spiffe://other.org/x;URI={QA}", None),
+        (f"Hash=h;URI={QA};URI=https://example.org/x", None),
+        (f"Hash=h;URI={QA};URI={QA}", None),
+        # an earlier hop's element, a foreign one, or garbage says nothing about this connection
+        (f"URI={QA};URI=spiffe://other.org/x,Hash=h;URI={QA}", QA),
+        ("Hash=h;URI=spiffe://other.org/x;URI=spiffe://other.org/y", QA),
+        ("garbage", QA),
+    ],
+)
 def test_first_uri_san_is_checked_against_xfcc(xfcc: str | None, spiffe: str | None) -> None:
     identity = Identity.from_first_sans(QA, "c.example.org", "CN=c", xfcc)
     assert (str(identity.spiffe) if identity.spiffe else None) == spiffe
@@ -97,46 +109,55 @@ def test_first_uri_san_is_checked_against_xfcc(xfcc: str | None, spiffe: str | N
     assert identity.dns_sans == ("c.example.org",) and identity.subject == "CN=c"
 
 
-@pytest.mark.parametrize(("form", "identity", "expected"), [
-    ({"exact": QA}, Identity.from_sans(True, (QA,)), True),
-    ({"exact": QA}, Identity.from_sans(True, (QA + "2",)), False),
-    ({"glob": "spiffe://example.org/ns/qa/*"}, Identity.from_sans(True, (QA,)), True),
-    ({"glob": "spiffe://example.org/ns/qa/*"},
-     Identity.from_sans(True, ("spiffe://example.org/ns/prod/sa/x",)), False),
-    ({"trust_domain": "example.org"}, Identity.from_sans(True, (QA,)), True),
-    ({"trust_domain": "example.org"}, Identity.from_sans(True, ("spiffe://other.org/x",)), False),
-    ({"regex": r"spiffe://example\.org/ns/(qa|dev)/.*"}, Identity.from_sans(True, (QA,)), True),
-    ({"regex": r"ns/qa"}, Identity.from_sans(True, (QA,)), False),  # full match
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("Api.Example.org",)), True),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (QA,)), False),
-    # a DNS wildcard is exactly one left-most label (RFC 6125, as Envoy's SAN matchers)
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.example.org",)), True),
-    ({"dns": "*.Example.ORG"}, Identity.from_sans(True, (), ("a.example.org",)), True),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.b.example.org",)), False),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), (".example.org",)), False),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("*.example.org",)), False),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("example.org",)), False),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.example.org.evil",)), False),
-    ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("aexample.org",)), False),
-    ({"dns": "api.example.org"}, Identity.from_sans(True, (), ("API.example.org",)), True),
-    ({"dns": "api.example.org"}, Identity.from_sans(True, (), ("x.api.example.org",)), False),
-    # ASCII case folding only: the Kelvin sign is not a "k"
-    ({"dns": "kube.example.org"}, Identity.from_sans(True, (), ("\u212aube.example.org",)), False),
-    # a glob stays in its trust domain; `*` spans `/` within the path
-    ({"glob": "spiffe://example.org/*"},
-     Identity.from_sans(True, ("spiffe://example.organization.evil/x",)), False),
-    ({"glob": "spiffe://example.org/*"}, Identity.from_sans(True, (QA,)), True),
-    ({"glob": "spiffe://example.org/ns/*/sa/tester"}, Identity.from_sans(True, (QA,)), True),
-    ({"glob": "spiffe://example.org/ns/*/sa/Tester"}, Identity.from_sans(True, (QA,)), False),
-    ({"glob": QA}, Identity.from_sans(True, (QA,)), True),
-    ({"glob": "spiffe://example.org/ns/q.*"}, Identity.from_sans(True, (QA,)), False),  # `.` literal
-    ({"present": True}, Identity.from_sans(True, (QA,)), True),
-    ({"present": True}, Identity(), False),
-    ({"absent": True}, Identity(), True),
-    ({"absent": True}, Identity.from_sans(True, ("spiffe://bad//x",)), True),  # malformed = none
-    ({"glob": "spiffe://bad/*"}, Identity.from_sans(True, ("spiffe://bad//x",)), False),
-    ({"regex": "spiffe://example.org"}, Identity.from_sans(True, ("spiffe://example.org",)), False),
-])
+@pytest.mark.parametrize(
+    ("form", "identity", "expected"),
+    [
+        ({"exact": QA}, Identity.from_sans(True, (QA,)), True),
+        ({"exact": QA}, Identity.from_sans(True, (QA + "2",)), False),
+        ({"glob": "spiffe://example.org/ns/qa/*"}, Identity.from_sans(True, (QA,)), True),
+        (
+            {"glob": "spiffe://example.org/ns/qa/*"},
+            Identity.from_sans(True, ("spiffe://example.org/ns/prod/sa/x",)),
+            False,
+        ),
+        ({"trust_domain": "example.org"}, Identity.from_sans(True, (QA,)), True),
+        ({"trust_domain": "example.org"}, Identity.from_sans(True, ("spiffe://other.org/x",)), False),
+        ({"regex": r"spiffe://example\.org/ns/(qa|dev)/.*"}, Identity.from_sans(True, (QA,)), True),
+        ({"regex": r"ns/qa"}, Identity.from_sans(True, (QA,)), False),  # full match
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("Api.Example.org",)), True),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (QA,)), False),
+        # a DNS wildcard is exactly one left-most label (RFC 6125, as Envoy's SAN matchers)
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.example.org",)), True),
+        ({"dns": "*.Example.ORG"}, Identity.from_sans(True, (), ("a.example.org",)), True),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.b.example.org",)), False),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), (".example.org",)), False),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("*.example.org",)), False),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("example.org",)), False),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("a.example.org.evil",)), False),
+        ({"dns": "*.example.org"}, Identity.from_sans(True, (), ("aexample.org",)), False),
+        ({"dns": "api.example.org"}, Identity.from_sans(True, (), ("API.example.org",)), True),
+        ({"dns": "api.example.org"}, Identity.from_sans(True, (), ("x.api.example.org",)), False),
+        # ASCII case folding only: the Kelvin sign is not a "k"
+        ({"dns": "kube.example.org"}, Identity.from_sans(True, (), ("\u212aube.example.org",)), False),
+        # a glob stays in its trust domain; `*` spans `/` within the path
+        (
+            {"glob": "spiffe://example.org/*"},
+            Identity.from_sans(True, ("spiffe://example.organization.evil/x",)),
+            False,
+        ),
+        ({"glob": "spiffe://example.org/*"}, Identity.from_sans(True, (QA,)), True),
+        ({"glob": "spiffe://example.org/ns/*/sa/tester"}, Identity.from_sans(True, (QA,)), True),
+        ({"glob": "spiffe://example.org/ns/*/sa/Tester"}, Identity.from_sans(True, (QA,)), False),
+        ({"glob": QA}, Identity.from_sans(True, (QA,)), True),
+        ({"glob": "spiffe://example.org/ns/q.*"}, Identity.from_sans(True, (QA,)), False),  # `.` literal
+        ({"present": True}, Identity.from_sans(True, (QA,)), True),
+        ({"present": True}, Identity(), False),
+        ({"absent": True}, Identity(), True),
+        ({"absent": True}, Identity.from_sans(True, ("spiffe://bad//x",)), True),  # malformed = none
+        ({"glob": "spiffe://bad/*"}, Identity.from_sans(True, ("spiffe://bad//x",)), False),
+        ({"regex": "spiffe://example.org"}, Identity.from_sans(True, ("spiffe://example.org",)), False),
+    ],
+)
 def test_identity_matchers(form: dict, identity: Identity, expected: bool) -> None:
     assert identity_matcher(form)(identity) is expected
 
@@ -163,19 +184,24 @@ def test_program_size_limit_is_envoys() -> None:
         compile_regex("a{1000}")
 
 
-@pytest.mark.parametrize(("pattern", "text", "expected"), [
-    ("b[0-9]+", "b12", True),
-    ("b[0-9]+", "b12x", False),      # the whole value, as Envoy
-    ("b[0-9]+", "xb12", False),
-    ("(?i)beta", "BeTa", True),
-    ("é+", "éé", True),               # UTF-8, as Envoy's RE2
-])
+@pytest.mark.parametrize(
+    ("pattern", "text", "expected"),
+    [
+        ("b[0-9]+", "b12", True),
+        ("b[0-9]+", "b12x", False),  # the whole value, as Envoy
+        ("b[0-9]+", "xb12", False),
+        ("(?i)beta", "BeTa", True),
+        ("é+", "éé", True),  # UTF-8, as Envoy's RE2
+    ],
+)
 def test_regexes_match_the_whole_value(pattern: str, text: str, expected: bool) -> None:
     assert compile_regex(pattern)(text) is expected
 
 
-@given(pattern=st.text("ab/*", max_size=12),
-       path=st.lists(st.text("ab", min_size=1, max_size=4), min_size=1, max_size=4).map("/".join))
+@given(
+    pattern=st.text("ab/*", max_size=12),
+    path=st.lists(st.text("ab", min_size=1, max_size=4), min_size=1, max_size=4).map("/".join),
+)
 def test_glob_star_matches_any_characters_within_the_path(pattern: str, path: str) -> None:
     glob, spiffe_id = "spiffe://example.org/" + pattern, "spiffe://example.org/" + path
     matches = identity_matcher({"glob": glob})(Identity.from_sans(True, (spiffe_id,)))
@@ -183,9 +209,11 @@ def test_glob_star_matches_any_characters_within_the_path(pattern: str, path: st
 
 
 def test_xfcc_uses_the_nearest_element() -> None:
-    header = ('By=spiffe://example.org/edge;URI=spiffe://example.org/ns/prod/sa/far,'
-              'Hash=abc;Subject="CN=client,O=Example";URI=' + QA + ";DNS=client.example.org;"
-              "DNS=alt.example.org")
+    header = (
+        "By=spiffe://example.org/edge;URI=spiffe://example.org/ns/prod/sa/far,"
+        'Hash=abc;Subject="CN=client,O=Example";URI=' + QA + ";DNS=client.example.org;"
+        "DNS=alt.example.org"
+    )
     identity = identity_from_xfcc(header)
     assert identity is not None
     assert identity.principal == QA

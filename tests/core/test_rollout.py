@@ -28,15 +28,30 @@ from sidecar.core.rollout import (
 from sidecar.runtime.rollouts import parse_envoy_stats, split_weights
 
 DOC: dict[str, Any] = {
-    "version": 1, "clusters": ["stable", "canary"], "default": "stable",
-    "rules": [{"name": "ramp", "split": {"key": ["header:u"], "to": [
-        {"cluster": "stable", "weight": 100}, {"cluster": "canary", "weight": 0}]},
-        "rollout": {"canary": "canary",
-                    "steps": [{"weight": 5, "hold": "60s"}, {"weight": 25, "hold": "2m"},
-                              {"weight": 100}],
-                    "analysis": {"window": "30s", "min_requests": 50, "max_error_rate": 0.05,
-                                 "max_error_rate_vs_stable": 2.0, "max_p99_ms": 800},
-                    "on_failure": "rollback"}}],
+    "version": 1,
+    "clusters": ["stable", "canary"],
+    "default": "stable",
+    "rules": [
+        {
+            "name": "ramp",
+            "split": {
+                "key": ["header:u"],
+                "to": [{"cluster": "stable", "weight": 100}, {"cluster": "canary", "weight": 0}],
+            },
+            "rollout": {
+                "canary": "canary",
+                "steps": [{"weight": 5, "hold": "60s"}, {"weight": 25, "hold": "2m"}, {"weight": 100}],
+                "analysis": {
+                    "window": "30s",
+                    "min_requests": 50,
+                    "max_error_rate": 0.05,
+                    "max_error_rate_vs_stable": 2.0,
+                    "max_p99_ms": 800,
+                },
+                "on_failure": "rollback",
+            },
+        }
+    ],
 }
 
 
@@ -57,28 +72,38 @@ def test_spec_compiles() -> None:
     assert spec.analysis.window == 30.0
 
 
-@pytest.mark.parametrize(("doc", "fragment"), [
-    (with_rollout(canary="cnary"), "field rollout.canary: 'cnary' is not an entry"),
-    (with_rollout(steps=[{"weight": 50, "hold": "1s"}, {"weight": 10}]), "must not go down"),
-    (with_rollout(steps=[{"weight": 150}]), "more than the split's total weight 100"),
-    (with_rollout(steps=[{"weight": 5}, {"weight": 10}]), "every step but the last needs a hold"),
-    (with_rollout(steps=[{"weight": 5, "hold": "soon"}, {"weight": 10}]), "is not a duration"),
-    (with_rollout(steps=[{"weight": 5, "hold": "0s"}, {"weight": 10}]), "longer than 0"),
-    (with_rollout(steps=[]), "field rollout.steps: must not be empty"),
-    (with_rollout(on_failure="panic"), "field rollout.on_failure"),
-    (with_rollout(analysis={"window": "30s", "min_requests": 0, "max_error_rate": 0.1}),
-     "field rollout.analysis.min_requests"),
-    (with_rollout(analysis={"window": "30s", "min_requests": 5, "max_error_rate": 1.5}),
-     "field rollout.analysis.max_error_rate"),
-    (with_rollout(analysis={"window": "1 minute", "min_requests": 5, "max_error_rate": 0.1}),
-     "field rollout.analysis.window"),
-    (with_rollout(speed=3), "unknown key 'speed'"),
-])
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        (with_rollout(canary="cnary"), "field rollout.canary: 'cnary' is not an entry"),
+        (with_rollout(steps=[{"weight": 50, "hold": "1s"}, {"weight": 10}]), "must not go down"),
+        (with_rollout(steps=[{"weight": 150}]), "more than the split's total weight 100"),
+        (with_rollout(steps=[{"weight": 5}, {"weight": 10}]), "every step but the last needs a hold"),
+        (with_rollout(steps=[{"weight": 5, "hold": "soon"}, {"weight": 10}]), "is not a duration"),
+        (with_rollout(steps=[{"weight": 5, "hold": "0s"}, {"weight": 10}]), "longer than 0"),
+        (with_rollout(steps=[]), "field rollout.steps: must not be empty"),
+        (with_rollout(on_failure="panic"), "field rollout.on_failure"),
+        (
+            with_rollout(analysis={"window": "30s", "min_requests": 0, "max_error_rate": 0.1}),
+            "field rollout.analysis.min_requests",
+        ),
+        (
+            with_rollout(analysis={"window": "30s", "min_requests": 5, "max_error_rate": 1.5}),
+            "field rollout.analysis.max_error_rate",
+        ),
+        (
+            with_rollout(analysis={"window": "1 minute", "min_requests": 5, "max_error_rate": 0.1}),
+            "field rollout.analysis.window",
+        ),
+        (with_rollout(speed=3), "unknown key 'speed'"),
+    ],
+)
 def test_spec_validation(doc: dict[str, Any], fragment: str) -> None:
     with pytest.raises(RulesError) as caught:
         compile_table(doc, "v", "rules.yaml")
-    assert any(fragment in str(p) and "rule 'ramp' (rules[0])" in str(p)
-               for p in caught.value.problems), caught.value.problems
+    assert any(fragment in str(p) and "rule 'ramp' (rules[0])" in str(p) for p in caught.value.problems), (
+        caught.value.problems
+    )
 
 
 def test_rollout_needs_a_split() -> None:
@@ -89,24 +114,29 @@ def test_rollout_needs_a_split() -> None:
         compile_table(doc, "v", "rules.yaml")
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("2m", 120),
-                                              ("1h", 3600), ("1.5s", 1.5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("2m", 120), ("1h", 3600), ("1.5s", 1.5)]
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-ANALYSIS = Analysis(window=30, min_requests=50, max_error_rate=0.05,
-                    max_error_rate_vs_stable=2.0, max_p99_ms=800)
+ANALYSIS = Analysis(
+    window=30, min_requests=50, max_error_rate=0.05, max_error_rate_vs_stable=2.0, max_p99_ms=800
+)
 
 
-@pytest.mark.parametrize(("canary", "baseline", "outcome", "reason"), [
-    (LaneWindow(49, 49), LaneWindow(1000, 0), INCONCLUSIVE, "fewer than min_requests"),
-    (LaneWindow(100, 1, 100.0), LaneWindow(1000, 10), HEALTHY, "within"),
-    (LaneWindow(100, 6), LaneWindow(1000, 0), BREACH, "max_error_rate"),
-    (LaneWindow(100, 3), LaneWindow(1000, 10), BREACH, "x baseline"),  # 3% > 2 x 1%
-    (LaneWindow(100, 3), LaneWindow(40, 0), HEALTHY, "within"),  # baseline too small: skipped
-    (LaneWindow(100, 0, 900.0), LaneWindow(1000, 0), BREACH, "p99"),
-])
+@pytest.mark.parametrize(
+    ("canary", "baseline", "outcome", "reason"),
+    [
+        (LaneWindow(49, 49), LaneWindow(1000, 0), INCONCLUSIVE, "fewer than min_requests"),
+        (LaneWindow(100, 1, 100.0), LaneWindow(1000, 10), HEALTHY, "within"),
+        (LaneWindow(100, 6), LaneWindow(1000, 0), BREACH, "max_error_rate"),
+        (LaneWindow(100, 3), LaneWindow(1000, 10), BREACH, "x baseline"),  # 3% > 2 x 1%
+        (LaneWindow(100, 3), LaneWindow(40, 0), HEALTHY, "within"),  # baseline too small: skipped
+        (LaneWindow(100, 0, 900.0), LaneWindow(1000, 0), BREACH, "p99"),
+    ],
+)
 def test_verdicts(canary: LaneWindow, baseline: LaneWindow, outcome: str, reason: str) -> None:
     verdict = judge(ANALYSIS, canary, baseline)
     assert verdict.outcome == outcome and reason in verdict.reason
@@ -138,8 +168,7 @@ def test_steps_advance_only_after_the_hold_with_a_healthy_verdict() -> None:
     assert advance(spec, state, 1e9, BAD_V) == state  # promoted is final
 
 
-@pytest.mark.parametrize(("on_failure", "phase", "weight"), [("rollback", ABORTED, 0),
-                                                             ("pause", PAUSED, 5)])
+@pytest.mark.parametrize(("on_failure", "phase", "weight"), [("rollback", ABORTED, 0), ("pause", PAUSED, 5)])
 def test_breach(on_failure: str, phase: str, weight: int) -> None:
     spec = spec_of(with_rollout(on_failure=on_failure))
     state = advance(spec, start(spec, 0.0), 1.0, BAD_V)
@@ -178,12 +207,17 @@ def test_split_weights_keep_the_total() -> None:
     assert split_weights(spec, {"stable": 100, "canary": 0}, 25) == {"stable": 75, "canary": 25}
     three = copy.deepcopy(DOC)
     three["clusters"].append("v3")
-    three["rules"][0]["split"]["to"] = [{"cluster": "stable", "weight": 60},
-                                        {"cluster": "v3", "weight": 30},
-                                        {"cluster": "canary", "weight": 10}]
+    three["rules"][0]["split"]["to"] = [
+        {"cluster": "stable", "weight": 60},
+        {"cluster": "v3", "weight": 30},
+        {"cluster": "canary", "weight": 10},
+    ]
     spec3 = spec_of(three)
     assert split_weights(spec3, {"stable": 60, "v3": 30, "canary": 10}, 40) == {
-        "stable": 40, "v3": 20, "canary": 40}
+        "stable": 40,
+        "v3": 20,
+        "canary": 40,
+    }
 
 
 ENVOY_SAMPLE = """# TYPE envoy_cluster_upstream_rq_xx counter

@@ -59,20 +59,69 @@ class Row:
 ROWS = [
     Row("trusted lane header decides", TRUSTED, LANE_CANARY, "/", "canary", Reason.LANE, "canary"),
     Row("trusted baggage lane decides", TRUSTED, BAGGAGE_CANARY, "/", "canary", Reason.LANE, "canary"),
-    Row("untrusted lane is removed, rules decide", UNTRUSTED, LANE_CANARY, "/", "stable",
-        Reason.SPLIT, "stable"),  # the lane header is set again (to stable), not removed
-    Row("plaintext lane is removed", Identity(), {**LANE_CANARY, "x-user-id": "u-1"}, "/",
-        split_cluster("u-1"), Reason.SPLIT, split_cluster("u-1")),
-    Row("deny comes before a trusted lane", TRUSTED, LANE_CANARY, "/admin/x", "stable", Reason.DENY,
-        None, deny=403),
-    Row("deny comes before an untrusted override", UNTRUSTED, {"x-canary": "1"}, "/admin", "stable",
-        Reason.DENY, None, removed=("x-canary",), deny=403),
+    Row(
+        "untrusted lane is removed, rules decide",
+        UNTRUSTED,
+        LANE_CANARY,
+        "/",
+        "stable",
+        Reason.SPLIT,
+        "stable",
+    ),  # the lane header is set again (to stable), not removed
+    Row(
+        "plaintext lane is removed",
+        Identity(),
+        {**LANE_CANARY, "x-user-id": "u-1"},
+        "/",
+        split_cluster("u-1"),
+        Reason.SPLIT,
+        split_cluster("u-1"),
+    ),
+    Row(
+        "deny comes before a trusted lane",
+        TRUSTED,
+        LANE_CANARY,
+        "/admin/x",
+        "stable",
+        Reason.DENY,
+        None,
+        deny=403,
+    ),
+    Row(
+        "deny comes before an untrusted override",
+        UNTRUSTED,
+        {"x-canary": "1"},
+        "/admin",
+        "stable",
+        Reason.DENY,
+        None,
+        removed=("x-canary",),
+        deny=403,
+    ),
     Row("trusted override routes", TRUSTED, {"x-canary": "1"}, "/", "canary", Reason.ROUTE, "canary"),
-    Row("untrusted override is removed and ignored", UNTRUSTED, {"x-canary": "1", "x-user-id": "u-2"},
-        "/", split_cluster("u-2"), Reason.SPLIT, split_cluster("u-2"), removed=("x-canary",)),
+    Row(
+        "untrusted override is removed and ignored",
+        UNTRUSTED,
+        {"x-canary": "1", "x-user-id": "u-2"},
+        "/",
+        split_cluster("u-2"),
+        Reason.SPLIT,
+        split_cluster("u-2"),
+        removed=("x-canary",),
+    ),
     Row("split without a key", UNTRUSTED, {}, "/", "stable", Reason.SPLIT, "stable"),
-    *[Row(f"split user u-{i}", UNTRUSTED, {"x-user-id": f"u-{i}"}, "/", split_cluster(f"u-{i}"),
-          Reason.SPLIT, split_cluster(f"u-{i}")) for i in range(3, 9)],
+    *[
+        Row(
+            f"split user u-{i}",
+            UNTRUSTED,
+            {"x-user-id": f"u-{i}"},
+            "/",
+            split_cluster(f"u-{i}"),
+            Reason.SPLIT,
+            split_cluster(f"u-{i}"),
+        )
+        for i in range(3, 9)
+    ],
 ]
 
 
@@ -83,7 +132,11 @@ def test_steer(row: Row) -> None:
     steering = steer(TABLE, request)
     decision = steering.decision
     assert (decision.cluster, decision.reason, decision.lane, decision.deny_status) == (
-        row.cluster, row.reason, row.lane, row.deny)
+        row.cluster,
+        row.reason,
+        row.lane,
+        row.deny,
+    )
     assert steering.remove_headers == row.removed
     assert steering.identity is row.identity
     assert request.headers is headers and headers == row.headers  # steer() changes nothing it is given
@@ -107,7 +160,6 @@ def test_carrying_keeps_every_other_field() -> None:
 
     from sidecar.core import Decision, ErrorCode
 
-    full = Decision("c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why",
-                    Reason.FALLBACK)
+    full = Decision("c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why", Reason.FALLBACK)
     assert full.carrying("l1", "id1") == replace(full, lane="l1", identity="id1")
     assert len(fields(Decision)) == 11  # a new field must be added to carrying() too

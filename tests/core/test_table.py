@@ -46,10 +46,12 @@ MATCH_CASES = [
     # all conditions must hold
     ({"headers": {"a": "1", "b": "2"}}, request(a="1", b="2"), True),
     ({"headers": {"a": "1", "b": "2"}}, request(a="1"), False),
-    ({"headers": {"a": "1"}, "path": {"prefix": "/x"}, "method": ["GET"]},
-     request("/x/y", a="1"), True),
-    ({"headers": {"a": "1"}, "path": {"prefix": "/x"}, "method": ["GET"]},
-     request("/x/y", "PUT", a="1"), False),
+    ({"headers": {"a": "1"}, "path": {"prefix": "/x"}, "method": ["GET"]}, request("/x/y", a="1"), True),
+    (
+        {"headers": {"a": "1"}, "path": {"prefix": "/x"}, "method": ["GET"]},
+        request("/x/y", "PUT", a="1"),
+        False,
+    ),
     ({}, request(), True),
 ]
 
@@ -68,18 +70,23 @@ def test_rule_without_match_always_applies() -> None:
 
 
 def test_first_matching_rule_wins() -> None:
-    table = table_from_rules([
-        {"name": "first", "match": {"headers": {"x": "1"}}, "route": "canary"},
-        {"name": "second", "match": {"headers": {"x": "1"}}, "route": "stable"},
-        {"name": "catch-all", "route": "stable"},
-    ])
+    table = table_from_rules(
+        [
+            {"name": "first", "match": {"headers": {"x": "1"}}, "route": "canary"},
+            {"name": "second", "match": {"headers": {"x": "1"}}, "route": "stable"},
+            {"name": "catch-all", "route": "stable"},
+        ]
+    )
     assert table.decide(request(x="1")).rule == "first"
     assert table.decide(request(x="2")).rule == "catch-all"
 
 
 def test_unmatched_goes_to_default_with_rule_default() -> None:
-    table = table_from_rules([{"name": "r", "match": {"headers": {"x": "1"}}, "route": "canary"}],
-                             clusters=("v1", "canary", "stable"), default="v1")
+    table = table_from_rules(
+        [{"name": "r", "match": {"headers": {"x": "1"}}, "route": "canary"}],
+        clusters=("v1", "canary", "stable"),
+        default="v1",
+    )
     decision = table.decide(request())
     assert (decision.cluster, decision.rule, decision.bucket) == ("v1", "default", None)
     assert decision.version == "test"
@@ -99,18 +106,21 @@ rules:
 """
 
 
-@pytest.mark.parametrize(("req", "source", "key"), [
-    (request(x_user_id="42"), "header:X-User-Id", "42"),
-    (Request({"cookie": "a=1; uid=42; b=2"}), "cookie:uid", "42"),
-    (Request({"cookie": 'uid="42"'}), "cookie:uid", "42"),
-    (Request({}, "GET", "/p?x=1&gray_id=42"), "query:gray_id", "42"),
-    (Request({}, "GET", "/p?gray_id=a%20b"), "query:gray_id", "a b"),
-    # the first source present wins
-    (Request({"x-user-id": "42", "cookie": "uid=9"}, "GET", "/?gray_id=8"), "header:X-User-Id", "42"),
-    (Request({"cookie": "uid=9"}, "GET", "/?gray_id=8"), "cookie:uid", "9"),
-    # an empty value counts as missing
-    (Request({"x-user-id": "", "cookie": "uid=9"}), "cookie:uid", "9"),
-])
+@pytest.mark.parametrize(
+    ("req", "source", "key"),
+    [
+        (request(x_user_id="42"), "header:X-User-Id", "42"),
+        (Request({"cookie": "a=1; uid=42; b=2"}), "cookie:uid", "42"),
+        (Request({"cookie": 'uid="42"'}), "cookie:uid", "42"),
+        (Request({}, "GET", "/p?x=1&gray_id=42"), "query:gray_id", "42"),
+        (Request({}, "GET", "/p?gray_id=a%20b"), "query:gray_id", "a b"),
+        # the first source present wins
+        (Request({"x-user-id": "42", "cookie": "uid=9"}, "GET", "/?gray_id=8"), "header:X-User-Id", "42"),
+        (Request({"cookie": "uid=9"}, "GET", "/?gray_id=8"), "cookie:uid", "9"),
+        # an empty value counts as missing
+        (Request({"x-user-id": "", "cookie": "uid=9"}), "cookie:uid", "9"),
+    ],
+)
 def test_split_key_sources(req: Request, source: str, key: str) -> None:
     from sidecar.core.bucketing import bucket
 
@@ -126,8 +136,11 @@ def test_key_missing_to_named_cluster() -> None:
 
 
 def test_key_missing_random_keeps_weights() -> None:
-    table = table_from_yaml(SPLIT.replace("{missing}", "random").replace("50}, {", "80}, {")
-                            .replace("weight: 50}]", "weight: 20}]"))
+    table = table_from_yaml(
+        SPLIT.replace("{missing}", "random")
+        .replace("50}, {", "80}, {")
+        .replace("weight: 50}]", "weight: 20}]")
+    )
     decisions = [table.decide(request()) for _ in range(20_000)]
     assert {d.key_source for d in decisions} == {"random"}
     canary = sum(d.cluster == "canary" for d in decisions) / len(decisions)
@@ -137,15 +150,32 @@ def test_key_missing_random_keeps_weights() -> None:
 def test_seed_defaults_to_rule_name() -> None:
     from sidecar.core.bucketing import bucket
 
-    table = table_from_rules([{"name": "ramp", "split": {
-        "key": ["header:u"], "to": [{"cluster": "stable", "weight": 1},
-                                    {"cluster": "canary", "weight": 999}]}}])
+    table = table_from_rules(
+        [
+            {
+                "name": "ramp",
+                "split": {
+                    "key": ["header:u"],
+                    "to": [{"cluster": "stable", "weight": 1}, {"cluster": "canary", "weight": 999}],
+                },
+            }
+        ]
+    )
     assert table.decide(request(u="k")).bucket == bucket("ramp", "k", 1000)
 
 
 def test_zero_weight_entry_gets_nothing() -> None:
-    table = table_from_rules([{"name": "ramp", "split": {"key": ["header:u"], "to": [
-        {"cluster": "stable", "weight": 0}, {"cluster": "canary", "weight": 10}]}}])
+    table = table_from_rules(
+        [
+            {
+                "name": "ramp",
+                "split": {
+                    "key": ["header:u"],
+                    "to": [{"cluster": "stable", "weight": 0}, {"cluster": "canary", "weight": 10}],
+                },
+            }
+        ]
+    )
     assert {table.decide(request(u=str(i))).cluster for i in range(500)} == {"canary"}
 
 
@@ -178,7 +208,12 @@ CATASTROPHIC = textwrap.dedent("""
 
 
 def test_catastrophic_backtracking_patterns_decide_at_once() -> None:
-    done = subprocess.run([sys.executable, "-c", CATASTROPHIC], capture_output=True, text=True,
-                          timeout=30, cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", CATASTROPHIC],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[2],
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["default", "default", "tier"]

@@ -36,8 +36,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,5 +71,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if FAULT_FIGURES:
         terminalreporter.section("fault figures (through the real Envoy, under load)")
         for name, figures in FAULT_FIGURES.items():
-            terminalreporter.write_line(
-                f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+            terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

@@ -20,9 +20,12 @@ def sidecar_metrics(sidecar: Sidecar) -> dict[tuple[str, str], float]:
     """(sample name, mode label) -> value, from the sidecar's /metrics."""
     status, body = sidecar.http_get("/metrics")
     assert status == 200
-    return {(s.name, s.labels.get("mode", "")): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples
-            if s.name.startswith("graysteer_envoy_")}
+    return {
+        (s.name, s.labels.get("mode", "")): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name.startswith("graysteer_envoy_")
+    }
 
 
 def bypassed(sidecar: Sidecar) -> float:
@@ -32,23 +35,30 @@ def bypassed(sidecar: Sidecar) -> float:
 def watching(sidecar: Sidecar) -> bool:
     """Envoy's stats are read and the ext_proc series exist (a baseline read is done)."""
     values = sidecar_metrics(sidecar)
-    return (values.get(("graysteer_envoy_stats_up", "")) == 1
-            and ("graysteer_envoy_requests_total", "ext_proc") in values)
+    return (
+        values.get(("graysteer_envoy_stats_up", "")) == 1
+        and ("graysteer_envoy_requests_total", "ext_proc") in values
+    )
 
 
 def test_a_frozen_sidecar_is_counted_and_shown_in_status(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(E2E_RULES)
     admin = free_port()
-    with Stack(rules, ENVOY_CONFIG, tmp_path, envoy_admin_port=admin, sidecar_args=[
-            "--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25"]) as stack:
+    with Stack(
+        rules,
+        ENVOY_CONFIG,
+        tmp_path,
+        envoy_admin_port=admin,
+        sidecar_args=["--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25"],
+    ) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
         wait_for(lambda: watching(sidecar), 20, "the sidecar to read Envoy's stats")
         client = stack.client()
-        wait_for(lambda: ROUTING_HEADER in client.get("/")[1].get("headers", {}), 20,
-                 "a decided request")
+        wait_for(lambda: ROUTING_HEADER in client.get("/")[1].get("headers", {}), 20, "a decided request")
         before = bypassed(sidecar)
 
         sidecar.signal(signal.SIGSTOP)  # beyond message_timeout: Envoy fails open
@@ -60,12 +70,15 @@ def test_a_frozen_sidecar_is_counted_and_shown_in_status(
         undecided = sum(ROUTING_HEADER not in echo.get("headers", {}) for _, echo in echoes)
         assert undecided == len(echoes)  # the sidecar could not answer any of them
 
-        wait_for(lambda: bypassed(sidecar) - before >= undecided, 15,
-                 f"the bypass counter to grow by {undecided}")
+        wait_for(
+            lambda: bypassed(sidecar) - before >= undecided, 15, f"the bypass counter to grow by {undecided}"
+        )
         values = sidecar_metrics(sidecar)
         assert values[("graysteer_envoy_stats_up", "")] == 1
-        assert values[("graysteer_envoy_requests_total", "ext_proc")] >= (
-            values[("graysteer_envoy_bypassed_requests_total", "ext_proc")])
+        assert (
+            values[("graysteer_envoy_requests_total", "ext_proc")]
+            >= (values[("graysteer_envoy_bypassed_requests_total", "ext_proc")])
+        )
 
         assert main(["status", "--admin", sidecar.admin]) == 0
         out = capsys.readouterr().out
@@ -87,11 +100,20 @@ def test_readyz_fails_while_envoy_has_no_healthy_sidecar(tmp_path: Path) -> None
     rules = tmp_path / "rules.yaml"
     rules.write_text(E2E_RULES)
     admin = free_port()
-    with Stack(rules, ENVOY_CONFIG, tmp_path, envoy_admin_port=admin,
-               sidecar_first=False) as stack:
-        watcher = Sidecar(rules, tmp_path, ["--envoy-admin", f"127.0.0.1:{admin}",
-                                            "--rollout-poll", "0.25",
-                                            "--ready-max-bypass-ratio", "0.5"], name="watcher")
+    with Stack(rules, ENVOY_CONFIG, tmp_path, envoy_admin_port=admin, sidecar_first=False) as stack:
+        watcher = Sidecar(
+            rules,
+            tmp_path,
+            [
+                "--envoy-admin",
+                f"127.0.0.1:{admin}",
+                "--rollout-poll",
+                "0.25",
+                "--ready-max-bypass-ratio",
+                "0.5",
+            ],
+            name="watcher",
+        )
         load = None
         try:
             wait_for(lambda: watching(watcher), 20, "the watcher to read Envoy's stats")
@@ -111,8 +133,11 @@ def test_readyz_fails_while_envoy_has_no_healthy_sidecar(tmp_path: Path) -> None
             assert load.samples and not any(s.decided for s in load.samples)
             total = len(load.samples)
             wait_for(lambda: bypassed(watcher) >= total, 15, "every request to be counted")
-            wait_for(lambda: watcher.http_get("/readyz")[0] == 200, 15,
-                     "/readyz to recover without bypassed traffic")
+            wait_for(
+                lambda: watcher.http_get("/readyz")[0] == 200,
+                15,
+                "/readyz to recover without bypassed traffic",
+            )
             assert stack.envoy is not None
             stats = stack.envoy.stats()
             assert stats["http.ingress.ext_proc.streams_started"] == 0  # hence downstream_rq_total

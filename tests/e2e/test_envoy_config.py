@@ -22,12 +22,15 @@ rules:
 """
 
 
-@pytest.mark.parametrize(("name", "options"), [
-    ("envoy.yaml", EnvoyOptions()),
-    ("mtls.yaml", EnvoyOptions(mtls=TlsOptions())),
-    ("ext_authz.yaml", EnvoyOptions(mode="ext_authz", mtls=TlsOptions())),
-    ("ext_authz_http.yaml", EnvoyOptions(mode="ext_authz_http", sidecar=("127.0.0.1", 50080))),
-])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("envoy.yaml", EnvoyOptions()),
+        ("mtls.yaml", EnvoyOptions(mtls=TlsOptions())),
+        ("ext_authz.yaml", EnvoyOptions(mode="ext_authz", mtls=TlsOptions())),
+        ("ext_authz_http.yaml", EnvoyOptions(mode="ext_authz_http", sidecar=("127.0.0.1", 50080))),
+    ],
+)
 def test_envoy_files_are_the_generated_configs(name: str, options: EnvoyOptions) -> None:
     table = load_rules(REPO / "examples" / "rules.yaml")
     committed = parse_bootstrap(yaml.safe_load((REPO / "envoy" / name).read_text()))
@@ -39,7 +42,11 @@ def test_guard_lists_exactly_the_rules_clusters() -> None:
     assert guard_regex(table.clusters) == r"^(v1\.stable|v2-canary|v3_next)$"
     rendered = yaml.safe_load(render_yaml(bootstrap(table, EnvoyOptions())))
     assert [c["name"] for c in rendered["static_resources"]["clusters"]] == [
-        "graysteer", "v1.stable", "v2-canary", "v3_next"]
+        "graysteer",
+        "v1.stable",
+        "v2-canary",
+        "v3_next",
+    ]
     assert check(table, rendered) == []
 
 
@@ -47,35 +54,76 @@ def test_guard_lists_exactly_the_rules_clusters() -> None:
 def test_generated_configs_pass_envoy_validate(rules: Path | str, tmp_path: Path) -> None:
     path = tmp_path / "rules.yaml"
     path.write_bytes(THREE if rules == "three" else Path(rules).read_bytes())
-    out = subprocess.run([sys.executable, "-m", "sidecar", "envoy-config", "--rules", str(path),
-                          "--listen", "0.0.0.0:8080", "--sidecar", "10.1.2.3:9000",
-                          "--upstream", f"{load_rules(path).default}=10.0.0.9:80"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "envoy-config",
+            "--rules",
+            str(path),
+            "--listen",
+            "0.0.0.0:8080",
+            "--sidecar",
+            "10.1.2.3:9000",
+            "--upstream",
+            f"{load_rules(path).default}=10.0.0.9:80",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     generated = tmp_path / "envoy.yaml"
     generated.write_text(out.stdout)
     result = envoy_validate(generated)
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(out.stdout)
     assert config["static_resources"]["listeners"][0]["address"]["socket_address"] == {
-        "address": "0.0.0.0", "port_value": 8080}
+        "address": "0.0.0.0",
+        "port_value": 8080,
+    }
 
 
 def test_unknown_upstream_cluster_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     from sidecar.cli import main
 
-    assert main(["envoy-config", "--rules", str(REPO / "examples" / "rules.yaml"),
-                 "--upstream", "nope=1.2.3.4:80"]) == 1
+    assert (
+        main(
+            [
+                "envoy-config",
+                "--rules",
+                str(REPO / "examples" / "rules.yaml"),
+                "--upstream",
+                "nope=1.2.3.4:80",
+            ]
+        )
+        == 1
+    )
     assert "--upstream names cluster(s) the rules do not have: nope" in capsys.readouterr().err
 
 
 def test_workers_become_endpoints_of_the_sidecar_cluster(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "sidecar", "envoy-config", "--rules",
-                          str(REPO / "examples" / "rules.yaml"), "--workers", "3"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "envoy-config",
+            "--rules",
+            str(REPO / "examples" / "rules.yaml"),
+            "--workers",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     config = yaml.safe_load(out.stdout)
     (sidecar,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "graysteer"]
-    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
-             for e in sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
     assert ports == [50051, 50052, 50053]
     generated = tmp_path / "envoy.yaml"
     generated.write_text(out.stdout)

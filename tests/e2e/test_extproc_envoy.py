@@ -32,8 +32,7 @@ def test_split_user_is_sticky_for_50_requests(stack: Stack) -> None:
         assert len(backends) == 1, (user, backends)
 
 
-def test_2000_users_split_by_weight_and_exactly_as_the_engine_decides(
-        stack: Stack, rules_file: Path) -> None:
+def test_2000_users_split_by_weight_and_exactly_as_the_engine_decides(stack: Stack, rules_file: Path) -> None:
     table = load_rules(rules_file)
     client = stack.client()
     landed = collections.Counter()
@@ -58,8 +57,9 @@ def test_cookie_key_through_envoy(stack: Stack, rules_file: Path) -> None:
 
 def test_client_sent_routing_header_is_ignored(stack: Stack, rules_file: Path) -> None:
     table = load_rules(rules_file)
-    stable_users = [u for u in (f"s{i}" for i in range(100))
-                    if table.decide(request(x_user_id=u)).cluster == "stable"][:10]
+    stable_users = [
+        u for u in (f"s{i}" for i in range(100)) if table.decide(request(x_user_id=u)).cluster == "stable"
+    ][:10]
     client = stack.client()
     for user in stable_users:
         _, echo = client.get("/", {"x-route-cluster": "canary", "x-user-id": user})
@@ -85,8 +85,9 @@ def test_access_log_shows_rule_and_version(stack: Stack, rules_file: Path) -> No
     version = load_rules(rules_file).version
     stack.client().get("/marker-for-access-log", {"x-canary": "1"})
     assert stack.envoy is not None
-    line = wait_for(lambda: re.search(r".*marker-for-access-log.*", stack.envoy.process.log_text()),
-                    10, "access log line").group(0)
+    line = wait_for(
+        lambda: re.search(r".*marker-for-access-log.*", stack.envoy.process.log_text()), 10, "access log line"
+    ).group(0)
     assert "cluster=canary rule=force-canary" in line
     assert f"version={version}" in line
 
@@ -97,8 +98,7 @@ def test_sidecar_killed_requests_still_succeed_on_default(own_stack: Stack) -> N
     assert own_stack.sidecar is not None and own_stack.envoy is not None
     own_stack.sidecar.signal(signal.SIGKILL)
     own_stack.sidecar.popen.wait(10)
-    for headers in ({"x-canary": "1"}, {"x-user-id": "u1"},
-                    {"x-route-cluster": "canary"}, {}):
+    for headers in ({"x-canary": "1"}, {"x-user-id": "u1"}, {"x-route-cluster": "canary"}, {}):
         status, echo = client.get("/", headers)
         assert (status, echo["backend"]) == (200, "stable"), headers
         # the early strip removed the client's header; nobody set one
@@ -111,8 +111,10 @@ def test_sidecar_killed_requests_still_succeed_on_default(own_stack: Stack) -> N
 def test_rules_cluster_unknown_to_envoy_falls_back_to_default(tmp_path: Path) -> None:
     """The route guard only admits names Envoy has; anything else takes the default route."""
     rules = tmp_path / "rules.yaml"
-    rules.write_text("version: 1\nclusters: [stable, canary, v3]\ndefault: stable\n"
-                     "rules: [{name: to-v3, match: {headers: {x-v3: '1'}}, route: v3}]\n")
+    rules.write_text(
+        "version: 1\nclusters: [stable, canary, v3]\ndefault: stable\n"
+        "rules: [{name: to-v3, match: {headers: {x-v3: '1'}}, route: v3}]\n"
+    )
     with Stack(rules, ENVOY_CONFIG, tmp_path) as stack:
         status, echo = stack.client().get("/", {"x-v3": "1"})
         assert (status, echo["backend"]) == (200, "stable")

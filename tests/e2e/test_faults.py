@@ -21,8 +21,10 @@ USERS = [f"user-{i}" for i in range(60)]
 # The shipped front proxies of the two transports: gRPC ext_proc, and ext_authz over HTTP.
 CONFIGS = {"ext_proc": ENVOY_CONFIG, "ext_authz_http": REPO / "envoy" / "ext_authz_http.yaml"}
 # Envoy's count of checks it gave up on, per transport (the sidecar answered too late).
-TIMEOUT_STATS = {"ext_proc": "http.ingress.ext_proc.message_timeouts",
-                 "ext_authz_http": "http.ingress.ext_authz.error"}
+TIMEOUT_STATS = {
+    "ext_proc": "http.ingress.ext_proc.message_timeouts",
+    "ext_authz_http": "http.ingress.ext_authz.error",
+}
 
 
 @pytest.fixture(params=list(CONFIGS))
@@ -53,8 +55,7 @@ def lanes(samples: list[Sample]) -> dict[str, str]:
 def decided_again(load: BackgroundLoad, what: str) -> float:
     """Seconds until 20 requests in a row were decided."""
     started = time.monotonic()
-    wait_for(lambda: len(load.samples) > 20 and all(s.decided for s in load.samples[-20:]),
-             20, what)
+    wait_for(lambda: len(load.samples) > 20 and all(s.decided for s in load.samples[-20:]), 20, what)
     return round(time.monotonic() - started, 2)
 
 
@@ -73,8 +74,9 @@ def start_load(loads: list[BackgroundLoad], stack: Stack) -> BackgroundLoad:
 
 
 @pytest.mark.parametrize("order", ["sidecar_first", "envoy_first"])
-def test_start_order(order: str, mode: str, rules: Path, tmp_path: Path,
-                     load_on: list[BackgroundLoad]) -> None:
+def test_start_order(
+    order: str, mode: str, rules: Path, tmp_path: Path, load_on: list[BackgroundLoad]
+) -> None:
     with Stack(rules, CONFIGS[mode], tmp_path, sidecar_first=order == "sidecar_first") as stack:
         load = start_load(load_on, stack)
         load.wait_for_more(100, "load before the sidecar")
@@ -87,16 +89,19 @@ def test_start_order(order: str, mode: str, rules: Path, tmp_path: Path,
         samples = load.stop()
         after = load.samples[before:]
     FAULT_FIGURES[f"{mode}: start {order}"] = {
-        "requests": len(load.samples), "failed": len(failed(load.samples)),
+        "requests": len(load.samples),
+        "failed": len(failed(load.samples)),
         "skipped_before_sidecar_ready": skipped(load.samples[:before]),
-        "seconds_to_first_decisions": recovery}
+        "seconds_to_first_decisions": recovery,
+    }
     assert failed(load.samples) == []
     assert samples
     assert all(s.decided for s in after[-300:])
 
 
-def test_sigkill_and_restart_keeps_users_on_their_lanes(mode: str, rules: Path, tmp_path: Path,
-                                                         load_on: list[BackgroundLoad]) -> None:
+def test_sigkill_and_restart_keeps_users_on_their_lanes(
+    mode: str, rules: Path, tmp_path: Path, load_on: list[BackgroundLoad]
+) -> None:
     with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         assert stack.sidecar is not None
         load = start_load(load_on, stack)
@@ -112,18 +117,21 @@ def test_sigkill_and_restart_keeps_users_on_their_lanes(mode: str, rules: Path, 
         load.stop()
     after = lanes(load.samples[restarted:])
     FAULT_FIGURES[f"{mode}: sigkill + restart"] = {
-        "requests": len(load.samples), "failed": len(failed(load.samples)),
+        "requests": len(load.samples),
+        "failed": len(failed(load.samples)),
         "skipped_while_down": skipped(load.samples[mark:restarted]),
         "seconds_to_decisions_after_restart": recovery,
         "users_on_same_lane": f"{sum(after[u] == before[u] for u in after if u in before)}"
-                              f"/{len([u for u in after if u in before])}"}
+        f"/{len([u for u in after if u in before])}",
+    }
     assert failed(load.samples) == []
     assert len(before) == len(USERS) and set(after) == set(USERS)
     assert {u: after[u] for u in USERS} == {u: before[u] for u in USERS}  # sticky across restarts
 
 
-def test_sigterm_drains_without_failures(mode: str, rules: Path, tmp_path: Path,
-                                         load_on: list[BackgroundLoad]) -> None:
+def test_sigterm_drains_without_failures(
+    mode: str, rules: Path, tmp_path: Path, load_on: list[BackgroundLoad]
+) -> None:
     with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
@@ -138,15 +146,18 @@ def test_sigterm_drains_without_failures(mode: str, rules: Path, tmp_path: Path,
         recovery = decided_again(load, "decisions after the restart")
         load.stop()
     FAULT_FIGURES[f"{mode}: sigterm + restart"] = {
-        "requests": len(load.samples), "failed": len(failed(load.samples)),
+        "requests": len(load.samples),
+        "failed": len(failed(load.samples)),
         "skipped_while_stopped": skipped(load.samples[mark:stopped]),
-        "seconds_to_decisions_after_restart": recovery}
+        "seconds_to_decisions_after_restart": recovery,
+    }
     assert failed(load.samples) == []
     assert all(s.decided for s in load.samples[:mark])
 
 
-def test_a_frozen_sidecar_fails_open_after_message_timeout(mode: str, rules: Path, tmp_path: Path,
-                                                           load_on: list[BackgroundLoad]) -> None:
+def test_a_frozen_sidecar_fails_open_after_message_timeout(
+    mode: str, rules: Path, tmp_path: Path, load_on: list[BackgroundLoad]
+) -> None:
     with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None and stack.envoy is not None
@@ -163,15 +174,19 @@ def test_a_frozen_sidecar_fails_open_after_message_timeout(mode: str, rules: Pat
         load.stop()
         timeouts = stack.envoy.stats()[TIMEOUT_STATS[mode]]
     FAULT_FIGURES[f"{mode}: frozen beyond message_timeout"] = {
-        "requests": len(load.samples), "failed": len(failed(load.samples)),
+        "requests": len(load.samples),
+        "failed": len(failed(load.samples)),
         "skipped_while_frozen": skipped(load.samples[mark:thawed]),
-        "envoy_timeouts_or_errors": timeouts, "seconds_to_decisions_after_thaw": recovery}
+        "envoy_timeouts_or_errors": timeouts,
+        "seconds_to_decisions_after_thaw": recovery,
+    }
     assert failed(load.samples) == []
     assert timeouts > 0
 
 
-def test_40_rewrites_and_a_broken_file_lose_nothing(mode: str, rules: Path, tmp_path: Path,
-                                                    load_on: list[BackgroundLoad]) -> None:
+def test_40_rewrites_and_a_broken_file_lose_nothing(
+    mode: str, rules: Path, tmp_path: Path, load_on: list[BackgroundLoad]
+) -> None:
     with Stack(rules, CONFIGS[mode], tmp_path) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
@@ -181,12 +196,15 @@ def test_40_rewrites_and_a_broken_file_lose_nothing(mode: str, rules: Path, tmp_
             rules.write_text(E2E_RULES.replace("weight: 70", f"weight: {70 - i % 5}"))
             load.wait_for_more(15, f"load after rewrite {i}")
         rules.write_text("version: 1\nclusters: [stable\n")  # broken YAML
-        wait_for(lambda: "keeping the last good table" in sidecar.log_text(), 20,
-                 "the broken file to be refused")
+        wait_for(
+            lambda: "keeping the last good table" in sidecar.log_text(), 20, "the broken file to be refused"
+        )
         load.wait_for_more(200, "load after the broken file")
         load.stop()
     FAULT_FIGURES[f"{mode}: 40 rewrites + broken file"] = {
-        "requests": len(load.samples), "failed": len(failed(load.samples)),
-        "skipped": skipped(load.samples)}
+        "requests": len(load.samples),
+        "failed": len(failed(load.samples)),
+        "skipped": skipped(load.samples),
+    }
     assert failed(load.samples) == []
     assert skipped(load.samples) == 0

@@ -84,8 +84,7 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path,
-                stack: list[Any]) -> Chain:
+def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path, stack: list[Any]) -> Chain:
     """front Envoy (mTLS) + sidecar -> service A (stable/canary) -> A's outbound Envoy +
     sidecar -> service B lanes. Everything started is appended to `stack` for teardown."""
     (workdir / "front.yaml").write_text(FRONT_RULES)
@@ -97,10 +96,19 @@ def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path,
     stack.append(b_sidecar)
     b_table = parse_rules(b_rules.encode(), "b")
     outbound_config = bootstrap(b_table, EnvoyOptions(mode=mode)).to_dict(
-        casing=__import__("betterproto2").Casing.SNAKE)
-    outbound = Envoy(rewrite_envoy_config(outbound_config, {
-        "graysteer": ("127.0.0.1", b_sidecar.port),
-        **{n: ("127.0.0.1", b.port) for n, b in backends.items()}}), workdir, name="a-outbound")
+        casing=__import__("betterproto2").Casing.SNAKE
+    )
+    outbound = Envoy(
+        rewrite_envoy_config(
+            outbound_config,
+            {
+                "graysteer": ("127.0.0.1", b_sidecar.port),
+                **{n: ("127.0.0.1", b.port) for n, b in backends.items()},
+            },
+        ),
+        workdir,
+        name="a-outbound",
+    )
     stack.append(outbound)
     for lane in ("stable", "canary"):
         backends[f"a-{lane}"] = BackendServer(f"a-{lane}", forward_to=("127.0.0.1", outbound.port))
@@ -108,23 +116,34 @@ def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path,
     front_sidecar = Sidecar(workdir / "front.yaml", workdir, name="front-sidecar", transport=transport)
     stack.append(front_sidecar)
     if mode == "ext_authz_http":  # no shipped mTLS file for it: the generator's output
-        template = bootstrap(parse_rules(FRONT_RULES.encode(), "front"), EnvoyOptions(
-            mode=mode, mtls=TlsOptions())).to_dict(casing=__import__("betterproto2").Casing.SNAKE)
+        template = bootstrap(
+            parse_rules(FRONT_RULES.encode(), "front"), EnvoyOptions(mode=mode, mtls=TlsOptions())
+        ).to_dict(casing=__import__("betterproto2").Casing.SNAKE)
     else:
-        template = yaml.safe_load((REPO / "envoy" / ("mtls.yaml" if mode == "ext_proc"
-                                                     else "ext_authz.yaml")).read_text())
-    front = Envoy(rewrite_envoy_config(template, {
-        "graysteer": ("127.0.0.1", front_sidecar.port),
-        "stable": ("127.0.0.1", backends["a-stable"].port),
-        "canary": ("127.0.0.1", backends["a-canary"].port)}, tls_dir=tls_dir), workdir,
-        name="front")
+        template = yaml.safe_load(
+            (REPO / "envoy" / ("mtls.yaml" if mode == "ext_proc" else "ext_authz.yaml")).read_text()
+        )
+    front = Envoy(
+        rewrite_envoy_config(
+            template,
+            {
+                "graysteer": ("127.0.0.1", front_sidecar.port),
+                "stable": ("127.0.0.1", backends["a-stable"].port),
+                "canary": ("127.0.0.1", backends["a-canary"].port),
+            },
+            tls_dir=tls_dir,
+        ),
+        workdir,
+        name="front",
+    )
     stack.append(front)
     return Chain(front.port, tls_dir, front, backends)
 
 
 @pytest.fixture(params=["ext_proc", "ext_authz", "ext_authz_http"], scope="module")
-def chain(request: pytest.FixtureRequest, tls_dir: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+def chain(
+    request: pytest.FixtureRequest, tls_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Chain]:
     stack: list[Any] = []
     try:
         yield start_chain(request.param, B_RULES, tls_dir, tmp_path_factory.mktemp("chain"), stack)
@@ -133,8 +152,9 @@ def chain(request: pytest.FixtureRequest, tls_dir: Path,
             item.stop()
 
 
-def call(chain: Chain, identity: str | None, headers: dict[str, str] | None = None,
-         path: str = "/") -> dict[str, Any]:
+def call(
+    chain: Chain, identity: str | None, headers: dict[str, str] | None = None, path: str = "/"
+) -> dict[str, Any]:
     client = chain.client(identity)
     try:
         status, echo = client.get(path, headers or {})
@@ -174,7 +194,8 @@ def test_client_sent_xfcc_claiming_qa_has_no_effect(chain: Chain) -> None:
 
 @pytest.mark.parametrize("identity", [None, "stranger", "spiffe://other.org/ns/x/sa/outsider"])
 def test_handshake_refused_without_an_acceptable_client_certificate(
-        chain: Chain, identity: str | None) -> None:
+    chain: Chain, identity: str | None
+) -> None:
     before = sum(b.requests for b in chain.backends.values())
     client = chain.client(identity)
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -184,8 +205,11 @@ def test_handshake_refused_without_an_acceptable_client_certificate(
 
 
 def test_two_hops_a_canary_request_lands_on_b_canary_with_its_color(chain: Chain) -> None:
-    echo = call(chain, QA, {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                            "baggage": "tenant=acme"})
+    echo = call(
+        chain,
+        QA,
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "baggage": "tenant=acme"},
+    )
     assert echo["backend"] == "a-canary"
     assert echo["headers"]["x-graysteer-lane"] == "canary"
     b = echo["downstream"]
@@ -193,14 +217,16 @@ def test_two_hops_a_canary_request_lands_on_b_canary_with_its_color(chain: Chain
     assert b["headers"]["x-graysteer-lane"] == "canary"
     assert b["headers"]["baggage"] == "tenant=acme,graysteer.lane=canary"
     assert b["headers"]["traceparent"] == (
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")  # untouched
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    )  # untouched
     stable = call(chain, WEB)["downstream"]
     assert (stable["backend"], stable["headers"]["x-graysteer-lane"]) == ("b-stable", "stable")
 
 
 @pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
 def test_two_hops_without_a_canary_lane_fall_back_and_keep_the_color(
-        mode: str, tls_dir: Path, tmp_path: Path) -> None:
+    mode: str, tls_dir: Path, tmp_path: Path
+) -> None:
     stack: list[Any] = []
     try:
         chain = start_chain(mode, B_RULES_NO_CANARY, tls_dir, tmp_path, stack)
@@ -217,8 +243,13 @@ def test_generated_tls_configs_validate(tls_dir: Path, tmp_path: Path) -> None:
     from tests.e2e.conftest import envoy_validate
 
     for name in ("mtls.yaml", "ext_authz.yaml"):
-        config = rewrite_envoy_config(yaml.safe_load((REPO / "envoy" / name).read_text()), {},
-                                      listener_port=10000, admin_port=9901, tls_dir=tls_dir)
+        config = rewrite_envoy_config(
+            yaml.safe_load((REPO / "envoy" / name).read_text()),
+            {},
+            listener_port=10000,
+            admin_port=9901,
+            tls_dir=tls_dir,
+        )
         path = tmp_path / name
         path.write_text(yaml.safe_dump(config))
         result = envoy_validate(path)

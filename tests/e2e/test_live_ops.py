@@ -34,8 +34,11 @@ from tests.helpers import request
 def scrape(sidecar: Sidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     status, text = sidecar.http_get("/metrics")
     assert status == 200
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_after_known_traffic(rules_file: Path, tmp_path: Path) -> None:
@@ -56,14 +59,14 @@ def test_metrics_after_known_traffic(rules_file: Path, tmp_path: Path) -> None:
 
     assert value("graysteer_decisions_total", cluster="canary", rule="force-canary") == 30
     ramp = value("graysteer_decisions_total", cluster="stable", rule="ramp") + value(
-        "graysteer_decisions_total", cluster="canary", rule="ramp")
+        "graysteer_decisions_total", cluster="canary", rule="ramp"
+    )
     assert ramp == 25
     assert value("graysteer_decision_duration_seconds_count") == 55
     assert value("graysteer_decision_duration_seconds_bucket", le="0.01") == 55
     assert value("graysteer_inflight_streams") == 0
     assert value("graysteer_reloads_total", result="loaded") == 1
-    assert value("graysteer_config_info", version=version, file_version=version,
-                 source=str(rules_file)) == 1
+    assert value("graysteer_config_info", version=version, file_version=version, source=str(rules_file)) == 1
     assert value("graysteer_split_weight", rule="ramp", cluster="canary") == 30
     assert value("graysteer_split_weight", rule="ramp", cluster="stable") == 70
     assert not any(name == "graysteer_decision_errors_total" for name, _ in metrics)
@@ -77,13 +80,15 @@ def test_health_endpoints_and_grpc_health(stack: Stack) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{stack.sidecar.port}") as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(
-            service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=5)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=5
+        )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_admin_status_set_weight_explain_and_restart(rules_file: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_admin_status_set_weight_explain_and_restart(
+    rules_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(rules_file.read_text())
     with Stack(rules, ENVOY_CONFIG, tmp_path) as stack:
@@ -98,8 +103,7 @@ def test_admin_status_set_weight_explain_and_restart(rules_file: Path, tmp_path:
         assert "ramp: stable=0 canary=100" in capsys.readouterr().out
         # every user now reaches the canary, through Envoy
         client = stack.client()
-        assert {client.get("/", {"x-user-id": f"w{i}"})[1]["backend"] for i in range(40)} == {
-            "canary"}
+        assert {client.get("/", {"x-user-id": f"w{i}"})[1]["backend"] for i in range(40)} == {"canary"}
         assert main(["explain", "--admin", admin, "-H", "x-user-id: w1"]) == 0
         explained = json.loads(capsys.readouterr().out)
         assert (explained["cluster"], explained["rule"]) == ("canary", "ramp")
@@ -167,8 +171,12 @@ def watch_events(admin: str, count: int) -> Any:
 # ---- hot reload under load ----------------------------------------------------------------
 
 TABLE_A = E2E_RULES.replace("name: ramp", "name: ramp-a").replace("seed: e2e", "seed: a")
-TABLE_B = (E2E_RULES.replace("name: ramp", "name: ramp-b").replace("seed: e2e", "seed: b")
-           .replace("weight: 70", "weight: 40").replace("weight: 30", "weight: 60"))
+TABLE_B = (
+    E2E_RULES.replace("name: ramp", "name: ramp-b")
+    .replace("seed: e2e", "seed: b")
+    .replace("weight: 70", "weight: 40")
+    .replace("weight: 30", "weight: 60")
+)
 BROKEN = TABLE_A.replace("weight: 30", "weight: -30")
 
 
@@ -178,22 +186,27 @@ def decision_echoing_envoy_config() -> dict[str, Any]:
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     vhost = hcm["typed_config"]["route_config"]["virtual_hosts"][0]
     vhost["request_headers_to_add"] = [
-        {"header": {"key": f"x-test-{key}", "value": f"%DYNAMIC_METADATA(graysteer:{key})%"},
-         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for key in ("version", "rule")]
+        {
+            "header": {"key": f"x-test-{key}", "value": f"%DYNAMIC_METADATA(graysteer:{key})%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+        for key in ("version", "rule")
+    ]
     return config
 
 
 def test_20000_requests_while_the_rules_are_rewritten_50_times(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(TABLE_A)
-    tables = {t.version: t for t in (parse_rules(TABLE_A.encode(), "a"),
-                                     parse_rules(TABLE_B.encode(), "b"))}
+    tables = {t.version: t for t in (parse_rules(TABLE_A.encode(), "a"), parse_rules(TABLE_B.encode(), "b"))}
     sidecar = Sidecar(rules, tmp_path)
     from sidecar.dev.backend import BackendServer
 
     backends = {n: BackendServer(n).start_in_thread() for n in ("stable", "canary")}
-    endpoints = {"graysteer": ("127.0.0.1", sidecar.port),
-                 **{n: ("127.0.0.1", b.port) for n, b in backends.items()}}
+    endpoints = {
+        "graysteer": ("127.0.0.1", sidecar.port),
+        **{n: ("127.0.0.1", b.port) for n, b in backends.items()},
+    }
     envoy = Envoy(rewrite_envoy_config(decision_echoing_envoy_config(), endpoints), tmp_path)
     bad: list[str] = []
     seen_versions: set[str] = set()
@@ -216,8 +229,10 @@ def test_20000_requests_while_the_rules_are_rewritten_50_times(tmp_path: Path) -
                 seen_versions.add(version)
                 expected = table.decide(request(x_user_id=user))
                 if (echo["backend"], headers.get("x-test-rule")) != (expected.cluster, expected.rule):
-                    bad.append(f"{user}: {echo['backend']}/{headers.get('x-test-rule')} under "
-                               f"{version}, expected {expected.cluster}/{expected.rule}")
+                    bad.append(
+                        f"{user}: {echo['backend']}/{headers.get('x-test-rule')} under "
+                        f"{version}, expected {expected.cluster}/{expected.rule}"
+                    )
         finally:
             client.close()
         return sent
@@ -228,8 +243,11 @@ def test_20000_requests_while_the_rules_are_rewritten_50_times(tmp_path: Path) -
             if n == 25:  # a broken file in the middle changes nothing
                 before = admin_status(sidecar.admin)
                 rules.write_text(BROKEN)
-                wait_for(lambda: admin_status(sidecar.admin).reload_failures == 1, 10,
-                         "the broken file to be refused")
+                wait_for(
+                    lambda: admin_status(sidecar.admin).reload_failures == 1,
+                    10,
+                    "the broken file to be refused",
+                )
                 after = admin_status(sidecar.admin)
                 assert after.version == before.version
                 assert after.last_reload.outcome == pb.ReloadResult.INVALID
@@ -276,10 +294,8 @@ def admin_status(address: str) -> pb.TableStatus:
 # ---- SIGTERM under load -------------------------------------------------------------------
 
 
-def test_sigterm_under_load_drains_without_failing_a_request(rules_file: Path,
-                                                             tmp_path: Path) -> None:
-    with Stack(rules_file, ENVOY_CONFIG, tmp_path, sidecar_args=["--drain", "1.5", "--grace", "5"]
-               ) as stack:
+def test_sigterm_under_load_drains_without_failing_a_request(rules_file: Path, tmp_path: Path) -> None:
+    with Stack(rules_file, ENVOY_CONFIG, tmp_path, sidecar_args=["--drain", "1.5", "--grace", "5"]) as stack:
         assert stack.sidecar is not None and stack.envoy is not None
         sidecar, envoy = stack.sidecar, stack.envoy
         load = BackgroundLoad(stack.port, {"x-canary": "1"})
@@ -299,11 +315,10 @@ def test_sigterm_under_load_drains_without_failing_a_request(rules_file: Path,
     # sidecar had accepted was cut, and requests after that failed open to stable.
     assert stats["cluster.graysteer.upstream_rq_rx_reset"] == 0
     assert stats["cluster.graysteer.upstream_cx_destroy_remote_with_active_rq"] == 0
-    assert stats["http.ingress.ext_proc.streams_failed"] == stats[
-        "http.ingress.ext_proc.failure_mode_allowed"]
+    assert (
+        stats["http.ingress.ext_proc.streams_failed"] == stats["http.ingress.ext_proc.failure_mode_allowed"]
+    )
     assert results[0][1] == "canary" and results[-1][1] == "stable"
-
-
 
 
 def test_sighup_forces_a_reload(rules_file: Path, tmp_path: Path) -> None:
@@ -312,8 +327,9 @@ def test_sighup_forces_a_reload(rules_file: Path, tmp_path: Path) -> None:
     sidecar = Sidecar(rules, tmp_path, ["--no-watch"])
     try:
         first = admin_status(sidecar.admin).version
-        rules.write_text(rules_file.read_text().replace("weight: 70", "weight: 60")
-                         .replace("weight: 30", "weight: 40"))
+        rules.write_text(
+            rules_file.read_text().replace("weight: 70", "weight: 60").replace("weight: 30", "weight: 40")
+        )
         time.sleep(0.5)  # give a watcher, were there one, time to act: there must be none
         assert admin_status(sidecar.admin).version == first
         sidecar.signal(signal.SIGHUP)

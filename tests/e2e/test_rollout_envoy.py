@@ -36,8 +36,13 @@ def start(tmp_path: Path, hold: str = "1s", min_requests: int = 20) -> Stack:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace("HOLD", hold).replace("MIN", str(min_requests)))
     admin = free_port()
-    return Stack(rules, ENVOY_CONFIG, tmp_path, envoy_admin_port=admin, sidecar_args=[
-        "--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25"])
+    return Stack(
+        rules,
+        ENVOY_CONFIG,
+        tmp_path,
+        envoy_admin_port=admin,
+        sidecar_args=["--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25"],
+    )
 
 
 def rollout(stack: Stack) -> dict:
@@ -51,16 +56,18 @@ def test_a_healthy_canary_advances_through_every_step(tmp_path: Path) -> None:
     with start(tmp_path) as stack:
         load = BackgroundLoad(stack.port, {}, threads=3, vary_user=True)
         seen = []
-        wait_for(lambda: seen.append(rollout(stack)["canary_weight"]) or
-                 rollout(stack)["phase"] == "promoted", 40, "the rollout to be promoted")
+        wait_for(
+            lambda: seen.append(rollout(stack)["canary_weight"]) or rollout(stack)["phase"] == "promoted",
+            40,
+            "the rollout to be promoted",
+        )
         results = load.stop()
         assert {20, 50}.issubset(seen) and seen == sorted(seen)  # every step, never back
         assert rollout(stack)["canary_weight"] == 100
         assert {status for status, _ in results} == {200}
         # promoted: every user now lands on the canary
         client = stack.client()
-        assert {client.get("/", {"x-user-id": f"p{i}"})[1]["backend"] for i in range(30)} == {
-            "canary"}
+        assert {client.get("/", {"x-user-id": f"p{i}"})[1]["backend"] for i in range(30)} == {"canary"}
 
 
 def test_a_failing_canary_is_pulled_out_within_seconds(tmp_path: Path) -> None:
@@ -80,8 +87,7 @@ def test_a_failing_canary_is_pulled_out_within_seconds(tmp_path: Path) -> None:
         assert report["canary_weight"] == 0
         assert stack.sidecar is not None and stack.sidecar.http_get("/rollouts/ramp/check")[0] == 503
         client = stack.client()
-        assert {client.get("/", {"x-user-id": f"after{i}"})[1]["backend"] for i in range(100)} == {
-            "stable"}
+        assert {client.get("/", {"x-user-id": f"after{i}"})[1]["backend"] for i in range(100)} == {"stable"}
         stack.backends["canary"].fail_rate = 0.0
         assert client.get("/", {"x-canary": "1"})[1]["backend"] == "canary"  # explicit override
 
@@ -105,14 +111,14 @@ def test_too_little_traffic_gives_no_verdict_no_step_no_rollback(tmp_path: Path)
             client.get("/", {"x-user-id": f"thin{i}"})
         time.sleep(2.5)  # more than a hold: nothing may happen without a verdict
         report = rollout(stack)
-        assert (report["phase"], report["step"], report["verdict"]) == (
-            "progressing", 0, "inconclusive")
+        assert (report["phase"], report["step"], report["verdict"]) == ("progressing", 0, "inconclusive")
         assert report["canary_weight"] == 20
 
 
 @pytest.mark.parametrize("action", ["progress", "pause", "abort", "promote"])
-def test_a_restart_keeps_the_rollout_state(tmp_path: Path, action: str,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_restart_keeps_the_rollout_state(
+    tmp_path: Path, action: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with start(tmp_path, hold="60s") as stack:
         assert stack.sidecar is not None
         wait_for(lambda: rollout(stack)["canary_weight"] == 20, 10, "the first step")
@@ -126,7 +132,10 @@ def test_a_restart_keeps_the_rollout_state(tmp_path: Path, action: str,
             wait_for(lambda: restarted.http_get("/rollouts/ramp")[0] == 200, 10, "the restart")
             after = json.loads(restarted.http_get("/rollouts/ramp")[1])
             assert (after["phase"], after["step"], after["canary_weight"]) == (
-                before["phase"], before["step"], before["canary_weight"])
+                before["phase"],
+                before["step"],
+                before["canary_weight"],
+            )
             if action == "progress":  # the hold goes on from where it was, not from zero
                 assert after["hold_remaining_seconds"] <= before["hold_remaining_seconds"]
             assert main(["status", "--admin", restarted.admin]) == 0
@@ -136,7 +145,8 @@ def test_a_restart_keeps_the_rollout_state(tmp_path: Path, action: str,
 
 
 def test_manual_set_weight_is_refused_while_a_rollout_drives_the_rule(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with start(tmp_path, hold="60s") as stack:
         assert stack.sidecar is not None
         admin = stack.sidecar.admin

@@ -85,16 +85,20 @@ def access_log_line(stack: Stack) -> str:
     stack.client().get("/marker-for-access-log", {"x-user-id": "user-3"})
     assert stack.envoy is not None
     log = stack.envoy.process
-    return str(wait_for(lambda: re.search(r".*marker-for-access-log.*", log.log_text()), 10,
-                        "the access log line").group(0))
+    return str(
+        wait_for(
+            lambda: re.search(r".*marker-for-access-log.*", log.log_text()), 10, "the access log line"
+        ).group(0)
+    )
 
 
 LOG_LINES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def by_mode(rules: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
+def by_mode(
+    rules: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
     results = {}
     for mode in MODES:
         config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), EnvoyOptions(mode=mode))))

@@ -33,10 +33,22 @@ RULES = textwrap.dedent("""\
         match: {headers: {x-canary: "1"}}
         route: canary
     """)
-SMUGGLED = {"x-canary": "1", "x-graysteer-lane": "canary",
-            "baggage": "tenant=acme,graysteer.lane=canary, other=1"}
-WALKAROUNDS = ["/admin", "/admin/users", "//admin", "/./admin", "/%61dmin", "/api/../admin",
-               "/api/%2e%2e/admin", "/%2e/admin", "///admin//x"]
+SMUGGLED = {
+    "x-canary": "1",
+    "x-graysteer-lane": "canary",
+    "baggage": "tenant=acme,graysteer.lane=canary, other=1",
+}
+WALKAROUNDS = [
+    "/admin",
+    "/admin/users",
+    "//admin",
+    "/./admin",
+    "/%61dmin",
+    "/api/../admin",
+    "/api/%2e%2e/admin",
+    "/%2e/admin",
+    "///admin//x",
+]
 
 
 @pytest.fixture(scope="module", params=["ext_proc", "ext_authz", "ext_authz_http"])
@@ -81,8 +93,9 @@ def test_security_holds_while_the_sidecar_has_not_started(stack: Stack) -> None:
 def test_security_holds_with_the_sidecar_answering(stack: Stack) -> None:
     sidecar = stack.start_sidecar()
     http = stack.client()
-    wait_for(lambda: "x-route-cluster" in http.get("/")[1].get("headers", {}), 10,
-             "Envoy to consult the sidecar")
+    wait_for(
+        lambda: "x-route-cluster" in http.get("/")[1].get("headers", {}), 10, "Envoy to consult the sidecar"
+    )
     assert_secure(stack, sidecar_up=True)
     sidecar.kill()
 
@@ -90,8 +103,11 @@ def test_security_holds_with_the_sidecar_answering(stack: Stack) -> None:
 def test_security_holds_after_the_sidecar_was_killed(stack: Stack) -> None:
     assert stack.sidecar is not None and stack.sidecar.popen.poll() is not None
     http = stack.client()
-    wait_for(lambda: "x-route-cluster" not in http.get("/")[1].get("headers", {}), 10,
-             "Envoy to route without the sidecar")
+    wait_for(
+        lambda: "x-route-cluster" not in http.get("/")[1].get("headers", {}),
+        10,
+        "Envoy to route without the sidecar",
+    )
     assert_secure(stack, sidecar_up=False)
 
 

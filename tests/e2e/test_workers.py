@@ -48,11 +48,15 @@ def test_three_workers_share_the_load_and_the_table(rules_file: Path, tmp_path: 
 
         # the supervisor's /metrics adds the workers up
         families = {f.name: f for f in text_string_to_metric_families(sidecar.http_get("/metrics")[1])}
-        decisions = sum(s.value for s in families["graysteer_decisions"].samples
-                        if s.name == "graysteer_decisions_total")
+        decisions = sum(
+            s.value for s in families["graysteer_decisions"].samples if s.name == "graysteer_decisions_total"
+        )
         assert decisions == 300
-        canary = [s.value for s in families["graysteer_decisions"].samples
-                  if s.labels == {"cluster": "canary", "rule": "force-canary"}]
+        canary = [
+            s.value
+            for s in families["graysteer_decisions"].samples
+            if s.labels == {"cluster": "canary", "rule": "force-canary"}
+        ]
         assert canary == [100]
         assert sidecar.http_get("/readyz")[0] == 200
 
@@ -60,22 +64,31 @@ def test_three_workers_share_the_load_and_the_table(rules_file: Path, tmp_path: 
         first = set(versions(sidecar.admins))
         assert len(first) == 1
         rules.write_text(rules.read_text() + "# edited\n")
-        wait_for(lambda: len(set(versions(sidecar.admins)) - first) == 1
-                 and len(set(versions(sidecar.admins))) == 1, 15, "all workers to reload")
+        wait_for(
+            lambda: (
+                len(set(versions(sidecar.admins)) - first) == 1 and len(set(versions(sidecar.admins))) == 1
+            ),
+            15,
+            "all workers to reload",
+        )
 
         # runtime weights set through one worker reach the others (state file)
         with grpc.insecure_channel(sidecar.admins[0]) as channel:
             pb_grpc.AdminStub(channel).SetWeights(
-                pb.SetWeightsRequest(rule="ramp", weights={"canary": 100}), timeout=5)
-        wait_for(lambda: all("+o" in v for v in versions(sidecar.admins))
-                 and len(set(versions(sidecar.admins))) == 1, 15, "all workers to take the weights")
-        assert {client.get("/", {"x-user-id": f"all{i}"})[1]["backend"] for i in range(60)} == {
-            "canary"}
+                pb.SetWeightsRequest(rule="ramp", weights={"canary": 100}), timeout=5
+            )
+        wait_for(
+            lambda: (
+                all("+o" in v for v in versions(sidecar.admins)) and len(set(versions(sidecar.admins))) == 1
+            ),
+            15,
+            "all workers to take the weights",
+        )
+        assert {client.get("/", {"x-user-id": f"all{i}"})[1]["backend"] for i in range(60)} == {"canary"}
 
 
 def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp_path: Path) -> None:
-    with Stack(rules_file, ENVOY_CONFIG, tmp_path,
-               sidecar_args=["--workers", "2", "--drain", "1"]) as stack:
+    with Stack(rules_file, ENVOY_CONFIG, tmp_path, sidecar_args=["--workers", "2", "--drain", "1"]) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
         load = BackgroundLoad(stack.port, {"x-canary": "1"}, threads=3)
@@ -88,8 +101,11 @@ def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp
         # the restarted worker is back on its port, and Envoy sends it streams again
         worker1 = f"127.0.0.1:{sidecar.ports[1]}"
         before = per_worker_requests(stack)[worker1]
-        wait_for(lambda: per_worker_requests(stack)[worker1] > before + 50, 20,
-                 "streams to reach the restarted worker")
+        wait_for(
+            lambda: per_worker_requests(stack)[worker1] > before + 50,
+            20,
+            "streams to reach the restarted worker",
+        )
 
         assert stack.envoy is not None
         cut = "cluster.graysteer.upstream_cx_destroy_remote_with_active_rq"
@@ -103,8 +119,7 @@ def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp
     assert stats[cut] == cut_by_the_kill  # the drain cut no stream
 
 
-def test_http_workers_share_the_checks_and_a_dead_one_comes_back(rules_file: Path,
-                                                                 tmp_path: Path) -> None:
+def test_http_workers_share_the_checks_and_a_dead_one_comes_back(rules_file: Path, tmp_path: Path) -> None:
     """ext_authz over HTTP with two workers on ports +0, +1: Envoy's HTTP pool spreads checks
     over both; a killed worker is restarted on its port and gets checks again; nothing fails."""
     config = ENVOY_CONFIG.parent / "ext_authz_http.yaml"
@@ -120,8 +135,11 @@ def test_http_workers_share_the_checks_and_a_dead_one_comes_back(rules_file: Pat
         wait_for(lambda: sidecar.log_text().count("worker 1 (pid") == 2, 20, "worker 1 to restart")
         worker1 = f"127.0.0.1:{sidecar.ports[1]}"
         before = per_worker_requests(stack)[worker1]
-        wait_for(lambda: per_worker_requests(stack)[worker1] > before + 50, 20,
-                 "checks to reach the restarted worker")
+        wait_for(
+            lambda: per_worker_requests(stack)[worker1] > before + 50,
+            20,
+            "checks to reach the restarted worker",
+        )
         load.stop()
     assert {s.status for s in load.samples} == {200}
     assert all(s.backend for s in load.samples)

@@ -20,8 +20,7 @@ TABLE = load_rules(REPO / "examples" / "rules.yaml")
 
 
 def hcm(config: dict[str, Any]) -> dict[str, Any]:
-    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
 def ext_proc(config: dict[str, Any]) -> dict[str, Any]:
@@ -41,55 +40,117 @@ def sidecar_cluster(config: dict[str, Any]) -> dict[str, Any]:
 
 
 CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
-    ("no early strip", lambda c: hcm(c).pop("early_header_mutation_extensions"),
-     "does not strip a client-sent 'x-route-cluster'"),
-    ("guard accepts anything", lambda c: guard(c)["string_match"]["safe_regex"].update(regex=".*"),
-     "lets unknown cluster names through"),
-    ("guard is a bare prefix", lambda c: guard(c)["string_match"]["safe_regex"].update(
-        regex="(stable|canary).*"), "lets unknown cluster names through"),
+    (
+        "no early strip",
+        lambda c: hcm(c).pop("early_header_mutation_extensions"),
+        "does not strip a client-sent 'x-route-cluster'",
+    ),
+    (
+        "guard accepts anything",
+        lambda c: guard(c)["string_match"]["safe_regex"].update(regex=".*"),
+        "lets unknown cluster names through",
+    ),
+    (
+        "guard is a bare prefix",
+        lambda c: guard(c)["string_match"]["safe_regex"].update(regex="(stable|canary).*"),
+        "lets unknown cluster names through",
+    ),
     ("no guard", lambda c: routes(c)[0]["match"].pop("headers"), "does not check"),
-    ("guard forgets canary", lambda c: guard(c)["string_match"]["safe_regex"].update(
-        regex="^(stable)$"), "refuses cluster(s) canary"),
+    (
+        "guard forgets canary",
+        lambda c: guard(c)["string_match"]["safe_regex"].update(regex="^(stable)$"),
+        "refuses cluster(s) canary",
+    ),
     ("no fallback route", lambda c: routes(c).pop(1), "no fallback route"),
-    ("route cache kept", lambda c: ext_proc(c).update(route_cache_action="RETAIN"),
-     "keeps the route cache"),
-    ("clear route cache disabled", lambda c: ext_proc(c).update(disable_clear_route_cache=True),
-     "keeps the route cache"),
-    ("headers skipped", lambda c: ext_proc(c)["processing_mode"].update(request_header_mode="SKIP"),
-     "nothing is decided"),
+    ("route cache kept", lambda c: ext_proc(c).update(route_cache_action="RETAIN"), "keeps the route cache"),
+    (
+        "clear route cache disabled",
+        lambda c: ext_proc(c).update(disable_clear_route_cache=True),
+        "keeps the route cache",
+    ),
+    (
+        "headers skipped",
+        lambda c: ext_proc(c)["processing_mode"].update(request_header_mode="SKIP"),
+        "nothing is decided",
+    ),
     ("metadata dropped", lambda c: ext_proc(c).pop("metadata_options"), "drops the decision's"),
-    ("idle sidecar checked every minute", lambda c: sidecar_cluster(c)["health_checks"][0].pop(
-        "no_traffic_interval"), "re-checked only every 60s"),
-    ("idle check too slow", lambda c: sidecar_cluster(c)["health_checks"][0].update(
-        no_traffic_interval="30s"), "re-checked only every 30s"),
+    (
+        "idle sidecar checked every minute",
+        lambda c: sidecar_cluster(c)["health_checks"][0].pop("no_traffic_interval"),
+        "re-checked only every 60s",
+    ),
+    (
+        "idle check too slow",
+        lambda c: sidecar_cluster(c)["health_checks"][0].update(no_traffic_interval="30s"),
+        "re-checked only every 30s",
+    ),
     ("no health check", lambda c: sidecar_cluster(c).pop("health_checks"), "has no health check"),
-    ("no deny backstop", lambda c: hcm(c)["http_filters"].pop(2),
-     "lets deny rule(s) block-admin through while the sidecar is away"),
-    ("deny backstop off on the fallback route", lambda c: routes(c)[1].update(
-        typed_per_filter_config=routes(c)[0]["typed_per_filter_config"]),
-     "switches the RBAC deny backstop off"),
-    ("fallback keeps the lane header", lambda c: routes(c)[1].pop("request_headers_to_remove"),
-     "passes client-sent x-graysteer-lane to the backend"),
-    ("no baggage strip", lambda c: hcm(c)["http_filters"].pop(1),
-     "passes a client-sent baggage member 'graysteer.lane'"),
+    (
+        "no deny backstop",
+        lambda c: hcm(c)["http_filters"].pop(2),
+        "lets deny rule(s) block-admin through while the sidecar is away",
+    ),
+    (
+        "deny backstop off on the fallback route",
+        lambda c: routes(c)[1].update(typed_per_filter_config=routes(c)[0]["typed_per_filter_config"]),
+        "switches the RBAC deny backstop off",
+    ),
+    (
+        "fallback keeps the lane header",
+        lambda c: routes(c)[1].pop("request_headers_to_remove"),
+        "passes client-sent x-graysteer-lane to the backend",
+    ),
+    (
+        "no baggage strip",
+        lambda c: hcm(c)["http_filters"].pop(1),
+        "passes a client-sent baggage member 'graysteer.lane'",
+    ),
     ("paths not normalized", lambda c: hcm(c).pop("normalize_path"), "does not normalize it"),
     ("slashes not merged", lambda c: hcm(c).pop("merge_slashes"), "merge_slashes: true"),
-    ("escaped slashes kept", lambda c: hcm(c).update(
-        path_with_escaped_slashes_action="KEEP_UNCHANGED"), "path_with_escaped_slashes_action"),
-    ("mutations rejected", lambda c: ext_proc(c).update(mutation_rules={"disallow_all": True}),
-     "may reject the routing header"),
-    ("sidecar not HTTP/2", lambda c: sidecar_cluster(c).pop("typed_extension_protocol_options"),
-     "does not speak HTTP/2"),
-    ("sidecar cluster missing", lambda c: c["static_resources"]["clusters"].pop(0),
-     "points at cluster 'graysteer', which does not exist"),
-    ("canary cluster missing", lambda c: c["static_resources"]["clusters"].pop(2),
-     "the rules name cluster 'canary' but Envoy defines no such cluster"),
-    ("other routing header", lambda c: routes(c)[0]["route"].update(cluster_header="x-other"),
-     "no route forwards with cluster_header: x-route-cluster"),
-    ("raw_value runtime off", lambda c: c.update(layered_runtime={"layers": [{
-        "name": "static", "static_layer": {
-            "envoy.reloadable_features.send_header_raw_value": False}}]}),
-     "routing header arrives empty"),
+    (
+        "escaped slashes kept",
+        lambda c: hcm(c).update(path_with_escaped_slashes_action="KEEP_UNCHANGED"),
+        "path_with_escaped_slashes_action",
+    ),
+    (
+        "mutations rejected",
+        lambda c: ext_proc(c).update(mutation_rules={"disallow_all": True}),
+        "may reject the routing header",
+    ),
+    (
+        "sidecar not HTTP/2",
+        lambda c: sidecar_cluster(c).pop("typed_extension_protocol_options"),
+        "does not speak HTTP/2",
+    ),
+    (
+        "sidecar cluster missing",
+        lambda c: c["static_resources"]["clusters"].pop(0),
+        "points at cluster 'graysteer', which does not exist",
+    ),
+    (
+        "canary cluster missing",
+        lambda c: c["static_resources"]["clusters"].pop(2),
+        "the rules name cluster 'canary' but Envoy defines no such cluster",
+    ),
+    (
+        "other routing header",
+        lambda c: routes(c)[0]["route"].update(cluster_header="x-other"),
+        "no route forwards with cluster_header: x-route-cluster",
+    ),
+    (
+        "raw_value runtime off",
+        lambda c: c.update(
+            layered_runtime={
+                "layers": [
+                    {
+                        "name": "static",
+                        "static_layer": {"envoy.reloadable_features.send_header_raw_value": False},
+                    }
+                ]
+            }
+        ),
+        "routing header arrives empty",
+    ),
     ("no sidecar filter", lambda c: hcm(c)["http_filters"].pop(0), "the sidecar is never asked"),
 ]
 
@@ -102,10 +163,13 @@ def test_the_shipped_configs_are_clean(name: str) -> None:
 AUTHZ = yaml.safe_load((REPO / "envoy" / "ext_authz.yaml").read_text())
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({"clear_route_cache": False}, "does not clear the route cache"),
-    ({"encode_raw_headers": True}, "reads `raw_value`"),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"clear_route_cache": False}, "does not clear the route cache"),
+        ({"encode_raw_headers": True}, "reads `raw_value`"),
+    ],
+)
 def test_ext_authz_breakages(change: dict[str, Any], expected: str) -> None:
     config = copy.deepcopy(AUTHZ)
     ext_proc(config).update(change)  # the first HTTP filter: here, ext_authz
@@ -113,8 +177,9 @@ def test_ext_authz_breakages(change: dict[str, Any], expected: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "breakage", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_each_breakage_is_found_with_a_fix(name: str, breakage: Callable[[dict[str, Any]], Any],
-                                          expected: str) -> None:
+def test_each_breakage_is_found_with_a_fix(
+    name: str, breakage: Callable[[dict[str, Any]], Any], expected: str
+) -> None:
     config = copy.deepcopy(ENVOY)
     breakage(config)
     findings = [str(f) for f in check(TABLE, config)]
@@ -163,12 +228,15 @@ XFCC_TABLE = table_from_yaml("""\
     """)
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("ALWAYS_FORWARD_ONLY", "a client can claim any identity"),
-    ("APPEND_FORWARD", "a client can claim any identity"),
-    ("FORWARD_ONLY", "a client can claim any identity"),
-    ("SANITIZE", "a client can claim any identity"),
-])
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("ALWAYS_FORWARD_ONLY", "a client can claim any identity"),
+        ("APPEND_FORWARD", "a client can claim any identity"),
+        ("FORWARD_ONLY", "a client can claim any identity"),
+        ("SANITIZE", "a client can claim any identity"),
+    ],
+)
 def test_trusting_xfcc_needs_envoy_to_set_it(mode: str, expected: str) -> None:
     config = yaml.safe_load((REPO / "envoy" / "mtls.yaml").read_text())
     assert not any("x-forwarded-client-cert" in str(f) for f in check(XFCC_TABLE, config))
@@ -217,7 +285,8 @@ def test_backstop_refuses_a_glob_envoy_could_not_compile() -> None:
         bootstrap(table_from_yaml(_deny_on(f'{{glob: "{glob}"}}')), EnvoyOptions())
     short = _principals(_deny_on('{glob: "spiffe://example.org/ns/*/sa/x"}'))
     assert short["authenticated"]["principal_name"]["safe_regex"]["regex"] == (
-        r"spiffe://example\.org/ns/.*/sa/x")
+        r"spiffe://example\.org/ns/.*/sa/x"
+    )
 
 
 def test_a_guard_envoy_cannot_compile_is_no_guard() -> None:

@@ -52,8 +52,9 @@ def test_the_shipped_config_is_clean() -> None:
 
 def test_the_generated_mtls_config_is_clean_for_identity_rules() -> None:
     table = table_from_yaml(IDENTITY_RULES)
-    config = yaml.safe_load(render_yaml(bootstrap(table, EnvoyOptions(
-        mode="ext_authz_http", mtls=TlsOptions()))))
+    config = yaml.safe_load(
+        render_yaml(bootstrap(table, EnvoyOptions(mode="ext_authz_http", mtls=TlsOptions())))
+    )
     assert check(table, config) == []
 
 
@@ -71,38 +72,73 @@ def _drop(path: Callable[[Config], Config], key: str) -> Callable[[Config], None
     return lambda config: path(config).pop(key)
 
 
-HTTP2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-    "explicit_http_config": {"http2_protocol_options": {}}}}
+HTTP2 = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
 
 CASES: list[tuple[str, Callable[[Config], None], str]] = [
-    ("cluster speaks HTTP/2", _set(cluster, "typed_extension_protocol_options", HTTP2),
-     "speaks HTTP/2"),
-    ("gRPC health check", lambda c: cluster(c)["health_checks"][0].update(
-        {"grpc_health_check": {}, "http_health_check": None}), "not health-checked over HTTP"),
+    ("cluster speaks HTTP/2", _set(cluster, "typed_extension_protocol_options", HTTP2), "speaks HTTP/2"),
+    (
+        "gRPC health check",
+        lambda c: cluster(c)["health_checks"][0].update({"grpc_health_check": {}, "http_health_check": None}),
+        "not health-checked over HTTP",
+    ),
     ("no health check", _drop(cluster, "health_checks"), "has no health check"),
-    ("idle health check", lambda c: cluster(c)["health_checks"][0].pop("no_traffic_interval"),
-     "re-checked only every"),
-    ("slow timeout", lambda c: service(c)["server_uri"].update(timeout="5s"),
-     "a stalled sidecar holds every request"),
+    (
+        "idle health check",
+        lambda c: cluster(c)["health_checks"][0].pop("no_traffic_interval"),
+        "re-checked only every",
+    ),
+    (
+        "slow timeout",
+        lambda c: service(c)["server_uri"].update(timeout="5s"),
+        "a stalled sidecar holds every request",
+    ),
     ("other path prefix", _set(service, "path_prefix", "/auth"), "the wrong path"),
     ("no clear_route_cache", _set(authz, "clear_route_cache", False), "does not clear the route cache"),
-    ("listed headers only", _set(authz, "allowed_headers", {"patterns": [{"exact": "x-user-id"}]}),
-     "does not pass every request header"),
-    ("baggage disallowed", _set(authz, "disallowed_headers", {"patterns": [{"exact": "baggage"}]}),
-     "keeps 'baggage' from the sidecar"),
-    ("listener port not set by Envoy", _drop(service, "authorization_request"),
-     "a client can claim a trusted listener port"),
-    ("routing header not copied", lambda c: service(c)["authorization_response"][
-        "allowed_upstream_headers"]["patterns"].pop(0), "nothing is routed"),
-    ("lane not copied", lambda c: service(c)["authorization_response"][
-        "allowed_upstream_headers"]["patterns"].pop(1), "the lane does not travel on"),
-    ("no decision metadata", lambda c: service(c)["authorization_response"].pop(
-        "dynamic_metadata_from_headers"), "access logs cannot show rule"),
-    ("every deny header to the client", lambda c: service(c)["authorization_response"].pop(
-        "allowed_client_headers"), "decision headers included"),
-    ("client XFCC forwarded", _set(hcm, "forward_client_cert_details", "ALWAYS_FORWARD_ONLY"),
-     "a client can name its own identity"),
+    (
+        "listed headers only",
+        _set(authz, "allowed_headers", {"patterns": [{"exact": "x-user-id"}]}),
+        "does not pass every request header",
+    ),
+    (
+        "baggage disallowed",
+        _set(authz, "disallowed_headers", {"patterns": [{"exact": "baggage"}]}),
+        "keeps 'baggage' from the sidecar",
+    ),
+    (
+        "listener port not set by Envoy",
+        _drop(service, "authorization_request"),
+        "a client can claim a trusted listener port",
+    ),
+    (
+        "routing header not copied",
+        lambda c: service(c)["authorization_response"]["allowed_upstream_headers"]["patterns"].pop(0),
+        "nothing is routed",
+    ),
+    (
+        "lane not copied",
+        lambda c: service(c)["authorization_response"]["allowed_upstream_headers"]["patterns"].pop(1),
+        "the lane does not travel on",
+    ),
+    (
+        "no decision metadata",
+        lambda c: service(c)["authorization_response"].pop("dynamic_metadata_from_headers"),
+        "access logs cannot show rule",
+    ),
+    (
+        "every deny header to the client",
+        lambda c: service(c)["authorization_response"].pop("allowed_client_headers"),
+        "decision headers included",
+    ),
+    (
+        "client XFCC forwarded",
+        _set(hcm, "forward_client_cert_details", "ALWAYS_FORWARD_ONLY"),
+        "a client can name its own identity",
+    ),
     ("no backstop", lambda c: hcm(c)["http_filters"].pop(1), "while the sidecar is away"),
 ]
 

@@ -75,10 +75,11 @@ def families(text: str) -> list[Any]:
 
 def ext_proc(bypassed: float, requests: float, uptime: float | None = 100.0) -> EnvoyCounts:
     """An ext_proc read with one connection manager, `ingress`."""
-    series = ("envoy_http_ext_proc_failure_mode_allowed_total",
-              (("envoy_http_conn_manager_prefix", "ingress"),))
-    return EnvoyCounts({"ext_proc": ModeCounts({series: bypassed}, {"ingress": requests})},
-                       uptime)
+    series = (
+        "envoy_http_ext_proc_failure_mode_allowed_total",
+        (("envoy_http_conn_manager_prefix", "ingress"),),
+    )
+    return EnvoyCounts({"ext_proc": ModeCounts({series: bypassed}, {"ingress": requests})}, uptime)
 
 
 def total(counts: EnvoyCounts, mode: str) -> tuple[float, float]:
@@ -106,36 +107,64 @@ def test_a_filter_stat_prefix_inside_the_name_is_understood() -> None:
 
 
 def test_no_filter_no_modes() -> None:
-    text = "# TYPE envoy_http_downstream_rq_total counter\n" \
-           'envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="ingress"} 7\n'
+    text = (
+        "# TYPE envoy_http_downstream_rq_total counter\n"
+        'envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="ingress"} 7\n'
+    )
     assert parse_counts(families(text)).modes == {}
 
 
-@pytest.mark.parametrize(("old", "new", "expected", "restarted"), [
-    pytest.param(None, ext_proc(5, 50), (0, 0), False, id="first read: the baseline"),
-    pytest.param(ext_proc(5, 50), ext_proc(9, 70), (4, 20), False, id="increase"),
-    pytest.param(ext_proc(5, 50), ext_proc(5, 50), (0, 0), False, id="idle"),
-    pytest.param(ext_proc(5, 50, 100), ext_proc(2, 30, 3), (2, 30), True,
-                 id="Envoy restarted: uptime went down, all since the restart"),
-    pytest.param(ext_proc(5, 50, 100), ext_proc(60, 400, 4), (60, 400), True,
-                 id="restarted and already past the old values"),
-    pytest.param(ext_proc(5, 50, None), ext_proc(2, 60, None), (2, 10), False,
-                 id="no uptime: a counter that went down restarted from 0"),
-    pytest.param(EnvoyCounts({}, 10), ext_proc(3, 9), (3, 9), False,
-                 id="a filter that appears counts in full"),
-])
-def test_window(old: EnvoyCounts | None, new: EnvoyCounts, expected: tuple[float, float],
-                restarted: bool) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "expected", "restarted"),
+    [
+        pytest.param(None, ext_proc(5, 50), (0, 0), False, id="first read: the baseline"),
+        pytest.param(ext_proc(5, 50), ext_proc(9, 70), (4, 20), False, id="increase"),
+        pytest.param(ext_proc(5, 50), ext_proc(5, 50), (0, 0), False, id="idle"),
+        pytest.param(
+            ext_proc(5, 50, 100),
+            ext_proc(2, 30, 3),
+            (2, 30),
+            True,
+            id="Envoy restarted: uptime went down, all since the restart",
+        ),
+        pytest.param(
+            ext_proc(5, 50, 100),
+            ext_proc(60, 400, 4),
+            (60, 400),
+            True,
+            id="restarted and already past the old values",
+        ),
+        pytest.param(
+            ext_proc(5, 50, None),
+            ext_proc(2, 60, None),
+            (2, 10),
+            False,
+            id="no uptime: a counter that went down restarted from 0",
+        ),
+        pytest.param(
+            EnvoyCounts({}, 10), ext_proc(3, 9), (3, 9), False, id="a filter that appears counts in full"
+        ),
+    ],
+)
+def test_window(
+    old: EnvoyCounts | None, new: EnvoyCounts, expected: tuple[float, float], restarted: bool
+) -> None:
     result = window(old, new)
     part = result.modes["ext_proc"]
     assert (part.bypassed, part.requests) == expected
     assert result.restarted == restarted
 
 
-@pytest.mark.parametrize(("bypassed", "requests", "ratio"), [
-    (0, 0, 0.0), (0, 10, 0.0), (5, 10, 0.5), (10, 10, 1.0),
-    (4, 3, 1.0),  # counted on arrival in one window, bypassed in the next: capped at 1
-])
+@pytest.mark.parametrize(
+    ("bypassed", "requests", "ratio"),
+    [
+        (0, 0, 0.0),
+        (0, 10, 0.0),
+        (5, 10, 0.5),
+        (10, 10, 1.0),
+        (4, 3, 1.0),  # counted on arrival in one window, bypassed in the next: capped at 1
+    ],
+)
 def test_ratio(bypassed: float, requests: float, ratio: float) -> None:
     assert ModeWindow(bypassed, requests).ratio == ratio
 
@@ -147,13 +176,19 @@ def read(text: str) -> list[Any]:
 def envoy_text(bypassed: int, requests: int, uptime: int) -> str:
     """EXT_PROC with other values."""
     prefix = '{envoy_http_conn_manager_prefix="ingress"}'
-    return "\n".join(
-        f"envoy_http_ext_proc_failure_mode_allowed{prefix} {bypassed}" if
-        line.startswith("envoy_http_ext_proc_failure_mode_allowed{") else
-        f"envoy_http_downstream_rq_total{prefix} {requests}" if
-        line.startswith(f"envoy_http_downstream_rq_total{prefix}") else
-        f"envoy_server_uptime{{}} {uptime}" if line.startswith("envoy_server_uptime{") else line
-        for line in EXT_PROC.splitlines()) + "\n"
+    return (
+        "\n".join(
+            f"envoy_http_ext_proc_failure_mode_allowed{prefix} {bypassed}"
+            if line.startswith("envoy_http_ext_proc_failure_mode_allowed{")
+            else f"envoy_http_downstream_rq_total{prefix} {requests}"
+            if line.startswith(f"envoy_http_downstream_rq_total{prefix}")
+            else f"envoy_server_uptime{{}} {uptime}"
+            if line.startswith("envoy_server_uptime{")
+            else line
+            for line in EXT_PROC.splitlines()
+        )
+        + "\n"
+    )
 
 
 def sample(registry: CollectorRegistry, name: str, mode: str | None = "ext_proc") -> float | None:
@@ -188,9 +223,16 @@ def test_monitor_exports_increases_ratio_and_readability() -> None:
 
     report = monitor.report()
     assert report["stats_readable"] and report["last_read"] == 4.0
-    assert report["modes"] == [{"mode": "ext_proc", "bypassed_requests": 7, "requests": 14,
-                                "window_bypassed": 2, "window_requests": 4,
-                                "window_ratio": 0.5}]
+    assert report["modes"] == [
+        {
+            "mode": "ext_proc",
+            "bypassed_requests": 7,
+            "requests": 14,
+            "window_bypassed": 2,
+            "window_requests": 4,
+            "window_ratio": 0.5,
+        }
+    ]
 
 
 def test_without_envoy_admin_there_are_no_envoy_series() -> None:
@@ -241,11 +283,14 @@ def envoy_admin() -> Iterator[FakeEnvoyAdmin]:
 def test_the_poll_feeds_observers_without_any_rollout(envoy_admin: FakeEnvoyAdmin) -> None:
     """One read per poll, also when the rules have no rollout; an HTTP error is unreadable."""
     seen: list[tuple[bool, str]] = []
-    reloader = SimpleNamespace(state=SimpleNamespace(load=dict),
-                               table=SimpleNamespace(rollouts={}))
+    reloader = SimpleNamespace(state=SimpleNamespace(load=dict), table=SimpleNamespace(rollouts={}))
     controller = RolloutController(
-        reloader, Metrics(CollectorRegistry()), EnvoyStats(envoy_admin.address, 60), 1.0,  # type: ignore[arg-type]
-        observers=[lambda now, fams, error: seen.append((fams is not None, error))])
+        reloader,
+        Metrics(CollectorRegistry()),
+        EnvoyStats(envoy_admin.address, 60),
+        1.0,  # type: ignore[arg-type]
+        observers=[lambda now, fams, error: seen.append((fams is not None, error))],
+    )
     asyncio.run(controller.tick())
     envoy_admin.status = 503
     asyncio.run(controller.tick())

@@ -21,13 +21,16 @@ class Ready:
         self.ready, self.reason = ready, reason
 
 
-@pytest.mark.parametrize(("base", "ratio", "ready", "reason"), [
-    (Ready(), 0.0, True, "serving"),
-    (Ready(), 0.05, True, "serving"),  # at the limit
-    (Ready(), None, True, "serving"),  # Envoy's stats unreadable: unknown is not a failure
-    (Ready(), 0.8, False, "Envoy sent 80.0% of requests on without a decision"),
-    (Ready(False, "shutting down"), 0.8, False, "shutting down"),
-])
+@pytest.mark.parametrize(
+    ("base", "ratio", "ready", "reason"),
+    [
+        (Ready(), 0.0, True, "serving"),
+        (Ready(), 0.05, True, "serving"),  # at the limit
+        (Ready(), None, True, "serving"),  # Envoy's stats unreadable: unknown is not a failure
+        (Ready(), 0.8, False, "Envoy sent 80.0% of requests on without a decision"),
+        (Ready(False, "shutting down"), 0.8, False, "shutting down"),
+    ],
+)
 def test_bypass_gate(base: Ready, ratio: float | None, ready: bool, reason: str) -> None:
     gate = BypassGate(base, lambda: ratio, 0.05)
     assert gate.ready == ready
@@ -49,8 +52,9 @@ def test_the_supervisor_reads_the_ratio_from_the_registry() -> None:
 
 
 def status_lines(monitor: BypassMonitor | None) -> list[str]:
-    message = json_format.MessageToDict(envoy_bypass(monitor), preserving_proto_field_name=True,
-                                        always_print_fields_with_no_presence=True)
+    message = json_format.MessageToDict(
+        envoy_bypass(monitor), preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return admin_client.format_bypass(message)
 
 
@@ -61,23 +65,39 @@ def test_status_shows_the_counts_and_when_they_cannot_be_read() -> None:
     monitor.observe(1.0, read(envoy_text(3, 8, 10)))
     monitor.observe(2.0, read(envoy_text(8, 108, 11)))
     head, line = status_lines(monitor)
-    assert head.startswith("envoy bypass: reading Envoy's stats at 127.0.0.1:9901 every 1s; "
-                           "last read 1970-01-01T00:00:02Z")
-    assert line == ("  ext_proc: 5 of 100 requests sent on without a decision (5.0%) since the "
-                    "sidecar began reading; last window 5 of 100 (5.0%); /readyz limit 5.0%")
+    assert head.startswith(
+        "envoy bypass: reading Envoy's stats at 127.0.0.1:9901 every 1s; last read 1970-01-01T00:00:02Z"
+    )
+    assert line == (
+        "  ext_proc: 5 of 100 requests sent on without a decision (5.0%) since the "
+        "sidecar began reading; last window 5 of 100 (5.0%); /readyz limit 5.0%"
+    )
     monitor.observe(3.0, None, "HTTP 503")
     assert "CANNOT READ THEM: HTTP 503" in status_lines(monitor)[0]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--ready-max-bypass-ratio", "0.1"], "needs --envoy-admin"),
-    (["--ready-max-bypass-ratio", "0.1", "--envoy-admin", "127.0.0.1:9901"], "--http-listen"),
-    (["--ready-max-bypass-ratio", "1.5", "--envoy-admin", "127.0.0.1:9901",
-      "--http-listen", "127.0.0.1:0"], "expected a share from 0 to below 1"),
-    (["--ready-max-bypass-ratio", "x"], "expected a share"),
-])
-def test_ready_max_bypass_ratio_flag_errors(args: list[str], message: str,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ready-max-bypass-ratio", "0.1"], "needs --envoy-admin"),
+        (["--ready-max-bypass-ratio", "0.1", "--envoy-admin", "127.0.0.1:9901"], "--http-listen"),
+        (
+            [
+                "--ready-max-bypass-ratio",
+                "1.5",
+                "--envoy-admin",
+                "127.0.0.1:9901",
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+            "expected a share from 0 to below 1",
+        ),
+        (["--ready-max-bypass-ratio", "x"], "expected a share"),
+    ],
+)
+def test_ready_max_bypass_ratio_flag_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--config", "rules.yaml", *args])
     assert exit_info.value.code == 2
@@ -87,7 +107,6 @@ def test_ready_max_bypass_ratio_flag_errors(args: list[str], message: str,
 def test_status_json_is_what_the_admin_api_sends() -> None:
     monitor = BypassMonitor(Metrics(CollectorRegistry()), "127.0.0.1:9901", 0.5)
     monitor.observe(1.0, read(EXT_PROC))
-    data = json.loads(json_format.MessageToJson(envoy_bypass(monitor),
-                                                preserving_proto_field_name=True))
+    data = json.loads(json_format.MessageToJson(envoy_bypass(monitor), preserving_proto_field_name=True))
     assert data["watching"] and data["stats_readable"] and data["poll_seconds"] == 0.5
     assert data["modes"][0]["mode"] == "ext_proc"

@@ -38,8 +38,7 @@ def started(tmp_path: Path, text: str = A) -> tuple[Path, Reloader]:
 
 
 def reloads(reloader: Reloader, result: str) -> float:
-    return reloader.metrics.registry.get_sample_value("graysteer_reloads_total",
-                                                      {"result": result}) or 0
+    return reloader.metrics.registry.get_sample_value("graysteer_reloads_total", {"result": result}) or 0
 
 
 def test_reload_swaps_only_valid_tables(tmp_path: Path) -> None:
@@ -84,8 +83,10 @@ def test_set_weights_persists_and_survives_a_restart(tmp_path: Path) -> None:
     assert loaded.table.rules[0].split.weights == (70, 30)
     assert loaded.table.version.startswith(loaded.file_version + "+o")
     state = json.loads(default_state_path(path).read_text())
-    assert state["weight_overrides"]["ramp"] == {"weights": {"stable": 70, "canary": 30},
-                                                 "base": {"stable": 90, "canary": 10}}
+    assert state["weight_overrides"]["ramp"] == {
+        "weights": {"stable": 70, "canary": 30},
+        "base": {"stable": 90, "canary": 10},
+    }
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
     restarted = make_reloader(path)
@@ -114,13 +115,15 @@ def test_editing_the_rules_weights_in_the_file_drops_the_override(tmp_path: Path
     assert reloader.loaded is not None and reloader.loaded.overrides == {}
 
 
-@pytest.mark.parametrize(("rule", "weights", "message"), [
-    ("nope", {"canary": 1}, "no such rule"),
-    ("ramp", {"cnary": 1}, "unknown cluster"),
-    ("ramp", {"canary": 101}, "exceed"),
-])
-def test_set_weights_refusals_change_nothing(tmp_path: Path, rule: str, weights: dict,
-                                             message: str) -> None:
+@pytest.mark.parametrize(
+    ("rule", "weights", "message"),
+    [
+        ("nope", {"canary": 1}, "no such rule"),
+        ("ramp", {"cnary": 1}, "unknown cluster"),
+        ("ramp", {"canary": 101}, "exceed"),
+    ],
+)
+def test_set_weights_refusals_change_nothing(tmp_path: Path, rule: str, weights: dict, message: str) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text(A)
     reloader = make_reloader(path)
@@ -157,7 +160,7 @@ def rename_over(path: Path, text: str) -> None:
 def configmap_swap(path: Path, text: str) -> None:
     """What the kubelet does: a new timestamped dir, then the ..data symlink is swapped."""
     directory = path.parent
-    new = directory / f"..{len(list(directory.glob('..2*')))+2026}"
+    new = directory / f"..{len(list(directory.glob('..2*'))) + 2026}"
     new.mkdir()
     (new / "rules.yaml").write_text(text)
     tmp_link = directory / "..data_tmp"
@@ -166,10 +169,12 @@ def configmap_swap(path: Path, text: str) -> None:
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
-@pytest.mark.parametrize("replace", [in_place, rename_over, configmap_swap],
-                         ids=["in-place", "rename", "configmap"])
-def test_watcher_picks_up_each_kind_of_update(tmp_path: Path, replace: Callable[[Path, str], None],
-                                              polling: bool) -> None:
+@pytest.mark.parametrize(
+    "replace", [in_place, rename_over, configmap_swap], ids=["in-place", "rename", "configmap"]
+)
+def test_watcher_picks_up_each_kind_of_update(
+    tmp_path: Path, replace: Callable[[Path, str], None], polling: bool
+) -> None:
     path = tmp_path / "rules.yaml"
     if replace is configmap_swap:
         (tmp_path / "..2025").mkdir()
@@ -182,9 +187,11 @@ def test_watcher_picks_up_each_kind_of_update(tmp_path: Path, replace: Callable[
 
     async def scenario() -> None:
         stop = asyncio.Event()
-        watcher = asyncio.create_task(watch_directory(
-            path, lambda: reloader.reload("watch"), stop, force_polling=polling,
-            resync_seconds=0.5))
+        watcher = asyncio.create_task(
+            watch_directory(
+                path, lambda: reloader.reload("watch"), stop, force_polling=polling, resync_seconds=0.5
+            )
+        )
         await asyncio.sleep(0.1)
         replace(path, B)
         await until(lambda: reloader.holder.table.default == "canary")  # type: ignore[union-attr]
@@ -208,8 +215,6 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
-
-
 def test_a_broken_file_left_in_place_is_reported_once(tmp_path: Path) -> None:
     path, reloader = started(tmp_path)
 
@@ -219,8 +224,7 @@ def test_a_broken_file_left_in_place_is_reported_once(tmp_path: Path) -> None:
         outcomes.append((await reloader.reload("sighup", force=True)).outcome)  # forced: again
         return outcomes
 
-    assert asyncio.run(scenario()) == [Outcome.INVALID, Outcome.UNCHANGED, Outcome.UNCHANGED,
-                                       Outcome.INVALID]
+    assert asyncio.run(scenario()) == [Outcome.INVALID, Outcome.UNCHANGED, Outcome.UNCHANGED, Outcome.INVALID]
     assert reloader.failures == 2
 
 

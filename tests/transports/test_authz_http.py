@@ -69,8 +69,13 @@ def decider() -> Decider:
 
 def check(path: str, *headers: tuple[str, str], method: str = "GET", port: int = 8080) -> bytes:
     """The check request Envoy sends for `path` (with its path_prefix) on listener `port`."""
-    lines = [f"{method} /graysteer-check{path} HTTP/1.1", "host: shop.example", "content-length: 0",
-             f"x-graysteer-listener-port: {port}", *(f"{k}: {v}" for k, v in headers)]
+    lines = [
+        f"{method} /graysteer-check{path} HTTP/1.1",
+        "host: shop.example",
+        "content-length: 0",
+        f"x-graysteer-listener-port: {port}",
+        *(f"{k}: {v}" for k, v in headers),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -85,8 +90,11 @@ class Answer:
 
     def decision(self) -> Decision:
         """The Decision back from the x-graysteer-decision-* headers."""
-        fields: dict[str, object] = {k[len(DECISION_HEADER_PREFIX):].replace("-", "_"): v
-                                     for k, v in self.headers if k.startswith(DECISION_HEADER_PREFIX)}
+        fields: dict[str, object] = {
+            k[len(DECISION_HEADER_PREFIX) :].replace("-", "_"): v
+            for k, v in self.headers
+            if k.startswith(DECISION_HEADER_PREFIX)
+        }
         for number in ("bucket", "deny_status"):
             if number in fields:
                 fields[number] = int(str(fields[number]))
@@ -147,10 +155,13 @@ class Client:
         return answer
 
 
-def serve(loop: LoopFactory,
-          test: Callable[[AuthzHttpServer, Callable[[], Awaitable[Client]]], Awaitable[None]],
-          ready: Callable[[], bool] = lambda: True, limits: Limits = FAST,
-          the_decider: Decider | None = None) -> None:
+def serve(
+    loop: LoopFactory,
+    test: Callable[[AuthzHttpServer, Callable[[], Awaitable[Client]]], Awaitable[None]],
+    ready: Callable[[], bool] = lambda: True,
+    limits: Limits = FAST,
+    the_decider: Decider | None = None,
+) -> None:
     async def run() -> None:
         server = await start_authz_http(the_decider or decider(), "127.0.0.1", 0, ready, limits=limits)
         clients: list[Client] = []
@@ -211,10 +222,14 @@ def test_malformed_request_gets_400_and_the_connection_closes(loop: LoopFactory)
     serve(loop, test)
 
 
-@pytest.mark.parametrize("headers", [
-    [("x-big", "a" * 70_000)],  # one header over the 64 KiB head
-    [(f"x-h{i}", "1") for i in range(101)],  # over 100 headers
-], ids=["bytes", "count"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-big", "a" * 70_000)],  # one header over the 64 KiB head
+        [(f"x-h{i}", "1") for i in range(101)],  # over 100 headers
+    ],
+    ids=["bytes", "count"],
+)
 def test_oversized_request_head_gets_431(headers: list[tuple[str, str]], loop: LoopFactory) -> None:
     async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
         client = await connect()
@@ -387,8 +402,10 @@ PARITY_CASES: list[tuple[str, list[tuple[str, str]], Peer]] = [
 def test_same_decisions_as_ext_proc(loop: LoopFactory) -> None:
     the_decider = decider()
     servicer = ExtProcServicer(the_decider)
-    expected = [servicer.on_request_headers(headers_message("GET", path, headers, peer=peer))[1]
-                for path, headers, peer in PARITY_CASES]
+    expected = [
+        servicer.on_request_headers(headers_message("GET", path, headers, peer=peer))[1]
+        for path, headers, peer in PARITY_CASES
+    ]
 
     async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
         client = await connect()

@@ -22,9 +22,14 @@ from tests.helpers import table_from_rules
 
 RULES = [
     {"name": "force", "match": {"headers": {"x-canary": "1"}}, "route": "canary"},
-    {"name": "ramp", "split": {"key": ["header:x-user-id"], "seed": "s",
-                               "to": [{"cluster": "stable", "weight": 50},
-                                      {"cluster": "canary", "weight": 50}]}},
+    {
+        "name": "ramp",
+        "split": {
+            "key": ["header:x-user-id"],
+            "seed": "s",
+            "to": [{"cluster": "stable", "weight": 50}, {"cluster": "canary", "weight": 50}],
+        },
+    },
 ]
 
 
@@ -53,8 +58,10 @@ def test_request_headers_set_routing_header_and_clear_route_cache() -> None:
     assert option.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
     metadata = json_format.MessageToDict(response.dynamic_metadata)["graysteer"]
     assert metadata == {"cluster": "canary", "rule": "force", "reason": "route", "version": "test"}
-    assert metrics.registry.get_sample_value(
-        "graysteer_decisions_total", {"cluster": "canary", "rule": "force"}) == 1
+    assert (
+        metrics.registry.get_sample_value("graysteer_decisions_total", {"cluster": "canary", "rule": "force"})
+        == 1
+    )
 
 
 def test_split_decision_metadata_carries_bucket_and_key_source() -> None:
@@ -69,24 +76,29 @@ def test_split_decision_metadata_carries_bucket_and_key_source() -> None:
 
 def test_raw_values_and_repeated_headers() -> None:
     servicer, _ = make_servicer()
-    headers = base_pb2.HeaderMap(headers=[
-        base_pb2.HeaderValue(key=":path", raw_value=b"/x"),
-        base_pb2.HeaderValue(key="X-Canary", raw_value=b"1"),
-        base_pb2.HeaderValue(key="cookie", raw_value=b"a=1"),
-        base_pb2.HeaderValue(key="cookie", raw_value=b"uid=2"),
-    ])
+    headers = base_pb2.HeaderMap(
+        headers=[
+            base_pb2.HeaderValue(key=":path", raw_value=b"/x"),
+            base_pb2.HeaderValue(key="X-Canary", raw_value=b"1"),
+            base_pb2.HeaderValue(key="cookie", raw_value=b"a=1"),
+            base_pb2.HeaderValue(key="cookie", raw_value=b"uid=2"),
+        ]
+    )
     message = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=headers))
     _, decision = servicer.on_request_headers(message)
     assert decision.rule == "force"
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("response_headers", ep.HttpHeaders()),
-    ("request_body", ep.HttpBody(body=b"x", end_of_stream=True)),
-    ("response_body", ep.HttpBody(body=b"y")),
-    ("request_trailers", ep.HttpTrailers()),
-    ("response_trailers", ep.HttpTrailers()),
-])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("response_headers", ep.HttpHeaders()),
+        ("request_body", ep.HttpBody(body=b"x", end_of_stream=True)),
+        ("response_body", ep.HttpBody(body=b"y")),
+        ("request_trailers", ep.HttpTrailers()),
+        ("response_trailers", ep.HttpTrailers()),
+    ],
+)
 def test_every_other_message_kind_gets_its_own_empty_answer(kind: str, message: Any) -> None:
     servicer, _ = make_servicer()
     response = servicer.respond(ep.ProcessingRequest(**{kind: message}))
@@ -111,22 +123,30 @@ def test_engine_failure_routes_to_default_and_is_counted(caplog: pytest.LogCaptu
         assert routed_to(response) == {}
         assert response.request_headers.response.clear_route_cache is True
         assert (decision.rule, decision.error) == ("default", "engine_error")
-    assert metrics.registry.get_sample_value(
-        "graysteer_decision_errors_total", {"reason": "engine_error"}) == 3
+    assert (
+        metrics.registry.get_sample_value("graysteer_decision_errors_total", {"reason": "engine_error"}) == 3
+    )
     assert len([r for r in caplog.records if "deciding failed" in r.message]) == 1  # logged once
 
 
 def test_non_utf8_header_values_are_decided_not_dropped() -> None:
     servicer, metrics = make_servicer()
-    headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":method", raw_value=b"\xff"),
-                                          base_pb2.HeaderValue(key="x-user-id", raw_value=b"u\xff")])
+    headers = base_pb2.HeaderMap(
+        headers=[
+            base_pb2.HeaderValue(key=":method", raw_value=b"\xff"),
+            base_pb2.HeaderValue(key="x-user-id", raw_value=b"u\xff"),
+        ]
+    )
     response, decision = servicer.on_request_headers(
-        ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=headers)))
+        ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=headers))
+    )
     assert (decision.rule, decision.error) == ("ramp", None)
     assert decision.bucket == bucket("s", "u\ufffd", 100)  # invalid UTF-8 -> U+FFFD, stable key
     assert routed_to(response) == {"x-route-cluster": decision.cluster.encode()}
-    assert metrics.registry.get_sample_value("graysteer_decision_errors_total",
-                                             {"reason": "adapter_error"}) is None
+    assert (
+        metrics.registry.get_sample_value("graysteer_decision_errors_total", {"reason": "adapter_error"})
+        is None
+    )
 
 
 def test_observability_mode_gets_no_answers() -> None:
@@ -172,14 +192,18 @@ def test_full_stream_over_a_real_grpc_channel() -> None:
         finally:
             await server.stop(None)
 
-    assert asyncio.run(run()) == ["request_headers", "request_body", "response_headers",
-                                  "response_trailers"]
+    assert asyncio.run(run()) == ["request_headers", "request_body", "response_headers", "response_trailers"]
 
 
-GUARDED = {"trust": {"identities": [{"trust_domain": "example.org"}], "override_headers": ["x-canary"]},
-           "coloring": {"lanes": {"stable": "stable", "canary": "canary"}}}
-SMUGGLED = [("x-canary", "1"), ("x-graysteer-lane", "canary"),
-            ("baggage", "graysteer.lane=canary,tenant=acme")]
+GUARDED = {
+    "trust": {"identities": [{"trust_domain": "example.org"}], "override_headers": ["x-canary"]},
+    "coloring": {"lanes": {"stable": "stable", "canary": "canary"}},
+}
+SMUGGLED = [
+    ("x-canary", "1"),
+    ("x-graysteer-lane", "canary"),
+    ("baggage", "graysteer.lane=canary,tenant=acme"),
+]
 
 
 def guarded_servicer(rules: list[dict[str, Any]]) -> ExtProcServicer:

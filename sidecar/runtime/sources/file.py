@@ -24,26 +24,39 @@ POLL_INTERVAL_MS = 300
 RESYNC_SECONDS = 5.0
 
 
-async def watch_directory(path: Path, on_change: Callable[[], Awaitable[object]],
-                          stop: asyncio.Event, force_polling: bool = False,
-                          ignore: frozenset[str] = frozenset(),
-                          resync_seconds: float = RESYNC_SECONDS) -> None:
+async def watch_directory(
+    path: Path,
+    on_change: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    force_polling: bool = False,
+    ignore: frozenset[str] = frozenset(),
+    resync_seconds: float = RESYNC_SECONDS,
+) -> None:
     """Call `on_change` after changes in `path`'s directory (names in `ignore` excepted),
     and after every `resync_seconds` without changes."""
     directory = path.parent
     while not stop.is_set():
         try:
             async for changes in watchfiles.awatch(
-                    directory, watch_filter=None, debounce=50, step=25, stop_event=stop,
-                    force_polling=force_polling, poll_delay_ms=POLL_INTERVAL_MS, recursive=False,
-                    rust_timeout=int(resync_seconds * 1000), yield_on_timeout=True):
+                directory,
+                watch_filter=None,
+                debounce=50,
+                step=25,
+                stop_event=stop,
+                force_polling=force_polling,
+                poll_delay_ms=POLL_INTERVAL_MS,
+                recursive=False,
+                rust_timeout=int(resync_seconds * 1000),
+                yield_on_timeout=True,
+            ):
                 if not changes or any(Path(changed).name not in ignore for _, changed in changes):
                     await on_change()
         except (OSError, RuntimeError) as error:
             if stop.is_set():
                 return
             # inotify can fail (watch limits, some network filesystems): fall back to polling.
-            log.warning("watching %s failed (%s); polling every %d ms instead", directory,
-                        error, POLL_INTERVAL_MS)
+            log.warning(
+                "watching %s failed (%s); polling every %d ms instead", directory, error, POLL_INTERVAL_MS
+            )
             force_polling = True
             await asyncio.sleep(POLL_INTERVAL_MS / 1000)
