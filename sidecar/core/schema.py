@@ -6,6 +6,11 @@ keys, so a typo such as `rout:` is an error instead of a silently ignored field.
 
 from typing import Any
 
+# Defaults of optional fields, used alike by validation and compilation.
+DEFAULT_ROUTING_HEADER = "x-route-cluster"
+DEFAULT_COLOR_HEADER = "x-graysteer-lane"
+DEFAULT_BAGGAGE_KEY = "graysteer.lane"
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 KEY_SOURCE_PATTERN = r"^((header|cookie|query):[^\s]+|identity)$"

@@ -1,0 +1,285 @@
+"""Validate a parsed rules document: every problem, located by rule and field.
+
+Two passes, and every problem of both is reported, never just the first: structure by JSON
+Schema (unknown keys, wrong types, missing fields), then meaning (unknown clusters,
+duplicate names, actions, weights, regexes as Envoy's RE2 accepts them, identity matchers).
+`compile` refuses a document with any problem: a table is never half-loaded.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+
+from sidecar.core.identity import identity_form_problem, regex_problem
+from sidecar.core.rollout import parse_duration
+from sidecar.core.schema import DEFAULT_COLOR_HEADER, DEFAULT_ROUTING_HEADER, RULES_SCHEMA
+
+_VALIDATOR = Draft202012Validator(RULES_SCHEMA)
+_MATCH_FORMS = "exact, prefix, regex, present, absent"
+_PATH_FORMS = "exact, prefix, regex"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a rules document, located by rule and field."""
+
+    where: str  # e.g. "rule 'beta-tier' (rules[1]) field match.path.regex"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class RulesError(ValueError):
+    """The rules document is invalid; `problems` lists every reason."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {source}: {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in rules file\n{lines}")
+
+
+def problems(document: Any) -> list[Problem]:
+    """Every problem of `document` (the parsed YAML): structure first, then, when the
+    structure holds, meaning. Empty when it is valid."""
+    found = list(_schema_problems(document))
+    if not found:
+        found = list(_meaning_problems(document))
+    return found
+
+
+# ---- structure -------------------------------------------------------------------------------
+
+
+def _schema_problems(document: Any) -> Iterable[Problem]:
+    if not isinstance(document, dict):
+        yield Problem("document", f"must be a mapping of fields, got {_kind(document)}")
+        return
+    errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: list(map(str, e.path)))
+    for error in errors:
+        yield Problem(_where(document, list(error.absolute_path)), _explain(error))
+
+
+def _explain(error: ValidationError) -> str:
+    value: Any = error.instance
+    schema: Any = error.schema
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(schema.get("properties", {}))
+        extra = ", ".join(repr(k) for k in value if k not in schema.get("properties", {}))
+        return f"unknown key {extra} (allowed: {allowed})"
+    if error.validator == "type":
+        types: Any = error.validator_value
+        wanted = " or ".join(_TYPE_NAMES[t] for t in ([types] if isinstance(types, str) else types))
+        hint = ' (quote it: "1")' if isinstance(value, int | float) and "a string" in wanted else ""
+        return f"must be {wanted}, got {_kind(value)} {value!r}{hint}"
+    if error.validator in ("minProperties", "maxProperties") and "present" in schema.get("properties", {}):
+        return f"needs exactly one of {_MATCH_FORMS}, got {sorted(value) or 'none'}"
+    if error.validator in ("minProperties", "maxProperties") and "exact" in schema.get("properties", {}):
+        return f"needs exactly one of {_PATH_FORMS}, got {sorted(value) or 'none'}"
+    if error.validator == "required":
+        return error.message.replace("is a required property", "is required")
+    if error.validator == "pattern":
+        return f"{value!r} is not valid (must match {error.validator_value})"
+    if error.validator == "const":
+        return f"must be {error.validator_value!r}, got {value!r}"
+    if error.validator == "minItems" and not value:
+        return "must not be empty"
+    return error.message
+
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "object": "a mapping",
+    "array": "a list",
+    "integer": "an integer",
+    "boolean": "true or false",
+    "number": "a number",
+}
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "mapping",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _where(document: dict[str, Any], path: list[Any]) -> str:
+    """Name the rule (by name and index) and the field a problem is in."""
+    if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+        rules = document.get("rules") or []
+        rule = rules[path[1]] if path[1] < len(rules) else None
+        name = rule.get("name") if isinstance(rule, dict) else None
+        label = f"rule {name!r} (rules[{path[1]}])" if isinstance(name, str) else f"rules[{path[1]}]"
+        field = _dotted(path[2:])
+        return f"{label} field {field}" if field else label
+    return f"field {_dotted(path)}" if path else "document"
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# ---- meaning ---------------------------------------------------------------------------------
+
+
+def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
+    clusters = set(doc["clusters"])
+    known = ", ".join(doc["clusters"])
+
+    def unknown(where: str, name: str) -> Problem:
+        return Problem(where, f"unknown cluster {name!r} (clusters: {known})")
+
+    if doc["default"] not in clusters:
+        yield unknown("field default", doc["default"])
+    yield from _steering_problems(doc, clusters, unknown)
+    seen: dict[str, int] = {}
+    for index, rule in enumerate(doc.get("rules") or []):
+        path = ["rules", index]
+        name = rule["name"]
+        if name in seen:
+            yield Problem(
+                _where(doc, path + ["name"]), f"duplicate rule name (first used by rules[{seen[name]}])"
+            )
+        seen.setdefault(name, index)
+        actions = [a for a in ("route", "split", "deny") if a in rule]
+        if len(actions) != 1:
+            yield Problem(
+                _where(doc, path), f"needs exactly one action (route, split or deny), got {actions or 'none'}"
+            )
+        if "route" in rule and rule["route"] not in clusters:
+            yield unknown(_where(doc, path + ["route"]), rule["route"])
+        yield from _match_problems(doc, path, rule.get("match") or {})
+        if "split" in rule:
+            yield from _split_problems(doc, path, rule["split"], clusters, unknown)
+        if "rollout" in rule:
+            yield from _rollout_problems(doc, path, rule)
+
+
+def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any]) -> Iterable[Problem]:
+    lowered: dict[str, str] = {}
+    for header, form in (match.get("headers") or {}).items():
+        where = path + ["match", "headers", header]
+        if header.lower() in lowered:
+            yield Problem(
+                _where(doc, where), f"same header as {lowered[header.lower()]!r} (names are case-insensitive)"
+            )
+        lowered.setdefault(header.lower(), header)
+        if isinstance(form, dict) and "regex" in form:
+            yield from _regex_problem(doc, where + ["regex"], form["regex"])
+        if isinstance(form, dict) and (form.get("present") is False or form.get("absent") is False):
+            yield Problem(_where(doc, where), "use `present: true` or `absent: true`")
+    if "regex" in (match.get("path") or {}):
+        yield from _regex_problem(doc, path + ["match", "path", "regex"], match["path"]["regex"])
+    if "identity" in match:
+        yield from _identity_problem(doc, path + ["match", "identity"], match["identity"])
+    if (match.get("identity") or {}).get("present") is False or (match.get("identity") or {}).get(
+        "absent"
+    ) is False:
+        yield Problem(_where(doc, path + ["match", "identity"]), "use `present: true` or `absent: true`")
+
+
+def _steering_problems(doc: dict[str, Any], clusters: set[str], unknown: Any) -> Iterable[Problem]:
+    for index, form in enumerate((doc.get("trust") or {}).get("identities") or []):
+        yield from _identity_problem(doc, ["trust", "identities", index], form)
+    coloring = doc.get("coloring")
+    if coloring is None:
+        return
+    for lane, cluster in coloring["lanes"].items():
+        if cluster not in clusters:
+            yield unknown(f"field coloring.lanes.{lane}", cluster)
+    if coloring.get("fallback", doc["default"]) not in clusters:
+        yield unknown("field coloring.fallback", coloring["fallback"])
+    header = coloring.get("header", DEFAULT_COLOR_HEADER).lower()
+    if header == doc.get("routing_header", DEFAULT_ROUTING_HEADER).lower():
+        yield Problem("field coloring.header", "must differ from routing_header")
+
+
+def _regex_problem(doc: dict[str, Any], path: list[Any], pattern: str) -> Iterable[Problem]:
+    """RE2, as Envoy's safe_regex: what Envoy would refuse is refused here too."""
+    problem = regex_problem(pattern)
+    if problem:
+        yield Problem(_where(doc, path), problem)
+
+
+def _identity_problem(doc: dict[str, Any], path: list[Any], form: dict[str, Any]) -> Iterable[Problem]:
+    """An identity matcher form (in trust.identities or a rule's match.identity), located at
+    its one key."""
+    problem = identity_form_problem(form)
+    if problem:
+        yield Problem(_where(doc, path + list(form)[:1]), problem)
+
+
+def _split_problems(
+    doc: dict[str, Any], path: list[Any], split: dict[str, Any], clusters: set[str], unknown: Any
+) -> Iterable[Problem]:
+    seen: set[str] = set()
+    for i, entry in enumerate(split["to"]):
+        where = _where(doc, path + ["split", "to", i, "cluster"])
+        if entry["cluster"] not in clusters:
+            yield unknown(where, entry["cluster"])
+        elif entry["cluster"] in seen:
+            yield Problem(where, f"cluster {entry['cluster']!r} appears twice in this split")
+        seen.add(entry["cluster"])
+    if sum(e["weight"] for e in split["to"]) <= 0:
+        yield Problem(_where(doc, path + ["split", "to"]), "total weight must be greater than 0")
+    missing = split.get("when_key_missing", "random")
+    if missing != "random" and missing not in clusters:
+        yield Problem(
+            _where(doc, path + ["split", "when_key_missing"]),
+            f"must be 'random' or a cluster name, got {missing!r} (clusters: {', '.join(sorted(clusters))})",
+        )
+
+
+def _rollout_problems(doc: dict[str, Any], path: list[Any], rule: dict[str, Any]) -> Iterable[Problem]:
+    rollout = rule["rollout"]
+    where = path + ["rollout"]
+    if "split" not in rule:
+        yield Problem(_where(doc, where), "a rollout drives a split: this rule has no split")
+        return
+    entries = [e["cluster"] for e in rule["split"]["to"]]
+    total = sum(e["weight"] for e in rule["split"]["to"])
+    if rollout["canary"] not in entries:
+        yield Problem(
+            _where(doc, where + ["canary"]),
+            f"{rollout['canary']!r} is not an entry of this split ({', '.join(entries)})",
+        )
+    elif len(entries) < 2:
+        yield Problem(_where(doc, where + ["canary"]), "the split needs another entry to compare")
+    previous = -1
+    for i, step in enumerate(rollout["steps"]):
+        if step["weight"] > total:
+            yield Problem(
+                _where(doc, where + ["steps", i, "weight"]),
+                f"{step['weight']} is more than the split's total weight {total}",
+            )
+        if step["weight"] < previous:
+            yield Problem(
+                _where(doc, where + ["steps", i, "weight"]),
+                f"steps must not go down ({previous} -> {step['weight']})",
+            )
+        previous = step["weight"]
+        if "hold" in step:
+            yield from _duration_problem(doc, where + ["steps", i, "hold"], step["hold"])
+        elif i < len(rollout["steps"]) - 1:
+            yield Problem(_where(doc, where + ["steps", i]), "every step but the last needs a hold")
+    yield from _duration_problem(doc, where + ["analysis", "window"], rollout["analysis"]["window"])
+
+
+def _duration_problem(doc: dict[str, Any], path: list[Any], text: str) -> Iterable[Problem]:
+    try:
+        if parse_duration(text) <= 0:
+            yield Problem(_where(doc, path), "must be longer than 0")
+    except ValueError as error:
+        yield Problem(_where(doc, path), str(error))
