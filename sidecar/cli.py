@@ -366,7 +366,8 @@ def run_event_loop(main: "Coroutine[Any, Any, None]", choice: str) -> None:
         except ImportError:
             if choice == "uvloop":
                 raise ValueError(
-                    "--event-loop uvloop: uvloop is not installed (pip install 'graysteer[fast]')"
+                    "--event-loop uvloop: uvloop is not installed (a dependency of graysteer: "
+                    "reinstall graysteer, or use --event-loop asyncio)"
                 ) from None
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

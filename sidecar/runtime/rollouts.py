@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.core.overrides import split_weights
 from sidecar.core.rollout import (
     PROGRESSING,
     LaneWindow,
@@ -156,7 +157,7 @@ class EnvoyStats:
         return window(oldest, newest)
 
 
-def split_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int) -> dict[str, int]:
+def rollout_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int) -> dict[str, int]:
     """The split's weights for a canary weight: the total stays; the other entries share the
     rest in proportion to the file's weights (the first takes the rounding)."""
     others = {c: w for c, w in file_weights.items() if c != spec.canary}
@@ -267,14 +268,11 @@ class RolloutController:
                     new.numbers or "",
                 )
         weight = canary_weight(spec, new)
-        assert self.reloader.loaded is not None
-        from sidecar.core.overrides import split_weights as table_weights
-
-        current = table_weights(self.reloader.loaded.table.document, rule) or {}
+        current = split_weights(self.reloader.loaded.table.document, rule) or {}
         if current.get(spec.canary) != weight:
-            file_weights = table_weights(self.reloader.loaded.document, rule) or {}
+            file_weights = split_weights(self.reloader.loaded.document, rule) or {}
             await self.reloader.set_weights(
-                rule, split_weights(spec, file_weights, weight), trigger=f"rollout:{new.phase}"
+                rule, rollout_weights(spec, file_weights, weight), trigger=f"rollout:{new.phase}"
             )
         self.metrics.show_rollout(rule, new.phase, new.step, weight)
         if verdict is not None:

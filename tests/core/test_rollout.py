@@ -25,7 +25,7 @@ from sidecar.core.rollout import (
     parse_duration,
     start,
 )
-from sidecar.runtime.rollouts import parse_envoy_stats, split_weights
+from sidecar.runtime.rollouts import parse_envoy_stats, rollout_weights
 
 DOC: dict[str, Any] = {
     "version": 1,
@@ -204,7 +204,7 @@ def test_state_round_trip() -> None:
 
 def test_split_weights_keep_the_total() -> None:
     spec = spec_of()
-    assert split_weights(spec, {"stable": 100, "canary": 0}, 25) == {"stable": 75, "canary": 25}
+    assert rollout_weights(spec, {"stable": 100, "canary": 0}, 25) == {"stable": 75, "canary": 25}
     three = copy.deepcopy(DOC)
     three["clusters"].append("v3")
     three["rules"][0]["split"]["to"] = [
@@ -213,7 +213,7 @@ def test_split_weights_keep_the_total() -> None:
         {"cluster": "canary", "weight": 10},
     ]
     spec3 = spec_of(three)
-    assert split_weights(spec3, {"stable": 60, "v3": 30, "canary": 10}, 40) == {
+    assert rollout_weights(spec3, {"stable": 60, "v3": 30, "canary": 10}, 40) == {
         "stable": 40,
         "v3": 20,
         "canary": 40,
