@@ -97,24 +97,24 @@ def table_status(
 ) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
     table = loaded.table
+    matches = {entry["name"]: entry.get("match") or {} for entry in table.document.get("rules") or []}  # type: ignore[attr-defined]
     rules = []
-    for entry in table.document.get("rules") or []:  # type: ignore[attr-defined]
-        name = entry["name"]
-        info = pb.RuleInfo(name=name, match_json=json.dumps(entry.get("match") or {}, sort_keys=True))
-        if "route" in entry:
-            info.action, info.route = "route", entry["route"]
-        elif "deny" in entry:
-            deny = entry["deny"] or {}
-            info.action = "deny"
-            info.deny_status = int(deny.get("status", 403))
-            info.deny_reason = str(deny.get("reason", ""))
-        else:
+    for rule in table.rules:  # the compiled rules, as they decide
+        info = pb.RuleInfo(name=rule.name, match_json=json.dumps(matches.get(rule.name, {}), sort_keys=True))
+        if rule.split is not None:
+            split = rule.split
             info.action = "split"
-            info.weights.extend(_weights(split_weights(table.document, name)))
-            info.file_weights.extend(_weights(split_weights(loaded.document, name)))
-            info.weights_overridden = name in loaded.overrides
-            info.key_sources.extend(entry["split"]["key"])
-            info.seed = entry["split"].get("seed", name)
+            info.weights.extend(_weights(dict(zip(split.clusters, split.weights, strict=True))))
+            info.file_weights.extend(_weights(split_weights(loaded.document, rule.name)))
+            info.weights_overridden = rule.name in loaded.overrides
+            info.key_sources.extend(source for source, _ in split.keys)
+            info.seed = split.seed
+        elif rule.route is not None and rule.route.deny_status is not None:
+            info.action = "deny"
+            info.deny_status = rule.route.deny_status
+            info.deny_reason = rule.route.deny_reason or ""
+        elif rule.route is not None:
+            info.action, info.route = "route", rule.route.cluster
         rules.append(info)
     return pb.TableStatus(
         version=table.version,
