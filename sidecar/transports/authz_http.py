@@ -53,6 +53,7 @@ import httptools
 from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.core.identity import identity_from_xfcc
 from sidecar.runtime.decider import Decider
+from sidecar.transports.answers import AnswerCache
 
 log = logging.getLogger("graysteer.authz_http")
 
@@ -152,30 +153,6 @@ def plain_answer(status: int, text: str, close: bool = False) -> bytes:
     return _head(status, fields, text.encode())
 
 
-class AnswerCache:
-    """Serialized 200/deny answers by Steering, bounded in bytes: an entry costs its answer
-    and its key (which holds about the same strings); answers over `max_entry` bytes (long
-    client baggage) are not kept at all, so keys stay small. Cleared when full."""
-
-    def __init__(self, max_bytes: int, max_entry: int) -> None:
-        self.max_bytes, self.max_entry = max_bytes, max_entry
-        self.size = 0
-        self._answers: dict[Steering, bytes] = {}
-
-    def get(self, steering: Steering) -> bytes:
-        answer = self._answers.get(steering)
-        if answer is None:
-            answer = answer_bytes(steering)
-            if len(answer) <= self.max_entry:
-                cost = 2 * len(answer) + 256
-                if self.size + cost > self.max_bytes:
-                    self._answers.clear()
-                    self.size = 0
-                self._answers[steering] = answer
-                self.size += cost
-        return answer
-
-
 # ---- the server ----------------------------------------------------------------------------------
 
 
@@ -202,7 +179,7 @@ class AuthzHttpServer:
         self.decider, self.ready, self.limits = decider, ready, limits
         self.path_prefix = path_prefix
         self.health_target = health_path.encode()
-        self.answers = AnswerCache(limits.answer_cache_bytes, limits.max_cached_answer)
+        self.answers = AnswerCache(answer_bytes, limits.answer_cache_bytes, limits.max_cached_answer)
         self.connections: set[_Connection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None

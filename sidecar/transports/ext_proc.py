@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 
 from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.runtime.decider import Decider
+from sidecar.transports.answers import AnswerCache
 
 log = logging.getLogger("graysteer.extproc")
 
@@ -40,7 +41,6 @@ _PASS_THROUGH_BYTES = {kind: answer.SerializeToString() for kind, answer in _PAS
 # Serialized answers by steering outcome. Answers repeat (a route rule's answer is constant,
 # a split's depends on its bucket), and building and serializing the protobuf costs several
 # times more than deciding. Bounded: cleared when full.
-ANSWER_CACHE_SIZE = 10_000
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
@@ -157,7 +157,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
-        self._answers: dict[Steering, bytes] = {}
+        self.answers = AnswerCache(lambda steering: steering_response(steering).SerializeToString())
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -178,13 +178,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """The serialized answer to one message (the serving path)."""
         kind = message.WhichOneof("request")
         if kind == "request_headers":
-            steering = self.steering(message)
-            answer = self._answers.get(steering)
-            if answer is None:
-                if len(self._answers) >= ANSWER_CACHE_SIZE:
-                    self._answers.clear()
-                answer = self._answers[steering] = steering_response(steering).SerializeToString()
-            return answer
+            return self.answers.get(self.steering(message))
         answer = _PASS_THROUGH_BYTES.get(kind or "")
         if answer is None:
             log.warning("ext_proc message of unknown kind %r left unanswered", kind)

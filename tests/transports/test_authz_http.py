@@ -15,7 +15,6 @@ from sidecar.runtime.decider import Decider, TableHolder
 from sidecar.runtime.metrics import Metrics
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
-    AnswerCache,
     AuthzHttpServer,
     Limits,
     answer_bytes,
@@ -377,18 +376,6 @@ def test_close_drains_idle_keep_alive_connections(loop: LoopFactory) -> None:
         await client.wait_closed(timeout=1.0)
 
     serve(loop, test)
-
-
-def test_answer_cache_is_bounded_in_bytes_and_skips_large_answers() -> None:
-    cache = AnswerCache(max_bytes=4096, max_entry=512)
-    for i in range(100):
-        steering = Steering(Decision("stable", f"rule-{i}", "v1"), (("x-route-cluster", "stable"),))
-        assert cache.get(steering) == answer_bytes(steering)
-        assert cache.size <= 4096
-    large = Steering(Decision("stable", "r", "v1"), (("baggage", "k=" + "v" * 1000),))
-    before = cache.size
-    assert cache.get(large) == answer_bytes(large)
-    assert cache.size == before
 
 
 PARITY_CASES: list[tuple[str, list[tuple[str, str]], Peer]] = [

@@ -1,0 +1,46 @@
+"""Serialized answers by Steering, for every transport, bounded in bytes.
+
+A steering outcome repeats (a route rule's answer is constant, a split's depends on its
+bucket), and building and serializing its answer costs several times the decision, so each
+transport keeps them. The key holds client input (baggage), so the bound is in bytes, not
+entries: an entry costs its answer and its key (about the same strings); an answer over
+`max_entry` bytes (long client baggage) is built every time and never kept. Cleared when
+full: no per-entry bookkeeping on the serving path.
+"""
+
+from collections.abc import Callable
+
+from sidecar.core import Steering
+
+DEFAULT_MAX_BYTES = 1 << 20
+DEFAULT_MAX_ENTRY = 2048
+ENTRY_OVERHEAD = 256  # the dict slot, the Steering and Decision objects
+
+
+class AnswerCache:
+    def __init__(
+        self,
+        build: Callable[[Steering], bytes],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entry: int = DEFAULT_MAX_ENTRY,
+    ) -> None:
+        self.build = build
+        self.max_bytes, self.max_entry = max_bytes, max_entry
+        self.size = 0
+        self._answers: dict[Steering, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, steering: Steering) -> bytes:
+        answer = self._answers.get(steering)
+        if answer is None:
+            answer = self.build(steering)
+            if len(answer) <= self.max_entry:
+                cost = 2 * len(answer) + ENTRY_OVERHEAD
+                if self.size + cost > self.max_bytes:
+                    self._answers.clear()
+                    self.size = 0
+                self._answers[steering] = answer
+                self.size += cost
+        return answer
