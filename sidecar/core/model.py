@@ -2,6 +2,7 @@
 and what steering a request means. Plain data: `table` and `steering` both build on it.
 """
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -113,10 +114,32 @@ class Coloring:
     lane_of: Mapping[str, str] = field(default_factory=dict)  # cluster -> lane
 
     def received_lane(self, headers: Mapping[str, str]) -> str | None:
+        """The lane a caller sent (color header, else baggage member), as written."""
         lane = headers.get(self.header)
         if not lane and self.baggage and "baggage" in headers:
             lane = member_value(headers["baggage"], self.baggage)
         return lane or None
+
+    def rule_label(self, lane: str) -> str:
+        """The decision's `rule` for a received lane: named after this service's lanes only,
+        so the label set (metrics, logs) is bounded by the rules file, not by callers."""
+        return f"lane:{lane}" if lane in self.lanes else UNKNOWN_LANE_RULE
+
+
+MAX_LANE_LENGTH = 64
+_LANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # the rules file's lane names (schema LANE_PATTERN)
+UNKNOWN_LANE_RULE = "lane:unknown"
+
+
+def lane_problem(lane: str) -> str | None:
+    """Why a received lane cannot be honoured or passed on, or None. A lane travels on as a
+    header and a baggage member: `stable, canary` would add a member, and a long one makes the
+    request too large for the next hop."""
+    if len(lane) > MAX_LANE_LENGTH:
+        return "too long"
+    if not _LANE.fullmatch(lane):
+        return "not a lane name"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from sidecar.core.baggage import well_formed, with_member, without_member
 from sidecar.core.identity import identity_from_xfcc
-from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust
+from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust, lane_problem
 from sidecar.core.request import Request
 from sidecar.core.table import Table
 
@@ -106,9 +106,15 @@ def steer(table: Table, request: Request) -> Steering:
 
     decision = table.denied(seen)
     lane = coloring.received_lane(headers) if coloring and trusted else None
+    if lane is not None and lane_problem(lane):
+        malformed.append("lane")  # ignored: the rules decide, and the decided lane travels on
+        lane = None
     if decision is None and lane is not None and coloring is not None:
         decision = Decision(
-            coloring.lanes.get(lane, coloring.fallback), f"lane:{lane}", table.version, reason=Reason.LANE
+            coloring.lanes.get(lane, coloring.fallback),
+            coloring.rule_label(lane),
+            table.version,
+            reason=Reason.LANE,
         )
     if decision is None:
         decision = table.decide(seen)

@@ -44,7 +44,8 @@ class Metrics:
             "graysteer_steering_events",
             "Notable inputs, by event: untrusted_headers_removed "
             "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
-            "malformed_certificate, malformed_xfcc, malformed_baggage, baggage_over_limit.",
+            "malformed_certificate, malformed_xfcc, malformed_baggage, malformed_lane (a received lane "
+            "that is no lane name or over 64 characters: ignored), baggage_over_limit.",
             ["event"],
             registry=registry,
         )

@@ -163,3 +163,24 @@ def test_carrying_keeps_every_other_field() -> None:
     full = Decision("c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why", Reason.FALLBACK)
     assert full.carrying("l1", "id1") == replace(full, lane="l1", identity="id1")
     assert len(fields(Decision)) == 11  # a new field must be added to carrying() too
+
+
+@pytest.mark.parametrize("sent", ["stable, canary", "x" * 7000, "canary;evil=1", " canary", "ca nary"])
+def test_a_malformed_lane_from_a_trusted_caller_is_ignored_never_passed_on(sent: str) -> None:
+    steering = steer(TABLE, Request({"x-graysteer-lane": sent, "x-user-id": "u-3"}, "GET", "/", TRUSTED))
+    assert steering.decision.reason is Reason.SPLIT  # the rules decided
+    assert steering.malformed == ("lane",)
+    headers = dict(steering.set_headers)
+    assert headers["x-graysteer-lane"] == split_cluster("u-3")
+    assert headers["baggage"] == f"graysteer.lane={split_cluster('u-3')}"
+
+
+def test_lane_labels_are_bounded_by_the_rules_file() -> None:
+    labels = set()
+    for i in range(500):  # as many distinct well-formed lanes as callers care to send
+        steering = steer(TABLE, Request({"x-graysteer-lane": f"lane-{i}"}, "GET", "/", TRUSTED))
+        assert steering.decision.cluster == "stable"  # coloring.fallback: this service has no such lane
+        assert steering.decision.lane == f"lane-{i}"  # passed on: the next hop may have it
+        labels.add(steering.decision.rule)
+    labels.add(steer(TABLE, Request({"x-graysteer-lane": "canary"}, "GET", "/", TRUSTED)).decision.rule)
+    assert labels == {"lane:unknown", "lane:canary"}
