@@ -188,6 +188,16 @@ class RolloutState:
         )
 
 
+def state_problem(spec: RolloutSpec, state: RolloutState) -> str | None:
+    """Why a saved state cannot continue `spec` (a state file edited by hand, or written for
+    other steps under the same fingerprint), or None."""
+    if not 0 <= state.step < len(spec.steps):
+        return f"step {state.step} is outside the rollout's {len(spec.steps)} steps"
+    if state.step_started != state.step_started or state.step_started in (float("inf"), float("-inf")):
+        return "its step start time is not a number"
+    return None
+
+
 def start(spec: RolloutSpec, now: float) -> RolloutState:
     return RolloutState(PROGRESSING, 0, now, "started", {}, spec.fingerprint, now)
 

@@ -32,14 +32,27 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
+MAX_PROBLEM_TEXT = 300  # characters of one problem: values from the file are quoted in them
+MAX_PROBLEMS_LISTED = 50
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_PROBLEM_TEXT else f"{text[:MAX_PROBLEM_TEXT]}... (truncated)"
+
+
 class RulesError(ValueError):
-    """The rules document is invalid; `problems` lists every reason."""
+    """The rules document is invalid; `problems` lists every reason. The message lists at
+    most MAX_PROBLEMS_LISTED of them, each cut to MAX_PROBLEM_TEXT characters, so that a
+    hostile file cannot make a huge error (it is logged, stored and sent by the admin API)."""
 
     def __init__(self, source: str, problems: Sequence[Problem]) -> None:
         self.source = source
-        self.problems = tuple(problems)
-        lines = "\n".join(f"  {source}: {p}" for p in self.problems)
-        super().__init__(f"{source}: {len(self.problems)} problem(s) in rules file\n{lines}")
+        self.problems = tuple(Problem(_short(p.where), _short(p.message)) for p in problems)
+        listed = self.problems[:MAX_PROBLEMS_LISTED]
+        lines = "\n".join(f"  {source}: {p}" for p in listed)
+        more = len(self.problems) - len(listed)
+        tail = f"\n  ... and {more} more" if more else ""
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in rules file\n{lines}{tail}")
 
 
 def problems(document: Any) -> list[Problem]:

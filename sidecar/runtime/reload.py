@@ -20,7 +20,7 @@ from typing import Any
 from sidecar.core import RulesError, Table, compile_table
 from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
 from sidecar.runtime.decider import TableHolder
-from sidecar.runtime.load import config_version, parse_rules
+from sidecar.runtime.load import MAX_FILE_BYTES, config_version, parse_rules, read_regular_file
 from sidecar.runtime.metrics import Metrics
 from sidecar.runtime.state_file import StateFile
 
@@ -106,7 +106,7 @@ class Reloader:
 
     def _build(self, trigger: str, force: bool = False) -> tuple[ReloadResult, Loaded | None]:
         try:
-            content = self.path.read_bytes()
+            content = read_regular_file(self.path, MAX_FILE_BYTES)
         except OSError as error:
             reason = f"{self.path}: cannot read: {error.strerror or error}"
             return ReloadResult(Outcome.MISSING, trigger, reason), None

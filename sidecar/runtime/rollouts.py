@@ -35,6 +35,7 @@ from sidecar.core.rollout import (
     judge,
     p99_from_buckets,
     start,
+    state_problem,
 )
 from sidecar.runtime.bypass import STATS_FILTER as BYPASS_STATS_FILTER
 from sidecar.runtime.metrics import Metrics
@@ -188,11 +189,22 @@ class RolloutController:
         self.states: dict[str, RolloutState] = {}
         self.verdicts: dict[str, Verdict] = {}
         self._lock = asyncio.Lock()
-        for rule, data in (reloader.state.load().get("rollouts") or {}).items():
+        specs = reloader.table.rollouts
+        saved = reloader.state.load().get("rollouts") or {}
+        for rule, data in saved.items() if isinstance(saved, dict) else ():
             try:
-                self.states[rule] = RolloutState.from_json(data)
-            except (KeyError, TypeError, ValueError) as error:
+                state = RolloutState.from_json(data)
+            except (AttributeError, KeyError, TypeError, ValueError) as error:
                 log.error("ignoring unreadable rollout state of %r: %s", rule, error)
+                continue
+            spec = specs.get(rule)
+            problem = state_problem(spec, state) if spec and spec.fingerprint == state.fingerprint else None
+            if problem:
+                log.error(
+                    "ignoring the saved rollout state of %r (%s): the rollout starts again", rule, problem
+                )
+                continue
+            self.states[rule] = state
 
     def specs(self) -> dict[str, RolloutSpec]:
         return self.reloader.table.rollouts
@@ -225,7 +237,7 @@ class RolloutController:
     async def _step(self, rule: str, spec: RolloutSpec, now: float) -> None:
         saved = self.states.get(rule)
         state = saved
-        if state is None or state.fingerprint != spec.fingerprint:
+        if state is None or state.fingerprint != spec.fingerprint or state_problem(spec, state):
             if state is not None:
                 log.info("rollout of %r changed in the rules file: starting again", rule)
             state = start(spec, now)

@@ -12,9 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sidecar.runtime.load import read_regular_file
+
 log = logging.getLogger("graysteer.state")
 
 STATE_FORMAT = 1
+MAX_STATE_BYTES = 1024 * 1024  # weights and rollouts of a few hundred rules fit in a few KiB
 
 
 def default_state_path(rules: Path) -> Path:
@@ -29,7 +32,7 @@ class StateFile:
     def read_bytes(self) -> bytes:
         """The raw state (b"" when there is none or it cannot be read)."""
         try:
-            return self.path.read_bytes()
+            return read_regular_file(self.path, MAX_STATE_BYTES)
         except FileNotFoundError:
             return b""
         except OSError as error:

@@ -238,3 +238,45 @@ def test_parse_envoy_prometheus_stats() -> None:
     assert (lanes["canary"].requests, lanes["canary"].errors) == (100, 10)
     assert lanes["canary"].bounds == (100.0, 1000.0, float("inf"))
     assert lanes["stable"].requests == 500
+
+
+def test_a_saved_step_outside_the_spec_is_a_problem() -> None:
+    from dataclasses import replace
+
+    from sidecar.core.rollout import state_problem
+
+    spec = spec_of()
+    state = start(spec, 0.0)
+    assert state_problem(spec, state) is None
+    assert "outside" in (state_problem(spec, replace(state, step=7)) or "")
+    assert "outside" in (state_problem(spec, replace(state, step=-1)) or "")
+    assert state_problem(spec, replace(state, step_started=float("nan")))
+
+
+def test_the_controller_restarts_a_rollout_whose_saved_step_is_out_of_range(tmp_path: Any) -> None:
+    import asyncio
+    import json
+
+    import yaml
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.runtime.metrics import Metrics
+    from sidecar.runtime.reload import Reloader
+    from sidecar.runtime.rollouts import RolloutController
+    from sidecar.runtime.state_file import StateFile
+
+    rules, state_path = tmp_path / "rules.yaml", tmp_path / "state.json"
+    rules.write_text(yaml.safe_dump(DOC))
+    reloader = Reloader(rules, Metrics(CollectorRegistry()), StateFile(state_path))
+    spec = reloader.table.rollouts["ramp"]
+    bad = {**start(spec, 0.0).to_json(), "step": 99}  # valid JSON, the right fingerprint
+    state_path.write_text(json.dumps({"format": 1, "rollouts": {"ramp": bad}}))
+    controller = RolloutController(
+        Reloader(rules, Metrics(CollectorRegistry()), StateFile(state_path)),
+        Metrics(CollectorRegistry()),
+        None,
+        1.0,
+    )
+    assert "ramp" not in controller.states  # ignored, with the reason logged
+    asyncio.run(controller.tick())
+    assert controller.states["ramp"].step == 0

@@ -242,3 +242,25 @@ def test_a_half_written_file_is_read_again_before_it_counts(tmp_path: Path) -> N
     assert asyncio.run(scenario()) is Outcome.LOADED
     assert reloader.failures == 0
     assert reloader.holder.table.default == "canary"
+
+
+def test_hostile_files_are_refused_and_the_last_good_table_stays(tmp_path: Path) -> None:
+    from tests.runtime.test_load import ALIAS_BOMB
+
+    path, reloader = started(tmp_path)
+    first = reloader.table
+
+    async def scenario() -> None:
+        for hostile in (ALIAS_BOMB, "[" * 5000):
+            path.write_text(hostile)
+            result = await reloader.reload("test")
+            assert result.outcome is Outcome.INVALID, result
+            assert result.error is not None and len(result.error) < 2000
+            assert reloader.table is first
+        path.unlink()
+        path.symlink_to("/dev/zero")
+        result = await reloader.reload("test")
+        assert result.outcome is Outcome.MISSING and "not a regular file" in (result.error or "")
+        assert reloader.table is first
+
+    asyncio.run(scenario())
