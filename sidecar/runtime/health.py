@@ -5,11 +5,12 @@ of the sidecar cluster) and HTTP /readyz (for Kubernetes). NOT_SERVING until a t
 loaded and from the moment shutdown begins.
 """
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
+from typing import Any, Protocol
 
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -95,6 +96,42 @@ def registry_bypass_ratio(registry: CollectorRegistry) -> float | None:
 Extra = Callable[[str], "tuple[int, object] | None"]
 
 
+MAX_CONNECTIONS = 32  # requests answered at once; more are refused at once with 503
+READ_TIMEOUT_SECONDS = 5.0  # a request (or a write to a client that does not read) gets this long
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per request, at most MAX_CONNECTIONS of them: a connection over the limit is
+    answered 503 and closed at once, never queued, so slow or half-open clients cannot hold
+    threads or starve the scrape and the probes for longer than the read timeout."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections over the limit get their 503 fast
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def start_http(
     host: str,
     port: int,
@@ -107,6 +144,8 @@ def start_http(
     daemon thread; returns the server."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = READ_TIMEOUT_SECONDS  # the socket's: a slow or half-open client is cut off
+
         def do_GET(self) -> None:
             path = self.path.partition("?")[0]
             if path == "/metrics":
@@ -133,7 +172,6 @@ def start_http(
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = BoundedHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="graysteer-http", daemon=True).start()
     return server
