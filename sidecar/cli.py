@@ -10,6 +10,7 @@ from typing import Any
 
 from sidecar.admin import client as admin_client
 from sidecar.admin.client import AdminError
+from sidecar.admin.security import AdminAuth, ClientAuth
 from sidecar.core import RulesError, Table
 from sidecar.server import ServeOptions, is_local_address, serve, split_host_port
 
@@ -127,7 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-allow-remote",
         action="store_true",
-        help="allow --admin-listen on a non-loopback address (it is unauthenticated)",
+        help="allow --admin-listen on a non-loopback address (needs --admin-token-file or --admin-tls-*)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        help="admin calls must carry 'authorization: Bearer TOKEN' with the token in this "
+        "file (read again when it changes)",
+    )
+    p.add_argument(
+        "--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS with this certificate"
+    )
+    p.add_argument("--admin-tls-key", metavar="PEM", help="... and this key")
+    p.add_argument("--admin-tls-ca", metavar="PEM", help="... requiring client certificates from this CA")
+    p.add_argument(
+        "--admin-allow",
+        action="append",
+        default=[],
+        metavar="IDENTITY",
+        help="with --admin-tls-*: a client identity allowed to call (a SPIFFE ID, a glob "
+        "spiffe://td/ns/ops/*, or a DNS name; repeatable)",
     )
     p.add_argument(
         "--http-listen",
@@ -309,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dns", default="", metavar="DNS_SAN", help="the client certificate's DNS SAN")
     p.add_argument("--listener-port", type=int, help="the local port the request arrived on")
 
+    _add_admin_client_flags(p)
+
     p = commands.add_parser("status", help="show a running sidecar's table and last reload")
     p.add_argument(
         "--admin",
@@ -317,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the sidecar's admin API (default %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    _add_admin_client_flags(p)
 
     p = commands.add_parser("set-weight", help="change a split rule's weights at runtime")
     p.add_argument("rule", help="the split rule's name")
@@ -334,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the sidecar's admin API (default %(default)s)",
     )
 
+    _add_admin_client_flags(p)
+
     p = commands.add_parser("rollout", help="promote, pause, resume or abort a rollout")
     p.add_argument("action", choices=["promote", "pause", "resume", "abort"])
     p.add_argument("rule", help="the split rule whose rollout to act on")
@@ -343,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="the sidecar's admin API (default %(default)s)",
     )
+
+    _add_admin_client_flags(p)
 
     p = commands.add_parser("demo", help="run Envoy + sidecar + two backends and show routing")
     p.add_argument("--rules", default="examples/rules.yaml")
@@ -356,6 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="the name it reports (e.g. stable)")
     p.add_argument("--listen", default="127.0.0.1:8081", type=_address("--listen"))
     return parser
+
+
+def _add_admin_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin-token-file", metavar="PATH", help="send the bearer token in this file")
+    p.add_argument("--admin-tls-ca", metavar="PEM", help="talk TLS, verifying the sidecar with this CA")
+    p.add_argument("--admin-tls-cert", metavar="PEM", help="with --admin-tls-ca: this client certificate")
+    p.add_argument("--admin-tls-key", metavar="PEM", help="... and its key")
+
+
+def _client_auth(args: argparse.Namespace) -> ClientAuth:
+    return ClientAuth(args.admin_token_file, args.admin_tls_ca, args.admin_tls_cert, args.admin_tls_key)
 
 
 def run_event_loop(main: "Coroutine[Any, Any, None]", choice: str) -> None:
@@ -399,11 +438,24 @@ def _check_envoy(table: "Table", path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve" and not args.admin_allow_remote and not is_local_address(args.admin_listen):
-        parser.error(
-            f"--admin-listen {args.admin_listen} is not loopback or a unix socket; "
-            "the admin API is unauthenticated: add --admin-allow-remote to bind it there"
+    if args.command == "serve":
+        auth = AdminAuth(
+            args.admin_token_file,
+            args.admin_tls_cert,
+            args.admin_tls_key,
+            args.admin_tls_ca,
+            tuple(args.admin_allow),
         )
+        problem = auth.problem()
+        if problem:
+            parser.error(problem)
+        if not is_local_address(args.admin_listen) and not (args.admin_allow_remote and auth.authenticates):
+            parser.error(
+                f"--admin-listen {args.admin_listen} is not loopback or a unix socket: add "
+                "--admin-allow-remote and authentication (--admin-token-file, or --admin-tls-* with "
+                "--admin-allow) to bind it there"
+            )
+        args.admin_auth = auth
     if (
         args.command == "serve"
         and args.authz_http_shared_port
@@ -456,6 +508,7 @@ def _run(args: argparse.Namespace) -> int:
             watch=args.watch,
             watch_polling=args.watch_poll,
             admin_allow_remote=args.admin_allow_remote,
+            admin_auth=args.admin_auth,
             worker_index=args.worker_index,
             event_loop=args.event_loop,
             envoy_admin=args.envoy_admin,
@@ -521,7 +574,14 @@ def _run(args: argparse.Namespace) -> int:
         peer = Peer(args.identity, args.dns, args.listener_port)
         if args.admin:
             result = admin_client.explain(
-                args.admin, args.method, args.path, args.headers, args.cookies, args.params, peer
+                args.admin,
+                args.method,
+                args.path,
+                args.headers,
+                args.cookies,
+                args.params,
+                peer,
+                _client_auth(args),
             )
         else:
             result = explain_local(
@@ -530,18 +590,18 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     if args.command == "status":
-        report = admin_client.status(args.admin)
+        report = admin_client.status(args.admin, _client_auth(args))
         print(json.dumps(report, indent=2) if args.json else admin_client.format_status(report))
         return 0
     if args.command == "rollout":
-        status = admin_client.rollout(args.admin, args.rule, args.action)
+        status = admin_client.rollout(args.admin, args.rule, args.action, _client_auth(args))
         print(
             f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
             f"{status['canary_weight']} ({status['reason']})"
         )
         return 0
     if args.command == "set-weight":
-        report = admin_client.set_weights(args.admin, args.rule, dict(args.weights))
+        report = admin_client.set_weights(args.admin, args.rule, dict(args.weights), _client_auth(args))
         (rule,) = [r for r in report["rules"] if r["name"] == args.rule]
         print(
             f"{args.rule}: "

@@ -4,8 +4,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from sidecar.admin.api import admin_pb2_grpc
+from sidecar.admin.security import AdminAuth, AdminAuthInterceptor, restrict_socket, server_credentials
 from sidecar.admin.servicer import AdminServicer
 from sidecar.runtime.bypass import BypassMonitor
 from sidecar.runtime.decider import Decider
@@ -51,6 +53,9 @@ class ServeOptions:
     watch: bool = True
     watch_polling: bool = False
     admin_allow_remote: bool = False
+    admin_auth: AdminAuth = field(
+        default_factory=AdminAuth
+    )  # token and/or TLS client certificates (admin.security)
     event_loop: str = "auto"
     envoy_admin: str | None = None  # Envoy's admin: rollouts and the bypass count read its stats
     rollout_poll_seconds: float = 1.0  # also how often Envoy's bypass counters are read
@@ -79,11 +84,21 @@ def is_local_address(address: str) -> bool:
         return False
 
 
-def _bind(server: grpc.aio.Server, address: str, flag: str) -> str:
+def _bind(
+    server: grpc.aio.Server, address: str, flag: str, credentials: grpc.ServerCredentials | None = None
+) -> str:
+    mask = os.umask(0o177) if address.startswith("unix:") else None  # the socket: owner only
     try:
-        port = server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError as error:
         raise OSError(f"{flag}: cannot listen on {address}: {error}") from error
+    finally:
+        if mask is not None:
+            os.umask(mask)
     return address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
 
 
@@ -142,9 +157,14 @@ async def serve(options: ServeOptions) -> None:
                 "the rules have rollouts but no --envoy-admin: they cannot be analysed and will not advance"
             )
 
-    admin = grpc.aio.server(options=GRPC_OPTIONS)
+    auth = options.admin_auth
+    admin = grpc.aio.server(
+        options=GRPC_OPTIONS, interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None
+    )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), admin)
-    admin_listen = _bind(admin, options.admin_listen, "--admin-listen")
+    admin_listen = _bind(
+        admin, options.admin_listen, "--admin-listen", server_credentials(auth) if auth.tls else None
+    )
 
     http = None
     if options.http_listen:
@@ -165,6 +185,7 @@ async def serve(options: ServeOptions) -> None:
     if server is not None:
         await server.start()
     await admin.start()
+    restrict_socket(admin_listen)  # and again once it exists, whatever the umask did
     await readiness.set(True, "serving")
     http_address = "off" if authz_http is None else f"{authz_http.host}:{authz_http.port}"
     log.info(

@@ -103,6 +103,17 @@ class Supervisor:
             argv += ["--authz-http-listen", worker.authz_http_listen]
             if o.authz_http_shared_port:
                 argv.append("--authz-http-shared-port")
+        auth = o.admin_auth
+        for flag, value in (
+            ("--admin-token-file", auth.token_file),
+            ("--admin-tls-cert", auth.tls_cert),
+            ("--admin-tls-key", auth.tls_key),
+            ("--admin-tls-ca", auth.tls_ca),
+        ):
+            if value is not None:
+                argv += [flag, value]
+        for identity in auth.allow:
+            argv += ["--admin-allow", identity]
         if o.admin_allow_remote:
             argv.append("--admin-allow-remote")
         if o.state_file:

@@ -8,6 +8,7 @@ from google.protobuf import json_format
 
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
+from sidecar.admin.security import ClientAuth
 
 if TYPE_CHECKING:
     from sidecar.transports.explain import Peer
@@ -19,11 +20,14 @@ class AdminError(Exception):
     """The admin API refused a call or could not be reached; the message says which."""
 
 
-def _call(address: str, method: str, request: Any) -> Any:
-    with grpc.insecure_channel(address) as channel:
+NO_AUTH = ClientAuth()
+
+
+def _call(address: str, method: str, request: Any, auth: ClientAuth) -> Any:
+    with auth.channel(address) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
-            return getattr(stub, method)(request, timeout=TIMEOUT_SECONDS)
+            return getattr(stub, method)(request, timeout=TIMEOUT_SECONDS, metadata=auth.metadata())
         except grpc.RpcError as error:
             code = error.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -40,16 +44,18 @@ def as_dict(message: Any) -> dict[str, Any]:
     return result
 
 
-def status(address: str) -> dict[str, Any]:
-    return as_dict(_call(address, "GetTable", pb.GetTableRequest()))
+def status(address: str, auth: ClientAuth = NO_AUTH) -> dict[str, Any]:
+    return as_dict(_call(address, "GetTable", pb.GetTableRequest(), auth))
 
 
-def rollout(address: str, rule: str, action: str) -> dict[str, Any]:
-    return as_dict(_call(address, "Rollout", pb.RolloutRequest(rule=rule, action=action)))
+def rollout(address: str, rule: str, action: str, auth: ClientAuth = NO_AUTH) -> dict[str, Any]:
+    return as_dict(_call(address, "Rollout", pb.RolloutRequest(rule=rule, action=action), auth))
 
 
-def set_weights(address: str, rule: str, weights: dict[str, int]) -> dict[str, Any]:
-    return as_dict(_call(address, "SetWeights", pb.SetWeightsRequest(rule=rule, weights=weights)))
+def set_weights(
+    address: str, rule: str, weights: dict[str, int], auth: ClientAuth = NO_AUTH
+) -> dict[str, Any]:
+    return as_dict(_call(address, "SetWeights", pb.SetWeightsRequest(rule=rule, weights=weights), auth))
 
 
 def explain(
@@ -60,6 +66,7 @@ def explain(
     cookies: Sequence[tuple[str, str]],
     params: Sequence[tuple[str, str]],
     peer: "Peer",
+    auth: ClientAuth = NO_AUTH,
 ) -> dict[str, Any]:
     def pairs(items: Sequence[tuple[str, str]]) -> list[pb.Pair]:
         return [pb.Pair(name=n, value=v) for n, v in items]
@@ -75,7 +82,7 @@ def explain(
     )
     if peer.listener_port is not None:
         request.listener_port = peer.listener_port
-    response = _call(address, "Explain", request)
+    response = _call(address, "Explain", request, auth)
     decision = response.decision
     return {
         "cluster": decision.cluster,

@@ -1,0 +1,190 @@
+"""Who may call the admin API: a bearer token, TLS client certificates with an allow-list of
+identities, or both; and the unix socket's file mode.
+
+Every container of a Kubernetes pod shares its loopback, so an unauthenticated admin API on
+127.0.0.1 is open to all of them. The token file is read again when it changes (rotation
+without a restart); tokens are compared in constant time. With TLS, a client certificate
+from `ca` is required and its SANs must match one `allow` entry (a SPIFFE ID, a SPIFFE glob
+`spiffe://td/path/*`, or a DNS name, `*.` for one label), matched as the rules file matches
+identities.
+"""
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from sidecar.core.identity import Identity, IdentityMatcher, identity_form_problem, identity_matcher
+
+TOKEN_METADATA = "authorization"
+SOCKET_MODE = 0o600  # the unix socket: the sidecar's user only
+
+
+@dataclass(frozen=True)
+class AdminAuth:
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None  # with cert and key: client certificates from this CA are required
+    allow: Sequence[str] = field(default_factory=tuple)  # identities allowed with TLS
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def authenticates(self) -> bool:
+        return self.token_file is not None or self.tls
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, or None."""
+        parts = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(parts) and not all(parts):
+            return "--admin-tls-cert, --admin-tls-key and --admin-tls-ca go together"
+        if self.tls and not self.allow:
+            return "--admin-tls-* needs at least one --admin-allow IDENTITY (who may call)"
+        if self.allow and not self.tls:
+            return "--admin-allow needs --admin-tls-cert/-key/-ca (identities come from client certificates)"
+        for entry in self.allow:
+            problem = identity_form_problem(allow_form(entry))
+            if problem:
+                return f"--admin-allow {entry!r}: {problem}"
+        if self.token_file is not None:
+            try:
+                TokenFile(self.token_file).token()
+            except (OSError, ValueError) as error:
+                return f"--admin-token-file {self.token_file}: {error}"
+        return None
+
+
+def allow_form(entry: str) -> dict[str, str]:
+    """An --admin-allow entry as a rules-file identity form."""
+    if entry.startswith("spiffe://"):
+        return {"glob": entry} if "*" in entry else {"exact": entry}
+    return {"dns": entry}
+
+
+class TokenFile:
+    """A bearer token in a file, read again when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._seen: tuple[float, int] | None = None
+        self._token = b""
+
+    def token(self) -> bytes:
+        info = self.path.stat()
+        if self._seen != (info.st_mtime, info.st_size):
+            token = self.path.read_bytes().strip()
+            if not token:
+                raise ValueError("the token file is empty")
+            self._token, self._seen = token, (info.st_mtime, info.st_size)
+        return self._token
+
+    def accepts(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+        try:
+            expected = b"Bearer " + self.token()
+        except (OSError, ValueError):
+            return False  # no readable token: nobody gets in
+        sent = next((v for k, v in metadata if k == TOKEN_METADATA), "")
+        sent_bytes = sent.encode() if isinstance(sent, str) else bytes(sent)
+        return hmac.compare_digest(sent_bytes, expected)
+
+
+def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
+    """The verified client certificate's identity, from gRPC's auth context."""
+    pems = auth_context.get("x509_pem_cert") or []
+    if not pems:
+        return Identity()
+    certificate = x509.load_pem_x509_certificate(pems[0])
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return Identity(mtls=True)
+    uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
+    dns = tuple(sans.get_values_for_type(x509.DNSName))
+    return Identity.from_sans(True, uris, dns)
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
+
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call (UNAUTHENTICATED / PERMISSION_DENIED) unless it passes every configured
+    check: the bearer token, and with TLS an allowed client identity."""
+
+    def __init__(self, auth: AdminAuth) -> None:
+        self.tokens = TokenFile(auth.token_file) if auth.token_file else None
+        self.allowed: tuple[IdentityMatcher, ...] = tuple(identity_matcher(allow_form(a)) for a in auth.allow)
+        self.tls = auth.tls
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.tokens is not None and not self.tokens.accepts(context.invocation_metadata() or ()):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required")
+            if self.tls:
+                identity = peer_identity(context.auth_context())
+                if not any(matches(identity) for matches in self.allowed):
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "this client certificate is not on the admin allow-list",
+                    )
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def server_credentials(auth: AdminAuth) -> grpc.ServerCredentials:
+    assert auth.tls_cert and auth.tls_key and auth.tls_ca
+    return grpc.ssl_server_credentials(
+        [(Path(auth.tls_key).read_bytes(), Path(auth.tls_cert).read_bytes())],
+        root_certificates=Path(auth.tls_ca).read_bytes(),
+        require_client_auth=True,
+    )
+
+
+def restrict_socket(address: str) -> None:
+    """Give a unix socket the mode SOCKET_MODE (the sidecar's user only)."""
+    if address.startswith("unix:"):
+        os.chmod(address[len("unix:") :].removeprefix("//"), SOCKET_MODE)
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """How the CLI authenticates to the admin API."""
+
+    token_file: str | None = None
+    tls_ca: str | None = None  # verify the server with this CA (TLS)
+    tls_cert: str | None = None  # and present this client certificate
+    tls_key: str | None = None
+
+    def channel(self, address: str) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(self.tls_ca).read_bytes(),
+            private_key=Path(self.tls_key).read_bytes() if self.tls_key else None,
+            certificate_chain=Path(self.tls_cert).read_bytes() if self.tls_cert else None,
+        )
+        return grpc.secure_channel(address, credentials)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        if self.token_file is None:
+            return []
+        return [(TOKEN_METADATA, "Bearer " + Path(self.token_file).read_text().strip())]
