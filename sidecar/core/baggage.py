@@ -1,7 +1,8 @@
 """The W3C `baggage` header: set or remove one member, preserving every other member.
 
-Members are kept as written (including ones this module cannot parse); only the
-member with our key is replaced or dropped. Limits are the W3C Baggage spec's
+Members are kept as written (including ones this module cannot parse), except members with
+control characters, which no HTTP header may carry: they are dropped, never echoed back to
+Envoy in a header value. Only the member with our key is replaced or removed. Limits are the W3C Baggage spec's
 propagation minimums: 64 list members and 8192 bytes; a member that would exceed them
 is not added (the color header still carries the lane).
 """
@@ -10,8 +11,11 @@ MAX_MEMBERS = 64
 MAX_BYTES = 8192
 
 
+_CONTROL = {chr(c) for c in range(32) if c != 9} | {"\x7f"}  # tab is whitespace in a header value
+
+
 def _members(header: str) -> list[str]:
-    return [m.strip() for m in header.split(",") if m.strip()]
+    return [m.strip() for m in header.split(",") if m.strip() and _CONTROL.isdisjoint(m)]
 
 
 def _key(member: str) -> str:
@@ -19,8 +23,9 @@ def _key(member: str) -> str:
 
 
 def well_formed(header: str) -> bool:
-    """Every list member has the `key=value` form (empty headers are well formed)."""
-    return all(_key(m) and "=" in m for m in _members(header))
+    """Every list member has the `key=value` form and no control character (empty headers
+    are well formed)."""
+    return _CONTROL.isdisjoint(header) and all(_key(m) and "=" in m for m in _members(header))
 
 
 def member_value(header: str, key: str) -> str | None:

@@ -212,8 +212,9 @@ def _steering_problems(doc: dict[str, Any], clusters: set[str], unknown: Any) ->
     for lane, cluster in coloring["lanes"].items():
         if cluster not in clusters:
             yield unknown(f"field coloring.lanes.{lane}", cluster)
-    if coloring.get("fallback", doc["default"]) not in clusters:
-        yield unknown("field coloring.fallback", coloring["fallback"])
+    fallback = coloring.get("fallback")  # absent: `default`, checked on its own
+    if fallback is not None and fallback not in clusters:
+        yield unknown("field coloring.fallback", fallback)
     header = coloring.get("header", DEFAULT_COLOR_HEADER).lower()
     if header == doc.get("routing_header", DEFAULT_ROUTING_HEADER).lower():
         yield Problem("field coloring.header", "must differ from routing_header")
