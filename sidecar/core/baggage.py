@@ -2,9 +2,9 @@
 
 Members are kept as written (including ones this module cannot parse), except members with
 control characters, which no HTTP header may carry: they are dropped, never echoed back to
-Envoy in a header value. Only the member with our key is replaced or removed. Limits are the W3C Baggage spec's
-propagation minimums: 64 list members and 8192 bytes; a member that would exceed them
-is not added (the color header still carries the lane).
+Envoy in a header value. Only the member with our key is replaced or removed. Limits are
+the W3C Baggage spec's propagation minimums: 64 list members and 8192 bytes; a member that
+would exceed them is not added (the color header still carries the lane).
 """
 
 MAX_MEMBERS = 64
