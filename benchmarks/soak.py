@@ -22,7 +22,10 @@ from pathlib import Path
 from sidecar.dev.devstack import Stack
 
 REPO = Path(__file__).parents[1]
-CONFIGS = {"ext_proc": REPO / "envoy" / "envoy.yaml", "ext_authz_http": REPO / "envoy" / "ext_authz_http.yaml"}
+CONFIGS = {
+    "ext_proc": REPO / "envoy" / "envoy.yaml",
+    "ext_authz_http": REPO / "envoy" / "ext_authz_http.yaml",
+}
 RULES = textwrap.dedent("""\
     version: 1
     clusters: [stable, canary]
@@ -104,16 +107,22 @@ def soak(mode: str, seconds: float, sample_every: float = 15.0) -> None:
                 time.sleep(sample_every)
                 rss, nthreads, fds = sidecar_usage(pid)
                 samples.append((rss, nthreads, fds))
-                print(f"{mode}: {time.monotonic() - started:7.0f}  {rss:7.1f}  {nthreads:7d}  {fds:3d}  "
-                      f"{counts['sent']:8d}  {counts['2xx']:4d}  {counts['4xx']:4d}  {counts['5xx']:4d}  "
-                      f"{counts['errors']:6d}", flush=True)
+                print(
+                    f"{mode}: {time.monotonic() - started:7.0f}  {rss:7.1f}  {nthreads:7d}  {fds:3d}  "
+                    f"{counts['sent']:8d}  {counts['2xx']:4d}  {counts['4xx']:4d}  {counts['5xx']:4d}  "
+                    f"{counts['errors']:6d}",
+                    flush=True,
+                )
             stop.set()
             for thread in threads:
                 thread.join(15)
     first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
-    print(f"{mode}: after warm-up, rss {first[0]:.1f} -> {last[0]:.1f} MiB, threads {first[1]} -> {last[1]}, "
-          f"fds {first[2]} -> {last[2]}; {counts['sent']} requests, {counts['5xx']} 5xx, "
-          f"{counts['errors']} errors", flush=True)
+    print(
+        f"{mode}: after warm-up, rss {first[0]:.1f} -> {last[0]:.1f} MiB, threads {first[1]} -> {last[1]}, "
+        f"fds {first[2]} -> {last[2]}; {counts['sent']} requests, {counts['5xx']} 5xx, "
+        f"{counts['errors']} errors",
+        flush=True,
+    )
 
 
 def main() -> None:

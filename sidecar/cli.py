@@ -332,15 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_client_flags(p)
 
     p = commands.add_parser("status", help="show a running sidecar's table and last reload")
-    p.add_argument(
-        "--admin",
-        default="127.0.0.1:50052",
-        metavar="ADDR",
-        help="the sidecar's admin API (default %(default)s)",
-    )
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-
-    _add_admin_client_flags(p)
+    _add_admin_client_flags(p, address=True)
 
     p = commands.add_parser("set-weight", help="change a split rule's weights at runtime")
     p.add_argument("rule", help="the split rule's name")
@@ -351,26 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLUSTER=WEIGHT",
         help="e.g. canary=20 (with two clusters the other one takes the rest)",
     )
-    p.add_argument(
-        "--admin",
-        default="127.0.0.1:50052",
-        metavar="ADDR",
-        help="the sidecar's admin API (default %(default)s)",
-    )
-
-    _add_admin_client_flags(p)
+    _add_admin_client_flags(p, address=True)
 
     p = commands.add_parser("rollout", help="promote, pause, resume or abort a rollout")
     p.add_argument("action", choices=["promote", "pause", "resume", "abort"])
     p.add_argument("rule", help="the split rule whose rollout to act on")
-    p.add_argument(
-        "--admin",
-        default="127.0.0.1:50052",
-        metavar="ADDR",
-        help="the sidecar's admin API (default %(default)s)",
-    )
-
-    _add_admin_client_flags(p)
+    _add_admin_client_flags(p, address=True)
 
     p = commands.add_parser("demo", help="run Envoy + sidecar + two backends and show routing")
     p.add_argument("--rules", default="examples/rules.yaml")
@@ -386,7 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_admin_client_flags(p: argparse.ArgumentParser) -> None:
+def _add_admin_client_flags(p: argparse.ArgumentParser, address: bool = False) -> None:
+    """How to reach and authenticate to a running sidecar's admin API."""
+    if address:
+        p.add_argument(
+            "--admin",
+            default="127.0.0.1:50052",
+            metavar="ADDR",
+            help="the sidecar's admin API: HOST:PORT or unix:PATH (default %(default)s)",
+        )
     p.add_argument("--admin-token-file", metavar="PATH", help="send the bearer token in this file")
     p.add_argument("--admin-tls-ca", metavar="PEM", help="talk TLS, verifying the sidecar with this CA")
     p.add_argument("--admin-tls-cert", metavar="PEM", help="with --admin-tls-ca: this client certificate")
