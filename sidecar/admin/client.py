@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.admin.security import ClientAuth
+from sidecar.core.model import DECISION_FIELDS
 
 if TYPE_CHECKING:
     from sidecar.transports.explain import Peer
@@ -83,18 +84,11 @@ def explain(
     if peer.listener_port is not None:
         request.listener_port = peer.listener_port
     response = _call(address, "Explain", request, auth)
-    decision = response.decision
+    decided = json_format.MessageToDict(response.decision, preserving_proto_field_name=True)
+    if "bucket" in decided:  # proto3 JSON writes 64-bit integers as strings
+        decided["bucket"] = int(decided["bucket"])
     return {
-        "cluster": decision.cluster,
-        "rule": decision.rule,
-        "bucket": decision.bucket if decision.HasField("bucket") else None,
-        "key_source": decision.key_source or None,
-        "version": decision.version,
-        "error": decision.error or None,
-        "lane": decision.lane or None,
-        "identity": decision.identity or None,
-        "deny_status": decision.deny_status or None,
-        "deny_reason": decision.deny_reason or None,
+        **{name: decided.get(name) for name in DECISION_FIELDS},  # the fields decision_fields() sent
         "set_headers": {p.name: p.value for p in response.set_headers},
         "remove_headers": list(response.remove_headers),
         "source": f"admin {address}",

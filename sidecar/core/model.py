@@ -82,6 +82,9 @@ class Decision:
         }
 
 
+DECISION_FIELDS = tuple(Decision("", "", "").as_dict())  # every field name, in order
+
+
 def decision_fields(decision: Decision) -> dict[str, str | int]:
     """The one conversion of a decision to named fields, for every transport (dynamic
     metadata, decision headers), `explain`, the admin API and the CLI: the fields that are

@@ -108,6 +108,12 @@ def test_admin_status_set_weight_explain_and_restart(
         explained = json.loads(capsys.readouterr().out)
         assert (explained["cluster"], explained["rule"]) == ("canary", "ramp")
         assert "+o" in explained["version"]
+        assert main(["explain", "--config", str(rules), "-H", "x-user-id: w1"]) == 0
+        local = json.loads(capsys.readouterr().out)  # the same fields, from the same conversion
+        assert set(local) == set(explained)
+        assert {k: local[k] for k in ("bucket", "key_source", "reason", "lane")} == {
+            k: explained[k] for k in ("bucket", "key_source", "reason", "lane")
+        }
         first, second = events.result(timeout=10)
         assert first.result.trigger == "startup" and second.result.trigger == "set_weights"
         assert [w.weight for w in second.table.rules[1].weights] == [0, 100]
