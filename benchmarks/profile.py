@@ -1,9 +1,10 @@
-"""Where the sidecar's CPU goes under load: `python -m benchmarks.profile [--seconds 8]`.
+"""Where the sidecar's CPU goes under load: `python -m benchmarks.profile [--scenario b|d|h]`.
 
-Starts Envoy (envoy/envoy.yaml), the sidecar and the direct_response upstreams, drives 32
-connections with wrk, samples the sidecar with py-spy (PyPI), and reports the share of
-samples whose innermost Python frame is graysteer's code, versus everything else (grpcio's
-Cython callbacks and poller thread, asyncio, the interpreter)."""
+Starts the scenario's front Envoy (b: envoy/envoy.yaml, d: gRPC ext_authz, h: ext_authz over
+HTTP), the sidecar and the direct_response upstreams, drives 32 connections with wrk,
+samples the sidecar with py-spy (PyPI), and reports the share of samples with graysteer's
+code on the stack, by function, and the innermost frames of all samples (grpcio's Cython
+callbacks and poller thread, httptools, asyncio, the interpreter)."""
 
 import argparse
 import collections
@@ -17,12 +18,16 @@ from benchmarks.scenarios import SCENARIOS, backends_config, front_envoy
 from benchmarks.wrk import ensure_wrk, lua_script, run
 from sidecar.dev.devstack import Envoy, wait_for
 
+PROFILED = ("b", "d", "h")  # graysteer itself on each transport
+
 
 def summarize(raw: str) -> dict[str, float]:
-    """py-spy raw output (`frame;frame;... count` per line) -> shares of samples."""
+    """py-spy raw output (`frame;frame;... count` per line) -> shares of samples: those with
+    graysteer's code on the stack (by its innermost graysteer frame), and by innermost frame."""
     total = 0
     ours = 0
     by_function: collections.Counter[str] = collections.Counter()
+    innermost: collections.Counter[str] = collections.Counter()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -30,22 +35,26 @@ def summarize(raw: str) -> dict[str, float]:
         samples = int(count)
         total += samples
         frames = stack.split(";")
+        innermost[frames[-1]] += samples
         inner = next((f for f in reversed(frames) if "sidecar/" in f), None)
         if inner is not None and "sidecar/cli.py" not in inner and "__main__" not in inner:
             ours += samples
             by_function[inner.split(" (")[0]] += samples
     shares = {"samples": float(total), "graysteer_code": round(ours / total, 3) if total else 0.0}
     shares.update({f"  {name}": round(n / total, 3) for name, n in by_function.most_common(8)})
+    shares["innermost frames"] = float(sum(n for _, n in innermost.most_common(10)) / total) if total else 0.0
+    shares.update({f"  {frame[:70]}": round(n / total, 3) for frame, n in innermost.most_common(10)})
     return shares
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--scenario", choices=PROFILED, default="b")
     args = parser.parse_args()
     wrk = ensure_wrk()
     py_spy = Path(sys.executable).parent / "py-spy"
-    scenario = next(s for s in SCENARIOS if s.key == "b")
+    scenario = next(s for s in SCENARIOS if s.key == args.scenario)
     with tempfile.TemporaryDirectory(prefix="graysteer-profile-") as tmp:
         workdir = Path(tmp)
         backends = Envoy(backends_config(), workdir, name="backends")
@@ -66,7 +75,7 @@ def main() -> int:
                 20,
                 "the sidecar to be healthy",
             )
-            script = lua_script(workdir / "b.lua", {}, vary_user=True)
+            script = lua_script(workdir / f"{scenario.key}.lua", {}, vary_user=True)
             output = workdir / "profile.txt"
             spy = subprocess.Popen(
                 [
