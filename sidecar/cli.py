@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default="/", help="request path (default %(default)s)")
     p.add_argument("--method", default="GET", help="request method (default %(default)s)")
     p.add_argument(
+        "--host",
+        help="the request's host (:authority), as `match.host` reads it (default graysteer.local)",
+    )
+    p.add_argument(
         "--cookie",
         dest="cookies",
         type=_pair,
@@ -559,6 +563,8 @@ def _run(args: argparse.Namespace) -> int:
         from sidecar.transports.explain import Peer, explain_local
 
         peer = Peer(args.identity, args.dns, args.listener_port)
+        if args.host is not None:
+            args.headers.append((":authority", args.host))
         if args.admin:
             result = admin_client.explain(
                 args.admin,

@@ -148,3 +148,15 @@ def test_the_published_schema_is_the_one_the_loader_uses(capsys: pytest.CaptureF
     from sidecar.core.schema import RULES_SCHEMA
 
     assert json.loads(published) == RULES_SCHEMA
+
+
+def test_explain_host_sets_the_authority(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nclusters: [stable, canary]\ndefault: stable\n"
+        "rules:\n  - {name: beta, match: {host: 'beta.*'}, route: canary}\n"
+    )
+    assert main(["explain", "--config", str(rules), "--host", "Beta.Shop.io:8443"]) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == "beta"
+    assert main(["explain", "--config", str(rules)]) == 0  # graysteer.local
+    assert json.loads(capsys.readouterr().out)["rule"] == "default"

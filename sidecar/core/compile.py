@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sidecar.core.bucketing import cumulative
+from sidecar.core.hosts import host_matcher
 from sidecar.core.identity import compile_regex, identity_matcher
 from sidecar.core.model import Coloring, Decision, Reason, Trust
 from sidecar.core.request import Request
@@ -14,6 +15,7 @@ from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
 from sidecar.core.schema import DEFAULT_BAGGAGE_KEY, DEFAULT_COLOR_HEADER, DEFAULT_ROUTING_HEADER
 from sidecar.core.table import Condition, KeyGetter, Rule, Split, Table
 from sidecar.core.validate import Problem, RulesError, problems
+from sidecar.core.versions import range_matcher
 
 __all__ = ["DEFAULT_ROUTING_HEADER", "Problem", "RulesError", "compile_table"]
 
@@ -73,7 +75,16 @@ def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
         coloring=coloring,
         deny_rules=tuple(r for r in rules if r.route is not None and r.route.deny_status),
         rollouts={r["name"]: _rollout_spec(r) for r in doc.get("rules") or [] if "rollout" in r},
+        version_headers=frozenset(_version_headers(doc)),
     )
+
+
+def _version_headers(doc: dict[str, Any]) -> Iterable[str]:
+    """The headers some rule reads as a version (a value that is not one is counted)."""
+    for rule in doc.get("rules") or []:
+        for header, form in ((rule.get("match") or {}).get("headers") or {}).items():
+            if isinstance(form, dict) and "semver" in form:
+                yield header.lower()
 
 
 def _trust(trust: dict[str, Any], coloring: Coloring | None) -> Trust:
@@ -146,6 +157,12 @@ def _conditions(match: dict[str, Any]) -> Iterable[Condition]:
     if "identity" in match:
         matches_identity = identity_matcher(match["identity"])
         yield lambda request: matches_identity(request.identity)
+    if "host" in match:
+        hosts = match["host"]
+        matches_host = host_matcher([hosts] if isinstance(hosts, str) else hosts)
+        yield lambda request: matches_host(request.headers.get(":authority") or request.headers.get("host"))
+    if "grpc" in match:
+        yield _grpc_condition(match["grpc"])
     if "method" in match:
         methods = match["method"]
         allowed = frozenset(m.upper() for m in ([methods] if isinstance(methods, str) else methods))
@@ -164,9 +181,21 @@ def _header_condition(name: str, form: str | dict[str, Any]) -> Condition:
     if "regex" in form:
         fullmatch = compile_regex(form["regex"])
         return lambda request: (v := request.headers.get(name)) is not None and fullmatch(v)
+    if "semver" in form:
+        in_range = range_matcher(form["semver"])
+        return lambda request: (v := request.headers.get(name)) is not None and in_range(v)
     if form.get("present"):
         return lambda request: name in request.headers
     return lambda request: name not in request.headers
+
+
+def _grpc_condition(form: dict[str, str]) -> Condition:
+    """A gRPC call's path is `/<package.Service>/<Method>`."""
+    service = f"/{form['service']}/"
+    if "method" in form:
+        path = service + form["method"]
+        return lambda request: request.path == path
+    return lambda request: request.path.startswith(service) and "/" not in request.path[len(service) :]
 
 
 def _path_condition(form: dict[str, Any]) -> Condition:

@@ -153,7 +153,7 @@ class Steering:
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     baggage_dropped: bool = False  # the lane member was left out: baggage over its size limits
-    malformed: tuple[str, ...] = ()  # inputs ignored as malformed: "xfcc", "baggage"
+    malformed: tuple[str, ...] = ()  # inputs ignored as malformed: "xfcc", "baggage", "lane", "version"
     identity: Identity = NO_IDENTITY  # the identity the decision used (mTLS, else XFCC)
 
     @property

@@ -15,6 +15,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 KEY_SOURCE_PATTERN = r"^((header|cookie|query):[^\s]+|identity)$"
 LANE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+GRPC_SERVICE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"  # package.Service
+GRPC_METHOD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 _string_match: dict[str, Any] = {
     "type": "object",
@@ -34,6 +36,7 @@ _header_match: dict[str, Any] = {
         "exact": {"type": "string"},
         "prefix": {"type": "string", "minLength": 1},
         "regex": {"type": "string"},
+        "semver": {"type": "string", "minLength": 1},
         "present": {"type": "boolean"},
         "absent": {"type": "boolean"},
     },
@@ -75,6 +78,21 @@ _match: dict[str, Any] = {
             "pattern": r"^[A-Za-z]+$",
         },
         "identity": _identity_match,
+        "host": {
+            "type": ["array", "string"],
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "minLength": 1,
+        },
+        "grpc": {
+            "type": "object",
+            "properties": {
+                "service": {"type": "string", "pattern": GRPC_SERVICE_PATTERN},
+                "method": {"type": "string", "pattern": GRPC_METHOD_PATTERN},
+            },
+            "required": ["service"],
+            "additionalProperties": False,
+        },
     },
     "additionalProperties": False,
 }

@@ -21,6 +21,7 @@ from sidecar.core.identity import identity_from_xfcc
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust, lane_problem
 from sidecar.core.request import Request
 from sidecar.core.table import Table
+from sidecar.core.versions import is_version
 
 __all__ = ["Coloring", "Steering", "Trust", "fallback", "steer", "steered_headers", "strip_untrusted"]
 
@@ -103,6 +104,11 @@ def steer(table: Table, request: Request) -> Steering:
     if not trusted:
         headers, remove, set_headers = strip_untrusted(table, headers)
     seen = request.seen_as(headers, identity)
+    for name in table.version_headers:
+        value = headers.get(name)
+        if value is not None and not is_version(value):
+            malformed.append("version")  # no `semver` condition matches it
+            break
 
     decision = table.denied(seen)
     lane = coloring.received_lane(headers) if coloring and trusted else None

@@ -101,6 +101,7 @@ class Table:
     coloring: Coloring | None = field(default=None, repr=False)
     deny_rules: tuple[Rule, ...] = ()  # the rules whose action is deny, in table order
     rollouts: "dict[str, RolloutSpec]" = field(default_factory=dict, compare=False)
+    version_headers: frozenset[str] = frozenset()  # headers a `semver` condition reads
 
     @property
     def default_decision(self) -> Decision:

@@ -12,12 +12,14 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, ValidationError
 
+from sidecar.core.hosts import host_problem
 from sidecar.core.identity import identity_form_problem, regex_problem
 from sidecar.core.rollout import parse_duration
 from sidecar.core.schema import DEFAULT_COLOR_HEADER, DEFAULT_ROUTING_HEADER, RULES_SCHEMA
+from sidecar.core.versions import range_problem
 
 _VALIDATOR = Draft202012Validator(RULES_SCHEMA)
-_MATCH_FORMS = "exact, prefix, regex, present, absent"
+_MATCH_FORMS = "exact, prefix, regex, semver, present, absent"
 _PATH_FORMS = "exact, prefix, regex"
 
 
@@ -191,12 +193,19 @@ def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any])
         lowered.setdefault(header.lower(), header)
         if isinstance(form, dict) and "regex" in form:
             yield from _regex_problem(doc, where + ["regex"], form["regex"])
+        if isinstance(form, dict) and "semver" in form and (problem := range_problem(form["semver"])):
+            yield Problem(_where(doc, where + ["semver"]), problem)
         if isinstance(form, dict) and (form.get("present") is False or form.get("absent") is False):
             yield Problem(_where(doc, where), "use `present: true` or `absent: true`")
     if "regex" in (match.get("path") or {}):
         yield from _regex_problem(doc, path + ["match", "path", "regex"], match["path"]["regex"])
     if "identity" in match:
         yield from _identity_problem(doc, path + ["match", "identity"], match["identity"])
+    hosts = match.get("host")
+    for index, pattern in enumerate([hosts] if isinstance(hosts, str) else hosts or []):
+        if problem := host_problem(pattern):
+            where = ["match", "host"] if isinstance(hosts, str) else ["match", "host", index]
+            yield Problem(_where(doc, path + where), problem)
     if (match.get("identity") or {}).get("present") is False or (match.get("identity") or {}).get(
         "absent"
     ) is False:

@@ -18,6 +18,8 @@ from sidecar.runtime.load import load_rules
 from sidecar.runtime.metrics import Metrics
 from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer
 
+DEFAULT_AUTHORITY = "graysteer.local"
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -48,15 +50,24 @@ def headers_message(
     params: Sequence[tuple[str, str]] = (),
     peer: Peer = Peer(),
 ) -> ep.ProcessingRequest:
-    """The ext_proc request_headers message Envoy would send for this request."""
+    """The ext_proc request_headers message Envoy would send for this request. A `host` or
+    `:authority` header is the request's authority (Envoy turns HTTP/1's Host into
+    `:authority`); without one it is DEFAULT_AUTHORITY."""
     if params:
         path += ("&" if "?" in path else "?") + urlencode(list(params))
+    authority = DEFAULT_AUTHORITY
+    rest = []
+    for name, value in headers:
+        if name.lower() in ("host", ":authority"):
+            authority = value
+        else:
+            rest.append((name, value))
     pairs = [
         (":method", method.upper()),
         (":path", path),
         (":scheme", "http"),
-        (":authority", "graysteer.local"),
-        *headers,
+        (":authority", authority),
+        *rest,
     ]
     if cookies:
         pairs.append(("cookie", "; ".join(f"{k}={v}" for k, v in cookies)))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.core import RulesError, compile_table
+from sidecar.core import Request, RulesError, compile_table
 from sidecar.runtime.load import load_rules, parse_rules
 
 GOOD: dict[str, Any] = {
@@ -77,6 +77,14 @@ CASES = [
         ["rule 'force' (rules[0]) field match.headers.x-canary.regex", "invalid regex"],
     ),
     (with_change("rules.0.match", {"path": {"regex": "*"}}), ["field match.path.regex", "invalid regex"]),
+    (
+        with_change("rules.0.match", {"headers": {"x-api-version": {"semver": "^1.2 ||| 2"}}}),
+        ["rule 'force' (rules[0]) field match.headers.x-api-version.semver", "not a version range"],
+    ),
+    (
+        with_change("rules.0.match", {"headers": {"x-api-version": {"semver": "  "}}}),
+        ["field match.headers.x-api-version.semver", "an empty range; write `*`"],
+    ),
     (with_change("rules.0.rout", "canary"), ["rule 'force' (rules[0])", "unknown key 'rout'"]),
     (with_change("colors", "x"), ["document", "unknown key 'colors'"]),
     (with_change("rules.1.split.weights", 1), ["field split", "unknown key 'weights'"]),
@@ -86,7 +94,7 @@ CASES = [
     ),
     (
         with_change("rules.0.match", {"headers": {"x-canary": {"exact": "1", "prefix": "2"}}}),
-        ["field match.headers.x-canary", "exactly one of exact, prefix, regex, present, absent"],
+        ["field match.headers.x-canary", "exactly one of exact, prefix, regex, semver, present, absent"],
     ),
     (
         with_change("rules.0.match", {"headers": {"x-canary": {"contains": "1"}}}),
@@ -305,3 +313,42 @@ def test_identity_matchers_are_validated_where_they_are_used(
 def test_valid_identity_matchers_load(form: dict[str, Any]) -> None:
     compile_table(with_change("rules.0.match", {"identity": form}), "v", "rules.yaml")
     compile_table(with_change("trust", {"identities": [form]}), "v", "rules.yaml")
+
+
+# ---- gRPC services and methods ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("form", "path", "expected"),
+    [
+        ({"service": "shop.v1.Cart", "method": "Get"}, "/shop.v1.Cart/Get", True),
+        ({"service": "shop.v1.Cart", "method": "Get"}, "/shop.v1.Cart/GetAll", False),
+        ({"service": "shop.v1.Cart", "method": "Get"}, "/shop.v1.Cart/Get/x", False),
+        ({"service": "shop.v1.Cart"}, "/shop.v1.Cart/Put", True),  # any method of the service
+        ({"service": "shop.v1.Cart"}, "/shop.v1.CartAdmin/Put", False),
+        ({"service": "shop.v1.Cart"}, "/shop.v1.Cart/", True),
+        ({"service": "shop.v1.Cart"}, "/shop.v1.Cart/a/b", False),
+        ({"service": "Cart"}, "/Cart/Get", True),  # no package
+    ],
+)
+def test_grpc_conditions_read_the_path(form: dict[str, str], path: str, expected: bool) -> None:
+    doc = with_change("rules.0.match", {"grpc": form})
+    table = compile_table(doc, "v", "rules.yaml")
+    assert (table.decide(Request({}, "POST", path)).rule == "force") is expected
+
+
+@pytest.mark.parametrize(
+    ("form", "where"),
+    [
+        ({"method": "Get"}, "field match.grpc"),  # the service is required
+        ({"service": "shop/Cart"}, "field match.grpc.service"),
+        ({"service": "shop.Cart", "method": "Get/x"}, "field match.grpc.method"),
+        ({"service": "shop.Cart", "methods": ["Get"]}, "field match.grpc"),
+    ],
+)
+def test_bad_grpc_conditions_are_located(form: dict[str, str], where: str) -> None:
+    with pytest.raises(RulesError) as caught:
+        compile_table(with_change("rules.0.match", {"grpc": form}), "v", "rules.yaml")
+    assert any(str(p).startswith(f"rule 'force' (rules[0]) {where}") for p in caught.value.problems), [
+        str(p) for p in caught.value.problems
+    ]

@@ -38,6 +38,15 @@ RULES = textwrap.dedent("""\
       - name: force-canary
         match: {headers: {x-canary: "1"}}
         route: canary
+      - name: beta-host
+        match: {host: ["beta.*", "*.beta.example.com"]}
+        route: canary
+      - name: new-clients
+        match: {headers: {x-client-version: {semver: ">=2.3.0 || ~1.9.1"}}}
+        route: canary
+      - name: cart-get
+        match: {grpc: {service: shop.v1.Cart, method: Get}}
+        route: canary
       - name: by-user
         split:
           key: [header:x-user-id, cookie:uid, query:gid]
@@ -53,6 +62,16 @@ CASES: list[tuple[str, str, dict[str, str]]] = [
     ("GET", "/", {"x-user-tier": "beta-x"}),
     ("GET", "/", {"x-canary": "1"}),  # untrusted: the override is removed, never honoured
     ("GET", "/", {"x-graysteer-lane": "canary", "baggage": "t=1,graysteer.lane=canary"}),
+    ("GET", "/", {"host": "beta.shop.io"}),
+    ("GET", "/", {"host": "Eu.Beta.Example.com:8080"}),
+    ("GET", "/", {"host": "shop.beta.io"}),
+    ("GET", "/", {"x-client-version": "2.4.0"}),
+    ("GET", "/", {"x-client-version": "v1.9.3"}),
+    ("GET", "/", {"x-client-version": "1.10.0"}),
+    ("GET", "/", {"x-client-version": "2.4.0-beta.1"}),  # a pre-release needs a range naming it
+    ("GET", "/", {"x-client-version": "garbage"}),
+    ("POST", "/shop.v1.Cart/Get", {"content-type": "application/grpc"}),
+    ("POST", "/shop.v1.Cart/Put", {"content-type": "application/grpc"}),
     *[("GET", "/", {"x-user-id": f"user-{i}"}) for i in range(12)],
     *[("GET", "/", {"cookie": f"a=1; uid=c{i}"}) for i in range(6)],
     *[("GET", f"/p?gid=q{i}", {}) for i in range(6)],
@@ -114,6 +133,13 @@ def test_the_three_transports_route_and_color_alike(by_mode: dict[str, list[tupl
     for mode, seen in by_mode.items():
         for case, (got, want) in enumerate(zip(seen, reference, strict=True)):
             assert got == want, (mode, CASES[case])
+
+
+def test_host_semver_and_grpc_conditions_decide(by_mode: dict[str, list[tuple[Any, ...]]]) -> None:
+    first = CASES.index(("GET", "/", {"host": "beta.shop.io"}))
+    backends = [backend for _, backend, _ in by_mode["ext_proc"][first : first + 10]]
+    expected = ["canary", "canary", "stable", "canary", "canary", "stable", "stable", "stable", "canary"]
+    assert backends == [*expected, "stable"]
 
 
 def test_explain_predicts_every_transport(rules: Path, by_mode: dict[str, list[tuple[Any, ...]]]) -> None:
