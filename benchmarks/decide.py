@@ -1,5 +1,6 @@
 """Micro-benchmark of the pure decision function on a realistic table (~50 rules, 3 splits,
-header, path and identity matches), with an empty table as the same-run baseline."""
+one mirrored; header, path, identity, version-range, host and gRPC matches), with an empty
+table as the same-run baseline."""
 
 import timeit
 from typing import Any
@@ -16,8 +17,20 @@ def realistic_document() -> dict[str, Any]:
         },
         {"name": "force-canary", "match": {"headers": {"x-canary": "1"}}, "route": "canary"},
         {"name": "qa", "match": {"identity": {"glob": "spiffe://example.org/ns/qa/*"}}, "route": "canary"},
+        # Evaluated for every sample request, none matching it:
+        {
+            "name": "old-clients",
+            "match": {"headers": {"x-client-version": {"semver": "<2.0.0 || ~2.3"}}},
+            "route": "v2",
+        },
+        {"name": "beta-hosts", "match": {"host": ["beta.*", "*.beta.example.org"]}, "route": "canary"},
+        {
+            "name": "cart-grpc",
+            "match": {"grpc": {"service": "shop.v1.Cart", "method": "Get"}},
+            "route": "canary",
+        },
     ]
-    for i in range(44):  # per-tenant and per-feature routes, none matching the sample traffic
+    for i in range(41):  # per-tenant and per-feature routes, none matching the sample traffic
         match: dict[str, Any] = {"headers": {"x-tenant": f"tenant-{i}"}}
         if i % 3 == 0:
             match["path"] = {"prefix": f"/feature-{i}/"}
@@ -39,6 +52,7 @@ def realistic_document() -> dict[str, Any]:
                     "key": [key, "query:gray_id"],
                     "to": [{"cluster": "stable", "weight": 90}, {"cluster": "canary", "weight": 10}],
                 },
+                **({"mirror": {"cluster": "v2", "percent": 5}} if name == "checkout-ramp" else {}),
             }
         )
     return {
@@ -59,6 +73,7 @@ def sample_requests() -> list[Request]:
         "user-agent": "bench/1.0",
         "accept": "*/*",
         "x-request-id": "5f0c",
+        "x-client-version": "3.1.0",
         "traceparent": "00-ab-cd-01",
     }
     return [

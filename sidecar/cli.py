@@ -284,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLUSTER=HOST:PORT",
         help="a cluster's address (repeatable; default 127.0.0.1:8081, 8082, ...)",
     )
+    p.add_argument(
+        "--upstream-protocol",
+        choices=["http1", "http2", "downstream"],
+        default="http1",
+        help="how Envoy speaks to the clusters: http1, http2 (gRPC backends) or downstream "
+        "(the client's protocol: gRPC and HTTP/1 traffic on one listener) (default %(default)s)",
+    )
 
     p = commands.add_parser("explain", help="print the decision for a described request (JSON)")
     where = p.add_mutually_exclusive_group(required=True)
@@ -543,6 +550,7 @@ def _run(args: argparse.Namespace) -> int:
             sidecar_workers=args.workers,
             upstreams=dict(args.upstreams),
             mode=args.mode,
+            upstream_protocol=args.upstream_protocol,
             mtls=TlsOptions(
                 f"{args.tls_dir}/ca.pem",
                 f"{args.tls_dir}/server.pem",

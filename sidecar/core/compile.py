@@ -12,8 +12,13 @@ from sidecar.core.identity import compile_regex, identity_matcher
 from sidecar.core.model import Coloring, Decision, Reason, Trust
 from sidecar.core.request import Request
 from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
-from sidecar.core.schema import DEFAULT_BAGGAGE_KEY, DEFAULT_COLOR_HEADER, DEFAULT_ROUTING_HEADER
-from sidecar.core.table import Condition, KeyGetter, Rule, Split, Table
+from sidecar.core.schema import (
+    DEFAULT_BAGGAGE_KEY,
+    DEFAULT_COLOR_HEADER,
+    DEFAULT_MIRROR_HEADER,
+    DEFAULT_ROUTING_HEADER,
+)
+from sidecar.core.table import MIRROR_BUCKETS, Condition, KeyGetter, Mirror, Rule, Split, Table
 from sidecar.core.validate import Problem, RulesError, problems
 from sidecar.core.versions import range_matcher
 
@@ -76,6 +81,7 @@ def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
         deny_rules=tuple(r for r in rules if r.route is not None and r.route.deny_status),
         rollouts={r["name"]: _rollout_spec(r) for r in doc.get("rules") or [] if "rollout" in r},
         version_headers=frozenset(_version_headers(doc)),
+        mirror_header=doc.get("mirror_header", DEFAULT_MIRROR_HEADER).lower(),
     )
 
 
@@ -121,7 +127,7 @@ def _compile_rule(rule: dict[str, Any], version: str, default: str) -> Rule:
     name = rule["name"]
     conditions = tuple(_conditions(rule.get("match") or {}))
     if "route" in rule:
-        return Rule(name, conditions, Decision(rule["route"], name, version), None)
+        return Rule(name, conditions, Decision(rule["route"], name, version), None, _mirror(rule, None))
     if "deny" in rule:
         deny = rule["deny"]
         body = deny.get("reason") or f"denied by rule {name}"
@@ -146,7 +152,16 @@ def _compile_rule(rule: dict[str, Any], version: str, default: str) -> Rule:
         bounds=cumulative(weights),
         when_key_missing=None if missing == "random" else missing,
     )
-    return Rule(name, conditions, None, compiled)
+    return Rule(name, conditions, None, compiled, _mirror(rule, compiled))
+
+
+def _mirror(rule: dict[str, Any], split: Split | None) -> Mirror | None:
+    if "mirror" not in rule:
+        return None
+    mirror = rule["mirror"]
+    share = max(1, round(float(mirror["percent"]) * MIRROR_BUCKETS / 100))
+    seed = (split.seed if split is not None else rule["name"]) + "/mirror"
+    return Mirror(mirror["cluster"], share, split.keys if split is not None else (), seed)
 
 
 def _conditions(match: dict[str, Any]) -> Iterable[Condition]:

@@ -47,6 +47,7 @@ class Decision:
     deny_status: int | None = None  # set when a deny rule decided: answer this status
     deny_reason: str | None = None
     reason: Reason = Reason.ROUTE  # what kind of step decided
+    mirror: str | None = None  # a cluster that gets a copy of the request (its answer ignored)
 
     def carrying(self, lane: str | None, identity: str | None) -> "Decision":
         """This decision with the lane passed on and the caller's identity (built directly:
@@ -63,6 +64,24 @@ class Decision:
             self.deny_status,
             self.deny_reason,
             self.reason,
+            self.mirror,
+        )
+
+    def mirrored(self, cluster: str) -> "Decision":
+        """This decision with a copy of the request sent to `cluster`."""
+        return Decision(
+            self.cluster,
+            self.rule,
+            self.version,
+            self.bucket,
+            self.key_source,
+            self.error,
+            self.lane,
+            self.identity,
+            self.deny_status,
+            self.deny_reason,
+            self.reason,
+            cluster,
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -76,6 +95,7 @@ class Decision:
             "version": self.version,
             "error": None if self.error is None else str(self.error),
             "lane": self.lane,
+            "mirror": self.mirror,
             "identity": self.identity,
             "deny_status": self.deny_status,
             "deny_reason": self.deny_reason,

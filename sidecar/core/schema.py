@@ -10,6 +10,7 @@ from typing import Any
 DEFAULT_ROUTING_HEADER = "x-route-cluster"
 DEFAULT_COLOR_HEADER = "x-graysteer-lane"
 DEFAULT_BAGGAGE_KEY = "graysteer.lane"
+DEFAULT_MIRROR_HEADER = "x-mirror-cluster"
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
@@ -166,6 +167,15 @@ _rule: dict[str, Any] = {
             "required": ["canary", "steps", "analysis"],
             "additionalProperties": False,
         },
+        "mirror": {
+            "type": "object",
+            "properties": {
+                "cluster": {"type": "string"},
+                "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+            },
+            "required": ["cluster", "percent"],
+            "additionalProperties": False,
+        },
         "deny": {
             "type": "object",
             "properties": {
@@ -193,6 +203,7 @@ RULES_SCHEMA: dict[str, Any] = {
         },
         "default": {"type": "string"},
         "routing_header": {"type": "string", "pattern": HEADER_NAME_PATTERN},
+        "mirror_header": {"type": "string", "pattern": HEADER_NAME_PATTERN},
         "rules": {"type": "array", "items": _rule},
         "trust": {
             "type": "object",

@@ -63,7 +63,7 @@ def steered_headers(table: Table) -> list[str]:
         names.append(table.coloring.header)
         if table.coloring.baggage:
             names.append("baggage")
-    return names
+    return [*names, table.mirror_header]
 
 
 def fallback(table: Table, decision: Decision, headers: Mapping[str, str] | None) -> Steering:
@@ -130,6 +130,10 @@ def steer(table: Table, request: Request) -> Steering:
         return Steering(decision, remove_headers=tuple(remove), malformed=tuple(malformed), identity=identity)
 
     set_headers.insert(0, (table.routing_header, decision.cluster))
+    if decision.mirror is not None:
+        set_headers.insert(1, (table.mirror_header, decision.mirror))
+    elif table.mirror_header in headers:  # Envoy's early strip removes it; so do we
+        remove.append(table.mirror_header)
     dropped = False
     if coloring is not None:
         lane = lane or coloring.lane_of.get(decision.cluster, decision.cluster)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from sidecar.core.bucketing import bucket, entry_for
 from sidecar.core.model import Coloring, Decision, ErrorCode, Reason, Trust
 from sidecar.core.request import Request
+from sidecar.core.schema import DEFAULT_MIRROR_HEADER
 
 DEFAULT_RULE = "default"
 
@@ -70,6 +71,28 @@ class Split:
         )
 
 
+MIRROR_BUCKETS = 10_000  # a mirror's percent in steps of 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """A share of a rule's requests copied to another cluster: sticky by the rule's split key
+    when it has one (hashed with its own seed, so independent of the split's buckets), else
+    random."""
+
+    cluster: str
+    share: int  # of MIRROR_BUCKETS
+    keys: tuple[tuple[str, KeyGetter], ...]
+    seed: str
+
+    def picks(self, request: Request) -> bool:
+        for _, getter in self.keys:
+            key = getter(request)
+            if key:
+                return bucket(self.seed, key, MIRROR_BUCKETS) < self.share
+        return random.randrange(MIRROR_BUCKETS) < self.share
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled rule: all conditions must hold; then either a fixed route or a split."""
@@ -78,12 +101,18 @@ class Rule:
     conditions: tuple[Condition, ...]
     route: Decision | None  # pre-built: a fixed route allocates nothing per request
     split: Split | None
+    mirror: Mirror | None = None
 
     def decide(self, request: Request) -> Decision:
         if self.route is not None:  # a fixed route or a deny
-            return self.route
-        assert self.split is not None
-        return self.split.decide(request)
+            decision = self.route
+        else:
+            assert self.split is not None
+            decision = self.split.decide(request)
+        mirror = self.mirror
+        if mirror is not None and decision.cluster != mirror.cluster and mirror.picks(request):
+            return decision.mirrored(mirror.cluster)  # never a copy to where the request goes
+        return decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +131,12 @@ class Table:
     deny_rules: tuple[Rule, ...] = ()  # the rules whose action is deny, in table order
     rollouts: "dict[str, RolloutSpec]" = field(default_factory=dict, compare=False)
     version_headers: frozenset[str] = frozenset()  # headers a `semver` condition reads
+    mirror_header: str = DEFAULT_MIRROR_HEADER
+
+    @property
+    def mirrors(self) -> bool:
+        """Whether any rule copies requests to a mirror cluster."""
+        return any(rule.mirror is not None for rule in self.rules)
 
     @property
     def default_decision(self) -> Decision:

@@ -15,7 +15,12 @@ from jsonschema import Draft202012Validator, ValidationError
 from sidecar.core.hosts import host_problem
 from sidecar.core.identity import identity_form_problem, regex_problem
 from sidecar.core.rollout import parse_duration
-from sidecar.core.schema import DEFAULT_COLOR_HEADER, DEFAULT_ROUTING_HEADER, RULES_SCHEMA
+from sidecar.core.schema import (
+    DEFAULT_COLOR_HEADER,
+    DEFAULT_MIRROR_HEADER,
+    DEFAULT_ROUTING_HEADER,
+    RULES_SCHEMA,
+)
 from sidecar.core.versions import range_problem
 
 _VALIDATOR = Draft202012Validator(RULES_SCHEMA)
@@ -158,6 +163,9 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
 
     if doc["default"] not in clusters:
         yield unknown("field default", doc["default"])
+    mirror_header = doc.get("mirror_header", DEFAULT_MIRROR_HEADER).lower()
+    if mirror_header == doc.get("routing_header", DEFAULT_ROUTING_HEADER).lower():
+        yield Problem("field mirror_header", f"must differ from routing_header ({mirror_header!r})")
     yield from _steering_problems(doc, clusters, unknown)
     seen: dict[str, int] = {}
     for index, rule in enumerate(doc.get("rules") or []):
@@ -175,11 +183,25 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
             )
         if "route" in rule and rule["route"] not in clusters:
             yield unknown(_where(doc, path + ["route"]), rule["route"])
+        if "mirror" in rule:
+            yield from _mirror_problems(doc, path, rule, clusters, unknown)
         yield from _match_problems(doc, path, rule.get("match") or {})
         if "split" in rule:
             yield from _split_problems(doc, path, rule["split"], clusters, unknown)
         if "rollout" in rule:
             yield from _rollout_problems(doc, path, rule)
+
+
+def _mirror_problems(
+    doc: dict[str, Any], path: list[Any], rule: dict[str, Any], clusters: set[str], unknown: Any
+) -> Iterable[Problem]:
+    cluster = rule["mirror"]["cluster"]
+    if cluster not in clusters:
+        yield unknown(_where(doc, path + ["mirror", "cluster"]), cluster)
+    if "deny" in rule:
+        yield Problem(_where(doc, path + ["mirror"]), "a deny rule forwards nothing to mirror")
+    if rule.get("route") == cluster:
+        yield Problem(_where(doc, path + ["mirror", "cluster"]), f"the rule already routes to {cluster!r}")
 
 
 def _match_problems(doc: dict[str, Any], path: list[Any], match: dict[str, Any]) -> Iterable[Problem]:

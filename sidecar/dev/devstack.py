@@ -196,6 +196,13 @@ class Sidecar(Process):
         ]
         super().__init__(name, argv, workdir / f"{name}.log")
         self.transport = transport
+        try:
+            self._wait_until_serving(argv, transport)
+        except BaseException:  # never leave the process or its log open behind a failed start
+            self.stop()
+            raise
+
+    def _wait_until_serving(self, argv: Sequence[str], transport: str) -> None:
         self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
         workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
         key = "ext_proc" if transport == "grpc" else "authz_http"

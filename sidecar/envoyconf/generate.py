@@ -26,6 +26,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     HealthCheckHttpHealthCheck,
+    Http1ProtocolOptions,
     Http2ProtocolOptions,
     HttpUri,
     SocketAddress,
@@ -45,6 +46,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     HeaderMatcher,
     Route,
     RouteAction,
+    RouteActionRequestMirrorPolicy,
     RouteConfiguration,
     RouteMatch,
     VirtualHost,
@@ -88,6 +90,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
+    HttpProtocolOptionsUseDownstreamHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import Percent
@@ -120,6 +123,10 @@ REQUEST_ATTRIBUTES = [
 
 
 MODES = ("ext_proc", "ext_authz", "ext_authz_http")
+# How Envoy speaks to the rules' clusters: HTTP/1.1, HTTP/2 (gRPC backends), or the client's
+# own protocol (gRPC and HTTP/1 clients behind one listener, each reaching backends that
+# speak theirs).
+UPSTREAM_PROTOCOLS = ("http1", "http2", "downstream")
 
 
 def access_log_format(namespace: str, key_prefix: str = "") -> str:
@@ -132,7 +139,7 @@ def access_log_format(namespace: str, key_prefix: str = "") -> str:
     return (
         '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
         f"cluster=%UPSTREAM_CLUSTER% {field('rule')} {field('bucket')} {field('lane')} "
-        f"{field('identity')} {field('version')} %DURATION%ms\n"
+        f"{field('identity')} {field('version')} {field('mirror')} %DURATION%ms\n"
     )
 
 
@@ -156,6 +163,7 @@ class EnvoyOptions:
     message_timeout_ms: int = 250
     mode: str = "ext_proc"  # one of MODES
     mtls: TlsOptions | None = None
+    upstream_protocol: str = "http1"  # one of UPSTREAM_PROTOCOLS
 
 
 def _address(host_port: HostPort) -> Address:
@@ -182,6 +190,35 @@ def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timed
     )
 
 
+def _protocol_options(options: HttpProtocolOptions) -> dict[str, AnyMessage]:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(options)}
+
+
+def upstream_cluster(name: str, address: HostPort, protocol: str = "http1") -> Cluster:
+    """A rules cluster: one address, spoken to in `protocol` (see UPSTREAM_PROTOCOLS)."""
+    cluster = _static_cluster(name, [address], timedelta(seconds=1))
+    if protocol == "http2":
+        cluster.typed_extension_protocol_options = _protocol_options(
+            HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
+                )
+            )
+        )
+    elif protocol == "downstream":
+        cluster.typed_extension_protocol_options = _protocol_options(
+            HttpProtocolOptions(
+                use_downstream_protocol_config=HttpProtocolOptionsUseDownstreamHttpConfig(
+                    http_protocol_options=Http1ProtocolOptions(),
+                    http2_protocol_options=Http2ProtocolOptions(),
+                )
+            )
+        )
+    elif protocol != "http1":
+        raise ValueError(f"unknown upstream protocol {protocol!r} (one of {', '.join(UPSTREAM_PROTOCOLS)})")
+    return cluster
+
+
 def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc") -> Cluster:
     """The sidecar's cluster, health-checked and never used while unhealthy; one endpoint per
     worker process (Envoy balances across them). gRPC modes: HTTP/2 and the gRPC health
@@ -194,15 +231,13 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     if mode == "ext_authz_http":
         http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
     else:
-        cluster.typed_extension_protocol_options = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
+        cluster.typed_extension_protocol_options = _protocol_options(
+            HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
                 )
             )
-        }
+        )
         grpc_check = HealthCheckGrpcHealthCheck(
             service_name=(
                 "envoy.service.auth.v3.Authorization"
@@ -305,6 +340,7 @@ def tls_socket(tls: TlsOptions) -> TransportSocket:
     context = DownstreamTlsContext(
         require_client_certificate=True,
         common_tls_context=CommonTlsContext(
+            alpn_protocols=["h2", "http/1.1"],  # gRPC clients over TLS require h2 by ALPN
             tls_certificates=[
                 TlsCertificate(
                     certificate_chain=DataSource(filename=tls.cert), private_key=DataSource(filename=tls.key)
@@ -337,7 +373,12 @@ def routes(table: Table) -> RouteConfiguration:
                 )
             ],
         ),
-        route=RouteAction(cluster_header=table.routing_header),
+        route=RouteAction(
+            cluster_header=table.routing_header,
+            # Emitted whether or not a rule mirrors today, so that a reload adding one needs no
+            # Envoy change; without the header (set only by the sidecar) nothing is copied.
+            request_mirror_policies=[RouteActionRequestMirrorPolicy(cluster_header=table.mirror_header)],
+        ),
         typed_per_filter_config=decided_route_overrides(table),
     )
     fallback = Route(
@@ -368,7 +409,9 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
         early_header_mutation_extensions=[
             _extension(
                 "envoy.http.early_header_mutation.header_mutation",
-                EarlyHeaderMutation(mutations=[Mutation(remove=table.routing_header)]),
+                EarlyHeaderMutation(
+                    mutations=[Mutation(remove=table.routing_header), Mutation(remove=table.mirror_header)]
+                ),
             )
         ],
         access_log=[AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(access_log))],
@@ -408,7 +451,7 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
         chain.transport_socket = tls_socket(options.mtls)
     listener = Listener(name="ingress", address=_address(options.listen), filter_chains=[chain])
     clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, options.mode)] + [
-        _static_cluster(name, [address], timedelta(seconds=1)) for name, address in upstreams.items()
+        upstream_cluster(name, address, options.upstream_protocol) for name, address in upstreams.items()
     ]
     return Bootstrap(
         admin=Admin(address=_address(options.admin)),

@@ -121,16 +121,22 @@ def _check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) 
             yield from _check_http_service(table, config, hcm, clusters)
         else:
             yield from _check_filter(config, clusters)
-    stripped = any(
-        m.get("remove", "").lower() == header
+    stripped = {
+        m.get("remove", "").lower()
         for ext in hcm.get("early_header_mutation_extensions") or []
         for m in (ext.get("typed_config") or {}).get("mutations") or []
-    )
-    if not stripped:
+    }
+    if header not in stripped:
         yield Finding(
             f"listener {stat!r} does not strip a client-sent {header!r} before routing: a "
             "client can pick its cluster (always when the sidecar is down)",
             f"add early_header_mutation_extensions with `mutations: [{{remove: {header}}}]`",
+        )
+    for mirror_header in sorted(_mirror_headers(hcm) - stripped):
+        yield Finding(
+            f"listener {stat!r} mirrors by {mirror_header!r} but does not strip a client-sent "
+            "one before routing: a client can copy its requests to any cluster",
+            f"add `{{remove: {mirror_header}}}` to the early_header_mutation_extensions' mutations",
         )
     yield from _check_routes(table, hcm, clusters)
     if any(f.get("failure_mode_allow") for f in sidecar_filters):
@@ -307,14 +313,14 @@ def _check_http_service(
             "value: '%DOWNSTREAM_LOCAL_PORT%'}]",
         )
     response = service.get("authorization_response") or {}
+    effect = {table.routing_header: "nothing is routed", table.mirror_header: "mirror rules copy nothing"}
     for name in steered_headers(table):
+        if name == table.mirror_header and not table.mirrors:
+            continue
         if not _matches_any(response.get("allowed_upstream_headers"), name):
             yield Finding(
                 f"ext_authz does not copy {name!r} from the sidecar's answer to the "
-                "request (allowed_upstream_headers)"
-                + (
-                    ": nothing is routed" if name == table.routing_header else ": the lane does not travel on"
-                ),
+                f"request (allowed_upstream_headers): {effect.get(name, 'the lane does not travel on')}",
                 f"add {{exact: {name}}} to authorization_response.allowed_upstream_headers",
             )
     if not _matches_any(response.get("dynamic_metadata_from_headers"), DECISION_HEADER_PREFIX + "rule"):
@@ -451,6 +457,12 @@ def _check_routes(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -
                 "traffic takes the default route",
                 f"use safe_regex {_guard(table)}",
             )
+    if table.mirrors and table.mirror_header not in _mirror_headers(hcm):
+        yield Finding(
+            f"the rules mirror requests but no route copies them by {table.mirror_header!r}",
+            f"add `request_mirror_policies: [{{cluster_header: {table.mirror_header}}}]` to the "
+            "cluster_header route",
+        )
     if not any(
         not (r.get("match") or {}).get("headers") and (r.get("route") or {}).get("cluster") for r in routes
     ):
@@ -458,6 +470,17 @@ def _check_routes(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -
             "no fallback route without a header match: requests without a decision get 404",
             f"add `- match: {{prefix: /}}` with `route: {{cluster: {table.default}}}`",
         )
+
+
+def _mirror_headers(hcm: dict[str, Any]) -> set[str]:
+    """The headers any route's request_mirror_policies take a cluster from."""
+    return {
+        policy["cluster_header"].lower()
+        for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []
+        for route in vh.get("routes") or []
+        for policy in (route.get("route") or {}).get("request_mirror_policies") or []
+        if policy.get("cluster_header")
+    }
 
 
 def guard_regex(clusters: tuple[str, ...]) -> str:

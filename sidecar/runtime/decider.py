@@ -42,6 +42,8 @@ class Decider:
         self.metrics.decision_seconds.observe(perf_counter() - started)
         decision = steering.decision
         self.metrics.count_decision(decision.cluster, decision.rule)
+        if decision.mirror is not None:
+            self.metrics.count_mirror(decision.rule, decision.mirror)
         if steering.remove_headers:
             self.metrics.count_event("untrusted_headers_removed")
         if steering.baggage_dropped:

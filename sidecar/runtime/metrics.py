@@ -34,6 +34,12 @@ class Metrics:
             ["cluster", "rule"],
             registry=registry,
         )
+        self.mirrored = Counter(
+            "graysteer_mirrored",
+            "Requests copied to a mirror cluster (answers ignored), by deciding rule and mirror cluster.",
+            ["rule", "cluster"],
+            registry=registry,
+        )
         self.decision_errors = Counter(
             "graysteer_decision_errors",
             "Requests that could not be decided and went to the default cluster, by reason.",
@@ -45,7 +51,8 @@ class Metrics:
             "Notable inputs, by event: untrusted_headers_removed "
             "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
             "malformed_certificate, malformed_xfcc, malformed_baggage, malformed_lane (a received lane "
-            "that is no lane name or over 64 characters: ignored), baggage_over_limit.",
+            "that is no lane name or over 64 characters: ignored), malformed_version (no version where a "
+            "semver condition reads one), baggage_over_limit.",
             ["event"],
             registry=registry,
         )
@@ -193,6 +200,9 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.decisions.labels(cluster, rule)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_mirror(self, rule: str, cluster: str) -> None:
+        self.mirrored.labels(rule, cluster).inc()
 
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()

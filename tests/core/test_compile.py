@@ -352,3 +352,39 @@ def test_bad_grpc_conditions_are_located(form: dict[str, str], where: str) -> No
     assert any(str(p).startswith(f"rule 'force' (rules[0]) {where}") for p in caught.value.problems), [
         str(p) for p in caught.value.problems
     ]
+
+
+# ---- mirror -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        (
+            {"rules.0.mirror": {"cluster": "shadow", "percent": 5}},
+            ["rule 'force' (rules[0]) field mirror.cluster", "unknown cluster 'shadow'"],
+        ),
+        (
+            {"rules.0.mirror": {"cluster": "canary", "percent": 5}},
+            ["field mirror.cluster", "already routes to 'canary'"],
+        ),
+        ({"rules.0.mirror": {"cluster": "stable", "percent": 0}}, ["field mirror.percent", "0"]),
+        ({"rules.0.mirror": {"cluster": "stable", "percent": 101}}, ["field mirror.percent", "101"]),
+        ({"rules.0.mirror": {"cluster": "stable"}}, ["field mirror", "'percent' is required"]),
+        ({"mirror_header": "X-Route-Cluster"}, ["field mirror_header", "must differ from routing_header"]),
+    ],
+)
+def test_bad_mirrors_are_located(change: dict[str, Any], fragments: list[str]) -> None:
+    ((where, value),) = change.items()
+    with pytest.raises(RulesError) as caught:
+        compile_table(with_change(where, value), "v", "rules.yaml")
+    rendered = [str(p) for p in caught.value.problems]
+    assert any(all(f in line for f in fragments) for line in rendered), rendered
+
+
+def test_a_deny_rule_cannot_mirror() -> None:
+    doc = with_change(
+        "rules.0", {"name": "no", "deny": {"status": 403}, "mirror": {"cluster": "canary", "percent": 1}}
+    )
+    with pytest.raises(RulesError, match=r"field mirror: a deny rule forwards nothing to mirror"):
+        compile_table(doc, "v", "rules.yaml")

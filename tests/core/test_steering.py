@@ -155,14 +155,17 @@ def test_every_reason_is_reached_and_the_set_is_closed() -> None:
     assert {row.reason for row in ROWS} | {Reason.DEFAULT, Reason.FALLBACK} == set(Reason)
 
 
-def test_carrying_keeps_every_other_field() -> None:
+def test_carrying_and_mirrored_keep_every_other_field() -> None:
     from dataclasses import fields, replace
 
     from sidecar.core import Decision, ErrorCode
 
-    full = Decision("c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why", Reason.FALLBACK)
+    full = Decision(
+        "c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why", Reason.FALLBACK, "m0"
+    )
     assert full.carrying("l1", "id1") == replace(full, lane="l1", identity="id1")
-    assert len(fields(Decision)) == 11  # a new field must be added to carrying() too
+    assert full.mirrored("m1") == replace(full, mirror="m1")
+    assert len(fields(Decision)) == 12  # a new field must be added to carrying() and mirrored() too
 
 
 @pytest.mark.parametrize("sent", ["stable, canary", "x" * 7000, "canary;evil=1", " canary", "ca nary"])
@@ -184,3 +187,19 @@ def test_lane_labels_are_bounded_by_the_rules_file() -> None:
         labels.add(steering.decision.rule)
     labels.add(steer(TABLE, Request({"x-graysteer-lane": "canary"}, "GET", "/", TRUSTED)).decision.rule)
     assert labels == {"lane:unknown", "lane:canary"}
+
+
+def test_a_mirrored_decision_sets_the_mirror_header_and_a_sent_one_is_removed() -> None:
+    from sidecar.core import steer
+    from tests.helpers import request, table_from_rules
+
+    table = table_from_rules(
+        [{"name": "all", "route": "stable", "mirror": {"cluster": "canary", "percent": 100}}],
+        mirror_header="X-Shadow-To",
+    )
+    steering = steer(table, request(x_shadow_to="stable"))
+    assert steering.set_headers[:2] == (("x-route-cluster", "stable"), ("x-shadow-to", "canary"))
+    assert "x-shadow-to" not in steering.remove_headers  # replaced, not removed
+    plain = table_from_rules([{"name": "all", "route": "stable"}], mirror_header="X-Shadow-To")
+    unmirrored = steer(plain, request(x_shadow_to="canary"))
+    assert "x-shadow-to" in unmirrored.remove_headers and len(unmirrored.set_headers) == 1

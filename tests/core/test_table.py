@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,62 @@ def test_catastrophic_backtracking_patterns_decide_at_once() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["default", "default", "tier"]
+
+
+# ---- mirror: a share of a rule's requests copied to another cluster -----------------------------
+
+MIRRORED_SPLIT: dict[str, Any] = {
+    "name": "ramp",
+    "split": {"key": ["header:x-user-id"], "to": [{"cluster": "stable", "weight": 100}]},
+    "mirror": {"cluster": "canary", "percent": 20},
+}
+
+
+def test_a_split_mirrors_its_share_sticky_by_the_split_key() -> None:
+    table = table_from_rules([MIRRORED_SPLIT])
+    users = [f"user-{i}" for i in range(4000)]
+    mirrored = {u for u in users if table.decide(request(x_user_id=u)).mirror == "canary"}
+    assert 0.17 < len(mirrored) / len(users) < 0.23
+    again = {u for u in users if table.decide(request(x_user_id=u)).mirror == "canary"}
+    assert again == mirrored  # sticky: the same users are copied every time
+    decision = table.decide(request(x_user_id=next(iter(mirrored))))
+    assert (decision.cluster, decision.rule, decision.mirror) == ("stable", "ramp", "canary")
+
+
+def test_the_mirror_share_is_independent_of_the_split_buckets() -> None:
+    rule = {
+        **MIRRORED_SPLIT,
+        "split": {
+            **MIRRORED_SPLIT["split"],
+            "to": [{"cluster": "stable", "weight": 80}, {"cluster": "canary", "weight": 20}],
+        },
+    }
+    table = table_from_rules([rule])
+    decisions = [table.decide(request(x_user_id=f"u{i}")) for i in range(4000)]
+    to_stable = [d for d in decisions if d.cluster == "stable"]
+    share = sum(d.mirror == "canary" for d in to_stable) / len(to_stable)
+    assert 0.16 < share < 0.24  # the split's canary users are not the mirrored ones
+    assert not any(d.mirror for d in decisions if d.cluster == "canary")  # never a copy to itself
+
+
+def test_a_route_rule_mirrors_at_random_and_without_a_key_a_split_too() -> None:
+    table = table_from_rules(
+        [{"name": "all", "route": "stable", "mirror": {"cluster": "canary", "percent": 50}}]
+    )
+    share = sum(table.decide(request()).mirror == "canary" for _ in range(2000)) / 2000
+    assert 0.4 < share < 0.6
+    keyless = table_from_rules([MIRRORED_SPLIT]).decide(request())
+    assert keyless.key_source == "random"
+
+
+def test_percent_100_mirrors_everything_and_small_shares_are_kept() -> None:
+    every = table_from_rules([{**MIRRORED_SPLIT, "mirror": {"cluster": "canary", "percent": 100}}])
+    assert all(every.decide(request(x_user_id=f"u{i}")).mirror == "canary" for i in range(200))
+    tiny = table_from_rules([{**MIRRORED_SPLIT, "mirror": {"cluster": "canary", "percent": 0.001}}])
+    assert tiny.rules[0].mirror is not None and tiny.rules[0].mirror.share == 1  # 0.01%, not zero
+
+
+def test_a_rule_without_mirror_and_the_default_copy_nothing() -> None:
+    table = table_from_rules([{"name": "r", "match": {"path": {"prefix": "/x"}}, "route": "canary"}])
+    assert table.decide(request("/x")).mirror is None and table.decide(request("/")).mirror is None
+    assert not table.mirrors and table_from_rules([MIRRORED_SPLIT]).mirrors

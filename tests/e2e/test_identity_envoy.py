@@ -87,12 +87,12 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path, stack: list[Any]) -> Chain:
     """front Envoy (mTLS) + sidecar -> service A (stable/canary) -> A's outbound Envoy +
     sidecar -> service B lanes. Everything started is appended to `stack` for teardown."""
-    (workdir / "front.yaml").write_text(FRONT_RULES)
-    (workdir / "b.yaml").write_text(b_rules)
+    (workdir / "front-rules.yaml").write_text(FRONT_RULES)
+    (workdir / "b-rules.yaml").write_text(b_rules)
     backends = {name: BackendServer(name).start_in_thread() for name in ("b-stable", "b-canary")}
     stack.extend(backends.values())
     transport = "http" if mode == "ext_authz_http" else "grpc"
-    b_sidecar = Sidecar(workdir / "b.yaml", workdir, name="b-sidecar", transport=transport)
+    b_sidecar = Sidecar(workdir / "b-rules.yaml", workdir, name="b-sidecar", transport=transport)
     stack.append(b_sidecar)
     b_table = parse_rules(b_rules.encode(), "b")
     outbound_config = bootstrap(b_table, EnvoyOptions(mode=mode)).to_dict(
@@ -113,7 +113,7 @@ def start_chain(mode: str, b_rules: str, tls_dir: Path, workdir: Path, stack: li
     for lane in ("stable", "canary"):
         backends[f"a-{lane}"] = BackendServer(f"a-{lane}", forward_to=("127.0.0.1", outbound.port))
         stack.append(backends[f"a-{lane}"].start_in_thread())
-    front_sidecar = Sidecar(workdir / "front.yaml", workdir, name="front-sidecar", transport=transport)
+    front_sidecar = Sidecar(workdir / "front-rules.yaml", workdir, name="front-sidecar", transport=transport)
     stack.append(front_sidecar)
     if mode == "ext_authz_http":  # no shipped mTLS file for it: the generator's output
         template = bootstrap(

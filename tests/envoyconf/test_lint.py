@@ -11,7 +11,7 @@ import yaml
 
 from sidecar.cli import main
 from sidecar.envoyconf.lint import check
-from sidecar.runtime.load import load_rules
+from sidecar.runtime.load import load_rules, parse_rules
 from tests.helpers import table_from_yaml
 
 REPO = Path(__file__).parents[2]
@@ -205,7 +205,8 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     path.write_text(yaml.safe_dump(broken))
     assert main(["check", rules, "--envoy", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"{path}: listener 'ingress'")
+    lines = err.splitlines()  # neither the routing nor the mirror header is stripped
+    assert len(lines) == 2 and all(line.startswith(f"{path}: listener 'ingress'") for line in lines)
     path.write_text("- not a bootstrap\n")
     assert main(["check", rules, "--envoy", str(path)]) == 1
     assert "not an Envoy bootstrap" in capsys.readouterr().err
@@ -293,3 +294,24 @@ def test_a_guard_envoy_cannot_compile_is_no_guard() -> None:
     config = copy.deepcopy(ENVOY)
     guard(config)["string_match"] = {"safe_regex": {"regex": "^(?=s)(stable|canary)$"}}  # lookahead: not RE2
     assert any("does not check" in str(f) for f in check(TABLE, config))
+
+
+def test_mirroring_needs_the_route_policy_and_the_early_strip() -> None:
+    mirroring = parse_rules(
+        b"version: 1\nclusters: [stable, canary]\ndefault: stable\n"
+        b"rules:\n  - {name: all, route: stable, mirror: {cluster: canary, percent: 5}}\n",
+        "mirror.yaml",
+    )
+    assert check(mirroring, ENVOY) == []
+    no_policy = copy.deepcopy(ENVOY)
+    decided = hcm(no_policy)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    decided.pop("request_mirror_policies")
+    (finding,) = check(mirroring, no_policy)
+    assert "mirror requests but no route copies them by 'x-mirror-cluster'" in str(finding)
+    assert check(TABLE, no_policy) == []  # no rule mirrors: nothing to say
+    unstripped = copy.deepcopy(ENVOY)
+    mutations = hcm(unstripped)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    mutations[:] = [m for m in mutations if m["remove"] != "x-mirror-cluster"]
+    for table in (TABLE, mirroring):  # a policy a client can trigger is a finding either way
+        (finding,) = check(table, unstripped)
+        assert "mirrors by 'x-mirror-cluster' but does not strip a client-sent one" in str(finding)
