@@ -38,6 +38,9 @@ FRONT_RULES = textwrap.dedent("""\
       - name: beta-tier
         match: {headers: {x-tier: beta}}
         route: canary
+      - name: beta-host
+        match: {host: "beta.*"}
+        route: canary
       - name: by-user
         split:
           key: [header:x-user-id]
@@ -61,8 +64,11 @@ class Chain:
     backends: dict[str, GrpcBackend]
     rules: Path
 
-    def call(self, method: str, metadata: dict[str, str] | None = None) -> dict[str, Any]:
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+    def call(
+        self, method: str, metadata: dict[str, str] | None = None, authority: str | None = None
+    ) -> dict[str, Any]:
+        options = [("grpc.default_authority", authority)] if authority else []
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}", options) as channel:
             stub = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
             return json.loads(stub(b"{}", metadata=list((metadata or {}).items()), timeout=10))
 
@@ -135,6 +141,11 @@ def test_a_grpc_method_rule_routes_by_service_and_method(chain: Chain) -> None:
 def test_metadata_routes_as_headers(chain: Chain) -> None:
     assert chain.call("/shop.v1.Cart/Put", {"x-tier": "beta"})["backend"] == "a-canary"
     assert chain.call("/shop.v1.Cart/Put", {"x-tier": "gold"})["backend"] == "a-stable"
+
+
+def test_a_host_rule_reads_the_http2_authority(chain: Chain) -> None:
+    assert chain.call("/shop.v1.Cart/Put", authority="Beta.Shop.io:443")["backend"] == "a-canary"
+    assert chain.call("/shop.v1.Cart/Put", authority="shop.io")["backend"] == "a-stable"
 
 
 def test_a_split_keyed_on_metadata_is_sticky_and_explained(chain: Chain) -> None:
