@@ -1,10 +1,11 @@
 """Run wrk and read its report."""
 
 import re
-import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sidecar.dev.devstack import ensure_tool
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -23,16 +24,7 @@ class WrkResult:
 
 def ensure_wrk() -> str:
     """wrk from Debian; installed with apt-get when missing (needs root)."""
-    found = shutil.which("wrk")
-    if found:
-        return found
-    print("wrk not found: installing it with apt-get (Debian package 'wrk')", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
-    found = shutil.which("wrk")
-    if not found:
-        raise RuntimeError("wrk could not be installed; install it and run again")
-    return found
+    return ensure_tool("wrk", "wrk")
 
 
 def lua_script(path: Path, headers: dict[str, str], vary_user: bool) -> Path:

@@ -6,13 +6,17 @@ import json
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sidecar.admin import client as admin_client
 from sidecar.admin.client import AdminError
 from sidecar.admin.security import AdminAuth, ClientAuth
 from sidecar.core import RulesError, Table
 from sidecar.server import ServeOptions, is_local_address, serve, split_host_port
+
+if TYPE_CHECKING:
+    from sidecar.runtime.etcd import EtcdTls
 
 
 def _address(flag: str, allow_off: bool = False) -> "type[str]":
@@ -97,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("serve", help="serve Envoy's ext_proc API")
-    p.add_argument("--config", required=True, help="the rules file (YAML)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="the rules file (YAML), or etcd://HOST:PORT/PREFIX: a fleet's rules and state in etcd",
+    )
     p.add_argument(
         "--listen",
         default="127.0.0.1:50051",
@@ -157,7 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-file",
         help="where runtime weight changes are persisted "
-        "(default: .RULES.graysteer-state.json beside the rules file)",
+        "(default: .RULES.graysteer-state.json beside the rules file; in etcd with etcd://)",
+    )
+    _add_etcd_flags(p)
+    p.add_argument(
+        "--etcd-cache",
+        metavar="DIR",
+        help="with etcd://: where the last table served is kept, to start from during an etcd "
+        "outage (default ~/.cache/graysteer/etcd/...)",
+    )
+    p.add_argument(
+        "--replica-id",
+        help="with etcd://: this replica's name in its fleet (default HOSTNAME-PID)",
     )
     p.add_argument(
         "--drain",
@@ -344,7 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("status", help="show a running sidecar's table and last reload")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument(
+        "--fleet",
+        metavar="etcd://HOST:PORT/PREFIX",
+        help="list every replica of a fleet (from etcd) with the version it serves, instead",
+    )
     _add_admin_client_flags(p, address=True)
+    _add_etcd_flags(p)
+
+    p = commands.add_parser("push", help="validate a rules file and write it to a fleet's etcd prefix")
+    p.add_argument("rules", help="the rules file (YAML)")
+    p.add_argument("url", metavar="etcd://HOST:PORT/PREFIX", help="the fleet's etcd address and prefix")
+    _add_etcd_flags(p)
 
     p = commands.add_parser("set-weight", help="change a split rule's weights at runtime")
     p.add_argument("rule", help="the split rule's name")
@@ -389,6 +419,39 @@ def _add_admin_client_flags(p: argparse.ArgumentParser, address: bool = False) -
     p.add_argument("--admin-tls-ca", metavar="PEM", help="talk TLS, verifying the sidecar with this CA")
     p.add_argument("--admin-tls-cert", metavar="PEM", help="with --admin-tls-ca: this client certificate")
     p.add_argument("--admin-tls-key", metavar="PEM", help="... and its key")
+
+
+def _add_etcd_flags(p: argparse.ArgumentParser) -> None:
+    """TLS to etcd (with etcd:// addresses)."""
+    p.add_argument("--etcd-ca", metavar="PEM", help="TLS to etcd: the CA of etcd's server certificate")
+    p.add_argument("--etcd-cert", metavar="PEM", help="TLS to etcd: this client's certificate")
+    p.add_argument("--etcd-key", metavar="PEM", help="TLS to etcd: this client's private key")
+
+
+def _etcd_tls(args: argparse.Namespace) -> "EtcdTls | None":
+    from sidecar.runtime.etcd import EtcdTls
+
+    if not args.etcd_ca:
+        if args.etcd_cert or args.etcd_key:
+            raise ValueError("--etcd-cert and --etcd-key need --etcd-ca (TLS to etcd)")
+        return None
+    if bool(args.etcd_cert) != bool(args.etcd_key):
+        raise ValueError("--etcd-cert and --etcd-key go together")
+    return EtcdTls(
+        Path(args.etcd_ca),
+        Path(args.etcd_cert) if args.etcd_cert else None,
+        Path(args.etcd_key) if args.etcd_key else None,
+    )
+
+
+async def _with_etcd_errors(work: Coroutine[Any, Any, Any], address: object) -> Any:
+    """An etcd call from the CLI, with unreachable etcd as a one-line error."""
+    from sidecar.runtime.etcd import ETCD_ERRORS
+
+    try:
+        return await asyncio.wait_for(work, 15)
+    except (TimeoutError, *ETCD_ERRORS) as error:
+        raise OSError(f"{address}: etcd unreachable or refused: {error or type(error).__name__}") from error
 
 
 def _client_auth(args: argparse.Namespace) -> ClientAuth:
@@ -512,6 +575,9 @@ def _run(args: argparse.Namespace) -> int:
             envoy_admin=args.envoy_admin,
             rollout_poll_seconds=args.rollout_poll,
             ready_max_bypass_ratio=args.ready_max_bypass_ratio,
+            etcd_tls=_etcd_tls(args),
+            etcd_cache=args.etcd_cache,
+            replica_id=args.replica_id,
         )
         if args.workers > 1:
             from sidecar.workers import run_workers
@@ -589,6 +655,24 @@ def _run(args: argparse.Namespace) -> int:
                 args.config, args.method, args.path, args.headers, args.cookies, args.params, peer
             )
         print(json.dumps(result, indent=2))
+        return 0
+    if args.command == "push":
+        from sidecar.runtime.etcd import EtcdAddress, push_rules
+        from sidecar.runtime.load import MAX_FILE_BYTES, load_rules, read_regular_file
+
+        address = EtcdAddress.parse(args.url)
+        table = load_rules(args.rules)  # refused with the same messages as `check`
+        content = read_regular_file(Path(args.rules), MAX_FILE_BYTES)
+        revision = asyncio.run(_with_etcd_errors(push_rules(address, _etcd_tls(args), content), address))
+        print(f"{args.rules}: pushed version {table.version} to {address}/rules (etcd revision {revision})")
+        return 0
+    if args.command == "status" and args.fleet:
+        from sidecar.runtime.etcd import EtcdAddress
+        from sidecar.runtime.fleet import fleet_status, format_fleet
+
+        address = EtcdAddress.parse(args.fleet)
+        report = asyncio.run(_with_etcd_errors(fleet_status(address, _etcd_tls(args)), address))
+        print(json.dumps(report, indent=2) if args.json else format_fleet(report))
         return 0
     if args.command == "status":
         report = admin_client.status(args.admin, _client_auth(args))

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,13 @@ from sidecar.admin.security import AdminAuth, AdminAuthInterceptor, restrict_soc
 from sidecar.admin.servicer import AdminServicer
 from sidecar.runtime.bypass import BypassMonitor
 from sidecar.runtime.decider import Decider
+from sidecar.runtime.etcd import EtcdAddress, EtcdTls, is_etcd
+from sidecar.runtime.fleet import Fleet, lanes_to_json
 from sidecar.runtime.health import BypassGate, Readiness, ReadinessView, start_http
 from sidecar.runtime.metrics import Metrics
 from sidecar.runtime.reload import Reloader
 from sidecar.runtime.rollouts import EnvoyStats, RolloutController, http_view
+from sidecar.runtime.sources.etcd import EtcdSource, default_cache_dir
 from sidecar.runtime.sources.file import watch_directory
 from sidecar.runtime.state_file import StateFile, default_state_path
 from sidecar.transports.authz_http import AuthzHttpServer, start_authz_http
@@ -61,6 +65,10 @@ class ServeOptions:
     rollout_poll_seconds: float = 1.0  # also how often Envoy's bypass counters are read
     ready_max_bypass_ratio: float | None = None  # /readyz 503 above this share of bypasses
     worker_index: int | None = None  # set when run by `serve --workers N`
+    # --config etcd://HOST:PORT/PREFIX (runtime.etcd): TLS, the local cache, this replica's name
+    etcd_tls: EtcdTls | None = None
+    etcd_cache: str | None = None
+    replica_id: str | None = None
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -102,13 +110,40 @@ def _bind(
     return address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
 
 
+def replica_name(options: ServeOptions) -> str:
+    """This replica's name in its fleet: --replica-id (default HOSTNAME-PID), -wN per worker."""
+    base = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    return base if options.worker_index is None else f"{base}-w{options.worker_index}"
+
+
+async def open_etcd(options: ServeOptions, metrics: Metrics) -> tuple[EtcdSource, Reloader]:
+    """The etcd source (or its local cache, etcd being unreachable) and the first table."""
+    address = EtcdAddress.parse(options.config)
+    cache = Path(options.etcd_cache) if options.etcd_cache else default_cache_dir(address)
+    if options.worker_index is not None:
+        cache = cache / f"worker-{options.worker_index}"
+    source = EtcdSource(address, options.etcd_tls, cache, metrics)
+    await source.start()
+    try:
+        return source, Reloader(source.rules, metrics, source.state)
+    except ValueError as error:
+        if not source.use_cached_rules():
+            raise
+        log.error("the rules in etcd cannot be served (%s): starting from the local cache", error)
+        return source, Reloader(source.rules, metrics, source.state)
+
+
 async def serve(options: ServeOptions) -> None:
     """Serve until SIGTERM/SIGINT; then NOT_SERVING, drain, and stop within the grace period."""
     metrics = Metrics()
     readiness = Readiness()
-    rules = Path(options.config)
-    state_path = Path(options.state_file) if options.state_file else default_state_path(rules)
-    reloader = Reloader(rules, metrics, StateFile(state_path))  # refuses to start on error
+    source: EtcdSource | None = None
+    if is_etcd(options.config):
+        source, reloader = await open_etcd(options, metrics)
+    else:
+        rules = Path(options.config)
+        state_path = Path(options.state_file) if options.state_file else default_state_path(rules)
+        reloader = Reloader(rules, metrics, StateFile(state_path))  # refuses to start on error
     table = reloader.table
     decider = Decider(reloader.holder, metrics)
 
@@ -135,7 +170,12 @@ async def serve(options: ServeOptions) -> None:
 
     controller = None
     bypass = None
-    if options.worker_index in (None, 0):  # one controller; other workers follow the state file
+    fleet = None
+    if source is not None:
+        fleet = Fleet(source.client, source.address, replica_name(options), metrics)
+    # One controller per process group (workers follow the state file), or per replica in a
+    # fleet, where only the elected leader's acts.
+    if options.worker_index in (None, 0) or fleet is not None:
         stats = (
             EnvoyStats(split_host_port(options.envoy_admin, "--envoy-admin"), 60.0)
             if options.envoy_admin
@@ -151,8 +191,10 @@ async def serve(options: ServeOptions) -> None:
             stats,
             options.rollout_poll_seconds,
             observers=[bypass.observe] if bypass else (),
+            leads=fleet.leads if fleet is not None else lambda: True,
+            analysis=fleet.lanes if fleet is not None else None,
         )
-        if table.rollouts and stats is None:
+        if table.rollouts and stats is None and fleet is None:
             log.warning(
                 "the rules have rollouts but no --envoy-admin: they cannot be analysed and will not advance"
             )
@@ -177,7 +219,7 @@ async def serve(options: ServeOptions) -> None:
             port,
             metrics.registry,
             view,
-            lambda: {"version": reloader.table.version},
+            lambda: {"version": reloader.table.version, **(source.health() if source else {})},
             (lambda path: http_view(controller, path)) if controller else None,
         )
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
@@ -197,7 +239,7 @@ async def serve(options: ServeOptions) -> None:
         table.version,
         len(table.rules),
     )
-    log.info("admin API on %s; state file %s", admin_listen, state_path)
+    log.info("admin API on %s; state in %s", admin_listen, reloader.state.label)
     if options.worker_index is not None:  # tell the supervisor where this worker listens
         print(f"ready ext_proc={listen} admin={admin_listen} authz_http={http_address}", flush=True)
 
@@ -214,7 +256,23 @@ async def serve(options: ServeOptions) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     watchers = []
-    if options.watch:
+    if source is not None:
+        assert fleet is not None
+        stats_for_record = controller.stats if controller is not None else None
+
+        def record() -> dict[str, object]:
+            return {
+                "version": reloader.table.version,
+                "file_version": reloader.loaded.file_version,
+                "ready": readiness.ready,
+                "source_connected": source.connected,
+                "lanes": lanes_to_json(stats_for_record.latest) if stats_for_record else {},
+            }
+
+        watchers.append(asyncio.create_task(source.run(reloader, stop)))
+        watchers.append(asyncio.create_task(fleet.run(stop, record)))
+        log.info("following %s as replica %s", source.address, fleet.replica_id)
+    elif options.watch:
         # The rules' directory, and the state file's: runtime weights set by another worker.
         watched = {path.parent.resolve(): path for path in (state_path, rules)}
         watchers = [
@@ -240,6 +298,9 @@ async def serve(options: ServeOptions) -> None:
         *([authz_http.close(options.grace_seconds)] if authz_http is not None else []),
     )
     await admin.stop(0)
+    if fleet is not None:  # let the fleet task give up its lease (the lead passes at once)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 3)
     for watcher in watchers:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

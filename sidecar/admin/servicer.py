@@ -15,6 +15,7 @@ from sidecar.core.overrides import split_weights
 from sidecar.runtime.decider import Decider
 from sidecar.runtime.metrics import Metrics
 from sidecar.runtime.reload import Loaded, Reloader, ReloadResult
+from sidecar.runtime.state_file import StateConflict
 from sidecar.transports.explain import Peer, headers_message
 from sidecar.transports.ext_proc import ExtProcServicer
 
@@ -126,7 +127,7 @@ def table_status(
         rules=rules,
         last_reload=reload_result(reloader.last_result),
         loaded_at=_timestamp(loaded.loaded_at),
-        state_file=str(reloader.state.path),
+        state_file=reloader.state.label,
         reload_failures=reloader.failures,
         rollouts=rollout_statuses(controller),
         envoy_bypass=envoy_bypass(bypass),
@@ -190,10 +191,12 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             loaded = await self.reloader.set_weights(request.rule, dict(request.weights))
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except StateConflict as error:
+            await context.abort(grpc.StatusCode.ABORTED, f"weights not changed: {error}")
         except OSError as error:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"weights not changed: cannot write the state file {self.reloader.state.path}: {error}",
+                f"weights not changed: cannot write the state to {self.reloader.state.label}: {error}",
             )
         return table_status(self.reloader, loaded, self.controller, self.bypass)
 
@@ -204,8 +207,13 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             await self.controller.action(request.rule, request.action)  # type: ignore[union-attr]
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except StateConflict as error:
+            await context.abort(grpc.StatusCode.ABORTED, f"rollout not changed: {error}")
         except OSError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write the state file: {error}")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"rollout not changed: cannot write the state to {self.reloader.state.label}: {error}",
+            )
         (status,) = [s for s in rollout_statuses(self.controller) if s.rule == request.rule]
         return status
 

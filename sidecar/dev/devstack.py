@@ -429,6 +429,23 @@ class Stack:
         self.stop()
 
 
+def ensure_tool(binary: str, package: str) -> str:
+    """`binary` from PATH, else the Debian `package` that provides it, installed with
+    apt-get (needs root: CI and the dev containers run as root)."""
+    found = shutil.which(binary)
+    if found:
+        return found
+    print(f"{binary} not found: installing it with apt-get (Debian package {package!r})", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
+    found = shutil.which(binary)
+    if not found:
+        raise RuntimeError(
+            f"{binary} could not be installed (Debian package {package!r}); install it and run again"
+        )
+    return found
+
+
 def free_port() -> int:
     """A port free now (for a process that must be told its address before it starts)."""
     with socket.socket() as probe:

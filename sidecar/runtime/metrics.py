@@ -87,6 +87,20 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.source_connected = Gauge(
+            "graysteer_source_connected",
+            "1 while the rules source can bring changes (etcd reachable; always 1 for a file), "
+            "0 while this replica serves its last table without being able to follow changes.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.source_connected.set(1)
+        self.fleet_leader = Gauge(
+            "graysteer_fleet_leader",
+            "1 while this replica leads its fleet's rollouts (etcd leader election), else 0.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.split_weight = Gauge(
             "graysteer_split_weight",
             "Weight of each cluster in each split rule, as served.",

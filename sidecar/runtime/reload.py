@@ -1,9 +1,11 @@
 """Replacing the served table: the one place it happens.
 
-Sources only say "look again" (the directory watcher, SIGHUP, start-up) or bring a
-weight change (the admin API). The Reloader reads, validates and compiles off the
-event loop, then swaps the table with one assignment. A bad or missing file keeps the
-last good table; the reason is logged, counted and kept for `graysteer status`.
+Sources only say "look again" (the directory watcher, SIGHUP, an etcd watch, start-up) or
+bring a weight change (the admin API). The Reloader reads the rules (a `RulesSource`: a
+file, or etcd's latest value) and the runtime state (a `StateStore`: the state file, or an
+etcd key), validates and compiles off the event loop, then swaps the table with one
+assignment. A bad or missing document keeps the last good table; the reason is logged,
+counted and kept for `graysteer status`.
 """
 
 import asyncio
@@ -15,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.core import RulesError, Table, compile_table
 from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
@@ -31,6 +33,44 @@ log = logging.getLogger("graysteer.reload")
 # does it count as a failed reload.
 SETTLE_SECONDS = 0.1
 SETTLE_ATTEMPTS = 5
+
+
+class RulesSource(Protocol):
+    """Where the rules document comes from."""
+
+    @property
+    def label(self) -> str: ...  # names it in messages and as the table's source
+
+    def read(self) -> bytes: ...  # the document; OSError when missing or unreadable
+
+
+class StateStore(Protocol):
+    """Where the runtime state (weights, rollouts) is kept (state_file.StateFile, or etcd)."""
+
+    @property
+    def label(self) -> str: ...
+
+    def read_bytes(self) -> bytes: ...
+
+    def parse(self, raw: bytes) -> dict[str, Any]: ...
+
+    def load(self) -> dict[str, Any]: ...
+
+    async def save(self, state: dict[str, Any]) -> None: ...  # StateConflict, OSError
+
+
+class RulesFile:
+    """A rules file: a regular file of at most MAX_FILE_BYTES."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def read(self) -> bytes:
+        return read_regular_file(self.path, MAX_FILE_BYTES)
 
 
 class Outcome(enum.Enum):
@@ -62,18 +102,20 @@ class Loaded:
 
 
 class Reloader:
-    """The rules file (and state file) behind the served table. Built with a first valid
+    """The rules (and runtime state) behind the served table. Built with a first valid
     table, loaded synchronously: there is never a reloader, and so never a holder, without
-    one. Raises ValueError naming the file and every problem when there is none."""
+    one. Raises ValueError naming the source and every problem when there is none."""
 
-    def __init__(self, path: Path, metrics: Metrics, state: StateFile) -> None:
-        self.path = path
+    def __init__(
+        self, rules: "Path | RulesSource", metrics: Metrics, state: "StateStore | StateFile"
+    ) -> None:
+        self.rules: RulesSource = RulesFile(rules) if isinstance(rules, Path) else rules
         self.metrics = metrics
         self.state = state
         self.failures = 0
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
-        result, loaded = self._build("startup", force=True)
+        result, loaded, _ = self._build("startup", force=True)
         if loaded is None:
             raise ValueError(result.error)  # already names the file and every problem
         self.metrics.count_reload(result.outcome.value)
@@ -90,44 +132,48 @@ class Reloader:
     async def reload(self, trigger: str, force: bool = False) -> ReloadResult:
         """Re-read the rules file (and the state file); swap the table if it is valid."""
         async with self._lock:
-            result, loaded = await asyncio.to_thread(self._build, trigger, force)
+            result, loaded, dropped = await asyncio.to_thread(self._build, trigger, force)
             for _ in range(SETTLE_ATTEMPTS if trigger == "watch" else 0):
                 if loaded is not None or result.outcome is Outcome.UNCHANGED:
                     break
                 await asyncio.sleep(SETTLE_SECONDS)
-                again, loaded = await asyncio.to_thread(self._build, trigger, force)
+                again, loaded, dropped = await asyncio.to_thread(self._build, trigger, force)
                 settled = again.outcome is result.outcome and again.version == result.version
                 result = again
                 if settled:
                     break
             self._last_read = result.inputs
             self._finish(result, loaded)
+            if loaded is not None and dropped:  # the file's edit won: forget the stale overrides
+                await self._save_overrides_quietly(loaded.overrides)
             return result
 
-    def _build(self, trigger: str, force: bool = False) -> tuple[ReloadResult, Loaded | None]:
+    def _build(self, trigger: str, force: bool = False) -> tuple[ReloadResult, Loaded | None, bool]:
+        """(result, the table to serve or None, whether stale overrides were dropped)."""
+        source = self.rules.label
         try:
-            content = read_regular_file(self.path, MAX_FILE_BYTES)
+            content = self.rules.read()
         except OSError as error:
-            reason = f"{self.path}: cannot read: {error.strerror or error}"
-            return ReloadResult(Outcome.MISSING, trigger, reason), None
+            reason = f"{source}: cannot read: {error.strerror or error}"
+            return ReloadResult(Outcome.MISSING, trigger, reason), None, False
         version = config_version(content)
-        # The state file (runtime weights) is an input too: when another worker process
-        # changes it, this one converges on the same table.
+        # The runtime state (weights, rollouts) is an input too: when another worker process
+        # or replica changes it, this one converges on the same table.
         state = self.state.read_bytes()
         inputs = f"{version}/{config_version(state)}"
         if not force and inputs == self._last_read:
-            return ReloadResult(Outcome.UNCHANGED, trigger, version=version, inputs=inputs), None
+            return ReloadResult(Outcome.UNCHANGED, trigger, version=version, inputs=inputs), None, False
         try:
-            file_table = parse_rules(content, str(self.path))
+            file_table = parse_rules(content, source)
         except RulesError as error:
-            return ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs), None
+            return ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs), None, False
         overrides = _overrides_from_state(self.state.parse(state))
-        loaded = self._with_overrides(file_table.document, version, overrides)
-        return ReloadResult(Outcome.LOADED, trigger, version=version, inputs=inputs), loaded
+        loaded, dropped = self._with_overrides(file_table.document, version, overrides)
+        return ReloadResult(Outcome.LOADED, trigger, version=version, inputs=inputs), loaded, dropped
 
     def _with_overrides(
         self, document: dict[str, Any], file_version: str, overrides: Mapping[str, WeightOverride]
-    ) -> Loaded:
+    ) -> tuple[Loaded, bool]:
         effective, kept, dropped = reconcile(document, overrides)
         for rule, why in dropped.items():
             log.warning("runtime weights for rule %r dropped: %s", rule, why)
@@ -137,18 +183,18 @@ class Reloader:
                 json.dumps({r: o.weights for r, o in sorted(kept.items())}, sort_keys=True).encode()
             ).hexdigest()
             version = f"{file_version}+o{digest[:6]}"
-        table = compile_table(effective, version, str(self.path))
-        if dropped:
-            self._save_overrides(kept)
-        return Loaded(table, file_version, document, dict(kept), time.time())
+        table = compile_table(effective, version, self.rules.label)
+        return Loaded(table, file_version, document, dict(kept), time.time()), bool(dropped)
 
     # -- weights from the admin API -----------------------------------------------------------
 
     async def set_weights(
         self, rule: str, requested: Mapping[str, int], trigger: str = "set_weights"
     ) -> Loaded:
-        """Apply and persist a runtime weight change; ValueError explains a refusal."""
+        """Apply and persist a runtime weight change; ValueError explains a refusal,
+        StateConflict a write that lost a race (nothing changed)."""
         async with self._lock:
+            await self._catch_up()
             loaded = self.loaded
             current = split_weights(loaded.table.document, rule)
             if current is None:
@@ -164,8 +210,8 @@ class Reloader:
                 overrides.pop(rule, None)  # back to what the file says: no override needed
             else:
                 overrides[rule] = WeightOverride(rule, weights, base)
-            new = self._with_overrides(loaded.document, loaded.file_version, overrides)
-            self._save_overrides(new.overrides)
+            new, _ = self._with_overrides(loaded.document, loaded.file_version, overrides)
+            await self._save_overrides(new.overrides)
             inputs = f"{loaded.file_version}/{config_version(self.state.read_bytes())}"
             self._last_read = inputs
             result = ReloadResult(Outcome.LOADED, trigger, version=loaded.file_version, inputs=inputs)
@@ -173,17 +219,31 @@ class Reloader:
             log.info("weights of rule %r set to %s (version %s)", rule, weights, new.table.version)
             return new
 
-    def _save_overrides(self, overrides: Mapping[str, WeightOverride]) -> None:
+    async def _catch_up(self) -> None:
+        """Serve the latest rules and state before changing the state (held under the lock):
+        a change is computed from, and written over, what the store holds now."""
+        result, loaded, _ = await asyncio.to_thread(self._build, "catch-up")
+        if result.outcome is not Outcome.UNCHANGED:
+            self._last_read = result.inputs
+            self._finish(result, loaded)
+
+    async def _save_overrides(self, overrides: Mapping[str, WeightOverride]) -> None:
         state = self.state.load()
         state["weight_overrides"] = {r: o.to_json() for r, o in sorted(overrides.items())}
-        self.state.save(state)
+        await self.state.save(state)
 
-    def save_state_section(self, key: str, data: Any) -> None:
-        """Persist another part of the runtime state (e.g. rollouts) in the same state file,
+    async def _save_overrides_quietly(self, overrides: Mapping[str, WeightOverride]) -> None:
+        try:
+            await self._save_overrides(overrides)
+        except Exception as error:  # dropped anyway on every load; saving only tidies up
+            log.warning("could not remove dropped weight overrides from %s: %s", self.state.label, error)
+
+    async def save_state_section(self, key: str, data: Any) -> None:
+        """Persist another part of the runtime state (e.g. rollouts) in the same store,
         without this change looking like new input to our own watcher."""
         state = self.state.load()
         state[key] = data
-        self.state.save(state)
+        await self.state.save(state)
         if self._last_read.startswith(self.loaded.file_version + "/"):
             self._last_read = f"{self.loaded.file_version}/{config_version(self.state.read_bytes())}"
 
@@ -199,7 +259,9 @@ class Reloader:
             log.error("reload (%s) refused, keeping the last good table: %s", result.trigger, result.error)
         else:
             self._install(loaded, result)
-            log.info("serving rules %s version %s (%s)", self.path, loaded.table.version, result.trigger)
+            log.info(
+                "serving rules %s version %s (%s)", self.rules.label, loaded.table.version, result.trigger
+            )
         for queue in self._subscribers:
             queue.put_nowait((self.loaded, result))
 

@@ -17,7 +17,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,18 +84,62 @@ def lane_counts(families: Iterable[Metric]) -> dict[str, LaneCounts]:
     return lanes
 
 
+def delta(old: LaneCounts | None, new: LaneCounts | None) -> LaneCounts | None:
+    """A lane's responses between two snapshots (counts since `old`, as cumulative histogram
+    buckets). Counters that went down were reset (Envoy restarted): counted from zero."""
+    if new is None:
+        return None
+    if old is None or new.requests < old.requests or new.bounds != old.bounds:
+        old = LaneCounts(0, 0, new.bounds, tuple(0.0 for _ in new.buckets))
+    return LaneCounts(
+        new.requests - old.requests,
+        new.errors - old.errors,
+        new.bounds,
+        tuple(n - o for n, o in zip(new.buckets, old.buckets, strict=False)),
+    )
+
+
+def as_window(counts: LaneCounts | None) -> LaneWindow:
+    if counts is None:
+        return LaneWindow()
+    buckets = list(counts.buckets)
+    return LaneWindow(
+        int(counts.requests),
+        int(counts.errors),
+        p99_from_buckets(list(counts.bounds), buckets) if buckets else None,
+    )
+
+
 def window(old: LaneCounts | None, new: LaneCounts | None) -> LaneWindow:
     """A lane's responses between two snapshots."""
-    if new is None:
-        return LaneWindow()
-    if old is None:
-        old = LaneCounts(0, 0, new.bounds, tuple(0.0 for _ in new.buckets))
-    counts = [n - o for n, o in zip(new.buckets, old.buckets, strict=False)]
-    return LaneWindow(
-        int(new.requests - old.requests),
-        int(new.errors - old.errors),
-        p99_from_buckets(list(new.bounds), counts) if counts else None,
-    )
+    return as_window(delta(old, new))
+
+
+class LaneHistory:
+    """A bounded ring of lane snapshots (cumulative counts per cluster) of one Envoy."""
+
+    def __init__(self, keep_seconds: float) -> None:
+        self.keep_seconds = keep_seconds
+        self.snapshots: deque[tuple[float, dict[str, LaneCounts]]] = deque()
+
+    def record(self, now: float, lanes: dict[str, LaneCounts]) -> None:
+        self.snapshots.append((now, lanes))
+        while self.snapshots and now - self.snapshots[0][0] > self.keep_seconds + 1:
+            self.snapshots.popleft()
+
+    def lane_delta(self, lane: str, seconds: float, now: float) -> LaneCounts | None:
+        if not self.snapshots:
+            return None
+        newest = self.snapshots[-1][1].get(lane)
+        oldest = next((lanes.get(lane) for t, lanes in self.snapshots if now - t <= seconds), None)
+        return delta(oldest, newest)
+
+    def lane_window(self, lane: str, seconds: float, now: float) -> LaneWindow:
+        return as_window(self.lane_delta(lane, seconds, now))
+
+    @property
+    def latest(self) -> dict[str, LaneCounts]:
+        return self.snapshots[-1][1] if self.snapshots else {}
 
 
 # Envoy stat names read on each poll: each lane's responses, and what bypass.py needs.
@@ -104,13 +148,18 @@ STATS_FILTER = r"cluster\..*\.upstream_rq_|" + BYPASS_STATS_FILTER
 Observer = Callable[[float, "list[Metric] | None", str], None]
 
 
-class EnvoyStats:
+class LaneSource(Protocol):
+    """Each lane's responses over the last `seconds`: one Envoy (EnvoyStats) or a fleet."""
+
+    def lane_window(self, lane: str, seconds: float, now: float) -> LaneWindow: ...
+
+
+class EnvoyStats(LaneHistory):
     """Polls one Envoy admin endpoint and keeps a bounded ring of snapshots."""
 
     def __init__(self, admin: tuple[str, int], keep_seconds: float) -> None:
+        super().__init__(keep_seconds)
         self.admin = admin
-        self.keep_seconds = keep_seconds
-        self.snapshots: deque[tuple[float, dict[str, LaneCounts]]] = deque()
         self.readable: bool | None = None  # None before the first read
 
     def fetch(self) -> str:
@@ -145,18 +194,6 @@ class EnvoyStats:
         self.readable = True
         return families, ""
 
-    def record(self, now: float, lanes: dict[str, LaneCounts]) -> None:
-        self.snapshots.append((now, lanes))
-        while self.snapshots and now - self.snapshots[0][0] > self.keep_seconds + 1:
-            self.snapshots.popleft()
-
-    def lane_window(self, lane: str, seconds: float, now: float) -> LaneWindow:
-        if not self.snapshots:
-            return LaneWindow()
-        newest = self.snapshots[-1][1].get(lane)
-        oldest = next((lanes.get(lane) for t, lanes in self.snapshots if now - t <= seconds), None)
-        return window(oldest, newest)
-
 
 def rollout_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int) -> dict[str, int]:
     """The split's weights for a canary weight: the total stays; the other entries share the
@@ -171,6 +208,11 @@ def rollout_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int
 
 
 class RolloutController:
+    """Moves rollouts through their steps. With a fleet (etcd), every replica runs one, and
+    only the one for which `leads()` is true advances or aborts (the others follow the
+    stored state, which every reload applies); `analysis`, when given, judges the whole
+    fleet's lanes instead of this Envoy's alone."""
+
     def __init__(
         self,
         reloader: Reloader,
@@ -179,18 +221,31 @@ class RolloutController:
         poll_seconds: float,
         clock: Callable[[], float] = time.time,
         observers: Sequence[Observer] = (),
+        leads: Callable[[], bool] = lambda: True,
+        analysis: "LaneSource | None" = None,
     ) -> None:
         self.reloader = reloader
         self.metrics = metrics
         self.stats = stats
+        self.analysis: LaneSource | None = analysis or stats
         self.poll_seconds = poll_seconds
         self.clock = clock
         self.observers = tuple(observers)  # given each read of Envoy's stats, rollouts or not
+        self.leads = leads
         self.states: dict[str, RolloutState] = {}
         self.verdicts: dict[str, Verdict] = {}
         self._lock = asyncio.Lock()
-        specs = reloader.table.rollouts
-        saved = reloader.state.load().get("rollouts") or {}
+        self._seen_state = b""
+        self._load_states()
+
+    def _load_states(self) -> None:
+        """The rollout states as stored (read again whenever the store changed: another
+        replica, an operator through any replica's admin API, or the leader)."""
+        raw = self.reloader.state.read_bytes()
+        self._seen_state = raw
+        self.states = {}
+        specs = self.reloader.table.rollouts
+        saved = self.reloader.state.parse(raw).get("rollouts") or {}
         for rule, data in saved.items() if isinstance(saved, dict) else ():
             try:
                 state = RolloutState.from_json(data)
@@ -231,8 +286,18 @@ class RolloutController:
         if not specs:
             return
         async with self._lock:
+            self._refresh()
+            if not self.leads():  # a follower: the leader's stored state is what we serve
+                for rule, spec in specs.items():
+                    self.verdicts[rule] = self.verdict(spec, now)
+                    self._show(rule, spec, self.states.get(rule) or start(spec, now), self.verdicts[rule])
+                return
             for rule, spec in specs.items():
                 await self._step(rule, spec, now)
+
+    def _refresh(self) -> None:
+        if self.reloader.state.read_bytes() != self._seen_state:
+            self._load_states()
 
     async def _step(self, rule: str, spec: RolloutSpec, now: float) -> None:
         saved = self.states.get(rule)
@@ -248,13 +313,13 @@ class RolloutController:
 
     def verdict(self, spec: RolloutSpec, now: float) -> Verdict:
         lanes = (spec.canary, spec.baseline)
-        if self.stats is None:
+        if self.analysis is None:
             return judge(spec.analysis, LaneWindow(), LaneWindow(), lanes)
         seconds = spec.analysis.window
         return judge(
             spec.analysis,
-            self.stats.lane_window(spec.canary, seconds, now),
-            self.stats.lane_window(spec.baseline, seconds, now),
+            self.analysis.lane_window(spec.canary, seconds, now),
+            self.analysis.lane_window(spec.baseline, seconds, now),
             lanes,
         )
 
@@ -267,8 +332,8 @@ class RolloutController:
         old: RolloutState | None,
     ) -> None:
         if new != old:
+            await self._save({**self.states, rule: new})  # StateConflict: not applied
             self.states[rule] = new
-            self._save()
             if old is None or new.phase != old.phase or new.step != old.step:
                 log.info(
                     "rollout %s: %s step %d (canary weight %d): %s %s",
@@ -286,12 +351,17 @@ class RolloutController:
             await self.reloader.set_weights(
                 rule, rollout_weights(spec, file_weights, weight), trigger=f"rollout:{new.phase}"
             )
-        self.metrics.show_rollout(rule, new.phase, new.step, weight)
+            self._seen_state = self.reloader.state.read_bytes()
+        self._show(rule, spec, new, verdict)
+
+    def _show(self, rule: str, spec: RolloutSpec, state: RolloutState, verdict: Verdict | None) -> None:
+        self.metrics.show_rollout(rule, state.phase, state.step, canary_weight(spec, state))
         if verdict is not None:
             self.metrics.show_lanes(verdict)
 
-    def _save(self) -> None:
-        self.reloader.save_state_section("rollouts", {r: s.to_json() for r, s in self.states.items()})
+    async def _save(self, states: dict[str, RolloutState]) -> None:
+        await self.reloader.save_state_section("rollouts", {r: s.to_json() for r, s in states.items()})
+        self._seen_state = self.reloader.state.read_bytes()
 
     async def action(self, rule: str, action: str) -> RolloutState:
         """promote / pause / resume / abort; ValueError explains a refusal."""
@@ -299,6 +369,7 @@ class RolloutController:
         if spec is None:
             raise ValueError(f"rule {rule!r} has no rollout (rollouts: {', '.join(self.specs()) or 'none'})")
         async with self._lock:
+            self._refresh()
             now = self.clock()
             state = self.states.get(rule) or start(spec, now)
             new = act(spec, state, action, now)

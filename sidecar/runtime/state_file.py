@@ -2,9 +2,11 @@
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over
 the old file (and the directory fsynced), so a crash leaves either the old or the new
-state, never a torn one.
+state, never a torn one. The etcd store (sources/etcd.py) keeps the same document under a
+key, with the same reading rules (`parse_state`).
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -25,9 +27,37 @@ def default_state_path(rules: Path) -> Path:
     return rules.parent / f".{rules.name}.graysteer-state.json"
 
 
+class StateConflict(Exception):
+    """The state changed in the store since it was read (another replica or operator wrote
+    it): nothing was written; read again and retry."""
+
+
+def parse_state(raw: bytes, where: str) -> dict[str, Any]:
+    """A state document; {} when empty, unreadable or of another format (reported)."""
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        log.error("state %s is unreadable, starting without runtime overrides: %s", where, error)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        log.error("state %s has an unknown format; ignoring it", where)
+        return {}
+    return data
+
+
+def state_bytes(state: dict[str, Any]) -> bytes:
+    return (json.dumps({**state, "format": STATE_FORMAT}, indent=2, sort_keys=True) + "\n").encode()
+
+
 class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
 
     def read_bytes(self) -> bytes:
         """The raw state (b"" when there is none or it cannot be read)."""
@@ -45,21 +75,15 @@ class StateFile:
         return self.parse(self.read_bytes())
 
     def parse(self, raw: bytes) -> dict[str, Any]:
-        if not raw:
-            return {}
-        try:
-            data = json.loads(raw)
-        except ValueError as error:
-            log.error("state file %s is unreadable, starting without runtime overrides: %s", self.path, error)
-            return {}
-        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-            log.error("state file %s has an unknown format; ignoring it", self.path)
-            return {}
-        return data
+        return parse_state(raw, f"file {self.path}")
 
-    def save(self, state: dict[str, Any]) -> None:
+    async def save(self, state: dict[str, Any]) -> None:
+        """Replace the state file atomically, off the event loop; OSError on failure."""
+        await asyncio.to_thread(self.write, state)
+
+    def write(self, state: dict[str, Any]) -> None:
         """Replace the state file atomically; OSError names the file on failure."""
-        payload = json.dumps({**state, "format": STATE_FORMAT}, indent=2, sort_keys=True) + "\n"
+        payload = state_bytes(state).decode()
         directory = self.path.parent
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
         try:

@@ -283,7 +283,8 @@ def envoy_admin() -> Iterator[FakeEnvoyAdmin]:
 def test_the_poll_feeds_observers_without_any_rollout(envoy_admin: FakeEnvoyAdmin) -> None:
     """One read per poll, also when the rules have no rollout; an HTTP error is unreadable."""
     seen: list[tuple[bool, str]] = []
-    reloader = SimpleNamespace(state=SimpleNamespace(load=dict), table=SimpleNamespace(rollouts={}))
+    state = SimpleNamespace(read_bytes=bytes, parse=lambda raw: {}, load=dict)
+    reloader = SimpleNamespace(state=state, table=SimpleNamespace(rollouts={}))
     controller = RolloutController(
         reloader,
         Metrics(CollectorRegistry()),

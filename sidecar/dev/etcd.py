@@ -1,0 +1,55 @@
+"""A real etcd server on loopback for the fleet tests, the convergence benchmark and local
+trials: Debian's `etcd-server` (etcd 3.4), installed with apt-get when missing (as root)."""
+
+from pathlib import Path
+
+from sidecar.dev.devstack import Process, ensure_tool, free_port, wait_for
+
+
+class Etcd:
+    """One etcd member on free loopback ports, its data in `workdir`; restartable on the same
+    ports and data (an outage, then recovery)."""
+
+    def __init__(self, workdir: Path, name: str = "etcd") -> None:
+        self.binary = ensure_tool("etcd", "etcd-server")
+        self.workdir = workdir
+        self.name = name
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.process: Process | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        client = f"http://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        process = self.process = Process(
+            self.name,
+            [
+                self.binary,
+                "--name",
+                self.name,
+                "--data-dir",
+                str(self.workdir / f"{self.name}.data"),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"{self.name}={peer}",
+            ],
+            self.workdir / f"{self.name}.log",
+        )
+        wait_for(lambda: "ready to serve client requests" in process.log_text(), 20, f"{self.name} to serve")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None

@@ -1,0 +1,130 @@
+"""etcd v3 for a fleet of sidecars: the address form, TLS, the client, and the keys.
+
+One prefix holds one service's fleet, and is the unit of isolation between services
+(grant each service's sidecars an etcd role on its prefix alone):
+
+    PREFIX/rules             the rules document, as `graysteer push` wrote it
+    PREFIX/state             runtime weights and rollout states (the state file's format)
+    PREFIX/leader            the replica whose rollout controller acts (bound to its lease)
+    PREFIX/replicas/<id>     each replica's record: served version, lanes (bound to its lease)
+
+The client is PyPI `aetcd`: asyncio on grpc.aio (the gRPC runtime the sidecar already
+serves with, on the same event loop), etcd's v3 gRPC API with watches, leases and
+transactions, maintained (1.0 in 2026, protobuf 5+ stubs). Its connect() offers no TLS, so
+`EtcdClient` opens the channel itself when a CA is given; everything else is aetcd's.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import aetcd
+import grpc
+from aetcd import rpc, watcher
+
+# What etcd is unreachable looks like through aetcd (and plain grpc.aio errors it lets by).
+ETCD_ERRORS = (aetcd.ClientError, grpc.RpcError, OSError, TimeoutError)
+REQUEST_TIMEOUT_SECONDS = 5
+
+_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d{1,5})(?P<prefix>/[^\s]*)$")
+
+
+@dataclass(frozen=True)
+class EtcdAddress:
+    """`etcd://HOST:PORT/PREFIX`: one etcd endpoint (a Service or VIP in front of the
+    cluster, or a local `etcd grpc-proxy`) and the prefix of one service's fleet."""
+
+    host: str
+    port: int
+    prefix: str  # without the trailing slash, e.g. /graysteer/checkout
+
+    @classmethod
+    def parse(cls, url: str) -> "EtcdAddress":
+        found = _ADDRESS.match(url)
+        if not found or not 0 < int(found["port"]) <= 65535:
+            raise ValueError(
+                "expected etcd://HOST:PORT/PREFIX (e.g. etcd://127.0.0.1:2379/graysteer/checkout), "
+                f"got {url!r}"
+            )
+        prefix = found["prefix"].rstrip("/")
+        if not prefix or "//" in prefix:
+            raise ValueError(f"{url!r}: the prefix must name the service, e.g. /graysteer/checkout")
+        return cls(found["host"].strip("[]"), int(found["port"]), prefix)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"etcd://{host}:{self.port}{self.prefix}"
+
+    def key(self, name: str) -> bytes:
+        return f"{self.prefix}/{name}".encode()
+
+    @property
+    def rules_key(self) -> bytes:
+        return self.key("rules")
+
+    @property
+    def state_key(self) -> bytes:
+        return self.key("state")
+
+    @property
+    def leader_key(self) -> bytes:
+        return self.key("leader")
+
+    @property
+    def replicas_prefix(self) -> bytes:
+        return self.key("replicas/")
+
+
+def is_etcd(config: str) -> bool:
+    return config.startswith("etcd://")
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS to etcd: the CA that signed etcd's server certificate, and this client's
+    certificate and key when etcd requires client certificates (--client-cert-auth)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        try:
+            return grpc.ssl_channel_credentials(
+                self.ca.read_bytes(),
+                self.key.read_bytes() if self.key else None,
+                self.cert.read_bytes() if self.cert else None,
+            )
+        except OSError as error:
+            raise OSError(f"etcd TLS: cannot read {error.filename}: {error.strerror}") from error
+
+
+class EtcdClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client, with TLS when `tls` is given."""
+
+    def __init__(self, address: EtcdAddress, tls: EtcdTls | None = None) -> None:
+        super().__init__(address.host, address.port, timeout=REQUEST_TIMEOUT_SECONDS)
+        self.address = address
+        self.tls = tls
+
+    async def connect(self) -> None:
+        if self.tls is None or self._connected.is_set():
+            await super().connect()
+            return
+        # aetcd's connect() with a secure channel: the same stubs and watcher.
+        self.channel = rpc.secure_channel(
+            f"{self._host}:{self._port}", self.tls.credentials(), options=self._options.items()
+        )
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=None)
+        self._connected.set()
+
+
+async def push_rules(address: EtcdAddress, tls: EtcdTls | None, content: bytes) -> int:
+    """Write a (validated) rules document; returns etcd's revision of the write."""
+    async with EtcdClient(address, tls) as client:
+        response = await client.put(address.rules_key, content)
+        return int(response.header.revision)

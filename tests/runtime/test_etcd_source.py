@@ -1,0 +1,191 @@
+"""The etcd rules source and state store against a real etcd (Debian's etcd-server, installed
+when missing): reads, watches, refusals, compare-and-swap writes, outages and the cache."""
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.dev.etcd import Etcd
+from sidecar.runtime.etcd import EtcdAddress, EtcdClient
+from sidecar.runtime.metrics import Metrics
+from sidecar.runtime.reload import Outcome, Reloader
+from sidecar.runtime.sources.etcd import EtcdSource
+from sidecar.runtime.state_file import StateConflict
+
+RULES = b"""version: 1
+clusters: [stable, canary]
+default: stable
+rules:
+  - name: ramp
+    split:
+      key: [header:x-user-id]
+      to: [{cluster: stable, weight: 90}, {cluster: canary, weight: 10}]
+"""
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
+    server = Etcd(tmp_path_factory.mktemp("etcd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def address(etcd: Etcd) -> EtcdAddress:
+    return EtcdAddress.parse(f"{etcd.url}/test/{next(_prefixes)}")
+
+
+async def put(address: EtcdAddress, key: bytes, value: bytes) -> None:
+    async with EtcdClient(address) as client:
+        await client.put(key, value)
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def following(
+    address: EtcdAddress, cache: Path, work: Callable[[EtcdSource, Reloader], Awaitable[Any]]
+) -> Any:
+    """Start a source + reloader, follow etcd while `work` runs, then stop."""
+    metrics = Metrics(CollectorRegistry())
+    source = EtcdSource(address, None, cache, metrics)
+    await source.start()
+    reloader = Reloader(source.rules, metrics, source.state)
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.run(reloader, stop))
+    try:
+        return await work(source, reloader)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+def test_a_push_reaches_the_served_table_within_a_second(address: EtcdAddress, tmp_path: Path) -> None:
+    async def main() -> None:
+        await put(address, address.rules_key, RULES)
+
+        async def work(source: EtcdSource, reloader: Reloader) -> None:
+            first = reloader.table.version
+            assert reloader.table.source == f"{address}/rules" and source.connected
+            await put(address, address.rules_key, RULES.replace(b"weight: 10", b"weight: 11"))
+            took = await until(lambda: reloader.table.version != first, 1.0, "the pushed table")
+            assert took < 1.0
+            assert reloader.table.rules[0].split is not None and reloader.table.rules[0].split.weights == (90, 11)
+
+        await following(address, tmp_path, work)
+
+    asyncio.run(main())
+
+
+def test_an_invalid_document_in_etcd_is_refused_counted_and_the_table_stays(
+    address: EtcdAddress, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        await put(address, address.rules_key, RULES)
+
+        async def work(source: EtcdSource, reloader: Reloader) -> None:
+            served = reloader.table.version
+            queue = reloader.subscribe()
+            await put(address, address.rules_key, b"version: 1\nclusters: [a]\ndefault: nowhere\n")
+            _, result = await asyncio.wait_for(queue.get(), 2)
+            assert result.outcome is Outcome.INVALID and "unknown cluster 'nowhere'" in result.error
+            await put(address, address.rules_key, b"{{{ not yaml")
+            _, result = await asyncio.wait_for(queue.get(), 2)
+            assert result.outcome is Outcome.INVALID
+            assert reloader.table.version == served and reloader.failures == 2
+            reloads = reloader.metrics.registry.get_sample_value("graysteer_reloads_total", {"result": "invalid"})
+            assert reloads == 2
+
+        await following(address, tmp_path, work)
+
+    asyncio.run(main())
+
+
+def test_state_writes_compare_revisions_and_reach_other_replicas(address: EtcdAddress, tmp_path: Path) -> None:
+    async def main() -> None:
+        await put(address, address.rules_key, RULES)
+
+        async def other(source: EtcdSource, reloader: Reloader) -> None:
+            stale = EtcdSource(address, None, tmp_path / "stale", Metrics(CollectorRegistry()))
+            await stale.start()  # reads the state now; does not follow it
+
+            async def one(source: EtcdSource, reloader: Reloader) -> None:
+                await reloader.set_weights("ramp", {"canary": 30})
+                await until(
+                    lambda: "+o" in peer_reloader.table.version, 1.0, "the other replica to serve the weights"
+                )
+                assert peer_reloader.table.version == reloader.table.version
+
+            peer_reloader = reloader
+            await following(address, tmp_path / "one", one)
+            with pytest.raises(StateConflict, match="changed .* since this replica read it"):
+                await stale.state.save({"weight_overrides": {}})
+            await stale.client.close()
+
+        await following(address, tmp_path / "other", other)
+
+    asyncio.run(main())
+
+
+def test_an_outage_keeps_the_table_refuses_changes_and_catches_up(
+    etcd: Etcd, address: EtcdAddress, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        await put(address, address.rules_key, RULES)
+
+        async def work(source: EtcdSource, reloader: Reloader) -> None:
+            served = reloader.table.version
+            await asyncio.to_thread(etcd.stop)
+            await until(lambda: not source.connected, 10, "the source to notice the outage")
+            assert reloader.table.version == served
+            assert source.health()["changes"].startswith("not ready")
+            assert reloader.metrics.registry.get_sample_value("graysteer_source_connected") == 0
+            with pytest.raises(OSError, match="etcd is unreachable"):
+                await reloader.set_weights("ramp", {"canary": 50})
+            assert reloader.table.version == served
+            await asyncio.to_thread(etcd.start)
+            await until(lambda: source.connected, 10, "the source to reconnect")
+            await put(address, address.rules_key, RULES.replace(b"weight: 10", b"weight: 12"))
+            await until(lambda: reloader.table.version != served, 2, "the push after the outage")
+
+        await following(address, tmp_path, work)
+
+    asyncio.run(main())
+
+
+def test_a_restart_during_an_outage_starts_from_the_local_cache(
+    etcd: Etcd, address: EtcdAddress, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        await put(address, address.rules_key, RULES)
+
+        async def served(source: EtcdSource, reloader: Reloader) -> str:
+            await until(lambda: (tmp_path / "rules.yaml").exists(), 2, "the cache")
+            return reloader.table.version
+
+        version = await following(address, tmp_path, served)
+        await asyncio.to_thread(etcd.stop)
+        try:
+            source = EtcdSource(address, None, tmp_path, Metrics(CollectorRegistry()))
+            await source.start()
+            assert source.from_cache and not source.connected
+            assert Reloader(source.rules, source.metrics, source.state).table.version == version
+            with pytest.raises(OSError, match="etcd unreachable .* and no local cache"):
+                await EtcdSource(address, None, tmp_path / "empty", source.metrics).start()
+        finally:
+            await asyncio.to_thread(etcd.start)
+
+    asyncio.run(main())
