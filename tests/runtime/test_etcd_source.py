@@ -83,7 +83,10 @@ def test_a_push_reaches_the_served_table_within_a_second(address: EtcdAddress, t
             await put(address, address.rules_key, RULES.replace(b"weight: 10", b"weight: 11"))
             took = await until(lambda: reloader.table.version != first, 1.0, "the pushed table")
             assert took < 1.0
-            assert reloader.table.rules[0].split is not None and reloader.table.rules[0].split.weights == (90, 11)
+            assert reloader.table.rules[0].split is not None and reloader.table.rules[0].split.weights == (
+                90,
+                11,
+            )
 
         await following(address, tmp_path, work)
 
@@ -106,7 +109,9 @@ def test_an_invalid_document_in_etcd_is_refused_counted_and_the_table_stays(
             _, result = await asyncio.wait_for(queue.get(), 2)
             assert result.outcome is Outcome.INVALID
             assert reloader.table.version == served and reloader.failures == 2
-            reloads = reloader.metrics.registry.get_sample_value("graysteer_reloads_total", {"result": "invalid"})
+            reloads = reloader.metrics.registry.get_sample_value(
+                "graysteer_reloads_total", {"result": "invalid"}
+            )
             assert reloads == 2
 
         await following(address, tmp_path, work)
@@ -114,7 +119,9 @@ def test_an_invalid_document_in_etcd_is_refused_counted_and_the_table_stays(
     asyncio.run(main())
 
 
-def test_state_writes_compare_revisions_and_reach_other_replicas(address: EtcdAddress, tmp_path: Path) -> None:
+def test_state_writes_compare_revisions_and_reach_other_replicas(
+    address: EtcdAddress, tmp_path: Path
+) -> None:
     async def main() -> None:
         await put(address, address.rules_key, RULES)
 
