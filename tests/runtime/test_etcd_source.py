@@ -138,7 +138,7 @@ def test_state_writes_compare_revisions_and_reach_other_replicas(
 
             peer_reloader = reloader
             await following(address, tmp_path / "one", one)
-            with pytest.raises(StateConflict, match="changed .* since this replica read it"):
+            with pytest.raises(StateConflict, match=r"changed .* since this replica read it"):
                 await stale.state.save({"weight_overrides": {}})
             await stale.client.close()
 
@@ -190,7 +190,7 @@ def test_a_restart_during_an_outage_starts_from_the_local_cache(
             await source.start()
             assert source.from_cache and not source.connected
             assert Reloader(source.rules, source.metrics, source.state).table.version == version
-            with pytest.raises(OSError, match="etcd unreachable .* and no local cache"):
+            with pytest.raises(OSError, match=r"etcd unreachable .* and no local cache"):
                 await EtcdSource(address, None, tmp_path / "empty", source.metrics).start()
         finally:
             await asyncio.to_thread(etcd.start)
