@@ -9,6 +9,7 @@ import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
@@ -108,6 +109,21 @@ def _bind(
         if mask is not None:
             os.umask(mask)
     return address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
+
+
+def log_tasks() -> None:
+    """SIGUSR1: log where every task of the serving loop waits (for a stuck process)."""
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(chain) < 12:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is None:
+                chain.append(type(awaited).__name__)
+                break
+            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        log.warning("task %s: %s", task.get_name(), " -> ".join(chain))
 
 
 def replica_name(options: ServeOptions) -> str:
@@ -255,6 +271,7 @@ async def serve(options: ServeOptions) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+    loop.add_signal_handler(signal.SIGUSR1, log_tasks)
     watchers = []
     if source is not None:
         assert fleet is not None
@@ -269,8 +286,16 @@ async def serve(options: ServeOptions) -> None:
                 "lanes": lanes_to_json(stats_for_record.latest) if stats_for_record else {},
             }
 
+        async def publish_changes() -> None:
+            queue = reloader.subscribe()
+            while True:
+                await queue.get()
+                fleet.poke()
+
         watchers.append(asyncio.create_task(source.run(reloader, stop)))
-        watchers.append(asyncio.create_task(fleet.run(stop, record)))
+        fleet_task = asyncio.create_task(fleet.run(stop, record))
+        watchers.append(fleet_task)
+        watchers.append(asyncio.create_task(publish_changes()))
         log.info("following %s as replica %s", source.address, fleet.replica_id)
     elif options.watch:
         # The rules' directory, and the state file's: runtime weights set by another worker.
@@ -299,12 +324,14 @@ async def serve(options: ServeOptions) -> None:
     )
     await admin.stop(0)
     if fleet is not None:  # let the fleet task give up its lease (the lead passes at once)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 3)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(fleet_task, 3)
     for watcher in watchers:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+    if source is not None:
+        await source.close()
     if http is not None:
         http.shutdown()
     log.info("stopped")

@@ -128,6 +128,11 @@ class Fleet:
         self.lanes = FleetLanes()
         self._leading = False
         self._lease_deadline = 0.0  # monotonic: our lease may have expired after this
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """Publish the record now (the served table changed), not at the next beat."""
+        self._poked.set()
 
     def leads(self) -> bool:
         return self._leading and time.monotonic() < self._lease_deadline
@@ -158,12 +163,21 @@ class Fleet:
                     log.error("lost the fleet's lead (%s): rollouts wait for the next leader", error)
                 self._set_leading(False)
                 lease = None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.every)
+            await self._pause(stop)
         if lease is not None:  # hand the lead over at once instead of after the TTL
             with contextlib.suppress(*ETCD_ERRORS, asyncio.TimeoutError):
                 await asyncio.wait_for(lease.revoke(), 2)
         self._set_leading(False)
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        """Until the next beat, an early publish, or `stop`."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._poked.wait())]
+        try:
+            await asyncio.wait(waits, timeout=self.every, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._poked.clear()
 
     async def _campaign(self, lease: Any) -> None:
         key = self.address.leader_key

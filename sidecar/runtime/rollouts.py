@@ -334,7 +334,11 @@ class RolloutController:
         if new != old:
             await self._save({**self.states, rule: new})  # StateConflict: not applied
             self.states[rule] = new
-            if old is None or new.phase != old.phase or new.step != old.step:
+            if old is None or (new.phase, new.step, new.fingerprint) != (
+                old.phase,
+                old.step,
+                old.fingerprint,
+            ):
                 log.info(
                     "rollout %s: %s step %d (canary weight %d): %s %s",
                     rule,

@@ -71,6 +71,7 @@ async def following(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+        await source.close()
 
 
 def test_a_push_reaches_the_served_table_within_a_second(address: EtcdAddress, tmp_path: Path) -> None:

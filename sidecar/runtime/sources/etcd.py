@@ -194,8 +194,11 @@ class EtcdSource:
             cache.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cache
-            with contextlib.suppress(Exception):
-                await self.client.close()
+
+    async def close(self) -> None:
+        """Close the etcd client (after everything that uses it: the fleet shares it)."""
+        with contextlib.suppress(Exception):
+            await self.client.close()
 
     async def _follow(self, reloader: Reloader, stop: asyncio.Event) -> None:
         start = self._revision + 1

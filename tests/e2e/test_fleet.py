@@ -1,0 +1,317 @@
+"""A fleet of three sidecars, each behind its own Envoy, sharing one etcd prefix (a real
+etcd): pushes and weight changes reach every replica within a second, an invalid document
+is refused everywhere, an etcd outage changes nothing that is served, one leader runs the
+rollouts on the whole fleet's traffic, and a new leader continues a rollout when the old
+one is killed."""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sidecar.dev.devstack import BackgroundLoad, Stack, free_port, wait_for
+from sidecar.dev.etcd import Etcd
+from sidecar.runtime.load import config_version
+from tests.e2e.conftest import ENVOY_CONFIG
+
+PLAIN = textwrap.dedent("""\
+    version: 1
+    clusters: [stable, canary]
+    default: stable
+    rules:
+      - name: checkout
+        split:
+          key: [header:x-user-id]
+          to: [{cluster: stable, weight: WEIGHT_STABLE}, {cluster: canary, weight: WEIGHT_CANARY}]
+    """)
+ROLLOUT = textwrap.dedent("""\
+    version: 1
+    clusters: [stable, canary]
+    default: stable
+    rules:
+      - name: checkout
+        split:
+          key: [header:x-user-id]
+          to: [{cluster: stable, weight: 100}, {cluster: canary, weight: 0}]
+        rollout:
+          canary: canary
+          steps: STEPS
+          analysis: {window: 3s, min_requests: 20, max_error_rate: 0.1}
+          on_failure: rollback
+    """)
+
+
+@dataclass
+class Fleet:
+    etcd: Etcd
+    url: str
+    stacks: list[Stack]
+    workdir: Path
+
+    def readyz(self, i: int) -> dict:
+        sidecar = self.stacks[i].sidecar
+        assert sidecar is not None
+        return json.loads(sidecar.http_get("/readyz")[1])
+
+    def versions(self) -> list[str]:
+        return [self.readyz(i)["version"] for i in range(len(self.stacks))]
+
+    def metric(self, i: int, pattern: str) -> float:
+        sidecar = self.stacks[i].sidecar
+        assert sidecar is not None
+        found = re.search(pattern + r" ([0-9.e+-]+)", sidecar.http_get("/metrics")[1])
+        return float(found.group(1)) if found else 0.0
+
+    def push(self, text: str) -> str:
+        path = self.workdir / f"push-{time.monotonic_ns()}.yaml"
+        path.write_text(text)
+        run = cli("push", str(path), self.url)
+        assert run.returncode == 0, run.stderr
+        return config_version(text.encode())
+
+    def fleet_status(self) -> dict:
+        run = cli("status", "--fleet", self.url, "--json")
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    def leader(self) -> int:
+        lead = wait_for(lambda: self.fleet_status()["leader"], 10, "a leader")
+        return int(lead.removeprefix("r"))
+
+    def rollout(self, i: int) -> dict:
+        sidecar = self.stacks[i].sidecar
+        assert sidecar is not None
+        return json.loads(sidecar.http_get("/rollouts/checkout")[1])
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def converged(fleet: Fleet, file_version: str, timeout: float = 5.0) -> float:
+    """Seconds until every replica serves `file_version` (polled every 10 ms)."""
+    started = time.monotonic()
+    wait_for(
+        lambda: all(v.startswith(file_version) for v in fleet.versions()),
+        timeout,
+        f"every replica at {file_version}",
+    )
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet")
+    etcd = Etcd(workdir)
+    url = f"{etcd.url}/shop/checkout"
+    stacks: list[Stack] = []
+    try:
+        first = Fleet(etcd, url, stacks, workdir)
+        first.push(PLAIN.replace("WEIGHT_STABLE", "90").replace("WEIGHT_CANARY", "10"))
+        for i in range(3):
+            admin = free_port()
+            replica = workdir / f"r{i}"
+            replica.mkdir()
+            stacks.append(
+                Stack(
+                    url,
+                    ENVOY_CONFIG,
+                    replica,
+                    envoy_admin_port=admin,
+                    sidecar_args=[
+                        "--replica-id",
+                        f"r{i}",
+                        "--etcd-cache",
+                        str(replica / "cache"),
+                        "--envoy-admin",
+                        f"127.0.0.1:{admin}",
+                        "--rollout-poll",
+                        "0.25",
+                        "--http-listen",
+                        "127.0.0.1:0",
+                    ],
+                )
+            )
+        yield first
+    finally:
+        for stack in stacks:
+            stack.stop()
+        etcd.stop()
+
+
+def test_a_push_reaches_every_replica_within_a_second(fleet: Fleet) -> None:
+    version = fleet.push(PLAIN.replace("WEIGHT_STABLE", "80").replace("WEIGHT_CANARY", "20"))
+    assert converged(fleet, version) < 1.0
+    status = wait_for(
+        lambda: (lambda s: {r["file_version"] for r in s["replicas"]} == {version} and s)(
+            fleet.fleet_status()
+        ),
+        2,
+        "status --fleet to show the version",
+    )
+    assert [r["id"] for r in status["replicas"]] == ["r0", "r1", "r2"] and status["rules_version"] == version
+    assert sum(r["leader"] for r in status["replicas"]) == 1
+
+
+def test_set_weight_through_one_replica_reaches_every_replica(fleet: Fleet) -> None:
+    before = fleet.versions()[0]
+    sidecar = fleet.stacks[1].sidecar
+    assert sidecar is not None
+    run = cli("set-weight", "checkout", "canary=35", "--admin", sidecar.admin)
+    assert run.returncode == 0, run.stderr
+    started = time.monotonic()
+    wait_for(lambda: len(set(fleet.versions())) == 1 and fleet.versions()[0] != before, 5, "every replica")
+    assert time.monotonic() - started < 1.0
+    for i in range(3):
+        assert fleet.metric(i, r'graysteer_split_weight\{cluster="canary",rule="checkout"\}') == 35
+
+
+def test_racing_operators_leave_one_of_their_states_never_a_mix(fleet: Fleet) -> None:
+    admins = [s.sidecar.admin for s in fleet.stacks if s.sidecar is not None]
+    outcomes: dict[int, subprocess.CompletedProcess[str]] = {}
+
+    def operator(i: int, weight: int) -> None:
+        outcomes[weight] = cli("set-weight", "checkout", f"canary={weight}", "--admin", admins[i])
+
+    threads = [threading.Thread(target=operator, args=(i, w)) for i, w in ((0, 40), (2, 60))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    succeeded = [w for w, run in outcomes.items() if run.returncode == 0]
+    refused = [run.stderr for run in outcomes.values() if run.returncode != 0]
+    assert succeeded and all("changed" in message and "retry" in message for message in refused)
+    wait_for(lambda: len(set(fleet.versions())) == 1, 5, "the replicas to agree")
+    served = {
+        fleet.metric(i, r'graysteer_split_weight\{cluster="canary",rule="checkout"\}') for i in range(3)
+    }
+    assert len(served) == 1 and served.pop() in succeeded
+
+
+def test_an_invalid_document_in_etcd_is_refused_everywhere_and_served_tables_stay(fleet: Fleet) -> None:
+    served = fleet.versions()
+    refused = [fleet.metric(i, r'graysteer_reloads_total\{result="invalid"\}') for i in range(3)]
+    put = subprocess.run(
+        [
+            "etcdctl",
+            "--endpoints",
+            f"127.0.0.1:{fleet.etcd.port}",
+            "put",
+            "/shop/checkout/rules",
+            "clusters: [oops",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert put.returncode == 0, put.stderr
+    wait_for(
+        lambda: all(
+            fleet.metric(i, r'graysteer_reloads_total\{result="invalid"\}') > refused[i] for i in range(3)
+        ),
+        5,
+        "every replica to refuse it",
+    )
+    assert fleet.versions() == served
+    client = fleet.stacks[0].client()
+    assert client.get("/", {"x-user-id": "u1"})[0] == 200
+
+
+def test_an_etcd_outage_changes_nothing_served_and_the_fleet_catches_up(fleet: Fleet) -> None:
+    served = fleet.versions()
+    load = BackgroundLoad(fleet.stacks[0].port, {}, threads=2, vary_user=True)
+    try:
+        fleet.etcd.stop()
+        wait_for(
+            lambda: not any(fleet.readyz(i)["connected"] for i in range(3)), 15, "every replica to notice"
+        )
+        assert all(fleet.readyz(i)["changes"].startswith("not ready") for i in range(3))
+        assert all(fleet.readyz(i)["ready"] for i in range(3))  # still serving decisions
+        load.wait_for_more(200, "requests during the outage")
+        assert fleet.versions() == served
+        fleet.etcd.start()
+        wait_for(
+            lambda: all(fleet.readyz(i)["connected"] for i in range(3)), 15, "every replica to reconnect"
+        )
+        version = fleet.push(PLAIN.replace("WEIGHT_STABLE", "70").replace("WEIGHT_CANARY", "30"))
+        assert converged(fleet, version) < 1.0
+    finally:
+        samples = list(load.samples)
+        load.stop()
+    assert samples and all(s.status == 200 and s.decided for s in samples)  # none failed, none bypassed
+
+
+def test_a_rollout_failing_on_the_fleets_traffic_is_rolled_back_everywhere(fleet: Fleet) -> None:
+    version = fleet.push(ROLLOUT.replace("STEPS", "[{weight: 50, hold: 60s}, {weight: 100}]"))
+    converged(fleet, version)
+    lead = fleet.leader()
+    others = [i for i in range(3) if i != lead]
+    wait_for(lambda: fleet.rollout(lead)["canary_weight"] == 50, 10, "the first step")
+    for i in others:  # the canary fails only behind the other replicas: the leader's Envoy sees none of it
+        fleet.stacks[i].backends["canary"].fail_rate = 0.5
+    loads = [BackgroundLoad(fleet.stacks[i].port, {}, threads=2, vary_user=True) for i in others]
+    try:
+        wait_for(lambda: fleet.rollout(lead)["phase"] == "aborted", 20, "the leader to abort")
+        report = fleet.rollout(lead)
+        # judged on the other replicas' traffic: the leader's own Envoy had no canary errors
+        assert report["numbers"]["canary_requests"] >= 20 and "error rate" in report["reason"]
+        wait_for(
+            lambda: all(
+                fleet.metric(i, r'graysteer_split_weight\{cluster="canary",rule="checkout"\}') == 0
+                for i in range(3)
+            ),
+            5,
+            "every replica to roll back",
+        )
+        wait_for(lambda: all(fleet.rollout(i)["phase"] == "aborted" for i in range(3)), 2, "every /rollouts")
+    finally:
+        for load in loads:
+            load.stop()
+        for i in others:
+            fleet.stacks[i].backends["canary"].fail_rate = 0.0
+
+
+def test_a_new_leader_continues_a_rollout_when_the_leader_is_killed(fleet: Fleet) -> None:
+    steps = "[{weight: 10, hold: 1s}, {weight: 20, hold: 3s}, {weight: 30, hold: 60s}]"
+    time.sleep(3.5)  # past the analysis window: a failed canary's errors would abort this one too
+    version = fleet.push(ROLLOUT.replace("STEPS", steps))
+    converged(fleet, version)
+    loads = [BackgroundLoad(stack.port, {}, threads=1, vary_user=True) for stack in fleet.stacks]
+    try:
+        lead = fleet.leader()
+        wait_for(lambda: fleet.rollout(lead)["step"] >= 1, 20, "the second step")
+        step = fleet.rollout(lead)["step"]
+        killed = fleet.stacks[lead].sidecar
+        assert killed is not None
+        killed.kill()
+        started = time.monotonic()
+        new = wait_for(
+            lambda: (lambda status: status["leader"] not in (None, f"r{lead}") and status["leader"])(
+                fleet.fleet_status()
+            ),
+            10,
+            "another leader",
+        )
+        takeover = time.monotonic() - started
+        assert takeover < 6
+        successor = int(new.removeprefix("r"))
+        seen = []
+        wait_for(
+            lambda: seen.append(fleet.rollout(successor)["step"]) or seen[-1] == 2, 20, "the rollout to go on"
+        )
+        assert min(seen) >= step  # continued from the stored state, never started again
+        assert fleet.rollout(successor)["canary_weight"] == 30
+    finally:
+        for load in loads:
+            load.stop()
+        fleet.stacks[lead].start_sidecar()  # the killed replica comes back as a follower
