@@ -8,12 +8,14 @@ from sidecar.dev.devstack import Process, ensure_tool, free_port, wait_for
 
 class Etcd:
     """One etcd member on free loopback ports, its data in `workdir`; restartable on the same
-    ports and data (an outage, then recovery)."""
+    ports and data (an outage, then recovery). With `tls_dir` (ca.pem, server.pem,
+    server.key) clients speak TLS and must present a certificate signed by that CA."""
 
-    def __init__(self, workdir: Path, name: str = "etcd") -> None:
+    def __init__(self, workdir: Path, name: str = "etcd", tls_dir: Path | None = None) -> None:
         self.binary = ensure_tool("etcd", "etcd-server")
         self.workdir = workdir
         self.name = name
+        self.tls_dir = tls_dir
         self.port = free_port()
         self.peer_port = free_port()
         self.process: Process | None = None
@@ -24,8 +26,21 @@ class Etcd:
         return f"etcd://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        client = f"http://127.0.0.1:{self.port}"
+        client = f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls = (
+            [
+                "--cert-file",
+                str(self.tls_dir / "server.pem"),
+                "--key-file",
+                str(self.tls_dir / "server.key"),
+                "--trusted-ca-file",
+                str(self.tls_dir / "ca.pem"),
+                "--client-cert-auth",
+            ]
+            if self.tls_dir
+            else []
+        )
         process = self.process = Process(
             self.name,
             [
@@ -44,6 +59,7 @@ class Etcd:
                 peer,
                 "--initial-cluster",
                 f"{self.name}={peer}",
+                *tls,
             ],
             self.workdir / f"{self.name}.log",
         )

@@ -3,6 +3,8 @@ when missing): reads, watches, refusals, compare-and-swap writes, outages and th
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -197,3 +199,51 @@ def test_a_restart_during_an_outage_starts_from_the_local_cache(
             await asyncio.to_thread(etcd.start)
 
     asyncio.run(main())
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    """etcd with --client-cert-auth: push and follow with a client certificate; without
+    one, or trusting another CA, a clear refusal."""
+    from sidecar.runtime.etcd import EtcdTls
+    from tests.tls import make_ca, make_leaf, write_pair
+
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    write_pair(tmp_path, "server", make_leaf(ca, "etcd", dns=["localhost"], ips=["127.0.0.1"]))
+    write_pair(tmp_path, "client", make_leaf(ca, "graysteer"))
+    other = make_ca("another CA")
+    (tmp_path / "other-ca.pem").write_bytes(other.pem)
+    server = Etcd(tmp_path, tls_dir=tmp_path)
+    try:
+        url = f"{server.url}/secure/checkout"
+        rules = tmp_path / "rules.yaml"
+        rules.write_bytes(RULES)
+        flags = ["--etcd-ca", str(tmp_path / "ca.pem"), "--etcd-cert", str(tmp_path / "client.pem")]
+        flags += ["--etcd-key", str(tmp_path / "client.key")]
+        pushed = subprocess.run(
+            [sys.executable, "-m", "sidecar", "push", str(rules), url, *flags],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        for refused in (flags[:2], ["--etcd-ca", str(tmp_path / "other-ca.pem"), *flags[2:]], []):
+            run = subprocess.run(
+                [sys.executable, "-m", "sidecar", "push", str(rules), url, *refused],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert run.returncode == 1 and "etcd unreachable or refused" in run.stderr, refused
+
+        async def main() -> None:
+            tls = EtcdTls(tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key")
+            source = EtcdSource(EtcdAddress.parse(url), tls, tmp_path / "cache", Metrics(CollectorRegistry()))
+            await source.start()
+            assert source.connected and not source.from_cache
+            assert source.rules.read() == RULES
+            await source.close()
+
+        asyncio.run(main())
+    finally:
+        server.stop()
