@@ -54,6 +54,14 @@ def wait_all(replicas: list[Sidecar], done: Callable[[str], bool], started: floa
     return time.monotonic() - started
 
 
+def serving(version: str) -> Callable[[str], bool]:
+    return lambda served: served.startswith(version)
+
+
+def moved_from(before: str) -> Callable[[str], bool]:
+    return lambda served: served != before
+
+
 def summary(seconds: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in seconds]
     return {"changes": len(ms), "median_ms": round(statistics.median(ms), 1), "max_ms": round(max(ms), 1)}
@@ -93,7 +101,7 @@ def main() -> int:
                 version = config_version(text.encode())
                 started = time.monotonic()
                 asyncio.run(put(address, text))
-                pushes.append(wait_all(replicas, lambda v, version=version: v.startswith(version), started))
+                pushes.append(wait_all(replicas, serving(version), started))
             weights = []
             for change in range(1, args.changes + 1):
                 before = served(replicas[0])
@@ -101,7 +109,7 @@ def main() -> int:
                 admin_client.set_weights(
                     replicas[change % len(replicas)].admin, "checkout", {"canary": 50 + change}
                 )
-                weights.append(wait_all(replicas, lambda v, before=before: v != before, started))
+                weights.append(wait_all(replicas, moved_from(before), started))
         finally:
             for replica in replicas:
                 replica.stop()
