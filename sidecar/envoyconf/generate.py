@@ -5,6 +5,7 @@ Python error, not an Envoy start-up failure. The route guard lists exactly the r
 clusters; envoy/envoy.yaml is this output (with comments) for examples/rules.yaml.
 """
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -174,10 +175,21 @@ def _extension(name: str, config: Any) -> TypedExtensionConfig:
     return TypedExtensionConfig(name=name, typed_config=AnyMessage.pack(config))
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timedelta) -> Cluster:
+    """IP addresses as they are (STATIC); names (a Kubernetes Service, a compose service)
+    resolved and re-resolved by Envoy (STRICT_DNS)."""
+    static = all(_is_ip(host) for host, _ in addresses)
     return Cluster(
         name=name,
-        type=ClusterDiscoveryType.STATIC,
+        type=ClusterDiscoveryType.STATIC if static else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=connect_timeout,
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
