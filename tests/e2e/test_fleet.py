@@ -239,6 +239,9 @@ def test_an_etcd_outage_changes_nothing_served_and_the_fleet_catches_up(fleet: F
         assert all(fleet.readyz(i)["ready"] for i in range(3))  # still serving decisions
         load.wait_for_more(200, "requests during the outage")
         assert fleet.versions() == served
+        restarted = fleet.stacks[2].start_sidecar()  # a replica restarted during the outage
+        assert fleet.readyz(2)["from_cache"] and fleet.readyz(2)["version"] == served[2]
+        assert "starting from the local cache" in restarted.log_text()
         fleet.etcd.start()
         wait_for(
             lambda: all(fleet.readyz(i)["connected"] for i in range(3)), 15, "every replica to reconnect"
