@@ -37,7 +37,6 @@ from sidecar.runtime.metrics import Metrics
 
 log = logging.getLogger("graysteer.bypass")
 
-MODES = ("ext_proc", "ext_authz")  # the only values of the `mode` label
 
 # Envoy stat names (not Prometheus names) the bypass count needs, for /stats?filter=.
 STATS_FILTER = (
