@@ -127,25 +127,21 @@ def test_state_writes_compare_revisions_and_reach_other_replicas(
 ) -> None:
     async def main() -> None:
         await put(address, address.rules_key, RULES)
+        stale = EtcdSource(address, None, tmp_path / "stale", Metrics(CollectorRegistry()))
+        await stale.start()  # reads the state now, then does not follow it
 
-        async def other(source: EtcdSource, reloader: Reloader) -> None:
-            stale = EtcdSource(address, None, tmp_path / "stale", Metrics(CollectorRegistry()))
-            await stale.start()  # reads the state now; does not follow it
+        async def replica_b(_: EtcdSource, b: Reloader) -> None:
+            async def replica_a(_: EtcdSource, a: Reloader) -> None:
+                await a.set_weights("ramp", {"canary": 30})
+                await until(lambda: b.table.version == a.table.version, 1.0, "replica B to serve A's weights")
+                assert "+o" in b.table.version
 
-            async def one(source: EtcdSource, reloader: Reloader) -> None:
-                await reloader.set_weights("ramp", {"canary": 30})
-                await until(
-                    lambda: "+o" in peer_reloader.table.version, 1.0, "the other replica to serve the weights"
-                )
-                assert peer_reloader.table.version == reloader.table.version
+            await following(address, tmp_path / "a", replica_a)
 
-            peer_reloader = reloader
-            await following(address, tmp_path / "one", one)
-            with pytest.raises(StateConflict, match=r"changed .* since this replica read it"):
-                await stale.state.save({"weight_overrides": {}})
-            await stale.client.close()
-
-        await following(address, tmp_path / "other", other)
+        await following(address, tmp_path / "b", replica_b)
+        with pytest.raises(StateConflict, match=r"changed .* since this replica read it"):
+            await stale.state.save({"weight_overrides": {}})
+        await stale.close()
 
     asyncio.run(main())
 
