@@ -275,7 +275,11 @@ async def serve(options: ServeOptions) -> None:
     watchers = []
     if source is not None:
         assert fleet is not None
-        stats_for_record = controller.stats if controller is not None else None
+        # Workers share one Envoy: only worker 0 publishes its lanes, or the fleet would count
+        # them once per worker.
+        stats_for_record = (
+            controller.stats if controller is not None and options.worker_index in (None, 0) else None
+        )
 
         def record() -> dict[str, object]:
             return {

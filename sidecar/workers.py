@@ -118,6 +118,16 @@ class Supervisor:
             argv.append("--admin-allow-remote")
         if o.state_file:
             argv += ["--state-file", o.state_file]
+        tls = o.etcd_tls
+        for flag, path in (
+            ("--etcd-ca", tls and tls.ca),
+            ("--etcd-cert", tls and tls.cert),
+            ("--etcd-key", tls and tls.key),
+            ("--etcd-cache", o.etcd_cache),
+            ("--replica-id", o.replica_id),
+        ):
+            if path:
+                argv += [flag, str(path)]
         if o.envoy_admin:
             argv += ["--envoy-admin", o.envoy_admin, "--rollout-poll", str(o.rollout_poll_seconds)]
         if not o.watch:

@@ -318,3 +318,28 @@ def test_a_new_leader_continues_a_rollout_when_the_leader_is_killed(fleet: Fleet
         for load in loads:
             load.stop()
         fleet.stacks[lead].start_sidecar()  # the killed replica comes back as a follower
+
+
+def test_workers_of_one_pod_are_replicas_of_the_fleet(fleet: Fleet) -> None:
+    """`serve --workers 2`: each worker follows etcd as REPLICA-wN with a cache of its own."""
+    from sidecar.dev.devstack import Sidecar
+
+    url = f"{fleet.etcd.url}/shop/workers"
+    pod = Fleet(fleet.etcd, url, [], fleet.workdir)
+    version = pod.push(PLAIN.replace("WEIGHT_STABLE", "60").replace("WEIGHT_CANARY", "40"))
+    cache = fleet.workdir / "pod-cache"
+    sidecar = Sidecar(
+        url, fleet.workdir, ["--workers", "2", "--replica-id", "pod", "--etcd-cache", str(cache)], name="pod"
+    )
+    try:
+        status = wait_for(
+            lambda: (lambda s: len(s["replicas"]) == 2 and s)(pod.fleet_status()), 10, "both workers"
+        )
+        assert [r["id"] for r in status["replicas"]] == ["pod-w0", "pod-w1"]
+        assert {r["file_version"] for r in status["replicas"]} == {version}
+        assert sum(r["leader"] for r in status["replicas"]) == 1
+        wait_for(
+            lambda: all((cache / f"worker-{i}" / "rules.yaml").exists() for i in range(2)), 5, "the caches"
+        )
+    finally:
+        sidecar.stop()
