@@ -523,6 +523,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         and (not args.authz_http_listen or args.authz_http_listen.endswith(":0"))
     ):
         parser.error("--authz-http-shared-port needs --authz-http-listen with a fixed port")
+    if args.command == "serve":
+        etcd = args.config.startswith("etcd://")
+        misplaced = [
+            flag
+            for flag, value in (
+                ("--etcd-ca", args.etcd_ca),
+                ("--etcd-cert", args.etcd_cert),
+                ("--etcd-key", args.etcd_key),
+                ("--etcd-cache", args.etcd_cache),
+                ("--replica-id", args.replica_id),
+            )
+            if value and not etcd
+        ]
+        if misplaced:
+            parser.error(f"{', '.join(misplaced)} need(s) --config etcd://HOST:PORT/PREFIX")
+        if etcd and args.state_file:
+            parser.error("--state-file does not apply to --config etcd://: the state lives in etcd")
     if args.command == "serve" and args.listen == "off" and not args.authz_http_listen:
         parser.error("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
     if (
@@ -556,6 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
+        if args.config.startswith("etcd://"):
+            from sidecar.runtime.etcd import EtcdAddress
+
+            EtcdAddress.parse(args.config)  # a bad address is a one-line error before anything starts
         options = ServeOptions(
             config=args.config,
             listen=None if args.listen == "off" else args.listen,

@@ -160,3 +160,40 @@ def test_explain_host_sets_the_authority(tmp_path: Path, capsys: pytest.CaptureF
     assert json.loads(capsys.readouterr().out)["rule"] == "beta"
     assert main(["explain", "--config", str(rules)]) == 0  # graysteer.local
     assert json.loads(capsys.readouterr().out)["rule"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "rules.yaml", "--etcd-cache", "/tmp/c"], "--etcd-cache need(s) --config etcd://"),
+        (
+            ["--config", "rules.yaml", "--replica-id", "r1", "--etcd-ca", "ca.pem"],
+            "--etcd-ca, --replica-id need(s)",
+        ),
+        (["--config", "etcd://127.0.0.1:2379/x", "--state-file", "s.json"], "the state lives in etcd"),
+    ],
+)
+def test_serve_refuses_etcd_flags_out_of_place(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--config", "etcd://127.0.0.1/checkout"], "expected etcd://HOST:PORT/PREFIX"),
+        (["serve", "--config", "etcd://127.0.0.1:2379/"], "the prefix must name the service"),
+        (["serve", "--config", "etcd://127.0.0.1:2379/x", "--etcd-cert", "c.pem"], "need --etcd-ca"),
+        (["push", "examples/rules.yaml", "http://127.0.0.1:2379/x"], "expected etcd://HOST:PORT/PREFIX"),
+        (["status", "--fleet", "etcd://127.0.0.1:99999/x"], "expected etcd://HOST:PORT/PREFIX"),
+    ],
+)
+def test_bad_etcd_addresses_and_tls_flags_are_one_line_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
