@@ -1,4 +1,4 @@
-"""Mirror rules through the real Envoy: the mirror cluster receives copies of exactly the
+"""Mirror rules through the real Envoy, in all three modes: the mirror cluster receives copies of exactly the
 requests the rule picks (sticky by the split key, as `explain` predicts), the client only
 ever gets the primary cluster's answers, and a client cannot ask for a copy itself."""
 
@@ -37,7 +37,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["ext_proc", "ext_authz_http"])
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz", "ext_authz_http"])
 def stack(
     rules: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
