@@ -187,8 +187,10 @@ class Fleet:
             success=[self.client.transactions.put(key, me, lease=lease)],
             failure=[self.client.transactions.get(key)],
         )
-        holder = me if won else (responses[0][0][0] if responses and responses[0] else b"")
-        self._set_leading(holder == me)
+        # Ours only when bound to this lease: a key left by an earlier process with the same
+        # replica id (or a second process misconfigured with it) is not a lead.
+        held = responses[0][0][1] if not won and responses and responses[0] else None
+        self._set_leading(won or (held is not None and bytes(held.value) == me and held.lease == lease.id))
 
     def _set_leading(self, leading: bool) -> None:
         if leading and not self._leading:

@@ -67,7 +67,7 @@ class Fleet:
     def metric(self, i: int, pattern: str) -> float:
         sidecar = self.stacks[i].sidecar
         assert sidecar is not None
-        found = re.search(pattern + r" ([0-9.e+-]+)", sidecar.http_get("/metrics")[1])
+        found = re.search("^" + pattern + r" ([0-9.e+-]+)$", sidecar.http_get("/metrics")[1], re.M)
         return float(found.group(1)) if found else 0.0
 
     def push(self, text: str) -> str:
@@ -298,16 +298,18 @@ def test_a_new_leader_continues_a_rollout_when_the_leader_is_killed(fleet: Fleet
         assert killed is not None
         killed.kill()
         started = time.monotonic()
-        new = wait_for(
-            lambda: (lambda status: status["leader"] not in (None, f"r{lead}") and status["leader"])(
-                fleet.fleet_status()
+        survivors = [i for i in range(3) if i != lead]
+        name = wait_for(  # a name, not an index: replica 0 would read as "not yet"
+            lambda: next(
+                (f"r{i}" for i in survivors if fleet.metric(i, "graysteer_fleet_leader") == 1), None
             ),
             10,
             "another leader",
         )
+        successor = int(name.removeprefix("r"))
         takeover = time.monotonic() - started
-        assert takeover < 6
-        successor = int(new.removeprefix("r"))
+        assert takeover < 6  # the lease's TTL (3 s) and one beat (1 s), polled every 10 ms
+        assert fleet.fleet_status()["leader"] == f"r{successor}"
         seen = []
         wait_for(
             lambda: seen.append(fleet.rollout(successor)["step"]) or seen[-1] == 2, 20, "the rollout to go on"
@@ -318,6 +320,29 @@ def test_a_new_leader_continues_a_rollout_when_the_leader_is_killed(fleet: Fleet
         for load in loads:
             load.stop()
         fleet.stacks[lead].start_sidecar()  # the killed replica comes back as a follower
+
+
+def test_a_rollout_action_through_a_follower_reaches_the_leader_and_every_replica(fleet: Fleet) -> None:
+    version = fleet.push(ROLLOUT.replace("STEPS", "[{weight: 10, hold: 60s}, {weight: 100}]"))
+    converged(fleet, version)
+    lead = fleet.leader()
+    follower = next(i for i in range(3) if i != lead)
+    wait_for(lambda: fleet.rollout(lead)["canary_weight"] == 10, 10, "the first step")
+    sidecar = fleet.stacks[follower].sidecar
+    assert sidecar is not None
+    run = cli("rollout", "abort", "checkout", "--admin", sidecar.admin)
+    assert run.returncode == 0, run.stderr
+    wait_for(lambda: all(fleet.rollout(i)["phase"] == "aborted" for i in range(3)), 5, "every replica")
+    wait_for(
+        lambda: all(
+            fleet.metric(i, r'graysteer_split_weight\{cluster="canary",rule="checkout"\}') == 0
+            for i in range(3)
+        ),
+        5,
+        "the canary pulled out everywhere",
+    )
+    time.sleep(1.0)
+    assert fleet.rollout(lead)["phase"] == "aborted"  # the leader did not undo it
 
 
 def test_workers_of_one_pod_are_replicas_of_the_fleet(fleet: Fleet) -> None:

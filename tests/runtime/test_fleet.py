@@ -117,3 +117,25 @@ def test_one_leader_and_another_takes_over_when_it_goes(etcd: Etcd, how: str, tm
             await client.close()
 
     asyncio.run(main())
+
+
+def test_a_second_process_with_the_same_replica_id_does_not_lead(etcd: Etcd) -> None:
+    """The lead is the lease's, not the name's: a restarted or duplicated replica id waits."""
+    address = EtcdAddress.parse(f"{etcd.url}/fleet/{next(_prefixes)}")
+
+    async def main() -> None:
+        clients = [EtcdClient(address) for _ in range(2)]
+        twins = [Fleet(c, address, "same", Metrics(CollectorRegistry()), every=0.2) for c in clients]
+        stops = [asyncio.Event() for _ in twins]
+        first = asyncio.create_task(twins[0].run(stops[0], dict))
+        await until(twins[0].leads, 5)
+        second = asyncio.create_task(twins[1].run(stops[1], dict))
+        await asyncio.sleep(1.0)
+        assert twins[0].leads() and not twins[1].leads()
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(first, second)
+        for client in clients:
+            await client.close()
+
+    asyncio.run(main())
