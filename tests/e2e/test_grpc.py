@@ -73,10 +73,15 @@ class Chain:
             return json.loads(stub(b"{}", metadata=list((metadata or {}).items()), timeout=10))
 
 
-def envoy_config(rules: str, mode: str, endpoints: dict[str, tuple[str, int]]) -> dict[str, Any]:
+def envoy_config(
+    rules: str, mode: str, endpoints: dict[str, tuple[str, int]], tls_dir: Path | None = None
+) -> dict[str, Any]:
+    """`envoy-config --upstream-protocol http2` for `rules` (with `tls_dir`: `--mtls`, its
+    certificates from there), on the given endpoints."""
     table = parse_rules(rules.encode(), "rules.yaml")
-    config = bootstrap(table, EnvoyOptions(mode=mode, upstream_protocol="http2")).to_dict(casing=Casing.SNAKE)
-    return rewrite_envoy_config(config, endpoints)
+    options = EnvoyOptions(mode=mode, upstream_protocol="http2", mtls=TlsOptions() if tls_dir else None)
+    config = bootstrap(table, options).to_dict(casing=Casing.SNAKE)
+    return rewrite_envoy_config(config, endpoints, tls_dir=tls_dir)
 
 
 @pytest.fixture(scope="module", params=["ext_proc", "ext_authz", "ext_authz_http"])
@@ -212,14 +217,11 @@ def test_grpc_over_mtls_routes_by_the_client_identity(mode: str, tmp_path: Path)
         stack.extend(backends.values())
         sidecar = Sidecar(tmp_path / "rules.yaml", tmp_path)
         stack.append(sidecar)
-        table = parse_rules(MTLS_RULES.encode(), "rules.yaml")
-        options = EnvoyOptions(mode=mode, upstream_protocol="http2", mtls=TlsOptions())
-        config = bootstrap(table, options).to_dict(casing=Casing.SNAKE)
         endpoints = {
             "graysteer": ("127.0.0.1", sidecar.port),
             **{n: ("127.0.0.1", b.port) for n, b in backends.items()},
         }
-        front = Envoy(rewrite_envoy_config(config, endpoints, tls_dir=tmp_path), tmp_path, name="front")
+        front = Envoy(envoy_config(MTLS_RULES, mode, endpoints, tmp_path), tmp_path, name="front")
         stack.append(front)
         for name, expected in (("tester", "a-canary"), ("web", "a-stable")):
             key, cert = clients[name]

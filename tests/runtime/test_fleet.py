@@ -3,7 +3,6 @@
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,13 +61,6 @@ def test_published_lanes_round_trip_and_junk_is_skipped() -> None:
 # ---- the election, on a real etcd ---------------------------------------------------------------
 
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
-    server = Etcd(tmp_path_factory.mktemp("etcd"))
-    yield server
-    server.stop()
 
 
 async def until(condition: object, timeout: float) -> float:
