@@ -450,7 +450,7 @@ async def _with_etcd_errors(work: Coroutine[Any, Any, Any], address: object) -> 
 
     try:
         return await asyncio.wait_for(work, 15)
-    except (TimeoutError, *ETCD_ERRORS) as error:
+    except ETCD_ERRORS as error:
         raise OSError(f"{address}: etcd unreachable or refused: {error or type(error).__name__}") from error
 
 

@@ -23,6 +23,16 @@ if TYPE_CHECKING:
 
 Condition = Callable[[Request], bool]
 KeyGetter = Callable[[Request], "str | None"]
+KeySources = tuple[tuple[str, KeyGetter], ...]  # (source label, getter), first present wins
+
+
+def first_key(keys: KeySources, request: Request) -> tuple[str, str] | None:
+    """(source label, key) of the first key source present and non-empty in `request`."""
+    for source, getter in keys:
+        key = getter(request)
+        if key:
+            return source, key
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +41,7 @@ class Split:
 
     rule: str
     version: str
-    keys: tuple[tuple[str, KeyGetter], ...]  # (source label, getter), first present wins
+    keys: KeySources
     seed: str
     clusters: tuple[str, ...]
     weights: tuple[int, ...]
@@ -44,18 +54,18 @@ class Split:
 
     def decide(self, request: Request) -> Decision:
         total = self.bounds[-1]
-        for source, getter in self.keys:
-            key = getter(request)
-            if key:
-                b = bucket(self.seed, key, total)
-                return Decision(
-                    self.clusters[entry_for(self.bounds, b)],
-                    self.rule,
-                    self.version,
-                    b,
-                    source,
-                    reason=Reason.SPLIT,
-                )
+        found = first_key(self.keys, request)
+        if found is not None:
+            source, key = found
+            b = bucket(self.seed, key, total)
+            return Decision(
+                self.clusters[entry_for(self.bounds, b)],
+                self.rule,
+                self.version,
+                b,
+                source,
+                reason=Reason.SPLIT,
+            )
         if self.when_key_missing is not None:
             return Decision(
                 self.when_key_missing, self.rule, self.version, None, "missing", reason=Reason.SPLIT
@@ -82,14 +92,13 @@ class Mirror:
 
     cluster: str
     share: int  # of MIRROR_BUCKETS
-    keys: tuple[tuple[str, KeyGetter], ...]
+    keys: KeySources  # the split's, or none (a route rule)
     seed: str
 
     def picks(self, request: Request) -> bool:
-        for _, getter in self.keys:
-            key = getter(request)
-            if key:
-                return bucket(self.seed, key, MIRROR_BUCKETS) < self.share
+        found = first_key(self.keys, request)
+        if found is not None:
+            return bucket(self.seed, found[1], MIRROR_BUCKETS) < self.share
         return random.randrange(MIRROR_BUCKETS) < self.share
 
 

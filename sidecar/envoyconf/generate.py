@@ -183,7 +183,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _static_cluster(name: str, addresses: list[HostPort], connect_timeout: timedelta) -> Cluster:
+def _cluster(name: str, addresses: list[HostPort], connect_timeout: timedelta) -> Cluster:
     """IP addresses as they are (STATIC); names (a Kubernetes Service, a compose service)
     resolved and re-resolved by Envoy (STRICT_DNS)."""
     static = all(_is_ip(host) for host, _ in addresses)
@@ -206,17 +206,16 @@ def _protocol_options(options: HttpProtocolOptions) -> dict[str, AnyMessage]:
     return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(options)}
 
 
+HTTP2_ONLY = HttpProtocolOptions(
+    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+)
+
+
 def upstream_cluster(name: str, address: HostPort, protocol: str = "http1") -> Cluster:
     """A rules cluster: one address, spoken to in `protocol` (see UPSTREAM_PROTOCOLS)."""
-    cluster = _static_cluster(name, [address], timedelta(seconds=1))
+    cluster = _cluster(name, [address], timedelta(seconds=1))
     if protocol == "http2":
-        cluster.typed_extension_protocol_options = _protocol_options(
-            HttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions()
-                )
-            )
-        )
+        cluster.typed_extension_protocol_options = _protocol_options(HTTP2_ONLY)
     elif protocol == "downstream":
         cluster.typed_extension_protocol_options = _protocol_options(
             HttpProtocolOptions(
@@ -236,20 +235,14 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     worker process (Envoy balances across them). gRPC modes: HTTP/2 and the gRPC health
     service; ext_authz_http: HTTP/1.1 keep-alive and the sidecar's HTTP health path."""
     host, port = address
-    cluster = _static_cluster(
+    cluster = _cluster(
         SIDECAR_CLUSTER, [(host, port + i) for i in range(workers)], timedelta(milliseconds=250)
     )
     http_check = grpc_check = None
     if mode == "ext_authz_http":
         http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
     else:
-        cluster.typed_extension_protocol_options = _protocol_options(
-            HttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions()
-                )
-            )
-        )
+        cluster.typed_extension_protocol_options = _protocol_options(HTTP2_ONLY)  # gRPC
         grpc_check = HealthCheckGrpcHealthCheck(
             service_name=(
                 "envoy.service.auth.v3.Authorization"

@@ -22,7 +22,8 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
-# What etcd is unreachable looks like through aetcd (and plain grpc.aio errors it lets by).
+# What etcd is unreachable looks like through aetcd (and plain grpc.aio errors it lets by);
+# OSError covers ConnectionError, TimeoutError covers asyncio's.
 ETCD_ERRORS = (aetcd.ClientError, grpc.RpcError, OSError, TimeoutError)
 REQUEST_TIMEOUT_SECONDS = 5
 

@@ -158,14 +158,14 @@ class Fleet:
                 await self._campaign(lease)
                 if self.leads():
                     await self._gather()
-            except (TimeoutError, *ETCD_ERRORS, ConnectionError) as error:
+            except ETCD_ERRORS as error:
                 if self._leading:
                     log.error("lost the fleet's lead (%s): rollouts wait for the next leader", error)
                 self._set_leading(False)
                 lease = None
             await self._pause(stop)
         if lease is not None:  # hand the lead over at once instead of after the TTL
-            with contextlib.suppress(*ETCD_ERRORS, asyncio.TimeoutError):
+            with contextlib.suppress(*ETCD_ERRORS):
                 await asyncio.wait_for(lease.revoke(), 2)
         self._set_leading(False)
 

@@ -24,7 +24,6 @@ from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, s
 from sidecar.runtime.decider import TableHolder
 from sidecar.runtime.load import MAX_FILE_BYTES, config_version, parse_rules, read_regular_file
 from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.state_file import StateFile
 
 log = logging.getLogger("graysteer.reload")
 
@@ -106,9 +105,7 @@ class Reloader:
     table, loaded synchronously: there is never a reloader, and so never a holder, without
     one. Raises ValueError naming the source and every problem when there is none."""
 
-    def __init__(
-        self, rules: "Path | RulesSource", metrics: Metrics, state: "StateStore | StateFile"
-    ) -> None:
+    def __init__(self, rules: "Path | RulesSource", metrics: Metrics, state: StateStore) -> None:
         self.rules: RulesSource = RulesFile(rules) if isinstance(rules, Path) else rules
         self.metrics = metrics
         self.state = state

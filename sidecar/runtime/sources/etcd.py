@@ -109,7 +109,6 @@ class EtcdState(_Value):
 class EtcdSource:
     def __init__(self, address: EtcdAddress, tls: EtcdTls | None, cache_dir: Path, metrics: Metrics) -> None:
         self.address = address
-        self.tls = tls
         self.metrics = metrics
         self.client = EtcdClient(address, tls)
         self.rules = EtcdRules(f"{address}/rules", MAX_FILE_BYTES)
@@ -128,7 +127,7 @@ class EtcdSource:
         try:
             await asyncio.wait_for(self._read_all(), START_TIMEOUT_SECONDS)
             return
-        except (TimeoutError, *ETCD_ERRORS) as error:
+        except ETCD_ERRORS as error:
             reason = str(error) or type(error).__name__
         cached = self._read_cache()
         if cached is None:
@@ -180,7 +179,7 @@ class EtcdSource:
                         await reloader.reload("etcd", force=True)
                     failures = 0
                     await self._follow(reloader, stop)
-                except (TimeoutError, *ETCD_ERRORS) as error:
+                except ETCD_ERRORS as error:
                     if self.connected:
                         log.error(
                             "etcd at %s lost (%s): serving the last table; retrying", self.address, error
