@@ -1,9 +1,17 @@
 """A real etcd server on loopback for the fleet tests, the convergence benchmark and local
-trials: Debian's `etcd-server` (etcd 3.4), installed with apt-get when missing (as root)."""
+trials: Debian's `etcd-server` (etcd 3.4), installed with apt-get when missing (as root).
+Keys are written and read through the sidecar's own etcd client (no `etcdctl`, which is
+another Debian package)."""
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sidecar.dev.devstack import Process, ensure_tool, free_port, wait_for
+from sidecar.runtime.etcd import EtcdAddress, EtcdClient
+
+T = TypeVar("T")
 
 
 class Etcd:
@@ -69,3 +77,36 @@ class Etcd:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+    # -- keys, as an operator (or an attacker with write access) would put them ---------------
+
+    def _call(self, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
+        async def run() -> T:
+            async with EtcdClient(EtcdAddress("127.0.0.1", self.port, "/")) as client:
+                return await asyncio.wait_for(work(client), 10)
+
+        return asyncio.run(run())
+
+    def put(self, key: str, value: bytes | str, lease_ttl: int | None = None) -> int:
+        """Write `key` (optionally bound to a new lease of `lease_ttl` seconds, left to
+        expire); returns etcd's revision of the write."""
+        data = value.encode() if isinstance(value, str) else value
+
+        async def put(client: EtcdClient) -> int:
+            lease = await client.lease(lease_ttl) if lease_ttl else None
+            return int((await client.put(key.encode(), data, lease=lease)).header.revision)
+
+        return self._call(put)
+
+    def get(self, key: str) -> bytes | None:
+        async def get(client: EtcdClient) -> bytes | None:
+            found = await client.get(key.encode())
+            return None if found is None else bytes(found.value)
+
+        return self._call(get)
+
+    def delete(self, key: str) -> None:
+        async def delete(client: EtcdClient) -> None:
+            await client.delete(key.encode())
+
+        self._call(delete)

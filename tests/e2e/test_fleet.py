@@ -201,20 +201,7 @@ def test_racing_operators_leave_one_of_their_states_never_a_mix(fleet: Fleet) ->
 def test_an_invalid_document_in_etcd_is_refused_everywhere_and_served_tables_stay(fleet: Fleet) -> None:
     served = fleet.versions()
     refused = [fleet.metric(i, r'graysteer_reloads_total\{result="invalid"\}') for i in range(3)]
-    put = subprocess.run(
-        [
-            "etcdctl",
-            "--endpoints",
-            f"127.0.0.1:{fleet.etcd.port}",
-            "put",
-            "/shop/checkout/rules",
-            "clusters: [oops",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert put.returncode == 0, put.stderr
+    fleet.etcd.put("/shop/checkout/rules", "clusters: [oops")
     wait_for(
         lambda: all(
             fleet.metric(i, r'graysteer_reloads_total\{result="invalid"\}') > refused[i] for i in range(3)
