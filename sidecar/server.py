@@ -21,10 +21,11 @@ from sidecar.admin.servicer import AdminServicer
 from sidecar.runtime.bypass import BypassMonitor
 from sidecar.runtime.decider import Decider
 from sidecar.runtime.etcd import EtcdAddress, EtcdTls, is_etcd
-from sidecar.runtime.fleet import Fleet, lanes_to_json
+from sidecar.runtime.fleet import Fleet
 from sidecar.runtime.health import BypassGate, Readiness, ReadinessView, start_http
 from sidecar.runtime.metrics import Metrics
 from sidecar.runtime.reload import Reloader
+from sidecar.runtime.replicas import ReplicaRecord
 from sidecar.runtime.rollouts import EnvoyStats, RolloutController, http_view
 from sidecar.runtime.sources.etcd import EtcdSource, default_cache_dir
 from sidecar.runtime.sources.file import watch_directory
@@ -143,10 +144,13 @@ async def open_etcd(options: ServeOptions, metrics: Metrics) -> tuple[EtcdSource
     try:
         return source, Reloader(source.rules, metrics, source.state)
     except ValueError as error:
-        if not source.use_cached_rules():
+        if not source.use_cache():
             raise
-        log.error("the rules in etcd cannot be served (%s): starting from the local cache", error)
-        return source, Reloader(source.rules, metrics, source.state)
+        log.error("what etcd holds cannot be served (%s): starting from the local cache", error)
+        try:
+            return source, Reloader(source.rules, metrics, source.state)
+        except ValueError as cached:
+            raise ValueError(f"{error}; and the local cache in {source.cache_dir}: {cached}") from None
 
 
 async def serve(options: ServeOptions) -> None:
@@ -281,14 +285,16 @@ async def serve(options: ServeOptions) -> None:
             controller.stats if controller is not None and options.worker_index in (None, 0) else None
         )
 
-        def record() -> dict[str, object]:
-            return {
-                "version": reloader.table.version,
-                "file_version": reloader.loaded.file_version,
-                "ready": readiness.ready,
-                "source_connected": source.connected,
-                "lanes": lanes_to_json(stats_for_record.latest) if stats_for_record else {},
-            }
+        def record() -> ReplicaRecord:
+            return ReplicaRecord(
+                id=fleet.replica_id,
+                at=0.0,  # the fleet sets when it writes
+                version=reloader.table.version,
+                file_version=reloader.loaded.file_version,
+                ready=readiness.ready,
+                source_connected=source.connected,
+                lanes=stats_for_record.latest if stats_for_record else {},
+            )
 
         async def publish_changes() -> None:
             queue = reloader.subscribe()
@@ -313,6 +319,7 @@ async def serve(options: ServeOptions) -> None:
 
     if controller is not None:
         watchers.append(asyncio.create_task(controller.run(stop)))
+        watchers.append(asyncio.create_task(controller.follow()))
 
     await stop.wait()
     await readiness.set(False, "shutting down")
@@ -336,6 +343,7 @@ async def serve(options: ServeOptions) -> None:
             await watcher
     if source is not None:
         await source.close()
+    reloader.close()
     if http is not None:
         http.shutdown()
     log.info("stopped")

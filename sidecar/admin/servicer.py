@@ -12,9 +12,10 @@ from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.core import Decision, decision_fields
 from sidecar.core.overrides import split_weights
+from sidecar.core.state import StateError
 from sidecar.runtime.decider import Decider
 from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import Loaded, Reloader, ReloadResult
+from sidecar.runtime.reload import DrivenByRollout, Loaded, Reloader, ReloadResult
 from sidecar.runtime.state_file import StateConflict
 from sidecar.transports.explain import Peer, headers_message
 from sidecar.transports.ext_proc import ExtProcServicer
@@ -181,14 +182,14 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         )
 
     async def SetWeights(self, request: pb.SetWeightsRequest, context: Any) -> pb.TableStatus:
-        if self.controller is not None and self.controller.is_driving(request.rule):
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"rule {request.rule!r} is driven by a progressing rollout: "
-                "pause or abort it first (graysteer rollout pause RULE)",
-            )
         try:
             loaded = await self.reloader.set_weights(request.rule, dict(request.weights))
+        except DrivenByRollout as error:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{error}{self._rollout_now(request.rule)}"
+            )
+        except StateError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"weights not changed: {error}")
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StateConflict as error:
@@ -200,11 +201,21 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             )
         return table_status(self.reloader, loaded, self.controller, self.bypass)
 
+    def _rollout_now(self, rule: str) -> str:
+        """Where the rule's rollout is, for a refusal message."""
+        found = [r for r in (self.controller.report() if self.controller else []) if r["rule"] == rule]
+        if not found:
+            return ""
+        r = found[0]
+        return f" (now {r['phase']}, step {r['step']}, canary weight {r['canary_weight']})"
+
     async def Rollout(self, request: pb.RolloutRequest, context: Any) -> pb.RolloutStatus:
         if self.controller is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no rollout controller here")
         try:
             await self.controller.action(request.rule, request.action)  # type: ignore[union-attr]
+        except StateError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}")
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StateConflict as error:

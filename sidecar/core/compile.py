@@ -25,11 +25,14 @@ from sidecar.core.versions import range_matcher
 __all__ = ["DEFAULT_ROUTING_HEADER", "Problem", "RulesError", "compile_table"]
 
 
-def compile_table(document: Any, version: str, source: str) -> Table:
-    """Validate `document` (the parsed YAML) and compile it, or raise RulesError."""
-    found = problems(document)
-    if found:
-        raise RulesError(source, found)
+def compile_table(document: Any, version: str, source: str, *, validated: bool = False) -> Table:
+    """Validate `document` (the parsed YAML) and compile it, or raise RulesError. With
+    `validated`, the caller vouches that `problems(document)` is empty (it was checked
+    elsewhere, e.g. in another process, or only weights changed within their bounds)."""
+    if not validated:
+        found = problems(document)
+        if found:
+            raise RulesError(source, found)
     return _compile(document, version, source)
 
 

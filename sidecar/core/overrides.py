@@ -7,6 +7,7 @@ file had for that rule at that moment (`base`). When a rules file is loaded:
 * the file's weights for the rule differ from `base`
   (someone edited that rule's weights)           -> the file wins, the override is dropped;
 * the split's clusters changed                   -> the file wins, the override is dropped;
+* the override's weights total 0 (hand-edited)     -> the override is dropped;
 * otherwise                                      -> the override applies.
 
 So an edit of an unrelated part of the file keeps the runtime weights, and an edit of
@@ -93,6 +94,8 @@ def reconcile(
             dropped[name] = "the rule is no longer a split in the rules file"
         elif set(file_weights) != set(override.weights):
             dropped[name] = "the split's clusters changed in the rules file"
+        elif sum(override.weights.values()) <= 0:
+            dropped[name] = "its weights total 0"
         elif file_weights != override.base:
             dropped[name] = (
                 f"the rules file changed this rule's weights "

@@ -1,8 +1,9 @@
 """Progressive delivery, the pure part: a rollout's spec, the analysis of a window of lane
 statistics, the verdict, and the state machine that turns time and verdicts into weights.
 
-No clock, no I/O: the controller (sidecar/runtime/rollouts.py) passes `now` and the observed
-counts in, and applies the weights that come out.
+No clock, no I/O: the controller (sidecar/runtime/rollouts.py) passes `now` (wall time, for
+the record), how long the current step has been held (measured on its own clock, see there)
+and the observed counts in, and applies the weights that come out.
 """
 
 import bisect
@@ -13,6 +14,9 @@ from typing import Any
 PROGRESSING, PAUSED, PROMOTED, ABORTED = "progressing", "paused", "promoted", "aborted"
 PHASES = (PROGRESSING, PAUSED, PROMOTED, ABORTED)
 HEALTHY, BREACH, INCONCLUSIVE = "healthy", "breach", "inconclusive"
+# The analysis could not run (its statistics unreadable, or invalid): never healthy, never a
+# step forward, never a rollback on its own.
+UNAVAILABLE = "unavailable"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -152,18 +156,35 @@ def p99_from_buckets(bounds: list[float], counts: list[float]) -> float | None:
     return lower + (upper - lower) * ((target - below) / inside if inside else 1.0)
 
 
+def unavailable(reason: str, lanes: tuple[str, str] = ("canary", "stable")) -> Verdict:
+    """The verdict when the analysis cannot run (see UNAVAILABLE)."""
+    return Verdict(UNAVAILABLE, f"analysis unavailable: {reason}", LaneWindow(), LaneWindow(), *lanes)
+
+
+@dataclass(frozen=True)
+class StepClock:
+    """Where a step's start was read on a clock that is the same for every process of one
+    machine boot (the writer's boot id and its boot-time clock): a replica on the same boot
+    measures the hold from it exactly, across restarts; any other counts from when it saw
+    the step (wall clocks of different machines disagree)."""
+
+    boot: str
+    at: float
+
+
 @dataclass(frozen=True)
 class RolloutState:
     phase: str
     step: int
-    step_started: float  # wall-clock seconds; the hold counts from here
+    step_started: float  # wall-clock seconds, for people; holds are measured on StepClock
     reason: str = ""
     numbers: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     changed_at: float = 0.0
+    step_clock: StepClock | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "phase": self.phase,
             "step": self.step,
             "step_started": self.step_started,
@@ -172,11 +193,14 @@ class RolloutState:
             "fingerprint": self.fingerprint,
             "changed_at": self.changed_at,
         }
+        if self.step_clock is not None:
+            data["step_clock"] = {"boot": self.step_clock.boot, "at": self.step_clock.at}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RolloutState":
-        if data.get("phase") not in PHASES or not isinstance(data.get("step"), int):
-            raise ValueError(f"not a rollout state: {data!r}")
+        """From a state document that passed the state schema (sidecar.core.state)."""
+        clock = data.get("step_clock")
         return cls(
             data["phase"],
             data["step"],
@@ -185,6 +209,7 @@ class RolloutState:
             dict(data.get("numbers") or {}),
             str(data.get("fingerprint", "")),
             float(data.get("changed_at", 0.0)),
+            StepClock(clock["boot"], float(clock["at"])) if clock else None,
         )
 
 
@@ -210,16 +235,18 @@ def canary_weight(spec: RolloutSpec, state: RolloutState) -> int:
     return spec.steps[min(state.step, len(spec.steps) - 1)].weight
 
 
-def advance(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict) -> RolloutState:
-    """One controller tick: abort/pause on a breach; the next step once the hold has passed
-    with a healthy verdict; promoted on reaching the last step."""
+def advance(
+    spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict, held: float
+) -> RolloutState:
+    """One controller tick: abort/pause on a breach; the next step once the current one has
+    been `held` for its hold with a healthy verdict; promoted on reaching the last step."""
     if state.phase != PROGRESSING:
         return state
     if verdict.outcome == BREACH:
         phase = ABORTED if spec.on_failure == "rollback" else PAUSED
         return replace(state, phase=phase, reason=verdict.reason, numbers=verdict.numbers(), changed_at=now)
     hold = spec.steps[state.step].hold
-    if verdict.outcome != HEALTHY or now - state.step_started < hold:
+    if verdict.outcome != HEALTHY or held < hold:
         return state
     step = state.step + 1
     if step >= len(spec.steps) - 1:
@@ -228,6 +255,7 @@ def advance(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict
             phase=PROMOTED,
             step=len(spec.steps) - 1,
             step_started=now,
+            step_clock=None,
             reason="every step passed its analysis",
             numbers=verdict.numbers(),
             changed_at=now,
@@ -236,6 +264,7 @@ def advance(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict
         state,
         step=step,
         step_started=now,
+        step_clock=None,
         reason=f"step {step} after a healthy hold of {hold:g}s",
         numbers=verdict.numbers(),
         changed_at=now,
@@ -250,6 +279,7 @@ def act(spec: RolloutSpec, state: RolloutState, action: str, now: float) -> Roll
             phase=PROMOTED,
             step=len(spec.steps) - 1,
             step_started=now,
+            step_clock=None,
             reason="promoted by an operator",
             changed_at=now,
         )
@@ -268,6 +298,7 @@ def act(spec: RolloutSpec, state: RolloutState, action: str, now: float) -> Roll
             phase=PROGRESSING,
             step=step,
             step_started=now,
+            step_clock=None,
             reason="resumed by an operator",
             changed_at=now,
         )

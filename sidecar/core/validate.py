@@ -61,6 +61,9 @@ class RulesError(ValueError):
         tail = f"\n  ... and {more} more" if more else ""
         super().__init__(f"{source}: {len(self.problems)} problem(s) in rules file\n{lines}{tail}")
 
+    def __reduce__(self) -> tuple[type["RulesError"], tuple[str, tuple[Problem, ...]]]:
+        return RulesError, (self.source, self.problems)  # across processes (runtime.documents)
+
 
 def problems(document: Any) -> list[Problem]:
     """Every problem of `document` (the parsed YAML): structure first, then, when the

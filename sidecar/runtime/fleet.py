@@ -13,12 +13,17 @@ dies, its lease expires, the key goes with it, and another replica wins the next
 (within LEASE_TTL_SECONDS + PUBLISH_SECONDS); it continues from the stored rollout state,
 never restarting the rollout. A leader that cannot refresh its lease stops leading at the
 moment its lease could have expired, measured from before its last refresh was sent, so
-two replicas never lead at once.
+two replicas never lead at once. Only a leader key bound to a lease counts: one written
+without a lease (by hand) would never expire, and is removed.
+
+Every replica reads every record on each beat (not only the leader), so each shows the
+fleet's analysis and a new leader starts with a full window. A record that does not pass
+`ReplicaRecord.from_bytes` is left out and counted (graysteer_fleet_records_refused_total).
 """
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,48 +33,34 @@ from sidecar.core.rollout import LaneWindow
 from sidecar.runtime.etcd import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
 from sidecar.runtime.load import config_version
 from sidecar.runtime.metrics import Metrics
+from sidecar.runtime.replicas import RecordError, ReplicaRecord
 from sidecar.runtime.rollouts import LaneCounts, LaneHistory, as_window
 
 log = logging.getLogger("graysteer.fleet")
 
 LEASE_TTL_SECONDS = 3
 PUBLISH_SECONDS = 1.0
-
-
-def lanes_to_json(lanes: dict[str, LaneCounts]) -> dict[str, Any]:
-    return {
-        cluster: {
-            "requests": c.requests,
-            "errors": c.errors,
-            "bounds": list(c.bounds),
-            "buckets": list(c.buckets),
-        }
-        for cluster, c in lanes.items()
-    }
-
-
-def lanes_from_json(data: Any) -> dict[str, LaneCounts]:
-    """A replica's published lanes; anything malformed is left out (a replica of another
-    version must not break the leader's analysis)."""
-    lanes: dict[str, LaneCounts] = {}
-    for cluster, c in (data or {}).items() if isinstance(data, dict) else ():
-        try:
-            bounds = tuple(float(b) for b in c["bounds"])
-            buckets = tuple(float(b) for b in c["buckets"])
-            if len(bounds) == len(buckets):
-                lanes[str(cluster)] = LaneCounts(float(c["requests"]), float(c["errors"]), bounds, buckets)
-        except (KeyError, TypeError, ValueError):
-            continue
-    return lanes
+MAX_REPLICAS = 1000  # records read per beat; more under the prefix are refused
 
 
 class FleetLanes:
     """Every replica's lane snapshots; a lane's window is the sum of each replica's own."""
 
-    def __init__(self, keep_seconds: float = 600.0) -> None:
+    def __init__(self, keep_seconds: float = 600.0, stale_after: float = 3 * PUBLISH_SECONDS) -> None:
         self.keep_seconds = keep_seconds
+        self.stale_after = stale_after
         self.replicas: dict[str, LaneHistory] = {}
         self._last_at: dict[str, float] = {}
+        self.read_at: float | None = None  # monotonic: the last successful read of the records
+
+    def problem(self) -> str | None:
+        """Why the fleet's windows cannot be trusted now: its records were not read lately."""
+        if self.read_at is None:
+            return "the fleet's replica records have not been read yet"
+        age = time.monotonic() - self.read_at
+        if age > self.stale_after:
+            return f"the fleet's replica records were last read {age:.0f} s ago (etcd unreachable?)"
+        return None
 
     def record(self, replica: str, at: float, lanes: dict[str, LaneCounts]) -> None:
         if self._last_at.get(replica) == at:
@@ -129,6 +120,7 @@ class Fleet:
         self._leading = False
         self._lease_deadline = 0.0  # monotonic: our lease may have expired after this
         self._poked = asyncio.Event()
+        self._refused_logged: set[str] = set()
 
     def poke(self) -> None:
         """Publish the record now (the served table changed), not at the next beat."""
@@ -137,9 +129,9 @@ class Fleet:
     def leads(self) -> bool:
         return self._leading and time.monotonic() < self._lease_deadline
 
-    async def run(self, stop: asyncio.Event, record: Callable[[], dict[str, Any]]) -> None:
-        """Hold a lease, publish `record()` under it, campaign, and (leading) gather every
-        replica's lanes, every `every` seconds until `stop`; then give up the lease."""
+    async def run(self, stop: asyncio.Event, record: Callable[[], ReplicaRecord]) -> None:
+        """Hold a lease, publish `record()` under it, campaign, and gather every replica's
+        lanes, every `every` seconds until `stop`; then give up the lease."""
         lease = None
         while not stop.is_set():
             try:
@@ -151,13 +143,12 @@ class Fleet:
                 if reply is None or reply.TTL <= 0:
                     raise ConnectionError("lease expired")
                 self._lease_deadline = sent + self.ttl
-                info = {**record(), "id": self.replica_id, "leader": self.leads(), "at": time.time()}
+                mine = dataclasses.replace(record(), id=self.replica_id, leader=self.leads(), at=time.time())
                 await self.client.put(
-                    self.address.key(f"replicas/{self.replica_id}"), json.dumps(info).encode(), lease=lease
+                    self.address.key(f"replicas/{self.replica_id}"), mine.to_bytes(), lease=lease
                 )
                 await self._campaign(lease)
-                if self.leads():
-                    await self._gather()
+                await self._gather()
             except ETCD_ERRORS as error:
                 if self._leading:
                     log.error("lost the fleet's lead (%s): rollouts wait for the next leader", error)
@@ -190,7 +181,25 @@ class Fleet:
         # Ours only when bound to this lease: a key left by an earlier process with the same
         # replica id (or a second process misconfigured with it) is not a lead.
         held = responses[0][0][1] if not won and responses and responses[0] else None
+        if held is not None and not held.lease:
+            await self._remove_unleased(held)
         self._set_leading(won or (held is not None and bytes(held.value) == me and held.lease == lease.id))
+
+    async def _remove_unleased(self, held: Any) -> None:
+        """A leader key without a lease never expires and would block every election: delete
+        it (if nobody changed it since it was read); the next beat campaigns."""
+        key = self.address.leader_key
+        removed, _ = await self.client.transaction(
+            compare=[self.client.transactions.mod(key) == held.mod_revision],
+            success=[self.client.transactions.delete(key)],
+            failure=[],
+        )
+        if removed:
+            log.warning(
+                "removed a leader key bound to no lease (%r): only a replica's lease-bound key leads",
+                bytes(held.value)[:64],
+            )
+            self._poked.set()  # campaign at once
 
     def _set_leading(self, leading: bool) -> None:
         if leading and not self._leading:
@@ -200,39 +209,50 @@ class Fleet:
 
     async def _gather(self) -> None:
         now = time.time()
-        seen = set()
-        for replica in await members(self.client, self.address):
-            name = str(replica.get("id", ""))
-            seen.add(name)
-            at = replica.get("at")
-            if name and isinstance(at, int | float):
-                self.lanes.record(name, float(at), lanes_from_json(replica.get("lanes")))
-        self.lanes.forget_except(seen, now)
+        records, refused = await members(self.client, self.address)
+        for key, why in refused:
+            self.metrics.fleet_records_refused.inc()
+            if key not in self._refused_logged and len(self._refused_logged) < 1000:
+                self._refused_logged.add(key)
+                log.error(
+                    "ignoring the replica record %s: %s (later refusals of it are counted only)", key, why
+                )
+        for record in records:
+            self.lanes.record(record.id, record.at, record.lanes)
+        self.lanes.forget_except({r.id for r in records}, now)
+        self.lanes.read_at = time.monotonic()
 
 
-async def members(client: EtcdClient, address: EtcdAddress) -> list[dict[str, Any]]:
-    """Every live replica's record (a malformed one is skipped), by id."""
+async def members(
+    client: EtcdClient, address: EtcdAddress
+) -> tuple[list[ReplicaRecord], list[tuple[str, str]]]:
+    """Every live replica's record, by id, and the (key, reason) of each refused one."""
     found = await client.get_prefix(address.replicas_prefix)
-    out = []
-    for kv in found.kvs:
+    records, refused = [], []
+    for kv in found.kvs[MAX_REPLICAS:]:
+        refused.append((bytes(kv.key).decode(errors="replace")[:300], f"more than {MAX_REPLICAS} records"))
+    for kv in found.kvs[:MAX_REPLICAS]:
+        key = bytes(kv.key).decode(errors="replace")[:300]
         try:
-            record = json.loads(kv.value)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return sorted(out, key=lambda r: str(r.get("id", "")))
+            records.append(ReplicaRecord.from_bytes(bytes(kv.value)))
+        except RecordError as error:
+            refused.append((key, str(error)[:300]))
+    return sorted(records, key=lambda r: r.id), refused
 
 
 async def leader(client: EtcdClient, address: EtcdAddress) -> str | None:
+    """The leading replica's id; None when there is none (a key bound to no lease leads
+    nothing: the replicas remove it)."""
     got = await client.get(address.leader_key)
-    return None if got is None else bytes(got.value).decode(errors="replace")
+    if got is None or not got.lease:
+        return None
+    return bytes(got.value).decode(errors="replace")
 
 
 async def fleet_status(address: EtcdAddress, tls: "EtcdTls | None") -> dict[str, Any]:
     """`graysteer status --fleet`: every live replica and the leader, from etcd."""
     async with EtcdClient(address, tls) as client:
-        replicas = await members(client, address)
+        replicas, refused = await members(client, address)
         lead = await leader(client, address)
         rules = await client.get(address.rules_key)
     now = time.time()
@@ -242,16 +262,17 @@ async def fleet_status(address: EtcdAddress, tls: "EtcdTls | None") -> dict[str,
         "leader": lead,
         "replicas": [
             {
-                "id": r.get("id"),
-                "version": r.get("version"),
-                "file_version": r.get("file_version"),
-                "ready": r.get("ready"),
-                "source_connected": r.get("source_connected"),
-                "leader": r.get("id") == lead,
-                "seen_seconds_ago": round(now - r["at"], 1) if isinstance(r.get("at"), int | float) else None,
+                "id": r.id,
+                "version": r.version,
+                "file_version": r.file_version,
+                "ready": r.ready,
+                "source_connected": r.source_connected,
+                "leader": r.id == lead,
+                "seen_seconds_ago": round(now - r.at, 1),
             }
             for r in replicas
         ],
+        "refused_records": [{"key": key, "reason": why} for key, why in refused],
     }
 
 
@@ -266,4 +287,6 @@ def format_fleet(report: dict[str, Any]) -> str:
         )
     if not report["replicas"]:
         lines.append("  no live replica")
+    for refused in report.get("refused_records", []):
+        lines.append(f"  refused record {refused['key']}: {refused['reason']}")
     return "\n".join(lines) + "\n"

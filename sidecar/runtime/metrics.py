@@ -103,6 +103,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.fleet_records_refused = Counter(
+            "graysteer_fleet_records_refused",
+            "Replica records under the fleet's etcd prefix left out because they do not pass "
+            "validation (types, finite numbers, sizes).",
+            registry=registry,
+        )
         self.split_weight = Gauge(
             "graysteer_split_weight",
             "Weight of each cluster in each split rule, as served.",
@@ -128,6 +134,14 @@ class Metrics:
             "graysteer_rollout_canary_weight",
             "The canary weight each rollout sets.",
             ["rule"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_verdict = Gauge(
+            "graysteer_rollout_verdict",
+            "1 for the verdict of each rollout's last analysis (healthy, breach, inconclusive, "
+            "unavailable: the analysis could not run).",
+            ["rule", "verdict"],
             registry=registry,
             multiprocess_mode="livemax",
         )
@@ -249,6 +263,14 @@ class Metrics:
         self.rollout_canary_weight.labels(rule).set(weight)
         for name in PHASES:
             self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+
+    def show_verdict(self, rule: str, verdict: "Verdict") -> None:
+        from sidecar.core.rollout import BREACH, HEALTHY, INCONCLUSIVE, UNAVAILABLE
+
+        for outcome in (HEALTHY, BREACH, INCONCLUSIVE, UNAVAILABLE):
+            self.rollout_verdict.labels(rule, outcome).set(1 if outcome == verdict.outcome else 0)
+        if verdict.outcome != UNAVAILABLE:
+            self.show_lanes(verdict)
 
     def show_lanes(self, verdict: "Verdict") -> None:
         for lane, window in (

@@ -5,7 +5,8 @@ bring a weight change (the admin API). The Reloader reads the rules (a `RulesSou
 file, or etcd's latest value) and the runtime state (a `StateStore`: the state file, or an
 etcd key), validates and compiles off the event loop, then swaps the table with one
 assignment. A bad or missing document keeps the last good table; the reason is logged,
-counted and kept for `graysteer status`.
+counted and kept for `graysteer status`. So does a runtime state that cannot be read
+(sidecar.core.state): reading it as "no state" would move traffic.
 """
 
 import asyncio
@@ -21,8 +22,10 @@ from typing import Any, Protocol
 
 from sidecar.core import RulesError, Table, compile_table
 from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
+from sidecar.core.state import StateError
 from sidecar.runtime.decider import TableHolder
-from sidecar.runtime.load import MAX_FILE_BYTES, config_version, parse_rules, read_regular_file
+from sidecar.runtime.documents import DocumentReader
+from sidecar.runtime.load import MAX_FILE_BYTES, config_version, read_regular_file
 from sidecar.runtime.metrics import Metrics
 
 log = logging.getLogger("graysteer.reload")
@@ -44,12 +47,13 @@ class RulesSource(Protocol):
 
 
 class StateStore(Protocol):
-    """Where the runtime state (weights, rollouts) is kept (state_file.StateFile, or etcd)."""
+    """Where the runtime state (weights, rollouts) is kept (state_file.StateFile, or etcd).
+    Reading raises StateError when the state exists but cannot be read or is invalid."""
 
     @property
     def label(self) -> str: ...
 
-    def read_bytes(self) -> bytes: ...
+    def read_bytes(self) -> bytes: ...  # b"" when there is no state
 
     def parse(self, raw: bytes) -> dict[str, Any]: ...
 
@@ -98,6 +102,12 @@ class Loaded:
     document: dict[str, Any]  # the rules file as written (before overrides)
     overrides: dict[str, WeightOverride]
     loaded_at: float
+    rules_bytes: bytes = field(default=b"", repr=False)  # the inputs it was built from, as read
+    state_bytes: bytes = field(default=b"", repr=False)
+
+
+class DrivenByRollout(ValueError):
+    """A weight change refused because the rule's weights follow its rollout."""
 
 
 class Reloader:
@@ -105,16 +115,23 @@ class Reloader:
     table, loaded synchronously: there is never a reloader, and so never a holder, without
     one. Raises ValueError naming the source and every problem when there is none."""
 
-    def __init__(self, rules: "Path | RulesSource", metrics: Metrics, state: StateStore) -> None:
+    def __init__(
+        self,
+        rules: "Path | RulesSource",
+        metrics: Metrics,
+        state: StateStore,
+        reader: DocumentReader | None = None,
+    ) -> None:
         self.rules: RulesSource = RulesFile(rules) if isinstance(rules, Path) else rules
         self.metrics = metrics
         self.state = state
+        self.reader = reader or DocumentReader()
         self.failures = 0
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
         result, loaded, _ = self._build("startup", force=True)
         if loaded is None:
-            raise ValueError(result.error)  # already names the file and every problem
+            raise ValueError(result.error)  # already names the source and every problem
         self.metrics.count_reload(result.outcome.value)
         self._last_read = result.inputs  # the inputs (rules + state content) last evaluated
         self.holder = TableHolder(loaded.table)
@@ -156,20 +173,39 @@ class Reloader:
         version = config_version(content)
         # The runtime state (weights, rollouts) is an input too: when another worker process
         # or replica changes it, this one converges on the same table.
-        state = self.state.read_bytes()
-        inputs = f"{version}/{config_version(state)}"
+        state: bytes | StateError
+        try:
+            state = self.state.read_bytes()
+            inputs = f"{version}/{config_version(state)}"
+        except StateError as error:
+            state, inputs = error, f"{version}/unreadable:{error}"
         if not force and inputs == self._last_read:
             return ReloadResult(Outcome.UNCHANGED, trigger, version=version, inputs=inputs), None, False
         try:
-            file_table = parse_rules(content, source)
+            document = self.reader.read(content, source)  # large ones in another process
+            if isinstance(state, StateError):
+                raise state
+            overrides = _overrides_from_state(self.state.parse(state))
         except RulesError as error:
             return ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs), None, False
-        overrides = _overrides_from_state(self.state.parse(state))
-        loaded, dropped = self._with_overrides(file_table.document, version, overrides)
+        except StateError as error:
+            why = (
+                f"{error}: fix it, or remove it to start from the rules' own weights (rollouts "
+                "then start again)"
+                if trigger == "startup"
+                else f"{error}: the weights and rollout states last read stay in force"
+            )
+            return ReloadResult(Outcome.INVALID, trigger, why, version, inputs=inputs), None, False
+        loaded, dropped = self._with_overrides(document, version, overrides, content, state)
         return ReloadResult(Outcome.LOADED, trigger, version=version, inputs=inputs), loaded, dropped
 
     def _with_overrides(
-        self, document: dict[str, Any], file_version: str, overrides: Mapping[str, WeightOverride]
+        self,
+        document: dict[str, Any],
+        file_version: str,
+        overrides: Mapping[str, WeightOverride],
+        rules_bytes: bytes,
+        state_bytes: bytes,
     ) -> tuple[Loaded, bool]:
         effective, kept, dropped = reconcile(document, overrides)
         for rule, why in dropped.items():
@@ -180,16 +216,21 @@ class Reloader:
                 json.dumps({r: o.weights for r, o in sorted(kept.items())}, sort_keys=True).encode()
             ).hexdigest()
             version = f"{file_version}+o{digest[:6]}"
-        table = compile_table(effective, version, self.rules.label)
-        return Loaded(table, file_version, document, dict(kept), time.time()), bool(dropped)
+        # Validated: the document as read, with only override weights in place (non-negative,
+        # a positive total, the split's own clusters: see overrides.reconcile).
+        table = compile_table(effective, version, self.rules.label, validated=True)
+        loaded = Loaded(table, file_version, document, dict(kept), time.time(), rules_bytes, state_bytes)
+        return loaded, bool(dropped)
 
     # -- weights from the admin API -----------------------------------------------------------
 
     async def set_weights(
-        self, rule: str, requested: Mapping[str, int], trigger: str = "set_weights"
+        self, rule: str, requested: Mapping[str, int], trigger: str = "set_weights", by_rollout: bool = False
     ) -> Loaded:
-        """Apply and persist a runtime weight change; ValueError explains a refusal,
-        StateConflict a write that lost a race (nothing changed)."""
+        """Apply and persist a runtime weight change; ValueError explains a refusal
+        (DrivenByRollout: the rule has a rollout, and only the rollout changes its weights),
+        StateError an unreadable stored state, StateConflict a write that lost a race
+        (nothing changed in any case)."""
         async with self._lock:
             await self._catch_up()
             loaded = self.loaded
@@ -199,6 +240,12 @@ class Reloader:
                 raise ValueError(
                     f"rule {rule!r}: {kind} (split rules: {', '.join(_split_names(loaded)) or 'none'})"
                 )
+            if rule in loaded.table.rollouts and not by_rollout:
+                raise DrivenByRollout(
+                    f"rule {rule!r} has a rollout: its weights follow the rollout's steps in every "
+                    f"phase; act on the rollout instead (graysteer rollout promote|pause|resume|abort "
+                    f"{rule}), or remove the rollout from the rules to set weights by hand"
+                )
             weights = resolve_weights(current, requested)
             base = split_weights(loaded.document, rule)
             assert base is not None
@@ -207,9 +254,16 @@ class Reloader:
                 overrides.pop(rule, None)  # back to what the file says: no override needed
             else:
                 overrides[rule] = WeightOverride(rule, weights, base)
-            new, _ = self._with_overrides(loaded.document, loaded.file_version, overrides)
-            await self._save_overrides(new.overrides)
-            inputs = f"{loaded.file_version}/{config_version(self.state.read_bytes())}"
+            state = await self._save_overrides(overrides)
+            new, _ = await asyncio.to_thread(  # compiling a large table must not hold the loop
+                self._with_overrides,
+                loaded.document,
+                loaded.file_version,
+                overrides,
+                loaded.rules_bytes,
+                state,
+            )
+            inputs = f"{loaded.file_version}/{config_version(state)}"
             self._last_read = inputs
             result = ReloadResult(Outcome.LOADED, trigger, version=loaded.file_version, inputs=inputs)
             self._finish(result, new)
@@ -224,10 +278,12 @@ class Reloader:
             self._last_read = result.inputs
             self._finish(result, loaded)
 
-    async def _save_overrides(self, overrides: Mapping[str, WeightOverride]) -> None:
+    async def _save_overrides(self, overrides: Mapping[str, WeightOverride]) -> bytes:
+        """Write the overrides into the stored state; returns the state as stored."""
         state = self.state.load()
         state["weight_overrides"] = {r: o.to_json() for r, o in sorted(overrides.items())}
         await self.state.save(state)
+        return self.state.read_bytes()
 
     async def _save_overrides_quietly(self, overrides: Mapping[str, WeightOverride]) -> None:
         try:
@@ -235,14 +291,17 @@ class Reloader:
         except Exception as error:  # dropped anyway on every load; saving only tidies up
             log.warning("could not remove dropped weight overrides from %s: %s", self.state.label, error)
 
-    async def save_state_section(self, key: str, data: Any) -> None:
+    async def save_state_section(self, key: str, data: Any) -> bytes:
         """Persist another part of the runtime state (e.g. rollouts) in the same store,
-        without this change looking like new input to our own watcher."""
+        without this change looking like new input to our own watcher; returns the state as
+        stored (StateError when the stored state cannot be read: it is not overwritten)."""
         state = self.state.load()
         state[key] = data
         await self.state.save(state)
+        stored = self.state.read_bytes()
         if self._last_read.startswith(self.loaded.file_version + "/"):
-            self._last_read = f"{self.loaded.file_version}/{config_version(self.state.read_bytes())}"
+            self._last_read = f"{self.loaded.file_version}/{config_version(stored)}"
+        return stored
 
     # -- swapping and telling -----------------------------------------------------------------
 
@@ -268,6 +327,10 @@ class Reloader:
         self.holder.table = loaded.table  # the one reference swap readers see
         self.metrics.show_table(loaded.table)
 
+    def close(self) -> None:
+        """Stop the document reader's process, if one was started."""
+        self.reader.close()
+
     def subscribe(self) -> "asyncio.Queue[tuple[Loaded, ReloadResult]]":
         queue: asyncio.Queue[tuple[Loaded, ReloadResult]] = asyncio.Queue()
         self._subscribers.add(queue)
@@ -282,10 +345,8 @@ def _split_names(loaded: Loaded) -> list[str]:
 
 
 def _overrides_from_state(state: Mapping[str, Any]) -> dict[str, WeightOverride]:
-    overrides: dict[str, WeightOverride] = {}
-    for rule, data in (state.get("weight_overrides") or {}).items():
-        try:
-            overrides[rule] = WeightOverride.from_json(rule, data)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            log.error("ignoring unreadable weight override for rule %r: %s", rule, error)
-    return overrides
+    """The overrides of a state document that passed the state schema."""
+    return {
+        rule: WeightOverride.from_json(rule, data)
+        for rule, data in (state.get("weight_overrides") or {}).items()
+    }

@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import math
 import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from prometheus_client.metrics_core import Metric
@@ -25,9 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.core.overrides import split_weights
 from sidecar.core.rollout import (
     PROGRESSING,
+    UNAVAILABLE,
     LaneWindow,
     RolloutSpec,
     RolloutState,
+    StepClock,
     Verdict,
     act,
     advance,
@@ -36,7 +39,9 @@ from sidecar.core.rollout import (
     p99_from_buckets,
     start,
     state_problem,
+    unavailable,
 )
+from sidecar.core.state import StateError
 from sidecar.runtime.bypass import STATS_FILTER as BYPASS_STATS_FILTER
 from sidecar.runtime.metrics import Metrics
 from sidecar.runtime.reload import Reloader
@@ -128,7 +133,9 @@ class LaneHistory:
             self.snapshots.popleft()
 
     def lane_delta(self, lane: str, seconds: float, now: float) -> LaneCounts | None:
-        if not self.snapshots:
+        """The lane's counts over the last `seconds`; None when no snapshot lies in them (a
+        history that stopped, e.g. a replica gone, adds nothing to the window)."""
+        if not self.snapshots or now - self.snapshots[-1][0] > seconds:
             return None
         newest = self.snapshots[-1][1].get(lane)
         oldest = next((lanes.get(lane) for t, lanes in self.snapshots if now - t <= seconds), None)
@@ -153,6 +160,8 @@ class LaneSource(Protocol):
 
     def lane_window(self, lane: str, seconds: float, now: float) -> LaneWindow: ...
 
+    def problem(self) -> str | None: ...  # why the windows cannot be trusted now, or None
+
 
 class EnvoyStats(LaneHistory):
     """Polls one Envoy admin endpoint and keeps a bounded ring of snapshots."""
@@ -161,6 +170,12 @@ class EnvoyStats(LaneHistory):
         super().__init__(keep_seconds)
         self.admin = admin
         self.readable: bool | None = None  # None before the first read
+        self.error = ""
+
+    def problem(self) -> str | None:
+        if self.readable is False:
+            return f"Envoy's stats at {self.admin[0]}:{self.admin[1]} cannot be read ({self.error})"
+        return None
 
     def fetch(self) -> str:
         connection = http.client.HTTPConnection(*self.admin, timeout=2)
@@ -188,7 +203,8 @@ class EnvoyStats(LaneHistory):
             if self.readable is not False:
                 log.warning("cannot read Envoy stats from %s:%d: %s", *self.admin, error)
             self.readable = False
-            return None, str(error) or type(error).__name__
+            self.error = str(error) or type(error).__name__
+            return None, self.error
         if self.readable is False:
             log.info("reading Envoy stats from %s:%d again", *self.admin)
         self.readable = True
@@ -207,11 +223,35 @@ def rollout_weights(spec: RolloutSpec, file_weights: dict[str, int], canary: int
     return {**shares, spec.canary: canary}
 
 
+def read_boot_id() -> str | None:
+    """This machine boot's id (Linux): processes that share it share the boot-time clock."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def boot_clock() -> float:
+    """Seconds on a clock every process of this boot reads alike, steady (never stepped by
+    NTP or an operator), counting through suspend: CLOCK_BOOTTIME, else CLOCK_MONOTONIC."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
 class RolloutController:
     """Moves rollouts through their steps. With a fleet (etcd), every replica runs one, and
     only the one for which `leads()` is true advances or aborts (the others follow the
     stored state, which every reload applies); `analysis`, when given, judges the whole
-    fleet's lanes instead of this Envoy's alone."""
+    fleet's lanes instead of this Envoy's alone.
+
+    Holds are measured on this process's steady clock, never by comparing wall clocks: from
+    the step's start when the state says it began on this machine's current boot (same
+    clock), else from when this process first saw the step. A replica whose clock is off by
+    an hour holds each step exactly as long; a new leader on another machine holds at most
+    one hold longer, never shorter.
+
+    A stored state that cannot be read stops every change: the states last read stay, and
+    `state_problem` says why (status, /rollouts, logs) until the store reads again."""
 
     def __init__(
         self,
@@ -223,6 +263,8 @@ class RolloutController:
         observers: Sequence[Observer] = (),
         leads: Callable[[], bool] = lambda: True,
         analysis: "LaneSource | None" = None,
+        steady: Callable[[], float] = boot_clock,
+        boot_id: str | None = read_boot_id(),
     ) -> None:
         self.reloader = reloader
         self.metrics = metrics
@@ -230,39 +272,70 @@ class RolloutController:
         self.analysis: LaneSource | None = analysis or stats
         self.poll_seconds = poll_seconds
         self.clock = clock
+        self.steady = steady
+        self.boot_id = boot_id
         self.observers = tuple(observers)  # given each read of Envoy's stats, rollouts or not
         self.leads = leads
         self.states: dict[str, RolloutState] = {}
         self.verdicts: dict[str, Verdict] = {}
+        self.state_problem: str | None = None
+        self._seen: dict[str, tuple[tuple[object, ...], float]] = {}  # rule -> (step, began)
         self._lock = asyncio.Lock()
         self._seen_state = b""
         self._load_states()
 
     def _load_states(self) -> None:
         """The rollout states as stored (read again whenever the store changed: another
-        replica, an operator through any replica's admin API, or the leader)."""
-        raw = self.reloader.state.read_bytes()
-        self._seen_state = raw
-        self.states = {}
-        specs = self.reloader.table.rollouts
-        saved = self.reloader.state.parse(raw).get("rollouts") or {}
-        for rule, data in saved.items() if isinstance(saved, dict) else ():
-            try:
-                state = RolloutState.from_json(data)
-            except (AttributeError, KeyError, TypeError, ValueError) as error:
-                log.error("ignoring unreadable rollout state of %r: %s", rule, error)
-                continue
-            spec = specs.get(rule)
-            problem = state_problem(spec, state) if spec and spec.fingerprint == state.fingerprint else None
-            if problem:
-                log.error(
-                    "ignoring the saved rollout state of %r (%s): the rollout starts again", rule, problem
+        replica, an operator through any replica's admin API, or the leader). A store that
+        cannot be read, or a state that cannot continue its rollout, changes nothing."""
+        state = self.reloader.state
+        try:
+            raw = state.read_bytes()
+            if raw == self._seen_state and self.state_problem is None:
+                return
+            saved = state.parse(raw).get("rollouts") or {}
+            states = {rule: RolloutState.from_json(data) for rule, data in saved.items()}
+            for rule, loaded in states.items():
+                spec = self.specs().get(rule)
+                problem = (
+                    state_problem(spec, loaded) if spec and spec.fingerprint == loaded.fingerprint else None
                 )
-                continue
-            self.states[rule] = state
+                if problem:
+                    raise StateError(f"rollout state of {rule!r} in {state.label}: {problem}")
+        except StateError as error:
+            if self.state_problem != str(error):
+                log.error("%s: rollouts keep the states last read and change nothing until it reads", error)
+            self.state_problem = str(error)
+            return
+        if self.state_problem is not None:
+            log.info("the rollout states in %s read again", state.label)
+        self.state_problem = None
+        self._seen_state = raw
+        self.states = states
 
     def specs(self) -> dict[str, RolloutSpec]:
         return self.reloader.table.rollouts
+
+    def held(self, rule: str, state: RolloutState) -> float:
+        """How long the state's current step has been held, on this process's steady clock."""
+        now = self.steady()
+        key = (state.phase, state.step, state.step_started, state.fingerprint)
+        seen = self._seen.get(rule)
+        if seen is None or seen[0] != key:
+            mark = state.step_clock
+            began = min(mark.at, now) if mark is not None and mark.boot == self.boot_id else now
+            seen = self._seen[rule] = (key, began)
+        return max(0.0, now - seen[1])
+
+    def _stamped(self, new: RolloutState, old: RolloutState | None) -> RolloutState:
+        """A step that begins now gets this machine's steady clock reading."""
+        if (
+            new.step_clock is None
+            and self.boot_id is not None
+            and (old is None or new.step_started != old.step_started)
+        ):
+            return replace(new, step_clock=StepClock(self.boot_id, self.steady()))
+        return new
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -272,6 +345,19 @@ class RolloutController:
                 log.exception("rollout tick failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_seconds)
+
+    async def follow(self) -> None:
+        """Show every change of the stored state at once (a follower's gauges follow the
+        leader's steps as the table does, not at the next poll)."""
+        changes = self.reloader.subscribe()
+        while True:
+            await changes.get()
+            async with self._lock:
+                self._load_states()
+                for rule, spec in self.specs().items():
+                    state = self.states.get(rule)
+                    if state is not None:
+                        self._show(rule, spec, state, None)
 
     async def tick(self) -> None:
         now = self.clock()
@@ -286,42 +372,48 @@ class RolloutController:
         if not specs:
             return
         async with self._lock:
-            self._refresh()
-            if not self.leads():  # a follower: the leader's stored state is what we serve
-                for rule, spec in specs.items():
+            self._load_states()
+            acting = self.leads() and self.state_problem is None
+            for rule, spec in specs.items():
+                if acting:
+                    await self._step(rule, spec, now)
+                else:  # a follower, or an unreadable store: what is stored is what is served
                     self.verdicts[rule] = self.verdict(spec, now)
                     self._show(rule, spec, self.states.get(rule) or start(spec, now), self.verdicts[rule])
-                return
-            for rule, spec in specs.items():
-                await self._step(rule, spec, now)
-
-    def _refresh(self) -> None:
-        if self.reloader.state.read_bytes() != self._seen_state:
-            self._load_states()
 
     async def _step(self, rule: str, spec: RolloutSpec, now: float) -> None:
         saved = self.states.get(rule)
         state = saved
-        if state is None or state.fingerprint != spec.fingerprint or state_problem(spec, state):
+        if state is None or state.fingerprint != spec.fingerprint:
             if state is not None:
                 log.info("rollout of %r changed in the rules file: starting again", rule)
             state = start(spec, now)
         verdict = self.verdict(spec, now)
         self.verdicts[rule] = verdict
-        new = advance(spec, state, now, verdict)
+        new = advance(spec, state, now, verdict, self.held(rule, state))
         await self._apply(rule, spec, new, verdict, saved)  # a new rollout is saved at once
 
     def verdict(self, spec: RolloutSpec, now: float) -> Verdict:
+        """The analysis of the rollout's window; UNAVAILABLE (never healthy) when it cannot
+        run: no statistics, unreadable ones, or an analysis that fails."""
         lanes = (spec.canary, spec.baseline)
-        if self.analysis is None:
-            return judge(spec.analysis, LaneWindow(), LaneWindow(), lanes)
-        seconds = spec.analysis.window
-        return judge(
-            spec.analysis,
-            self.analysis.lane_window(spec.canary, seconds, now),
-            self.analysis.lane_window(spec.baseline, seconds, now),
-            lanes,
-        )
+        source = self.analysis
+        if source is None:
+            return unavailable("no statistics to analyse (serve --envoy-admin)", lanes)
+        try:
+            problem = source.problem()
+            if problem is not None:
+                return unavailable(problem, lanes)
+            seconds = spec.analysis.window
+            canary = source.lane_window(spec.canary, seconds, now)
+            baseline = source.lane_window(spec.baseline, seconds, now)
+            for window in (canary, baseline):
+                if window.p99_ms is not None and not math.isfinite(window.p99_ms):
+                    raise ValueError(f"a p99 of {window.p99_ms}")
+            return judge(spec.analysis, canary, baseline, lanes)
+        except Exception as error:  # a bug or data the analysis cannot take: say so
+            log.exception("the analysis of %s failed", spec.rule)
+            return unavailable(f"the analysis failed: {error}", lanes)
 
     async def _apply(
         self,
@@ -331,6 +423,7 @@ class RolloutController:
         verdict: Verdict | None,
         old: RolloutState | None,
     ) -> None:
+        new = self._stamped(new, old)
         if new != old:
             await self._save({**self.states, rule: new})  # StateConflict: not applied
             self.states[rule] = new
@@ -353,7 +446,10 @@ class RolloutController:
         if current.get(spec.canary) != weight:
             file_weights = split_weights(self.reloader.loaded.document, rule) or {}
             await self.reloader.set_weights(
-                rule, rollout_weights(spec, file_weights, weight), trigger=f"rollout:{new.phase}"
+                rule,
+                rollout_weights(spec, file_weights, weight),
+                trigger=f"rollout:{new.phase}",
+                by_rollout=True,
             )
             self._seen_state = self.reloader.state.read_bytes()
         self._show(rule, spec, new, verdict)
@@ -361,11 +457,13 @@ class RolloutController:
     def _show(self, rule: str, spec: RolloutSpec, state: RolloutState, verdict: Verdict | None) -> None:
         self.metrics.show_rollout(rule, state.phase, state.step, canary_weight(spec, state))
         if verdict is not None:
-            self.metrics.show_lanes(verdict)
+            self.metrics.show_verdict(rule, verdict)
 
     async def _save(self, states: dict[str, RolloutState]) -> None:
-        await self.reloader.save_state_section("rollouts", {r: s.to_json() for r, s in states.items()})
-        self._seen_state = self.reloader.state.read_bytes()
+        stored = await self.reloader.save_state_section(
+            "rollouts", {r: s.to_json() for r, s in states.items()}
+        )
+        self._seen_state = stored
 
     async def action(self, rule: str, action: str) -> RolloutState:
         """promote / pause / resume / abort; ValueError explains a refusal."""
@@ -373,16 +471,14 @@ class RolloutController:
         if spec is None:
             raise ValueError(f"rule {rule!r} has no rollout (rollouts: {', '.join(self.specs()) or 'none'})")
         async with self._lock:
-            self._refresh()
+            self._load_states()
+            if self.state_problem is not None:
+                raise StateError(f"{self.state_problem}: fix the stored state first")
             now = self.clock()
             state = self.states.get(rule) or start(spec, now)
             new = act(spec, state, action, now)
             await self._apply(rule, spec, new, None, state)
-            return new
-
-    def is_driving(self, rule: str) -> bool:
-        state = self.states.get(rule)
-        return rule in self.specs() and (state is None or state.phase == PROGRESSING)
+            return self.states[rule]
 
     def report(self) -> list[dict[str, Any]]:
         """Each rollout's state and current analysis, for /rollouts and the admin API."""
@@ -402,7 +498,7 @@ class RolloutController:
                     "canary_weight": canary_weight(spec, state),
                     "total_weight": spec.total,
                     "hold_remaining_seconds": max(
-                        0.0, round(spec.steps[state.step].hold - (now - state.step_started), 3)
+                        0.0, round(spec.steps[state.step].hold - self.held(rule, state), 3)
                     )
                     if state.phase == PROGRESSING
                     else None,
@@ -410,6 +506,7 @@ class RolloutController:
                     "numbers": state.numbers,
                     "verdict": verdict.outcome,
                     "verdict_reason": verdict.reason,
+                    "state_problem": self.state_problem,
                     "analysis": {
                         **verdict.numbers(),
                         "window_seconds": spec.analysis.window,
@@ -422,7 +519,8 @@ class RolloutController:
 
 def http_view(controller: RolloutController, path: str) -> tuple[int, object] | None:
     """GET /rollouts, /rollouts/RULE, and /rollouts/RULE/check (200 unless the analysis is in
-    breach or the rollout was aborted: a Flagger webhook or an Argo `web` metric gate)."""
+    breach or cannot run, the rollout was aborted, or its stored state cannot be read: a
+    Flagger webhook or an Argo `web` metric gate)."""
     if path in ("/rollouts", "/rollouts/"):
         return 200, controller.report()
     parts = path.strip("/").split("/")
@@ -433,6 +531,10 @@ def http_view(controller: RolloutController, path: str) -> tuple[int, object] | 
         return 404, {"error": f"no rollout for rule {parts[1]!r}"}
     report = found[0]
     if len(parts) == 3:
-        healthy = report["verdict"] != "breach" and report["phase"] != "aborted"
+        healthy = (
+            report["verdict"] not in ("breach", UNAVAILABLE)
+            and report["phase"] != "aborted"
+            and report["state_problem"] is None
+        )
         return (200 if healthy else 503), report
     return 200, report

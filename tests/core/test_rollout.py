@@ -1,6 +1,7 @@
 """Progressive delivery, pure parts: spec validation, verdicts, p99, the state machine."""
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,9 +15,11 @@ from sidecar.core.rollout import (
     PAUSED,
     PROGRESSING,
     PROMOTED,
+    UNAVAILABLE,
     Analysis,
     LaneWindow,
     RolloutState,
+    StepClock,
     act,
     advance,
     canary_weight,
@@ -24,6 +27,7 @@ from sidecar.core.rollout import (
     p99_from_buckets,
     parse_duration,
     start,
+    unavailable,
 )
 from sidecar.runtime.rollouts import parse_envoy_stats, rollout_weights
 
@@ -159,22 +163,32 @@ def test_steps_advance_only_after_the_hold_with_a_healthy_verdict() -> None:
     spec = spec_of()
     state = start(spec, 0.0)
     assert canary_weight(spec, state) == 5
-    assert advance(spec, state, 59.0, HEALTHY_V) == state  # hold not over
-    assert advance(spec, state, 61.0, THIN_V) == state  # no verdict: no step
-    state = advance(spec, state, 61.0, HEALTHY_V)
+    assert advance(spec, state, 59.0, HEALTHY_V, held=59.0) == state  # hold not over
+    assert advance(spec, state, 61.0, THIN_V, held=61.0) == state  # no verdict: no step
+    assert advance(spec, state, 1e9, HEALTHY_V, held=59.0) == state  # the hold, not the wall clock
+    state = advance(spec, state, 61.0, HEALTHY_V, held=61.0)
     assert (state.phase, state.step, canary_weight(spec, state)) == (PROGRESSING, 1, 25)
-    state = advance(spec, state, 61.0 + 121, HEALTHY_V)
+    assert (state.step_started, state.step_clock) == (61.0, None)  # the controller stamps its clock
+    state = advance(spec, state, 61.0 + 121, HEALTHY_V, held=121.0)
     assert (state.phase, canary_weight(spec, state)) == (PROMOTED, 100)
-    assert advance(spec, state, 1e9, BAD_V) == state  # promoted is final
+    assert advance(spec, state, 1e9, BAD_V, held=1e9) == state  # promoted is final
 
 
 @pytest.mark.parametrize(("on_failure", "phase", "weight"), [("rollback", ABORTED, 0), ("pause", PAUSED, 5)])
 def test_breach(on_failure: str, phase: str, weight: int) -> None:
     spec = spec_of(with_rollout(on_failure=on_failure))
-    state = advance(spec, start(spec, 0.0), 1.0, BAD_V)
+    state = advance(spec, start(spec, 0.0), 1.0, BAD_V, held=1.0)
     assert (state.phase, canary_weight(spec, state)) == (phase, weight)
     assert "max_error_rate" in state.reason and state.numbers["canary_error_rate"] == 0.3
-    assert advance(spec, state, 100.0, HEALTHY_V) == state  # stays until an operator acts
+    assert advance(spec, state, 100.0, HEALTHY_V, held=100.0) == state  # stays until an operator acts
+
+
+def test_an_unavailable_analysis_neither_advances_nor_rolls_back() -> None:
+    spec = spec_of()
+    state = start(spec, 0.0)
+    verdict = unavailable("Envoy's stats cannot be read")
+    assert verdict.outcome == UNAVAILABLE and "analysis unavailable" in verdict.reason
+    assert advance(spec, state, 1e6, verdict, held=1e6) == state
 
 
 def test_operator_actions() -> None:
@@ -196,10 +210,10 @@ def test_operator_actions() -> None:
 
 
 def test_state_round_trip() -> None:
-    state = advance(spec_of(), start(spec_of(), 0.0), 1.0, BAD_V)
+    state = advance(spec_of(), start(spec_of(), 0.0), 1.0, BAD_V, held=1.0)
     assert RolloutState.from_json(state.to_json()) == state
-    with pytest.raises(ValueError):
-        RolloutState.from_json({"phase": "dancing", "step": 0, "step_started": 0})
+    clocked = replace(state, step_clock=StepClock("boot-1", 12.5))
+    assert RolloutState.from_json(clocked.to_json()) == clocked
 
 
 def test_split_weights_keep_the_total() -> None:
@@ -241,8 +255,6 @@ def test_parse_envoy_prometheus_stats() -> None:
 
 
 def test_a_saved_step_outside_the_spec_is_a_problem() -> None:
-    from dataclasses import replace
-
     from sidecar.core.rollout import state_problem
 
     spec = spec_of()
@@ -251,32 +263,3 @@ def test_a_saved_step_outside_the_spec_is_a_problem() -> None:
     assert "outside" in (state_problem(spec, replace(state, step=7)) or "")
     assert "outside" in (state_problem(spec, replace(state, step=-1)) or "")
     assert state_problem(spec, replace(state, step_started=float("nan")))
-
-
-def test_the_controller_restarts_a_rollout_whose_saved_step_is_out_of_range(tmp_path: Any) -> None:
-    import asyncio
-    import json
-
-    import yaml
-    from prometheus_client import CollectorRegistry
-
-    from sidecar.runtime.metrics import Metrics
-    from sidecar.runtime.reload import Reloader
-    from sidecar.runtime.rollouts import RolloutController
-    from sidecar.runtime.state_file import StateFile
-
-    rules, state_path = tmp_path / "rules.yaml", tmp_path / "state.json"
-    rules.write_text(yaml.safe_dump(DOC))
-    reloader = Reloader(rules, Metrics(CollectorRegistry()), StateFile(state_path))
-    spec = reloader.table.rollouts["ramp"]
-    bad = {**start(spec, 0.0).to_json(), "step": 99}  # valid JSON, the right fingerprint
-    state_path.write_text(json.dumps({"format": 1, "rollouts": {"ramp": bad}}))
-    controller = RolloutController(
-        Reloader(rules, Metrics(CollectorRegistry()), StateFile(state_path)),
-        Metrics(CollectorRegistry()),
-        None,
-        1.0,
-    )
-    assert "ramp" not in controller.states  # ignored, with the reason logged
-    asyncio.run(controller.tick())
-    assert controller.states["ramp"].step == 0

@@ -332,6 +332,84 @@ def test_a_rollout_action_through_a_follower_reaches_the_leader_and_every_replic
     assert fleet.rollout(lead)["phase"] == "aborted"  # the leader did not undo it
 
 
+def test_a_replica_record_with_a_non_finite_number_is_refused_and_the_canary_still_rolled_back(
+    fleet: Fleet,
+) -> None:
+    """A record with NaN under PREFIX/replicas/ used to make the leader's analysis raise on
+    every tick: the rollout stayed on its step with a failing canary."""
+    time.sleep(3.5)  # past the analysis window: an earlier test's errors must not count
+    version = fleet.push(ROLLOUT.replace("STEPS", "[{weight: 50, hold: 60s}, {weight: 100}]"))
+    converged(fleet, version)
+    lead = fleet.leader()
+    wait_for(lambda: fleet.rollout(lead)["canary_weight"] == 50, 10, "the first step")
+    bad = '{"id": "evil", "at": 1, "lanes": {"canary": {"requests": NaN, "errors": 0, "bounds": [], '
+    bad += '"buckets": []}}}'
+    fleet.etcd.put("/shop/checkout/replicas/evil", bad)
+    for stack in fleet.stacks:
+        stack.backends["canary"].fail_rate = 0.5
+    loads = [BackgroundLoad(stack.port, {}, threads=1, vary_user=True) for stack in fleet.stacks]
+    try:
+        wait_for(lambda: fleet.rollout(lead)["phase"] == "aborted", 20, "the leader to roll back")
+        assert "error rate" in fleet.rollout(lead)["reason"]
+        assert fleet.metric(lead, "graysteer_fleet_records_refused_total") >= 1
+        status = fleet.fleet_status()
+        assert [r["key"] for r in status["refused_records"]] == ["/shop/checkout/replicas/evil"]
+        assert "evil" not in [r["id"] for r in status["replicas"]]
+    finally:
+        for load in loads:
+            load.stop()
+        for stack in fleet.stacks:
+            stack.backends["canary"].fail_rate = 0.0
+        fleet.etcd.delete("/shop/checkout/replicas/evil")
+
+
+def test_a_corrupt_state_in_etcd_moves_no_traffic_and_set_weight_is_refused(fleet: Fleet) -> None:
+    """An aborted rollout used to start again (0 -> 10 -> 20 ...) when PREFIX/state could not
+    be read; and set-weight on a rollout rule reported success and was undone."""
+    time.sleep(3.5)  # past the analysis window: an earlier test's errors must not count
+    version = fleet.push(
+        ROLLOUT.replace("STEPS", "[{weight: 10, hold: 1s}, {weight: 20, hold: 1s}, {weight: 100}]")
+    )
+    converged(fleet, version)
+    lead = fleet.leader()
+    follower = next(i for i in range(3) if i != lead)
+    wait_for(lambda: fleet.rollout(lead)["canary_weight"] >= 10, 10, "the first step")
+    admin = fleet.stacks[follower].sidecar.admin  # type: ignore[union-attr]
+    assert cli("rollout", "abort", "checkout", "--admin", admin).returncode == 0
+
+    def canary_weights() -> list[float]:
+        return [
+            fleet.metric(i, r'graysteer_split_weight\{cluster="canary",rule="checkout"\}') for i in range(3)
+        ]
+
+    wait_for(lambda: canary_weights() == [0, 0, 0], 5, "the canary pulled out everywhere")
+    refused = cli("set-weight", "checkout", "canary=33", "--admin", admin)
+    assert refused.returncode == 1 and "has a rollout" in refused.stderr and "aborted" in refused.stderr
+    good = fleet.etcd.get("/shop/checkout/state")
+    assert good is not None
+    invalid = [fleet.metric(i, r'graysteer_reloads_total\{result="invalid"\}') for i in range(3)]
+    fleet.etcd.put("/shop/checkout/state", "{garbage")
+    try:
+        wait_for(
+            lambda: all(fleet.rollout(i)["state_problem"] for i in range(3)), 5, "every replica to notice"
+        )
+        assert all(
+            fleet.metric(i, r'graysteer_reloads_total\{result="invalid"\}') > invalid[i] for i in range(3)
+        )
+        deadline = time.monotonic() + 3  # the old behaviour restarted the rollout within a second
+        while time.monotonic() < deadline:
+            assert canary_weights() == [0, 0, 0]
+            assert all(fleet.rollout(i)["phase"] == "aborted" for i in range(3))
+            time.sleep(0.2)
+        assert fleet.stacks[lead].sidecar.http_get("/rollouts/checkout/check")[0] == 503  # type: ignore[union-attr]
+    finally:
+        fleet.etcd.put("/shop/checkout/state", good)
+    wait_for(
+        lambda: not any(fleet.rollout(i)["state_problem"] for i in range(3)), 5, "the state to read again"
+    )
+    assert canary_weights() == [0, 0, 0]
+
+
 def test_workers_of_one_pod_are_replicas_of_the_fleet(fleet: Fleet) -> None:
     """`serve --workers 2`: each worker follows etcd as REPLICA-wN with a cache of its own."""
     from sidecar.dev.devstack import Sidecar

@@ -144,13 +144,29 @@ def test_a_restart_keeps_the_rollout_state(
             restarted.stop()
 
 
-def test_manual_set_weight_is_refused_while_a_rollout_drives_the_rule(
+def test_set_weight_on_a_rollout_rule_is_refused_in_every_phase_and_nothing_undoes_an_answer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """set-weight used to report success on a paused, aborted or promoted rollout, and the
+    controller undid it within a second. Only the rollout sets a rollout rule's weights."""
     with start(tmp_path, hold="60s") as stack:
         assert stack.sidecar is not None
         admin = stack.sidecar.admin
-        assert main(["set-weight", "ramp", "canary=90", "--admin", admin]) == 1
-        assert "pause or abort it first" in capsys.readouterr().err
-        assert main(["rollout", "pause", "ramp", "--admin", admin]) == 0
-        assert main(["set-weight", "ramp", "canary=90", "--admin", admin]) == 0
+        wait_for(lambda: rollout(stack)["canary_weight"] == 20, 10, "the first step")
+        for action, phase, weight in (
+            (None, "progressing", 20),
+            ("pause", "paused", 20),
+            ("abort", "aborted", 0),
+            ("promote", "promoted", 100),
+        ):
+            if action:
+                assert main(["rollout", action, "ramp", "--admin", admin]) == 0
+            capsys.readouterr()
+            assert main(["set-weight", "ramp", "canary=33", "--admin", admin]) == 1
+            err = capsys.readouterr().err
+            assert "rule 'ramp' has a rollout" in err and f"now {phase}" in err, err
+            time.sleep(1.5)  # the controller polls every 0.25 s: nothing changes the answer
+            report = rollout(stack)
+            assert (report["phase"], report["canary_weight"]) == (phase, weight)
+            _, metrics = stack.sidecar.http_get("/metrics")
+            assert f'graysteer_split_weight{{cluster="canary",rule="ramp"}} {weight}.0' in metrics

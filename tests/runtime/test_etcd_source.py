@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.dev.etcd import Etcd
 from sidecar.runtime.etcd import EtcdAddress, EtcdClient
+from sidecar.runtime.load import config_version, parse_rules
 from sidecar.runtime.metrics import Metrics
 from sidecar.runtime.reload import Outcome, Reloader
 from sidecar.runtime.sources.etcd import EtcdSource
@@ -30,6 +31,10 @@ rules:
       to: [{cluster: stable, weight: 90}, {cluster: canary, weight: 10}]
 """
 _prefixes = itertools.count()
+TENANTS = b"".join(
+    b"  - {name: tenant-%d, match: {headers: {x-tenant: {regex: 't-%d-[a-z]+'}}}, route: canary}\n" % (i, i)
+    for i in range(300)
+)
 
 
 @pytest.fixture
@@ -115,6 +120,37 @@ def test_an_invalid_document_in_etcd_is_refused_counted_and_the_table_stays(
     asyncio.run(main())
 
 
+def test_the_local_cache_holds_only_what_loaded(address: EtcdAddress, tmp_path: Path) -> None:
+    """A valid push then an invalid one 5 ms later: the cache keeps the table that loaded (it
+    used to keep the latest value seen, and a replica restarted from it then exited)."""
+    cached = tmp_path / "rules.yaml"
+
+    async def main() -> None:
+        await put(address, address.rules_key, RULES)
+
+        async def work(source: EtcdSource, reloader: Reloader) -> None:
+            async with EtcdClient(address) as client:
+                for round in range(15):
+                    # large enough that the refused value arrives while this one is compiled
+                    valid = RULES.replace(b"weight: 10", f"weight: {11 + round}".encode()) + TENANTS
+                    await client.put(address.rules_key, valid)
+                    await asyncio.sleep(0.005)
+                    await client.put(address.rules_key, b"{{{ not yaml, round %d" % round)
+                    await until(lambda: reloader.failures == round + 1, 3, "the refusal")  # noqa: B023
+                    served = reloader.loaded.file_version
+                    await until(
+                        lambda: cached.exists() and config_version(cached.read_bytes()) == served,  # noqa: B023
+                        3,
+                        "the cache to hold what is served",
+                    )
+                    await asyncio.sleep(0.05)  # a late write of the refused value would land here
+                    assert parse_rules(cached.read_bytes(), "cache").version == served
+
+        await following(address, tmp_path, work)
+
+    asyncio.run(main())
+
+
 def test_state_writes_compare_revisions_and_reach_other_replicas(
     address: EtcdAddress, tmp_path: Path
 ) -> None:
@@ -155,8 +191,11 @@ def test_an_outage_keeps_the_table_refuses_changes_and_catches_up(
             with pytest.raises(OSError, match="etcd is unreachable"):
                 await reloader.set_weights("ramp", {"canary": 50})
             assert reloader.table.version == served
+            await asyncio.sleep(10)  # long enough for gRPC's own reconnect backoff to grow
             await asyncio.to_thread(etcd.start)
-            await until(lambda: source.connected, 10, "the source to reconnect")
+            took = await until(lambda: source.connected, 10, "the source to reconnect")
+            # gRPC's default backoff (1 s, x1.6, up to 120 s) came back 5.7-7.8 s late here
+            assert took < 3.0, f"reconnected {took:.1f} s after etcd was back"
             await put(address, address.rules_key, RULES.replace(b"weight: 10", b"weight: 12"))
             await until(lambda: reloader.table.version != served, 2, "the push after the outage")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.core import RulesError
+from sidecar.core.state import StateError
 from sidecar.runtime.load import MAX_FILE_BYTES, load_rules, parse_rules
 from sidecar.runtime.state_file import StateFile
 
@@ -61,7 +62,8 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
         load_rules(fifo)
     state = tmp_path / "state.json"
     os.mkfifo(state)
-    assert StateFile(state).read_bytes() == b""  # logged, and treated as no state
+    with pytest.raises(StateError, match="not a regular file"):  # never read as "no state"
+        StateFile(state).read_bytes()
 
 
 def test_an_oversized_file_is_refused(tmp_path: Path) -> None:

@@ -134,13 +134,52 @@ def test_set_weights_refusals_change_nothing(tmp_path: Path, rule: str, weights:
     assert not default_state_path(path).exists()
 
 
-def test_corrupt_state_file_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "rules.yaml"
-    path.write_text(A)
-    default_state_path(path).write_text("{not json")
-    table = make_reloader(path).table
-    assert table.rules[0].split is not None and table.rules[0].split.weights == (90, 10)
-    assert "unreadable" in caplog.text
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        "{not json",
+        '{"format": 1, "weight_overrides": {"ramp": {"weights": {"stable": NaN}, "base": {}}}}',
+        '{"format": 1, "weight_overrides": {"ramp": {"weights": {"stable": 1e400}, "base": {}}}}',
+        '{"format": 1, "weight_overrides": {"ramp": {"weights": {"stable": -5}, "base": {}}}}',
+        '{"format": 1, "rollouts": {"ramp": {"phase": "dancing", "step": 0, "step_started": 0}}}',
+        '{"format": 2}',
+        "[]",
+    ],
+    ids=["not-json", "nan", "infinite", "negative", "phase", "format", "list"],
+)
+def test_a_corrupt_state_moves_no_traffic(tmp_path: Path, corrupt: str) -> None:
+    """Read as "no state", a broken state file would put every weight back to the file's."""
+    path, reloader = started(tmp_path)
+    asyncio.run(reloader.set_weights("ramp", {"canary": 40}))
+    served = reloader.table
+    state = default_state_path(path)
+    good = state.read_bytes()
+    state.write_text(corrupt)
+    result = asyncio.run(reloader.reload("watch"))
+    assert result.outcome is Outcome.INVALID and f"state file {state}" in result.error
+    assert "stay in force" in result.error
+    assert reloader.table is served  # 60/40 still served
+    with pytest.raises(ValueError, match=r"weights not changed|state file"):
+        asyncio.run(reloader.set_weights("ramp", {"canary": 50}))
+    assert state.read_text() == corrupt  # never overwritten while it cannot be read
+    with pytest.raises(ValueError, match=f"state file {state}.*fix it, or remove it"):
+        make_reloader(path)  # a restart does not start over from the file's weights
+    state.write_bytes(good)
+    assert asyncio.run(reloader.reload("watch")).outcome is Outcome.LOADED
+    split = reloader.table.rules[0].split
+    assert split is not None and split.weights == (60, 40)
+
+
+def test_an_unreadable_state_file_is_not_read_as_no_state(tmp_path: Path) -> None:
+    path, reloader = started(tmp_path)
+    asyncio.run(reloader.set_weights("ramp", {"canary": 40}))
+    state = default_state_path(path)
+    state.unlink()
+    state.mkdir()  # a directory where the file was: not "no state"
+    result = asyncio.run(reloader.reload("watch"))
+    assert result.outcome is Outcome.INVALID and "not a regular file" in result.error
+    split = reloader.table.rules[0].split
+    assert split is not None and split.weights == (60, 40)
 
 
 # ---- the watcher: the three ways a file gets replaced -------------------------------------

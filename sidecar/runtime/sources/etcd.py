@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,19 @@ from typing import Any
 from sidecar.runtime.etcd import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
 from sidecar.runtime.load import MAX_FILE_BYTES
 from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import Outcome, Reloader
-from sidecar.runtime.state_file import MAX_STATE_BYTES, StateConflict, parse_state, state_bytes
+from sidecar.runtime.reload import Loaded, Outcome, Reloader
+from sidecar.runtime.state_file import (
+    MAX_STATE_BYTES,
+    StateConflict,
+    atomic_write,
+    parse_state,
+    state_bytes,
+)
 
 log = logging.getLogger("graysteer.etcd")
 
 START_TIMEOUT_SECONDS = 5.0
-BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)  # then every 2 s
+BACKOFF_SECONDS = (0.2, 0.5, 1.0)  # then every second
 
 
 class _Value:
@@ -71,8 +76,7 @@ class EtcdState(_Value):
         self.source = source
 
     def read_bytes(self) -> bytes:
-        value = self.value or b""
-        return value if len(value) <= self.limit else b""
+        return self.value or b""  # parse() refuses one over the limit
 
     def parse(self, raw: bytes) -> dict[str, Any]:
         return parse_state(raw, self.label)
@@ -152,13 +156,14 @@ class EtcdSource:
         self._revision = int(found.header.revision)
         self._mark(True)
 
-    def use_cached_rules(self) -> bool:
-        """Serve the cached rules instead of etcd's (which could not be served at start-up);
-        False when there is no cache. Following etcd goes on: the next valid push wins."""
+    def use_cache(self) -> bool:
+        """Serve the cached rules and state instead of etcd's (which could not be served at
+        start-up); False when there is no cache. Following etcd goes on: the next valid
+        change wins."""
         cached = self._read_cache()
         if cached is None:
             return False
-        self.rules.value = cached[0]
+        self.rules.value, self.state.value = cached
         self.from_cache = True
         return True
 
@@ -258,23 +263,22 @@ class EtcdSource:
     async def _keep_cache(self, reloader: Reloader, stop: asyncio.Event) -> None:
         queue = reloader.subscribe()
         try:
-            self._write_cache()  # what we start with, if it came from etcd
+            if not self.from_cache:  # what we start with, if it came from etcd
+                await asyncio.to_thread(self._write_cache, reloader.loaded)
             while not stop.is_set():
-                _, result = await queue.get()
+                loaded, result = await queue.get()
                 if result.outcome is Outcome.LOADED and result.trigger != "startup":
                     self.from_cache = False  # serving what etcd holds now
-                    await asyncio.to_thread(self._write_cache)
+                    await asyncio.to_thread(self._write_cache, loaded)
         finally:
             reloader.unsubscribe(queue)
 
-    def _write_cache(self) -> None:
-        """The rules and state just served (valid by construction: only a loaded table's)."""
-        if self.rules.value is None or self.from_cache:
-            return
+    def _write_cache(self, loaded: Loaded) -> None:
+        """The rules and state a served table was built from (valid: they loaded)."""
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.cache_dir / "rules.yaml", self.rules.value)
-            _atomic_write(self.cache_dir / "state.json", self.state.value or b"")
+            atomic_write(self.cache_dir / "rules.yaml", loaded.rules_bytes)
+            atomic_write(self.cache_dir / "state.json", loaded.state_bytes)
         except OSError as error:
             log.warning("cannot write the local cache in %s: %s", self.cache_dir, error)
 
@@ -288,19 +292,6 @@ class EtcdSource:
         except OSError:
             state = b""
         return rules, state
-
-
-def _atomic_write(path: Path, content: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def default_cache_dir(address: EtcdAddress) -> Path:
