@@ -7,11 +7,15 @@ without a restart); tokens are compared in constant time. With TLS, a client cer
 from `ca` is required and its SANs must match one `allow` entry (a SPIFFE ID, a SPIFFE glob
 `spiffe://td/path/*`, or a DNS name, `*.` for one label), matched as the rules file matches
 identities.
+
+Every kind of call is checked by the same function, before the method runs: a streaming
+call that is refused sends no message.
 """
 
 import hmac
+import inspect
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,42 +116,90 @@ def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+# (request streaming, response streaming) -> the handler's behaviour for that kind of call,
+# and how to make a handler of that kind.
+_KINDS: dict[tuple[object, object], tuple[str, Callable[..., grpc.RpcMethodHandler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses a call (UNAUTHENTICATED / PERMISSION_DENIED) unless it passes every configured
-    check: the bearer token, and with TLS an allowed client identity."""
+    check: the bearer token, and with TLS an allowed client identity. Every kind of call
+    (unary or streaming, either way) goes through `refusal` before its method runs; a handler
+    of a kind this does not know is refused, never passed through unchecked."""
 
     def __init__(self, auth: AdminAuth) -> None:
         self.tokens = TokenFile(auth.token_file) if auth.token_file else None
         self.allowed: tuple[IdentityMatcher, ...] = tuple(identity_matcher(allow_form(a)) for a in auth.allow)
         self.tls = auth.tls
 
+    def refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+        """Why this call may not proceed (a status code and its message), or None."""
+        if self.tokens is not None and not self.tokens.accepts(context.invocation_metadata() or ()):
+            return grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required"
+        if self.tls:
+            identity = peer_identity(context.auth_context())
+            if not any(matches(identity) for matches in self.allowed):
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "this client certificate is not on the admin allow-list",
+                )
+        return None
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        refused = self.refusal(context)
+        if refused is not None:
+            await context.abort(*refused)
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if self.tokens is not None and not self.tokens.accepts(context.invocation_metadata() or ()):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required")
-            if self.tls:
-                identity = peer_identity(context.auth_context())
-                if not any(matches(identity) for matches in self.allowed):
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        "this client certificate is not on the admin allow-list",
-                    )
-            return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
+        if handler is None:
+            return None  # no such method: gRPC answers UNIMPLEMENTED, nothing runs
+        flags = (getattr(handler, "request_streaming", None), getattr(handler, "response_streaming", None))
+        kind = _KINDS.get(flags)
+        behaviour = getattr(handler, kind[0], None) if kind is not None else None
+        if kind is None or behaviour is None:
+            return grpc.stream_stream_rpc_method_handler(_refuse_unknown_kind)
+        checked = self._stream(behaviour) if handler.response_streaming else self._unary(behaviour)
+        return kind[1](
             checked,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _unary(self, behaviour: Behaviour) -> Behaviour:
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(context)
+            return await behaviour(request, context)
+
+        return checked
+
+    def _stream(self, behaviour: Behaviour) -> Behaviour:
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._check(context)
+            responses = behaviour(request, context)
+            if inspect.isawaitable(responses):  # a method that writes with context.write()
+                await responses
+                return
+            async for response in responses:
+                yield response
+
+        return checked
+
+
+async def _refuse_unknown_kind(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        "the admin API cannot authenticate this kind of call: refused",
+    )
 
 
 def server_credentials(auth: AdminAuth) -> grpc.ServerCredentials:

@@ -3,11 +3,15 @@ certificates with an allow-list, a remote bind only with one of them, a unix soc
 owner only. Real `graysteer serve` processes, real gRPC TLS."""
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
 
+from sidecar.admin.api import admin_pb2 as pb
 from sidecar.cli import main
 from sidecar.dev.devstack import Sidecar, wait_for
 from tests.tls import make_ca, make_leaf, write_pair
@@ -38,6 +42,7 @@ def status(admin: str, *flags: str) -> int:
 def token_sidecar(tmp_path: Path) -> Iterator[tuple[Sidecar, Path]]:
     token = tmp_path / "token"
     token.write_text("s3cret-one\n")
+    token.chmod(0o600)
     sidecar = Sidecar(RULES, tmp_path, ["--admin-token-file", str(token)])
     yield sidecar, token
     sidecar.stop()
@@ -57,6 +62,58 @@ def test_a_bearer_token_is_required_and_rotates_without_a_restart(
     token.write_text("s3cret-two")  # rotation: the sidecar reads the file again when it changes
     assert status(sidecar.admin, "--admin-token-file", str(wrong)) == 0
     assert status(sidecar.admin, "--admin-token-file", str(tmp_path / "token")) == 0
+
+
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"]
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def call(
+    channel: grpc.Channel, method: MethodDescriptor, metadata: Sequence[tuple[str, str]] = ()
+) -> tuple[int, grpc.StatusCode]:
+    """Call one admin method with an empty request: (messages received, status code). A
+    stream is cancelled after its first message (it was let in)."""
+    path = f"/{ADMIN.full_name}/{method.name}"
+    request = message_factory.GetMessageClass(method.input_type)()
+    kinds = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }
+    callable_ = kinds[(method.client_streaming, method.server_streaming)](
+        path, request_serializer=type(request).SerializeToString
+    )
+    argument = iter([request]) if method.client_streaming else request
+    try:
+        if method.server_streaming:
+            responses = callable_(argument, timeout=10, metadata=metadata)
+            next(responses)
+            responses.cancel()
+            return 1, grpc.StatusCode.OK
+        callable_(argument, timeout=10, metadata=metadata)
+        return 1, grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        return 0, error.code()
+
+
+def every_method(
+    channel: grpc.Channel, metadata: Sequence[tuple[str, str]] = ()
+) -> dict[str, tuple[int, grpc.StatusCode]]:
+    return {method.name: call(channel, method, metadata) for method in ADMIN.methods}
+
+
+def test_every_admin_rpc_of_every_kind_needs_the_token(token_sidecar: tuple[Sidecar, Path]) -> None:
+    sidecar, _ = token_sidecar
+    assert any(method.server_streaming for method in ADMIN.methods)  # WatchTable among them
+    with grpc.insecure_channel(sidecar.admin) as channel:
+        for metadata in ([], [("authorization", "Bearer s3cret-two")], [("authorization", "s3cret-one")]):
+            answers = every_method(channel, metadata)
+            assert answers == {m.name: (0, grpc.StatusCode.UNAUTHENTICATED) for m in ADMIN.methods}, metadata
+        let_in = every_method(channel, [("authorization", "Bearer s3cret-one")])
+    # With the token every method runs (an empty request may be invalid, never refused).
+    assert not [name for name, (_, code) in let_in.items() if code in REFUSED]
+    assert let_in["WatchTable"] == (1, grpc.StatusCode.OK) and let_in["GetTable"] == (1, grpc.StatusCode.OK)
 
 
 def test_tls_client_certificates_and_the_allow_list(
@@ -93,6 +150,25 @@ def test_tls_client_certificates_and_the_allow_list(
         assert status(sidecar.admin, *client("web")) == 1
         assert "PERMISSION_DENIED" in capsys.readouterr().err
         assert status(sidecar.admin, *client("stranger")) == 1  # not from the CA: no handshake
+
+        def channel(name: str) -> grpc.Channel:
+            return grpc.secure_channel(
+                sidecar.admin,
+                grpc.ssl_channel_credentials(
+                    (tls / "ca.pem").read_bytes(),
+                    (tls / f"{name}.key").read_bytes(),
+                    (tls / f"{name}.pem").read_bytes(),
+                ),
+            )
+
+        with channel("web") as web:  # every method, streams included: refused, nothing sent
+            assert every_method(web) == {
+                m.name: (0, grpc.StatusCode.PERMISSION_DENIED) for m in ADMIN.methods
+            }
+        with channel("ops") as ops:
+            let_in = every_method(ops)
+        assert not [name for name, (_, code) in let_in.items() if code in REFUSED]
+        assert let_in["WatchTable"] == (1, grpc.StatusCode.OK)
         assert status(sidecar.admin, "--admin-tls-ca", str(tls / "ca.pem")) == 1  # no client certificate
         assert status(sidecar.admin) == 1  # plaintext
     finally:
