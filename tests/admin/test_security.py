@@ -2,7 +2,10 @@
 certificates with an allow-list, a remote bind only with one of them, a unix socket for the
 owner only. Real `graysteer serve` processes, real gRPC TLS."""
 
+import logging
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
 from sidecar.admin.api import admin_pb2 as pb
+from sidecar.admin.security import AdminAuth, TokenFile
 from sidecar.cli import main
 from sidecar.dev.devstack import Sidecar, wait_for
 from tests.tls import make_ca, make_leaf, write_pair
@@ -203,3 +207,72 @@ def test_the_unix_socket_is_for_its_owner_only(tmp_path: Path) -> None:
         assert status(f"unix:{socket_path}") == 0
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        (0o644, "lets every user read"),
+        (0o604, "lets every user read"),
+        (0o620, "lets other users change"),
+        (0o602, "lets other users change"),
+        (0o660, "lets other users change"),
+    ],
+)
+def test_a_token_file_others_can_read_or_change_is_refused_at_start(
+    tmp_path: Path, mode: int, why: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-one\n")
+    token.chmod(mode)
+    # A process, so that a regression (it starts serving) ends in the timeout, not a hang.
+    argv = ["serve", "--config", str(RULES), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv, "--admin-token-file", str(token)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    error = result.stderr
+    assert f"--admin-token-file {token}: mode {mode:04o} {why} the admin token" in error
+    assert f"chmod 600 {token}" in error
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o400, False), (0o640, True), (0o440, True)])
+def test_a_group_readable_token_file_is_accepted_and_logged_once(
+    tmp_path: Path, mode: int, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-one\n")
+    token.chmod(mode)
+    assert AdminAuth(token_file=str(token)).problem() is None
+    tokens = TokenFile(str(token))
+    with caplog.at_level(logging.WARNING, "graysteer.admin"):
+        for _ in range(3):
+            assert tokens.accepts([("authorization", "Bearer s3cret-one")])
+    warnings = [r.getMessage() for r in caplog.records if "lets its group read the token" in r.getMessage()]
+    assert warnings == (
+        [
+            f"admin token file {token}: mode {mode:04o} lets its group read the token (accepted: a "
+            "Kubernetes Secret volume with fsGroup); `chmod 600` keeps it to this user"
+        ]
+        if warned
+        else []
+    )
+
+
+def test_a_token_file_that_becomes_readable_by_others_stops_being_accepted(
+    token_sidecar: tuple[Sidecar, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sidecar, token = token_sidecar
+    assert status(sidecar.admin, "--admin-token-file", str(token)) == 0
+    token.chmod(0o644)  # neither the content nor the mtime changes
+    for _ in range(3):
+        assert status(sidecar.admin, "--admin-token-file", str(token)) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    refusal = f"admin token file {token}: mode 0644 lets every user read the admin token"
+    assert sidecar.log_text().count(refusal) == 1  # logged once, not per call
+    token.chmod(0o600)
+    assert status(sidecar.admin, "--admin-token-file", str(token)) == 0
+    sidecar.wait_for_log(f"admin token file {token}: readable and safe again")
