@@ -496,6 +496,14 @@ def _check_envoy(table: "Table", path: str) -> int:
     return 1 if findings else 0
 
 
+def _warn_size(table: "Table", path: str) -> None:
+    from sidecar.runtime.load import size_warning
+
+    warning = size_warning(table, Path(path).stat().st_size)
+    if warning:
+        print(f"{path}: {warning}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -614,6 +622,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.rules}: ok, version {table.version}, {len(table.rules)} rules, "
             f"clusters {', '.join(table.clusters)}"
         )
+        _warn_size(table, args.rules)
         if args.envoy:
             return _check_envoy(table, args.envoy)
         return 0
@@ -684,6 +693,7 @@ def _run(args: argparse.Namespace) -> int:
         address = EtcdAddress.parse(args.url)
         table = load_rules(args.rules)  # refused with the same messages as `check`
         content = read_regular_file(Path(args.rules), MAX_FILE_BYTES)
+        _warn_size(table, args.rules)
         revision = asyncio.run(_with_etcd_errors(push_rules(address, _etcd_tls(args), content), address))
         print(f"{args.rules}: pushed version {table.version} to {address}/rules (etcd revision {revision})")
         return 0

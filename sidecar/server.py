@@ -43,6 +43,13 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_concurrent_streams", 10_000),
 ]
+# The admin API's streams (WatchTable, 16 at most) are held by clients: ping them, so that a
+# peer that vanished without closing (a killed laptop, a dropped VPN) frees its slot within
+# a minute, not after TCP's two hours.
+ADMIN_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,8 @@ async def serve(options: ServeOptions) -> None:
 
     auth = options.admin_auth
     admin = grpc.aio.server(
-        options=GRPC_OPTIONS, interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None
+        options=GRPC_OPTIONS + ADMIN_KEEPALIVE,
+        interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None,
     )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), admin)
     admin_listen = _bind(

@@ -6,12 +6,20 @@ Every container of a Kubernetes pod shares its loopback, so an unauthenticated a
 without a restart); tokens are compared in constant time. With TLS, a client certificate
 from `ca` is required and its SANs must match one `allow` entry (a SPIFFE ID, a SPIFFE glob
 `spiffe://td/path/*`, or a DNS name, `*.` for one label), matched as the rules file matches
-identities.
+identities. The token file must not be readable by other users nor writable by group or
+others (checked at start-up and on every read: a file that becomes readable stops being
+accepted); a group-readable one (a Kubernetes Secret volume with fsGroup) is logged.
+
+Every kind of call is checked by the same function, before the method runs: a streaming
+call that is refused sends no message.
 """
 
 import hmac
+import inspect
+import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,8 @@ import grpc
 from cryptography import x509
 
 from sidecar.core.identity import Identity, IdentityMatcher, identity_form_problem, identity_matcher
+
+log = logging.getLogger("graysteer.admin")
 
 TOKEN_METADATA = "authorization"
 SOCKET_MODE = 0o600  # the unix socket: the sidecar's user only
@@ -69,31 +79,75 @@ def allow_form(entry: str) -> dict[str, str]:
     return {"dns": entry}
 
 
+def token_mode_problem(path: Path, mode: int) -> str | None:
+    """Why a token file with this mode must not be used (others can read it, or group or
+    others can change it), or None."""
+    mode = stat.S_IMODE(mode)
+    fix = f"run `chmod 600 {path}` (a Kubernetes Secret volume: defaultMode: 0440 with the pod's fsGroup)"
+    if mode & stat.S_IROTH:
+        return f"mode {mode:04o} lets every user read the admin token: {fix}"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"mode {mode:04o} lets other users change the admin token: {fix}"
+    return None
+
+
 class TokenFile:
-    """A bearer token in a file, read again when the file changes."""
+    """A bearer token in a file, read again when the file changes. Its mode is checked on
+    every read (a chmod changes neither the content nor the mtime)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self._seen: tuple[float, int] | None = None
         self._token = b""
+        self._reported: str | None = None  # the refusal last logged: each is logged once
+        self.mode = 0  # the file's permission bits at the last read
+        self._warned_mode: int | None = None  # the group-readable mode last logged
 
     def token(self) -> bytes:
+        """The token; OSError when unreadable, ValueError when empty or its mode is unsafe."""
         info = self.path.stat()
+        problem = token_mode_problem(self.path, info.st_mode)
+        if problem:
+            raise ValueError(problem)
         if self._seen != (info.st_mtime, info.st_size):
             token = self.path.read_bytes().strip()
             if not token:
                 raise ValueError("the token file is empty")
             self._token, self._seen = token, (info.st_mtime, info.st_size)
+        self.mode = stat.S_IMODE(info.st_mode)
         return self._token
 
-    def accepts(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+    def current(self) -> bytes | None:
+        """The token, or None (nobody gets in): a refusal is logged once per reason, a
+        group-readable mode once per mode."""
         try:
-            expected = b"Bearer " + self.token()
-        except (OSError, ValueError):
-            return False  # no readable token: nobody gets in
+            token = self.token()
+        except (OSError, ValueError) as error:
+            reason = str(error.strerror or error) if isinstance(error, OSError) else str(error)
+            if reason != self._reported:
+                self._reported = reason
+                log.error("admin token file %s: %s: refusing every admin call", self.path, reason)
+            return None
+        if self._reported is not None:
+            self._reported = None
+            log.info("admin token file %s: readable and safe again", self.path)
+        if self.mode & stat.S_IRGRP and self._warned_mode != self.mode:
+            self._warned_mode = self.mode
+            log.warning(
+                "admin token file %s: mode %04o lets its group read the token (accepted: a Kubernetes "
+                "Secret volume with fsGroup); `chmod 600` keeps it to this user",
+                self.path,
+                self.mode,
+            )
+        return token
+
+    def accepts(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+        token = self.current()
+        if token is None:
+            return False  # no usable token: nobody gets in
         sent = next((v for k, v in metadata if k == TOKEN_METADATA), "")
         sent_bytes = sent.encode() if isinstance(sent, str) else bytes(sent)
-        return hmac.compare_digest(sent_bytes, expected)
+        return hmac.compare_digest(sent_bytes, b"Bearer " + token)
 
 
 def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
@@ -112,42 +166,92 @@ def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+# (request streaming, response streaming) -> the handler's behaviour for that kind of call,
+# and how to make a handler of that kind.
+_KINDS: dict[tuple[object, object], tuple[str, Callable[..., grpc.RpcMethodHandler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses a call (UNAUTHENTICATED / PERMISSION_DENIED) unless it passes every configured
-    check: the bearer token, and with TLS an allowed client identity."""
+    check: the bearer token, and with TLS an allowed client identity. Every kind of call
+    (unary or streaming, either way) goes through `refusal` before its method runs; a handler
+    of a kind this does not know is refused, never passed through unchecked."""
 
     def __init__(self, auth: AdminAuth) -> None:
         self.tokens = TokenFile(auth.token_file) if auth.token_file else None
         self.allowed: tuple[IdentityMatcher, ...] = tuple(identity_matcher(allow_form(a)) for a in auth.allow)
         self.tls = auth.tls
+        if self.tokens is not None:
+            self.tokens.current()  # log a group-readable or unusable token file at start-up
+
+    def refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+        """Why this call may not proceed (a status code and its message), or None."""
+        if self.tokens is not None and not self.tokens.accepts(context.invocation_metadata() or ()):
+            return grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required"
+        if self.tls:
+            identity = peer_identity(context.auth_context())
+            if not any(matches(identity) for matches in self.allowed):
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "this client certificate is not on the admin allow-list",
+                )
+        return None
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        refused = self.refusal(context)
+        if refused is not None:
+            await context.abort(*refused)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if self.tokens is not None and not self.tokens.accepts(context.invocation_metadata() or ()):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required")
-            if self.tls:
-                identity = peer_identity(context.auth_context())
-                if not any(matches(identity) for matches in self.allowed):
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        "this client certificate is not on the admin allow-list",
-                    )
-            return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
+        if handler is None:
+            return None  # no such method: gRPC answers UNIMPLEMENTED, nothing runs
+        flags = (getattr(handler, "request_streaming", None), getattr(handler, "response_streaming", None))
+        kind = _KINDS.get(flags)
+        behaviour = getattr(handler, kind[0], None) if kind is not None else None
+        if kind is None or behaviour is None:
+            return grpc.stream_stream_rpc_method_handler(_refuse_unknown_kind)
+        checked = self._stream(behaviour) if handler.response_streaming else self._unary(behaviour)
+        return kind[1](
             checked,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _unary(self, behaviour: Behaviour) -> Behaviour:
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(context)
+            return await behaviour(request, context)
+
+        return checked
+
+    def _stream(self, behaviour: Behaviour) -> Behaviour:
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._check(context)
+            responses = behaviour(request, context)
+            if inspect.isawaitable(responses):  # a method that writes with context.write()
+                await responses
+                return
+            async for response in responses:
+                yield response
+
+        return checked
+
+
+async def _refuse_unknown_kind(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        "the admin API cannot authenticate this kind of call: refused",
+    )
 
 
 def server_credentials(auth: AdminAuth) -> grpc.ServerCredentials:

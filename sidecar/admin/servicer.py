@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from sidecar.runtime.bypass import BypassMonitor
     from sidecar.runtime.rollouts import RolloutController
 
+# WatchTable streams one process serves at once. A watcher is an operator's terminal or a
+# dashboard following one sidecar: 16 leaves room for every person and tool following one
+# pod. Each costs a stream, a subscription holding one change, and a send of the whole
+# table per change on the loop the transports share (about 0.08 ms each, measured with
+# benchmarks/admin_watchers.py): 16 add a millisecond or two to a change, 1,000 would add
+# close to 100 ms, and Envoy gives a check 250 ms.
+MAX_WATCHERS = 16
+
 _OUTCOMES = {
     "loaded": pb.ReloadResult.LOADED,
     "unchanged": pb.ReloadResult.UNCHANGED,
@@ -153,6 +161,8 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
         self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
+        self._watchers = 0  # WatchTable streams open
+        self._event: tuple[tuple[Loaded, ReloadResult], pb.TableEvent] | None = None  # the last change's
 
     async def GetTable(self, request: pb.GetTableRequest, context: Any) -> pb.TableStatus:
         return table_status(self.reloader, controller=self.controller, bypass=self.bypass)
@@ -229,6 +239,18 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return status
 
     async def WatchTable(self, request: pb.WatchTableRequest, context: Any) -> AsyncIterator[pb.TableEvent]:
+        """The current table, then the newest change each time one happened since the last
+        message was sent: a watcher that reads slowly skips to the newest table, never
+        queues a backlog."""
+        if self._watchers >= MAX_WATCHERS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_WATCHERS} WatchTable streams are open on this process, the most it serves: "
+                "close one, or poll GetTable",
+            )
+        self._watchers += 1
+        gauge = self.reloader.metrics.admin_watchers
+        gauge.inc()
         queue = self.reloader.subscribe()
         try:
             yield pb.TableEvent(
@@ -236,10 +258,21 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                 result=reload_result(self.reloader.last_result),
             )
             while True:
-                loaded, result = await queue.get()
-                yield pb.TableEvent(
-                    table=table_status(self.reloader, loaded, self.controller, self.bypass),
-                    result=reload_result(result),
-                )
+                yield self._table_event(await queue.get())
         finally:
             self.reloader.unsubscribe(queue)
+            self._watchers -= 1
+            gauge.dec()
+
+    def _table_event(self, change: tuple[Loaded, ReloadResult]) -> pb.TableEvent:
+        """The event of a change, built once however many watchers send it: the whole table's
+        status is the costly part, and building it on the serving loop once per watcher
+        would stall every transport for as long as all of them take."""
+        if self._event is None or self._event[0] is not change:
+            loaded, result = change
+            event = pb.TableEvent(
+                table=table_status(self.reloader, loaded, self.controller, self.bypass),
+                result=reload_result(result),
+            )
+            self._event = (change, event)
+        return self._event[1]

@@ -70,6 +70,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.admin_watchers = Gauge(
+            "graysteer_admin_watchers",
+            "Admin API WatchTable streams open now (each process refuses more than its limit).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.reloads = Counter(
             "graysteer_reloads",
             "Attempts to load the rules file, by result (loaded, unchanged, invalid, missing).",

@@ -318,8 +318,11 @@ class Reloader:
             log.info(
                 "serving rules %s version %s (%s)", self.rules.label, loaded.table.version, result.trigger
             )
-        for queue in self._subscribers:
-            queue.put_nowait((self.loaded, result))
+        change = (self.loaded, result)  # one object for every subscriber: built once per change
+        for queue in self._subscribers:  # each holds only the newest change: a slow reader skips
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(change)
 
     def _install(self, loaded: Loaded, result: ReloadResult) -> None:
         self.loaded = loaded
@@ -332,7 +335,12 @@ class Reloader:
         self.reader.close()
 
     def subscribe(self) -> "asyncio.Queue[tuple[Loaded, ReloadResult]]":
-        queue: asyncio.Queue[tuple[Loaded, ReloadResult]] = asyncio.Queue()
+        """A queue of the changes (the table served, what caused it) that holds only the newest
+        one: a subscriber that reads late gets the latest table and result, never a backlog,
+        and one that never reads holds one change at most. So a LOADED result read from it is
+        the newest change: its table is the one served. The same (Loaded, ReloadResult)
+        object goes to every subscriber."""
+        queue: asyncio.Queue[tuple[Loaded, ReloadResult]] = asyncio.Queue(maxsize=1)
         self._subscribers.add(queue)
         return queue
 

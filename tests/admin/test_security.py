@@ -2,12 +2,20 @@
 certificates with an allow-list, a remote bind only with one of them, a unix socket for the
 owner only. Real `graysteer serve` processes, real gRPC TLS."""
 
+import logging
 import stat
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
 
+from sidecar.admin.api import admin_pb2 as pb
+from sidecar.admin.security import AdminAuth, TokenFile
 from sidecar.cli import main
 from sidecar.dev.devstack import Sidecar, wait_for
 from tests.tls import make_ca, make_leaf, write_pair
@@ -38,6 +46,7 @@ def status(admin: str, *flags: str) -> int:
 def token_sidecar(tmp_path: Path) -> Iterator[tuple[Sidecar, Path]]:
     token = tmp_path / "token"
     token.write_text("s3cret-one\n")
+    token.chmod(0o600)
     sidecar = Sidecar(RULES, tmp_path, ["--admin-token-file", str(token)])
     yield sidecar, token
     sidecar.stop()
@@ -57,6 +66,58 @@ def test_a_bearer_token_is_required_and_rotates_without_a_restart(
     token.write_text("s3cret-two")  # rotation: the sidecar reads the file again when it changes
     assert status(sidecar.admin, "--admin-token-file", str(wrong)) == 0
     assert status(sidecar.admin, "--admin-token-file", str(tmp_path / "token")) == 0
+
+
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"]
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def call(
+    channel: grpc.Channel, method: MethodDescriptor, metadata: Sequence[tuple[str, str]] = ()
+) -> tuple[int, grpc.StatusCode]:
+    """Call one admin method with an empty request: (messages received, status code). A
+    stream is cancelled after its first message (it was let in)."""
+    path = f"/{ADMIN.full_name}/{method.name}"
+    request = message_factory.GetMessageClass(method.input_type)()
+    kinds = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }
+    callable_ = kinds[(method.client_streaming, method.server_streaming)](
+        path, request_serializer=type(request).SerializeToString
+    )
+    argument = iter([request]) if method.client_streaming else request
+    try:
+        if method.server_streaming:
+            responses = callable_(argument, timeout=10, metadata=metadata)
+            next(responses)
+            responses.cancel()
+            return 1, grpc.StatusCode.OK
+        callable_(argument, timeout=10, metadata=metadata)
+        return 1, grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        return 0, error.code()
+
+
+def every_method(
+    channel: grpc.Channel, metadata: Sequence[tuple[str, str]] = ()
+) -> dict[str, tuple[int, grpc.StatusCode]]:
+    return {method.name: call(channel, method, metadata) for method in ADMIN.methods}
+
+
+def test_every_admin_rpc_of_every_kind_needs_the_token(token_sidecar: tuple[Sidecar, Path]) -> None:
+    sidecar, _ = token_sidecar
+    assert any(method.server_streaming for method in ADMIN.methods)  # WatchTable among them
+    with grpc.insecure_channel(sidecar.admin) as channel:
+        for metadata in ([], [("authorization", "Bearer s3cret-two")], [("authorization", "s3cret-one")]):
+            answers = every_method(channel, metadata)
+            assert answers == {m.name: (0, grpc.StatusCode.UNAUTHENTICATED) for m in ADMIN.methods}, metadata
+        let_in = every_method(channel, [("authorization", "Bearer s3cret-one")])
+    # With the token every method runs (an empty request may be invalid, never refused).
+    assert not [name for name, (_, code) in let_in.items() if code in REFUSED]
+    assert let_in["WatchTable"] == (1, grpc.StatusCode.OK) and let_in["GetTable"] == (1, grpc.StatusCode.OK)
 
 
 def test_tls_client_certificates_and_the_allow_list(
@@ -93,6 +154,25 @@ def test_tls_client_certificates_and_the_allow_list(
         assert status(sidecar.admin, *client("web")) == 1
         assert "PERMISSION_DENIED" in capsys.readouterr().err
         assert status(sidecar.admin, *client("stranger")) == 1  # not from the CA: no handshake
+
+        def channel(name: str) -> grpc.Channel:
+            return grpc.secure_channel(
+                sidecar.admin,
+                grpc.ssl_channel_credentials(
+                    (tls / "ca.pem").read_bytes(),
+                    (tls / f"{name}.key").read_bytes(),
+                    (tls / f"{name}.pem").read_bytes(),
+                ),
+            )
+
+        with channel("web") as web:  # every method, streams included: refused, nothing sent
+            assert every_method(web) == {
+                m.name: (0, grpc.StatusCode.PERMISSION_DENIED) for m in ADMIN.methods
+            }
+        with channel("ops") as ops:
+            let_in = every_method(ops)
+        assert not [name for name, (_, code) in let_in.items() if code in REFUSED]
+        assert let_in["WatchTable"] == (1, grpc.StatusCode.OK)
         assert status(sidecar.admin, "--admin-tls-ca", str(tls / "ca.pem")) == 1  # no client certificate
         assert status(sidecar.admin) == 1  # plaintext
     finally:
@@ -127,3 +207,72 @@ def test_the_unix_socket_is_for_its_owner_only(tmp_path: Path) -> None:
         assert status(f"unix:{socket_path}") == 0
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        (0o644, "lets every user read"),
+        (0o604, "lets every user read"),
+        (0o620, "lets other users change"),
+        (0o602, "lets other users change"),
+        (0o660, "lets other users change"),
+    ],
+)
+def test_a_token_file_others_can_read_or_change_is_refused_at_start(
+    tmp_path: Path, mode: int, why: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-one\n")
+    token.chmod(mode)
+    # A process, so that a regression (it starts serving) ends in the timeout, not a hang.
+    argv = ["serve", "--config", str(RULES), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv, "--admin-token-file", str(token)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    error = result.stderr
+    assert f"--admin-token-file {token}: mode {mode:04o} {why} the admin token" in error
+    assert f"chmod 600 {token}" in error
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o400, False), (0o640, True), (0o440, True)])
+def test_a_group_readable_token_file_is_accepted_and_logged_once(
+    tmp_path: Path, mode: int, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-one\n")
+    token.chmod(mode)
+    assert AdminAuth(token_file=str(token)).problem() is None
+    tokens = TokenFile(str(token))
+    with caplog.at_level(logging.WARNING, "graysteer.admin"):
+        for _ in range(3):
+            assert tokens.accepts([("authorization", "Bearer s3cret-one")])
+    warnings = [r.getMessage() for r in caplog.records if "lets its group read the token" in r.getMessage()]
+    assert warnings == (
+        [
+            f"admin token file {token}: mode {mode:04o} lets its group read the token (accepted: a "
+            "Kubernetes Secret volume with fsGroup); `chmod 600` keeps it to this user"
+        ]
+        if warned
+        else []
+    )
+
+
+def test_a_token_file_that_becomes_readable_by_others_stops_being_accepted(
+    token_sidecar: tuple[Sidecar, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sidecar, token = token_sidecar
+    assert status(sidecar.admin, "--admin-token-file", str(token)) == 0
+    token.chmod(0o644)  # neither the content nor the mtime changes
+    for _ in range(3):
+        assert status(sidecar.admin, "--admin-token-file", str(token)) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    refusal = f"admin token file {token}: mode 0644 lets every user read the admin token"
+    assert sidecar.log_text().count(refusal) == 1  # logged once, not per call
+    token.chmod(0o600)
+    assert status(sidecar.admin, "--admin-token-file", str(token)) == 0
+    sidecar.wait_for_log(f"admin token file {token}: readable and safe again")

@@ -303,3 +303,30 @@ def test_hostile_files_are_refused_and_the_last_good_table_stays(tmp_path: Path)
         assert reloader.table is first
 
     asyncio.run(scenario())
+
+
+def test_a_subscriber_holds_only_the_newest_change(tmp_path: Path) -> None:
+    """A subscriber that does not read holds one change, the newest, whatever happened in
+    between: a LOADED result read is the table being served."""
+    path, reloader = started(tmp_path)
+
+    async def scenario() -> None:
+        late, prompt = reloader.subscribe(), reloader.subscribe()
+        for canary in (20, 30, 40):
+            await reloader.set_weights("ramp", {"canary": canary})
+            loaded, result = await prompt.get()  # a subscriber that keeps up sees each one
+            assert result.outcome is Outcome.LOADED and loaded is reloader.loaded
+            assert late.qsize() == 1
+        loaded, result = late.get_nowait()
+        assert loaded is reloader.loaded and loaded.table.rules[0].split.weights == (60, 40)  # type: ignore[union-attr]
+        assert late.empty()
+        await reloader.set_weights("ramp", {"canary": 50})
+        path.write_text(BROKEN)
+        assert (await reloader.reload("test")).outcome is Outcome.INVALID
+        loaded, result = await late.get()  # the newest: the refusal, with the table still served
+        assert result.outcome is Outcome.INVALID and loaded.table.rules[0].split.weights == (50, 50)  # type: ignore[union-attr]
+        assert late.empty() and prompt.qsize() == 1
+        reloader.unsubscribe(late)
+        reloader.unsubscribe(prompt)
+
+    asyncio.run(scenario())

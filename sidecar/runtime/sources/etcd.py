@@ -261,15 +261,21 @@ class EtcdSource:
     # -- the local cache -----------------------------------------------------------------------
 
     async def _keep_cache(self, reloader: Reloader, stop: asyncio.Event) -> None:
+        """Keep the cache at the table served: after every change, the inputs of the table
+        that is served then (a refused change leaves it as it was; a subscriber sees only
+        the newest change, so a load followed at once by a refusal is still written)."""
         queue = reloader.subscribe()
+        written = None if self.from_cache else reloader.loaded  # started from etcd: cache it
         try:
-            if not self.from_cache:  # what we start with, if it came from etcd
-                await asyncio.to_thread(self._write_cache, reloader.loaded)
+            if written is not None:
+                await asyncio.to_thread(self._write_cache, written)
             while not stop.is_set():
-                loaded, result = await queue.get()
-                if result.outcome is Outcome.LOADED and result.trigger != "startup":
-                    self.from_cache = False  # serving what etcd holds now
-                    await asyncio.to_thread(self._write_cache, loaded)
+                served, result = await queue.get()
+                if served is not written and result.trigger != "startup":
+                    if result.outcome is Outcome.LOADED:
+                        self.from_cache = False  # serving what etcd held
+                    await asyncio.to_thread(self._write_cache, served)
+                    written = served
         finally:
             reloader.unsubscribe(queue)
 
