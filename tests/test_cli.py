@@ -28,6 +28,22 @@ def test_check_invalid_exits_1_with_precise_errors(
     assert f"{bad}: rule 'r' (rules[0]) field route: unknown cluster 'canary'" in err
 
 
+def test_check_warns_about_a_large_table_and_still_passes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    large = tmp_path / "large.yaml"
+    tenants = "".join(
+        f"  - {{name: t{i}, match: {{headers: {{x-tenant: t{i}}}}}, route: canary}}\n" for i in range(600)
+    )
+    large.write_text("version: 1\nclusters: [stable, canary]\ndefault: stable\nrules:\n" + tenants)
+    assert main(["check", str(large)]) == 0
+    captured = capsys.readouterr()
+    assert "ok, version" in captured.out
+    assert f"{large}: warning: 600 rules" in captured.err and "Large tables" in captured.err
+    assert main(["check", EXAMPLE]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(tmp_path / "none.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
