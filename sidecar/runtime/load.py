@@ -123,5 +123,5 @@ def size_warning(table: Table, size: int) -> str | None:
         f"warning: {len(table.rules)} rules in {size // 1024} KiB: a request tries the rules in "
         "order until one matches, so one that matches late or not at all costs time in proportion "
         "(1,000 header-regex rules: about 3 ms per request on a 2-core machine), and each reload "
-        "reads the whole document; see docs/operations.md, \"Large tables\""
+        'reads the whole document; see docs/operations.md, "Large tables"'
     )
