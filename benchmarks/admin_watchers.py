@@ -27,9 +27,10 @@ from prometheus_client import CollectorRegistry
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.admin.servicer import AdminServicer
-from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import Reloader
-from sidecar.runtime.state_file import StateFile
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.file import RulesFile
+from sidecar.sources.state_file import StateFile
+from sidecar.table.reload import Reloader
 
 
 def rules(route_rules: int) -> str:
@@ -72,7 +73,9 @@ async def measure(workdir: Path, route_rules: int, changes: int, watchers: int) 
     """The probe's gaps during a burst of `changes` weight changes with `watchers` open."""
     path = workdir / "rules.yaml"
     path.write_text(rules(route_rules))
-    reloader = Reloader(path, Metrics(CollectorRegistry()), StateFile(workdir / f"state-{watchers}.json"))
+    reloader = Reloader(
+        RulesFile(path), Metrics(CollectorRegistry()), StateFile(workdir / f"state-{watchers}.json")
+    )
     server = grpc.aio.server()
     pb_grpc.add_AdminServicer_to_server(AdminServicer(reloader), server)
     port = server.add_insecure_port("127.0.0.1:0")

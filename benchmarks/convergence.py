@@ -22,8 +22,8 @@ from pathlib import Path
 from sidecar.admin import client as admin_client
 from sidecar.dev.devstack import Sidecar
 from sidecar.dev.etcd import Etcd
-from sidecar.runtime.etcd import EtcdAddress, EtcdClient
-from sidecar.runtime.load import config_version
+from sidecar.sources.etcd_client import EtcdAddress, EtcdClient
+from sidecar.table.load import config_version
 
 RESULTS = Path(__file__).parent / "results" / "convergence.json"
 RULES = textwrap.dedent("""\

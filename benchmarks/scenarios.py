@@ -14,7 +14,7 @@ from betterproto2 import Casing
 
 from sidecar.dev.devstack import Envoy, Process, Sidecar, free_port
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
-from sidecar.runtime.load import load_rules
+from sidecar.table.load import load_rules
 
 REPO = Path(__file__).parents[1]
 RULES = REPO / "examples" / "rules.yaml"

@@ -25,10 +25,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import Request, Table
-from sidecar.runtime.documents import DocumentReader
-from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import Reloader
-from sidecar.runtime.state_file import StateFile
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.file import RulesFile
+from sidecar.sources.state_file import StateFile
+from sidecar.table.documents import DocumentReader
+from sidecar.table.reload import Reloader
 
 RESULTS = Path(__file__).parent / "results" / "table_size.json"
 
@@ -88,7 +89,7 @@ def measure(rules_count: int, workdir: Path) -> dict[str, Any]:
         rules = workdir / f"rules-{where}.yaml"
         rules.write_bytes(document(1))
         reloader = Reloader(
-            rules,
+            RulesFile(rules),
             Metrics(CollectorRegistry()),
             StateFile(workdir / f"state-{where}.json"),
             DocumentReader(offload_bytes=offload),

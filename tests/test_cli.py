@@ -203,11 +203,25 @@ def test_serve_refuses_etcd_flags_out_of_place(
         (["serve", "--config", "etcd://127.0.0.1/checkout"], "expected etcd://HOST:PORT/PREFIX"),
         (["serve", "--config", "etcd://127.0.0.1:2379/"], "the prefix must name the service"),
         (["serve", "--config", "etcd://127.0.0.1:2379/x", "--etcd-cert", "c.pem"], "need --etcd-ca"),
+    ],
+)
+def test_bad_etcd_flags_of_serve_are_flag_errors_before_anything_starts(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("usage: graysteer serve") and message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["push", "examples/rules.yaml", "http://127.0.0.1:2379/x"], "expected etcd://HOST:PORT/PREFIX"),
         (["status", "--fleet", "etcd://127.0.0.1:99999/x"], "expected etcd://HOST:PORT/PREFIX"),
     ],
 )
-def test_bad_etcd_addresses_and_tls_flags_are_one_line_errors(
+def test_bad_etcd_addresses_are_one_line_errors(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.runtime.load import load_rules
+from sidecar.table.load import load_rules
 
 REPO = Path(__file__).parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

@@ -13,16 +13,16 @@ from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.core import Decision, decision_fields
 from sidecar.core.overrides import split_weights
 from sidecar.core.state import StateError
-from sidecar.runtime.decider import Decider
-from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import DrivenByRollout, Loaded, Reloader, ReloadResult
-from sidecar.runtime.state_file import StateConflict
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.state_file import StateConflict
+from sidecar.table.decider import Decider
+from sidecar.table.reload import DrivenByRollout, Loaded, Reloader, ReloadResult
 from sidecar.transports.explain import Peer, headers_message
 from sidecar.transports.ext_proc import ExtProcServicer
 
 if TYPE_CHECKING:
-    from sidecar.runtime.bypass import BypassMonitor
-    from sidecar.runtime.rollouts import RolloutController
+    from sidecar.rollouts.controller import RolloutController
+    from sidecar.stats.bypass import BypassMonitor
 
 # WatchTable streams one process serves at once. A watcher is an operator's terminal or a
 # dashboard following one sidecar: 16 leaves room for every person and tool following one

@@ -1,7 +1,7 @@
-"""Progressive delivery, the pure part: a rollout's spec, the analysis of a window of lane
+"""Progressive delivery, the pure part: a rollout's spec, the analysis of a window of cluster
 statistics, the verdict, and the state machine that turns time and verdicts into weights.
 
-No clock, no I/O: the controller (sidecar/runtime/rollouts.py) passes `now` (wall time, for
+No clock, no I/O: the controller (sidecar/rollouts/controller.py) passes `now` (wall time, for
 the record), how long the current step has been held (measured on its own clock, see there)
 and the observed counts in, and applies the weights that come out.
 """
@@ -49,7 +49,7 @@ class Analysis:
 class RolloutSpec:
     rule: str
     canary: str
-    baseline: str  # the lane the canary is compared with: the split's first other entry
+    baseline: str  # the cluster the canary is compared with: the split's first other entry
     steps: tuple[Step, ...]
     analysis: Analysis
     on_failure: str  # "rollback" or "pause"
@@ -58,8 +58,8 @@ class RolloutSpec:
 
 
 @dataclass(frozen=True)
-class LaneWindow:
-    """One lane's responses in the analysis window."""
+class ClusterWindow:
+    """One cluster's responses in the analysis window."""
 
     requests: int = 0
     errors: int = 0  # 5xx
@@ -74,10 +74,10 @@ class LaneWindow:
 class Verdict:
     outcome: str  # healthy, breach, inconclusive
     reason: str
-    canary: LaneWindow
-    baseline: LaneWindow
-    canary_lane: str = "canary"
-    baseline_lane: str = "stable"
+    canary: ClusterWindow
+    baseline: ClusterWindow
+    canary_cluster: str = "canary"
+    baseline_cluster: str = "stable"
 
     def numbers(self) -> dict[str, Any]:
         return {
@@ -92,16 +92,18 @@ class Verdict:
 
 def judge(
     analysis: Analysis,
-    canary: LaneWindow,
-    baseline: LaneWindow,
-    lanes: tuple[str, str] = ("canary", "stable"),
+    canary: ClusterWindow,
+    baseline: ClusterWindow,
+    clusters: tuple[str, str] = ("canary", "stable"),
 ) -> Verdict:
     """The verdict on a window. No verdict on fewer than min_requests canary responses; the
-    comparison with the baseline lane is skipped while it has fewer than min_requests."""
-    return replace(_judge(analysis, canary, baseline), canary_lane=lanes[0], baseline_lane=lanes[1])
+    comparison with the baseline cluster is skipped while it has fewer than min_requests."""
+    return replace(
+        _judge(analysis, canary, baseline), canary_cluster=clusters[0], baseline_cluster=clusters[1]
+    )
 
 
-def _judge(analysis: Analysis, canary: LaneWindow, baseline: LaneWindow) -> Verdict:
+def _judge(analysis: Analysis, canary: ClusterWindow, baseline: ClusterWindow) -> Verdict:
     if canary.requests < analysis.min_requests:
         return Verdict(
             INCONCLUSIVE,
@@ -156,9 +158,11 @@ def p99_from_buckets(bounds: list[float], counts: list[float]) -> float | None:
     return lower + (upper - lower) * ((target - below) / inside if inside else 1.0)
 
 
-def unavailable(reason: str, lanes: tuple[str, str] = ("canary", "stable")) -> Verdict:
+def unavailable(reason: str, clusters: tuple[str, str] = ("canary", "stable")) -> Verdict:
     """The verdict when the analysis cannot run (see UNAVAILABLE)."""
-    return Verdict(UNAVAILABLE, f"analysis unavailable: {reason}", LaneWindow(), LaneWindow(), *lanes)
+    return Verdict(
+        UNAVAILABLE, f"analysis unavailable: {reason}", ClusterWindow(), ClusterWindow(), *clusters
+    )
 
 
 @dataclass(frozen=True)

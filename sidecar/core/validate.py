@@ -62,7 +62,7 @@ class RulesError(ValueError):
         super().__init__(f"{source}: {len(self.problems)} problem(s) in rules file\n{lines}{tail}")
 
     def __reduce__(self) -> tuple[type["RulesError"], tuple[str, tuple[Problem, ...]]]:
-        return RulesError, (self.source, self.problems)  # across processes (runtime.documents)
+        return RulesError, (self.source, self.problems)  # across processes (table.documents)
 
 
 def problems(document: Any) -> list[Problem]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sidecar.dev.devstack import Process, ensure_tool, free_port, wait_for
-from sidecar.runtime.etcd import EtcdAddress, EtcdClient
+from sidecar.sources.etcd_client import EtcdAddress, EtcdClient
 
 T = TypeVar("T")
 

@@ -52,7 +52,7 @@ import httptools
 
 from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.core.identity import identity_from_xfcc
-from sidecar.runtime.decider import Decider
+from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 
 log = logging.getLogger("graysteer.authz_http")

@@ -13,9 +13,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
-from sidecar.runtime.decider import Decider, TableHolder
-from sidecar.runtime.load import load_rules
-from sidecar.runtime.metrics import Metrics
+from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.load import load_rules
 from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer
 
 DEFAULT_AUTHORITY = "graysteer.local"

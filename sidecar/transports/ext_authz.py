@@ -23,7 +23,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
-from sidecar.runtime.decider import Decider
+from sidecar.table.decider import Decider
 
 log = logging.getLogger("graysteer.extauthz")
 

@@ -18,7 +18,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
-from sidecar.runtime.decider import Decider
+from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 
 log = logging.getLogger("graysteer.extproc")

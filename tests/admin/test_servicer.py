@@ -7,9 +7,10 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.admin.client import as_dict, format_status
 from sidecar.admin.servicer import table_status
-from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import Reloader
-from sidecar.runtime.state_file import StateFile, default_state_path
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.file import RulesFile
+from sidecar.sources.state_file import StateFile, default_state_path
+from sidecar.table.reload import Reloader
 
 REPO = Path(__file__).parents[2]
 
@@ -17,7 +18,7 @@ REPO = Path(__file__).parents[2]
 def test_status_describes_route_split_and_deny_rules(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     shutil.copy(REPO / "examples" / "rules.yaml", rules)  # route, split and deny rules
-    reloader = Reloader(rules, Metrics(CollectorRegistry()), StateFile(default_state_path(rules)))
+    reloader = Reloader(RulesFile(rules), Metrics(CollectorRegistry()), StateFile(default_state_path(rules)))
     status = as_dict(table_status(reloader))
     actions = {rule["name"]: rule["action"] for rule in status["rules"]}
     assert actions == {

@@ -17,9 +17,10 @@ from sidecar.admin import servicer
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.admin.servicer import MAX_WATCHERS, AdminServicer
-from sidecar.runtime.metrics import Metrics
-from sidecar.runtime.reload import Reloader
-from sidecar.runtime.state_file import StateFile
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.file import RulesFile
+from sidecar.sources.state_file import StateFile
+from sidecar.table.reload import Reloader
 
 # No BDP probing: the stream's flow-control window stays at gRPC's 64 KiB, so a watcher that
 # does not read stops taking messages after one or two large tables.
@@ -48,7 +49,7 @@ def rules(route_rules: int) -> str:
 async def admin_server(tmp_path: Path, text: str) -> AsyncIterator[tuple[Reloader, str]]:
     path = tmp_path / "rules.yaml"
     path.write_text(text)
-    reloader = Reloader(path, Metrics(CollectorRegistry()), StateFile(tmp_path / "state.json"))
+    reloader = Reloader(RulesFile(path), Metrics(CollectorRegistry()), StateFile(tmp_path / "state.json"))
     server = grpc.aio.server()
     pb_grpc.add_AdminServicer_to_server(AdminServicer(reloader), server)
     port = server.add_insecure_port("127.0.0.1:0")

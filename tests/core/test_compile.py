@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from sidecar.core import Request, RulesError, compile_table
-from sidecar.runtime.load import load_rules, parse_rules
+from sidecar.table.load import load_rules, parse_rules
 
 GOOD: dict[str, Any] = {
     "version": 1,

@@ -17,7 +17,7 @@ from sidecar.core.rollout import (
     PROMOTED,
     UNAVAILABLE,
     Analysis,
-    LaneWindow,
+    ClusterWindow,
     RolloutState,
     StepClock,
     act,
@@ -29,7 +29,6 @@ from sidecar.core.rollout import (
     start,
     unavailable,
 )
-from sidecar.runtime.rollouts import parse_envoy_stats, rollout_weights
 
 DOC: dict[str, Any] = {
     "version": 1,
@@ -133,15 +132,15 @@ ANALYSIS = Analysis(
 @pytest.mark.parametrize(
     ("canary", "baseline", "outcome", "reason"),
     [
-        (LaneWindow(49, 49), LaneWindow(1000, 0), INCONCLUSIVE, "fewer than min_requests"),
-        (LaneWindow(100, 1, 100.0), LaneWindow(1000, 10), HEALTHY, "within"),
-        (LaneWindow(100, 6), LaneWindow(1000, 0), BREACH, "max_error_rate"),
-        (LaneWindow(100, 3), LaneWindow(1000, 10), BREACH, "x baseline"),  # 3% > 2 x 1%
-        (LaneWindow(100, 3), LaneWindow(40, 0), HEALTHY, "within"),  # baseline too small: skipped
-        (LaneWindow(100, 0, 900.0), LaneWindow(1000, 0), BREACH, "p99"),
+        (ClusterWindow(49, 49), ClusterWindow(1000, 0), INCONCLUSIVE, "fewer than min_requests"),
+        (ClusterWindow(100, 1, 100.0), ClusterWindow(1000, 10), HEALTHY, "within"),
+        (ClusterWindow(100, 6), ClusterWindow(1000, 0), BREACH, "max_error_rate"),
+        (ClusterWindow(100, 3), ClusterWindow(1000, 10), BREACH, "x baseline"),  # 3% > 2 x 1%
+        (ClusterWindow(100, 3), ClusterWindow(40, 0), HEALTHY, "within"),  # baseline too small: skipped
+        (ClusterWindow(100, 0, 900.0), ClusterWindow(1000, 0), BREACH, "p99"),
     ],
 )
-def test_verdicts(canary: LaneWindow, baseline: LaneWindow, outcome: str, reason: str) -> None:
+def test_verdicts(canary: ClusterWindow, baseline: ClusterWindow, outcome: str, reason: str) -> None:
     verdict = judge(ANALYSIS, canary, baseline)
     assert verdict.outcome == outcome and reason in verdict.reason
 
@@ -154,9 +153,9 @@ def test_p99_from_bucket_deltas() -> None:
     assert p99_from_buckets(bounds, [0, 0, 0, 100]) == 1000.0
 
 
-HEALTHY_V = judge(ANALYSIS, LaneWindow(100, 0, 10.0), LaneWindow(100, 0, 10.0))
-THIN_V = judge(ANALYSIS, LaneWindow(10, 0), LaneWindow(100, 0))
-BAD_V = judge(ANALYSIS, LaneWindow(100, 30), LaneWindow(100, 0))
+HEALTHY_V = judge(ANALYSIS, ClusterWindow(100, 0, 10.0), ClusterWindow(100, 0, 10.0))
+THIN_V = judge(ANALYSIS, ClusterWindow(10, 0), ClusterWindow(100, 0))
+BAD_V = judge(ANALYSIS, ClusterWindow(100, 30), ClusterWindow(100, 0))
 
 
 def test_steps_advance_only_after_the_hold_with_a_healthy_verdict() -> None:
@@ -214,44 +213,6 @@ def test_state_round_trip() -> None:
     assert RolloutState.from_json(state.to_json()) == state
     clocked = replace(state, step_clock=StepClock("boot-1", 12.5))
     assert RolloutState.from_json(clocked.to_json()) == clocked
-
-
-def test_split_weights_keep_the_total() -> None:
-    spec = spec_of()
-    assert rollout_weights(spec, {"stable": 100, "canary": 0}, 25) == {"stable": 75, "canary": 25}
-    three = copy.deepcopy(DOC)
-    three["clusters"].append("v3")
-    three["rules"][0]["split"]["to"] = [
-        {"cluster": "stable", "weight": 60},
-        {"cluster": "v3", "weight": 30},
-        {"cluster": "canary", "weight": 10},
-    ]
-    spec3 = spec_of(three)
-    assert rollout_weights(spec3, {"stable": 60, "v3": 30, "canary": 10}, 40) == {
-        "stable": 40,
-        "v3": 20,
-        "canary": 40,
-    }
-
-
-ENVOY_SAMPLE = """# TYPE envoy_cluster_upstream_rq_xx counter
-envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="canary"} 90
-envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="canary"} 10
-envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="stable"} 500
-# TYPE envoy_cluster_upstream_rq_time histogram
-envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="canary",le="100"} 80
-envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="canary",le="1000"} 100
-envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="canary",le="+Inf"} 100
-envoy_cluster_upstream_rq_time_sum{envoy_cluster_name="canary"} 5000
-envoy_cluster_upstream_rq_time_count{envoy_cluster_name="canary"} 100
-"""
-
-
-def test_parse_envoy_prometheus_stats() -> None:
-    lanes = parse_envoy_stats(ENVOY_SAMPLE)
-    assert (lanes["canary"].requests, lanes["canary"].errors) == (100, 10)
-    assert lanes["canary"].bounds == (100.0, 1000.0, float("inf"))
-    assert lanes["stable"].requests == 500
 
 
 def test_a_saved_step_outside_the_spec_is_a_problem() -> None:

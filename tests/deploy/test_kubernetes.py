@@ -17,7 +17,7 @@ import yaml
 from sidecar.cli import build_parser
 from sidecar.dev.devstack import envoy_binary
 from sidecar.envoyconf.lint import check
-from sidecar.runtime.load import load_rules, parse_rules
+from sidecar.table.load import load_rules, parse_rules
 
 REPO = Path(__file__).parents[2]
 KUBE = REPO / "deploy" / "kubernetes"

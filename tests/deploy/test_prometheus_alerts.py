@@ -9,9 +9,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from sidecar.runtime.bypass import BypassMonitor
-from sidecar.runtime.metrics import Metrics
-from tests.runtime.test_bypass import EXT_AUTHZ, EXT_PROC, families
+from sidecar.ops.metrics import Metrics
+from sidecar.stats.bypass import BypassMonitor
+from tests.stats.test_bypass import EXT_AUTHZ, EXT_PROC, families
 
 RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "graysteer-alerts.yaml"
 METRIC = re.compile(r"\bgraysteer_[a-z0-9_]+\b")

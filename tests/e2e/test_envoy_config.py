@@ -10,7 +10,7 @@ import yaml
 
 from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, parse_bootstrap, render_yaml
 from sidecar.envoyconf.lint import check, guard_regex
-from sidecar.runtime.load import load_rules, parse_rules
+from sidecar.table.load import load_rules, parse_rules
 from tests.e2e.conftest import REPO, envoy_validate
 
 THREE = b"""version: 1

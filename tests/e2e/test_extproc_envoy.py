@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from sidecar.dev.devstack import Stack, wait_for
-from sidecar.runtime.load import load_rules
+from sidecar.table.load import load_rules
 from tests.e2e.conftest import ENVOY_CONFIG, envoy_validate
 from tests.helpers import request
 

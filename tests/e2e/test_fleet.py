@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.dev.devstack import BackgroundLoad, Stack, free_port, wait_for
 from sidecar.dev.etcd import Etcd
-from sidecar.runtime.load import config_version
+from sidecar.table.load import config_version
 from tests.e2e.conftest import ENVOY_CONFIG
 
 PLAIN = textwrap.dedent("""\

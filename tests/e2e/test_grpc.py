@@ -18,7 +18,7 @@ from betterproto2 import Casing
 from sidecar.dev.devstack import Envoy, Sidecar, rewrite_envoy_config
 from sidecar.dev.grpc_backend import GrpcBackend
 from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap
-from sidecar.runtime.load import parse_rules
+from sidecar.table.load import parse_rules
 from sidecar.transports.explain import explain_local
 from tests.tls import make_ca, make_leaf, write_pair
 

@@ -13,7 +13,7 @@ import yaml
 from sidecar.dev.backend import BackendServer
 from sidecar.dev.devstack import Envoy, HttpClient, Sidecar, rewrite_envoy_config
 from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap
-from sidecar.runtime.load import parse_rules
+from sidecar.table.load import parse_rules
 from tests.e2e.conftest import REPO
 from tests.tls import make_ca, make_leaf, write_pair
 

@@ -26,7 +26,7 @@ from sidecar.dev.devstack import (
     rewrite_envoy_config,
     wait_for,
 )
-from sidecar.runtime.load import parse_rules
+from sidecar.table.load import parse_rules
 from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG
 from tests.helpers import request
 

@@ -13,7 +13,7 @@ import yaml
 
 from sidecar.dev.devstack import Stack, wait_for
 from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap, render_yaml
-from sidecar.runtime.load import load_rules
+from sidecar.table.load import load_rules
 from sidecar.transports.explain import explain_local
 
 RULES = textwrap.dedent("""\

@@ -11,7 +11,7 @@ import yaml
 
 from sidecar.dev.devstack import Stack, wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
-from sidecar.runtime.load import load_rules
+from sidecar.table.load import load_rules
 
 RULES = textwrap.dedent("""\
     version: 1

@@ -11,7 +11,7 @@ import yaml
 
 from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, render_yaml
 from sidecar.envoyconf.lint import check
-from sidecar.runtime.load import load_rules
+from sidecar.table.load import load_rules
 from tests.helpers import table_from_yaml
 
 REPO = Path(__file__).parents[2]

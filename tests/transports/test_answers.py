@@ -5,9 +5,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import Decision, Steering
-from sidecar.runtime.decider import Decider, TableHolder
-from sidecar.runtime.load import load_rules
-from sidecar.runtime.metrics import Metrics
+from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.load import load_rules
 from sidecar.transports.answers import AnswerCache
 from sidecar.transports.authz_http import answer_bytes
 from sidecar.transports.explain import headers_message

@@ -11,8 +11,8 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import Decision, Steering
-from sidecar.runtime.decider import Decider, TableHolder
-from sidecar.runtime.metrics import Metrics
+from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import Decider, TableHolder
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
     AuthzHttpServer,

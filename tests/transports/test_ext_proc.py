@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.core.bucketing import bucket
 from sidecar.core.table import Rule
-from sidecar.runtime.decider import Decider, TableHolder
-from sidecar.runtime.metrics import Metrics
+from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import Decider, TableHolder
 from sidecar.transports.explain import headers_message
 from sidecar.transports.ext_proc import ExtProcServicer, add_to_server
 from tests.helpers import table_from_rules

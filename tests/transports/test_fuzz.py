@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from sidecar.runtime.decider import Decider, TableHolder
-from sidecar.runtime.metrics import Metrics
+from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import Decider, TableHolder
 from sidecar.transports.authz_http import answer_bytes, check_request
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer

@@ -7,8 +7,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
-from sidecar.runtime.decider import Decider, TableHolder
-from sidecar.runtime.metrics import Metrics
+from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import Decider, TableHolder
 from sidecar.transports.explain import Peer, explain_local, headers_message
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ExtProcServicer
@@ -267,7 +267,7 @@ def test_ext_authz_principal_forms(principal: str) -> None:
 def test_malformed_xfcc_and_baggage_are_counted_and_harmless(tmp_path) -> None:  # type: ignore[no-untyped-def]
     trusting = tmp_path / "rules.yaml"
     trusting.write_text(RULES.replace("  listener_ports: [15001]", "  xfcc: true"))
-    from sidecar.runtime.load import load_rules
+    from sidecar.table.load import load_rules
 
     metrics = Metrics(CollectorRegistry())
     servicer = ExtProcServicer(Decider(TableHolder(load_rules(trusting)), metrics))

@@ -1,0 +1,43 @@
+"""The `graysteer` command line: one module per group of commands, each adding its
+subcommands with the function that runs them."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sidecar.admin.client import AdminError
+from sidecar.core import RulesError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sidecar.cli import dev, fleet, operate, rules, serve
+
+    parser = argparse.ArgumentParser(
+        prog="graysteer", description="Gray-release traffic steering sidecar for Envoy."
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (serve, rules, operate, fleet, dev):
+        group.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check = getattr(args, "check", None)
+    if check is not None and (problem := check(args)):
+        getattr(args, "parser", parser).error(problem)  # the command's usage, then the problem
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+    try:
+        return int(args.run(args))
+    except RulesError as error:
+        print(error, file=sys.stderr)
+        return 1
+    except (AdminError, OSError, ValueError) as error:
+        print(f"graysteer {args.command}: {error}", file=sys.stderr)
+        return 1

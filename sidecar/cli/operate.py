@@ -1,0 +1,94 @@
+"""Commands on a running sidecar, through its admin API: status, set-weight, rollout."""
+
+import argparse
+import json
+from typing import Any
+
+from sidecar import values
+from sidecar.admin.security import ClientAuth
+from sidecar.serving.options import argparse_type
+
+
+def add_commands(commands: Any) -> None:
+    from sidecar.cli.fleet import add_etcd_flags
+
+    p = commands.add_parser("status", help="show a running sidecar's table and last reload")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument(
+        "--fleet",
+        metavar="etcd://HOST:PORT/PREFIX",
+        help="list every replica of a fleet (from etcd) with the version it serves, instead",
+    )
+    add_admin_client_flags(p, address=True)
+    add_etcd_flags(p)
+    p.set_defaults(run=status)
+
+    p = commands.add_parser("set-weight", help="change a split rule's weights at runtime")
+    p.add_argument("rule", help="the split rule's name")
+    p.add_argument(
+        "weights",
+        nargs="+",
+        type=argparse_type(values.cluster_weight),
+        metavar="CLUSTER=WEIGHT",
+        help="e.g. canary=20 (with two clusters the other one takes the rest)",
+    )
+    add_admin_client_flags(p, address=True)
+    p.set_defaults(run=set_weight)
+
+    p = commands.add_parser("rollout", help="promote, pause, resume or abort a rollout")
+    p.add_argument("action", choices=["promote", "pause", "resume", "abort"])
+    p.add_argument("rule", help="the split rule whose rollout to act on")
+    add_admin_client_flags(p, address=True)
+    p.set_defaults(run=rollout)
+
+
+def add_admin_client_flags(p: argparse.ArgumentParser, address: bool = False) -> None:
+    """How to reach and authenticate to a running sidecar's admin API."""
+    if address:
+        p.add_argument(
+            "--admin",
+            default="127.0.0.1:50052",
+            metavar="ADDR",
+            help="the sidecar's admin API: HOST:PORT or unix:PATH (default %(default)s)",
+        )
+    p.add_argument("--admin-token-file", metavar="PATH", help="send the bearer token in this file")
+    p.add_argument("--admin-tls-ca", metavar="PEM", help="talk TLS, verifying the sidecar with this CA")
+    p.add_argument("--admin-tls-cert", metavar="PEM", help="with --admin-tls-ca: this client certificate")
+    p.add_argument("--admin-tls-key", metavar="PEM", help="... and its key")
+
+
+def client_auth(args: argparse.Namespace) -> ClientAuth:
+    return ClientAuth(args.admin_token_file, args.admin_tls_ca, args.admin_tls_cert, args.admin_tls_key)
+
+
+def status(args: argparse.Namespace) -> int:
+    from sidecar.admin import client as admin_client
+
+    if args.fleet:
+        from sidecar.cli.fleet import fleet_status
+
+        return fleet_status(args)
+    report = admin_client.status(args.admin, client_auth(args))
+    print(json.dumps(report, indent=2) if args.json else admin_client.format_status(report))
+    return 0
+
+
+def set_weight(args: argparse.Namespace) -> int:
+    from sidecar.admin import client as admin_client
+
+    report = admin_client.set_weights(args.admin, args.rule, dict(args.weights), client_auth(args))
+    (rule,) = [r for r in report["rules"] if r["name"] == args.rule]
+    weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
+    print(f"{args.rule}: {weights} (version {report['version']}, persisted in {report['state_file']})")
+    return 0
+
+
+def rollout(args: argparse.Namespace) -> int:
+    from sidecar.admin import client as admin_client
+
+    status = admin_client.rollout(args.admin, args.rule, args.action, client_auth(args))
+    print(
+        f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
+        f"{status['canary_weight']} ({status['reason']})"
+    )
+    return 0

@@ -1,0 +1,237 @@
+"""Commands on a rules file: check, schema, explain, envoy-config."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecar import values
+from sidecar.cli.operate import add_admin_client_flags, client_auth
+from sidecar.core import Table
+from sidecar.serving.options import argparse_type
+
+
+def add_commands(commands: Any) -> None:
+    p = commands.add_parser("check", help="validate a rules file: exit 0 if valid, 1 if not")
+    p.add_argument("rules", help="the rules file (YAML)")
+    p.add_argument(
+        "--envoy",
+        metavar="ENVOY_YAML",
+        help="also check an Envoy bootstrap against the rules (guard, strip, HTTP/2...)",
+    )
+    p.set_defaults(run=check)
+
+    p = commands.add_parser("schema", help="print the rules file's JSON Schema (for editors)")
+    p.set_defaults(run=schema)
+
+    add_envoy_config(commands)
+    add_explain(commands)
+
+
+def add_envoy_config(commands: Any) -> None:
+    address = argparse_type(values.host_port)  # -> (host, port)
+    p = commands.add_parser("envoy-config", help="print an Envoy bootstrap for a rules file")
+    p.add_argument("--rules", required=True, help="the rules file (YAML)")
+    p.add_argument(
+        "--mode",
+        choices=["ext_proc", "ext_authz", "ext_authz_http"],
+        default="ext_proc",
+        help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, or "
+        "ext_authz over plain HTTP (serve --authz-http-listen) (default %(default)s)",
+    )
+    p.add_argument(
+        "--mtls",
+        action="store_true",
+        help="require client certificates on the listener (see --tls-dir, --trust-domain)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default="/etc/graysteer/tls",
+        help="with --mtls: ca.pem, server.pem and server.key (default %(default)s)",
+    )
+    p.add_argument(
+        "--trust-domain",
+        default="example.org",
+        help="with --mtls: accept client URI SANs spiffe://DOMAIN/... (default %(default)s)",
+    )
+    p.add_argument(
+        "--listen", default="127.0.0.1:10000", type=address, help="Envoy's listener (default %(default)s)"
+    )
+    p.add_argument(
+        "--admin", default="127.0.0.1:9901", type=address, help="Envoy's admin address (default %(default)s)"
+    )
+    p.add_argument(
+        "--sidecar",
+        default="127.0.0.1:50051",
+        type=address,
+        help="the sidecar's address: serve --listen, or --authz-http-listen with "
+        "--mode ext_authz_http (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=argparse_type(lambda text: values.whole_number(text, minimum=1)),
+        default=1,
+        help="sidecar worker processes (serve --workers): endpoints --sidecar, +1, ...",
+    )
+    p.add_argument(
+        "--upstream",
+        dest="upstreams",
+        action="append",
+        default=[],
+        type=argparse_type(values.cluster_address),
+        metavar="CLUSTER=HOST:PORT",
+        help="a cluster's address (repeatable; default 127.0.0.1:8081, 8082, ...)",
+    )
+    p.add_argument(
+        "--upstream-protocol",
+        choices=["http1", "http2", "downstream"],
+        default="http1",
+        help="how Envoy speaks to the clusters: http1, http2 (gRPC backends) or downstream "
+        "(the client's protocol: gRPC and HTTP/1 traffic on one listener) (default %(default)s)",
+    )
+    p.set_defaults(run=envoy_config)
+
+
+def add_explain(commands: Any) -> None:
+    p = commands.add_parser("explain", help="print the decision for a described request (JSON)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="decide against this rules file")
+    where.add_argument("--admin", metavar="ADDR", help="ask a running sidecar's admin API")
+    p.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        type=argparse_type(values.header),
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable)",
+    )
+    p.add_argument("--path", default="/", help="request path (default %(default)s)")
+    p.add_argument("--method", default="GET", help="request method (default %(default)s)")
+    p.add_argument(
+        "--host", help="the request's host (:authority), as `match.host` reads it (default graysteer.local)"
+    )
+    for flag, dest, what in (("--cookie", "cookies", "a cookie"), ("--query", "params", "a query parameter")):
+        p.add_argument(
+            flag,
+            dest=dest,
+            type=argparse_type(values.pair),
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help=f"{what} (repeatable)",
+        )
+    p.add_argument(
+        "--identity",
+        default="",
+        metavar="URI_SAN",
+        help="the client certificate's URI SAN, e.g. spiffe://example.org/ns/qa/sa/x "
+        "(implies mTLS; default: a plaintext request)",
+    )
+    p.add_argument("--dns", default="", metavar="DNS_SAN", help="the client certificate's DNS SAN")
+    p.add_argument(
+        "--listener-port",
+        type=argparse_type(values.whole_number),
+        help="the local port the request arrived on",
+    )
+    add_admin_client_flags(p)
+    p.set_defaults(run=explain)
+
+
+def check(args: argparse.Namespace) -> int:
+    from sidecar.table.load import load_rules
+
+    table = load_rules(args.rules)
+    print(
+        f"{args.rules}: ok, version {table.version}, {len(table.rules)} rules, "
+        f"clusters {', '.join(table.clusters)}"
+    )
+    warn_size(table, args.rules)
+    return check_envoy(table, args.envoy) if args.envoy else 0
+
+
+def schema(args: argparse.Namespace) -> int:
+    from sidecar.core.schema import RULES_SCHEMA
+
+    print(json.dumps(RULES_SCHEMA, indent=2, sort_keys=True))
+    return 0
+
+
+def envoy_config(args: argparse.Namespace) -> int:
+    from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, render_yaml
+    from sidecar.table.load import load_rules
+
+    table = load_rules(args.rules)
+    unknown = sorted({c for c, _ in args.upstreams} - set(table.clusters))
+    if unknown:
+        raise ValueError(f"--upstream names cluster(s) the rules do not have: {', '.join(unknown)}")
+    tls = None
+    if args.mtls:
+        directory = args.tls_dir
+        tls = TlsOptions(
+            f"{directory}/ca.pem",
+            f"{directory}/server.pem",
+            f"{directory}/server.key",
+            f"spiffe://{args.trust_domain}/",
+        )
+    options = EnvoyOptions(
+        listen=args.listen,
+        admin=args.admin,
+        sidecar=args.sidecar,
+        sidecar_workers=args.workers,
+        upstreams=dict(args.upstreams),
+        mode=args.mode,
+        upstream_protocol=args.upstream_protocol,
+        mtls=tls,
+    )
+    flags = " ".join(sys.argv[2:]) if sys.argv[1:2] == ["envoy-config"] else f"--rules {args.rules}"
+    print(
+        f"# Generated by: graysteer envoy-config {flags}\n" + render_yaml(bootstrap(table, options)), end=""
+    )
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    from sidecar.admin import client as admin_client
+    from sidecar.transports.explain import Peer, explain_local
+
+    peer = Peer(args.identity, args.dns, args.listener_port)
+    if args.host is not None:
+        args.headers.append((":authority", args.host))
+    request = (args.method, args.path, args.headers, args.cookies, args.params, peer)
+    if args.admin:
+        result = admin_client.explain(args.admin, *request, client_auth(args))
+    else:
+        result = explain_local(args.config, *request)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def check_envoy(table: Table, path: str) -> int:
+    import yaml
+
+    from sidecar.envoyconf.lint import check
+
+    try:
+        with open(path) as handle:
+            envoy = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read Envoy config: {error}") from error
+    if not isinstance(envoy, dict):
+        raise ValueError(f"{path}: not an Envoy bootstrap (expected a mapping)")
+    findings = check(table, envoy)
+    for finding in findings:
+        print(f"{path}: {finding}", file=sys.stderr)
+    if not findings:
+        print(f"{path}: ok for these rules")
+    return 1 if findings else 0
+
+
+def warn_size(table: Table, path: str) -> None:
+    from sidecar.table.load import size_warning
+
+    warning = size_warning(table, Path(path).stat().st_size)
+    if warning:
+        print(f"{path}: {warning}", file=sys.stderr)

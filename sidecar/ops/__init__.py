@@ -1,0 +1,1 @@
+"""What operators scrape and probe: Prometheus metrics, health (gRPC and HTTP)."""

@@ -1,0 +1,301 @@
+"""Prometheus metrics of the sidecar. Every metric takes an injectable registry.
+
+Names follow Prometheus conventions (base units, `_total` counters, `_info` gauges);
+README.md lists each one. With `serve --workers N` every worker writes its values to
+PROMETHEUS_MULTIPROC_DIR and the supervisor serves their aggregate; each gauge says how
+workers' values combine.
+"""
+
+import os
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+from sidecar.core import Table
+
+if TYPE_CHECKING:
+    from sidecar.core.rollout import Verdict
+
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+# Deciding takes microseconds: buckets from 2 us to 10 ms.
+DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
+
+BYPASS_MODES = ("ext_proc", "ext_authz")  # the only values of the bypass metrics' `mode` label
+
+
+class Metrics:
+    """What the request path and the reloader record; label children are cached."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.decisions = Counter(
+            "graysteer_decisions",
+            "Routing decisions, by upstream cluster and deciding rule ('default' when no rule matched).",
+            ["cluster", "rule"],
+            registry=registry,
+        )
+        self.mirrored = Counter(
+            "graysteer_mirrored",
+            "Requests copied to a mirror cluster (answers ignored), by deciding rule and mirror cluster.",
+            ["rule", "cluster"],
+            registry=registry,
+        )
+        self.decision_errors = Counter(
+            "graysteer_decision_errors",
+            "Requests that could not be decided and went to the default cluster, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.steering_events = Counter(
+            "graysteer_steering_events",
+            "Notable inputs, by event: untrusted_headers_removed "
+            "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
+            "malformed_certificate, malformed_xfcc, malformed_baggage, malformed_lane (a received lane "
+            "that is no lane name or over 64 characters: ignored), malformed_version (no version where a "
+            "semver condition reads one), baggage_over_limit.",
+            ["event"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "graysteer_decision_duration_seconds",
+            "Time to decide one request (matching and bucketing, without gRPC).",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.inflight_streams = Gauge(
+            "graysteer_inflight_streams",
+            "ext_proc streams open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.admin_watchers = Gauge(
+            "graysteer_admin_watchers",
+            "Admin API WatchTable streams open now (each process refuses more than its limit).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.reloads = Counter(
+            "graysteer_reloads",
+            "Attempts to load the rules file, by result (loaded, unchanged, invalid, missing).",
+            ["result"],
+            registry=registry,
+        )
+        self.config_info = Gauge(
+            "graysteer_config_info",
+            "The rules being served (value 1): version, file version and source.",
+            ["version", "file_version", "source"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.config_loaded = Gauge(
+            "graysteer_config_loaded_timestamp_seconds",
+            "When the table being served was loaded (Unix time).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.source_connected = Gauge(
+            "graysteer_source_connected",
+            "1 while the rules source can bring changes (etcd reachable; always 1 for a file), "
+            "0 while this replica serves its last table without being able to follow changes.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.source_connected.set(1)
+        self.fleet_leader = Gauge(
+            "graysteer_fleet_leader",
+            "1 while this replica leads its fleet's rollouts (etcd leader election), else 0.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.fleet_records_refused = Counter(
+            "graysteer_fleet_records_refused",
+            "Replica records under the fleet's etcd prefix left out because they do not pass "
+            "validation (types, finite numbers, sizes).",
+            registry=registry,
+        )
+        self.split_weight = Gauge(
+            "graysteer_split_weight",
+            "Weight of each cluster in each split rule, as served.",
+            ["rule", "cluster"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.rollout_step = Gauge(
+            "graysteer_rollout_step",
+            "The step each rollout is at (0-based).",
+            ["rule"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_state = Gauge(
+            "graysteer_rollout_state",
+            "1 for the phase each rollout is in (progressing, paused, promoted, aborted).",
+            ["rule", "state"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_canary_weight = Gauge(
+            "graysteer_rollout_canary_weight",
+            "The canary weight each rollout sets.",
+            ["rule"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_verdict = Gauge(
+            "graysteer_rollout_verdict",
+            "1 for the verdict of each rollout's last analysis (healthy, breach, inconclusive, "
+            "unavailable: the analysis could not run).",
+            ["rule", "verdict"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        # graysteer_cluster_* were graysteer_lane_*{lane} before 0.2 (docs/operations.md)
+        self.cluster_error_ratio = Gauge(
+            "graysteer_cluster_error_ratio",
+            "5xx share of each rollout cluster's responses in the analysis window.",
+            ["cluster"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.cluster_p99_seconds = Gauge(
+            "graysteer_cluster_p99_seconds",
+            "99th percentile response time of each rollout cluster in the analysis window.",
+            ["cluster"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.cluster_requests = Gauge(
+            "graysteer_cluster_window_requests",
+            "Responses of each rollout cluster in the analysis window.",
+            ["cluster"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+        self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
+        self.envoy_bypassed: Counter | None = None  # watch_envoy() creates these
+        self.envoy_requests: Counter | None = None
+        self.envoy_bypass_ratio: Gauge | None = None
+        self.envoy_stats_up: Gauge | None = None
+
+    def watch_envoy(self) -> None:
+        """Create the series read from Envoy's stats (`serve --envoy-admin`): only a process
+        that reads them exports them, so an absent series means "not watched", never 0."""
+        if self.envoy_stats_up is not None:
+            return
+        self.envoy_bypassed = Counter(
+            "graysteer_envoy_bypassed_requests",
+            "Requests Envoy sent on without a decision from "
+            "the sidecar (Envoy's failure_mode_allowed: sidecar away or unhealthy, message "
+            "timeout, gRPC error), by filter (mode: ext_proc, ext_authz).",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.envoy_requests = Counter(
+            "graysteer_envoy_requests",
+            "Requests on Envoy's connection managers that run the "
+            "filter (their downstream_rq_total), by filter: the bypass ratio's denominator.",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.envoy_bypass_ratio = Gauge(
+            "graysteer_envoy_bypass_ratio",
+            "Share of requests Envoy sent on without a decision "
+            "between the last two reads of its stats, by filter.",
+            ["mode"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.envoy_stats_up = Gauge(
+            "graysteer_envoy_stats_up",
+            "1 when the last read of Envoy's stats (--envoy-admin) succeeded, 0 when it failed.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+
+    def count_bypass(self, mode: str, bypassed: float, requests: float, ratio: float) -> None:
+        """One window between two reads of Envoy's stats, for one filter."""
+        if mode not in BYPASS_MODES:  # a closed set: never a label built from input
+            raise ValueError(f"unknown mode {mode!r}")
+        assert self.envoy_bypassed is not None and self.envoy_requests is not None
+        assert self.envoy_bypass_ratio is not None
+        self.envoy_bypassed.labels(mode).inc(bypassed)
+        self.envoy_requests.labels(mode).inc(requests)
+        self.envoy_bypass_ratio.labels(mode).set(ratio)
+
+    def show_envoy_stats_up(self, up: bool) -> None:
+        assert self.envoy_stats_up is not None
+        self.envoy_stats_up.set(1 if up else 0)
+
+    def count_decision(self, cluster: str, rule: str) -> None:
+        key = (cluster, rule)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.decisions.labels(cluster, rule)
+        child.inc()  # type: ignore[attr-defined]
+
+    def count_mirror(self, rule: str, cluster: str) -> None:
+        self.mirrored.labels(rule, cluster).inc()
+
+    def count_error(self, reason: str) -> None:
+        self.decision_errors.labels(reason).inc()
+
+    def count_event(self, event: str) -> None:
+        self.steering_events.labels(event).inc()
+
+    def count_reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
+
+    def show_table(self, table: Table) -> None:
+        """Point the info and weight gauges at a newly served table."""
+        file_version = table.version.partition("+")[0]
+        self._show(self.config_info, {(table.version, file_version, table.source): 1})
+        self.config_loaded.set_to_current_time()
+        self._show(
+            self.split_weight,
+            {
+                (rule.name, cluster): weight
+                for rule in table.rules
+                if rule.split is not None
+                for cluster, weight in zip(rule.split.clusters, rule.split.weights, strict=True)
+            },
+        )
+
+    def show_rollout(self, rule: str, phase: str, step: int, weight: int) -> None:
+        from sidecar.core.rollout import PHASES
+
+        self.rollout_step.labels(rule).set(step)
+        self.rollout_canary_weight.labels(rule).set(weight)
+        for name in PHASES:
+            self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+
+    def show_verdict(self, rule: str, verdict: "Verdict") -> None:
+        from sidecar.core.rollout import BREACH, HEALTHY, INCONCLUSIVE, UNAVAILABLE
+
+        for outcome in (HEALTHY, BREACH, INCONCLUSIVE, UNAVAILABLE):
+            self.rollout_verdict.labels(rule, outcome).set(1 if outcome == verdict.outcome else 0)
+        if verdict.outcome != UNAVAILABLE:
+            self.show_clusters(verdict)
+
+    def show_clusters(self, verdict: "Verdict") -> None:
+        for cluster, window in (
+            (verdict.canary_cluster, verdict.canary),
+            (verdict.baseline_cluster, verdict.baseline),
+        ):
+            self.cluster_requests.labels(cluster).set(window.requests)
+            self.cluster_error_ratio.labels(cluster).set(window.error_rate)
+            if window.p99_ms is not None:
+                self.cluster_p99_seconds.labels(cluster).set(window.p99_ms / 1000)
+
+    def _show(self, gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
+        """Set a labelled gauge to exactly `values`, retiring series no longer shown."""
+        for labels in self._shown.get(gauge, set()) - set(values):
+            if MULTIPROCESS:
+                gauge.labels(*labels).set(0)  # a worker cannot delete from the shared files
+            else:
+                gauge.remove(*labels)
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        self._shown[gauge] = set(values)

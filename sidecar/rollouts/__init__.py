@@ -1,0 +1,2 @@
+"""Progressive delivery at runtime: the controller that moves rollouts through their steps
+(the pure state machine is sidecar.core.rollout)."""

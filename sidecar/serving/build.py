@@ -1,0 +1,163 @@
+"""Building a sidecar from its options: every part, wired, nothing listening yet.
+
+`Sidecar.build(options)` reads the first table (refusing to build without one) and makes the
+parts; sidecar.serving.run starts, follows and stops them. Which parts exist follows from the
+options alone: a fleet with etcd, Envoy's statistics with --envoy-admin, the operator HTTP
+endpoint with --http-listen, the gRPC and HTTP transports with their listen addresses.
+"""
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
+from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from sidecar import values
+from sidecar.admin.api import admin_pb2_grpc
+from sidecar.admin.security import AdminAuthInterceptor
+from sidecar.admin.servicer import AdminServicer
+from sidecar.fleet.fleet import Fleet
+from sidecar.ops.health import Readiness
+from sidecar.ops.metrics import Metrics
+from sidecar.rollouts.controller import ClusterSource, RolloutController
+from sidecar.serving.options import ServeOptions
+from sidecar.sources import Source, open_source
+from sidecar.sources.etcd import EtcdSource
+from sidecar.stats.bypass import BypassMonitor
+from sidecar.stats.envoy import EnvoyStats
+from sidecar.table.decider import Decider
+from sidecar.table.reload import Reloader
+from sidecar.transports.authz_http import AuthzHttpServer
+from sidecar.transports.ext_authz import AuthorizationServicer
+from sidecar.transports.ext_proc import ExtProcServicer
+from sidecar.transports.ext_proc import add_to_server as add_ext_proc
+
+log = logging.getLogger("graysteer.server")
+
+GRPC_OPTIONS = [
+    # Refuse to share a port with another process: a second sidecar silently taking
+    # half of Envoy's streams is worse than a clear "address in use" at start-up.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", 10_000),
+]
+# The admin API's streams (WatchTable, 16 at most) are held by clients: ping them, so that a
+# peer that vanished without closing (a killed laptop, a dropped VPN) frees its slot within
+# a minute, not after TCP's two hours.
+ADMIN_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+STATS_KEEP_SECONDS = 600.0  # the longest analysis window a rollout may ask for
+
+
+@dataclass
+class Sidecar:
+    """The parts of one serving process."""
+
+    options: ServeOptions
+    metrics: Metrics
+    readiness: Readiness
+    source: Source
+    reloader: Reloader
+    decider: Decider
+    grpc_server: grpc.aio.Server | None  # ext_proc, ext_authz, health (--listen)
+    authz_http: AuthzHttpServer | None  # ext_authz over HTTP (--authz-http-listen)
+    stats: EnvoyStats | None  # Envoy's statistics (--envoy-admin)
+    bypass: BypassMonitor | None
+    fleet: Fleet | None  # with etcd
+    controller: RolloutController
+    admin: grpc.aio.Server
+
+    @classmethod
+    async def build(cls, options: ServeOptions, registry: CollectorRegistry = REGISTRY) -> "Sidecar":
+        """Every part; ValueError/OSError (naming the source) when there is no first table."""
+        metrics = Metrics(registry)
+        source, reloader = await first_table(options, metrics)
+        decider = Decider(reloader.holder, metrics)
+        readiness = Readiness()
+        fleet = None
+        if isinstance(source, EtcdSource):
+            fleet = Fleet(source.client, source.address, replica_name(options), metrics)
+        stats = bypass = None
+        # Workers share one Envoy: one process reads its statistics for the group, except in
+        # a fleet, where every worker is a replica that judges (and may lead) on its own.
+        if options.envoy_admin and (options.primary or fleet is not None):
+            admin_address = values.host_port(options.envoy_admin, "--envoy-admin")
+            bypass = BypassMonitor(
+                metrics, options.envoy_admin, options.rollout_poll_seconds, options.ready_max_bypass_ratio
+            )
+            stats = EnvoyStats(
+                admin_address, STATS_KEEP_SECONDS, options.rollout_poll_seconds, [bypass.observe]
+            )
+        analysis: ClusterSource | None = fleet.clusters if fleet is not None else stats
+        controller = RolloutController(
+            reloader,
+            metrics,
+            analysis,
+            options.rollout_poll_seconds,
+            leads=fleet.leads if fleet is not None else lambda: options.primary,
+        )
+        return cls(
+            options,
+            metrics,
+            readiness,
+            source,
+            reloader,
+            decider,
+            grpc_server(decider, readiness) if options.listen is not None else None,
+            AuthzHttpServer(decider, lambda: readiness.ready) if options.authz_http_listen else None,
+            stats,
+            bypass,
+            fleet,
+            controller,
+            admin_server(options, reloader, controller, bypass),
+        )
+
+
+async def first_table(options: ServeOptions, metrics: Metrics) -> tuple[Source, Reloader]:
+    """The source and a reloader with its first table: the source's, else (etcd) its local
+    cache's; ValueError or OSError naming both when neither can be served."""
+    source = open_source(options, metrics)
+    await source.start()
+    try:
+        return source, Reloader(source.rules, metrics, source.state)
+    except ValueError as error:
+        if not source.use_cache():
+            raise
+        log.error("what %s holds cannot be served (%s): starting from the local cache", options.config, error)
+        try:
+            return source, Reloader(source.rules, metrics, source.state)
+        except ValueError as cached:
+            raise ValueError(f"{error}; and the local cache: {cached}") from None
+
+
+def grpc_server(decider: Decider, readiness: Readiness) -> grpc.aio.Server:
+    """ext_proc, ext_authz and the health service on one gRPC server (not bound yet)."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    add_ext_proc(ExtProcServicer(decider), server)
+    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
+    health_pb2_grpc.add_HealthServicer_to_server(readiness.grpc, server)
+    return server
+
+
+def admin_server(
+    options: ServeOptions, reloader: Reloader, controller: RolloutController, bypass: BypassMonitor | None
+) -> grpc.aio.Server:
+    """The admin API, authenticated as the options say (not bound yet)."""
+    auth = options.admin_auth
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS + ADMIN_KEEPALIVE,
+        interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None,
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), server)
+    return server
+
+
+def replica_name(options: ServeOptions) -> str:
+    """This replica's name in its fleet: --replica-id (default HOSTNAME-PID), -wN per worker."""
+    base = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    return base if options.worker_index is None else f"{base}-w{options.worker_index}"

@@ -1,0 +1,267 @@
+"""Every option of `graysteer serve`, defined once: its field, flag, default, help and how a
+value is read, and the checks across options. The command line's flags, the checks, the
+options object the sidecar is built from and what `--workers` hands each worker all derive
+from this one list (a worker receives the options object itself, never flags).
+"""
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sidecar import values
+from sidecar.admin.security import AdminAuth
+
+if TYPE_CHECKING:
+    from sidecar.sources.etcd_client import EtcdTls
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How an option is written on the command line."""
+
+    name: str
+    help: str
+    read: Callable[[str], Any] | None = None  # a value's reader: ValueError says what is wrong
+    metavar: str | None = None
+    action: str = "store"  # store, store_true, store_false, append
+    choices: Sequence[str] | None = None
+    required: bool = False
+
+
+def option(default: Any, flag: Flag | None) -> Any:
+    """A field of ServeOptions: its default, and its flag (None: set by the program only)."""
+    return field(default=default, metadata={"flag": flag})
+
+
+def _address(flag: str) -> Callable[[str], str]:
+    def read(text: str) -> str:
+        values.host_port(text, flag)
+        return text
+
+    return read
+
+
+def _listen(text: str) -> str | None:
+    return None if text == "off" else _address("--listen")(text)
+
+
+def _admin_address(text: str) -> str:
+    return text if text.startswith("unix:") else _address("--admin-listen")(text)
+
+
+def _positive(text: str) -> int:
+    return values.whole_number(text, minimum=1)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    # fmt: off
+    config: str = option("", Flag(
+        "--config", "the rules file (YAML), or etcd://HOST:PORT/PREFIX: a fleet's rules and state in etcd",
+        required=True))
+    listen: str | None = option("127.0.0.1:50051", Flag(
+        "--listen", "HOST:PORT of the gRPC server (ext_proc, ext_authz, health), or 'off' to serve only "
+        "--authz-http-listen (default %(default)s)", _listen))
+    authz_http_listen: str | None = option(None, Flag(
+        "--authz-http-listen", "also answer Envoy's ext_authz over plain HTTP/1.1 here: the fast path "
+        "(envoy-config --mode ext_authz_http; default off)", _address("--authz-http-listen"), "HOST:PORT"))
+    authz_http_shared_port: bool = option(False, Flag(
+        "--authz-http-shared-port", "with --workers N: every worker listens on the --authz-http-listen port "
+        "itself (SO_REUSEPORT; the kernel spreads Envoy's connections) instead of port, port+1, ...",
+        action="store_true"))
+    admin_listen: str = option("127.0.0.1:50052", Flag(
+        "--admin-listen", "HOST:PORT or unix:PATH of the admin API (default %(default)s)", _admin_address))
+    admin_allow_remote: bool = option(False, Flag(
+        "--admin-allow-remote", "allow --admin-listen on a non-loopback address (needs --admin-token-file "
+        "or --admin-tls-*)", action="store_true"))
+    admin_token_file: str | None = option(None, Flag(
+        "--admin-token-file", "admin calls must carry 'authorization: Bearer TOKEN' with the token in this "
+        "file (read again when it changes; refused when others can read it)", metavar="PATH"))
+    admin_tls_cert: str | None = option(None, Flag(
+        "--admin-tls-cert", "serve the admin API over TLS with this certificate", metavar="PEM"))
+    admin_tls_key: str | None = option(None, Flag("--admin-tls-key", "... and this key", metavar="PEM"))
+    admin_tls_ca: str | None = option(None, Flag(
+        "--admin-tls-ca", "... requiring client certificates from this CA", metavar="PEM"))
+    admin_allow: tuple[str, ...] = option((), Flag(
+        "--admin-allow", "with --admin-tls-*: a client identity allowed to call (a SPIFFE ID, a glob "
+        "spiffe://td/ns/ops/*, or a DNS name; repeatable)", metavar="IDENTITY", action="append"))
+    http_listen: str | None = option(None, Flag(
+        "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz and /rollouts (default: off)",
+        _address("--http-listen")))
+    state_file: str | None = option(None, Flag(
+        "--state-file", "where runtime weight changes are persisted (default: .RULES.graysteer-state.json "
+        "beside the rules file; in etcd with etcd://)"))
+    etcd_ca: str | None = option(None, Flag(
+        "--etcd-ca", "TLS to etcd: the CA of etcd's server certificate", metavar="PEM"))
+    etcd_cert: str | None = option(None, Flag("--etcd-cert", "TLS to etcd: this client's certificate",
+                                              metavar="PEM"))
+    etcd_key: str | None = option(None, Flag("--etcd-key", "TLS to etcd: this client's private key",
+                                             metavar="PEM"))
+    etcd_cache: str | None = option(None, Flag(
+        "--etcd-cache", "with etcd://: where the last table served is kept, to start from during an etcd "
+        "outage (default ~/.cache/graysteer/etcd/...)", metavar="DIR"))
+    replica_id: str | None = option(None, Flag(
+        "--replica-id", "with etcd://: this replica's name in its fleet (default HOSTNAME-PID)"))
+    drain_seconds: float = option(1.0, Flag(
+        "--drain", "on SIGTERM, seconds to report NOT_SERVING before closing, so Envoy's health checks "
+        "stop sending streams (default %(default)s)", values.seconds))
+    grace_seconds: float = option(5.0, Flag(
+        "--grace", "then, seconds to let open streams finish (default %(default)s)", values.seconds))
+    watch: bool = option(True, Flag(
+        "--no-watch", "do not watch the rules file (SIGHUP still reloads)", action="store_false"))
+    watch_polling: bool = option(False, Flag(
+        "--watch-poll", "poll the rules directory instead of using inotify", action="store_true"))
+    workers: int = option(1, Flag(
+        "--workers", "worker processes, on ports --listen, +1, ... (default 1; see docs/operations.md)",
+        _positive))
+    event_loop: str = option("auto", Flag(
+        "--event-loop", "auto: uvloop when installed (default), else asyncio's own loop",
+        choices=("auto", "uvloop", "asyncio")))
+    envoy_admin: str | None = option(None, Flag(
+        "--envoy-admin", "Envoy's admin address, read for rollout analysis and to count requests Envoy "
+        "sends on without a decision (default: none)", _address("--envoy-admin"), "HOST:PORT"))
+    rollout_poll_seconds: float = option(1.0, Flag(
+        "--rollout-poll", "seconds between reads of Envoy's stats and rollout steps (default %(default)s)",
+        values.seconds))
+    ready_max_bypass_ratio: float | None = option(None, Flag(
+        "--ready-max-bypass-ratio", "/readyz answers 503 while Envoy sends more than this share of requests "
+        "on without a decision (needs --envoy-admin and --http-listen; default off)", values.ratio, "R"))
+    # set by the program, not by flags
+    log_level: str = option("INFO", None)
+    worker_index: int | None = option(None, None)  # set for each worker of `serve --workers N`
+    # fmt: on
+
+    # -- what the options mean together ------------------------------------------------------
+
+    @property
+    def is_etcd(self) -> bool:
+        return self.config.startswith("etcd://")
+
+    @property
+    def primary(self) -> bool:
+        """The one process of a group of workers that acts for the group on the shared Envoy:
+        runs the (file-mode) rollouts, publishes Envoy's counts to a fleet (worker 0, or the
+        only process)."""
+        return self.worker_index in (None, 0)
+
+    @property
+    def admin_auth(self) -> AdminAuth:
+        return AdminAuth(
+            self.admin_token_file,
+            self.admin_tls_cert,
+            self.admin_tls_key,
+            self.admin_tls_ca,
+            self.admin_allow,
+        )
+
+    @property
+    def etcd_tls(self) -> "EtcdTls | None":
+        from sidecar.sources.etcd_client import EtcdTls
+
+        if not self.etcd_ca:
+            return None
+        return EtcdTls(
+            Path(self.etcd_ca),
+            Path(self.etcd_cert) if self.etcd_cert else None,
+            Path(self.etcd_key) if self.etcd_key else None,
+        )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these options together (each flag already read its own value)."""
+        found = []
+        if problem := self.admin_auth.problem():
+            found.append(problem)
+        if not values.is_local_address(self.admin_listen) and not (
+            self.admin_allow_remote and self.admin_auth.authenticates
+        ):
+            found.append(
+                f"--admin-listen {self.admin_listen} is not loopback or a unix socket: add "
+                "--admin-allow-remote and authentication (--admin-token-file, or --admin-tls-* with "
+                "--admin-allow) to bind it there"
+            )
+        if self.authz_http_shared_port and (
+            not self.authz_http_listen or self.authz_http_listen.endswith(":0")
+        ):
+            found.append("--authz-http-shared-port needs --authz-http-listen with a fixed port")
+        etcd_only = [
+            f"--{name.replace('_', '-')}"
+            for name in ("etcd_ca", "etcd_cert", "etcd_key", "etcd_cache", "replica_id")
+            if getattr(self, name) and not self.is_etcd
+        ]
+        if etcd_only:
+            found.append(f"{', '.join(etcd_only)} need(s) --config etcd://HOST:PORT/PREFIX")
+        if self.is_etcd:
+            from sidecar.sources.etcd_client import EtcdAddress
+
+            if self.state_file:
+                found.append("--state-file does not apply to --config etcd://: the state lives in etcd")
+            try:
+                EtcdAddress.parse(self.config)
+            except ValueError as error:
+                found.append(str(error))
+        if (self.etcd_cert or self.etcd_key) and not self.etcd_ca:
+            found.append("--etcd-cert and --etcd-key need --etcd-ca (TLS to etcd)")
+        elif bool(self.etcd_cert) != bool(self.etcd_key):
+            found.append("--etcd-cert and --etcd-key go together")
+        if self.listen is None and not self.authz_http_listen:
+            found.append("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
+        if self.ready_max_bypass_ratio is not None and not (self.envoy_admin and self.http_listen):
+            found.append(
+                "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
+                "and --http-listen (the /readyz it acts on)"
+            )
+        return found
+
+
+def flags() -> list[tuple[str, Flag, Any]]:
+    """(field name, flag, default) of every option set by a flag, in order."""
+    out = []
+    for f in dataclasses.fields(ServeOptions):
+        flag = f.metadata.get("flag")
+        if flag is not None:
+            out.append((f.name, flag, f.default))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argparse argument per option, its `dest` the field's name."""
+    for name, flag, default in flags():
+        kwargs: dict[str, Any] = {"dest": name, "help": flag.help}
+        if flag.action in ("store_true", "store_false"):
+            kwargs["action"] = flag.action
+        else:
+            if flag.read is not None:
+                kwargs["type"] = argparse_type(flag.read)
+            if flag.metavar:
+                kwargs["metavar"] = flag.metavar
+            if flag.choices:
+                kwargs["choices"] = flag.choices
+            if flag.action == "append":
+                kwargs["action"] = "append"
+                default = []
+            kwargs["required"] = flag.required
+        kwargs["default"] = default
+        parser.add_argument(flag.name, **kwargs)
+
+
+def from_arguments(args: argparse.Namespace, **program: Any) -> ServeOptions:
+    """The options the parsed flags (and the program, e.g. log_level) give."""
+    given = {name: getattr(args, name) for name, _, _ in flags()}
+    given["admin_allow"] = tuple(given["admin_allow"] or ())
+    return ServeOptions(**given, **program)
+
+
+def argparse_type(read: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` from a value reader (its ValueError is argparse's message)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return read(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = getattr(read, "__name__", "value")  # argparse names it in its message
+    return parse

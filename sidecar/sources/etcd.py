@@ -1,0 +1,307 @@
+"""The rules and the runtime state from etcd, kept in memory by a watch, cached on disk.
+
+`EtcdSource` reads PREFIX/rules and PREFIX/state once, then watches both keys and asks the
+reloader to look again on every change: a push, a `set-weight` or a rollout step made
+through any replica reaches every replica within the watch's latency. The reloader reads
+the values from memory (`rules` is a RulesSource, `state` a StateStore), so validation and
+the keep-the-last-good-table rule are exactly those of a rules file: a corrupt or invalid
+document in etcd is refused and counted, and the table served stays.
+
+State writes are transactions that compare the key's revision with the one this replica
+last read: two operators racing through two replicas cannot produce a state that neither
+wrote (the loser gets StateConflict, and the watch brings the winner's state).
+
+etcd unavailable: the served table stays; `connected` is false (metrics, /healthz,
+`status`), state writes are refused, and the source reconnects with backoff, reads both
+keys again and reloads. Every table served is also written to a local cache directory
+(rules and state, atomically), so a replica restarted during an outage starts from it.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.etcd_client import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
+from sidecar.sources.state_file import (
+    MAX_STATE_BYTES,
+    StateConflict,
+    atomic_write,
+    parse_state,
+    state_bytes,
+)
+from sidecar.table.load import MAX_FILE_BYTES
+from sidecar.table.reload import Loaded, Outcome, Reloader
+
+log = logging.getLogger("graysteer.etcd")
+
+START_TIMEOUT_SECONDS = 5.0
+BACKOFF_SECONDS = (0.2, 0.5, 1.0)  # then every second
+
+
+class _Value:
+    """One key's latest value in memory, and its etcd mod revision (0: no such key)."""
+
+    def __init__(self, label: str, limit: int) -> None:
+        self.label = label
+        self.limit = limit
+        self.value: bytes | None = None
+        self.revision = 0
+
+    def set(self, value: bytes | None, revision: int) -> None:
+        if revision >= self.revision or value is None:
+            self.value, self.revision = value, revision
+
+
+class EtcdRules(_Value):
+    """The rules document in etcd, as a RulesSource."""
+
+    def read(self) -> bytes:
+        if self.value is None:
+            raise FileNotFoundError(2, "no rules document in etcd (push one: graysteer push RULES URL)")
+        if len(self.value) > self.limit:
+            raise OSError(27, f"larger than {self.limit} bytes")
+        return self.value
+
+
+class EtcdState(_Value):
+    """The runtime state in etcd, as a StateStore (compare-and-swap writes)."""
+
+    def __init__(self, label: str, source: "EtcdSource") -> None:
+        super().__init__(label, MAX_STATE_BYTES)
+        self.source = source
+
+    def read_bytes(self) -> bytes:
+        return self.value or b""  # parse() refuses one over the limit
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        return parse_state(raw, self.label)
+
+    def load(self) -> dict[str, Any]:
+        return self.parse(self.read_bytes())
+
+    async def save(self, state: dict[str, Any]) -> None:
+        if not self.source.connected:
+            raise OSError(
+                f"etcd is unreachable ({self.source.address}): the state cannot change until it is back"
+            )
+        client = self.source.client
+        key = self.source.address.state_key
+        payload = state_bytes(state)
+        read_at = self.revision
+        try:
+            succeeded, responses = await client.transaction(
+                compare=[client.transactions.mod(key) == read_at],
+                success=[client.transactions.put(key, payload)],
+                failure=[client.transactions.get(key)],
+            )
+        except ETCD_ERRORS as error:
+            raise OSError(f"etcd write failed: {error}") from error
+        if not succeeded:
+            now = responses[0][0][1].mod_revision if responses and responses[0] else 0
+            raise StateConflict(
+                f"the state in etcd changed (revision {now}) since this replica read it (revision "
+                f"{read_at}), by another replica or operator: not applied; check and retry"
+            )
+        self.set(payload, int(responses[0].response_put.header.revision))
+
+
+class EtcdSource:
+    def __init__(self, address: EtcdAddress, tls: EtcdTls | None, cache_dir: Path, metrics: Metrics) -> None:
+        self.address = address
+        self.metrics = metrics
+        self.client = EtcdClient(address, tls)
+        self.rules = EtcdRules(f"{address}/rules", MAX_FILE_BYTES)
+        self.state = EtcdState(f"{address}/state", self)
+        self.cache_dir = cache_dir
+        self.connected = False
+        self.disconnected_since: float | None = time.time()
+        self.from_cache = False
+        self._revision = 0  # the store revision both values were read at
+
+    # -- start: etcd, else the local cache -----------------------------------------------------
+
+    async def start(self) -> None:
+        """Read both keys from etcd; when it cannot be reached, from the local cache (an
+        OSError names both when neither has rules)."""
+        try:
+            await asyncio.wait_for(self._read_all(), START_TIMEOUT_SECONDS)
+            return
+        except ETCD_ERRORS as error:
+            reason = str(error) or type(error).__name__
+        cached = self._read_cache()
+        if cached is None:
+            raise OSError(
+                f"{self.address}: etcd unreachable ({reason}) and no local cache in {self.cache_dir}"
+            )
+        rules, state = cached
+        self.rules.set(rules, 0)
+        self.state.set(state, 0)
+        self.from_cache = True
+        log.warning("etcd unreachable (%s): starting from the local cache in %s", reason, self.cache_dir)
+
+    async def _read_all(self) -> None:
+        """Both keys at one store revision (one range read), from which the watch goes on."""
+        keys = (self.address.rules_key, self.address.state_key)
+        found = await self.client.get_range(min(keys), max(keys) + b"\0")
+        values = {bytes(kv.key): kv for kv in found.kvs if bytes(kv.key) in keys}
+        for target, key in ((self.rules, keys[0]), (self.state, keys[1])):
+            kv = values.get(key)
+            target.value = None if kv is None else bytes(kv.value)
+            target.revision = 0 if kv is None else int(kv.mod_revision)
+        self._revision = int(found.header.revision)
+        self._mark(True)
+
+    def use_cache(self) -> bool:
+        """Serve the cached rules and state instead of etcd's (which could not be served at
+        start-up); False when there is no cache. Following etcd goes on: the next valid
+        change wins."""
+        cached = self._read_cache()
+        if cached is None:
+            return False
+        self.rules.value, self.state.value = cached
+        self.from_cache = True
+        return True
+
+    # -- follow: watch both keys, reconnect on failure ------------------------------------------
+
+    async def follow(self, reloader: Reloader, stop: asyncio.Event) -> None:
+        """Follow etcd until `stop`; reload on every change; keep the cache current."""
+        cache = asyncio.create_task(self._keep_cache(reloader, stop))
+        failures = 0
+        try:
+            while not stop.is_set():
+                try:
+                    if not self.connected:
+                        await self._read_all()
+                        if self.from_cache:
+                            log.info("etcd reachable: following %s", self.address)
+                            self.from_cache = False
+                        await reloader.reload("etcd", force=True)
+                    failures = 0
+                    await self._follow(reloader, stop)
+                except ETCD_ERRORS as error:
+                    if self.connected:
+                        log.error(
+                            "etcd at %s lost (%s): serving the last table; retrying", self.address, error
+                        )
+                    self._mark(False)
+                    delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+                    failures += 1
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            cache.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cache
+
+    async def close(self) -> None:
+        """Close the etcd client (after everything that uses it: the fleet shares it)."""
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+    async def _follow(self, reloader: Reloader, stop: asyncio.Event) -> None:
+        start = self._revision + 1
+        watches = [
+            (self.rules, await self.client.watch(self.address.rules_key, start_revision=start)),
+            (self.state, await self.client.watch(self.address.state_key, start_revision=start)),
+        ]
+        changed = asyncio.Event()
+
+        async def pump(target: _Value, watch: Any) -> None:
+            async for event in watch:
+                revision = int(event.kv.mod_revision)
+                value = None if event.kind == "DELETE" else bytes(event.kv.value)
+                target.set(value, revision)
+                self._revision = max(self._revision, revision)
+                changed.set()
+
+        pumps = [asyncio.create_task(pump(target, watch)) for target, watch in watches]
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                waiting = asyncio.create_task(changed.wait())
+                done, _ = await asyncio.wait([waiting, stopping, *pumps], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                for task in pumps:
+                    if task in done:
+                        task.result()  # the watch failed: raise to reconnect
+                        raise ConnectionError("etcd watch ended")
+                if changed.is_set():
+                    changed.clear()
+                    await reloader.reload("etcd")
+        finally:
+            stopping.cancel()
+            for task in pumps:
+                task.cancel()
+            for _, watch in watches:
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
+
+    def _mark(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self.disconnected_since = None if connected else time.time()
+        self.metrics.source_connected.set(1 if connected else 0)
+
+    def health(self) -> dict[str, object]:
+        """For /healthz and `status`: whether changes can reach this replica."""
+        return {
+            "source": str(self.address),
+            "connected": self.connected,
+            "changes": "ready" if self.connected else "not ready: etcd unreachable, serving the last table",
+            "disconnected_since": self.disconnected_since,
+            "from_cache": self.from_cache,
+        }
+
+    # -- the local cache -----------------------------------------------------------------------
+
+    async def _keep_cache(self, reloader: Reloader, stop: asyncio.Event) -> None:
+        """Keep the cache at the table served: after every change, the inputs of the table
+        that is served then (a refused change leaves it as it was; a subscriber sees only
+        the newest change, so a load followed at once by a refusal is still written)."""
+        queue = reloader.subscribe()
+        written = None if self.from_cache else reloader.loaded  # started from etcd: cache it
+        try:
+            if written is not None:
+                await asyncio.to_thread(self._write_cache, written)
+            while not stop.is_set():
+                served, result = await queue.get()
+                if served is not written and result.trigger != "startup":
+                    if result.outcome is Outcome.LOADED:
+                        self.from_cache = False  # serving what etcd held
+                    await asyncio.to_thread(self._write_cache, served)
+                    written = served
+        finally:
+            reloader.unsubscribe(queue)
+
+    def _write_cache(self, loaded: Loaded) -> None:
+        """The rules and state a served table was built from (valid: they loaded)."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.cache_dir / "rules.yaml", loaded.rules_bytes)
+            atomic_write(self.cache_dir / "state.json", loaded.state_bytes)
+        except OSError as error:
+            log.warning("cannot write the local cache in %s: %s", self.cache_dir, error)
+
+    def _read_cache(self) -> tuple[bytes, bytes] | None:
+        try:
+            rules = (self.cache_dir / "rules.yaml").read_bytes()
+        except OSError:
+            return None
+        try:
+            state = (self.cache_dir / "state.json").read_bytes()
+        except OSError:
+            state = b""
+        return rules, state
+
+
+def default_cache_dir(address: EtcdAddress) -> Path:
+    """~/.cache/graysteer/etcd/<host>_<port><prefix with / as _>."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    name = f"{address.host}_{address.port}{address.prefix}".replace("/", "_").replace(":", "_")
+    return base / "graysteer" / "etcd" / name

@@ -1,0 +1,83 @@
+"""Deciding a request safely: the current table, the fallback on failure, the counting.
+
+Shared by every adapter (ext_proc, explain) so that they all take the same path.
+"""
+
+import logging
+from collections.abc import Mapping
+from time import perf_counter
+
+from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
+from sidecar.core.steering import fallback
+from sidecar.ops.metrics import Metrics
+
+log = logging.getLogger("graysteer.decide")
+
+
+class TableHolder:
+    """The current table. Readers take `holder.table` once per request; a reload
+    replaces it with one assignment, which is atomic for Python readers."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+
+class Decider:
+    """Decides requests against the current table; never raises."""
+
+    def __init__(self, holder: TableHolder, metrics: Metrics) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self._logged_reasons: set[str] = set()
+
+    def steer(self, request: Request, table: Table | None = None) -> Steering:
+        """Steer against `table` (by default the current one); the default cluster on error,
+        with the untrusted headers still removed when that much was known."""
+        table = table or self.holder.table
+        started = perf_counter()
+        try:
+            steering = steer(table, request)
+        except Exception as error:  # a bug or input the engine cannot handle: fail to default
+            steering = self.fallback(table, ErrorCode.ENGINE, error, request.headers)
+        self.metrics.decision_seconds.observe(perf_counter() - started)
+        decision = steering.decision
+        self.metrics.count_decision(decision.cluster, decision.rule)
+        if decision.mirror is not None:
+            self.metrics.count_mirror(decision.rule, decision.mirror)
+        if steering.remove_headers:
+            self.metrics.count_event("untrusted_headers_removed")
+        if steering.baggage_dropped:
+            self.metrics.count_event("baggage_over_limit")
+        if steering.identity.malformed:
+            self.metrics.count_event("malformed_spiffe_id")
+        for what in steering.malformed:
+            self.metrics.count_event(f"malformed_{what}")
+        return steering
+
+    def decide(self, request: Request, table: Table | None = None) -> Decision:
+        """The decision alone (see `steer`)."""
+        return self.steer(request, table).decision
+
+    def fallback(
+        self, table: Table, code: ErrorCode, error: BaseException, headers: Mapping[str, str] | None
+    ) -> Steering:
+        """The one answer to a request that could not be decided, for every transport (see
+        core `fallback`): counted and logged, the caller treated as untrusted."""
+        return fallback(table, self.failed(table, code, error), headers)
+
+    def failed(self, table: Table, code: ErrorCode, error: BaseException) -> Decision:
+        """Count a failure by its code; log it with its traceback the first time each kind
+        (code and exception class) is seen."""
+        self.metrics.count_error(code)
+        kind = f"{code}:{type(error).__name__}"
+        if kind not in self._logged_reasons:
+            self._logged_reasons.add(kind)
+            log.error(
+                "deciding failed (%s, %s); routing to default %r; later failures of this "
+                "kind are only counted",
+                code,
+                type(error).__name__,
+                table.default,
+                exc_info=error,
+            )
+        return table.fallback(code)
