@@ -106,6 +106,7 @@ from sidecar.transports.authz_http import (
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     PATH_PREFIX,
+    PEER_SAN_HEADERS,
 )
 from sidecar.transports.ext_proc import METADATA_NAMESPACE
 
@@ -305,9 +306,10 @@ def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
 
 
-def ext_authz_http_filter(table: Table, timeout_ms: int) -> HttpFilter:
+def ext_authz_http_filter(table: Table, timeout_ms: int, mtls: bool = False) -> HttpFilter:
     """ext_authz over plain HTTP/1.1 (sidecar.transports.authz_http): the check carries every request
-    header (XFCC is Envoy's own with --mtls) and the listener port, set by Envoy; a 200's
+    header (XFCC is Envoy's own with --mtls, with the certificate's SAN lists beside it to
+    confirm it) and the listener port, set by Envoy; a 200's
     steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
     removed, its decision headers become dynamic metadata; a deny answer reaches the client
     with its status, body and content-type only."""
@@ -324,7 +326,10 @@ def ext_authz_http_filter(table: Table, timeout_ms: int) -> HttpFilter:
             ),
             path_prefix=PATH_PREFIX,
             authorization_request=AuthorizationRequest(
-                headers_to_add=[HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%")]
+                headers_to_add=[
+                    HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%"),
+                    *(HeaderValue(key=k, value=v) for k, v in PEER_SAN_HEADERS.items() if mtls),
+                ]
             ),
             authorization_response=AuthorizationResponse(
                 allowed_upstream_headers=exact(*steered_headers(table)),
@@ -399,7 +404,7 @@ def routes(table: Table) -> RouteConfiguration:
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
     if options.mode == "ext_authz_http":
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX)
-        sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms)
+        sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms, options.mtls is not None)
     elif options.mode == "ext_authz":
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE)
         sidecar_filter = ext_authz_filter(options.message_timeout_ms, options.mtls is not None)

@@ -25,6 +25,7 @@ from sidecar.transports.authz_http import (
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     PATH_PREFIX,
+    PEER_SAN_HEADERS,
 )
 from sidecar.transports.ext_proc import METADATA_NAMESPACE
 
@@ -335,11 +336,12 @@ def _check_http_service(
             "sidecar's decision headers included",
             "set authorization_response.allowed_client_headers: {patterns: [{exact: content-type}]}",
         )
-    yield from _check_http_identity(table, hcm)
+    yield from _check_http_identity(table, hcm, added)
 
 
-def _check_http_identity(table: Table, hcm: dict[str, Any]) -> Iterator[Finding]:
-    """Over HTTP the client certificate reaches the sidecar only as Envoy's own XFCC."""
+def _check_http_identity(table: Table, hcm: dict[str, Any], added: dict[str, Any]) -> Iterator[Finding]:
+    """Over HTTP the client certificate reaches the sidecar only as Envoy's own XFCC, confirmed
+    by the SAN lists Envoy adds beside it (sidecar.transports.authz_http)."""
     stat = hcm.get("stat_prefix", "?")
     mode = hcm.get("forward_client_cert_details", "SANITIZE")
     if mode not in ("SANITIZE", "SANITIZE_SET"):
@@ -360,6 +362,18 @@ def _check_http_identity(table: Table, hcm: dict[str, Any]) -> Iterator[Finding]
             "require client certificates and set forward_client_cert_details: "
             "SANITIZE_SET with set_current_client_cert_details {uri: true, dns: true} "
             "(`graysteer envoy-config --mode ext_authz_http --mtls`)",
+        )
+    details = hcm.get("set_current_client_cert_details") or {}
+    unconfirmed = [name for name, value in PEER_SAN_HEADERS.items() if added.get(name) != value]
+    if mode == "SANITIZE_SET" and (unconfirmed or not (details.get("uri") and details.get("dns"))):
+        yield Finding(
+            f"listener {stat!r} sends the sidecar x-forwarded-client-cert without the client "
+            "certificate's SAN lists, or without its URI and DNS SANs: the sidecar cannot tell a "
+            "SAN holding ';' from two SANs, so it takes no identity from it (every mTLS request "
+            "is decided without one and counted malformed_xfcc)",
+            "set set_current_client_cert_details {uri: true, dns: true} and add to "
+            "authorization_request.headers_to_add "
+            + ", ".join(f"{{key: {name}, value: '{value}'}}" for name, value in PEER_SAN_HEADERS.items()),
         )
 
 

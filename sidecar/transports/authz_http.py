@@ -23,9 +23,15 @@ status still in `x-graysteer-decision-deny-status`.
 Assumptions the generated Envoy config must make true:
 - `x-forwarded-client-cert` is Envoy's own: HCM `forward_client_cert_details: SANITIZE_SET`
   with `set_current_client_cert_details: {uri: true, dns: true, subject: true}`, and the
-  header listed in `allowed_headers`. Its nearest element is taken as the connection's
-  identity (no header: a plaintext connection). With any other XFCC mode a client could
-  name its own identity.
+  header listed in `allowed_headers`. It is the connection's identity (no header: a
+  plaintext connection). With any other XFCC mode a client could name its own identity.
+- Envoy writes URI and DNS SANs into that header unquoted, so a SAN holding `;` can pass for
+  more SANs (`URI=spiffe://a;DNS=b` is also a certificate with the URI SAN `spiffe://a;DNS=b`).
+  `authorization_request.headers_to_add` therefore also sets `x-graysteer-peer-uri-sans` and
+  `x-graysteer-peer-dns-sans` to Envoy's comma-joined SAN lists in brackets (never empty, so
+  Envoy always overwrites a client's); the header's SANs count only when they agree, and a
+  header that is not one element as Envoy writes it, or that disagrees, gives an mTLS
+  connection without a name (MTLS_UNNAMED, counted `malformed_xfcc`).
 - `x-graysteer-listener-port` comes from `authorization_request.headers_to_add` with the
   value `%DOWNSTREAM_LOCAL_PORT%` (Envoy overwrites any client value), and is NOT listed in
   `allowed_headers`.
@@ -51,7 +57,7 @@ from typing import cast
 import httptools
 
 from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
-from sidecar.core.identity import identity_from_xfcc
+from sidecar.core.identity import XfccError, parse_xfcc
 from sidecar.runtime.decider import Decider
 from sidecar.transports.answers import AnswerCache
 
@@ -60,6 +66,12 @@ log = logging.getLogger("graysteer.authz_http")
 PATH_PREFIX = "/graysteer-check"
 HEALTH_PATH = "/graysteer-health"
 LISTENER_PORT_HEADER = "x-graysteer-listener-port"
+# The client certificate's URI and DNS SANs as Envoy's formatter joins them (`,`), bracketed: an
+# empty value would leave a client-sent header of the same name in place.
+PEER_SAN_HEADERS = {
+    "x-graysteer-peer-uri-sans": "[%DOWNSTREAM_PEER_URI_SAN%]",
+    "x-graysteer-peer-dns-sans": "[%DOWNSTREAM_PEER_DNS_SAN%]",
+}
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"  # Envoy's name with the default header prefix
 XFCC = "x-forwarded-client-cert"
 # Not "x-graysteer-": the default color header is x-graysteer-lane, and the decision has a lane.
@@ -110,10 +122,22 @@ def check_request(
     path = path or "/"
     headers[":method"] = method
     headers[":path"] = path
-    identity = NO_IDENTITY
-    if XFCC in headers:
-        identity = identity_from_xfcc(headers[XFCC]) or MTLS_UNNAMED
+    uri_sans, dns_sans = (headers.pop(name, None) for name in PEER_SAN_HEADERS)
+    identity = xfcc_identity(headers[XFCC], uri_sans, dns_sans) if XFCC in headers else NO_IDENTITY
     return Request(headers, method, path, identity, port)
+
+
+def xfcc_identity(xfcc: str, uri_sans: str | None, dns_sans: str | None) -> Identity:
+    """The identity in Envoy's `x-forwarded-client-cert`, when its SANs are exactly those of
+    the PEER_SAN_HEADERS (see the module docstring); else MTLS_UNNAMED. The header has no
+    `,` (one element), so each list joined by `,` is the certificate's only when equal."""
+    try:
+        element = parse_xfcc(xfcc)
+    except XfccError:
+        return MTLS_UNNAMED
+    if uri_sans != f"[{','.join(element.uris)}]" or dns_sans != f"[{','.join(element.dns)}]":
+        return MTLS_UNNAMED
+    return element.identity()
 
 
 def _value(text: str) -> str:

@@ -66,6 +66,17 @@ def decider() -> Decider:
     return Decider(TableHolder(table_from_yaml(RULES)), Metrics(CollectorRegistry()))
 
 
+def envoy_xfcc(uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """What Envoy adds to a check for a client certificate with these SANs (--mtls)."""
+    pairs = ["Hash=9ee752a4", 'Subject="O=Example,CN=client"', *(f"URI={u}" for u in uris or ("",))]
+    pairs += [f"DNS={d}" for d in dns]
+    return [
+        ("x-forwarded-client-cert", ";".join(pairs)),
+        ("x-graysteer-peer-uri-sans", f"[{','.join(uris)}]"),
+        ("x-graysteer-peer-dns-sans", f"[{','.join(dns)}]"),
+    ]
+
+
 def check(path: str, *headers: tuple[str, str], method: str = "GET", port: int = 8080) -> bytes:
     """The check request Envoy sends for `path` (with its path_prefix) on listener `port`."""
     lines = [
@@ -331,16 +342,62 @@ def test_untrusted_override_header_is_listed_for_removal(loop: LoopFactory) -> N
 def test_xfcc_identity_trusted_by_the_rules_has_its_override_honoured(loop: LoopFactory) -> None:
     async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
         client = await connect()
-        xfcc = f'Hash=abc;Subject="CN=qa,O=Example";URI={QA}'
-        trusted = await client.ask(check("/", ("x-forwarded-client-cert", xfcc), ("x-canary", "1")))
+        trusted = await client.ask(check("/", *envoy_xfcc((QA,), ("qa.example.org",)), ("x-canary", "1")))
         assert trusted.header("x-route-cluster") == "canary"
         assert trusted.header("x-envoy-auth-headers-to-remove") is None
         assert trusted.decision().identity == QA
-        xfcc = f"Hash=abc;URI={WEB}"
-        other = await client.ask(check("/", ("x-forwarded-client-cert", xfcc), ("x-canary", "1")))
+        other = await client.ask(check("/", *envoy_xfcc((WEB,)), ("x-canary", "1")))
         assert other.header("x-envoy-auth-headers-to-remove") == "x-canary"
 
     serve(loop, test)
+
+
+# Certificates whose SANs hold XFCC's separators, as Envoy writes them: (XFCC, SAN headers).
+def _hostile(uris: list[str], dns: list[str]) -> list[tuple[str, str]]:
+    pairs = ["Hash=ab", 'Subject="CN=x"', *(f"URI={u}" for u in uris), *(f"DNS={d}" for d in dns)]
+    return [
+        ("x-forwarded-client-cert", ";".join(pairs)),
+        ("x-graysteer-peer-uri-sans", f"[{','.join(uris)}]"),
+        ("x-graysteer-peer-dns-sans", f"[{','.join(dns)}]"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        _hostile([f"spiffe://example.org/ns/prod/a,URI={QA}"], []),
+        _hostile(["spiffe://example.org/ns/prod/b"], [f"b.example.org,URI={QA}"]),
+        _hostile(["spiffe://example.org/ns/prod/c"], [f"c.example.org;URI={QA}"]),
+        # Well-formed as XFCC (URI=QA;DNS=d.example.org) but the one URI SAN is `QA;DNS=...`:
+        # only Envoy's own SAN lists tell.
+        _hostile([f"{QA};DNS=d.example.org"], []),
+        _hostile([QA, WEB], [f"e.example.org,URI={QA}"]),
+        # a well-formed header without the SAN lists (an Envoy config from before them)
+        envoy_xfcc((QA,))[:1],
+        # SAN lists that disagree with the header
+        [envoy_xfcc((QA,))[0], ("x-graysteer-peer-uri-sans", f"[{QA},{WEB}]"), envoy_xfcc((QA,))[2]],
+        [*envoy_xfcc((QA,))[:2], ("x-graysteer-peer-dns-sans", "[a.example.org]")],
+    ],
+)
+def test_xfcc_with_separators_in_a_san_is_mtls_without_a_name(
+    loop: LoopFactory, headers: list[tuple[str, str]]
+) -> None:
+    the_decider = decider()
+
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        answer = await (await connect()).ask(
+            check("/", *headers, ("x-canary", "1"), ("x-graysteer-lane", "canary"))
+        )
+        assert answer.header("x-route-cluster") == "stable"
+        assert answer.header("x-graysteer-lane") == "stable"
+        assert answer.header("x-envoy-auth-headers-to-remove") == "x-canary"
+        assert answer.decision().identity is None
+
+    serve(loop, test, the_decider=the_decider)
+    events = the_decider.metrics.registry.get_sample_value(
+        "graysteer_steering_events_total", {"event": "malformed_xfcc"}
+    )
+    assert events == 1
 
 
 def test_health_path_follows_readiness(loop: LoopFactory) -> None:
@@ -403,7 +460,7 @@ def test_same_decisions_as_ext_proc(loop: LoopFactory) -> None:
     async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
         client = await connect()
         for (path, headers, peer), decision in zip(PARITY_CASES, expected, strict=True):
-            extra = [("x-forwarded-client-cert", f"Hash=abc;URI={peer.uri_san}")] if peer.uri_san else []
+            extra = envoy_xfcc((peer.uri_san,)) if peer.uri_san else []
             request = check(path, *headers, *extra, port=peer.listener_port or 8080)
             assert (await client.ask(request)).decision() == decision, path
 
