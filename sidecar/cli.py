@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from sidecar.admin import client as admin_client
 from sidecar.admin.client import AdminError
 from sidecar.admin.security import AdminAuth, ClientAuth
 from sidecar.core import RulesError, Table
-from sidecar.server import ServeOptions, is_local_address, serve, split_host_port
+from sidecar.server import ServeOptions, is_ascii_number, is_local_address, serve, split_host_port
 
 if TYPE_CHECKING:
     from sidecar.runtime.etcd import EtcdTls
@@ -51,26 +52,23 @@ def _admin_address(value: str) -> str:
 
 
 def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not is_ascii_number(value) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
     return int(value)
 
 
+# float() also takes other scripts' digits, `_`, blanks, nan and inf: plain decimals only.
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
 def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1
-    if seconds < 0:
+    if not _DECIMAL.fullmatch(value):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
-    return seconds
+    return float(value)
 
 
 def _ratio(value: str) -> float:
-    try:
-        ratio = float(value)
-    except ValueError:
-        ratio = -1
+    ratio = float(value) if _DECIMAL.fullmatch(value) else -1
     if not 0 <= ratio < 1:
         raise argparse.ArgumentTypeError(f"expected a share from 0 to below 1 (e.g. 0.05), got {value!r}")
     return ratio
@@ -88,7 +86,7 @@ def _upstream(value: str) -> tuple[str, tuple[str, int]]:
 
 def _weight(value: str) -> tuple[str, int]:
     cluster, sep, weight = value.partition("=")
-    if not sep or not cluster or not weight.isdigit():
+    if not sep or not cluster or not is_ascii_number(weight):
         raise argparse.ArgumentTypeError(f"expected CLUSTER=WEIGHT with a whole number >= 0, got {value!r}")
     return cluster, int(weight)
 

@@ -72,10 +72,16 @@ class ServeOptions:
     replica_id: str | None = None
 
 
+def is_ascii_number(text: str) -> bool:
+    """Whether `text` is ASCII digits: str.isdigit() and int() also take other scripts' digits
+    (Arabic-Indic digits for 15001 are 15001 to int()), and isdigit() superscripts that int() refuses."""
+    return text.isascii() and text.isdecimal()
+
+
 def split_host_port(address: str, what: str) -> tuple[str, int]:
     """'127.0.0.1:50051' -> ('127.0.0.1', 50051), or ValueError naming the flag."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not is_ascii_number(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{what}: expected HOST:PORT (e.g. 127.0.0.1:50051), got {address!r}")
     return host.strip("[]"), int(port)
 

@@ -27,7 +27,7 @@ from aetcd import rpc, watcher
 ETCD_ERRORS = (aetcd.ClientError, grpc.RpcError, OSError, TimeoutError)
 REQUEST_TIMEOUT_SECONDS = 5
 
-_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d{1,5})(?P<prefix>/[^\s]*)$")
+_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>[0-9]{1,5})(?P<prefix>/[^\s]*)$")
 
 
 @dataclass(frozen=True)

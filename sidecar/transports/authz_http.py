@@ -115,7 +115,8 @@ def check_request(
     for name in _CHECK_ONLY:
         headers.pop(name, None)
     port_text = headers.pop(LISTENER_PORT_HEADER, "")
-    port = int(port_text) if port_text.isdecimal() and len(port_text) <= 5 else None
+    # ASCII digits only: str.isdecimal() and int() also take other scripts' digits (Arabic-Indic, full-width)
+    port = int(port_text) if port_text.isascii() and port_text.isdecimal() and len(port_text) <= 5 else None
     if "host" in headers:
         headers[":authority"] = headers.pop("host")
     path = target[len(path_prefix) :] if path_prefix and target.startswith(path_prefix) else target

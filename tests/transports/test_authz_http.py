@@ -400,6 +400,25 @@ def test_xfcc_with_separators_in_a_san_is_mtls_without_a_name(
     assert events == 1
 
 
+@pytest.mark.parametrize(
+    "port", ["\u0661\u0665\u0660\u0660\u0661", "\uff11\uff15\uff10\uff10\uff11", "15001\u0660"]
+)
+def test_listener_port_is_read_in_ascii_digits_only(loop: LoopFactory, port: str) -> None:
+    # int() reads Arabic-Indic and full-width digits as 15001, a trusted listener here
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        trusted = await client.ask(check("/", ("x-canary", "1"), port=15001))
+        assert trusted.header("x-route-cluster") == "canary"
+        request = check("/", ("x-canary", "1")).replace(
+            b"listener-port: 8080", f"listener-port: {port}".encode()
+        )
+        answer = await client.ask(request)
+        assert answer.header("x-route-cluster") == "stable"
+        assert answer.header("x-envoy-auth-headers-to-remove") == "x-canary"
+
+    serve(loop, test)
+
+
 def test_health_path_follows_readiness(loop: LoopFactory) -> None:
     state = {"ready": True}
 
