@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 from betterproto2 import Casing
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, ExtensionFilter
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbConfig, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
@@ -35,6 +35,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     TransportSocket,
     TypedExtensionConfig,
 )
+from envoy_data_plane.envoy.config.core.v3 import (
+    HttpProtocolOptions as CommonHttpProtocolOptions,
+)
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
@@ -52,6 +55,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
     AuthorizationRequest,
@@ -73,6 +77,8 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerForwardClientCertDetails,
     HttpConnectionManagerSetCurrentClientCertDetails,
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManagerPathWithEscapedSlashesAction as EscapedSlashes,
@@ -103,6 +109,7 @@ from sidecar.envoyconf.backstop import backstop_filters, decided_route_overrides
 from sidecar.envoyconf.lint import guard_regex
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
+    ENVOY_MAX_HEADERS,
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     PATH_PREFIX,
@@ -401,6 +408,33 @@ def routes(table: Table) -> RouteConfiguration:
     )
 
 
+# What Envoy answers when the request, once the sidecar's answer is applied, exceeds the
+# listener's header limits: it checks again after the pseudo-headers, the headers it added
+# itself (x-request-id, x-forwarded-proto) and the steered ones, so the last few header
+# counts its codec accepts fail there, with a 500. They are a 431, as above the limit.
+OVER_LIMIT_DETAILS = ("ext_authz_invalid", "header_mutation_result_exceeds_limit")
+HEADERS_TOO_LARGE = "Request Header Fields Too Large"  # the body of Envoy's own 431
+
+
+def over_limit_replies() -> LocalReplyConfig:
+    """Envoy's 500 for a request that no longer fits its header limits, answered 431."""
+    expression = " || ".join(f"response.code_details == '{details}'" for details in OVER_LIMIT_DETAILS)
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    extension_filter=ExtensionFilter(
+                        name="envoy.access_loggers.extension_filters.cel",
+                        typed_config=AnyMessage.pack(ExpressionFilter(expression=expression)),
+                    )
+                ),
+                status_code=431,
+                body=DataSource(inline_string=HEADERS_TOO_LARGE),
+            )
+        ]
+    )
+
+
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
     if options.mode == "ext_authz_http":
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX)
@@ -431,6 +465,10 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
         ],
         route_config=routes(table),
+        # Envoy's default, written out: the sidecar's HTTP server accepts this many client
+        # headers plus those Envoy adds to a check (authz_http.Limits.max_headers).
+        common_http_protocol_options=CommonHttpProtocolOptions(max_headers_count=ENVOY_MAX_HEADERS),
+        local_reply_config=over_limit_replies(),
         # Rules and RBAC see the path a backend will serve: `//admin`, `/./admin`,
         # `/%61dmin` and `/api/../admin` are all `/admin` before any filter runs.
         normalize_path=True,

@@ -22,6 +22,7 @@ from sidecar.envoyconf.backstop import (
 )
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
+    ENVOY_MAX_HEADERS,
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     PATH_PREFIX,
@@ -312,6 +313,14 @@ def _check_http_service(
             "reads a client-sent value, and a client can claim a trusted listener port",
             f"add authorization_request.headers_to_add: [{{key: {LISTENER_PORT_HEADER}, "
             "value: '%DOWNSTREAM_LOCAL_PORT%'}]",
+        )
+    accepted = (hcm.get("common_http_protocol_options") or {}).get("max_headers_count", ENVOY_MAX_HEADERS)
+    if int(accepted) > ENVOY_MAX_HEADERS:
+        yield Finding(
+            f"listener {hcm.get('stat_prefix', '?')!r} accepts {accepted} request headers, the "
+            f"sidecar's HTTP server {ENVOY_MAX_HEADERS} and those Envoy adds to a check: the "
+            "sidecar refuses requests Envoy accepted (431)",
+            f"set common_http_protocol_options.max_headers_count: {ENVOY_MAX_HEADERS} (or fewer)",
         )
     response = service.get("authorization_response") or {}
     effect = {table.routing_header: "nothing is routed", table.mirror_header: "mirror rules copy nothing"}

@@ -92,10 +92,19 @@ _CHECK_ONLY = (
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+# The client headers Envoy's listener accepts (HCM common_http_protocol_options.max_headers_count,
+# Envoy's default; the generated configs set it). A check carries them and up to about ten of
+# Envoy's own (x-request-id, x-forwarded-proto, x-envoy-*, XFCC, the listener port and SAN
+# lists, content-length): the server accepts that many and more, so that it decides every
+# request Envoy accepted, and Envoy's limits alone answer 431.
+ENVOY_MAX_HEADERS = 100
+CHECK_HEADER_HEADROOM = 32
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_header_bytes: int = 64 * 1024  # request line + header names and values, per request
-    max_headers: int = 100
+    max_headers: int = ENVOY_MAX_HEADERS + CHECK_HEADER_HEADROOM
     max_body_bytes: int = 64 * 1024  # read and discarded
     request_timeout: float = 10.0  # from a request's first byte to its last
     idle_timeout: float = 300.0  # no request under way; keep Envoy's pool idle_timeout below it

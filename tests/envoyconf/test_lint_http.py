@@ -154,6 +154,11 @@ CASES: list[tuple[str, Callable[[Config], None], str]] = [
         "a client can name its own identity",
     ),
     ("no backstop", lambda c: hcm(c)["http_filters"].pop(1), "while the sidecar is away"),
+    (
+        "more headers than the sidecar reads",
+        _set(hcm, "common_http_protocol_options", {"max_headers_count": 200}),
+        "the sidecar refuses requests Envoy accepted",
+    ),
 ]
 
 
