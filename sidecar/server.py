@@ -256,7 +256,9 @@ async def serve(options: ServeOptions) -> None:
         "serving gRPC ext_proc and ext_authz on %s, HTTP ext_authz on %s, with rules %s "
         "version %s (%d rules)",
         listen,
-        http_address,
+        http_address
+        if authz_http is None
+        else f"{http_address} (at most {authz_http.max_connections} connections)",
         table.source,
         table.version,
         len(table.rules),

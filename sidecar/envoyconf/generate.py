@@ -110,6 +110,7 @@ from sidecar.envoyconf.lint import guard_regex
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
     ENVOY_MAX_HEADERS,
+    ENVOY_POOL_IDLE_TIMEOUT,
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     PATH_PREFIX,
@@ -249,6 +250,18 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     http_check = grpc_check = None
     if mode == "ext_authz_http":
         http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
+        # Envoy closes an idle pooled connection before the sidecar would: a check sent on a
+        # connection the sidecar is closing fails (and skips the sidecar when failing open).
+        cluster.typed_extension_protocol_options = _protocol_options(
+            HttpProtocolOptions(
+                common_http_protocol_options=CommonHttpProtocolOptions(
+                    idle_timeout=timedelta(seconds=ENVOY_POOL_IDLE_TIMEOUT)
+                ),
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http_protocol_options=Http1ProtocolOptions()
+                ),
+            )
+        )
     else:
         cluster.typed_extension_protocol_options = _protocol_options(HTTP2_ONLY)  # gRPC
         grpc_check = HealthCheckGrpcHealthCheck(

@@ -23,10 +23,12 @@ from sidecar.envoyconf.backstop import (
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
     ENVOY_MAX_HEADERS,
+    ENVOY_POOL_IDLE_TIMEOUT,
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     PATH_PREFIX,
     PEER_SAN_HEADERS,
+    Limits,
 )
 from sidecar.transports.ext_proc import METADATA_NAMESPACE
 
@@ -258,6 +260,17 @@ def _check_http_service(
                 "remove http2_protocol_options from the sidecar cluster",
             )
         yield from _check_health_checks(cluster_name, cluster)
+        options = (cluster.get("typed_extension_protocol_options") or {}).get(HTTP_OPTIONS) or {}
+        idle = _seconds((options.get("common_http_protocol_options") or {}).get("idle_timeout"))
+        if idle is None or not 0 < idle <= Limits().idle_timeout / 2:
+            yield Finding(
+                f"sidecar cluster {cluster_name!r} keeps idle connections "
+                f"{'an hour (the default)' if idle is None else f'{idle:g}s'}, the sidecar "
+                f"{Limits().idle_timeout:g}s: a check Envoy sends as the sidecar closes one fails, "
+                "and the request skips the sidecar",
+                f"set the cluster's {HTTP_OPTIONS} common_http_protocol_options.idle_timeout: "
+                f"{ENVOY_POOL_IDLE_TIMEOUT:g}s",
+            )
         for check in cluster.get("health_checks") or []:
             if (check.get("http_health_check") or {}).get("path") != HEALTH_PATH:
                 yield Finding(

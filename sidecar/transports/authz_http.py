@@ -39,16 +39,25 @@ Assumptions the generated Envoy config must make true:
   outside it, so no forwarded request can reach it.
 - `authorization_response.allowed_client_headers` is set (e.g. to content-type): left empty,
   Envoy passes every header of a deny answer to the client, the decision headers included.
+- The sidecar cluster's pool closes idle connections (`common_http_protocol_options.
+  idle_timeout`, ENVOY_POOL_IDLE_TIMEOUT) well before this server does (Limits.idle_timeout):
+  Envoy may send a check on a connection just as the server closes it, and that check
+  fails (with failure_mode_allow the request then skips the sidecar).
 
 Bounds: request head bytes and header count (431), body bytes (413), malformed HTTP (400,
 then close), a deadline per request from its first byte and an idle deadline per
-keep-alive connection, and reading paused while a peer does not read its answers.
+keep-alive connection, reading paused while a peer does not read its answers, and a cap on
+connections below the process's file descriptor limit (`connection_cap`): at the cap a new
+connection takes the place of the longest-idle one (never one with a request under way),
+and is refused only when none is idle.
 """
 
 import asyncio
 import http
 import logging
+import os
 import re
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,9 +116,32 @@ class Limits:
     max_headers: int = ENVOY_MAX_HEADERS + CHECK_HEADER_HEADROOM
     max_body_bytes: int = 64 * 1024  # read and discarded
     request_timeout: float = 10.0  # from a request's first byte to its last
-    idle_timeout: float = 300.0  # no request under way; keep Envoy's pool idle_timeout below it
+    idle_timeout: float = 60.0  # no request under way; Envoy's pool closes sooner (module docstring)
     answer_cache_bytes: int = 1 << 20
     max_cached_answer: int = 2048  # larger answers (long baggage) are built each time
+    max_connections: int = 0  # 0: from the file descriptor limit (connection_cap)
+
+
+ENVOY_POOL_IDLE_TIMEOUT = 20.0  # seconds; the generated configs set it on the sidecar cluster
+# Descriptors left to everything but these connections: reloads (watching and reading the
+# rules, the state file), etcd, the gRPC and operator endpoints, logs.
+RESERVED_DESCRIPTORS = 128
+
+
+def connection_cap(limits: Limits) -> int:
+    """At most this many connections at once: `limits.max_connections`, else the soft
+    RLIMIT_NOFILE less the descriptors open now and RESERVED_DESCRIPTORS, so that a flood of
+    connections never leaves a reload without a descriptor."""
+    if limits.max_connections > 0:
+        return limits.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc (not Linux): assume a typical start-up
+        in_use = 64
+    return max(1, soft - in_use - RESERVED_DESCRIPTORS)
 
 
 # ---- the pure parts: check request -> Request, Steering -> answer bytes -------------------------
@@ -215,6 +247,7 @@ class AuthzHttpServer:
         self.health_target = health_path.encode()
         self.answers = AnswerCache(answer_bytes, limits.answer_cache_bytes, limits.max_cached_answer)
         self.connections: set[_Connection] = set()
+        self.max_connections = connection_cap(limits)
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -264,6 +297,19 @@ class AuthzHttpServer:
                 if now > connection.deadline:
                     connection.abort()
 
+    def admit(self, connection: "_Connection") -> bool:
+        """Take `connection` in; at the cap, in the place of the longest-idle connection,
+        which is closed. False (refused) when every connection has a request under way."""
+        if len(self.connections) >= self.max_connections:
+            idle = [c for c in self.connections if not c.in_message and not c.closing]
+            if not idle:
+                self.log_once("cap", f"authz HTTP: {self.max_connections} connections busy: refused one")
+                return False
+            self.log_once("evict", f"authz HTTP: {self.max_connections} connections: closing idle ones")
+            min(idle, key=lambda c: c.idle_since).drain()
+        self.connections.add(connection)
+        return True
+
     def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
         table = self.decider.holder.table
         try:
@@ -292,7 +338,8 @@ class _Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.closing = False  # no more requests are read: close once the answers are written
         self.in_message = self.in_body = False
-        self.deadline = time.monotonic() + self.limits.idle_timeout
+        self.idle_since = time.monotonic()
+        self.deadline = self.idle_since + self.limits.idle_timeout
         self.target = b""
         self.headers: dict[str, str] = {}
         self.head_bytes = self.raw_head_bytes = self.body_bytes = 0
@@ -300,8 +347,7 @@ class _Connection(asyncio.Protocol):
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
-        self.server.connections.add(self)
-        if self.server.draining:
+        if self.server.draining or not self.server.admit(self):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -382,7 +428,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = self.in_body = False
-        self.deadline = time.monotonic() + self.limits.idle_timeout
+        self.idle_since = time.monotonic()
+        self.deadline = self.idle_since + self.limits.idle_timeout
         answer = self._answer()
         if not self.parser.should_keep_alive() or self.server.draining:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)

@@ -155,6 +155,18 @@ CASES: list[tuple[str, Callable[[Config], None], str]] = [
     ),
     ("no backstop", lambda c: hcm(c)["http_filters"].pop(1), "while the sidecar is away"),
     (
+        "pool keeps idle connections",
+        lambda c: cluster(c).pop("typed_extension_protocol_options"),
+        "the request skips the sidecar",
+    ),
+    (
+        "pool outlives the sidecar's idle timeout",
+        lambda c: cluster(c)["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]["common_http_protocol_options"].update(idle_timeout="300s"),
+        "the request skips the sidecar",
+    ),
+    (
         "more headers than the sidecar reads",
         _set(hcm, "common_http_protocol_options", {"max_headers_count": 200}),
         "the sidecar refuses requests Envoy accepted",

@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+import os
+import resource
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -15,9 +17,11 @@ from sidecar.runtime.decider import Decider, TableHolder
 from sidecar.runtime.metrics import Metrics
 from sidecar.transports.authz_http import (
     DECISION_HEADER_PREFIX,
+    RESERVED_DESCRIPTORS,
     AuthzHttpServer,
     Limits,
     answer_bytes,
+    connection_cap,
     start_authz_http,
 )
 from sidecar.transports.explain import Peer, headers_message
@@ -418,6 +422,54 @@ def test_listener_port_is_read_in_ascii_digits_only(loop: LoopFactory, port: str
         assert answer.header("x-envoy-auth-headers-to-remove") == "x-canary"
 
     serve(loop, test)
+
+
+CAPPED = replace(FAST, max_connections=4, request_timeout=5.0)
+PARTIAL = b"GET /graysteer-check/ HTTP/1.1\r\nhost: shop.example\r\n"  # a head not yet complete
+
+
+def test_at_the_connection_cap_a_new_connection_takes_the_longest_idle_ones_place(
+    loop: LoopFactory,
+) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        clients = [await connect() for _ in range(4)]
+        for client in clients:
+            assert (await client.ask(check("/"))).status == 200
+        newcomer = await connect()
+        assert (await newcomer.ask(check("/"))).status == 200
+        await clients[0].wait_closed()  # idle the longest
+        for client in clients[1:]:
+            assert (await client.ask(check("/"))).status == 200
+        assert len(server.connections) == 4
+
+    serve(loop, test, limits=CAPPED)
+
+
+def test_a_connection_with_a_request_under_way_is_never_closed_for_another(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        busy = [await connect() for _ in range(4)]
+        for client in busy:  # answered in the same read as the next request's first bytes
+            await client.send(check("/") + PARTIAL)
+            assert (await client.receive(1))[0].status == 200
+        refused = await connect()
+        await refused.wait_closed()
+        assert refused.answers == []
+        await busy[0].send(b"\r\n")  # one request completes: that connection is idle now
+        assert (await busy[0].receive(1))[0].status == 200
+        newcomer = await connect()
+        assert (await newcomer.ask(check("/"))).status == 200
+        await busy[0].wait_closed()
+        await busy[1].send(b"\r\n")  # the others kept their requests
+        assert (await busy[1].receive(1))[0].status == 200
+
+    serve(loop, test, limits=CAPPED)
+
+
+def test_the_cap_leaves_descriptors_for_everything_else() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    assert connection_cap(Limits()) <= soft - in_use - RESERVED_DESCRIPTORS + 2
+    assert connection_cap(Limits(max_connections=7)) == 7
 
 
 def test_health_path_follows_readiness(loop: LoopFactory) -> None:
