@@ -22,8 +22,9 @@ from sidecar.runtime.bypass import BypassMonitor
 from sidecar.runtime.decider import Decider
 from sidecar.runtime.etcd import EtcdAddress, EtcdTls, is_etcd
 from sidecar.runtime.fleet import Fleet, lanes_to_json
-from sidecar.runtime.health import BypassGate, Readiness, ReadinessView, start_http
+from sidecar.runtime.health import BypassGate, Readiness, ReadinessView
 from sidecar.runtime.metrics import Metrics
+from sidecar.runtime.operator_http import start_http
 from sidecar.runtime.reload import Reloader
 from sidecar.runtime.rollouts import EnvoyStats, RolloutController, http_view
 from sidecar.runtime.sources.etcd import EtcdSource, default_cache_dir

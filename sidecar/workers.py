@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from sidecar.runtime.health import BypassGate, ReadinessView, registry_bypass_ratio, start_http
+from sidecar.runtime.health import BypassGate, ReadinessView, registry_bypass_ratio
+from sidecar.runtime.operator_http import start_http
 from sidecar.server import ServeOptions, split_host_port
 
 log = logging.getLogger("graysteer.workers")
