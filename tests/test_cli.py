@@ -95,6 +95,19 @@ def test_explain_split_key_sources_agree(args: list[str], capsys: pytest.Capture
         (["explain", "--config", EXAMPLE, "--cookie", "nope"], "expected name=value"),
         (["serve", "--config", EXAMPLE, "--listen", "50051"], "expected HOST:PORT"),
         (["serve", "--config", EXAMPLE, "--listen", "host:99999"], "expected HOST:PORT"),
+        # ASCII digits only: int() reads other scripts' digits, isdigit() passes superscripts
+        (
+            ["serve", "--config", EXAMPLE, "--listen", "127.0.0.1:\u0661\u0665\u0660\u0660\u0661"],
+            "expected HOST:PORT",
+        ),
+        (["serve", "--config", EXAMPLE, "--listen", "127.0.0.1:\u00b2"], "expected HOST:PORT"),
+        (["serve", "--config", EXAMPLE, "--workers", "\u0662"], "expected a whole number >= 1"),
+        (["serve", "--config", EXAMPLE, "--drain", "\u0661"], "expected a number of seconds >= 0"),
+        (["serve", "--config", EXAMPLE, "--drain", "nan"], "expected a number of seconds >= 0"),
+        (["serve", "--config", EXAMPLE, "--drain", "inf"], "expected a number of seconds >= 0"),
+        (["serve", "--config", EXAMPLE, "--drain", "1_0"], "expected a number of seconds >= 0"),
+        (["serve", "--config", EXAMPLE, "--ready-max-bypass-ratio", "\u0660.\u0665"], "expected a share"),
+        (["set-weight", "split", "canary=\u0665"], "expected CLUSTER=WEIGHT"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -219,6 +232,10 @@ def test_bad_etcd_flags_of_serve_are_flag_errors_before_anything_starts(
     [
         (["push", "examples/rules.yaml", "http://127.0.0.1:2379/x"], "expected etcd://HOST:PORT/PREFIX"),
         (["status", "--fleet", "etcd://127.0.0.1:99999/x"], "expected etcd://HOST:PORT/PREFIX"),
+        (
+            ["status", "--fleet", "etcd://127.0.0.1:\u0662\u0663\u0667\u0669/x"],
+            "expected etcd://HOST:PORT/PREFIX",
+        ),
     ],
 )
 def test_bad_etcd_addresses_are_one_line_errors(

@@ -23,7 +23,7 @@ def host_problem(pattern: str) -> str | None:
     if stars > 1 or (stars == 1 and not (pattern.startswith("*") or pattern.endswith("*"))):
         return f"a wildcard must be the first or last character ({HOST_FORMS})"
     host, port = split_port(pattern)
-    if port is not None and not port.isdecimal():
+    if port is not None and not (port.isascii() and port.isdecimal()):
         return f"the port {port!r} is not a number"
     if not host.strip("*"):
         return f"not a host pattern: {HOST_FORMS}"

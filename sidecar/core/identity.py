@@ -6,7 +6,9 @@ SPIFFE IDs are parsed and validated here (spec: trust domain of at most 255 lowe
 letters, digits, `.`, `-`, `_`; a non-empty path of segments of letters, digits, `.`, `-`,
 `_`, no empty, `.` or `..` segment, no query or fragment); a malformed one is not an
 identity. An X509-SVID has exactly one URI SAN: a certificate with several has no SPIFFE
-identity at all.
+identity at all. A DNS SAN must be a DNS name to count. `x-forwarded-client-cert` is read as
+Envoy writes it (`parse_xfcc`), strictly: its URI and DNS values are not quoted, so a SAN
+holding a separator must not read as another SAN.
 
 Regexes in the rules file are RE2, compiled as Envoy compiles `safe_regex` (`compile_regex`),
 so that a pattern means the same in the sidecar as in Envoy and matching takes linear time.
@@ -14,11 +16,12 @@ so that a pattern means the same in the sidecar as in Envoy and matching takes l
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import re2
 
+XFCC = "x-forwarded-client-cert"  # the header Envoy writes the client certificate's details in
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _PATH_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/")
@@ -157,6 +160,17 @@ def spiffe_id_problem(uri: str) -> str | None:
     )
 
 
+_DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*")
+MAX_DNS_NAME = 253
+
+
+def is_dns_name(name: str) -> bool:
+    """A DNS SAN as a certificate should hold it: labels of letters, digits, '-' and '_', at
+    most 63 characters each, joined by '.'; a leading `*.` wildcard label; at most 253
+    characters."""
+    return len(name) <= MAX_DNS_NAME and _DNS_NAME.fullmatch(name) is not None
+
+
 def _looks_like_spiffe(uri: str) -> bool:
     return uri[:7].lower() == "spiffe:"
 
@@ -164,7 +178,8 @@ def _looks_like_spiffe(uri: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class Identity:
     """What is known of the peer. `spiffe` is the certificate's SPIFFE ID: its only URI SAN,
-    when that is a valid one."""
+    when that is a valid one. `dns_sans` holds only DNS names; other DNS SANs are in
+    `malformed_dns` and never match."""
 
     mtls: bool = False
     uri_sans: tuple[str, ...] = ()
@@ -172,6 +187,7 @@ class Identity:
     subject: str = ""
     spiffe: SpiffeId | None = None
     malformed: tuple[str, ...] = ()  # SANs that looked like SPIFFE IDs but are not (counted)
+    malformed_dns: tuple[str, ...] = ()  # DNS SANs that are no DNS names (counted)
 
     @classmethod
     def from_sans(
@@ -179,29 +195,45 @@ class Identity:
     ) -> "Identity":
         """From every SAN of a certificate. X509-SVID: an SVID has exactly one URI SAN and a
         certificate with several must be rejected; it gets no SPIFFE identity, and those of its
-        URI SANs that look like SPIFFE IDs are reported malformed (so metrics show it)."""
+        URI SANs that look like SPIFFE IDs are reported malformed (so metrics show it). A DNS
+        SAN that is no DNS name (`is_dns_name`) is set aside as malformed: `x,y.example.org`
+        must not pass for a name under `*.example.org`."""
         spiffe = parse_spiffe_id(uri_sans[0]) if len(uri_sans) == 1 else None
         malformed = () if spiffe else tuple(u for u in uri_sans if _looks_like_spiffe(u))
-        return cls(mtls, uri_sans, dns_sans, subject, spiffe, malformed)
+        names = tuple(d for d in dns_sans if is_dns_name(d))
+        odd = tuple(d for d in dns_sans if not is_dns_name(d)) if len(names) < len(dns_sans) else ()
+        return cls(mtls, uri_sans, names, subject, spiffe, malformed, odd)
 
     @classmethod
     def from_first_sans(cls, uri: str, dns: str, subject: str, xfcc: str | None) -> "Identity":
         """From what Envoy's ext_proc attributes give: the certificate's FIRST URI SAN and first
         DNS SAN only. Whether the certificate has more URI SANs (then it is no SVID, as
         `from_sans` decides with all of them) shows in the `x-forwarded-client-cert` header
-        Envoy writes: when its nearest element lists `uri` together with other URI SANs, they
-        are taken as the certificate's and the peer gets no SPIFFE identity.
+        Envoy writes (`parse_xfcc`): when it lists `uri` together with other URI SANs, they
+        are taken as the certificate's and the peer gets no SPIFFE identity. So does a header
+        that is not one element as Envoy writes it: a SAN of this certificate holds a
+        separator, and its other URI SANs cannot be told (the DNS SAN Envoy gives is exact and
+        stays).
 
         This is safe even when the client wrote that header itself (Envoy not sanitizing it):
         it can only take away the identity of the connection the request came on (the element
-        must list that connection's URI SAN), never give one."""
+        must list that connection's URI SAN alone), never give one."""
         uri_sans: tuple[str, ...] = (uri,) if uri else ()
-        nearest = identity_from_xfcc(xfcc) if uri and xfcc else None
-        if nearest is not None and uri in nearest.uri_sans and len(nearest.uri_sans) > 1:
-            others = list(nearest.uri_sans)
-            others.remove(uri)
-            uri_sans = (uri, *others)
-        return cls.from_sans(True, uri_sans, (dns,) if dns else (), subject)
+        unsure = False
+        if uri and xfcc is not None:
+            try:
+                listed = parse_xfcc(xfcc).uris
+            except XfccError:
+                unsure = True
+            else:
+                if uri in listed and len(listed) > 1:
+                    others = list(listed)
+                    others.remove(uri)
+                    uri_sans = (uri, *others)
+        identity = cls.from_sans(True, uri_sans, (dns,) if dns else (), subject)
+        if unsure and identity.spiffe is not None:
+            return replace(identity, spiffe=None, malformed=uri_sans)
+        return identity
 
     @property
     def principal(self) -> str:
@@ -358,45 +390,105 @@ def _spiffe_test(matches: FullMatch) -> IdentityMatcher:
 
 # ---- x-forwarded-client-cert ---------------------------------------------------------------------
 
+# What Envoy writes for one certificate (HCM `set_current_client_cert_details`, conn_manager_utility.cc):
+# `By=` per URI SAN of its own certificate, `Hash=`, then Cert, Chain, Subject, URI and DNS in
+# that order, `;` between pairs. Cert, Chain and Subject are quoted; By, Hash, URI and DNS are
+# written as they are, so a SAN holding `,` `;` `"` or `=` reads as more pairs or elements.
+_XFCC_ORDER = {"By": 0, "Hash": 1, "Cert": 2, "Chain": 3, "Subject": 4, "URI": 5, "DNS": 6}
+_XFCC_QUOTED = frozenset(("Cert", "Chain", "Subject"))
+_XFCC_REPEATED = frozenset(("By", "URI", "DNS"))
+_XFCC_BARE = re.compile(r'[^\x00-\x20",;=\x7f-\U0010ffff]*')  # printable ASCII but , ; " =
 
-def _split_unquoted(text: str, separator: str) -> list[str]:
-    """Split on `separator` outside double quotes (backslash escapes inside quotes)."""
-    parts, current, quoted, escaped = [], [], False, False
-    for char in text:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append("".join(current))
-            current = []
+
+class XfccError(ValueError):
+    """An x-forwarded-client-cert header that is not one element as Envoy writes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class XfccElement:
+    uris: tuple[str, ...]
+    dns: tuple[str, ...]
+    subject: str
+
+    def identity(self) -> Identity:
+        return Identity.from_sans(True, self.uris, self.dns, self.subject)
+
+
+def _xfcc_pairs(header: str) -> list[tuple[str, str]]:
+    """The key=value pairs of one element; quoted values unquoted (backslash escapes)."""
+    pairs: list[tuple[str, str]] = []
+    at, end = 0, len(header)
+    while True:
+        key, sep, _ = header[at:].partition("=")
+        if not sep or key not in _XFCC_ORDER:
+            raise XfccError(f"no pair of a key Envoy writes at {header[at : at + 20]!r}")
+        at += len(key) + 1
+        if key in _XFCC_QUOTED:
+            if header[at : at + 1] != '"':
+                raise XfccError(f"{key} is not quoted")
+            value, at = _quoted(header, at + 1)
         else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
+            value = _XFCC_BARE.match(header, at).group()  # type: ignore[union-attr]
+            at += len(value)
+        pairs.append((key, value))
+        if at == end:
+            return pairs
+        if header[at] == ",":
+            raise XfccError("more than one element (Envoy's SANITIZE_SET writes one), or a SAN holding ','")
+        if header[at] != ";":
+            raise XfccError(f"{key}'s value holds {header[at]!r}")
+        at += 1
 
 
-def identity_from_xfcc(header: str) -> Identity | None:
-    """The identity in the last (nearest) element of an `x-forwarded-client-cert` header:
-    `Hash=..;Subject="CN=a";URI=spiffe://..;DNS=a.example.org`. None if malformed."""
-    elements = _split_unquoted(header, ",")
+def _quoted(header: str, at: int) -> tuple[str, int]:
+    """A quoted value starting after its opening quote, as written (Envoy does not escape
+    for XFCC; an RFC 2253 subject escapes `"` and `\\` itself), and where it ends."""
+    start = at
+    while at < len(header):
+        if header[at] == "\\":
+            at += 2
+        elif header[at] == '"':
+            return header[start:at], at + 1
+        else:
+            at += 1
+    raise XfccError("a quoted value is not closed")
+
+
+def parse_xfcc(header: str) -> XfccElement:
+    """The one element of an `x-forwarded-client-cert` header as Envoy writes it with
+    `SANITIZE_SET`: `Hash=..;Subject="CN=a";URI=spiffe://..;DNS=a.example.org`. Raises
+    XfccError for anything else: several elements, a pair out of Envoy's order, a repeated
+    Hash or Subject, a `URI=` that is empty beside others, a DNS value that is no DNS name.
+    Values Envoy does not quote cannot be told from the separators around them, so a SAN
+    holding `,` or `;` shows here as one of these (or as extra SANs, which only the caller
+    can rule out: see the HTTP transport)."""
     uris: list[str] = []
     dns: list[str] = []
     subject = ""
-    for pair in _split_unquoted(elements[-1], ";"):
-        key, sep, value = pair.strip().partition("=")
-        if not sep:
-            return None
-        key = key.strip().lower()
-        if key == "uri":
+    rank = -1
+    for key, value in _xfcc_pairs(header):
+        order = _XFCC_ORDER[key]
+        if order < rank or (order == rank and key not in _XFCC_REPEATED):
+            raise XfccError(f"{key} out of Envoy's order or repeated")
+        rank = order
+        if key == "URI":
             uris.append(value)
-        elif key == "dns":
+        elif key == "DNS":
+            if not is_dns_name(value):
+                raise XfccError(f"DNS value {value[:64]!r} is no DNS name")
             dns.append(value)
-        elif key == "subject":
+        elif key == "Subject":
             subject = value
-    if not uris and not dns:
+    if "" in uris and len(uris) > 1:
+        raise XfccError("an empty URI beside others (Envoy writes `URI=` only for no URI SAN)")
+    return XfccElement(tuple(u for u in uris if u), tuple(dns), subject)
+
+
+def identity_from_xfcc(header: str) -> Identity | None:
+    """The identity named in an `x-forwarded-client-cert` header (see `parse_xfcc`); None if
+    the header is not one element as Envoy writes it or names no URI or DNS SAN."""
+    try:
+        element = parse_xfcc(header)
+    except XfccError:
         return None
-    return Identity.from_sans(True, tuple(uris), tuple(dns), subject)
+    return element.identity() if element.uris or element.dns else None

@@ -17,15 +17,13 @@ The order, for every adapter:
 from collections.abc import Mapping
 
 from sidecar.core.baggage import well_formed, with_member, without_member
-from sidecar.core.identity import identity_from_xfcc
+from sidecar.core.identity import XFCC, identity_from_xfcc
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust, lane_problem
 from sidecar.core.request import Request
 from sidecar.core.table import Table
 from sidecar.core.versions import is_version
 
 __all__ = ["Coloring", "Steering", "Trust", "fallback", "steer", "steered_headers", "strip_untrusted"]
-
-XFCC = "x-forwarded-client-cert"
 
 
 def strip_untrusted(

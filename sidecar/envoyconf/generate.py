@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 from betterproto2 import Casing
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, ExtensionFilter
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbConfig, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
@@ -35,6 +35,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     TransportSocket,
     TypedExtensionConfig,
 )
+from envoy_data_plane.envoy.config.core.v3 import (
+    HttpProtocolOptions as CommonHttpProtocolOptions,
+)
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
@@ -52,6 +55,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
     AuthorizationRequest,
@@ -73,6 +77,8 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerForwardClientCertDetails,
     HttpConnectionManagerSetCurrentClientCertDetails,
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManagerPathWithEscapedSlashesAction as EscapedSlashes,
@@ -97,30 +103,26 @@ from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatch
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
+from sidecar.contract import (
+    DECISION_HEADER_PREFIX,
+    ENVOY_MAX_HEADERS,
+    ENVOY_POOL_IDLE_TIMEOUT,
+    EXT_AUTHZ_NAMESPACE,
+    HEALTH_PATH,
+    LISTENER_PORT_HEADER,
+    METADATA_NAMESPACE,
+    PATH_PREFIX,
+    PEER_SAN_HEADERS,
+    REQUEST_ATTRIBUTES,
+)
 from sidecar.core import Table
 from sidecar.core.steering import steered_headers
 from sidecar.envoyconf.backstop import backstop_filters, decided_route_overrides, protected_headers
 from sidecar.envoyconf.lint import guard_regex
-from sidecar.transports.authz_http import (
-    DECISION_HEADER_PREFIX,
-    HEALTH_PATH,
-    LISTENER_PORT_HEADER,
-    PATH_PREFIX,
-)
-from sidecar.transports.ext_proc import METADATA_NAMESPACE
 
 HostPort = tuple[str, int]
 SIDECAR_CLUSTER = "graysteer"
 HEALTH_CHECK_INTERVAL = timedelta(milliseconds=500)
-EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy files ext_authz metadata
-# What Envoy must send with each ext_proc request for identity and trust by listener.
-REQUEST_ATTRIBUTES = [
-    "connection.mtls",
-    "connection.uri_san_peer_certificate",
-    "connection.dns_san_peer_certificate",
-    "connection.subject_peer_certificate",
-    "destination.port",
-]
 
 
 MODES = ("ext_proc", "ext_authz", "ext_authz_http")
@@ -241,6 +243,18 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     http_check = grpc_check = None
     if mode == "ext_authz_http":
         http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
+        # Envoy closes an idle pooled connection before the sidecar would: a check sent on a
+        # connection the sidecar is closing fails (and skips the sidecar when failing open).
+        cluster.typed_extension_protocol_options = _protocol_options(
+            HttpProtocolOptions(
+                common_http_protocol_options=CommonHttpProtocolOptions(
+                    idle_timeout=timedelta(seconds=ENVOY_POOL_IDLE_TIMEOUT)
+                ),
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http_protocol_options=Http1ProtocolOptions()
+                ),
+            )
+        )
     else:
         cluster.typed_extension_protocol_options = _protocol_options(HTTP2_ONLY)  # gRPC
         grpc_check = HealthCheckGrpcHealthCheck(
@@ -305,9 +319,10 @@ def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
 
 
-def ext_authz_http_filter(table: Table, timeout_ms: int) -> HttpFilter:
+def ext_authz_http_filter(table: Table, timeout_ms: int, mtls: bool = False) -> HttpFilter:
     """ext_authz over plain HTTP/1.1 (sidecar.transports.authz_http): the check carries every request
-    header (XFCC is Envoy's own with --mtls) and the listener port, set by Envoy; a 200's
+    header (XFCC is Envoy's own with --mtls, with the certificate's SAN lists beside it to
+    confirm it) and the listener port, set by Envoy; a 200's
     steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
     removed, its decision headers become dynamic metadata; a deny answer reaches the client
     with its status, body and content-type only."""
@@ -324,7 +339,10 @@ def ext_authz_http_filter(table: Table, timeout_ms: int) -> HttpFilter:
             ),
             path_prefix=PATH_PREFIX,
             authorization_request=AuthorizationRequest(
-                headers_to_add=[HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%")]
+                headers_to_add=[
+                    HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%"),
+                    *(HeaderValue(key=k, value=v) for k, v in PEER_SAN_HEADERS.items() if mtls),
+                ]
             ),
             authorization_response=AuthorizationResponse(
                 allowed_upstream_headers=exact(*steered_headers(table)),
@@ -396,10 +414,37 @@ def routes(table: Table) -> RouteConfiguration:
     )
 
 
+# What Envoy answers when the request, once the sidecar's answer is applied, exceeds the
+# listener's header limits: it checks again after the pseudo-headers, the headers it added
+# itself (x-request-id, x-forwarded-proto) and the steered ones, so the last few header
+# counts its codec accepts fail there, with a 500. They are a 431, as above the limit.
+OVER_LIMIT_DETAILS = ("ext_authz_invalid", "header_mutation_result_exceeds_limit")
+HEADERS_TOO_LARGE = "Request Header Fields Too Large"  # the body of Envoy's own 431
+
+
+def over_limit_replies() -> LocalReplyConfig:
+    """Envoy's 500 for a request that no longer fits its header limits, answered 431."""
+    expression = " || ".join(f"response.code_details == '{details}'" for details in OVER_LIMIT_DETAILS)
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    extension_filter=ExtensionFilter(
+                        name="envoy.access_loggers.extension_filters.cel",
+                        typed_config=AnyMessage.pack(ExpressionFilter(expression=expression)),
+                    )
+                ),
+                status_code=431,
+                body=DataSource(inline_string=HEADERS_TOO_LARGE),
+            )
+        ]
+    )
+
+
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
     if options.mode == "ext_authz_http":
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX)
-        sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms)
+        sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms, options.mtls is not None)
     elif options.mode == "ext_authz":
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE)
         sidecar_filter = ext_authz_filter(options.message_timeout_ms, options.mtls is not None)
@@ -426,6 +471,10 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
         ],
         route_config=routes(table),
+        # Envoy's default, written out: the sidecar's HTTP server accepts this many client
+        # headers plus those Envoy adds to a check (authz_http.Limits.max_headers).
+        common_http_protocol_options=CommonHttpProtocolOptions(max_headers_count=ENVOY_MAX_HEADERS),
+        local_reply_config=over_limit_replies(),
         # Rules and RBAC see the path a backend will serve: `//admin`, `/./admin`,
         # `/%61dmin` and `/api/../admin` are all `/admin` before any filter runs.
         normalize_path=True,

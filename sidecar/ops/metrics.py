@@ -52,6 +52,7 @@ class Metrics:
             "graysteer_steering_events",
             "Notable inputs, by event: untrusted_headers_removed "
             "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
+            "malformed_dns_san (a DNS SAN that is no DNS name: never matched), "
             "malformed_certificate, malformed_xfcc, malformed_baggage, malformed_lane (a received lane "
             "that is no lane name or over 64 characters: ignored), malformed_version (no version where a "
             "semver condition reads one), baggage_over_limit.",

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -21,7 +20,8 @@ import grpc
 from sidecar import values
 from sidecar.admin.security import restrict_socket, server_credentials
 from sidecar.fleet.replicas import ReplicaRecord
-from sidecar.ops.health import BypassGate, ReadinessView, start_http
+from sidecar.ops.health import BypassGate, ReadinessView
+from sidecar.ops.operator_http import OperatorHttpServer, start_http
 from sidecar.rollouts.controller import http_view
 from sidecar.serving.build import Sidecar
 from sidecar.serving.options import ServeOptions
@@ -51,7 +51,7 @@ class Running:
         self.sidecar = sidecar
         self.grpc_address = "off"
         self.admin_address = ""
-        self.http: ThreadingHTTPServer | None = None
+        self.http: OperatorHttpServer | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.fleet_task: asyncio.Task[Any] | None = None
 
@@ -82,7 +82,7 @@ class Running:
         await s.readiness.set(True, "serving")
         self._log_serving()
 
-    def _start_http(self, address: str) -> ThreadingHTTPServer:
+    def _start_http(self, address: str) -> OperatorHttpServer:
         s = self.sidecar
         host, port = values.host_port(address, "--http-listen")
         view: ReadinessView = s.readiness
@@ -104,11 +104,12 @@ class Running:
         s = self.sidecar
         table = s.reloader.table
         http = "off" if s.authz_http is None else f"{s.authz_http.host}:{s.authz_http.port}"
+        cap = "" if s.authz_http is None else f" (at most {s.authz_http.max_connections} connections)"
         log.info(
             "serving gRPC ext_proc and ext_authz on %s, HTTP ext_authz on %s, with rules %s "
             "version %s (%d rules)",
             self.grpc_address,
-            http,
+            http + cap,
             table.source,
             table.version,
             len(table.rules),
@@ -191,7 +192,6 @@ class Running:
         s.reloader.close()
         if self.http is not None:
             self.http.shutdown()
-            self.http.server_close()
         log.info("stopped")
 
 

@@ -29,12 +29,12 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, multiprocess
 
 from sidecar import values
-from sidecar.ops.health import BypassGate, ReadinessView, registry_bypass_ratio, start_http
+from sidecar.ops.health import BypassGate, ReadinessView, registry_bypass_ratio
+from sidecar.ops.operator_http import OperatorHttpServer, start_http
 from sidecar.serving.options import ServeOptions
 
 log = logging.getLogger("graysteer.workers")
@@ -182,7 +182,6 @@ class Supervisor:
             task.cancel()
         if http is not None:
             http.shutdown()
-            http.server_close()
         if self._own_metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("stopped (worker exit codes %s)", codes)
@@ -207,7 +206,7 @@ class Supervisor:
                 await worker.output
         return codes
 
-    def _start_http(self) -> ThreadingHTTPServer:
+    def _start_http(self) -> OperatorHttpServer:
         """The group's /metrics (every worker's, aggregated), /healthz and /readyz."""
         assert self.options.http_listen is not None
         registry = CollectorRegistry()

@@ -35,7 +35,7 @@ CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 1000,
 }
 
-_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d{1,5})(?P<prefix>/[^\s]*)$")
+_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>[0-9]{1,5})(?P<prefix>/[^\s]*)$")
 
 
 @dataclass(frozen=True)

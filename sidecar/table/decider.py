@@ -50,6 +50,8 @@ class Decider:
             self.metrics.count_event("baggage_over_limit")
         if steering.identity.malformed:
             self.metrics.count_event("malformed_spiffe_id")
+        if steering.identity.malformed_dns:
+            self.metrics.count_event("malformed_dns_san")
         for what in steering.malformed:
             self.metrics.count_event(f"malformed_{what}")
         return steering

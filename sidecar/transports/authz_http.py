@@ -23,9 +23,15 @@ status still in `x-graysteer-decision-deny-status`.
 Assumptions the generated Envoy config must make true:
 - `x-forwarded-client-cert` is Envoy's own: HCM `forward_client_cert_details: SANITIZE_SET`
   with `set_current_client_cert_details: {uri: true, dns: true, subject: true}`, and the
-  header listed in `allowed_headers`. Its nearest element is taken as the connection's
-  identity (no header: a plaintext connection). With any other XFCC mode a client could
-  name its own identity.
+  header listed in `allowed_headers`. It is the connection's identity (no header: a
+  plaintext connection). With any other XFCC mode a client could name its own identity.
+- Envoy writes URI and DNS SANs into that header unquoted, so a SAN holding `;` can pass for
+  more SANs (`URI=spiffe://a;DNS=b` is also a certificate with the URI SAN `spiffe://a;DNS=b`).
+  `authorization_request.headers_to_add` therefore also sets `x-graysteer-peer-uri-sans` and
+  `x-graysteer-peer-dns-sans` to Envoy's comma-joined SAN lists in brackets (never empty, so
+  Envoy always overwrites a client's); the header's SANs count only when they agree, and a
+  header that is not one element as Envoy writes it, or that disagrees, gives an mTLS
+  connection without a name (MTLS_UNNAMED, counted `malformed_xfcc`).
 - `x-graysteer-listener-port` comes from `authorization_request.headers_to_add` with the
   value `%DOWNSTREAM_LOCAL_PORT%` (Envoy overwrites any client value), and is NOT listed in
   `allowed_headers`.
@@ -33,16 +39,25 @@ Assumptions the generated Envoy config must make true:
   outside it, so no forwarded request can reach it.
 - `authorization_response.allowed_client_headers` is set (e.g. to content-type): left empty,
   Envoy passes every header of a deny answer to the client, the decision headers included.
+- The sidecar cluster's pool closes idle connections (`common_http_protocol_options.
+  idle_timeout`, ENVOY_POOL_IDLE_TIMEOUT) well before this server does (Limits.idle_timeout):
+  Envoy may send a check on a connection just as the server closes it, and that check
+  fails (with failure_mode_allow the request then skips the sidecar).
 
 Bounds: request head bytes and header count (431), body bytes (413), malformed HTTP (400,
 then close), a deadline per request from its first byte and an idle deadline per
-keep-alive connection, and reading paused while a peer does not read its answers.
+keep-alive connection, reading paused while a peer does not read its answers, and a cap on
+connections below the process's file descriptor limit (`connection_cap`): at the cap a new
+connection takes the place of the longest-idle one (never one with a request under way),
+and is refused only when none is idle.
 """
 
 import asyncio
 import http
 import logging
+import os
 import re
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,20 +65,25 @@ from typing import cast
 
 import httptools
 
+from sidecar.contract import (
+    AUTHZ_HTTP_IDLE_SECONDS,
+    CHECK_HEADER_HEADROOM,
+    DECISION_HEADER_PREFIX,
+    ENVOY_MAX_HEADERS,
+    HEADERS_TO_REMOVE,
+    HEALTH_PATH,
+    LISTENER_PORT_HEADER,
+    PATH_PREFIX,
+    PEER_SAN_HEADERS,
+    XFCC,
+)
 from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
-from sidecar.core.identity import identity_from_xfcc
+from sidecar.core.identity import XfccError, parse_xfcc
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 
 log = logging.getLogger("graysteer.authz_http")
 
-PATH_PREFIX = "/graysteer-check"
-HEALTH_PATH = "/graysteer-health"
-LISTENER_PORT_HEADER = "x-graysteer-listener-port"
-HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"  # Envoy's name with the default header prefix
-XFCC = "x-forwarded-client-cert"
-# Not "x-graysteer-": the default color header is x-graysteer-lane, and the decision has a lane.
-DECISION_HEADER_PREFIX = "x-graysteer-decision-"
 DENY_STATUS_INSTEAD_OF_5XX = 403
 # A connection with a client certificate whose XFCC element names no URI or DNS SAN.
 MTLS_UNNAMED = Identity(mtls=True)
@@ -83,12 +103,34 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_header_bytes: int = 64 * 1024  # request line + header names and values, per request
-    max_headers: int = 100
+    max_headers: int = ENVOY_MAX_HEADERS + CHECK_HEADER_HEADROOM
     max_body_bytes: int = 64 * 1024  # read and discarded
     request_timeout: float = 10.0  # from a request's first byte to its last
-    idle_timeout: float = 300.0  # no request under way; keep Envoy's pool idle_timeout below it
+    idle_timeout: float = AUTHZ_HTTP_IDLE_SECONDS  # no request under way; Envoy's pool closes sooner
     answer_cache_bytes: int = 1 << 20
     max_cached_answer: int = 2048  # larger answers (long baggage) are built each time
+    max_connections: int = 0  # 0: from the file descriptor limit (connection_cap)
+
+
+# Descriptors left to everything but these connections: reloads (watching and reading the
+# rules, the state file), etcd, the gRPC and operator endpoints, logs.
+RESERVED_DESCRIPTORS = 128
+
+
+def connection_cap(limits: Limits) -> int:
+    """At most this many connections at once: `limits.max_connections`, else the soft
+    RLIMIT_NOFILE less the descriptors open now and RESERVED_DESCRIPTORS, so that a flood of
+    connections never leaves a reload without a descriptor."""
+    if limits.max_connections > 0:
+        return limits.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc (not Linux): assume a typical start-up
+        in_use = 64
+    return max(1, soft - in_use - RESERVED_DESCRIPTORS)
 
 
 # ---- the pure parts: check request -> Request, Steering -> answer bytes -------------------------
@@ -103,17 +145,30 @@ def check_request(
     for name in _CHECK_ONLY:
         headers.pop(name, None)
     port_text = headers.pop(LISTENER_PORT_HEADER, "")
-    port = int(port_text) if port_text.isdecimal() and len(port_text) <= 5 else None
+    # ASCII digits only: str.isdecimal() and int() also take other scripts' digits (Arabic-Indic, full-width)
+    port = int(port_text) if port_text.isascii() and port_text.isdecimal() and len(port_text) <= 5 else None
     if "host" in headers:
         headers[":authority"] = headers.pop("host")
     path = target[len(path_prefix) :] if path_prefix and target.startswith(path_prefix) else target
     path = path or "/"
     headers[":method"] = method
     headers[":path"] = path
-    identity = NO_IDENTITY
-    if XFCC in headers:
-        identity = identity_from_xfcc(headers[XFCC]) or MTLS_UNNAMED
+    uri_sans, dns_sans = (headers.pop(name, None) for name in PEER_SAN_HEADERS)
+    identity = xfcc_identity(headers[XFCC], uri_sans, dns_sans) if XFCC in headers else NO_IDENTITY
     return Request(headers, method, path, identity, port)
+
+
+def xfcc_identity(xfcc: str, uri_sans: str | None, dns_sans: str | None) -> Identity:
+    """The identity in Envoy's `x-forwarded-client-cert`, when its SANs are exactly those of
+    the PEER_SAN_HEADERS (see the module docstring); else MTLS_UNNAMED. The header has no
+    `,` (one element), so each list joined by `,` is the certificate's only when equal."""
+    try:
+        element = parse_xfcc(xfcc)
+    except XfccError:
+        return MTLS_UNNAMED
+    if uri_sans != f"[{','.join(element.uris)}]" or dns_sans != f"[{','.join(element.dns)}]":
+        return MTLS_UNNAMED
+    return element.identity()
 
 
 def _value(text: str) -> str:
@@ -181,6 +236,7 @@ class AuthzHttpServer:
         self.health_target = health_path.encode()
         self.answers = AnswerCache(answer_bytes, limits.answer_cache_bytes, limits.max_cached_answer)
         self.connections: set[_Connection] = set()
+        self.max_connections = connection_cap(limits)
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -230,6 +286,19 @@ class AuthzHttpServer:
                 if now > connection.deadline:
                     connection.abort()
 
+    def admit(self, connection: "_Connection") -> bool:
+        """Take `connection` in; at the cap, in the place of the longest-idle connection,
+        which is closed. False (refused) when every connection has a request under way."""
+        if len(self.connections) >= self.max_connections:
+            idle = [c for c in self.connections if not c.in_message and not c.closing]
+            if not idle:
+                self.log_once("cap", f"authz HTTP: {self.max_connections} connections busy: refused one")
+                return False
+            self.log_once("evict", f"authz HTTP: {self.max_connections} connections: closing idle ones")
+            min(idle, key=lambda c: c.idle_since).drain()
+        self.connections.add(connection)
+        return True
+
     def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
         table = self.decider.holder.table
         try:
@@ -258,7 +327,8 @@ class _Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.closing = False  # no more requests are read: close once the answers are written
         self.in_message = self.in_body = False
-        self.deadline = time.monotonic() + self.limits.idle_timeout
+        self.idle_since = time.monotonic()
+        self.deadline = self.idle_since + self.limits.idle_timeout
         self.target = b""
         self.headers: dict[str, str] = {}
         self.head_bytes = self.raw_head_bytes = self.body_bytes = 0
@@ -266,8 +336,7 @@ class _Connection(asyncio.Protocol):
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
-        self.server.connections.add(self)
-        if self.server.draining:
+        if self.server.draining or not self.server.admit(self):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -348,7 +417,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = self.in_body = False
-        self.deadline = time.monotonic() + self.limits.idle_timeout
+        self.idle_since = time.monotonic()
+        self.deadline = self.idle_since + self.limits.idle_timeout
         answer = self._answer()
         if not self.parser.should_keep_alive() or self.server.draining:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)

@@ -13,10 +13,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
+from sidecar.contract import ATTRIBUTES_KEY
 from sidecar.ops.metrics import Metrics
 from sidecar.table.decider import Decider, TableHolder
 from sidecar.table.load import load_rules
-from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer
+from sidecar.transports.ext_proc import ExtProcServicer
 
 DEFAULT_AUTHORITY = "graysteer.local"
 

@@ -17,15 +17,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from sidecar.contract import ATTRIBUTES_KEY, DENIED_DETAILS, METADATA_NAMESPACE, XFCC
 from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 
 log = logging.getLogger("graysteer.extproc")
 
-METADATA_NAMESPACE = "graysteer"
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # Envoy keys attributes so, whatever the filter's name
-DENIED_DETAILS = "graysteer_denied"  # %RESPONSE_CODE_DETAILS% of a denied request
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 # The answer to each message kind that carries no decision: "continue unchanged".
@@ -113,7 +111,7 @@ def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | 
         values = [
             entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
             for entry in message.request_headers.headers.headers
-            if entry.key.lower() == "x-forwarded-client-cert"
+            if entry.key.lower() == XFCC
         ]
         xfcc = ",".join(values) or None
     identity = Identity.from_first_sans(

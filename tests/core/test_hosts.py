@@ -59,6 +59,7 @@ def test_any_of_several_patterns() -> None:
         ("*.*", "first or last character"),
         ("**", "first or last character"),
         ("api.example.com:http", "not a number"),
+        ("api.example.com:\u0668\u0660", "not a number"),  # ASCII digits only
         ("http://api.example.com", "not a host pattern"),
         ("api.example.com/path", "not a host pattern"),
         (" api.example.com", "not a host pattern"),

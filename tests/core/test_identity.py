@@ -11,10 +11,13 @@ from sidecar.core.identity import (
     MAX_PROGRAM_SIZE,
     Identity,
     RegexError,
+    XfccError,
     compile_regex,
     identity_from_xfcc,
     identity_matcher,
+    is_dns_name,
     parse_spiffe_id,
+    parse_xfcc,
 )
 
 QA = "spiffe://example.org/ns/qa/sa/tester"
@@ -96,10 +99,14 @@ def test_several_uri_sans_are_no_svid(uris: tuple[str, ...]) -> None:
         (f"Hash=h;URI=spiffe://other.org/x;URI={QA}", None),
         (f"Hash=h;URI={QA};URI=https://example.org/x", None),
         (f"Hash=h;URI={QA};URI={QA}", None),
-        # an earlier hop's element, a foreign one, or garbage says nothing about this connection
-        (f"URI={QA};URI=spiffe://other.org/x,Hash=h;URI={QA}", QA),
+        # an element that does not list this connection's URI SAN (a client's own header,
+        # where Envoy does not sanitize) says nothing about it
         ("Hash=h;URI=spiffe://other.org/x;URI=spiffe://other.org/y", QA),
-        ("garbage", QA),
+        # not one element as Envoy writes it: a SAN of this certificate holds a separator, so
+        # its other URI SANs cannot be told
+        (f"URI={QA};URI=spiffe://other.org/x,Hash=h;URI={QA}", None),
+        (f"Hash=h;URI={QA};URI=spiffe://example.org/web;DNS=e.example.org,URI={QA}", None),
+        ("garbage", None),
     ],
 )
 def test_first_uri_san_is_checked_against_xfcc(xfcc: str | None, spiffe: str | None) -> None:
@@ -208,22 +215,99 @@ def test_glob_star_matches_any_characters_within_the_path(pattern: str, path: st
     assert matches is fnmatchcase(spiffe_id, glob)
 
 
-def test_xfcc_uses_the_nearest_element() -> None:
+def test_xfcc_is_one_element_as_envoy_writes_it() -> None:
+    # Envoy 1.40's own header for a certificate with these SANs (subject in RFC 2253 with its
+    # escapes, `By` for the listener's own URI SAN)
     header = (
-        "By=spiffe://example.org/edge;URI=spiffe://example.org/ns/prod/sa/far,"
-        'Hash=abc;Subject="CN=client,O=Example";URI=' + QA + ";DNS=client.example.org;"
-        "DNS=alt.example.org"
+        "By=spiffe://example.org/edge;Hash=9ee752a455e0dfcb7c45a5402d10c46e7adbf7bbc9ea9f2c95e2919429c2d1f3;"
+        'Subject="O=Example,CN=q\\"u\\,o\\;te";URI=' + QA + ";DNS=client.example.org;DNS=*.alt.example.org"
     )
+    element = parse_xfcc(header)
+    assert element.uris == (QA,)
+    assert element.dns == ("client.example.org", "*.alt.example.org")
+    assert element.subject == 'O=Example,CN=q\\"u\\,o\\;te'  # as Envoy's own subject text
     identity = identity_from_xfcc(header)
-    assert identity is not None
-    assert identity.principal == QA
-    assert identity.dns_sans == ("client.example.org", "alt.example.org")
-    assert identity.subject == "CN=client,O=Example"
+    assert identity is not None and identity.principal == QA
+    assert parse_xfcc('Hash=ab;Subject="";URI=').uris == ()  # no URI SAN: Envoy still writes `URI=`
 
 
-@pytest.mark.parametrize("header", ["garbage", "Hash=abc", 'Subject="CN=x"', ";;;"])
-def test_malformed_or_empty_xfcc_gives_no_identity(header: str) -> None:
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"By=spiffe://example.org/edge;URI=spiffe://example.org/far,Hash=ab;URI={QA}",  # two elements
+        f"Hash=ab;URI=spiffe://example.org/ns/prod/a,URI={QA}",  # a URI SAN holding `,`
+        f"Hash=ab;URI=spiffe://example.org/ns/prod/a;DNS=a.example.org,URI={QA}",  # a DNS SAN, too
+        f"Hash=ab;URI=spiffe://example.org/ns/prod/a;DNS=a.example.org;URI={QA}",  # `;`: out of order
+        f"URI={QA};Hash=ab",
+        f'Hash=ab;URI={QA};Subject="CN=x"',
+        f"Hash=ab;Hash=cd;URI={QA}",
+        f'Subject="CN=a";Subject="CN=b";URI={QA}',
+        f'Hash=ab;URI={QA}"x',
+        f"Hash=ab;URI={QA}=x",
+        f"Hash=ab;URI={QA} x",
+        f"Hash=ab;URI={QA};DNS=a b.example.org",
+        f"Hash=ab;URI={QA};DNS=",
+        f"Hash=ab;URI={QA};DNS=a..example.org",
+        f"Hash=ab;URI={QA};DNS=a.example.org|x",
+        f"Hash=ab;URI=;URI={QA}",
+        f"Hash=ab;Subject=CN=x;URI={QA}",  # Envoy quotes the subject
+        f'Hash=ab;Subject="CN=x;URI={QA}',  # never closed
+        f'Hash=ab;Subject="CN=x"y;URI={QA}',
+        f"Hash=ab;uri={QA}",  # Envoy's keys are written as they are
+        f"Hash=ab;Peer={QA}",
+        f"Hash=ab;;URI={QA}",
+        f"Hash=ab;URI={QA};",
+        "",
+        "garbage",
+    ],
+)
+def test_xfcc_not_as_envoy_writes_it_gives_no_identity(header: str) -> None:
+    with pytest.raises(XfccError):
+        parse_xfcc(header)
     assert identity_from_xfcc(header) is None
+
+
+@pytest.mark.parametrize("header", ["Hash=abc", 'Subject="CN=x"', 'Hash=ab;Subject="CN=x";URI='])
+def test_xfcc_without_a_name_gives_no_identity(header: str) -> None:
+    assert identity_from_xfcc(header) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("a.example.org", True),
+        ("*.example.org", True),
+        ("xn--bcher-kva.example", True),
+        ("_srv.example-1.org", True),
+        ("localhost", True),
+        ("a" * 63 + ".org", True),
+        ("a" * 64 + ".org", False),
+        (".".join(["a" * 49] * 5) + ".org", True),  # 253 characters
+        (".".join(["a" * 49] * 5) + ".orgs", False),
+        ("x,y.example.org", False),
+        ("a.example.org;DNS=b.example.org", False),
+        ("a.example.org,URI=spiffe://example.org/x", False),
+        ("a b.example.org", False),
+        ("a..example.org", False),
+        (".example.org", False),
+        ("example.org.", False),
+        ("a.*.example.org", False),
+        ("*", False),
+        ("\u212aube.example.org", False),
+        ("", False),
+    ],
+)
+def test_dns_names(name: str, valid: bool) -> None:
+    assert is_dns_name(name) is valid
+
+
+def test_a_dns_san_that_is_no_dns_name_never_matches() -> None:
+    identity = Identity.from_sans(True, (), ("x,y.example.org", "ok.example.org"))
+    assert identity.dns_sans == ("ok.example.org",) and identity.malformed_dns == ("x,y.example.org",)
+    assert identity.principal == "ok.example.org"
+    odd = Identity.from_sans(True, (), ("x,y.example.org",))
+    assert not identity_matcher({"dns": "*.example.org"})(odd)
+    assert not identity_matcher({"present": True})(odd)
 
 
 def test_baggage_member_set_preserving_others() -> None:

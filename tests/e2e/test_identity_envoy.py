@@ -53,6 +53,18 @@ coloring:
 B_RULES_NO_CANARY = B_RULES.replace("stable: b-stable, canary: b-canary", "stable: b-stable")
 
 
+# Certificates from the trusted CA whose SANs hold XFCC's separators. Envoy writes URI and DNS
+# SANs into x-forwarded-client-cert unquoted, so each reads there as a trusted QA identity
+# (or hides a second URI SAN) unless the sidecar parses Envoy's grammar strictly.
+HOSTILE: dict[str, tuple[list[str], list[str]]] = {
+    "comma-uri": ([f"spiffe://example.org/ns/prod/a,URI={QA}"], []),
+    "comma-dns": (["spiffe://example.org/ns/prod/sa/b"], [f"b.example.org,URI={QA}"]),
+    "semicolon-dns": (["spiffe://example.org/ns/prod/sa/c"], [f"c.example.org;URI={QA}"]),
+    "semicolon-uri": ([f"{QA}x;DNS=d.example.org"], []),
+    "twin-comma": ([QA, WEB], [f"e.example.org,URI={QA}"]),
+}
+
+
 @dataclass
 class Chain:
     port: int
@@ -79,6 +91,8 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_pair(directory, name, make_leaf(ca, name, uris=[uri], dns=[f"{name}.example.org"]))
     # Two URI SANs: no SVID (X509-SVID), so no SPIFFE identity in any mode.
     write_pair(directory, "twin", make_leaf(ca, "twin", uris=[QA, WEB]))
+    for name, (uris, dns) in HOSTILE.items():
+        write_pair(directory, name, make_leaf(ca, name, uris=uris, dns=dns))
     stranger = make_ca("another CA")
     write_pair(directory, "stranger", make_leaf(stranger, "stranger", uris=[QA]))
     return directory
@@ -174,6 +188,17 @@ def test_a_certificate_with_two_uri_sans_has_no_identity(chain: Chain) -> None:
     echo = call(chain, "twin", {"x-canary": "1"})
     assert echo["backend"] == "a-stable"
     assert "x-canary" not in echo["headers"]  # untrusted: the override is removed too
+
+
+def test_sans_holding_xfcc_separators_give_no_identity(chain: Chain) -> None:
+    lane = {"x-graysteer-lane": "canary", "x-canary": "1"}
+    trusted = call(chain, QA, lane)
+    assert (trusted["backend"], trusted["headers"]["x-graysteer-lane"]) == ("a-canary", "canary")
+    for name in HOSTILE:
+        echo = call(chain, name, lane)
+        assert echo["backend"] == "a-stable", name
+        assert echo["headers"]["x-graysteer-lane"] == "stable", name  # the sent lane is replaced
+        assert "x-canary" not in echo["headers"], name
 
 
 def test_override_header_counts_only_from_a_trusted_identity(chain: Chain) -> None:

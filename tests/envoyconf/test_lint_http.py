@@ -64,6 +64,20 @@ def test_identity_rules_without_envoys_xfcc_are_flagged() -> None:
     assert any("identity rules never match" in str(f) for f in check(table, config))
 
 
+@pytest.mark.parametrize("drop", ["x-graysteer-peer-uri-sans", "x-graysteer-peer-dns-sans", "dns"])
+def test_xfcc_without_the_san_lists_to_confirm_it_is_flagged(drop: str) -> None:
+    table = table_from_yaml(IDENTITY_RULES)
+    config = yaml.safe_load(
+        render_yaml(bootstrap(table, EnvoyOptions(mode="ext_authz_http", mtls=TlsOptions())))
+    )
+    if drop == "dns":
+        hcm(config)["set_current_client_cert_details"].pop("dns")
+    else:
+        added = service(config)["authorization_request"]["headers_to_add"]
+        added[:] = [h for h in added if h["key"] != drop]
+    assert any("cannot tell a SAN holding ';' from two SANs" in str(f) for f in check(table, config))
+
+
 def _set(path: Callable[[Config], Config], key: str, value: Any) -> Callable[[Config], None]:
     return lambda config: path(config).__setitem__(key, value)
 
@@ -140,6 +154,23 @@ CASES: list[tuple[str, Callable[[Config], None], str]] = [
         "a client can name its own identity",
     ),
     ("no backstop", lambda c: hcm(c)["http_filters"].pop(1), "while the sidecar is away"),
+    (
+        "pool keeps idle connections",
+        lambda c: cluster(c).pop("typed_extension_protocol_options"),
+        "the request skips the sidecar",
+    ),
+    (
+        "pool outlives the sidecar's idle timeout",
+        lambda c: cluster(c)["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]["common_http_protocol_options"].update(idle_timeout="300s"),
+        "the request skips the sidecar",
+    ),
+    (
+        "more headers than the sidecar reads",
+        _set(hcm, "common_http_protocol_options", {"max_headers_count": 200}),
+        "the sidecar refuses requests Envoy accepted",
+    ),
 ]
 
 

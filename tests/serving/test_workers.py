@@ -24,7 +24,7 @@ def seen(directory: Path) -> list[dict]:
     )
 
 
-async def until(condition: object, timeout: float = 10) -> None:
+async def until(condition: object, timeout: float = 30) -> None:
     for _ in range(int(timeout / 0.02)):
         if condition():  # type: ignore[operator]
             return

@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+import os
+import resource
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -10,14 +12,16 @@ import pytest
 import uvloop
 from prometheus_client import CollectorRegistry
 
+from sidecar.contract import DECISION_HEADER_PREFIX
 from sidecar.core import Decision, Steering
 from sidecar.ops.metrics import Metrics
 from sidecar.table.decider import Decider, TableHolder
 from sidecar.transports.authz_http import (
-    DECISION_HEADER_PREFIX,
+    RESERVED_DESCRIPTORS,
     AuthzHttpServer,
     Limits,
     answer_bytes,
+    connection_cap,
     start_authz_http,
 )
 from sidecar.transports.explain import Peer, headers_message
@@ -64,6 +68,17 @@ def loop(request: pytest.FixtureRequest) -> LoopFactory:
 
 def decider() -> Decider:
     return Decider(TableHolder(table_from_yaml(RULES)), Metrics(CollectorRegistry()))
+
+
+def envoy_xfcc(uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """What Envoy adds to a check for a client certificate with these SANs (--mtls)."""
+    pairs = ["Hash=9ee752a4", 'Subject="O=Example,CN=client"', *(f"URI={u}" for u in uris or ("",))]
+    pairs += [f"DNS={d}" for d in dns]
+    return [
+        ("x-forwarded-client-cert", ";".join(pairs)),
+        ("x-graysteer-peer-uri-sans", f"[{','.join(uris)}]"),
+        ("x-graysteer-peer-dns-sans", f"[{','.join(dns)}]"),
+    ]
 
 
 def check(path: str, *headers: tuple[str, str], method: str = "GET", port: int = 8080) -> bytes:
@@ -228,7 +243,8 @@ def test_malformed_request_gets_400_and_the_connection_closes(loop: LoopFactory)
     "headers",
     [
         [("x-big", "a" * 70_000)],  # one header over the 64 KiB head
-        [(f"x-h{i}", "1") for i in range(101)],  # over 100 headers
+        # more than Envoy's listener accepts plus what Envoy adds to a check
+        [(f"x-h{i}", "1") for i in range(Limits().max_headers)],
     ],
     ids=["bytes", "count"],
 )
@@ -331,16 +347,129 @@ def test_untrusted_override_header_is_listed_for_removal(loop: LoopFactory) -> N
 def test_xfcc_identity_trusted_by_the_rules_has_its_override_honoured(loop: LoopFactory) -> None:
     async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
         client = await connect()
-        xfcc = f'Hash=abc;Subject="CN=qa,O=Example";URI={QA}'
-        trusted = await client.ask(check("/", ("x-forwarded-client-cert", xfcc), ("x-canary", "1")))
+        trusted = await client.ask(check("/", *envoy_xfcc((QA,), ("qa.example.org",)), ("x-canary", "1")))
         assert trusted.header("x-route-cluster") == "canary"
         assert trusted.header("x-envoy-auth-headers-to-remove") is None
         assert trusted.decision().identity == QA
-        xfcc = f"Hash=abc;URI={WEB}"
-        other = await client.ask(check("/", ("x-forwarded-client-cert", xfcc), ("x-canary", "1")))
+        other = await client.ask(check("/", *envoy_xfcc((WEB,)), ("x-canary", "1")))
         assert other.header("x-envoy-auth-headers-to-remove") == "x-canary"
 
     serve(loop, test)
+
+
+# Certificates whose SANs hold XFCC's separators, as Envoy writes them: (XFCC, SAN headers).
+def _hostile(uris: list[str], dns: list[str]) -> list[tuple[str, str]]:
+    pairs = ["Hash=ab", 'Subject="CN=x"', *(f"URI={u}" for u in uris), *(f"DNS={d}" for d in dns)]
+    return [
+        ("x-forwarded-client-cert", ";".join(pairs)),
+        ("x-graysteer-peer-uri-sans", f"[{','.join(uris)}]"),
+        ("x-graysteer-peer-dns-sans", f"[{','.join(dns)}]"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        _hostile([f"spiffe://example.org/ns/prod/a,URI={QA}"], []),
+        _hostile(["spiffe://example.org/ns/prod/b"], [f"b.example.org,URI={QA}"]),
+        _hostile(["spiffe://example.org/ns/prod/c"], [f"c.example.org;URI={QA}"]),
+        # Well-formed as XFCC (URI=QA;DNS=d.example.org) but the one URI SAN is `QA;DNS=...`:
+        # only Envoy's own SAN lists tell.
+        _hostile([f"{QA};DNS=d.example.org"], []),
+        _hostile([QA, WEB], [f"e.example.org,URI={QA}"]),
+        # a well-formed header without the SAN lists (an Envoy config from before them)
+        envoy_xfcc((QA,))[:1],
+        # SAN lists that disagree with the header
+        [envoy_xfcc((QA,))[0], ("x-graysteer-peer-uri-sans", f"[{QA},{WEB}]"), envoy_xfcc((QA,))[2]],
+        [*envoy_xfcc((QA,))[:2], ("x-graysteer-peer-dns-sans", "[a.example.org]")],
+    ],
+)
+def test_xfcc_with_separators_in_a_san_is_mtls_without_a_name(
+    loop: LoopFactory, headers: list[tuple[str, str]]
+) -> None:
+    the_decider = decider()
+
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        answer = await (await connect()).ask(
+            check("/", *headers, ("x-canary", "1"), ("x-graysteer-lane", "canary"))
+        )
+        assert answer.header("x-route-cluster") == "stable"
+        assert answer.header("x-graysteer-lane") == "stable"
+        assert answer.header("x-envoy-auth-headers-to-remove") == "x-canary"
+        assert answer.decision().identity is None
+
+    serve(loop, test, the_decider=the_decider)
+    events = the_decider.metrics.registry.get_sample_value(
+        "graysteer_steering_events_total", {"event": "malformed_xfcc"}
+    )
+    assert events == 1
+
+
+@pytest.mark.parametrize(
+    "port", ["\u0661\u0665\u0660\u0660\u0661", "\uff11\uff15\uff10\uff10\uff11", "15001\u0660"]
+)
+def test_listener_port_is_read_in_ascii_digits_only(loop: LoopFactory, port: str) -> None:
+    # int() reads Arabic-Indic and full-width digits as 15001, a trusted listener here
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        client = await connect()
+        trusted = await client.ask(check("/", ("x-canary", "1"), port=15001))
+        assert trusted.header("x-route-cluster") == "canary"
+        request = check("/", ("x-canary", "1")).replace(
+            b"listener-port: 8080", f"listener-port: {port}".encode()
+        )
+        answer = await client.ask(request)
+        assert answer.header("x-route-cluster") == "stable"
+        assert answer.header("x-envoy-auth-headers-to-remove") == "x-canary"
+
+    serve(loop, test)
+
+
+CAPPED = replace(FAST, max_connections=4, request_timeout=5.0)
+PARTIAL = b"GET /graysteer-check/ HTTP/1.1\r\nhost: shop.example\r\n"  # a head not yet complete
+
+
+def test_at_the_connection_cap_a_new_connection_takes_the_longest_idle_ones_place(
+    loop: LoopFactory,
+) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        clients = [await connect() for _ in range(4)]
+        for client in clients:
+            assert (await client.ask(check("/"))).status == 200
+        newcomer = await connect()
+        assert (await newcomer.ask(check("/"))).status == 200
+        await clients[0].wait_closed()  # idle the longest
+        for client in clients[1:]:
+            assert (await client.ask(check("/"))).status == 200
+        assert len(server.connections) == 4
+
+    serve(loop, test, limits=CAPPED)
+
+
+def test_a_connection_with_a_request_under_way_is_never_closed_for_another(loop: LoopFactory) -> None:
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        busy = [await connect() for _ in range(4)]
+        for client in busy:  # answered in the same read as the next request's first bytes
+            await client.send(check("/") + PARTIAL)
+            assert (await client.receive(1))[0].status == 200
+        refused = await connect()
+        await refused.wait_closed()
+        assert refused.answers == []
+        await busy[0].send(b"\r\n")  # one request completes: that connection is idle now
+        assert (await busy[0].receive(1))[0].status == 200
+        newcomer = await connect()
+        assert (await newcomer.ask(check("/"))).status == 200
+        await busy[0].wait_closed()
+        await busy[1].send(b"\r\n")  # the others kept their requests
+        assert (await busy[1].receive(1))[0].status == 200
+
+    serve(loop, test, limits=CAPPED)
+
+
+def test_the_cap_leaves_descriptors_for_everything_else() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    assert connection_cap(Limits()) <= soft - in_use - RESERVED_DESCRIPTORS + 2
+    assert connection_cap(Limits(max_connections=7)) == 7
 
 
 def test_health_path_follows_readiness(loop: LoopFactory) -> None:
@@ -403,7 +532,7 @@ def test_same_decisions_as_ext_proc(loop: LoopFactory) -> None:
     async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
         client = await connect()
         for (path, headers, peer), decision in zip(PARITY_CASES, expected, strict=True):
-            extra = [("x-forwarded-client-cert", f"Hash=abc;URI={peer.uri_san}")] if peer.uri_san else []
+            extra = envoy_xfcc((peer.uri_san,)) if peer.uri_san else []
             request = check(path, *headers, *extra, port=peer.listener_port or 8080)
             assert (await client.ask(request)).decision() == decision, path
 

@@ -155,8 +155,11 @@ def test_malformed_san_is_no_identity_and_counted() -> None:
         (f"Hash=h;URI={QA};DNS=tester.example.org", True),
         (f"Hash=h;URI={QA};URI=spiffe://other.org/second", False),
         (f"Hash=h;URI=spiffe://other.org/first;URI={QA}", False),
-        # the nearest element does not describe this connection: it says nothing about it
-        (f"Hash=h;URI={QA};URI=spiffe://other.org/x,Hash=h;URI=spiffe://other.org/y", True),
+        # an element that does not list this connection's URI SAN says nothing about it
+        ("Hash=h;URI=spiffe://other.org/x;URI=spiffe://other.org/y", True),
+        # not one element as Envoy writes it (here: a DNS SAN holding `,URI=`): no SVID
+        (f"Hash=h;URI={QA};URI=spiffe://other.org/x;DNS=a.example.org,URI={QA}", False),
+        (f"Hash=h;URI={QA};URI=spiffe://other.org/x,Hash=h;URI=spiffe://other.org/y", False),
     ],
 )
 def test_ext_proc_checks_the_first_uri_san_against_xfcc(xfcc: str | None, trusted: bool) -> None:
@@ -241,6 +244,20 @@ def test_ext_authz_certificate_with_several_uri_sans_has_no_spiffe_identity() ->
             "graysteer_steering_events_total", {"event": "malformed_certificate"}
         )
         is None
+    )
+
+
+def test_ext_authz_dns_san_that_is_no_dns_name_is_set_aside_and_counted() -> None:
+    ca = make_ca()
+    _, pem = make_leaf(ca, "client", dns=["x,y.example.org"])
+    _, authz_servicer, metrics = servicers()
+    _, decision = authz_servicer.check(
+        check_request({}, principal="x,y.example.org", certificate=quote(pem.decode()))
+    )
+    assert decision.identity is None
+    assert (
+        metrics.registry.get_sample_value("graysteer_steering_events_total", {"event": "malformed_dns_san"})
+        == 1
     )
 
 

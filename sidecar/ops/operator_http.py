@@ -1,0 +1,218 @@
+"""The operator HTTP endpoint (`serve --http-listen`, and the `--workers` supervisor's):
+/metrics, /healthz, /readyz and the JSON views of `extra` (/rollouts).
+
+It runs on a thread of its own with its own asyncio loop, apart from the sidecar's, so that a
+connection costs a descriptor, not a thread, while its request arrives. Slow clients cannot
+hold the probes (Kubernetes restarts a pod whose /healthz does not answer):
+
+- a request must arrive whole within `Limits.request_deadline` of the connection, however
+  its bytes are spread out (a total, not a timeout per read), and its answer be taken within
+  `write_deadline`;
+- /healthz and /readyz are answered on the loop itself (they read flags in memory), never
+  waiting for a slot;
+- at `max_connections`, a new connection takes the place of the one that has waited longest
+  for its request to arrive (only when every connection is being answered is it refused);
+- /metrics and the views, which take CPU, run in a small thread pool, `busy_slots` at once:
+  beyond that they are answered 503 at once.
+
+One request per connection: answered, then closed.
+"""
+
+import asyncio
+import concurrent.futures
+import http
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from sidecar.ops.health import ReadinessView
+
+log = logging.getLogger("graysteer.http")
+
+Extra = Callable[[str], "tuple[int, object] | None"]
+Answer = tuple[int, bytes, str]  # status, body, content type
+PROBES = ("/healthz", "/readyz")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    request_deadline: float = 5.0  # from the connection to the end of the request head
+    write_deadline: float = 5.0  # for the client to take the answer
+    max_connections: int = 64  # open at once; within the descriptors the fast path leaves
+    busy_slots: int = 4  # /metrics and views being built at once
+    max_head_bytes: int = 16 * 1024
+
+
+class _Head:
+    """httptools callbacks: the request target."""
+
+    def __init__(self) -> None:
+        self.target = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+
+def _encode(answer: Answer) -> bytes:
+    status, body, content_type = answer
+    head = (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _text(status: int, text: str) -> Answer:
+    return status, text.encode(), "text/plain; charset=utf-8"
+
+
+def _json(status: int, document: object, indent: int | None = None) -> Answer:
+    return status, json.dumps(document, indent=indent).encode() + b"\n", "application/json"
+
+
+class OperatorHttpServer:
+    """Serves from a daemon thread once constructed; `server_address` is the bound address,
+    `shutdown()` stops it."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        readiness: ReadinessView,
+        details: Callable[[], dict[str, object]],
+        extra: Extra | None = None,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.registry, self.readiness, self.details, self.extra = registry, readiness, details, extra
+        self.limits = limits
+        self.server_address: tuple[str, int] = address
+        self.waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first, while a request arrives
+        self.connections = 0
+        self.busy = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(limits.busy_slots, "graysteer-http-work")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="graysteer-http")
+        self._thread.daemon = True
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            server = await asyncio.start_server(
+                self._serve, *self.server_address, limit=self.limits.max_head_bytes, backlog=128
+            )
+        except OSError as error:
+            self._error = error
+            self._started.set()
+            return
+        self.server_address = server.sockets[0].getsockname()[:2]
+        self._started.set()
+        await self._stop.wait()
+        server.close()
+        for writer in list(self.waiting):
+            writer.transport.abort()
+        await server.wait_closed()
+
+    def shutdown(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.limits.max_connections and not self._make_room():
+            writer.write(_encode(_text(503, "busy: every connection is being answered\n")))
+            writer.close()
+            return
+        self.connections += 1
+        self.waiting[writer] = None
+        try:
+            async with asyncio.timeout(self.limits.request_deadline):
+                head = await reader.readuntil(b"\r\n\r\n")
+            del self.waiting[writer]
+            try:
+                answer = await self._answer(head)
+            except Exception:  # a bug in a view: answered, and logged
+                log.exception("operator HTTP: failed on a request")
+                answer = _text(500, "internal error\n")
+            writer.write(_encode(answer))
+            async with asyncio.timeout(self.limits.write_deadline):
+                await writer.drain()
+        except asyncio.LimitOverrunError:
+            writer.write(_encode(_text(431, "request head too large\n")))
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # too slow, or gone: closed below
+        finally:
+            self.waiting.pop(writer, None)
+            self.connections -= 1
+            writer.close()
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for its request; False if none waits."""
+        if not self.waiting:
+            return False
+        oldest = next(iter(self.waiting))
+        del self.waiting[oldest]
+        oldest.transport.abort()
+        return True
+
+    async def _answer(self, head: bytes) -> Answer:
+        request = _Head()
+        parser = httptools.HttpRequestParser(request)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError:
+            return _text(400, "malformed request\n")
+        if parser.get_method() != b"GET":
+            return _text(405, "only GET\n")
+        path = request.target.decode("latin-1").partition("?")[0]
+        if path in PROBES:
+            return self._probe(path)
+        if self.busy >= self.limits.busy_slots:
+            return _text(503, "busy: try again\n")
+        self.busy += 1
+        try:
+            assert self._loop is not None
+            return await self._loop.run_in_executor(self._pool, self._view, path)
+        finally:
+            self.busy -= 1
+
+    def _probe(self, path: str) -> Answer:
+        if path == "/healthz":  # liveness: the process answers
+            return _text(200, "ok\n")
+        ready = self.readiness.ready
+        return _json(
+            200 if ready else 503, {"ready": ready, "reason": self.readiness.reason, **self.details()}
+        )
+
+    def _view(self, path: str) -> Answer:
+        if path == "/metrics":
+            return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.extra is not None and (answer := self.extra(path)) is not None:
+            return _json(answer[0], answer[1], indent=1)
+        return _text(404, "not found: try /metrics, /healthz, /readyz, /rollouts\n")
+
+
+def start_http(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    readiness: ReadinessView,
+    details: Callable[[], dict[str, object]],
+    extra: Extra | None = None,
+    limits: Limits = Limits(),
+) -> OperatorHttpServer:
+    """Serve /metrics, /healthz and /readyz (and whatever `extra` answers, as JSON) from a
+    daemon thread; returns the server. OSError when the address cannot be bound."""
+    return OperatorHttpServer((host, port), registry, readiness, details, extra, limits)

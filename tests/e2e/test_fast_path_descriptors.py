@@ -1,0 +1,61 @@
+"""The fast path's server process with a low file descriptor limit, flooded with idle
+connections: checks are still answered and a rules change still loads, because the
+connection cap keeps descriptors back for everything else."""
+
+import http.client
+import resource
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sidecar.dev.devstack import Sidecar, wait_for
+from sidecar.transports.authz_http import RESERVED_DESCRIPTORS
+
+RULES = "version: 1\nclusters: [stable, canary]\ndefault: {default}\n"
+LIMIT = 256  # the soft RLIMIT_NOFILE the sidecar starts with
+
+
+@contextmanager
+def descriptor_limit(soft: int) -> Iterator[None]:
+    """Processes started inside inherit `soft` as their RLIMIT_NOFILE."""
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def routed_to(port: int) -> str | None:
+    """One check on a new connection: the cluster the answer routes to."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/graysteer-check/", headers={"x-graysteer-listener-port": "8080"})
+        response = connection.getresponse()
+        response.read()
+        return response.getheader("x-route-cluster") if response.status == 200 else None
+    finally:
+        connection.close()
+
+
+def test_a_flood_of_idle_connections_leaves_checks_and_reloads_working(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.format(default="stable"))
+    with descriptor_limit(LIMIT):
+        sidecar = Sidecar(rules, tmp_path, transport="http")
+    flood: list[socket.socket] = []
+    try:
+        cap = int(sidecar.wait_for_log(r"at most (\d+) connections").group(1))
+        assert cap <= LIMIT - RESERVED_DESCRIPTORS
+        for _ in range(LIMIT):  # more idle connections than the cap, and than the limit itself
+            flood.append(socket.create_connection(("127.0.0.1", sidecar.port), timeout=5))
+        assert routed_to(sidecar.port) == "stable"
+        assert flood[0].recv(1) == b""  # the longest idle were closed for the newcomers
+        rules.write_text(RULES.format(default="canary"))
+        wait_for(lambda: routed_to(sidecar.port) == "canary", 15, "the changed rules to load")
+        assert sidecar.http_get("/readyz")[0] == 200
+    finally:
+        for connection in flood:
+            connection.close()
+        sidecar.stop()

@@ -1,0 +1,176 @@
+"""The operator HTTP endpoint (/metrics, /healthz, /readyz) through real sockets, against slow
+and half-open clients: the probes answer while slow clients hold every connection, a request
+that does not arrive whole in time is cut off however its bytes are spread, and the work that
+takes a thread is bounded."""
+
+import http.client
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from sidecar.dev.devstack import wait_for
+from sidecar.ops.health import Readiness
+from sidecar.ops.operator_http import Extra, Limits, OperatorHttpServer, start_http
+
+DEADLINE = 3.0
+LIMITS = Limits(request_deadline=DEADLINE)
+
+
+def get(port: int, path: str, method: str = "GET", timeout: float = 1.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class Drippers:
+    """Connections that send a request head one byte every `interval`, forever, from a
+    thread, far more often than any timeout per read; `cut` holds those the server closed."""
+
+    def __init__(self, port: int, count: int, interval: float = 0.25) -> None:
+        self.sockets = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nx-slow: ")
+            self.sockets.append(sock)
+        self.cut: set[int] = set()
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._drip, daemon=True)
+        self.thread.start()
+
+    def _drip(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for i, sock in enumerate(self.sockets):
+                if i in self.cut:
+                    continue
+                try:
+                    if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                        self.cut.add(i)
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.cut.add(i)
+                    continue
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    self.cut.add(i)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture()
+def readiness() -> Readiness:
+    ready = Readiness()
+    ready.ready, ready.reason = True, "serving"
+    return ready
+
+
+@pytest.fixture()
+def server(readiness: Readiness) -> Iterator[OperatorHttpServer]:
+    running = start_http(
+        "127.0.0.1", 0, CollectorRegistry(), readiness, lambda: {"version": "v1"}, limits=LIMITS
+    )
+    yield running
+    running.shutdown()
+
+
+def test_probes_answer_while_slow_clients_hold_every_connection(server: OperatorHttpServer) -> None:
+    port = server.server_address[1]
+    threads = threading.active_count()
+    drippers = Drippers(port, LIMITS.max_connections + 16)  # more than it holds at once
+    try:
+        for _ in range(10):
+            assert get(port, "/healthz") == (200, b"ok\n")
+            status, body = get(port, "/readyz")
+            assert status == 200 and b'"ready": true' in body
+        # no thread per connection: only the dripping thread is new (and the pool's, if used)
+        assert threading.active_count() - threads <= 1 + LIMITS.busy_slots
+        wait_for(lambda: len(drippers.cut) == len(drippers.sockets), DEADLINE + 10, "every dripper cut off")
+    finally:
+        drippers.stop()
+
+
+def test_a_request_that_does_not_arrive_whole_in_time_is_cut_off(server: OperatorHttpServer) -> None:
+    drippers = Drippers(
+        server.server_address[1], 1, interval=0.2
+    )  # each byte well within any per-read timeout
+    try:
+        wait_for(lambda: drippers.cut, DEADLINE + 5, "the dripper to be cut off after the deadline")
+    finally:
+        drippers.stop()
+
+
+def test_work_that_takes_a_thread_is_bounded_and_the_probes_are_not(readiness: Readiness) -> None:
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def slow_view(path: str) -> tuple[int, object] | None:
+        entered.release()
+        release.wait(10)
+        return 200, {"path": path}
+
+    extra: Extra = slow_view
+    server = start_http("127.0.0.1", 0, CollectorRegistry(), readiness, dict, extra, limits=LIMITS)
+    port = server.server_address[1]
+    results: list[int] = []
+    callers = [
+        threading.Thread(target=lambda: results.append(get(port, "/rollouts", timeout=10)[0]))
+        for _ in range(LIMITS.busy_slots)
+    ]
+    try:
+        for caller in callers:
+            caller.start()
+        for _ in callers:
+            assert entered.acquire(timeout=5)  # every slot is taken by a view under way
+        assert get(port, "/rollouts")[0] == 503  # at once, not queued
+        assert get(port, "/metrics")[0] == 503
+        assert get(port, "/healthz")[0] == 200 and get(port, "/readyz")[0] == 200
+        release.set()
+        for caller in callers:
+            caller.join(10)
+        assert results == [200] * LIMITS.busy_slots
+        assert get(port, "/rollouts")[0] == 200
+    finally:
+        release.set()
+        server.shutdown()
+
+
+def test_what_it_answers(readiness: Readiness) -> None:
+    registry = CollectorRegistry()
+    Counter("graysteer_example", "An example.", registry=registry).inc()
+    server = start_http("127.0.0.1", 0, registry, readiness, lambda: {"version": "v7"}, limits=LIMITS)
+    port = server.server_address[1]
+    try:
+        status, body = get(port, "/metrics")
+        assert status == 200 and b"graysteer_example_total 1.0" in body
+        readiness.ready, readiness.reason = False, "starting: no table loaded yet"
+        status, body = get(port, "/readyz?verbose")
+        assert status == 503 and b'"reason": "starting: no table loaded yet", "version": "v7"' in body
+        assert get(port, "/nowhere")[0] == 404
+        assert get(port, "/healthz", method="POST")[0] == 405
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nbad header\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nx-big: " + b"a" * LIMITS.max_head_bytes + b"\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 431")
+    finally:
+        server.shutdown()
+
+
+def test_an_address_in_use_is_an_error(server: OperatorHttpServer, readiness: Readiness) -> None:
+    with pytest.raises(OSError):
+        start_http("127.0.0.1", server.server_address[1], CollectorRegistry(), readiness, dict)
