@@ -16,7 +16,8 @@ from pathlib import Path
 
 from benchmarks.scenarios import SCENARIOS, backends_config, front_envoy
 from benchmarks.wrk import ensure_wrk, lua_script, run
-from sidecar.dev.devstack import Envoy, wait_for
+from sidecar.dev.devstack import Envoy
+from sidecar.dev.processes import wait_for
 
 PROFILED = ("b", "d", "h")  # graysteer itself on each transport
 

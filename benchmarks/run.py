@@ -25,7 +25,8 @@ from benchmarks import report
 from benchmarks.decide import micro_benchmark
 from benchmarks.scenarios import SCENARIOS, Scenario, backends_config, front_envoy
 from benchmarks.wrk import ensure_wrk, lua_script, run
-from sidecar.dev.devstack import Envoy, Process, envoy_binary, wait_for
+from sidecar.dev.devstack import Envoy
+from sidecar.dev.processes import Process, envoy_binary, wait_for
 
 RESULTS = Path(__file__).parent / "results"
 CONNECTIONS = (1, 32)

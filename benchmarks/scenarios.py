@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 from betterproto2 import Casing
 
-from sidecar.dev.devstack import Envoy, Process, Sidecar, free_port
+from sidecar.dev.devstack import Envoy, Sidecar
+from sidecar.dev.processes import Process, free_port
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
 from sidecar.table.load import load_rules
 

@@ -5,7 +5,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sidecar.dev.devstack import ensure_tool
+from sidecar.dev.processes import ensure_tool
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 

@@ -3,7 +3,7 @@ send and expect, and what the transports (sidecar.transports) read and answer. O
 that generating a config imports none of the serving stack and a name cannot drift between
 the two sides."""
 
-from sidecar.core.identity import XFCC  # Envoy's own with SANITIZE_SET; the core parses it
+from sidecar.core.xfcc import XFCC  # Envoy's own with SANITIZE_SET; the core parses it
 
 __all__ = ["XFCC"]  # and every name below
 

@@ -5,13 +5,11 @@ import json
 from typing import Any
 
 from sidecar import values
-from sidecar.admin.security import ClientAuth
+from sidecar.cli.common import add_admin_client_flags, add_etcd_flags, client_auth
 from sidecar.serving.options import argparse_type
 
 
 def add_commands(commands: Any) -> None:
-    from sidecar.cli.fleet import add_etcd_flags
-
     p = commands.add_parser("status", help="show a running sidecar's table and last reload")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument(
@@ -40,25 +38,6 @@ def add_commands(commands: Any) -> None:
     p.add_argument("rule", help="the split rule whose rollout to act on")
     add_admin_client_flags(p, address=True)
     p.set_defaults(run=rollout)
-
-
-def add_admin_client_flags(p: argparse.ArgumentParser, address: bool = False) -> None:
-    """How to reach and authenticate to a running sidecar's admin API."""
-    if address:
-        p.add_argument(
-            "--admin",
-            default="127.0.0.1:50052",
-            metavar="ADDR",
-            help="the sidecar's admin API: HOST:PORT or unix:PATH (default %(default)s)",
-        )
-    p.add_argument("--admin-token-file", metavar="PATH", help="send the bearer token in this file")
-    p.add_argument("--admin-tls-ca", metavar="PEM", help="talk TLS, verifying the sidecar with this CA")
-    p.add_argument("--admin-tls-cert", metavar="PEM", help="with --admin-tls-ca: this client certificate")
-    p.add_argument("--admin-tls-key", metavar="PEM", help="... and its key")
-
-
-def client_auth(args: argparse.Namespace) -> ClientAuth:
-    return ClientAuth(args.admin_token_file, args.admin_tls_ca, args.admin_tls_cert, args.admin_tls_key)
 
 
 def status(args: argparse.Namespace) -> int:

@@ -3,11 +3,10 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from sidecar import values
-from sidecar.cli.operate import add_admin_client_flags, client_auth
+from sidecar.cli.common import add_admin_client_flags, client_auth, warn_size
 from sidecar.core import Table
 from sidecar.serving.options import argparse_type
 
@@ -160,7 +159,8 @@ def schema(args: argparse.Namespace) -> int:
 
 
 def envoy_config(args: argparse.Namespace) -> int:
-    from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, render_yaml
+    from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+    from sidecar.envoyconf.tls import TlsOptions
     from sidecar.table.load import load_rules
 
     table = load_rules(args.rules)
@@ -227,11 +227,3 @@ def check_envoy(table: Table, path: str) -> int:
     if not findings:
         print(f"{path}: ok for these rules")
     return 1 if findings else 0
-
-
-def warn_size(table: Table, path: str) -> None:
-    from sidecar.table.load import size_warning
-
-    warning = size_warning(table, Path(path).stat().st_size)
-    if warning:
-        print(f"{path}: {warning}", file=sys.stderr)

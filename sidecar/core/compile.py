@@ -8,8 +8,9 @@ from typing import Any
 
 from sidecar.core.bucketing import cumulative
 from sidecar.core.hosts import host_matcher
-from sidecar.core.identity import compile_regex, identity_matcher
+from sidecar.core.identity import identity_matcher
 from sidecar.core.model import Coloring, Decision, Reason, Trust
+from sidecar.core.regex import compile_regex
 from sidecar.core.request import Request
 from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
 from sidecar.core.schema import (

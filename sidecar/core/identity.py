@@ -1,4 +1,4 @@
-"""The client's workload identity, the matchers that test it, and the rules file's regexes.
+"""The client's workload identity and the matchers that test it.
 
 An `Identity` is what the adapters could establish about the peer: whether the
 connection used mTLS, the certificate's URI SANs, DNS SANs and subject, and its SPIFFE ID.
@@ -6,100 +6,22 @@ SPIFFE IDs are parsed and validated here (spec: trust domain of at most 255 lowe
 letters, digits, `.`, `-`, `_`; a non-empty path of segments of letters, digits, `.`, `-`,
 `_`, no empty, `.` or `..` segment, no query or fragment); a malformed one is not an
 identity. An X509-SVID has exactly one URI SAN: a certificate with several has no SPIFFE
-identity at all. A DNS SAN must be a DNS name to count. `x-forwarded-client-cert` is read as
-Envoy writes it (`parse_xfcc`), strictly: its URI and DNS values are not quoted, so a SAN
-holding a separator must not read as another SAN.
-
-Regexes in the rules file are RE2, compiled as Envoy compiles `safe_regex` (`compile_regex`),
-so that a pattern means the same in the sidecar as in Envoy and matching takes linear time.
+identity at all. A DNS SAN must be a DNS name to count. (`x-forwarded-client-cert` is
+sidecar.core.xfcc's; the rules' regexes sidecar.core.regex's.)
 """
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import re2
+from sidecar.core.regex import FullMatch, compile_regex, regex_problem
 
-XFCC = "x-forwarded-client-cert"  # the header Envoy writes the client certificate's details in
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _PATH_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/")
 MAX_TRUST_DOMAIN = 255  # SPIFFE-ID spec
 MAX_SPIFFE_ID = 2048  # SPIFFE-ID spec (bytes; the IDs accepted here are ASCII)
-
-
-# ---- RE2: the regexes of the rules file ----------------------------------------------------------
-
-MAX_PROGRAM_SIZE = 100  # Envoy's default `re2.max_program_size.error_level`; larger is refused
-
-
-def _envoy_options() -> Any:
-    """RE2's defaults without error logging: Envoy's `RE2::Quiet` (UTF-8, Perl-like syntax,
-    case-sensitive, leftmost-first)."""
-    if not hasattr(re2, "Options"):
-        raise ImportError("the `re2` module in use is not google-re2's: install google-re2")
-    options = re2.Options()
-    options.log_errors = False
-    return options
-
-
-_OPTIONS = _envoy_options()
-
-
-def _require_re2_itself() -> None:
-    """Refuse to run on a module named `re2` that is not google-re2's binding. Some (pyre2,
-    fb-re2) silently fall back to Python's backtracking `re` for what RE2 refuses, which would
-    bring the ReDoS back and change what patterns mean. google-re2 (checked up to 1.1) has no
-    fallback: every pattern goes to the C++ RE2, and a backreference is an error."""
-    try:
-        re2.compile(r"(a)\1", _OPTIONS)
-    except re2.error:
-        return
-    raise ImportError("the `re2` module in use falls back to Python's re: install google-re2")
-
-
-_require_re2_itself()
-
-
-class RegexError(ValueError):
-    """A pattern Envoy's `safe_regex` would refuse."""
-
-
-FullMatch = Callable[[str], bool]
-
-
-def compile_regex(pattern: str) -> FullMatch:
-    """`pattern` as Envoy's `safe_regex` compiles it, as a test of a WHOLE value (Envoy
-    full-matches header values and paths). Raises RegexError for what Envoy refuses: invalid
-    RE2 (backreferences, lookaround, ...) and programs larger than MAX_PROGRAM_SIZE."""
-    try:
-        compiled = re2.compile(pattern, _OPTIONS)
-    except re2.error as error:
-        reason = error.args[0] if error.args else error
-        if isinstance(reason, bytes):
-            reason = reason.decode("utf-8", "replace")
-        raise RegexError(
-            f"not valid RE2 syntax ({reason}); the rules file's regexes are RE2, "
-            "as Envoy's safe_regex: no backreferences, lookaround or \\Z"
-        ) from None
-    if compiled.programsize > MAX_PROGRAM_SIZE:
-        raise RegexError(
-            f"too complex: RE2 program size {compiled.programsize} > "
-            f"{MAX_PROGRAM_SIZE}, the limit of Envoy's safe_regex "
-            "(re2.max_program_size.error_level); simplify it"
-        )
-    fullmatch = compiled.fullmatch
-    return lambda text: fullmatch(text) is not None
-
-
-def regex_problem(pattern: str) -> str | None:
-    """Why Envoy would refuse `pattern`, or None."""
-    try:
-        compile_regex(pattern)
-    except RegexError as error:
-        return f"invalid regex {pattern!r}: {error}"
-    return None
 
 
 # ---- SPIFFE IDs ----------------------------------------------------------------------------------
@@ -203,37 +125,6 @@ class Identity:
         names = tuple(d for d in dns_sans if is_dns_name(d))
         odd = tuple(d for d in dns_sans if not is_dns_name(d)) if len(names) < len(dns_sans) else ()
         return cls(mtls, uri_sans, names, subject, spiffe, malformed, odd)
-
-    @classmethod
-    def from_first_sans(cls, uri: str, dns: str, subject: str, xfcc: str | None) -> "Identity":
-        """From what Envoy's ext_proc attributes give: the certificate's FIRST URI SAN and first
-        DNS SAN only. Whether the certificate has more URI SANs (then it is no SVID, as
-        `from_sans` decides with all of them) shows in the `x-forwarded-client-cert` header
-        Envoy writes (`parse_xfcc`): when it lists `uri` together with other URI SANs, they
-        are taken as the certificate's and the peer gets no SPIFFE identity. So does a header
-        that is not one element as Envoy writes it: a SAN of this certificate holds a
-        separator, and its other URI SANs cannot be told (the DNS SAN Envoy gives is exact and
-        stays).
-
-        This is safe even when the client wrote that header itself (Envoy not sanitizing it):
-        it can only take away the identity of the connection the request came on (the element
-        must list that connection's URI SAN alone), never give one."""
-        uri_sans: tuple[str, ...] = (uri,) if uri else ()
-        unsure = False
-        if uri and xfcc is not None:
-            try:
-                listed = parse_xfcc(xfcc).uris
-            except XfccError:
-                unsure = True
-            else:
-                if uri in listed and len(listed) > 1:
-                    others = list(listed)
-                    others.remove(uri)
-                    uri_sans = (uri, *others)
-        identity = cls.from_sans(True, uri_sans, (dns,) if dns else (), subject)
-        if unsure and identity.spiffe is not None:
-            return replace(identity, spiffe=None, malformed=uri_sans)
-        return identity
 
     @property
     def principal(self) -> str:
@@ -386,109 +277,3 @@ def identity_matcher(form: dict[str, Any]) -> IdentityMatcher:
 
 def _spiffe_test(matches: FullMatch) -> IdentityMatcher:
     return lambda identity: identity.spiffe is not None and matches(str(identity.spiffe))
-
-
-# ---- x-forwarded-client-cert ---------------------------------------------------------------------
-
-# What Envoy writes for one certificate (HCM `set_current_client_cert_details`, conn_manager_utility.cc):
-# `By=` per URI SAN of its own certificate, `Hash=`, then Cert, Chain, Subject, URI and DNS in
-# that order, `;` between pairs. Cert, Chain and Subject are quoted; By, Hash, URI and DNS are
-# written as they are, so a SAN holding `,` `;` `"` or `=` reads as more pairs or elements.
-_XFCC_ORDER = {"By": 0, "Hash": 1, "Cert": 2, "Chain": 3, "Subject": 4, "URI": 5, "DNS": 6}
-_XFCC_QUOTED = frozenset(("Cert", "Chain", "Subject"))
-_XFCC_REPEATED = frozenset(("By", "URI", "DNS"))
-_XFCC_BARE = re.compile(r'[^\x00-\x20",;=\x7f-\U0010ffff]*')  # printable ASCII but , ; " =
-
-
-class XfccError(ValueError):
-    """An x-forwarded-client-cert header that is not one element as Envoy writes it."""
-
-
-@dataclass(frozen=True, slots=True)
-class XfccElement:
-    uris: tuple[str, ...]
-    dns: tuple[str, ...]
-    subject: str
-
-    def identity(self) -> Identity:
-        return Identity.from_sans(True, self.uris, self.dns, self.subject)
-
-
-def _xfcc_pairs(header: str) -> list[tuple[str, str]]:
-    """The key=value pairs of one element; quoted values unquoted (backslash escapes)."""
-    pairs: list[tuple[str, str]] = []
-    at, end = 0, len(header)
-    while True:
-        key, sep, _ = header[at:].partition("=")
-        if not sep or key not in _XFCC_ORDER:
-            raise XfccError(f"no pair of a key Envoy writes at {header[at : at + 20]!r}")
-        at += len(key) + 1
-        if key in _XFCC_QUOTED:
-            if header[at : at + 1] != '"':
-                raise XfccError(f"{key} is not quoted")
-            value, at = _quoted(header, at + 1)
-        else:
-            value = _XFCC_BARE.match(header, at).group()  # type: ignore[union-attr]
-            at += len(value)
-        pairs.append((key, value))
-        if at == end:
-            return pairs
-        if header[at] == ",":
-            raise XfccError("more than one element (Envoy's SANITIZE_SET writes one), or a SAN holding ','")
-        if header[at] != ";":
-            raise XfccError(f"{key}'s value holds {header[at]!r}")
-        at += 1
-
-
-def _quoted(header: str, at: int) -> tuple[str, int]:
-    """A quoted value starting after its opening quote, as written (Envoy does not escape
-    for XFCC; an RFC 2253 subject escapes `"` and `\\` itself), and where it ends."""
-    start = at
-    while at < len(header):
-        if header[at] == "\\":
-            at += 2
-        elif header[at] == '"':
-            return header[start:at], at + 1
-        else:
-            at += 1
-    raise XfccError("a quoted value is not closed")
-
-
-def parse_xfcc(header: str) -> XfccElement:
-    """The one element of an `x-forwarded-client-cert` header as Envoy writes it with
-    `SANITIZE_SET`: `Hash=..;Subject="CN=a";URI=spiffe://..;DNS=a.example.org`. Raises
-    XfccError for anything else: several elements, a pair out of Envoy's order, a repeated
-    Hash or Subject, a `URI=` that is empty beside others, a DNS value that is no DNS name.
-    Values Envoy does not quote cannot be told from the separators around them, so a SAN
-    holding `,` or `;` shows here as one of these (or as extra SANs, which only the caller
-    can rule out: see the HTTP transport)."""
-    uris: list[str] = []
-    dns: list[str] = []
-    subject = ""
-    rank = -1
-    for key, value in _xfcc_pairs(header):
-        order = _XFCC_ORDER[key]
-        if order < rank or (order == rank and key not in _XFCC_REPEATED):
-            raise XfccError(f"{key} out of Envoy's order or repeated")
-        rank = order
-        if key == "URI":
-            uris.append(value)
-        elif key == "DNS":
-            if not is_dns_name(value):
-                raise XfccError(f"DNS value {value[:64]!r} is no DNS name")
-            dns.append(value)
-        elif key == "Subject":
-            subject = value
-    if "" in uris and len(uris) > 1:
-        raise XfccError("an empty URI beside others (Envoy writes `URI=` only for no URI SAN)")
-    return XfccElement(tuple(u for u in uris if u), tuple(dns), subject)
-
-
-def identity_from_xfcc(header: str) -> Identity | None:
-    """The identity named in an `x-forwarded-client-cert` header (see `parse_xfcc`); None if
-    the header is not one element as Envoy writes it or names no URI or DNS SAN."""
-    try:
-        element = parse_xfcc(header)
-    except XfccError:
-        return None
-    return element.identity() if element.uris or element.dns else None

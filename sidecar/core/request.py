@@ -80,3 +80,11 @@ def parse_cookies(header: str) -> dict[str, str]:
                 value = value[1:-1]
             cookies.setdefault(name, value)
     return cookies
+
+
+def add_header(headers: dict[str, str], name: str, value: str) -> None:
+    """Add a (lower-case) header to `headers`, joining a repeated one as HTTP allows: `,`
+    between values, `; ` between cookies (RFC 9110 5.3, RFC 6265 5.4)."""
+    if name in headers:
+        value = headers[name] + ("; " if name == "cookie" else ",") + value
+    headers[name] = value

@@ -17,11 +17,11 @@ The order, for every adapter:
 from collections.abc import Mapping
 
 from sidecar.core.baggage import well_formed, with_member, without_member
-from sidecar.core.identity import XFCC, identity_from_xfcc
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust, lane_problem
 from sidecar.core.request import Request
 from sidecar.core.table import Table
 from sidecar.core.versions import is_version
+from sidecar.core.xfcc import XFCC, identity_from_xfcc
 
 __all__ = ["Coloring", "Steering", "Trust", "fallback", "steer", "steered_headers", "strip_untrusted"]
 

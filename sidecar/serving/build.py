@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
@@ -25,8 +26,10 @@ from sidecar.ops.health import Readiness
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import ClusterSource, RolloutController
 from sidecar.serving.options import ServeOptions
-from sidecar.sources import Source, open_source
-from sidecar.sources.etcd import EtcdSource
+from sidecar.sources import Source
+from sidecar.sources.etcd import EtcdSource, default_cache_dir
+from sidecar.sources.etcd_client import EtcdAddress
+from sidecar.sources.file import FileSource
 from sidecar.stats.bypass import BypassMonitor
 from sidecar.stats.envoy import EnvoyStats
 from sidecar.table.decider import Decider
@@ -133,6 +136,18 @@ async def first_table(options: ServeOptions, metrics: Metrics) -> tuple[Source, 
             return source, Reloader(source.rules, metrics, source.state)
         except ValueError as cached:
             raise ValueError(f"{error}; and the local cache: {cached}") from None
+
+
+def open_source(options: ServeOptions, metrics: Metrics) -> Source:
+    """The source `--config` names (not started)."""
+    if options.is_etcd:
+        address = EtcdAddress.parse(options.config)
+        cache = Path(options.etcd_cache) if options.etcd_cache else default_cache_dir(address)
+        if options.worker_index is not None:
+            cache = cache / f"worker-{options.worker_index}"
+        return EtcdSource(address, options.etcd_tls, cache, metrics)
+    state = Path(options.state_file) if options.state_file else None
+    return FileSource(Path(options.config), state, options.watch, options.watch_polling)
 
 
 def grpc_server(decider: Decider, readiness: Readiness) -> grpc.aio.Server:

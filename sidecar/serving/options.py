@@ -61,10 +61,10 @@ class ServeOptions:
     # fmt: off
     config: str = option("", Flag(
         "--config", "the rules file (YAML), or etcd://HOST:PORT/PREFIX: a fleet's rules and state in etcd",
-        required=True))
+        metavar="RULES|etcd://HOST:PORT/PREFIX", required=True))
     listen: str | None = option("127.0.0.1:50051", Flag(
         "--listen", "HOST:PORT of the gRPC server (ext_proc, ext_authz, health), or 'off' to serve only "
-        "--authz-http-listen (default %(default)s)", _listen))
+        "--authz-http-listen (default %(default)s)", _listen, "HOST:PORT|off"))
     authz_http_listen: str | None = option(None, Flag(
         "--authz-http-listen", "also answer Envoy's ext_authz over plain HTTP/1.1 here: the fast path "
         "(envoy-config --mode ext_authz_http; default off)", _address("--authz-http-listen"), "HOST:PORT"))
@@ -73,7 +73,8 @@ class ServeOptions:
         "itself (SO_REUSEPORT; the kernel spreads Envoy's connections) instead of port, port+1, ...",
         action="store_true"))
     admin_listen: str = option("127.0.0.1:50052", Flag(
-        "--admin-listen", "HOST:PORT or unix:PATH of the admin API (default %(default)s)", _admin_address))
+        "--admin-listen", "HOST:PORT or unix:PATH of the admin API (default %(default)s)",
+        _admin_address, "ADDR"))
     admin_allow_remote: bool = option(False, Flag(
         "--admin-allow-remote", "allow --admin-listen on a non-loopback address (needs --admin-token-file "
         "or --admin-tls-*)", action="store_true"))
@@ -90,10 +91,10 @@ class ServeOptions:
         "spiffe://td/ns/ops/*, or a DNS name; repeatable)", metavar="IDENTITY", action="append"))
     http_listen: str | None = option(None, Flag(
         "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz and /rollouts (default: off)",
-        _address("--http-listen")))
+        _address("--http-listen"), "HOST:PORT"))
     state_file: str | None = option(None, Flag(
         "--state-file", "where runtime weight changes are persisted (default: .RULES.graysteer-state.json "
-        "beside the rules file; in etcd with etcd://)"))
+        "beside the rules file; in etcd with etcd://)", metavar="PATH"))
     etcd_ca: str | None = option(None, Flag(
         "--etcd-ca", "TLS to etcd: the CA of etcd's server certificate", metavar="PEM"))
     etcd_cert: str | None = option(None, Flag("--etcd-cert", "TLS to etcd: this client's certificate",
@@ -104,19 +105,21 @@ class ServeOptions:
         "--etcd-cache", "with etcd://: where the last table served is kept, to start from during an etcd "
         "outage (default ~/.cache/graysteer/etcd/...)", metavar="DIR"))
     replica_id: str | None = option(None, Flag(
-        "--replica-id", "with etcd://: this replica's name in its fleet (default HOSTNAME-PID)"))
+        "--replica-id", "with etcd://: this replica's name in its fleet (default HOSTNAME-PID)",
+        metavar="NAME"))
     drain_seconds: float = option(1.0, Flag(
         "--drain", "on SIGTERM, seconds to report NOT_SERVING before closing, so Envoy's health checks "
-        "stop sending streams (default %(default)s)", values.seconds))
+        "stop sending streams (default %(default)s)", values.seconds, "SECONDS"))
     grace_seconds: float = option(5.0, Flag(
-        "--grace", "then, seconds to let open streams finish (default %(default)s)", values.seconds))
+        "--grace", "then, seconds to let open streams finish (default %(default)s)",
+        values.seconds, "SECONDS"))
     watch: bool = option(True, Flag(
         "--no-watch", "do not watch the rules file (SIGHUP still reloads)", action="store_false"))
     watch_polling: bool = option(False, Flag(
         "--watch-poll", "poll the rules directory instead of using inotify", action="store_true"))
     workers: int = option(1, Flag(
         "--workers", "worker processes, on ports --listen, +1, ... (default 1; see docs/operations.md)",
-        _positive))
+        _positive, "N"))
     event_loop: str = option("auto", Flag(
         "--event-loop", "auto: uvloop when installed (default), else asyncio's own loop",
         choices=("auto", "uvloop", "asyncio")))
@@ -125,7 +128,7 @@ class ServeOptions:
         "sends on without a decision (default: none)", _address("--envoy-admin"), "HOST:PORT"))
     rollout_poll_seconds: float = option(1.0, Flag(
         "--rollout-poll", "seconds between reads of Envoy's stats and rollout steps (default %(default)s)",
-        values.seconds))
+        values.seconds, "SECONDS"))
     ready_max_bypass_ratio: float | None = option(None, Flag(
         "--ready-max-bypass-ratio", "/readyz answers 503 while Envoy sends more than this share of requests "
         "on without a decision (needs --envoy-admin and --http-listen; default off)", values.ratio, "R"))

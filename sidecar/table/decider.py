@@ -4,7 +4,7 @@ Shared by every adapter (ext_proc, explain) so that they all take the same path.
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import perf_counter
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
@@ -55,6 +55,22 @@ class Decider:
         for what in steering.malformed:
             self.metrics.count_event(f"malformed_{what}")
         return steering
+
+    def steer_input(
+        self, read_headers: Callable[[], dict[str, str]], build: Callable[[dict[str, str]], Request]
+    ) -> Steering:
+        """Every transport's one way in: the current table read once, the headers read from
+        the transport's message, the request built from them, then steered. A failure while
+        reading or building is an adapter error, answered with the fallback (the untrusted
+        headers still removed when the headers could be read): never an exception."""
+        table = self.holder.table
+        headers = None
+        try:
+            headers = read_headers()
+            request = build(headers)
+        except Exception as error:  # a malformed message: answer as for an untrusted caller
+            return self.fallback(table, ErrorCode.ADAPTER, error, headers)
+        return self.steer(request, table)
 
     def decide(self, request: Request, table: Table | None = None) -> Decision:
         """The decision alone (see `steer`)."""

@@ -53,10 +53,8 @@ and is refused only when none is idle.
 """
 
 import asyncio
-import http
 import logging
 import os
-import re
 import resource
 import time
 from collections.abc import Callable
@@ -68,36 +66,17 @@ import httptools
 from sidecar.contract import (
     AUTHZ_HTTP_IDLE_SECONDS,
     CHECK_HEADER_HEADROOM,
-    DECISION_HEADER_PREFIX,
     ENVOY_MAX_HEADERS,
-    HEADERS_TO_REMOVE,
     HEALTH_PATH,
-    LISTENER_PORT_HEADER,
     PATH_PREFIX,
-    PEER_SAN_HEADERS,
-    XFCC,
 )
-from sidecar.core import NO_IDENTITY, ErrorCode, Identity, Request, Steering, decision_fields
-from sidecar.core.identity import XfccError, parse_xfcc
+from sidecar.core import Request, Steering
+from sidecar.core.request import add_header
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
+from sidecar.transports.http_check import MTLS_UNNAMED, answer_bytes, check_request, plain_answer
 
 log = logging.getLogger("graysteer.authz_http")
-
-DENY_STATUS_INSTEAD_OF_5XX = 403
-# A connection with a client certificate whose XFCC element names no URI or DNS SAN.
-MTLS_UNNAMED = Identity(mtls=True)
-# Headers that describe the check request itself (Envoy's async client adds the x-envoy ones),
-# not the request being checked.
-_CHECK_ONLY = (
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "x-envoy-internal",
-    "x-envoy-expected-rq-timeout-ms",
-)
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,81 +110,6 @@ def connection_cap(limits: Limits) -> int:
     except OSError:  # no /proc (not Linux): assume a typical start-up
         in_use = 64
     return max(1, soft - in_use - RESERVED_DESCRIPTORS)
-
-
-# ---- the pure parts: check request -> Request, Steering -> answer bytes -------------------------
-
-
-def check_request(
-    method: str, target: str, headers: dict[str, str], path_prefix: str = PATH_PREFIX
-) -> Request:
-    """The core Request for one check: `target` without `path_prefix`, `headers` lower-cased
-    (repeats joined), as the ext_proc adapter sees them (`:method`, `:path`, `:authority`).
-    Consumes `headers`."""
-    for name in _CHECK_ONLY:
-        headers.pop(name, None)
-    port_text = headers.pop(LISTENER_PORT_HEADER, "")
-    # ASCII digits only: str.isdecimal() and int() also take other scripts' digits (Arabic-Indic, full-width)
-    port = int(port_text) if port_text.isascii() and port_text.isdecimal() and len(port_text) <= 5 else None
-    if "host" in headers:
-        headers[":authority"] = headers.pop("host")
-    path = target[len(path_prefix) :] if path_prefix and target.startswith(path_prefix) else target
-    path = path or "/"
-    headers[":method"] = method
-    headers[":path"] = path
-    uri_sans, dns_sans = (headers.pop(name, None) for name in PEER_SAN_HEADERS)
-    identity = xfcc_identity(headers[XFCC], uri_sans, dns_sans) if XFCC in headers else NO_IDENTITY
-    return Request(headers, method, path, identity, port)
-
-
-def xfcc_identity(xfcc: str, uri_sans: str | None, dns_sans: str | None) -> Identity:
-    """The identity in Envoy's `x-forwarded-client-cert`, when its SANs are exactly those of
-    the PEER_SAN_HEADERS (see the module docstring); else MTLS_UNNAMED. The header has no
-    `,` (one element), so each list joined by `,` is the certificate's only when equal."""
-    try:
-        element = parse_xfcc(xfcc)
-    except XfccError:
-        return MTLS_UNNAMED
-    if uri_sans != f"[{','.join(element.uris)}]" or dns_sans != f"[{','.join(element.dns)}]":
-        return MTLS_UNNAMED
-    return element.identity()
-
-
-def _value(text: str) -> str:
-    """A header value that cannot break the answer's framing (rule texts are free-form)."""
-    return _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
-
-
-def _head(status: int, fields: list[tuple[str, str]], body: bytes, head_only: bool = False) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Denied"
-    lines = [f"HTTP/1.1 {status} {phrase}", f"content-length: {len(body)}"]
-    lines += [f"{name}: {_value(value)}" for name, value in fields]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
-
-
-def answer_bytes(steering: Steering, head_only: bool = False) -> bytes:
-    """The HTTP answer to one check (see the module docstring). `head_only` for HEAD."""
-    decision = steering.decision
-    fields = [
-        (DECISION_HEADER_PREFIX + key.replace("_", "-"), str(value))
-        for key, value in decision_fields(decision).items()
-    ]
-    if decision.deny_status is not None:
-        status = decision.deny_status if decision.deny_status < 500 else DENY_STATUS_INSTEAD_OF_5XX
-        body = (decision.deny_reason or "").encode()
-        return _head(status, [("content-type", "text/plain; charset=utf-8"), *fields], body, head_only)
-    fields = list(steering.set_headers) + fields
-    if steering.remove_headers:
-        fields.append((HEADERS_TO_REMOVE, ",".join(steering.remove_headers)))
-    return _head(200, fields, b"", head_only)
-
-
-def plain_answer(status: int, text: str, close: bool = False) -> bytes:
-    fields = [("content-type", "text/plain; charset=utf-8")] + ([("connection", "close")] if close else [])
-    return _head(status, fields, text.encode())
 
 
 # ---- the server ----------------------------------------------------------------------------------
@@ -300,14 +204,13 @@ class AuthzHttpServer:
         return True
 
     def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
-        table = self.decider.holder.table
-        try:
-            request = check_request(method, target, headers, self.path_prefix)
-            if request.identity is MTLS_UNNAMED:
-                self.decider.metrics.count_event("malformed_xfcc")
-            return self.decider.steer(request, table)
-        except Exception as error:  # still answer, as for an untrusted caller
-            return self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
+        return self.decider.steer_input(lambda: headers, lambda read: self.request(method, target, read))
+
+    def request(self, method: str, target: str, headers: dict[str, str]) -> Request:
+        request = check_request(method, target, headers, self.path_prefix)
+        if request.identity is MTLS_UNNAMED:
+            self.decider.metrics.count_event("malformed_xfcc")
+        return request
 
     def log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:
@@ -400,11 +303,7 @@ class _Connection(asyncio.Protocol):
             raise _Reject(431, "request head too large")
         if len(self.headers) >= self.limits.max_headers:
             raise _Reject(431, "too many request headers")
-        key = name.decode("latin-1").lower()
-        text = value.decode("utf-8", "replace")
-        if key in self.headers:
-            text = self.headers[key] + ("; " if key == "cookie" else ",") + text
-        self.headers[key] = text
+        add_header(self.headers, name.decode("latin-1").lower(), value.decode("utf-8", "replace"))
 
     def on_headers_complete(self) -> None:
         self.in_body = True

@@ -22,7 +22,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
+from sidecar.core import NO_IDENTITY, Decision, Identity, Request, Steering, decision_fields
 from sidecar.table.decider import Decider
 
 log = logging.getLogger("graysteer.extauthz")
@@ -108,19 +108,18 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         return self.check(request)[0]
 
     def check(self, request: authz.CheckRequest) -> tuple[authz.CheckResponse, Decision]:
-        table = self.decider.holder.table
-        headers = None
-        try:
-            attributes = request.attributes
-            http = attributes.request.http
-            headers = {k.lower(): v for k, v in http.headers.items()}
-            identity, malformed = peer_identity(attributes.source)
-            if malformed:
-                self.decider.metrics.count_event("malformed_certificate")
-            port = attributes.destination.address.socket_address.port_value or None
-            steering = self.decider.steer(
-                Request(headers, http.method or "GET", http.path or "/", identity, port), table
-            )
-        except Exception as error:  # still answer: allow, as for an untrusted caller
-            steering = self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
+        http = request.attributes.request.http
+        steering = self.decider.steer_input(
+            lambda: {k.lower(): v for k, v in http.headers.items()},
+            lambda headers: self.request(request, headers),
+        )
         return check_response(steering), steering.decision
+
+    def request(self, check: authz.CheckRequest, headers: dict[str, str]) -> Request:
+        attributes = check.attributes
+        http = attributes.request.http
+        identity, malformed = peer_identity(attributes.source)
+        if malformed:
+            self.decider.metrics.count_event("malformed_certificate")
+        port = attributes.destination.address.socket_address.port_value or None
+        return Request(headers, http.method or "GET", http.path or "/", identity, port)

@@ -18,7 +18,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from sidecar.contract import ATTRIBUTES_KEY, DENIED_DETAILS, METADATA_NAMESPACE, XFCC
-from sidecar.core import NO_IDENTITY, Decision, ErrorCode, Identity, Request, Steering, decision_fields
+from sidecar.core import NO_IDENTITY, Decision, Identity, Request, Steering, decision_fields
+from sidecar.core.request import add_header
+from sidecar.core.xfcc import identity_from_first_sans
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 
@@ -71,11 +73,8 @@ def header_dict(header_map: Any) -> dict[str, str]:
     repeated headers are joined as HTTP allows (`,`; `; ` for cookie)."""
     headers: dict[str, str] = {}
     for entry in header_map.headers:
-        key = entry.key.lower()
         value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-        if key in headers:
-            value = headers[key] + ("; " if key == "cookie" else ",") + value
-        headers[key] = value
+        add_header(headers, entry.key.lower(), value)
     return headers
 
 
@@ -91,7 +90,7 @@ def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | 
     (`connection.mtls`, `connection.*_peer_certificate`, `destination.port`). Envoy gives
     only the first URI SAN and the first DNS SAN; whether the certificate has other URI SANs
     (then it is no SVID: no SPIFFE identity, as in ext_authz, which reads them all) is read
-    from the request's `x-forwarded-client-cert` when present (see Identity.from_first_sans).
+    from the request's `x-forwarded-client-cert` when present (see core.xfcc.identity_from_first_sans).
     That header can only take the connection's identity away, never add one, so this holds
     even when the client sent it itself and Envoy passed it on."""
     if ATTRIBUTES_KEY not in message.attributes:
@@ -114,7 +113,7 @@ def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | 
             if entry.key.lower() == XFCC
         ]
         xfcc = ",".join(values) or None
-    identity = Identity.from_first_sans(
+    identity = identity_from_first_sans(
         uri, text("connection.dns_san_peer_certificate"), text("connection.subject_peer_certificate"), xfcc
     )
     return identity, port
@@ -193,11 +192,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return steering_response(steering), steering.decision
 
     def steering(self, message: ep.ProcessingRequest) -> Steering:
-        table = self.decider.holder.table
-        headers = None
-        try:
-            headers = header_dict(message.request_headers.headers)
-            identity, port = connection_identity(message)
-            return self.decider.steer(Request.from_headers(headers, identity, port), table)
-        except Exception as error:  # malformed message: still answer, as for an untrusted caller
-            return self.decider.fallback(table, ErrorCode.ADAPTER, error, headers)
+        return self.decider.steer_input(
+            lambda: header_dict(message.request_headers.headers),
+            lambda headers: Request.from_headers(headers, *connection_identity(message)),
+        )

@@ -17,7 +17,8 @@ from google.protobuf.descriptor import MethodDescriptor
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.security import AdminAuth, TokenFile
 from sidecar.cli import main
-from sidecar.dev.devstack import Sidecar, wait_for
+from sidecar.dev.devstack import Sidecar
+from sidecar.dev.processes import wait_for
 from tests.tls import make_ca, make_leaf, write_pair
 
 REPO = Path(__file__).parents[2]

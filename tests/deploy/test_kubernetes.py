@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sidecar.cli import build_parser
-from sidecar.dev.devstack import envoy_binary
+from sidecar.dev.processes import envoy_binary
 from sidecar.envoyconf.lint import check
 from sidecar.table.load import load_rules, parse_rules
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.dev.devstack import Stack, envoy_binary
+from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import envoy_binary
 
 REPO = Path(__file__).parents[2]
 ENVOY_CONFIG = REPO / "envoy" / "envoy.yaml"

@@ -10,7 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.cli import main
-from sidecar.dev.devstack import BackgroundLoad, Sidecar, Stack, free_port, wait_for
+from sidecar.dev.devstack import Sidecar, Stack
+from sidecar.dev.load import BackgroundLoad
+from sidecar.dev.processes import free_port, wait_for
 from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG
 
 ROUTING_HEADER = "x-route-cluster"

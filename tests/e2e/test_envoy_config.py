@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, parse_bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, parse_bootstrap, render_yaml
 from sidecar.envoyconf.lint import check, guard_regex
+from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import load_rules, parse_rules
 from tests.e2e.conftest import REPO, envoy_validate
 

@@ -6,7 +6,8 @@ import re
 import signal
 from pathlib import Path
 
-from sidecar.dev.devstack import Stack, wait_for
+from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import wait_for
 from sidecar.table.load import load_rules
 from tests.e2e.conftest import ENVOY_CONFIG, envoy_validate
 from tests.helpers import request

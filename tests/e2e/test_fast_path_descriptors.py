@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sidecar.dev.devstack import Sidecar, wait_for
+from sidecar.dev.devstack import Sidecar
+from sidecar.dev.processes import wait_for
 from sidecar.transports.authz_http import RESERVED_DESCRIPTORS
 
 RULES = "version: 1\nclusters: [stable, canary]\ndefault: {default}\n"

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.dev.devstack import BackgroundLoad, Sample, Stack, wait_for
+from sidecar.dev.devstack import Stack
+from sidecar.dev.load import BackgroundLoad, Sample
+from sidecar.dev.processes import wait_for
 from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG, FAULT_FIGURES, REPO
 
 USERS = [f"user-{i}" for i in range(60)]

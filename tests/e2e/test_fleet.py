@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.dev.devstack import BackgroundLoad, Stack, free_port, wait_for
+from sidecar.dev.devstack import Stack
 from sidecar.dev.etcd import Etcd
+from sidecar.dev.load import BackgroundLoad
+from sidecar.dev.processes import free_port, wait_for
 from sidecar.table.load import config_version
 from tests.e2e.conftest import ENVOY_CONFIG
 

@@ -17,7 +17,8 @@ from betterproto2 import Casing
 
 from sidecar.dev.devstack import Envoy, Sidecar, rewrite_envoy_config
 from sidecar.dev.grpc_backend import GrpcBackend
-from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import parse_rules
 from sidecar.transports.explain import explain_local
 from tests.tls import make_ca, make_leaf, write_pair

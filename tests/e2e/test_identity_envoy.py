@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from sidecar.dev.backend import BackendServer
-from sidecar.dev.devstack import Envoy, HttpClient, Sidecar, rewrite_envoy_config
-from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap
+from sidecar.dev.devstack import Envoy, Sidecar, rewrite_envoy_config
+from sidecar.dev.load import HttpClient
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import parse_rules
 from tests.e2e.conftest import REPO
 from tests.tls import make_ca, make_leaf, write_pair

@@ -17,15 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.cli import main
-from sidecar.dev.devstack import (
-    BackgroundLoad,
-    Envoy,
-    HttpClient,
-    Sidecar,
-    Stack,
-    rewrite_envoy_config,
-    wait_for,
-)
+from sidecar.dev.devstack import Envoy, Sidecar, Stack, rewrite_envoy_config
+from sidecar.dev.load import BackgroundLoad, HttpClient
+from sidecar.dev.processes import wait_for
 from sidecar.table.load import parse_rules
 from tests.e2e.conftest import E2E_RULES, ENVOY_CONFIG
 from tests.helpers import request

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
-from sidecar.dev.devstack import BackgroundLoad, Sidecar, Stack, free_port, wait_for
+from sidecar.dev.devstack import Sidecar, Stack
+from sidecar.dev.load import BackgroundLoad
+from sidecar.dev.processes import free_port, wait_for
 from tests.e2e.conftest import ENVOY_CONFIG
 
 RULES = """

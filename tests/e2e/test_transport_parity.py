@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.dev.devstack import Stack, wait_for
+from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import wait_for
 from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap, render_yaml
 from sidecar.table.load import load_rules
 from sidecar.transports.explain import explain_local

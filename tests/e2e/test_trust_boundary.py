@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.dev.devstack import Stack, wait_for
+from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
 from sidecar.table.load import load_rules
 

@@ -10,7 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
-from sidecar.dev.devstack import BackgroundLoad, Stack, wait_for
+from sidecar.dev.devstack import Stack
+from sidecar.dev.load import BackgroundLoad
+from sidecar.dev.processes import wait_for
 from tests.e2e.conftest import ENVOY_CONFIG
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.envoyconf.generate import EnvoyOptions, TlsOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
 from sidecar.envoyconf.lint import check
+from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import load_rules
 from tests.helpers import table_from_yaml
 

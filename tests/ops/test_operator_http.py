@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.dev.devstack import wait_for
+from sidecar.dev.processes import wait_for
 from sidecar.ops.health import Readiness
 from sidecar.ops.operator_http import Extra, Limits, OperatorHttpServer, start_http
 

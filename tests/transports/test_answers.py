@@ -9,9 +9,9 @@ from sidecar.ops.metrics import Metrics
 from sidecar.table.decider import Decider, TableHolder
 from sidecar.table.load import load_rules
 from sidecar.transports.answers import AnswerCache
-from sidecar.transports.authz_http import answer_bytes
 from sidecar.transports.explain import headers_message
 from sidecar.transports.ext_proc import ExtProcServicer
+from sidecar.transports.http_check import answer_bytes
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "rules.yaml"  # with coloring: baggage is answered
 

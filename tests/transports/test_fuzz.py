@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.ops.metrics import Metrics
 from sidecar.table.decider import Decider, TableHolder
-from sidecar.transports.authz_http import answer_bytes, check_request
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer
+from sidecar.transports.http_check import answer_bytes, check_request
 from tests.helpers import table_from_yaml
 
 TABLE = table_from_yaml("""

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sidecar.core import Table
-from sidecar.core.identity import RegexError, compile_regex
+from sidecar.core.regex import RegexError, compile_regex
 from sidecar.envoyconf.backstop import (
     LUA_FILTER,
     LUA_MARKER,

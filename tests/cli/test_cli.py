@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.cli import main
 
-EXAMPLE = str(Path(__file__).parents[1] / "examples" / "rules.yaml")
+EXAMPLE = str(Path(__file__).parents[2] / "examples" / "rules.yaml")
 
 
 def test_check_valid(capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,7 +172,7 @@ def test_serve_transport_flags_are_checked(
 def test_the_published_schema_is_the_one_the_loader_uses(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     printed = capsys.readouterr().out
-    published = (Path(__file__).parents[1] / "docs" / "rules.schema.json").read_text()
+    published = (Path(__file__).parents[2] / "docs" / "rules.schema.json").read_text()
     assert printed == published, "docs/rules.schema.json is stale: run `graysteer schema`"
     from sidecar.core.schema import RULES_SCHEMA
 

@@ -1,0 +1,117 @@
+"""The HTTP filters that call the sidecar: ext_proc, ext_authz over gRPC, ext_authz over HTTP."""
+
+from datetime import timedelta
+
+from envoy_data_plane.envoy.config.core.v3 import (
+    ApiVersion,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HttpUri,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    AuthorizationRequest,
+    AuthorizationResponse,
+    ExtAuthz,
+    HttpService,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpFilter,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+
+from sidecar.contract import (
+    DECISION_HEADER_PREFIX,
+    LISTENER_PORT_HEADER,
+    METADATA_NAMESPACE,
+    PATH_PREFIX,
+    PEER_SAN_HEADERS,
+    REQUEST_ATTRIBUTES,
+)
+from sidecar.core import Table
+from sidecar.core.steering import steered_headers
+from sidecar.envoyconf.clusters import SIDECAR_CLUSTER
+
+
+def ext_proc_filter(message_timeout_ms: int) -> HttpFilter:
+    processor = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
+        failure_mode_allow=True,
+        message_timeout=timedelta(milliseconds=message_timeout_ms),
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            response_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            request_body_mode=ProcessingModeBodySendMode.NONE,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+        ),
+        request_attributes=list(REQUEST_ATTRIBUTES),
+    )
+    return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyMessage.pack(processor))
+
+
+def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
+    authz = ExtAuthz(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
+            timeout=timedelta(milliseconds=timeout_ms),
+        ),
+        transport_api_version=ApiVersion.V3,
+        failure_mode_allow=True,
+        clear_route_cache=True,  # re-route on the header the sidecar sets
+        include_peer_certificate=mtls,
+    )  # every SAN, not only the first
+    return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
+
+
+def ext_authz_http_filter(table: Table, timeout_ms: int, mtls: bool = False) -> HttpFilter:
+    """ext_authz over plain HTTP/1.1 (sidecar.transports.authz_http): the check carries every request
+    header (XFCC is Envoy's own with --mtls, with the certificate's SAN lists beside it to
+    confirm it) and the listener port, set by Envoy; a 200's
+    steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
+    removed, its decision headers become dynamic metadata; a deny answer reaches the client
+    with its status, body and content-type only."""
+
+    def exact(*names: str) -> ListStringMatcher:
+        return ListStringMatcher(patterns=[StringMatcher(exact=name) for name in names])
+
+    authz = ExtAuthz(
+        http_service=HttpService(
+            server_uri=HttpUri(
+                uri=f"http://{SIDECAR_CLUSTER}",
+                cluster=SIDECAR_CLUSTER,
+                timeout=timedelta(milliseconds=timeout_ms),
+            ),
+            path_prefix=PATH_PREFIX,
+            authorization_request=AuthorizationRequest(
+                headers_to_add=[
+                    HeaderValue(key=LISTENER_PORT_HEADER, value="%DOWNSTREAM_LOCAL_PORT%"),
+                    *(HeaderValue(key=k, value=v) for k, v in PEER_SAN_HEADERS.items() if mtls),
+                ]
+            ),
+            authorization_response=AuthorizationResponse(
+                allowed_upstream_headers=exact(*steered_headers(table)),
+                allowed_client_headers=exact("content-type"),
+                dynamic_metadata_from_headers=ListStringMatcher(
+                    patterns=[StringMatcher(prefix=DECISION_HEADER_PREFIX)]
+                ),
+            ),
+        ),
+        allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
+        failure_mode_allow=True,
+        clear_route_cache=True,
+    )  # re-route on the header the sidecar sets
+    return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
