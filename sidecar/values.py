@@ -54,6 +54,14 @@ def ratio(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A share above 0 and up to 1 (a sampling rate)."""
+    value = float(text) if _DECIMAL.fullmatch(text) else -1.0
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a share above 0 and up to 1 (e.g. 0.01), got {text!r}")
+    return value
+
+
 def header(text: str) -> tuple[str, str]:
     """'Name: value' -> ('name', 'value')."""
     name, sep, rest = text.partition(":")

@@ -83,6 +83,20 @@ def add_envoy_config(commands: Any) -> None:
         help="a cluster's address (repeatable; default 127.0.0.1:8081, 8082, ...)",
     )
     p.add_argument(
+        "--otlp",
+        type=address,
+        metavar="HOST:PORT",
+        help="trace every request with Envoy's OpenTelemetry tracer, exporting OTLP/gRPC to this "
+        "collector, the decision on Envoy's span as graysteer.* and feature_flag.* tags "
+        "(docs/observability.md; default off)",
+    )
+    p.add_argument(
+        "--otlp-service-name",
+        default="envoy",
+        metavar="NAME",
+        help="with --otlp: the service.name of Envoy's spans (default %(default)s)",
+    )
+    p.add_argument(
         "--upstream-protocol",
         choices=["http1", "http2", "downstream"],
         default="http1",
@@ -130,6 +144,12 @@ def add_explain(commands: Any) -> None:
         "(implies mTLS; default: a plaintext request)",
     )
     p.add_argument("--dns", default="", metavar="DNS_SAN", help="the client certificate's DNS SAN")
+    p.add_argument(
+        "--from-log",
+        metavar="LINE|-",
+        help="decide again the request of a decision log line (serve --decision-log; '-': read "
+        "it from stdin) and say whether today's table decides the same (exit 0) or not (exit 1)",
+    )
     p.add_argument(
         "--listener-port",
         type=argparse_type(values.whole_number),
@@ -185,6 +205,8 @@ def envoy_config(args: argparse.Namespace) -> int:
         mode=args.mode,
         upstream_protocol=args.upstream_protocol,
         mtls=tls,
+        otlp=args.otlp,
+        otlp_service_name=args.otlp_service_name,
     )
     flags = " ".join(sys.argv[2:]) if sys.argv[1:2] == ["envoy-config"] else f"--rules {args.rules}"
     print(
@@ -195,18 +217,27 @@ def envoy_config(args: argparse.Namespace) -> int:
 
 def explain(args: argparse.Namespace) -> int:
     from sidecar.admin import client as admin_client
-    from sidecar.transports.explain import Peer, explain_local
+    from sidecar.transports.explain import Peer, compare_logged, explain_local, logged_request
 
     peer = Peer(args.identity, args.dns, args.listener_port)
     if args.host is not None:
         args.headers.append((":authority", args.host))
     request = (args.method, args.path, args.headers, args.cookies, args.params, peer)
+    redacted: list[str] = []
+    line = sys.stdin.readline() if args.from_log == "-" else args.from_log
+    if line is not None:
+        method, path, headers, peer, redacted = logged_request(line)
+        request = (method, path, headers, [], [], peer)
     if args.admin:
         result = admin_client.explain(args.admin, *request, client_auth(args))
     else:
         result = explain_local(args.config, *request)
+    if line is not None:
+        result = compare_logged(line, result)
+        if redacted:  # decided again without them: a rule reading them may decide otherwise
+            result["redacted"] = redacted
     print(json.dumps(result, indent=2))
-    return 0
+    return 0 if line is None or result["same"] else 1
 
 
 def check_envoy(table: Table, path: str) -> int:

@@ -22,6 +22,7 @@ from sidecar.core.schema import (
 from sidecar.core.table import MIRROR_BUCKETS, Condition, KeyGetter, Mirror, Rule, Split, Table
 from sidecar.core.validate import Problem, RulesError, problems
 from sidecar.core.versions import range_matcher
+from sidecar.core.xfcc import XFCC
 
 __all__ = ["DEFAULT_ROUTING_HEADER", "Problem", "RulesError", "compile_table"]
 
@@ -86,7 +87,40 @@ def _compile(doc: dict[str, Any], version: str, source: str) -> Table:
         rollouts={r["name"]: _rollout_spec(r) for r in doc.get("rules") or [] if "rollout" in r},
         version_headers=frozenset(_version_headers(doc)),
         mirror_header=doc.get("mirror_header", DEFAULT_MIRROR_HEADER).lower(),
+        read_headers=frozenset(read_headers(doc)),
+        redacted_headers=ALWAYS_REDACTED
+        | {h.lower() for h in (doc.get("decision_log") or {}).get("redact") or []},
     )
+
+
+# Credentials never reach a decision log, whatever the rules say.
+ALWAYS_REDACTED = frozenset(("authorization", "proxy-authorization", "cookie"))
+
+
+def read_headers(doc: dict[str, Any]) -> Iterable[str]:
+    """Every header the rules read: match conditions (a host is `:authority`, a gRPC method
+    `:path`), split and mirror keys (`cookie:` reads `cookie`; `query:` reads the path),
+    the trust's override headers, the coloring header and baggage, XFCC when trusted."""
+    for rule in doc.get("rules") or []:
+        match = rule.get("match") or {}
+        yield from (header.lower() for header in match.get("headers") or {})
+        if "host" in match:
+            yield ":authority"
+        for source in (rule.get("split") or {}).get("key") or []:
+            kind, _, name = source.partition(":")
+            if kind == "header":
+                yield name.lower()
+            elif kind == "cookie":
+                yield "cookie"
+    trust = doc.get("trust") or {}
+    yield from (header.lower() for header in trust.get("override_headers") or [])
+    if trust.get("xfcc"):
+        yield XFCC
+    coloring = doc.get("coloring")
+    if coloring is not None:
+        yield coloring.get("header", DEFAULT_COLOR_HEADER).lower()
+        if coloring.get("baggage", DEFAULT_BAGGAGE_KEY):
+            yield "baggage"
 
 
 def _version_headers(doc: dict[str, Any]) -> Iterable[str]:

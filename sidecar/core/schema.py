@@ -240,6 +240,19 @@ RULES_SCHEMA: dict[str, Any] = {
             "required": ["lanes"],
             "additionalProperties": False,
         },
+        "decision_log": {
+            "type": "object",
+            "properties": {
+                # headers whose values a decision log line shows as <redacted>
+                # (authorization, proxy-authorization and cookie always are)
+                "redact": {
+                    "type": "array",
+                    "uniqueItems": True,
+                    "items": {"type": "string", "pattern": HEADER_NAME_PATTERN},
+                },
+            },
+            "additionalProperties": False,
+        },
     },
     "required": ["version", "clusters", "default"],
     "additionalProperties": False,

@@ -141,6 +141,10 @@ class Table:
     rollouts: "dict[str, RolloutSpec]" = field(default_factory=dict, compare=False)
     version_headers: frozenset[str] = frozenset()  # headers a `semver` condition reads
     mirror_header: str = DEFAULT_MIRROR_HEADER
+    # What a decision log shows of a request: the headers the rules read (matches, split and
+    # mirror keys, trust, coloring), and those whose values it replaces by <redacted>.
+    read_headers: frozenset[str] = frozenset()
+    redacted_headers: frozenset[str] = frozenset()
 
     @property
     def mirrors(self) -> bool:

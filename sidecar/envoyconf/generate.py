@@ -65,6 +65,7 @@ from sidecar.envoyconf.clusters import extension, sidecar_cluster, socket_addres
 from sidecar.envoyconf.filters import ext_authz_filter, ext_authz_http_filter, ext_proc_filter
 from sidecar.envoyconf.lint import guard_regex
 from sidecar.envoyconf.tls import TlsOptions, tls_socket
+from sidecar.envoyconf.tracing import DEFAULT_SERVICE_NAME, collector_cluster, tracing
 
 HostPort = tuple[str, int]
 
@@ -97,6 +98,8 @@ class EnvoyOptions:
     mode: str = "ext_proc"  # one of MODES
     mtls: TlsOptions | None = None
     upstream_protocol: str = "http1"  # one of UPSTREAM_PROTOCOLS
+    otlp: HostPort | None = None  # an OTLP/gRPC collector: traces with the decision as tags
+    otlp_service_name: str = DEFAULT_SERVICE_NAME
 
 
 def routes(table: Table) -> RouteConfiguration:
@@ -199,6 +202,8 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
         merge_slashes=True,
         path_with_escaped_slashes_action=EscapedSlashes.UNESCAPE_AND_REDIRECT,
     )
+    if options.otlp is not None:
+        manager.tracing = tracing(options.mode, options.otlp_service_name)
     if options.mtls is not None:
         # Replace any client-sent XFCC with Envoy's own account of the client certificate.
         manager.forward_client_cert_details = HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET
@@ -225,6 +230,8 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, options.mode)] + [
         upstream_cluster(name, address, options.upstream_protocol) for name, address in upstreams.items()
     ]
+    if options.otlp is not None:
+        clusters.append(collector_cluster(options.otlp))
     return Bootstrap(
         admin=Admin(address=socket_address(options.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),

@@ -21,6 +21,10 @@ MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 # Deciding takes microseconds: buckets from 2 us to 10 ms.
 DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
+# A transport's whole turn (read the message, decide, count): 10 us to 250 ms.
+REQUEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25)
+# The transports (the `transport` label's closed set).
+TRANSPORTS = ("ext_proc", "ext_authz", "ext_authz_http")
 
 BYPASS_MODES = ("ext_proc", "ext_authz")  # the only values of the bypass metrics' `mode` label
 
@@ -63,6 +67,24 @@ class Metrics:
             "graysteer_decision_duration_seconds",
             "Time to decide one request (matching and bucketing, without gRPC).",
             buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "graysteer_request_duration_seconds",
+            "The sidecar's own time for one request, by transport (ext_proc, ext_authz, "
+            "ext_authz_http): reading Envoy's message, deciding, counting. Envoy's side of the "
+            "call (network, its own queueing) is not in it: Envoy exports no ext_proc latency.",
+            ["transport"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self._request_children = {t: self.request_seconds.labels(t) for t in TRANSPORTS}
+        self.decision_log_lines = Counter(
+            "graysteer_decision_log_lines",
+            "Decision log lines, by outcome: written; dropped_queue_full (the writer fell behind: "
+            "a slow disk or pipe never slows a decision); dropped_write_error (a full disk, a "
+            "closed pipe); truncated (over the line limit: headers cut).",
+            ["outcome"],
             registry=registry,
         )
         self.inflight_streams = Gauge(
@@ -229,6 +251,12 @@ class Metrics:
     def show_envoy_stats_up(self, up: bool) -> None:
         assert self.envoy_stats_up is not None
         self.envoy_stats_up.set(1 if up else 0)
+
+    def observe_request(self, transport: str, seconds: float) -> None:
+        self._request_children[transport].observe(seconds)  # KeyError: not a transport
+
+    def count_log(self, outcome: str, lines: int = 1) -> None:
+        self.decision_log_lines.labels(outcome).inc(lines)
 
     def count_decision(self, cluster: str, rule: str) -> None:
         key = (cluster, rule)

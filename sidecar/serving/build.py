@@ -22,6 +22,7 @@ from sidecar.admin.api import admin_pb2_grpc
 from sidecar.admin.security import AdminAuthInterceptor
 from sidecar.admin.servicer import AdminServicer
 from sidecar.fleet.fleet import Fleet
+from sidecar.ops.decision_log import open_decision_log
 from sidecar.ops.health import Readiness
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import ClusterSource, RolloutController
@@ -80,7 +81,8 @@ class Sidecar:
         """Every part; ValueError/OSError (naming the source) when there is no first table."""
         metrics = Metrics(registry)
         source, reloader = await first_table(options, metrics)
-        decider = Decider(reloader.holder, metrics)
+        decision_log = open_decision_log(options.decision_log, options.decision_log_sample, metrics)
+        decider = Decider(reloader.holder, metrics, decision_log)
         readiness = Readiness()
         fleet = None
         if isinstance(source, EtcdSource):

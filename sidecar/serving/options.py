@@ -132,6 +132,12 @@ class ServeOptions:
     ready_max_bypass_ratio: float | None = option(None, Flag(
         "--ready-max-bypass-ratio", "/readyz answers 503 while Envoy sends more than this share of requests "
         "on without a decision (needs --envoy-admin and --http-listen; default off)", values.ratio, "R"))
+    decision_log: str | None = option(None, Flag(
+        "--decision-log", "write one JSON line per decision to this file, or '-' for stdout "
+        "(docs/observability.md; default off)", metavar="PATH|-"))
+    decision_log_sample: float = option(1.0, Flag(
+        "--decision-log-sample", "with --decision-log: the share of decisions written, e.g. 0.01 "
+        "(default %(default)s: every one)", values.share, "R"))
     # set by the program, not by flags
     log_level: str = option("INFO", None)
     worker_index: int | None = option(None, None)  # set for each worker of `serve --workers N`
@@ -211,6 +217,8 @@ class ServeOptions:
             found.append("--etcd-cert and --etcd-key go together")
         if self.listen is None and not self.authz_http_listen:
             found.append("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
+        if self.decision_log_sample != 1.0 and self.decision_log is None:
+            found.append("--decision-log-sample needs --decision-log PATH|-")
         if self.ready_max_bypass_ratio is not None and not (self.envoy_admin and self.http_listen):
             found.append(
                 "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "

@@ -157,8 +157,10 @@ class Running:
             self.sidecar.fleet.poke()
 
     def reload_soon(self) -> None:
-        """SIGHUP: read the rules and the state again."""
+        """SIGHUP: read the rules and the state again; reopen the decision log (logrotate)."""
         self._spawn(self.sidecar.reloader.reload("sighup", force=True))
+        if self.sidecar.decider.log is not None:
+            self.sidecar.decider.log.reopen()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(work)
@@ -190,6 +192,8 @@ class Running:
                 await task
         await s.source.close()
         s.reloader.close()
+        if s.decider.log is not None:
+            s.decider.log.close()
         if self.http is not None:
             self.http.shutdown()
         log.info("stopped")

@@ -1,15 +1,21 @@
-"""Deciding a request safely: the current table, the fallback on failure, the counting.
+"""Deciding a request safely: the current table, the fallback on failure, the counting, the
+time each transport spends, and the decision log.
 
-Shared by every adapter (ext_proc, explain) so that they all take the same path.
+Shared by every transport (ext_proc, ext_authz over gRPC and HTTP, explain) so that they all
+take the same path.
 """
 
 import logging
 from collections.abc import Callable, Mapping
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sidecar.ops.decision_log import DecisionLog
 
 log = logging.getLogger("graysteer.decide")
 
@@ -25,9 +31,10 @@ class TableHolder:
 class Decider:
     """Decides requests against the current table; never raises."""
 
-    def __init__(self, holder: TableHolder, metrics: Metrics) -> None:
+    def __init__(self, holder: TableHolder, metrics: Metrics, log: "DecisionLog | None" = None) -> None:
         self.holder = holder
         self.metrics = metrics
+        self.log = log  # serve --decision-log: sampled decisions, written off the serving path
         self._logged_reasons: set[str] = set()
 
     def steer(self, request: Request, table: Table | None = None) -> Steering:
@@ -57,20 +64,31 @@ class Decider:
         return steering
 
     def steer_input(
-        self, read_headers: Callable[[], dict[str, str]], build: Callable[[dict[str, str]], Request]
+        self,
+        transport: str,
+        read_headers: Callable[[], dict[str, str]],
+        build: Callable[[dict[str, str]], Request],
     ) -> Steering:
         """Every transport's one way in: the current table read once, the headers read from
-        the transport's message, the request built from them, then steered. A failure while
-        reading or building is an adapter error, answered with the fallback (the untrusted
-        headers still removed when the headers could be read): never an exception."""
+        the transport's message, the request built from them, then steered; the time it took
+        counted for `transport` (graysteer_request_duration_seconds), the decision offered to
+        the decision log. A failure while reading or building is an adapter error, answered
+        with the fallback (the untrusted headers still removed when the headers could be
+        read): never an exception."""
+        started = perf_counter()
         table = self.holder.table
         headers = None
         try:
             headers = read_headers()
             request = build(headers)
         except Exception as error:  # a malformed message: answer as for an untrusted caller
-            return self.fallback(table, ErrorCode.ADAPTER, error, headers)
-        return self.steer(request, table)
+            steering = self.fallback(table, ErrorCode.ADAPTER, error, headers)
+        else:
+            steering = self.steer(request, table)
+            if self.log is not None:
+                self.log.offer(transport, request, steering, table)
+        self.metrics.observe_request(transport, perf_counter() - started)
+        return steering
 
     def decide(self, request: Request, table: Table | None = None) -> Decision:
         """The decision alone (see `steer`)."""

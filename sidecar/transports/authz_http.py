@@ -204,7 +204,9 @@ class AuthzHttpServer:
         return True
 
     def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
-        return self.decider.steer_input(lambda: headers, lambda read: self.request(method, target, read))
+        return self.decider.steer_input(
+            "ext_authz_http", lambda: headers, lambda read: self.request(method, target, read)
+        )
 
     def request(self, method: str, target: str, headers: dict[str, str]) -> Request:
         request = check_request(method, target, headers, self.path_prefix)

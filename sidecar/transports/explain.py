@@ -4,6 +4,7 @@ The request is turned into the very ext_proc message Envoy would send and handed
 to the same servicer method that answers Envoy, so explain cannot drift from serving.
 """
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -105,3 +106,41 @@ def response_effects(response: ep.ProcessingResponse) -> dict[str, object]:
         "set_headers": {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers},
         "remove_headers": list(mutation.remove_headers),
     }
+
+
+# The decision's fields that say where a request went and why (not the table's version,
+# which changes with any edit, nor the identity, which the request carries).
+COMPARED = ("cluster", "rule", "reason", "bucket", "lane", "mirror", "deny_status")
+
+
+def logged_request(line: str) -> tuple[str, str, list[tuple[str, str]], Peer, list[str]]:
+    """(method, path, headers, peer, redacted header names) of a decision log line
+    (sidecar.ops.decision_log); ValueError when it is not one."""
+    from sidecar.ops.decision_log import REDACTED
+
+    try:
+        record = json.loads(line)
+        method, path, headers = str(record["method"]), str(record["path"]), dict(record["headers"])
+        decision = dict(record["decision"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"not a decision log line: {error}") from None
+    if not isinstance(decision, dict):
+        raise ValueError("not a decision log line: no decision")
+    identity = record.get("identity") or ""
+    peer = Peer(
+        identity if identity.startswith("spiffe://") else "",
+        identity if identity and not identity.startswith("spiffe://") else "",
+        record.get("listener_port"),
+    )
+    redacted = sorted(name for name, value in headers.items() if value == REDACTED)
+    kept = [(name, str(value)) for name, value in headers.items() if value != REDACTED]
+    return method, path, kept, peer, redacted
+
+
+def compare_logged(line: str, today: dict[str, object]) -> dict[str, object]:
+    """The logged decision beside today's, and whether it is the same (see COMPARED)."""
+    logged = dict(json.loads(line)["decision"])
+    differences = {
+        name: [logged.get(name), today.get(name)] for name in COMPARED if logged.get(name) != today.get(name)
+    }
+    return {"logged": logged, "today": today, "same": not differences, "differences": differences}

@@ -110,6 +110,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
     def check(self, request: authz.CheckRequest) -> tuple[authz.CheckResponse, Decision]:
         http = request.attributes.request.http
         steering = self.decider.steer_input(
+            "ext_authz",
             lambda: {k.lower(): v for k, v in http.headers.items()},
             lambda headers: self.request(request, headers),
         )

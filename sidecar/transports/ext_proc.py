@@ -193,6 +193,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def steering(self, message: ep.ProcessingRequest) -> Steering:
         return self.decider.steer_input(
+            "ext_proc",
             lambda: header_dict(message.request_headers.headers),
             lambda headers: Request.from_headers(headers, *connection_identity(message)),
         )

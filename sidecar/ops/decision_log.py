@@ -1,0 +1,239 @@
+"""The decision log (`serve --decision-log PATH|-`): one JSON line per sampled decision, for
+Loki, Elasticsearch or `grep`, as OPA-Envoy's decision logs.
+
+A line holds: `time` (UTC, RFC 3339), `decision_id` (Envoy's `x-request-id`, so the line
+joins the access log and the trace's `guid:x-request-id`; a random id without it),
+`trace_id` and `span_id` (from the request's W3C `traceparent`, when it has one), the
+`transport`, the `listener_port`, the caller's `identity` and whether it used `mtls`, the
+`method` and `path`, the rule-relevant `headers` (those the rules read; the values of the
+headers the rules name in `decision_log.redact`, and of `authorization`,
+`proxy-authorization` and `cookie` always, are `<redacted>`), the untrusted headers removed
+(`removed_headers`), and the `decision`'s fields (as `graysteer explain` shows them).
+`graysteer explain --from-log LINE` reads one back and decides it again.
+
+Off the serving path, and bounded: the serving code samples (`--decision-log-sample`),
+then appends a reference to a bounded deque; a writer thread builds and writes the lines. A
+writer that falls behind (a slow disk, a pipe nobody reads) drops new lines and counts them
+(`graysteer_decision_log_lines_total{outcome="dropped_queue_full"}`); a write error (a full
+disk) drops the batch and is counted and logged once; a line over `max_line_bytes` keeps its
+decision and loses header values (`truncated`). SIGHUP reopens the file: logrotate renames
+it, then signals (or uses `copytruncate`, which needs no signal). With `--workers N` every
+worker appends to the same file, one whole write per batch of lines (O_APPEND).
+"""
+
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import IO, Any
+
+from sidecar.core import Request, Steering, Table, decision_fields
+from sidecar.ops.metrics import Metrics
+
+log = logging.getLogger("graysteer.decision_log")
+
+REDACTED = "<redacted>"
+MAX_LINE_BYTES = 16 * 1024
+MAX_PENDING = 10_000  # decisions waiting for the writer; more are dropped and counted
+MAX_VALUE_CHARS = 512  # a header value longer than this is cut in a line over the limit
+WRITE_EVERY_SECONDS = 0.2  # the writer's pace when decisions trickle in
+
+Pending = tuple[float, str, Request, Steering, Table]
+
+
+class DecisionLog:
+    def __init__(
+        self,
+        target: str,
+        sample: float,
+        metrics: Metrics,
+        *,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_pending: int = MAX_PENDING,
+        chance: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0 < sample <= 1:
+            raise ValueError(f"--decision-log-sample: expected a share above 0 and up to 1, got {sample}")
+        self.target = target
+        self.sample = sample
+        self.metrics = metrics
+        self.max_line_bytes = max_line_bytes
+        self.max_pending = max_pending
+        self.chance = chance
+        self._pending: deque[Pending] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._reopen = threading.Event()
+        self._stream: IO[str] | None = None
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="graysteer-decision-log", daemon=True)
+
+    # -- the serving side: cheap, never blocks ----------------------------------------------
+
+    def offer(self, transport: str, request: Request, steering: Steering, table: Table) -> None:
+        """Hand a decision to the writer, when it is sampled and there is room."""
+        if self.sample < 1 and self.chance() >= self.sample:
+            return
+        if len(self._pending) >= self.max_pending:
+            self.metrics.count_log("dropped_queue_full")
+            return
+        self._pending.append((time.time(), transport, request, steering, table))
+        if len(self._pending) > 256:  # a burst: write now, not at the next beat
+            self._wake.set()
+
+    def reopen(self) -> None:
+        """Open the file again before the next write (SIGHUP: logrotate moved it)."""
+        self._reopen.set()
+        self._wake.set()
+
+    # -- the writer thread ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()  # opens the file itself: a FIFO nobody reads must not block here
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is pending (for up to `timeout` seconds); the writer then closes the
+        file. A writer stuck in a write (a pipe nobody reads) closes it when the write ends,
+        or is left to the process's exit."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        self._open()
+        try:
+            while True:
+                self._wake.wait(WRITE_EVERY_SECONDS)
+                self._wake.clear()
+                if self._reopen.is_set():
+                    self._reopen.clear()
+                    self._open()
+                self._write_pending()
+                if self._stop.is_set():
+                    return
+        finally:  # the writer closes its own file: another thread would wait on a stuck write
+            if self._stream is not None and self._stream is not sys.stdout:
+                with contextlib.suppress(OSError):  # what was buffered could not be written: counted
+                    self._stream.close()
+
+    def _open(self) -> None:
+        if self.target == "-":
+            self._stream = sys.stdout
+            return
+        old, self._stream = self._stream, None
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+        try:
+            self._stream = open(self.target, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        except OSError as error:
+            self._fail(f"cannot open {self.target}: {error}")
+
+    def _write_pending(self) -> None:
+        lines = []
+        while self._pending:
+            lines.append(self.line(*self._pending.popleft()))
+        if not lines:
+            return
+        if self._stream is None:
+            self.metrics.count_log("dropped_write_error", len(lines))
+            return
+        try:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError) as error:  # ValueError: a closed stream
+            self.metrics.count_log("dropped_write_error", len(lines))
+            self._fail(f"cannot write to {self.target}: {error}")
+            return
+        self.metrics.count_log("written", len(lines))
+        if self._failing:
+            self._failing = False
+            log.info("writing decision log lines to %s again", self.target)
+
+    def _fail(self, why: str) -> None:
+        if not self._failing:
+            self._failing = True
+            log.error("decision log: %s; lines are dropped and counted until it works again", why)
+
+    # -- one line ---------------------------------------------------------------------------------
+
+    def line(self, at: float, transport: str, request: Request, steering: Steering, table: Table) -> str:
+        """The JSON line (with its newline) for one decision, within `max_line_bytes`."""
+        record = log_record(at, transport, request, steering, table)
+        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        if len(text.encode()) > self.max_line_bytes:
+            self.metrics.count_log("truncated")
+            headers = record["headers"]
+            for name, value in headers.items():
+                if len(value) > MAX_VALUE_CHARS:
+                    headers[name] = value[:MAX_VALUE_CHARS] + "..."
+            record["truncated"] = True
+            text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+            if len(text.encode()) > self.max_line_bytes:
+                record["headers"] = {}
+                text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        return text + "\n"
+
+
+def log_record(
+    at: float, transport: str, request: Request, steering: Steering, table: Table
+) -> dict[str, Any]:
+    """The fields of one decision log line (see the module docstring)."""
+    headers = request.headers
+    trace_id, span_id = trace_context(headers.get("traceparent", ""))
+    shown = {
+        name: REDACTED if name in table.redacted_headers else headers[name]
+        for name in sorted(table.read_headers)
+        if name in headers
+    }
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z",
+        "decision_id": headers.get("x-request-id") or secrets.token_hex(16),
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "transport": transport,
+        "listener_port": request.listener_port,
+        "identity": steering.identity.principal or None,
+        "mtls": steering.identity.mtls,
+        "method": request.method,
+        "path": request.path + ("?" + request.query if request.query else ""),
+        "headers": shown,
+        "removed_headers": list(steering.remove_headers),
+        "decision": decision_fields(steering.decision),
+    }
+
+
+def trace_context(traceparent: str) -> tuple[str | None, str | None]:
+    """(trace id, parent span id) of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), or
+    (None, None) when it is not one (all-zero ids are invalid)."""
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None, None
+    try:
+        int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return None, None
+    if parts[1] == "0" * 32 or parts[2] == "0" * 16 or parts[0] == "ff":
+        return None, None
+    return parts[1].lower(), parts[2].lower()
+
+
+def open_decision_log(target: str | None, sample: float, metrics: Metrics) -> DecisionLog | None:
+    """The decision log the options ask for, started; None without --decision-log."""
+    if target is None:
+        return None
+    if target != "-":
+        directory = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(directory):
+            raise OSError(f"--decision-log {target}: no such directory {directory}")
+    decision_log = DecisionLog(target, sample, metrics)
+    decision_log.start()
+    return decision_log
