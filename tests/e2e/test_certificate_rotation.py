@@ -160,6 +160,11 @@ class FileForm:
                 "the swap",
             )
 
+    def refused(self) -> list[str]:
+        """What Envoy refused to load."""
+        stats = self.envoy.stats() if self.envoy is not None else {}
+        return [name for name in ("server_cert", "trusted_ca") if stats.get(f"sds.{name}.update_rejected", 0)]
+
     def _updates(self) -> tuple[int, int]:
         if self.envoy is None:
             return (0, 0)
@@ -183,9 +188,12 @@ class SpireForm:
             lambda: self.server is not None and self.server.applied(version), APPLY_SECONDS, "Envoy's ACK"
         )
 
+    def refused(self) -> list[str]:
+        """What Envoy refused (NACKs)."""
+        return self.server.nacks() if self.server is not None else []
+
     def stop(self) -> None:
         if self.server is not None:
-            assert self.server.nacks() == []  # Envoy accepted every version
             self.server.stop()
 
 
@@ -281,6 +289,9 @@ def test_rotations_under_load_fail_no_request(form: Form, pki: Pki, tmp_path: Pa
             wait_for(
                 lambda: refused_handshakes(stack.envoy) > refused, 5, "Envoy to count the refused handshake"
             )
+            # the SAN matcher still holds beside the CA that comes by SDS
+            assert probe(pki.client(pki.ca2, "spiffe://other.org/ns/prod/sa/web")).status == 0
+            assert form.refused() == []  # Envoy loaded every rotation it was given
         finally:
             load.stop()
         samples = load.samples

@@ -199,3 +199,20 @@ def test_sds_that_cannot_work_is_found(
     found = [str(f) for f in check(TABLE, config)]
     assert any(expected in f for f in found), found
     assert all("Fix:" in f for f in found)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sds", "file:/tls"], "add --mtls"),
+        (["--tls-dir", "/tls"], "add --mtls"),
+        (["--mtls", "--sds", "file:/tls", "--tls-dir", "/tls"], "exclude each other"),
+    ],
+)
+def test_sds_flags_that_do_not_go_together_are_refused(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecar.cli import main
+
+    assert main(["envoy-config", "--rules", str(REPO / "examples" / "rules.yaml"), *flags]) == 1
+    assert message in capsys.readouterr().err
