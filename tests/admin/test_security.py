@@ -297,6 +297,12 @@ def served_serial(address: str, cafile: Path, cert: Path, key: Path) -> int:
         return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
 
+def tls_reloads(sidecar: Sidecar, outcome: str) -> float:
+    text = sidecar.http_get("/metrics")[1]
+    line = f'graysteer_tls_reloads_total{{outcome="{outcome}",use="admin"}} '
+    return float(next((row.removeprefix(line) for row in text.splitlines() if row.startswith(line)), 0))
+
+
 def test_tls_files_rotate_under_a_running_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Certificate, key and CA swapped as a Kubernetes Secret volume is: new handshakes use
     them (the new CA's clients get in, the retired CA's do not), an open connection goes on,
@@ -306,15 +312,16 @@ def test_tls_files_rotate_under_a_running_sidecar(tmp_path: Path, capsys: pytest
     from tests.tls import swap_directory
 
     ca1, ca2 = make_ca("admin CA 1"), make_ca("admin CA 2")
-    server = {"dns": ["localhost"], "ips": ["127.0.0.1"]}
-    servers = [make_leaf(ca1, "sidecar-1", **server), make_leaf(ca2, "sidecar-2", **server)]
-    mounted = tmp_path / "admin-tls"
+    servers = [
+        make_leaf(ca, f"sidecar-{n}", dns=["localhost"], ips=["127.0.0.1"]) for n, ca in ((1, ca1), (2, ca2))
+    ]
+    serials = [x509.load_pem_x509_certificate(cert).serial_number for _, cert in servers]
+    mounted, clients = tmp_path / "admin-tls", tmp_path / "clients"
 
     def mount(pair: tuple[bytes, bytes], trusted: bytes) -> None:
         swap_directory(mounted, {"tls.key": pair[0], "tls.crt": pair[1], "ca.crt": trusted})
 
     mount(servers[0], ca1.pem)
-    clients = tmp_path / "clients"
     clients.mkdir()
     old = write_pair(clients, "ops-1", make_leaf(ca1, "ops", uris=[OPS]))
     new = write_pair(clients, "ops-2", make_leaf(ca2, "ops", uris=[OPS]))
@@ -324,8 +331,8 @@ def test_tls_files_rotate_under_a_running_sidecar(tmp_path: Path, capsys: pytest
     flags += ["--admin-tls-ca", str(mounted / "ca.crt"), "--admin-allow", "spiffe://example.org/ns/ops/*"]
     sidecar = Sidecar(RULES, tmp_path, flags)
 
-    def client(pair: tuple[Path, Path]) -> list[str]:
-        return [
+    def calls(pair: tuple[Path, Path]) -> bool:
+        flags = [
             "--admin-tls-ca",
             str(bundle),
             "--admin-tls-key",
@@ -333,48 +340,34 @@ def test_tls_files_rotate_under_a_running_sidecar(tmp_path: Path, capsys: pytest
             "--admin-tls-cert",
             str(pair[1]),
         ]
+        return status(sidecar.admin, *flags) == 0
 
     def serial(pair: tuple[Path, Path]) -> int:
         return served_serial(sidecar.admin, bundle, pair[1], pair[0])
 
-    def reloads(outcome: str) -> float:
-        text = sidecar.http_get("/metrics")[1]
-        line = f'graysteer_tls_reloads_total{{outcome="{outcome}",use="admin"}} '
-        return float(next((row.removeprefix(line) for row in text.splitlines() if row.startswith(line)), 0))
-
+    credentials = grpc.ssl_channel_credentials(bundle.read_bytes(), old[0].read_bytes(), old[1].read_bytes())
+    get_table = ADMIN.methods_by_name["GetTable"]
     try:
-        assert status(sidecar.admin, *client(old)) == 0
-        assert status(sidecar.admin, *client(new)) == 1  # CA 2 is not trusted yet
-        first = x509.load_pem_x509_certificate(servers[0][1]).serial_number
-        assert serial(old) == first
-
+        assert calls(old) and not calls(new) and serial(old) == serials[0]  # CA 2 not trusted yet
         mount(servers[0], ca1.pem + ca2.pem)  # the overlap: both CAs' clients get in
-        wait_for(lambda: status(sidecar.admin, *client(new)) == 0, 5, "CA 2's client to be accepted")
-        assert status(sidecar.admin, *client(old)) == 0
-        with grpc.secure_channel(
-            sidecar.admin,
-            grpc.ssl_channel_credentials(bundle.read_bytes(), old[0].read_bytes(), old[1].read_bytes()),
-        ) as open_channel:
-            assert call(open_channel, ADMIN.methods_by_name["GetTable"]) == (1, grpc.StatusCode.OK)
-
+        wait_for(lambda: calls(new), 5, "CA 2's client to be accepted")
+        assert calls(old)
+        with grpc.secure_channel(sidecar.admin, credentials) as open_channel:
+            assert call(open_channel, get_table) == (1, grpc.StatusCode.OK)
             mount(servers[1], ca2.pem)  # the new CA's certificate, and CA 1 retired
-            second = x509.load_pem_x509_certificate(servers[1][1]).serial_number
-            wait_for(lambda: serial(new) == second, 5, "the new server certificate")
-            capsys.readouterr()
-            assert status(sidecar.admin, *client(old)) == 1  # a new connection with CA 1's certificate
-            assert status(sidecar.admin, *client(new)) == 0
-            # the connection opened before goes on with what it was handshaken with
-            assert call(open_channel, ADMIN.methods_by_name["GetTable"]) == (1, grpc.StatusCode.OK)
-
-        assert reloads("loaded") == 2 and reloads("refused") == 0
+            wait_for(lambda: serial(new) == serials[1], 5, "the new server certificate")
+            assert not calls(old) and calls(new)  # a new connection with CA 1's certificate: refused
+            assert call(open_channel, get_table) == (1, grpc.StatusCode.OK)  # the open one goes on
+        assert (tls_reloads(sidecar, "loaded"), tls_reloads(sidecar, "refused")) == (2, 0)
         mount((servers[0][0], servers[1][1]), ca2.pem)  # a key that is not the certificate's
         # the files are looked at on the next handshake: it still gets the last good ones
-        assert serial(new) == second and status(sidecar.admin, *client(new)) == 0
-        assert reloads("refused") == 1
+        assert serial(new) == serials[1] and calls(new)
+        assert tls_reloads(sidecar, "refused") == 1
         assert sidecar.log_text().count("admin TLS files changed but cannot be used") == 1
         assert "is not the private key of the certificate" in sidecar.log_text()
         mount(servers[1], ca1.pem + ca2.pem)  # fixed: taken at the next handshake
-        wait_for(lambda: status(sidecar.admin, *client(old)) == 0, 5, "the fixed files")
-        assert reloads("loaded") == 3
+        wait_for(lambda: calls(old), 5, "the fixed files")
+        assert tls_reloads(sidecar, "loaded") == 3
     finally:
         sidecar.stop()
+        capsys.readouterr()

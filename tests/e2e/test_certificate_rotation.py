@@ -17,7 +17,7 @@ import ssl
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -215,90 +215,92 @@ def start_stack(sds: Sds, workdir: Path) -> Stack:
     return Stack(workdir / "rules.yaml", config, workdir)
 
 
+@dataclass
+class Scenario:
+    """One stack under load, its rotations and probes; `figures` what each took."""
+
+    form: Form
+    pki: Pki
+    stack: Stack
+    workdir: Path
+    figures: dict[str, object] = field(default_factory=dict)
+
+    def probe(self, client: Pair | None) -> Handshake:
+        return handshake(self.stack.port, self.pki.bundle, client, self.workdir)
+
+    def rotate(self, figure: str, server: Pair, trusted: bytes, picked_up: Callable[[], bool]) -> None:
+        """Apply a rotation to Envoy; record the seconds until new handshakes show it."""
+        started = time.monotonic()
+        self.form.apply(server, trusted)
+        wait_for(picked_up, APPLY_SECONDS, figure)
+        self.figures[figure] = round(time.monotonic() - started, 3)
+
+    def rotate_client(self, directory: Path, pair: Pair, identity: str, load: BackgroundLoad) -> None:
+        """The load's certificate files change to `identity`: routed by the rules within 2 s."""
+        rotated = time.monotonic()
+        swap_directory(directory, dict(zip((KEY_FILE, CERT_FILE), pair, strict=True)))
+        wait_for(
+            lambda: any(
+                s.at > rotated and identity in s.peer and s.backend == "canary" for s in load.samples
+            ),
+            IDENTITY_PICKUP_SECONDS,
+            "the rotated client identity routed to canary",
+        )
+        first = min(s.at for s in load.samples if s.at > rotated and identity in s.peer)
+        self.figures["client identity routed s"] = round(first - rotated, 3)
+
+
 def test_rotations_under_load_fail_no_request(form: Form, pki: Pki, tmp_path: Path) -> None:
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    servers = pki.servers
-    form.apply(servers[0], pki.ca1.pem)
+    ca1, ca2, servers, both = pki.ca1, pki.ca2, pki.servers, pki.ca1.pem + pki.ca2.pem
+    form.apply(servers[0], ca1.pem)
     client_dir = tmp_path / "client"
-    swap_directory(client_dir, dict(zip((KEY_FILE, CERT_FILE), pki.client(pki.ca1, WEB), strict=True)))
+    swap_directory(client_dir, dict(zip((KEY_FILE, CERT_FILE), pki.client(ca1, WEB), strict=True)))
     with start_stack(form.sds, tmp_path) as stack:
         assert stack.envoy is not None
         if isinstance(form, FileForm):
             form.envoy = stack.envoy
-
-        def probe(client: Pair | None) -> Handshake:
-            return handshake(stack.port, pki.bundle, client, probes)
-
-        def rotate(server: Pair, trusted: bytes, picked_up: Callable[[], bool], what: str) -> float:
-            """Apply a rotation; the seconds until new handshakes show it."""
-            started = time.monotonic()
-            form.apply(server, trusted)
-            wait_for(picked_up, APPLY_SECONDS, what)
-            return round(time.monotonic() - started, 3)
-
-        figures: dict[str, object] = {}
-        assert probe(pki.client(pki.ca1, WEB)) == Handshake(serial(servers[0]), 200)
+        run = Scenario(form, pki, stack, tmp_path)
+        assert run.probe(pki.client(ca1, WEB)) == Handshake(serial(servers[0]), 200)
         load = BackgroundLoad(
             stack.port, {}, threads=4, tls=client_context(client_dir, pki.bundle), per_connection=2
         )
         try:
             load.wait_for_more(50, "the load before any rotation")
-
-            figures["server cert s"] = rotate(
-                servers[1],
-                pki.ca1.pem,
-                lambda: probe(None).serial == serial(servers[1]),
-                "the new server cert",
+            run.rotate(
+                "server cert s", servers[1], ca1.pem, lambda: run.probe(None).serial == serial(servers[1])
             )
             load.wait_for_more(50, "the load after the server certificate's rotation")
-
-            new_ca_client = pki.client(pki.ca2, WEB)
-            assert probe(new_ca_client).status == 0  # the new CA is not trusted yet
-            both = pki.ca1.pem + pki.ca2.pem
-            figures["ca overlap s"] = rotate(
-                servers[1], both, lambda: probe(new_ca_client).status == 200, "the overlap bundle"
-            )
-            assert probe(pki.client(pki.ca1, WEB)).status == 200  # the old CA still is
-            figures["server cert (new CA) s"] = rotate(
-                servers[2], both, lambda: probe(None).serial == serial(servers[2]), "server 3"
+            new_ca_client = pki.client(ca2, WEB)
+            assert run.probe(new_ca_client).status == 0  # the new CA is not trusted yet
+            run.rotate("ca overlap s", servers[1], both, lambda: run.probe(new_ca_client).status == 200)
+            assert run.probe(pki.client(ca1, WEB)).status == 200  # the old CA still is
+            run.rotate(
+                "server cert (new CA) s",
+                servers[2],
+                both,
+                lambda: run.probe(None).serial == serial(servers[2]),
             )
             load.wait_for_more(50, "the load during the overlap")
-
-            rotated = time.monotonic()
-            swap_directory(client_dir, dict(zip((KEY_FILE, CERT_FILE), pki.client(pki.ca2, QA), strict=True)))
-            wait_for(
-                lambda: any(s.at > rotated and QA in s.peer and s.backend == "canary" for s in load.samples),
-                IDENTITY_PICKUP_SECONDS,
-                "the rotated client identity routed to canary",
-            )
-            figures["client identity routed s"] = round(
-                min(s.at for s in load.samples if s.at > rotated and QA in s.peer) - rotated, 3
-            )
+            run.rotate_client(client_dir, pki.client(ca2, QA), QA, load)
             load.wait_for_more(50, "the load with the new identity")
-
-            old_ca_client = pki.client(pki.ca1, WEB)
-            figures["old CA retired s"] = rotate(
-                servers[2], pki.ca2.pem, lambda: probe(old_ca_client).status == 0, "CA 1 refused"
-            )
+            old_ca_client = pki.client(ca1, WEB)
+            run.rotate("old CA retired s", servers[2], ca2.pem, lambda: run.probe(old_ca_client).status == 0)
             load.wait_for_more(50, "the load after the old CA's retirement")
-
             refused = refused_handshakes(stack.envoy)
-            expired = probe(pki.client(pki.ca2, QA, expired=True))
+            expired = run.probe(pki.client(ca2, QA, expired=True))
             assert (expired.status, expired.serial) == (0, serial(servers[2])), expired
             wait_for(
                 lambda: refused_handshakes(stack.envoy) > refused, 5, "Envoy to count the refused handshake"
             )
             # the SAN matcher still holds beside the CA that comes by SDS
-            assert probe(pki.client(pki.ca2, "spiffe://other.org/ns/prod/sa/web")).status == 0
+            assert run.probe(pki.client(ca2, "spiffe://other.org/ns/prod/sa/web")).status == 0
             assert form.refused() == []  # Envoy loaded every rotation it was given
         finally:
             load.stop()
-        samples = load.samples
-        failed = [s for s in samples if s.status != 200 or not s.decided]
-        misrouted = [s for s in samples if s.backend != ("canary" if QA in s.peer else "stable")]
-        figures |= {"requests": len(samples), "failed": len(failed), "misrouted": len(misrouted)}
-        FAULT_FIGURES[f"certificate rotation, {type(form).__name__}"] = figures
-        assert failed == [], failed[:5]
-        assert misrouted == [], misrouted[:5]
-        assert any(WEB in s.peer for s in samples) and any(QA in s.peer for s in samples)
+    failed = [s for s in load.samples if s.status != 200 or not s.decided]
+    misrouted = [s for s in load.samples if s.backend != ("canary" if QA in s.peer else "stable")]
+    run.figures |= {"requests": len(load.samples), "failed": len(failed), "misrouted": len(misrouted)}
+    FAULT_FIGURES[f"certificate rotation, {type(form).__name__}"] = run.figures
+    assert failed == [], failed[:5]
+    assert misrouted == [], misrouted[:5]
+    assert any(WEB in s.peer for s in load.samples) and any(QA in s.peer for s in load.samples)
