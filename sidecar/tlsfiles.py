@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter
 
@@ -74,7 +75,7 @@ def read_pem(ca: Path, cert: Path | None, key: Path | None) -> TlsPem:
     leaf = certificates(chain, cert)[0]
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:  # TypeError: it is encrypted
         raise ValueError(f"{key}: no unencrypted PEM private key ({error})") from None
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
 from sidecar.tlsfiles import TlsFiles, TlsPem, TlsReloads
@@ -14,6 +15,11 @@ from tests.tls import make_ca, make_leaf, swap_directory
 CA = make_ca()
 FIRST = make_leaf(CA, "first", dns=["localhost"])
 SECOND = make_leaf(CA, "second", dns=["localhost"])
+ENCRYPTED = serialization.load_pem_private_key(FIRST[0], None).private_bytes(
+    serialization.Encoding.PEM,
+    serialization.PrivateFormat.PKCS8,
+    serialization.BestAvailableEncryption(b"pass"),
+)
 
 
 def mount(directory: Path, pair: tuple[bytes, bytes], ca: bytes = CA.pem) -> None:
@@ -62,6 +68,7 @@ def test_a_file_rewritten_in_place_is_seen_too(files: tuple[TlsFiles, Path, Coll
     [
         ({"tls.key": SECOND[0], "tls.crt": FIRST[1]}, "is not the private key of the certificate"),
         ({"tls.key": b"not a key", "tls.crt": FIRST[1]}, "no unencrypted PEM private key"),
+        ({"tls.key": ENCRYPTED, "tls.crt": FIRST[1]}, "no unencrypted PEM private key"),
         ({"tls.key": FIRST[0], "tls.crt": b""}, "no PEM certificate"),
         (
             {"tls.key": FIRST[0], "tls.crt": FIRST[1], "ca.crt": b"-----BEGIN CERTIFICATE-----\n"},
