@@ -8,7 +8,8 @@ from `ca` is required and its SANs must match one `allow` entry (a SPIFFE ID, a 
 `spiffe://td/path/*`, or a DNS name, `*.` for one label), matched as the rules file matches
 identities. The token file must not be readable by other users nor writable by group or
 others (checked at start-up and on every read: a file that becomes readable stops being
-accepted); a group-readable one (a Kubernetes Secret volume with fsGroup) is logged.
+accepted); a group-readable one (a Kubernetes Secret volume with fsGroup) is logged. The TLS
+certificate, key and CA are read again when they change too (`server_credentials`).
 
 Every kind of call is checked by the same function, before the method runs: a streaming
 call that is refused sends no message.
@@ -28,6 +29,7 @@ import grpc
 from cryptography import x509
 
 from sidecar.core.identity import Identity, IdentityMatcher, identity_form_problem, identity_matcher
+from sidecar.tlsfiles import TlsFiles, TlsPem, TlsReloads
 
 log = logging.getLogger("graysteer.admin")
 
@@ -254,12 +256,32 @@ async def _refuse_unknown_kind(requests: Any, context: grpc.aio.ServicerContext)
     )
 
 
-def server_credentials(auth: AdminAuth) -> grpc.ServerCredentials:
+def server_credentials(auth: AdminAuth, reloads: TlsReloads | None = None) -> grpc.ServerCredentials:
+    """TLS requiring client certificates, with the certificate, key and CA files read again
+    when they change: gRPC asks before every handshake (sidecar.tlsfiles keeps that to a stat
+    of each file), so new connections use rotated files and open ones go on. OSError or
+    ValueError naming the file when they cannot be used at start-up."""
     assert auth.tls_cert and auth.tls_key and auth.tls_ca
-    return grpc.ssl_server_credentials(
-        [(Path(auth.tls_key).read_bytes(), Path(auth.tls_cert).read_bytes())],
-        root_certificates=Path(auth.tls_ca).read_bytes(),
-        require_client_auth=True,
+    files = TlsFiles("admin", Path(auth.tls_ca), Path(auth.tls_cert), Path(auth.tls_key), reloads)
+    served = [files.current()]
+
+    def configuration(pem: TlsPem) -> grpc.ServerCertificateConfiguration:
+        assert pem.key is not None and pem.chain is not None
+        return grpc.ssl_server_certificate_configuration([(pem.key, pem.chain)], root_certificates=pem.ca)
+
+    def changed() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            pem = files.current()
+        except Exception:  # never fail a handshake for want of new files: the last ones stay
+            log.exception("admin TLS files: cannot check for changes")
+            return None
+        if pem is served[0]:
+            return None  # gRPC keeps the configuration it has
+        served[0] = pem
+        return configuration(pem)
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(served[0]), changed, require_client_authentication=True
     )
 
 

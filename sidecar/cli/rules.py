@@ -8,7 +8,10 @@ from typing import Any
 from sidecar import values
 from sidecar.cli.common import add_admin_client_flags, client_auth, warn_size
 from sidecar.core import Table
+from sidecar.envoyconf.sds import parse_sds
 from sidecar.serving.options import argparse_type
+
+DEFAULT_TLS_DIR = "/etc/graysteer/tls"
 
 
 def add_commands(commands: Any) -> None:
@@ -42,12 +45,19 @@ def add_envoy_config(commands: Any) -> None:
     p.add_argument(
         "--mtls",
         action="store_true",
-        help="require client certificates on the listener (see --tls-dir, --trust-domain)",
+        help="require client certificates on the listener (see --tls-dir or --sds, --trust-domain)",
     )
     p.add_argument(
         "--tls-dir",
-        default="/etc/graysteer/tls",
-        help="with --mtls: ca.pem, server.pem and server.key (default %(default)s)",
+        help=f"with --mtls: ca.pem, server.pem and server.key, read once (default {DEFAULT_TLS_DIR})",
+    )
+    p.add_argument(
+        "--sds",
+        type=argparse_type(parse_sds),
+        metavar="file:DIR|spire:unix:///PATH",
+        help="with --mtls, certificates that rotate without a restart: file:DIR (a watched directory "
+        "holding cert.yaml, ca.yaml, tls.crt, tls.key, ca.crt: see docs/envoy.md) or "
+        "spire:unix:///PATH (the SPIRE agent's SDS API: SVID `default`, bundle `ROOTCA`)",
     )
     p.add_argument(
         "--trust-domain",
@@ -187,14 +197,19 @@ def envoy_config(args: argparse.Namespace) -> int:
     unknown = sorted({c for c, _ in args.upstreams} - set(table.clusters))
     if unknown:
         raise ValueError(f"--upstream names cluster(s) the rules do not have: {', '.join(unknown)}")
+    if (args.tls_dir or args.sds) and not args.mtls:
+        raise ValueError("--tls-dir and --sds configure the listener's TLS: add --mtls")
+    if args.tls_dir and args.sds:
+        raise ValueError("--tls-dir (files read once) and --sds (certificates by SDS) exclude each other")
     tls = None
     if args.mtls:
-        directory = args.tls_dir
+        directory = args.tls_dir or DEFAULT_TLS_DIR
         tls = TlsOptions(
             f"{directory}/ca.pem",
             f"{directory}/server.pem",
             f"{directory}/server.key",
             f"spiffe://{args.trust_domain}/",
+            args.sds,
         )
     options = EnvoyOptions(
         listen=args.listen,

@@ -7,7 +7,8 @@ import itertools
 import json
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from sidecar.dev.processes import wait_for
@@ -48,18 +49,26 @@ class HttpClient:
 
 
 class Sample(NamedTuple):
-    """One response seen by BackgroundLoad."""
+    """One response seen by BackgroundLoad (status 0: none, `error` says why)."""
 
     status: int
     backend: str  # the backend that answered ("" when none did)
     decided: bool  # the sidecar decided it: the backend received the routing header
     user: str  # the x-user-id sent ("" without one)
+    peer: str = ""  # the x-forwarded-client-cert the backend received (mTLS: Envoy's own)
+    error: str = ""  # why there was no response (a refused handshake, a reset)
+    at: float = 0.0  # time.monotonic() when it was answered
 
 
 class BackgroundLoad:
     """Threads sending requests to an Envoy listener until stopped; `samples` holds one
     Sample per response, in order. With `vary_user` each request carries a new x-user-id,
-    so splits see many users; with `users` the requests cycle through those user ids."""
+    so splits see many users; with `users` the requests cycle through those user ids.
+
+    With `tls` (called for every new connection, so it can read rotated client certificate
+    files) the load speaks HTTPS; `per_connection` requests then go over each connection, so
+    new handshakes keep happening. A request that gets no response (a refused handshake, a
+    reset) is a Sample with status 0 and the error, and the thread goes on."""
 
     def __init__(
         self,
@@ -69,10 +78,14 @@ class BackgroundLoad:
         vary_user: bool = False,
         users: Sequence[str] = (),
         routing_header: str = "x-route-cluster",
+        tls: Callable[[], ssl.SSLContext] | None = None,
+        per_connection: int = 0,
     ) -> None:
         self.vary_user = vary_user
         self.users = list(users)
         self.routing_header = routing_header
+        self.tls = tls
+        self.per_connection = per_connection
         self._count = itertools.count()
         self.samples: list[Sample] = []
         self._stop = threading.Event()
@@ -84,7 +97,8 @@ class BackgroundLoad:
             thread.start()
 
     def _run(self, port: int, headers: dict[str, str]) -> None:
-        client = HttpClient(port)
+        client: HttpClient | None = None
+        sent = 0
         try:
             while not self._stop.is_set():
                 n = next(self._count)
@@ -92,18 +106,35 @@ class BackgroundLoad:
                     headers = {**headers, "x-user-id": self.users[n % len(self.users)]}
                 elif self.vary_user:
                     headers = {**headers, "x-user-id": f"load-{n}"}
-                status, echo = client.get("/", headers)
+                user = headers.get("x-user-id", "")
+                try:
+                    if client is None:
+                        client = HttpClient(port, tls=self.tls() if self.tls else None)
+                    status, echo = client.get("/", headers)
+                except (OSError, http.client.HTTPException) as error:
+                    self.samples.append(Sample(0, "", False, user, error=repr(error), at=time.monotonic()))
+                    if client is not None:
+                        client.close()
+                    client = None
+                    continue
                 received = echo.get("headers") or {}
                 self.samples.append(
                     Sample(
                         status,
                         echo.get("backend", ""),
                         self.routing_header in received,
-                        headers.get("x-user-id", ""),
+                        user,
+                        received.get("x-forwarded-client-cert", ""),
+                        at=time.monotonic(),
                     )
                 )
+                sent += 1
+                if self.per_connection and sent % self.per_connection == 0:
+                    client.close()
+                    client = None
         finally:
-            client.close()
+            if client is not None:
+                client.close()
 
     @property
     def results(self) -> list[tuple[int, str]]:

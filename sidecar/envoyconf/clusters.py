@@ -13,6 +13,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheckHttpHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
+    Pipe,
     SocketAddress,
     TypedExtensionConfig,
 )
@@ -41,6 +42,9 @@ from sidecar.contract import (
 HostPort = tuple[str, int]
 
 SIDECAR_CLUSTER = "graysteer"
+
+
+SPIRE_AGENT_CLUSTER = "spire_agent"  # the SPIRE agent's SDS API (envoyconf.tls.SpireSds)
 
 
 HEALTH_CHECK_INTERVAL = timedelta(milliseconds=500)
@@ -165,3 +169,21 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     ]
     cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
     return cluster
+
+
+def spire_agent_cluster(socket: str) -> Cluster:
+    """The SPIRE agent's SDS API: gRPC (HTTP/2) on a unix socket."""
+    return Cluster(
+        name=SPIRE_AGENT_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=timedelta(seconds=1),
+        typed_extension_protocol_options=protocol_options(HTTP2_ONLY),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=SPIRE_AGENT_CLUSTER,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=Address(pipe=Pipe(path=socket))))]
+                )
+            ],
+        ),
+    )

@@ -17,6 +17,7 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, Bootstr
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
 from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
+    Node,
     SubstitutionFormatString,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -61,9 +62,16 @@ from sidecar.contract import (
 )
 from sidecar.core import Table
 from sidecar.envoyconf.backstop import backstop_filters, decided_route_overrides, protected_headers
-from sidecar.envoyconf.clusters import extension, sidecar_cluster, socket_address, upstream_cluster
+from sidecar.envoyconf.clusters import (
+    extension,
+    sidecar_cluster,
+    socket_address,
+    spire_agent_cluster,
+    upstream_cluster,
+)
 from sidecar.envoyconf.filters import ext_authz_filter, ext_authz_http_filter, ext_proc_filter
 from sidecar.envoyconf.lint import guard_regex
+from sidecar.envoyconf.sds import SpireSds
 from sidecar.envoyconf.tls import TlsOptions, tls_socket
 from sidecar.envoyconf.tracing import DEFAULT_SERVICE_NAME, collector_cluster, tracing
 
@@ -213,6 +221,9 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
     return manager
 
 
+SDS_NODE = Node(id="graysteer-front", cluster="graysteer-front")
+
+
 def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     """A complete front-proxy bootstrap for `table`."""
     upstreams = {c: options.upstreams.get(c, ("127.0.0.1", 8081 + i)) for i, c in enumerate(table.clusters)}
@@ -232,7 +243,12 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     ]
     if options.otlp is not None:
         clusters.append(collector_cluster(options.otlp))
+    sds = options.mtls.sds if options.mtls is not None else None
+    if isinstance(sds, SpireSds):
+        clusters.append(spire_agent_cluster(sds.socket))
     return Bootstrap(
+        # Envoy refuses any SDS without a node; `envoy --service-node/--service-cluster` override it.
+        node=SDS_NODE if sds is not None else None,
         admin=Admin(address=socket_address(options.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
         stats_flush_interval=timedelta(seconds=1),

@@ -35,6 +35,7 @@ from sidecar.stats.bypass import BypassMonitor
 from sidecar.stats.envoy import EnvoyStats
 from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
+from sidecar.tlsfiles import TlsReloads
 from sidecar.transports.authz_http import AuthzHttpServer
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ExtProcServicer
@@ -75,12 +76,14 @@ class Sidecar:
     fleet: Fleet | None  # with etcd
     controller: RolloutController
     admin: grpc.aio.Server
+    tls_reloads: TlsReloads  # the admin API's and etcd's TLS files read again
 
     @classmethod
     async def build(cls, options: ServeOptions, registry: CollectorRegistry = REGISTRY) -> "Sidecar":
         """Every part; ValueError/OSError (naming the source) when there is no first table."""
         metrics = Metrics(registry)
-        source, reloader = await first_table(options, metrics)
+        tls_reloads = TlsReloads(registry)
+        source, reloader = await first_table(options, metrics, tls_reloads)
         decision_log = open_decision_log(options.decision_log, options.decision_log_sample, metrics)
         decider = Decider(reloader.holder, metrics, decision_log)
         readiness = Readiness()
@@ -120,13 +123,16 @@ class Sidecar:
             fleet,
             controller,
             admin_server(options, reloader, controller, bypass),
+            tls_reloads,
         )
 
 
-async def first_table(options: ServeOptions, metrics: Metrics) -> tuple[Source, Reloader]:
+async def first_table(
+    options: ServeOptions, metrics: Metrics, tls_reloads: TlsReloads | None = None
+) -> tuple[Source, Reloader]:
     """The source and a reloader with its first table: the source's, else (etcd) its local
     cache's; ValueError or OSError naming both when neither can be served."""
-    source = open_source(options, metrics)
+    source = open_source(options, metrics, tls_reloads)
     await source.start()
     try:
         return source, Reloader(source.rules, metrics, source.state)
@@ -140,14 +146,14 @@ async def first_table(options: ServeOptions, metrics: Metrics) -> tuple[Source, 
             raise ValueError(f"{error}; and the local cache: {cached}") from None
 
 
-def open_source(options: ServeOptions, metrics: Metrics) -> Source:
+def open_source(options: ServeOptions, metrics: Metrics, tls_reloads: TlsReloads | None = None) -> Source:
     """The source `--config` names (not started)."""
     if options.is_etcd:
         address = EtcdAddress.parse(options.config)
         cache = Path(options.etcd_cache) if options.etcd_cache else default_cache_dir(address)
         if options.worker_index is not None:
             cache = cache / f"worker-{options.worker_index}"
-        return EtcdSource(address, options.etcd_tls, cache, metrics)
+        return EtcdSource(address, options.etcd_tls, cache, metrics, tls_reloads)
     state = Path(options.state_file) if options.state_file else None
     return FileSource(Path(options.config), state, options.watch, options.watch_polling)
 

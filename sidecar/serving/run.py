@@ -62,7 +62,7 @@ class Running:
         if s.grpc_server is not None and options.listen is not None:
             self.grpc_address = bind(s.grpc_server, options.listen, "--listen")
         auth = options.admin_auth
-        credentials = server_credentials(auth) if auth.tls else None
+        credentials = server_credentials(auth, s.tls_reloads) if auth.tls else None
         self.admin_address = bind(s.admin, options.admin_listen, "--admin-listen", credentials)
         if s.authz_http is not None and options.authz_http_listen:
             host, port = values.host_port(options.authz_http_listen, "--authz-http-listen")

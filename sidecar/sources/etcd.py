@@ -12,8 +12,9 @@ last read: two operators racing through two replicas cannot produce a state that
 wrote (the loser gets StateConflict, and the watch brings the winner's state).
 
 etcd unavailable: the served table stays; `connected` is false (metrics, /healthz,
-`status`), state writes are refused, and the source reconnects with backoff, reads both
-keys again and reloads. Every table served is also written to a local cache directory
+`status`), state writes are refused, and the source reconnects with backoff (with the TLS
+files as they are then: rotated client certificates are used), reads both keys again and
+reloads. Every table served is also written to a local cache directory
 (rules and state, atomically), so a replica restarted during an outage starts from it.
 """
 
@@ -36,6 +37,7 @@ from sidecar.sources.state_file import (
 )
 from sidecar.table.load import MAX_FILE_BYTES
 from sidecar.table.reload import Loaded, Outcome, Reloader
+from sidecar.tlsfiles import TlsReloads
 
 log = logging.getLogger("graysteer.etcd")
 
@@ -111,10 +113,17 @@ class EtcdState(_Value):
 
 
 class EtcdSource:
-    def __init__(self, address: EtcdAddress, tls: EtcdTls | None, cache_dir: Path, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        address: EtcdAddress,
+        tls: EtcdTls | None,
+        cache_dir: Path,
+        metrics: Metrics,
+        reloads: TlsReloads | None = None,
+    ) -> None:
         self.address = address
         self.metrics = metrics
-        self.client = EtcdClient(address, tls)
+        self.client = EtcdClient(address, tls, reloads)
         self.rules = EtcdRules(f"{address}/rules", MAX_FILE_BYTES)
         self.state = EtcdState(f"{address}/state", self)
         self.cache_dir = cache_dir
@@ -190,6 +199,8 @@ class EtcdSource:
                             "etcd at %s lost (%s): serving the last table; retrying", self.address, error
                         )
                     self._mark(False)
+                    if await self.client.renew():
+                        log.info("etcd TLS files changed: reconnecting to %s with them", self.address)
                     delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
                     failures += 1
                     with contextlib.suppress(asyncio.TimeoutError):

@@ -12,6 +12,10 @@ The client is PyPI `aetcd`: asyncio on grpc.aio (the gRPC runtime the sidecar al
 serves with, on the same event loop), etcd's v3 gRPC API with watches, leases and
 transactions, maintained (1.0 in 2026, protobuf 5+ stubs). Its connect() offers no TLS, so
 `EtcdClient` opens the channel itself when a CA is given; everything else is aetcd's.
+
+The TLS files are read again when they change (sidecar.tlsfiles): a connection uses the files
+as they were when it was opened (TLS authenticates at the handshake only, so a live one is
+not cut), and after a lost connection `renew()` reopens the channel with the changed files.
 """
 
 import re
@@ -21,6 +25,8 @@ from pathlib import Path
 import aetcd
 import grpc
 from aetcd import rpc, watcher
+
+from sidecar.tlsfiles import TlsFiles, TlsPem, TlsReloads
 
 # What etcd is unreachable looks like through aetcd (and plain grpc.aio errors it lets by);
 # OSError covers ConnectionError, TimeoutError covers asyncio's.
@@ -97,39 +103,53 @@ class EtcdTls:
     cert: Path | None = None
     key: Path | None = None
 
-    def credentials(self) -> grpc.ChannelCredentials:
+    def files(self, reloads: TlsReloads | None = None) -> TlsFiles:
+        """The files, read and checked now (OSError or ValueError naming the file)."""
         try:
-            return grpc.ssl_channel_credentials(
-                self.ca.read_bytes(),
-                self.key.read_bytes() if self.key else None,
-                self.cert.read_bytes() if self.cert else None,
-            )
+            return TlsFiles("etcd", self.ca, self.cert, self.key, reloads)
         except OSError as error:
             raise OSError(f"etcd TLS: cannot read {error.filename}: {error.strerror}") from error
+        except ValueError as error:
+            raise ValueError(f"etcd TLS: {error}") from error
 
 
 class EtcdClient(aetcd.Client):  # type: ignore[misc]
     """aetcd's client, with TLS when `tls` is given."""
 
-    def __init__(self, address: EtcdAddress, tls: EtcdTls | None = None) -> None:
+    def __init__(
+        self, address: EtcdAddress, tls: EtcdTls | None = None, reloads: TlsReloads | None = None
+    ) -> None:
         super().__init__(address.host, address.port, timeout=REQUEST_TIMEOUT_SECONDS, options=CHANNEL_OPTIONS)
         self.address = address
-        self.tls = tls
+        self.tls = tls.files(reloads) if tls is not None else None
+        self._opened_with: TlsPem | None = None  # the files the channel was opened with
 
     async def connect(self) -> None:
         if self.tls is None or self._connected.is_set():
             await super().connect()
             return
         # aetcd's connect() with a secure channel: the same stubs and watcher.
+        pem = self.tls.current()
+        credentials = grpc.ssl_channel_credentials(pem.ca, pem.key, pem.chain)
         self.channel = rpc.secure_channel(
-            f"{self._host}:{self._port}", self.tls.credentials(), options=self._options.items()
+            f"{self._host}:{self._port}", credentials, options=self._options.items()
         )
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=None)
+        self._opened_with = pem
         self._connected.set()
+
+    async def renew(self) -> bool:
+        """Call after a lost connection: when the TLS files changed (and load) since the channel
+        was opened, close it, so that the next call connects with them. True when it did.
+        (The channel's own reconnects would keep presenting the old certificate.)"""
+        if self.tls is None or not self._connected.is_set() or self.tls.current() is self._opened_with:
+            return False
+        await self.close()
+        return True
 
 
 async def push_rules(address: EtcdAddress, tls: EtcdTls | None, content: bytes) -> int:

@@ -277,3 +277,97 @@ def test_a_token_file_that_becomes_readable_by_others_stops_being_accepted(
     token.chmod(0o600)
     assert status(sidecar.admin, "--admin-token-file", str(token)) == 0
     sidecar.wait_for_log(f"admin token file {token}: readable and safe again")
+
+
+def served_serial(address: str, cafile: Path, cert: Path, key: Path) -> int:
+    """The serial of the certificate the admin API presents to a new connection."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def tls_reloads(sidecar: Sidecar, outcome: str) -> float:
+    text = sidecar.http_get("/metrics")[1]
+    line = f'graysteer_tls_reloads_total{{outcome="{outcome}",use="admin"}} '
+    return float(next((row.removeprefix(line) for row in text.splitlines() if row.startswith(line)), 0))
+
+
+def test_tls_files_rotate_under_a_running_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Certificate, key and CA swapped as a Kubernetes Secret volume is: new handshakes use
+    them (the new CA's clients get in, the retired CA's do not), an open connection goes on,
+    and a swap that cannot be used keeps the last good files, logged once and counted."""
+    from cryptography import x509
+
+    from tests.tls import swap_directory
+
+    ca1, ca2 = make_ca("admin CA 1"), make_ca("admin CA 2")
+    servers = [
+        make_leaf(ca, f"sidecar-{n}", dns=["localhost"], ips=["127.0.0.1"]) for n, ca in ((1, ca1), (2, ca2))
+    ]
+    serials = [x509.load_pem_x509_certificate(cert).serial_number for _, cert in servers]
+    mounted, clients = tmp_path / "admin-tls", tmp_path / "clients"
+
+    def mount(pair: tuple[bytes, bytes], trusted: bytes) -> None:
+        swap_directory(mounted, {"tls.key": pair[0], "tls.crt": pair[1], "ca.crt": trusted})
+
+    mount(servers[0], ca1.pem)
+    clients.mkdir()
+    old = write_pair(clients, "ops-1", make_leaf(ca1, "ops", uris=[OPS]))
+    new = write_pair(clients, "ops-2", make_leaf(ca2, "ops", uris=[OPS]))
+    bundle = clients / "bundle.pem"
+    bundle.write_bytes(ca1.pem + ca2.pem)
+    flags = ["--admin-tls-cert", str(mounted / "tls.crt"), "--admin-tls-key", str(mounted / "tls.key")]
+    flags += ["--admin-tls-ca", str(mounted / "ca.crt"), "--admin-allow", "spiffe://example.org/ns/ops/*"]
+    sidecar = Sidecar(RULES, tmp_path, flags)
+
+    def calls(pair: tuple[Path, Path]) -> bool:
+        flags = [
+            "--admin-tls-ca",
+            str(bundle),
+            "--admin-tls-key",
+            str(pair[0]),
+            "--admin-tls-cert",
+            str(pair[1]),
+        ]
+        return status(sidecar.admin, *flags) == 0
+
+    def serial(pair: tuple[Path, Path]) -> int:
+        return served_serial(sidecar.admin, bundle, pair[1], pair[0])
+
+    credentials = grpc.ssl_channel_credentials(bundle.read_bytes(), old[0].read_bytes(), old[1].read_bytes())
+    get_table = ADMIN.methods_by_name["GetTable"]
+    try:
+        assert calls(old) and not calls(new) and serial(old) == serials[0]  # CA 2 not trusted yet
+        mount(servers[0], ca1.pem + ca2.pem)  # the overlap: both CAs' clients get in
+        wait_for(lambda: calls(new), 5, "CA 2's client to be accepted")
+        assert calls(old)
+        with grpc.secure_channel(sidecar.admin, credentials) as open_channel:
+            assert call(open_channel, get_table) == (1, grpc.StatusCode.OK)
+            mount(servers[1], ca2.pem)  # the new CA's certificate, and CA 1 retired
+            wait_for(lambda: serial(new) == serials[1], 5, "the new server certificate")
+            assert not calls(old) and calls(new)  # a new connection with CA 1's certificate: refused
+            assert call(open_channel, get_table) == (1, grpc.StatusCode.OK)  # the open one goes on
+        assert (tls_reloads(sidecar, "loaded"), tls_reloads(sidecar, "refused")) == (2, 0)
+        mount((servers[0][0], servers[1][1]), ca2.pem)  # a key that is not the certificate's
+        # the files are looked at on the next handshake: it still gets the last good ones
+        assert serial(new) == serials[1] and calls(new)
+        assert tls_reloads(sidecar, "refused") == 1
+        assert sidecar.log_text().count("admin TLS files changed but cannot be used") == 1
+        assert "is not the private key of the certificate" in sidecar.log_text()
+        mount(servers[1], ca1.pem + ca2.pem)  # fixed: taken at the next handshake
+        wait_for(lambda: calls(old), 5, "the fixed files")
+        assert tls_reloads(sidecar, "loaded") == 3
+    finally:
+        sidecar.stop()
+        capsys.readouterr()

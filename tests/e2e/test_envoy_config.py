@@ -129,3 +129,42 @@ def test_workers_become_endpoints_of_the_sidecar_cluster(tmp_path: Path) -> None
     generated = tmp_path / "envoy.yaml"
     generated.write_text(out.stdout)
     assert envoy_validate(generated).returncode == 0
+
+
+@pytest.mark.parametrize("form", ["file", "spire"])
+def test_sds_configs_pass_check_and_envoy_validate(form: str, tmp_path: Path) -> None:
+    """`--mtls --sds`: clean under `check --envoy`, accepted by Envoy (a file SDS directory
+    must exist with its files, as a mounted volume does)."""
+    from sidecar.envoyconf.sds import FileSds
+    from sidecar.envoyconf.tls import sds_files
+    from tests.tls import make_ca, make_leaf
+
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    sds = f"file:{directory}" if form == "file" else f"spire:unix://{tmp_path}/agent.sock"
+    if form == "file":
+        ca = make_ca()
+        key, cert = make_leaf(ca, "envoy", dns=["localhost"])
+        for name, document in sds_files(FileSds(str(directory))).items():
+            (directory / name).write_text(yaml.safe_dump(document))
+        (directory / "tls.crt").write_bytes(cert)
+        (directory / "tls.key").write_bytes(key)
+        (directory / "ca.crt").write_bytes(ca.pem)
+    rules = REPO / "examples" / "rules.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "envoy-config", "--rules", str(rules), "--mtls", "--sds", sds],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    generated = tmp_path / "envoy.yaml"
+    generated.write_text(out.stdout)
+    checked = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check", str(rules), "--envoy", str(generated)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    result = envoy_validate(generated)
+    assert result.returncode == 0, result.stdout + result.stderr

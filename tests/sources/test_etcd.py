@@ -275,3 +275,66 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_rotated_client_certificates_are_used_when_etcd_reconnects(tmp_path: Path) -> None:
+    """The client's certificate and CA files are swapped (as a Kubernetes Secret volume is)
+    while it follows etcd; etcd then restarts with a server certificate from the new CA,
+    trusting only the new CA's clients: the source reconnects with the rotated files and a
+    push reaches it, with no restart."""
+    from sidecar.sources.etcd_client import EtcdTls
+    from sidecar.tlsfiles import TlsReloads
+    from tests.tls import make_ca, make_leaf, swap_directory, write_pair
+
+    ca1, ca2 = make_ca("etcd CA 1"), make_ca("etcd CA 2")
+    served = tmp_path / "etcd-tls"  # etcd's own files: ca.pem is the CA of its clients
+    served.mkdir()
+
+    def serve_etcd(ca: Any) -> None:
+        (served / "ca.pem").write_bytes(ca.pem)
+        write_pair(served, "server", make_leaf(ca, "etcd", dns=["localhost"], ips=["127.0.0.1"]))
+
+    mounted = tmp_path / "client-tls"
+
+    def mount(ca: Any, trusted: bytes) -> None:
+        key, cert = make_leaf(ca, "graysteer")
+        swap_directory(mounted, {"tls.key": key, "tls.crt": cert, "ca.crt": trusted})
+
+    serve_etcd(ca1)
+    mount(ca1, ca1.pem)
+    server = Etcd(tmp_path, tls_dir=served)
+    tls = EtcdTls(mounted / "ca.crt", mounted / "tls.crt", mounted / "tls.key")
+    address = EtcdAddress.parse(f"{server.url}/rotating/checkout")
+
+    async def push(weight: int) -> None:
+        async with EtcdClient(address, tls) as client:
+            await client.put(address.rules_key, RULES.replace(b"weight: 10", b"weight: %d" % weight))
+
+    async def main() -> None:
+        await push(10)
+        registry = CollectorRegistry()
+        source = EtcdSource(address, tls, tmp_path / "cache", Metrics(registry), TlsReloads(registry))
+        await source.start()
+        reloader = Reloader(source.rules, source.metrics, source.state)
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.follow(reloader, stop))
+        try:
+            first = reloader.table.version
+            mount(ca2, ca1.pem + ca2.pem)  # the new client certificate, and trust in the new CA
+            await asyncio.to_thread(server.stop)
+            serve_etcd(ca2)  # etcd moves to the new CA and retires the old one
+            await asyncio.to_thread(server.start)
+            await until(lambda: source.connected, 10, "the source to reconnect with the rotated files")
+            await push(11)
+            await until(lambda: reloader.table.version != first, 5, "the push after the rotation")
+            loaded = {"use": "etcd", "outcome": "loaded"}
+            assert registry.get_sample_value("graysteer_tls_reloads_total", loaded) == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            await source.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

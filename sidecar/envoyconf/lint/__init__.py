@@ -26,6 +26,7 @@ from sidecar.envoyconf.lint.routes import (
     guard_regex,
     mirror_headers,
 )
+from sidecar.envoyconf.lint.tls import check_tls
 
 __all__ = ["Finding", "check", "guard_regex", "snake_keys"]
 
@@ -55,6 +56,7 @@ def findings(table: Table, config: dict[str, Any]) -> Iterator[Finding]:
         yield Finding("no HTTP connection manager found", "check the file is an Envoy bootstrap")
     for hcm in managers:
         yield from check_manager(table, hcm, clusters)
+    yield from check_tls(config, clusters)
     layers = (config.get("layered_runtime") or {}).get("layers") or []
     for layer in layers:
         value = dotted_get(layer.get("static_layer") or {}, RAW_VALUE_FLAG)
