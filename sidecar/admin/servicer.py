@@ -1,6 +1,7 @@
 """The admin API servicer (graysteer.admin.v1.Admin): status, explain, weights, changes."""
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from sidecar.transports.ext_proc import ExtProcServicer
 if TYPE_CHECKING:
     from sidecar.rollouts.controller import RolloutController
     from sidecar.stats.bypass import BypassMonitor
+    from sidecar.stats.clusters import TrafficSource
 
 # WatchTable streams one process serves at once. A watcher is an operator's terminal or a
 # dashboard following one sidecar: 16 leaves room for every person and tool following one
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 # benchmarks/admin_watchers.py): 16 add a millisecond or two to a change, 1,000 would add
 # close to 100 ms, and Envoy gives a check 250 ms.
 MAX_WATCHERS = 16
+# The span of the live traffic rates: long enough to smooth one-second reads, short enough
+# that a step of a rollout shows within seconds.
+TRAFFIC_SECONDS = 5.0
 
 _OUTCOMES = {
     "loaded": pb.ReloadResult.LOADED,
@@ -99,11 +104,31 @@ def envoy_bypass(monitor: "BypassMonitor | None") -> pb.EnvoyBypass:
     return message
 
 
+def traffic_message(source: "TrafficSource | None", now: float | None = None) -> pb.Traffic:
+    """Each upstream cluster's responses per second over the last TRAFFIC_SECONDS."""
+    if source is None:
+        return pb.Traffic(watching=False)
+    rates = source.cluster_rates(TRAFFIC_SECONDS, time.time() if now is None else now)
+    return pb.Traffic(
+        watching=True,
+        source=source.label,
+        problem=source.problem() or "",
+        seconds=TRAFFIC_SECONDS,
+        clusters=[
+            pb.ClusterTraffic(
+                cluster=cluster, requests_per_second=rate.requests_per_second, error_ratio=rate.error_ratio
+            )
+            for cluster, rate in sorted(rates.items())
+        ],
+    )
+
+
 def table_status(
     reloader: Reloader,
     loaded: Loaded | None = None,
     controller: "RolloutController | None" = None,
     bypass: "BypassMonitor | None" = None,
+    traffic: "TrafficSource | None" = None,
 ) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
     table = loaded.table
@@ -140,6 +165,7 @@ def table_status(
         reload_failures=reloader.failures,
         rollouts=rollout_statuses(controller),
         envoy_bypass=envoy_bypass(bypass),
+        traffic=traffic_message(traffic),
     )
 
 
@@ -154,10 +180,12 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         reloader: Reloader,
         controller: "RolloutController | None" = None,
         bypass: "BypassMonitor | None" = None,
+        traffic: "TrafficSource | None" = None,
     ) -> None:
         self.reloader = reloader
         self.controller = controller
         self.bypass = bypass
+        self.traffic = traffic
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
         self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
@@ -165,7 +193,11 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         self._event: tuple[tuple[Loaded, ReloadResult], pb.TableEvent] | None = None  # the last change's
 
     async def GetTable(self, request: pb.GetTableRequest, context: Any) -> pb.TableStatus:
-        return table_status(self.reloader, controller=self.controller, bypass=self.bypass)
+        return self.status()
+
+    def status(self, loaded: Loaded | None = None) -> pb.TableStatus:
+        """The table served (or `loaded`), with everything this process knows around it."""
+        return table_status(self.reloader, loaded, self.controller, self.bypass, self.traffic)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
         peer = Peer(
@@ -209,7 +241,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"weights not changed: cannot write the state to {self.reloader.state.label}: {error}",
             )
-        return table_status(self.reloader, loaded, self.controller, self.bypass)
+        return self.status(loaded)
 
     def _rollout_now(self, rule: str) -> str:
         """Where the rule's rollout is, for a refusal message."""
@@ -254,7 +286,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         queue = self.reloader.subscribe()
         try:
             yield pb.TableEvent(
-                table=table_status(self.reloader, controller=self.controller, bypass=self.bypass),
+                table=self.status(),
                 result=reload_result(self.reloader.last_result),
             )
             while True:
@@ -271,7 +303,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         if self._event is None or self._event[0] is not change:
             loaded, result = change
             event = pb.TableEvent(
-                table=table_status(self.reloader, loaded, self.controller, self.bypass),
+                table=self.status(loaded),
                 result=reload_result(result),
             )
             self._event = (change, event)

@@ -33,7 +33,7 @@ from sidecar.core.rollout import ClusterWindow
 from sidecar.fleet.replicas import RecordError, ReplicaRecord
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.etcd_client import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
-from sidecar.stats.clusters import ClusterCounts, ClusterHistory, as_window
+from sidecar.stats.clusters import ClusterCounts, ClusterHistory, ClusterRate, add_rates, as_window
 from sidecar.table.load import config_version
 
 log = logging.getLogger("graysteer.fleet")
@@ -45,6 +45,8 @@ MAX_REPLICAS = 1000  # records read per beat; more under the prefix are refused
 
 class FleetClusters:
     """Every replica's snapshots; a cluster's window is the sum of each replica's own."""
+
+    label = "every replica's Envoy"
 
     def __init__(self, keep_seconds: float = 600.0, stale_after: float = 3 * PUBLISH_SECONDS) -> None:
         self.keep_seconds = keep_seconds
@@ -98,6 +100,13 @@ class FleetClusters:
                     total.requests + part.requests, total.errors + part.errors, total.bounds, total.buckets
                 )
         return as_window(total)
+
+    def cluster_rates(self, seconds: float, now: float) -> dict[str, ClusterRate]:
+        """The fleet's responses per second: the sum of each replica's own rates."""
+        total: dict[str, ClusterRate] = {}
+        for history in self.replicas.values():
+            add_rates(total, history.cluster_rates(seconds, now))
+        return total
 
 
 class Fleet:

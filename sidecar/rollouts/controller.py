@@ -333,7 +333,11 @@ class RolloutController:
                         **verdict.numbers(),
                         "window_seconds": spec.analysis.window,
                         "min_requests": spec.analysis.min_requests,
+                        "max_error_rate": spec.analysis.max_error_rate,
+                        "max_error_rate_vs_stable": spec.analysis.max_error_rate_vs_stable,
+                        "max_p99_ms": spec.analysis.max_p99_ms,
                     },
+                    "step_plan": [{"weight": s.weight, "hold_seconds": s.hold} for s in spec.steps],
                 }
             )
         return out

@@ -31,6 +31,7 @@ from sidecar.sources.etcd import EtcdSource, default_cache_dir
 from sidecar.sources.etcd_client import EtcdAddress
 from sidecar.sources.file import FileSource
 from sidecar.stats.bypass import BypassMonitor
+from sidecar.stats.clusters import TrafficSource
 from sidecar.stats.envoy import EnvoyStats
 from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
@@ -97,6 +98,7 @@ class Sidecar:
                 admin_address, STATS_KEEP_SECONDS, options.rollout_poll_seconds, [bypass.observe]
             )
         analysis: ClusterSource | None = fleet.clusters if fleet is not None else stats
+        traffic: TrafficSource | None = fleet.clusters if fleet is not None else stats
         controller = RolloutController(
             reloader,
             metrics,
@@ -117,7 +119,7 @@ class Sidecar:
             bypass,
             fleet,
             controller,
-            admin_server(options, reloader, controller, bypass),
+            admin_server(options, reloader, controller, bypass, traffic),
         )
 
 
@@ -160,7 +162,11 @@ def grpc_server(decider: Decider, readiness: Readiness) -> grpc.aio.Server:
 
 
 def admin_server(
-    options: ServeOptions, reloader: Reloader, controller: RolloutController, bypass: BypassMonitor | None
+    options: ServeOptions,
+    reloader: Reloader,
+    controller: RolloutController,
+    bypass: BypassMonitor | None,
+    traffic: TrafficSource | None,
 ) -> grpc.aio.Server:
     """The admin API, authenticated as the options say (not bound yet)."""
     auth = options.admin_auth
@@ -168,7 +174,7 @@ def admin_server(
         options=GRPC_OPTIONS + ADMIN_KEEPALIVE,
         interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass, traffic), server)
     return server
 
 

@@ -196,6 +196,25 @@ def test_an_aborted_rollout_stays_aborted_while_its_state_cannot_be_read(
             controller(rules, state)
 
 
+def test_the_report_carries_the_step_plan_and_the_thresholds_a_view_draws(tmp_path: Path) -> None:
+    rules, state = files(tmp_path)
+    c = controller(rules, state)
+    asyncio.run(c.tick())
+    report = c.report()[0]
+    assert report["step_plan"] == [
+        {"weight": 5, "hold_seconds": 2.0},
+        {"weight": 25, "hold_seconds": 2.0},
+        {"weight": 100, "hold_seconds": 0.0},
+    ]
+    analysis = report["analysis"]
+    assert (analysis["max_error_rate"], analysis["max_error_rate_vs_stable"], analysis["max_p99_ms"]) == (
+        0.1,
+        None,
+        None,
+    )
+    json.dumps(report)  # it travels as JSON (the admin API's report_json, /rollouts)
+
+
 # ---- an analysis that cannot run -----------------------------------------------------------------
 
 
