@@ -88,10 +88,18 @@ def table_view(status: Mapping[str, Any]) -> dict[str, Any]:
         "source": status.get("source", ""),
         "default_cluster": status.get("default_cluster", ""),
         "clusters": list(status.get("clusters") or []),
-        "last_reload": f"{outcome} ({last.get('trigger', '?')}) at {last.get('at', '?')}",
+        "last_reload": f"{outcome} ({last.get('trigger', '?')}) at {_time(last.get('at'))}",
         "reload_error": last.get("error") or "",
         "reload_failures": int(status.get("reload_failures") or 0),
     }
+
+
+def _time(stamp: object) -> str:
+    """An RFC 3339 time from proto3 JSON, to the second ("2026-01-02T03:04:05.678Z" ->
+    "2026-01-02 03:04:05Z")."""
+    if not isinstance(stamp, str) or "T" not in stamp:
+        return "?"
+    return stamp.replace("T", " ").partition(".")[0].removesuffix("Z") + "Z"
 
 
 def bar(share: float, width: int = BAR_WIDTH) -> str:
@@ -264,19 +272,18 @@ def rollout_view(report: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def traffic_view(traffic: Mapping[str, Any], clusters: Sequence[str]) -> dict[str, Any]:
-    """Responses per second per upstream cluster (every cluster of the table, then any
-    other Envoy counts); not watched: said, never shown as 0."""
+    """Responses per second of each cluster of the table (Envoy's other clusters, such as
+    the sidecar's own, are not steered traffic); not watched: said, never shown as 0."""
     if not traffic.get("watching"):
         return {
             "watching": False,
             "note": "not read by this process (serve --envoy-admin HOST:PORT)",
             "clusters": [],
         }
-    rates = {c["cluster"]: c for c in traffic.get("clusters") or []}
-    names = list(clusters) + sorted(set(rates) - set(clusters))
+    rates = {c["cluster"]: c for c in traffic.get("clusters") or [] if c["cluster"] in clusters}
     top = max([float(c.get("requests_per_second") or 0) for c in rates.values()] + [0.0])
     rows = []
-    for name in names:
+    for name in clusters:
         rate = rates.get(name) or {}
         rps = float(rate.get("requests_per_second") or 0)
         errors = float(rate.get("error_ratio") or 0)

@@ -170,7 +170,10 @@ def test_traffic_not_read_is_said_never_shown_as_zero(tmp_path: Path) -> None:
             "watching": True,
             "source": "Envoy at 127.0.0.1:9901",
             "seconds": 5,
-            "clusters": [{"cluster": "canary", "requests_per_second": 20, "error_ratio": 0.5}],
+            "clusters": [
+                {"cluster": "canary", "requests_per_second": 20, "error_ratio": 0.5},
+                {"cluster": "graysteer", "requests_per_second": 25, "error_ratio": 0},  # not steered
+            ],
         },
         ["stable", "canary"],
     )
