@@ -107,7 +107,11 @@ def explain(
     )
     if peer.listener_port is not None:
         request.listener_port = peer.listener_port
-    response = _call(address, "Explain", request, auth)
+    return explain_result(_call(address, "Explain", request, auth), f"admin {address}")
+
+
+def explain_result(response: pb.ExplainResponse, source: str) -> dict[str, Any]:
+    """What `graysteer explain` prints for an Explain answer (the live page shows the same)."""
     decided = json_format.MessageToDict(response.decision, preserving_proto_field_name=True)
     if "bucket" in decided:  # proto3 JSON writes 64-bit integers as strings
         decided["bucket"] = int(decided["bucket"])
@@ -115,7 +119,7 @@ def explain(
         **{name: decided.get(name) for name in DECISION_FIELDS},  # the fields decision_fields() sent
         "set_headers": {p.name: p.value for p in response.set_headers},
         "remove_headers": list(response.remove_headers),
-        "source": f"admin {address}",
+        "source": source,
     }
 
 

@@ -169,6 +169,14 @@ def table_status(
     )
 
 
+class ActionRefused(Exception):
+    """A rollout action refused: the gRPC status code and the message that say why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 def decision_message(decision: Decision) -> pb.Decision:
     fields = pb.Decision.DESCRIPTOR.fields_by_name
     return pb.Decision(**{k: v for k, v in decision_fields(decision).items() if k in fields})
@@ -200,6 +208,11 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return table_status(self.reloader, loaded, self.controller, self.bypass, self.traffic)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
+        return self.explain(request)
+
+    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        """The decision for a described request, through the serving code path (the admin
+        API's Explain and the live page's explain form)."""
         peer = Peer(
             request.uri_san,
             request.dns_san,
@@ -252,22 +265,33 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return f" (now {r['phase']}, step {r['step']}, canary weight {r['canary_weight']})"
 
     async def Rollout(self, request: pb.RolloutRequest, context: Any) -> pb.RolloutStatus:
-        if self.controller is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no rollout controller here")
         try:
-            await self.controller.action(request.rule, request.action)  # type: ignore[union-attr]
+            return await self.act(request.rule, request.action)
+        except ActionRefused as refused:
+            await context.abort(refused.code, refused.message)
+            raise  # abort raises; never reached
+
+    async def act(self, rule: str, action: str) -> pb.RolloutStatus:
+        """promote / pause / resume / abort a rule's rollout through the controller (the admin
+        API's Rollout and the live page's buttons); ActionRefused says why not."""
+        if self.controller is None:
+            raise ActionRefused(grpc.StatusCode.FAILED_PRECONDITION, "no rollout controller here")
+        try:
+            await self.controller.action(rule, action)
         except StateError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}")
+            raise ActionRefused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}"
+            ) from None
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise ActionRefused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         except StateConflict as error:
-            await context.abort(grpc.StatusCode.ABORTED, f"rollout not changed: {error}")
+            raise ActionRefused(grpc.StatusCode.ABORTED, f"rollout not changed: {error}") from None
         except OSError as error:
-            await context.abort(
+            raise ActionRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"rollout not changed: cannot write the state to {self.reloader.state.label}: {error}",
-            )
-        (status,) = [s for s in rollout_statuses(self.controller) if s.rule == request.rule]
+            ) from None
+        (status,) = [s for s in rollout_statuses(self.controller) if s.rule == rule]
         return status
 
     async def WatchTable(self, request: pb.WatchTableRequest, context: Any) -> AsyncIterator[pb.TableEvent]:

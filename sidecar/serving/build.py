@@ -31,7 +31,6 @@ from sidecar.sources.etcd import EtcdSource, default_cache_dir
 from sidecar.sources.etcd_client import EtcdAddress
 from sidecar.sources.file import FileSource
 from sidecar.stats.bypass import BypassMonitor
-from sidecar.stats.clusters import TrafficSource
 from sidecar.stats.envoy import EnvoyStats
 from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
@@ -74,6 +73,7 @@ class Sidecar:
     bypass: BypassMonitor | None
     fleet: Fleet | None  # with etcd
     controller: RolloutController
+    admin_servicer: AdminServicer
     admin: grpc.aio.Server
 
     @classmethod
@@ -98,7 +98,6 @@ class Sidecar:
                 admin_address, STATS_KEEP_SECONDS, options.rollout_poll_seconds, [bypass.observe]
             )
         analysis: ClusterSource | None = fleet.clusters if fleet is not None else stats
-        traffic: TrafficSource | None = fleet.clusters if fleet is not None else stats
         controller = RolloutController(
             reloader,
             metrics,
@@ -106,6 +105,7 @@ class Sidecar:
             options.rollout_poll_seconds,
             leads=fleet.leads if fleet is not None else lambda: options.primary,
         )
+        servicer = AdminServicer(reloader, controller, bypass, fleet.clusters if fleet is not None else stats)
         return cls(
             options,
             metrics,
@@ -119,7 +119,8 @@ class Sidecar:
             bypass,
             fleet,
             controller,
-            admin_server(options, reloader, controller, bypass, traffic),
+            servicer,
+            admin_server(options, servicer),
         )
 
 
@@ -161,20 +162,14 @@ def grpc_server(decider: Decider, readiness: Readiness) -> grpc.aio.Server:
     return server
 
 
-def admin_server(
-    options: ServeOptions,
-    reloader: Reloader,
-    controller: RolloutController,
-    bypass: BypassMonitor | None,
-    traffic: TrafficSource | None,
-) -> grpc.aio.Server:
+def admin_server(options: ServeOptions, servicer: AdminServicer) -> grpc.aio.Server:
     """The admin API, authenticated as the options say (not bound yet)."""
     auth = options.admin_auth
     server = grpc.aio.server(
         options=GRPC_OPTIONS + ADMIN_KEEPALIVE,
         interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass, traffic), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
     return server
 
 

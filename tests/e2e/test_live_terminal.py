@@ -73,7 +73,7 @@ class Tmux:
         subprocess.run([self.binary, "-S", str(self.socket), "kill-server"], capture_output=True, timeout=10)
 
 
-def rollout_stack(tmp_path: Path) -> Stack:
+def rollout_stack(tmp_path: Path, *sidecar_args: str) -> Stack:
     """A rollout whose first step holds 2 s and the second a minute (the rollback happens
     there), judged on a 3 s window."""
     rules = tmp_path / "rules.yaml"
@@ -86,7 +86,7 @@ def rollout_stack(tmp_path: Path) -> Stack:
         ENVOY_CONFIG,
         tmp_path,
         envoy_admin_port=admin,
-        sidecar_args=["--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25"],
+        sidecar_args=["--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25", *sidecar_args],
     )
 
 
