@@ -278,6 +278,7 @@ class RolloutController:
 
     def _show(self, rule: str, spec: RolloutSpec, state: RolloutState, verdict: Verdict | None) -> None:
         self.metrics.show_rollout(rule, state.phase, state.step, canary_weight(spec, state))
+        self.metrics.show_limits(rule, spec.canary, spec.analysis.max_error_rate, spec.analysis.max_p99_ms)
         if verdict is not None:
             self.metrics.show_verdict(rule, verdict)
 

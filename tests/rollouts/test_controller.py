@@ -213,6 +213,10 @@ def test_the_report_carries_the_step_plan_and_the_thresholds_a_view_draws(tmp_pa
         None,
     )
     json.dumps(report)  # it travels as JSON (the admin API's report_json, /rollouts)
+    registry = c.metrics.registry  # the limits, for a dashboard to draw against each cluster's values
+    labels = {"rule": "ramp", "cluster": "canary"}
+    assert registry.get_sample_value("graysteer_rollout_max_error_ratio", labels) == 0.1
+    assert registry.get_sample_value("graysteer_rollout_max_p99_seconds", labels) is None  # not set
 
 
 # ---- an analysis that cannot run -----------------------------------------------------------------
