@@ -96,11 +96,13 @@ def test_the_terminal_view_shows_a_step_advance_then_a_rollback_and_quits_on_ctr
         view = [sys.executable, "-m", "sidecar", "status", "--watch", "--admin", stack.sidecar.admin]
         exit_file = tmp_path / "exit-status"
         tmux = Tmux(tmp_path / "tmux.sock", [sys.executable, "-c", RECORD_EXIT, str(exit_file), *view])
-        load = BackgroundLoad(stack.port, {}, threads=2, vary_user=True)
+        load = None
         try:
+            # no traffic yet: no verdict, so the rollout holds its first step
             first = tmux.wait_for_screen("rollout ramp", "[>]  step 1  weight 20", timeout=20)
             assert "80 (80%)" in first and "20 (20%)" in first  # the split's bars, at the first step
             assert "requests per cluster" in first and "from Envoy at" in first
+            load = BackgroundLoad(stack.port, {}, threads=2, vary_user=True)
             advanced = tmux.wait_for_screen("[x]  step 1", "[>]  step 2  weight 50", "50 (50%)", timeout=20)
             assert "step 2 of 3, canary weight 50 of 100" in advanced
             assert "left of 60s" in advanced  # the time left in the current hold
@@ -115,7 +117,8 @@ def test_the_terminal_view_shows_a_step_advance_then_a_rollback_and_quits_on_ctr
             wait_for(lambda: exit_file.exists() and exit_file.read_text(), 10, "the view to end on Ctrl-C")
             assert exit_file.read_text() == "0", tmux.screen()  # not killed by the signal: it quit
         finally:
-            load.stop()
+            if load is not None:
+                load.stop()
             tmux.kill()
 
 
