@@ -53,12 +53,15 @@ def test_the_wheel_from_the_dockerfiles_files_runs(tmp_path: Path) -> None:
         archive.extractall(installed)
         names = archive.namelist()
     assert any(name.endswith("admin_pb2.py") for name in names)  # generated from protos/
+    # the live page's files, served from the installed package (/ui/)
+    assert {"sidecar/ops/ui/index.html", "sidecar/ops/ui/app.js", "sidecar/ops/ui/style.css"} <= set(names)
     result = subprocess.run(
         [
             sys.executable,
             "-c",
             "import sys; sys.path.insert(0, sys.argv[1]); import sidecar; "
             "assert sidecar.__file__.startswith(sys.argv[1]), sidecar.__file__; "
+            "from sidecar.ops.operator_http import _ui_files; assert b'app.js' in _ui_files()['index.html']; "
             "from sidecar.cli import main; sys.argv = ['graysteer', '--help']; main()",
             str(installed),
         ],

@@ -30,12 +30,36 @@ def _call(address: str, method: str, request: Any, auth: ClientAuth) -> Any:
         try:
             return getattr(stub, method)(request, timeout=TIMEOUT_SECONDS, metadata=auth.metadata())
         except grpc.RpcError as error:
-            code = error.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise AdminError(
-                    f"admin API at {address} is not reachable ({code.name}: {error.details()})"
-                ) from None
-            raise AdminError(f"{error.details()} ({code.name})") from None
+            raise admin_error(address, error) from None
+
+
+def admin_error(address: str, error: grpc.RpcError) -> AdminError:
+    """What a failed call says, as one line."""
+    code = error.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return AdminError(f"admin API at {address} is not reachable ({code.name}: {error.details()})")
+    return AdminError(f"{error.details()} ({code.name})")
+
+
+class StatusReader:
+    """Reads a sidecar's status again and again over one channel (`status --watch`), each
+    read bounded by `timeout` so that a screen never waits long on a sidecar that hangs."""
+
+    def __init__(self, address: str, auth: ClientAuth = NO_AUTH, timeout: float = 3.0) -> None:
+        self.address, self.auth, self.timeout = address, auth, timeout
+        self.channel = auth.channel(address)
+        self.stub = pb_grpc.AdminStub(self.channel)
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return as_dict(
+                self.stub.GetTable(pb.GetTableRequest(), timeout=self.timeout, metadata=self.auth.metadata())
+            )
+        except grpc.RpcError as error:
+            raise admin_error(self.address, error) from None
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 def as_dict(message: Any) -> dict[str, Any]:
@@ -83,7 +107,11 @@ def explain(
     )
     if peer.listener_port is not None:
         request.listener_port = peer.listener_port
-    response = _call(address, "Explain", request, auth)
+    return explain_result(_call(address, "Explain", request, auth), f"admin {address}")
+
+
+def explain_result(response: pb.ExplainResponse, source: str) -> dict[str, Any]:
+    """What `graysteer explain` prints for an Explain answer (the live page shows the same)."""
     decided = json_format.MessageToDict(response.decision, preserving_proto_field_name=True)
     if "bucket" in decided:  # proto3 JSON writes 64-bit integers as strings
         decided["bucket"] = int(decided["bucket"])
@@ -91,7 +119,7 @@ def explain(
         **{name: decided.get(name) for name in DECISION_FIELDS},  # the fields decision_fields() sent
         "set_headers": {p.name: p.value for p in response.set_headers},
         "remove_headers": list(response.remove_headers),
-        "source": f"admin {address}",
+        "source": source,
     }
 
 

@@ -19,6 +19,7 @@ import hmac
 import inspect
 import logging
 import os
+import ssl
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -157,7 +158,11 @@ def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
     pems = auth_context.get("x509_pem_cert") or []
     if not pems:
         return Identity()
-    certificate = x509.load_pem_x509_certificate(pems[0])
+    return certificate_identity(x509.load_pem_x509_certificate(pems[0]))
+
+
+def certificate_identity(certificate: x509.Certificate) -> Identity:
+    """A verified client certificate's identity: its URI and DNS SANs."""
     try:
         sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -180,11 +185,13 @@ _KINDS: dict[tuple[object, object], tuple[str, Callable[..., grpc.RpcMethodHandl
 }
 
 
-class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses a call (UNAUTHENTICATED / PERMISSION_DENIED) unless it passes every configured
-    check: the bearer token, and with TLS an allowed client identity. Every kind of call
-    (unary or streaming, either way) goes through `refusal` before its method runs; a handler
-    of a kind this does not know is refused, never passed through unchecked."""
+UNAUTHENTICATED, NOT_ALLOWED = "unauthenticated", "not allowed"  # why a caller is refused
+
+
+class AdminGate:
+    """Who may act as an operator: every configured check must pass (the bearer token, and
+    with TLS an allowed client identity). The admin API's interceptor and the operator
+    endpoint's page actions both ask it, so both are authenticated the same way."""
 
     def __init__(self, auth: AdminAuth) -> None:
         self.tokens = TokenFile(auth.token_file) if auth.token_file else None
@@ -193,18 +200,42 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if self.tokens is not None:
             self.tokens.current()  # log a group-readable or unusable token file at start-up
 
+    def refusal(
+        self, authorization: str | bytes | None, identity: Callable[[], Identity]
+    ) -> tuple[str, str] | None:
+        """Why a caller who sent this authorization value, with this verified client
+        identity (asked only when needed), may not proceed (UNAUTHENTICATED or NOT_ALLOWED,
+        and a message), or None."""
+        if self.tokens is not None and not self.tokens.accepts(
+            [(TOKEN_METADATA, authorization)] if authorization is not None else []
+        ):
+            return UNAUTHENTICATED, "a valid admin bearer token is required"
+        if self.tls and not any(matches(identity()) for matches in self.allowed):
+            return NOT_ALLOWED, "this client certificate is not on the admin allow-list"
+        return None
+
+
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call (UNAUTHENTICATED / PERMISSION_DENIED) unless it passes the AdminGate.
+    Every kind of call (unary or streaming, either way) goes through `refusal` before its
+    method runs; a handler of a kind this does not know is refused, never passed through
+    unchecked."""
+
+    def __init__(self, auth: AdminAuth) -> None:
+        self.gate = AdminGate(auth)
+
     def refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
         """Why this call may not proceed (a status code and its message), or None."""
-        if self.tokens is not None and not self.tokens.accepts(context.invocation_metadata() or ()):
-            return grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required"
-        if self.tls:
-            identity = peer_identity(context.auth_context())
-            if not any(matches(identity) for matches in self.allowed):
-                return (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "this client certificate is not on the admin allow-list",
-                )
-        return None
+        sent = next((v for k, v in context.invocation_metadata() or () if k == TOKEN_METADATA), None)
+        refused = self.gate.refusal(sent, lambda: peer_identity(context.auth_context()))
+        if refused is None:
+            return None
+        code = (
+            grpc.StatusCode.UNAUTHENTICATED
+            if refused[0] == UNAUTHENTICATED
+            else grpc.StatusCode.PERMISSION_DENIED
+        )
+        return code, refused[1]
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         refused = self.refusal(context)
@@ -283,6 +314,17 @@ def server_credentials(auth: AdminAuth, reloads: TlsReloads | None = None) -> gr
     return grpc.dynamic_ssl_server_credentials(
         configuration(served[0]), changed, require_client_authentication=True
     )
+
+
+def http_tls_context(auth: AdminAuth) -> ssl.SSLContext:
+    """HTTPS for the operator endpoint with the admin API's certificate: a client certificate
+    from the admin CA is asked for and verified when sent, not required (Prometheus and the
+    probes connect without one; only the live page's actions need an allowed one)."""
+    assert auth.tls_cert and auth.tls_key and auth.tls_ca
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=auth.tls_ca)
+    context.load_cert_chain(auth.tls_cert, auth.tls_key)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 def restrict_socket(address: str) -> None:

@@ -1,6 +1,7 @@
 """The admin API servicer (graysteer.admin.v1.Admin): status, explain, weights, changes."""
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from sidecar.transports.ext_proc import ExtProcServicer
 if TYPE_CHECKING:
     from sidecar.rollouts.controller import RolloutController
     from sidecar.stats.bypass import BypassMonitor
+    from sidecar.stats.clusters import TrafficSource
 
 # WatchTable streams one process serves at once. A watcher is an operator's terminal or a
 # dashboard following one sidecar: 16 leaves room for every person and tool following one
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 # benchmarks/admin_watchers.py): 16 add a millisecond or two to a change, 1,000 would add
 # close to 100 ms, and Envoy gives a check 250 ms.
 MAX_WATCHERS = 16
+# The span of the live traffic rates: long enough to smooth one-second reads, short enough
+# that a step of a rollout shows within seconds.
+TRAFFIC_SECONDS = 5.0
 
 _OUTCOMES = {
     "loaded": pb.ReloadResult.LOADED,
@@ -99,11 +104,31 @@ def envoy_bypass(monitor: "BypassMonitor | None") -> pb.EnvoyBypass:
     return message
 
 
+def traffic_message(source: "TrafficSource | None", now: float | None = None) -> pb.Traffic:
+    """Each upstream cluster's responses per second over the last TRAFFIC_SECONDS."""
+    if source is None:
+        return pb.Traffic(watching=False)
+    rates = source.cluster_rates(TRAFFIC_SECONDS, time.time() if now is None else now)
+    return pb.Traffic(
+        watching=True,
+        source=source.label,
+        problem=source.problem() or "",
+        seconds=TRAFFIC_SECONDS,
+        clusters=[
+            pb.ClusterTraffic(
+                cluster=cluster, requests_per_second=rate.requests_per_second, error_ratio=rate.error_ratio
+            )
+            for cluster, rate in sorted(rates.items())
+        ],
+    )
+
+
 def table_status(
     reloader: Reloader,
     loaded: Loaded | None = None,
     controller: "RolloutController | None" = None,
     bypass: "BypassMonitor | None" = None,
+    traffic: "TrafficSource | None" = None,
 ) -> pb.TableStatus:
     loaded = loaded or reloader.loaded
     table = loaded.table
@@ -140,7 +165,16 @@ def table_status(
         reload_failures=reloader.failures,
         rollouts=rollout_statuses(controller),
         envoy_bypass=envoy_bypass(bypass),
+        traffic=traffic_message(traffic),
     )
+
+
+class ActionRefused(Exception):
+    """A rollout action refused: the gRPC status code and the message that say why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def decision_message(decision: Decision) -> pb.Decision:
@@ -154,10 +188,12 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         reloader: Reloader,
         controller: "RolloutController | None" = None,
         bypass: "BypassMonitor | None" = None,
+        traffic: "TrafficSource | None" = None,
     ) -> None:
         self.reloader = reloader
         self.controller = controller
         self.bypass = bypass
+        self.traffic = traffic
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
         self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
@@ -165,9 +201,18 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         self._event: tuple[tuple[Loaded, ReloadResult], pb.TableEvent] | None = None  # the last change's
 
     async def GetTable(self, request: pb.GetTableRequest, context: Any) -> pb.TableStatus:
-        return table_status(self.reloader, controller=self.controller, bypass=self.bypass)
+        return self.status()
+
+    def status(self, loaded: Loaded | None = None) -> pb.TableStatus:
+        """The table served (or `loaded`), with everything this process knows around it."""
+        return table_status(self.reloader, loaded, self.controller, self.bypass, self.traffic)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
+        return self.explain(request)
+
+    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        """The decision for a described request, through the serving code path (the admin
+        API's Explain and the live page's explain form)."""
         peer = Peer(
             request.uri_san,
             request.dns_san,
@@ -209,7 +254,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"weights not changed: cannot write the state to {self.reloader.state.label}: {error}",
             )
-        return table_status(self.reloader, loaded, self.controller, self.bypass)
+        return self.status(loaded)
 
     def _rollout_now(self, rule: str) -> str:
         """Where the rule's rollout is, for a refusal message."""
@@ -220,22 +265,33 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return f" (now {r['phase']}, step {r['step']}, canary weight {r['canary_weight']})"
 
     async def Rollout(self, request: pb.RolloutRequest, context: Any) -> pb.RolloutStatus:
-        if self.controller is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no rollout controller here")
         try:
-            await self.controller.action(request.rule, request.action)  # type: ignore[union-attr]
+            return await self.act(request.rule, request.action)
+        except ActionRefused as refused:
+            await context.abort(refused.code, refused.message)
+            raise  # abort raises; never reached
+
+    async def act(self, rule: str, action: str) -> pb.RolloutStatus:
+        """promote / pause / resume / abort a rule's rollout through the controller (the admin
+        API's Rollout and the live page's buttons); ActionRefused says why not."""
+        if self.controller is None:
+            raise ActionRefused(grpc.StatusCode.FAILED_PRECONDITION, "no rollout controller here")
+        try:
+            await self.controller.action(rule, action)
         except StateError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}")
+            raise ActionRefused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}"
+            ) from None
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise ActionRefused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         except StateConflict as error:
-            await context.abort(grpc.StatusCode.ABORTED, f"rollout not changed: {error}")
+            raise ActionRefused(grpc.StatusCode.ABORTED, f"rollout not changed: {error}") from None
         except OSError as error:
-            await context.abort(
+            raise ActionRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"rollout not changed: cannot write the state to {self.reloader.state.label}: {error}",
-            )
-        (status,) = [s for s in rollout_statuses(self.controller) if s.rule == request.rule]
+            ) from None
+        (status,) = [s for s in rollout_statuses(self.controller) if s.rule == rule]
         return status
 
     async def WatchTable(self, request: pb.WatchTableRequest, context: Any) -> AsyncIterator[pb.TableEvent]:
@@ -254,7 +310,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         queue = self.reloader.subscribe()
         try:
             yield pb.TableEvent(
-                table=table_status(self.reloader, controller=self.controller, bypass=self.bypass),
+                table=self.status(),
                 result=reload_result(self.reloader.last_result),
             )
             while True:
@@ -271,7 +327,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         if self._event is None or self._event[0] is not change:
             loaded, result = change
             event = pb.TableEvent(
-                table=table_status(self.reloader, loaded, self.controller, self.bypass),
+                table=self.status(loaded),
                 result=reload_result(result),
             )
             self._event = (change, event)

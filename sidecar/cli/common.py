@@ -57,12 +57,12 @@ def etcd_tls(args: argparse.Namespace) -> "EtcdTls | None":
     )
 
 
-async def with_etcd_errors(work: Coroutine[Any, Any, Any], address: object) -> Any:
+async def with_etcd_errors(work: Coroutine[Any, Any, Any], address: object, timeout: float = 15) -> Any:
     """An etcd call from the CLI, with unreachable etcd as a one-line error."""
     from sidecar.sources.etcd_client import ETCD_ERRORS
 
     try:
-        return await asyncio.wait_for(work, 15)
+        return await asyncio.wait_for(work, timeout)
     except ETCD_ERRORS as error:
         raise OSError(f"{address}: etcd unreachable or refused: {error or type(error).__name__}") from error
 

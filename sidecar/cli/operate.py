@@ -17,6 +17,13 @@ def add_commands(commands: Any) -> None:
         metavar="etcd://HOST:PORT/PREFIX",
         help="list every replica of a fleet (from etcd) with the version it serves, instead",
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view, read again every second until Ctrl-C: splits, rollouts (steps, analysis "
+        "against thresholds), requests per cluster, bypass; with --fleet also the replicas and the leader "
+        "(plain lines when stdout is no terminal)",
+    )
     add_admin_client_flags(p, address=True)
     add_etcd_flags(p)
     p.set_defaults(run=status)
@@ -43,6 +50,12 @@ def add_commands(commands: Any) -> None:
 def status(args: argparse.Namespace) -> int:
     from sidecar.admin import client as admin_client
 
+    if args.watch:
+        if args.json:
+            raise ValueError("--watch draws a live view; --json prints the status once: choose one")
+        from sidecar.cli.watch import watch
+
+        return watch(args)
     if args.fleet:
         from sidecar.cli.fleet import fleet_status
 

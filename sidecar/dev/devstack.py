@@ -122,7 +122,7 @@ class Sidecar(Process):
             raise
 
     def _wait_until_serving(self, argv: Sequence[str], transport: str) -> None:
-        self.http = int(self.wait_for_log(r"/readyz on http://127\.0\.0\.1:(\d+)").group(1))
+        self.http = int(self.wait_for_log(r"/readyz on https?://127\.0\.0\.1:(\d+)").group(1))
         workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
         key = "ext_proc" if transport == "grpc" else "authz_http"
         if workers == 1:

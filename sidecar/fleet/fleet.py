@@ -33,7 +33,7 @@ from sidecar.core.rollout import ClusterWindow
 from sidecar.fleet.replicas import RecordError, ReplicaRecord
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.etcd_client import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
-from sidecar.stats.clusters import ClusterCounts, ClusterHistory, as_window
+from sidecar.stats.clusters import ClusterCounts, ClusterHistory, ClusterRate, add_rates, as_window
 from sidecar.table.load import config_version
 
 log = logging.getLogger("graysteer.fleet")
@@ -45,6 +45,8 @@ MAX_REPLICAS = 1000  # records read per beat; more under the prefix are refused
 
 class FleetClusters:
     """Every replica's snapshots; a cluster's window is the sum of each replica's own."""
+
+    label = "every replica's Envoy"
 
     def __init__(self, keep_seconds: float = 600.0, stale_after: float = 3 * PUBLISH_SECONDS) -> None:
         self.keep_seconds = keep_seconds
@@ -99,6 +101,13 @@ class FleetClusters:
                 )
         return as_window(total)
 
+    def cluster_rates(self, seconds: float, now: float) -> dict[str, ClusterRate]:
+        """The fleet's responses per second: the sum of each replica's own rates."""
+        total: dict[str, ClusterRate] = {}
+        for history in self.replicas.values():
+            add_rates(total, history.cluster_rates(seconds, now))
+        return total
+
 
 class Fleet:
     def __init__(
@@ -121,6 +130,16 @@ class Fleet:
         self._lease_deadline = 0.0  # monotonic: our lease may have expired after this
         self._poked = asyncio.Event()
         self._refused_logged: set[str] = set()
+        # as of the last beat, for the live page: every record, those refused, who leads
+        self.records: list[ReplicaRecord] = []
+        self.refused: list[tuple[str, str]] = []
+        self.leader_id: str | None = None
+
+    def report(self, rules_version: str) -> dict[str, Any]:
+        """The fleet as of this replica's last beat (`status --fleet`'s report)."""
+        return fleet_report(
+            self.address, rules_version, self.leader_id, self.records, self.refused, time.time()
+        )
 
     def poke(self) -> None:
         """Publish the record now (the served table changed), not at the next beat."""
@@ -184,6 +203,12 @@ class Fleet:
         if held is not None and not held.lease:
             await self._remove_unleased(held)
         self._set_leading(won or (held is not None and bytes(held.value) == me and held.lease == lease.id))
+        if won:
+            self.leader_id = self.replica_id
+        elif held is not None and held.lease:
+            self.leader_id = bytes(held.value).decode(errors="replace")
+        else:
+            self.leader_id = None
 
     async def _remove_unleased(self, held: Any) -> None:
         """A leader key without a lease never expires and would block every election: delete
@@ -217,6 +242,7 @@ class Fleet:
                 log.error(
                     "ignoring the replica record %s: %s (later refusals of it are counted only)", key, why
                 )
+        self.records, self.refused = records, refused
         for record in records:
             self.clusters.record(record.id, record.at, record.clusters)
         self.clusters.forget_except({r.id for r in records}, now)
@@ -255,10 +281,22 @@ async def fleet_status(address: EtcdAddress, tls: "EtcdTls | None") -> dict[str,
         replicas, refused = await members(client, address)
         lead = await leader(client, address)
         rules = await client.get(address.rules_key)
-    now = time.time()
+    rules_version = config_version(bytes(rules.value)) if rules is not None else None
+    return fleet_report(address, rules_version, lead, replicas, refused, time.time())
+
+
+def fleet_report(
+    address: EtcdAddress,
+    rules_version: str | None,
+    lead: str | None,
+    replicas: list[ReplicaRecord],
+    refused: list[tuple[str, str]],
+    now: float,
+) -> dict[str, Any]:
+    """What `status --fleet` shows, from etcd (the CLI) or a replica's last beat (the live page)."""
     return {
         "fleet": str(address),
-        "rules_version": config_version(bytes(rules.value)) if rules is not None else None,
+        "rules_version": rules_version,
         "leader": lead,
         "replicas": [
             {

@@ -174,6 +174,23 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        # A rollout's limits, labelled with its canary cluster: drawn against
+        # graysteer_cluster_error_ratio / _p99_seconds{cluster} (a limit not set: no series).
+        self.rollout_max_error_ratio = Gauge(
+            "graysteer_rollout_max_error_ratio",
+            "The rollout's max_error_rate: the 5xx share of its canary cluster's responses above which "
+            "it fails.",
+            ["rule", "cluster"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_max_p99_seconds = Gauge(
+            "graysteer_rollout_max_p99_seconds",
+            "The rollout's max_p99_ms, in seconds: the canary cluster's p99 above which it fails.",
+            ["rule", "cluster"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         # graysteer_cluster_* were graysteer_lane_*{lane} before 0.2 (docs/operations.md)
         self.cluster_error_ratio = Gauge(
             "graysteer_cluster_error_ratio",
@@ -299,6 +316,12 @@ class Metrics:
         self.rollout_canary_weight.labels(rule).set(weight)
         for name in PHASES:
             self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+
+    def show_limits(self, rule: str, cluster: str, max_error_ratio: float, max_p99_ms: float | None) -> None:
+        """A rollout's limits (a limit it does not set has no series)."""
+        self.rollout_max_error_ratio.labels(rule, cluster).set(max_error_ratio)
+        if max_p99_ms is not None:
+            self.rollout_max_p99_seconds.labels(rule, cluster).set(max_p99_ms / 1000)
 
     def show_verdict(self, rule: str, verdict: "Verdict") -> None:
         from sidecar.core.rollout import BREACH, HEALTHY, INCONCLUSIVE, UNAVAILABLE

@@ -1,5 +1,6 @@
 """The operator HTTP endpoint (`serve --http-listen`, and the `--workers` supervisor's):
-/metrics, /healthz, /readyz and the JSON views of `extra` (/rollouts).
+/metrics, /healthz, /readyz, the JSON views of `extra` (/rollouts, the live page's /ui/...)
+and, with `ui`, the live page's static files (/ui/: package data, no build step, no CDN).
 
 It runs on a thread of its own with its own asyncio loop, apart from the sidecar's, so that a
 connection costs a descriptor, not a thread, while its request arrives. Slow clients cannot
@@ -15,17 +16,27 @@ hold the probes (Kubernetes restarts a pod whose /healthz does not answer):
 - /metrics and the views, which take CPU, run in a small thread pool, `busy_slots` at once:
   beyond that they are answered 503 at once.
 
+POST is read only for `extra`'s answers (the page's explain form and rollout actions): a
+body of at most `max_body_bytes`, with a Content-Length, within the same request deadline.
+Every answer carries headers that keep the page to itself: a Content-Security-Policy with
+no source but this endpoint, no framing, no MIME sniffing, no caching.
+
+With `tls` (an ssl.SSLContext) it serves HTTPS; a client certificate the context verified
+reaches `extra` as `Request.peer_certificate` (the page's actions are authenticated so).
+
 One request per connection: answered, then closed.
 """
 
 import asyncio
 import concurrent.futures
 import http
+import importlib.resources
 import json
 import logging
+import ssl
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -34,9 +45,41 @@ from sidecar.ops.health import ReadinessView
 
 log = logging.getLogger("graysteer.http")
 
-Extra = Callable[[str], "tuple[int, object] | None"]
 Answer = tuple[int, bytes, str]  # status, body, content type
 PROBES = ("/healthz", "/readyz")
+UI_PREFIX = "/ui/"
+UI_FILES = {  # the live page's files (sidecar/ops/ui/), by name, with their content types
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+# On every answer: the page may load only from here, be framed nowhere, and nothing is cached.
+SAFETY_HEADERS = (
+    (
+        "content-security-policy",
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as `extra` sees it."""
+
+    method: str  # GET or POST
+    path: str  # without the query
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+    peer_certificate: bytes | None = None  # DER of a client certificate the TLS context verified
+    secure: bool = False  # arrived over TLS
+
+
+Extra = Callable[[Request], "tuple[int, object] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,25 +89,37 @@ class Limits:
     max_connections: int = 64  # open at once; within the descriptors the fast path leaves
     busy_slots: int = 4  # /metrics and views being built at once
     max_head_bytes: int = 16 * 1024
+    max_body_bytes: int = 16 * 1024  # a POST's body (the explain form: headers and a path)
 
 
 class _Head:
-    """httptools callbacks: the request target."""
+    """httptools callbacks: the request target and headers."""
 
     def __init__(self) -> None:
         self.target = b""
+        self.headers: dict[str, str] = {}
 
     def on_url(self, url: bytes) -> None:
         self.target += url
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
 
 def _encode(answer: Answer) -> bytes:
     status, body, content_type = answer
+    safety = "".join(f"{name}: {value}\r\n" for name, value in SAFETY_HEADERS)
     head = (
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: {content_type}\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\n{safety}connection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _ui_files() -> dict[str, bytes]:
+    """The live page's files, read once from the package."""
+    folder = importlib.resources.files("sidecar.ops") / "ui"
+    return {name: (folder / name).read_bytes() for name in UI_FILES}
 
 
 def _text(status: int, text: str) -> Answer:
@@ -87,9 +142,13 @@ class OperatorHttpServer:
         details: Callable[[], dict[str, object]],
         extra: Extra | None = None,
         limits: Limits = Limits(),
+        ui: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.registry, self.readiness, self.details, self.extra = registry, readiness, details, extra
         self.limits = limits
+        self.ui_files = _ui_files() if ui else {}
+        self.tls = tls
         self.server_address: tuple[str, int] = address
         self.waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first, while a request arrives
         self.connections = 0
@@ -110,7 +169,12 @@ class OperatorHttpServer:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         try:
             server = await asyncio.start_server(
-                self._serve, *self.server_address, limit=self.limits.max_head_bytes, backlog=128
+                self._serve,
+                *self.server_address,
+                limit=self.limits.max_head_bytes,
+                backlog=128,
+                ssl=self.tls,
+                ssl_handshake_timeout=self.limits.request_deadline if self.tls is not None else None,
             )
         except OSError as error:
             self._error = error
@@ -140,9 +204,12 @@ class OperatorHttpServer:
         try:
             async with asyncio.timeout(self.limits.request_deadline):
                 head = await reader.readuntil(b"\r\n\r\n")
+                request = self._parse(head, writer)
+                if isinstance(request, Request) and request.method == "POST":
+                    request = await self._read_body(request, reader)
             del self.waiting[writer]
             try:
-                answer = await self._answer(head)
+                answer = request if isinstance(request, tuple) else await self._answer(request)
             except Exception:  # a bug in a view: answered, and logged
                 log.exception("operator HTTP: failed on a request")
                 answer = _text(500, "internal error\n")
@@ -167,24 +234,51 @@ class OperatorHttpServer:
         oldest.transport.abort()
         return True
 
-    async def _answer(self, head: bytes) -> Answer:
-        request = _Head()
-        parser = httptools.HttpRequestParser(request)
+    def _parse(self, head: bytes, writer: asyncio.StreamWriter) -> "Request | Answer":
+        """The request of a head, or the answer that refuses it."""
+        parsed = _Head()
+        parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
         except httptools.HttpParserError:
             return _text(400, "malformed request\n")
-        if parser.get_method() != b"GET":
-            return _text(405, "only GET\n")
-        path = request.target.decode("latin-1").partition("?")[0]
+        method = parser.get_method().decode("latin-1")
+        if method not in ("GET", "POST"):
+            return _text(405, "only GET, and POST from the live page\n")
+        tls = writer.get_extra_info("ssl_object")
+        return Request(
+            method,
+            parsed.target.decode("latin-1").partition("?")[0],
+            parsed.headers,
+            peer_certificate=tls.getpeercert(binary_form=True) if tls is not None else None,
+            secure=tls is not None,
+        )
+
+    async def _read_body(self, request: Request, reader: asyncio.StreamReader) -> "Request | Answer":
+        length = request.headers.get("content-length", "")
+        if "transfer-encoding" in request.headers or not length.isdigit():
+            return _text(411, "a POST needs a Content-Length\n")
+        if int(length) > self.limits.max_body_bytes:
+            return _text(413, f"a body of at most {self.limits.max_body_bytes} bytes\n")
+        body = await reader.readexactly(int(length))
+        return Request(
+            request.method, request.path, request.headers, body, request.peer_certificate, request.secure
+        )
+
+    async def _answer(self, request: Request) -> Answer:
+        path = request.path
         if path in PROBES:
-            return self._probe(path)
+            return self._probe(path) if request.method == "GET" else _text(405, "only GET\n")
+        if self.ui_files and request.method == "GET" and path.startswith(UI_PREFIX):
+            name = path[len(UI_PREFIX) :] or "index.html"
+            if name in self.ui_files:
+                return 200, self.ui_files[name], UI_FILES[name]
         if self.busy >= self.limits.busy_slots:
             return _text(503, "busy: try again\n")
         self.busy += 1
         try:
             assert self._loop is not None
-            return await self._loop.run_in_executor(self._pool, self._view, path)
+            return await self._loop.run_in_executor(self._pool, self._view, request)
         finally:
             self.busy -= 1
 
@@ -196,12 +290,19 @@ class OperatorHttpServer:
             200 if ready else 503, {"ready": ready, "reason": self.readiness.reason, **self.details()}
         )
 
-    def _view(self, path: str) -> Answer:
-        if path == "/metrics":
+    def _view(self, request: Request) -> Answer:
+        if request.path == "/metrics" and request.method == "GET":
             return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
-        if self.extra is not None and (answer := self.extra(path)) is not None:
+        if self.extra is not None and (answer := self.extra(request)) is not None:
             return _json(answer[0], answer[1], indent=1)
-        return _text(404, "not found: try /metrics, /healthz, /readyz, /rollouts\n")
+        if request.method != "GET":
+            return _text(405, "only GET here\n")
+        return _text(
+            404,
+            "not found: try /metrics, /healthz, /readyz, /rollouts"
+            + (", /ui/" if self.ui_files else "")
+            + "\n",
+        )
 
 
 def start_http(
@@ -212,7 +313,10 @@ def start_http(
     details: Callable[[], dict[str, object]],
     extra: Extra | None = None,
     limits: Limits = Limits(),
+    ui: bool = False,
+    tls: ssl.SSLContext | None = None,
 ) -> OperatorHttpServer:
-    """Serve /metrics, /healthz and /readyz (and whatever `extra` answers, as JSON) from a
-    daemon thread; returns the server. OSError when the address cannot be bound."""
-    return OperatorHttpServer((host, port), registry, readiness, details, extra, limits)
+    """Serve /metrics, /healthz and /readyz (whatever `extra` answers, as JSON, and with
+    `ui` the live page's files) from a daemon thread; returns the server. OSError when the
+    address cannot be bound."""
+    return OperatorHttpServer((host, port), registry, readiness, details, extra, limits, ui, tls)

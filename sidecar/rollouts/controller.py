@@ -278,6 +278,7 @@ class RolloutController:
 
     def _show(self, rule: str, spec: RolloutSpec, state: RolloutState, verdict: Verdict | None) -> None:
         self.metrics.show_rollout(rule, state.phase, state.step, canary_weight(spec, state))
+        self.metrics.show_limits(rule, spec.canary, spec.analysis.max_error_rate, spec.analysis.max_p99_ms)
         if verdict is not None:
             self.metrics.show_verdict(rule, verdict)
 
@@ -333,7 +334,11 @@ class RolloutController:
                         **verdict.numbers(),
                         "window_seconds": spec.analysis.window,
                         "min_requests": spec.analysis.min_requests,
+                        "max_error_rate": spec.analysis.max_error_rate,
+                        "max_error_rate_vs_stable": spec.analysis.max_error_rate_vs_stable,
+                        "max_p99_ms": spec.analysis.max_p99_ms,
                     },
+                    "step_plan": [{"weight": s.weight, "hold_seconds": s.hold} for s in spec.steps],
                 }
             )
         return out

@@ -75,6 +75,7 @@ class Sidecar:
     bypass: BypassMonitor | None
     fleet: Fleet | None  # with etcd
     controller: RolloutController
+    admin_servicer: AdminServicer
     admin: grpc.aio.Server
     tls_reloads: TlsReloads  # the admin API's and etcd's TLS files read again
 
@@ -109,6 +110,7 @@ class Sidecar:
             options.rollout_poll_seconds,
             leads=fleet.leads if fleet is not None else lambda: options.primary,
         )
+        servicer = AdminServicer(reloader, controller, bypass, fleet.clusters if fleet is not None else stats)
         return cls(
             options,
             metrics,
@@ -122,7 +124,8 @@ class Sidecar:
             bypass,
             fleet,
             controller,
-            admin_server(options, reloader, controller, bypass),
+            servicer,
+            admin_server(options, servicer),
             tls_reloads,
         )
 
@@ -167,16 +170,14 @@ def grpc_server(decider: Decider, readiness: Readiness) -> grpc.aio.Server:
     return server
 
 
-def admin_server(
-    options: ServeOptions, reloader: Reloader, controller: RolloutController, bypass: BypassMonitor | None
-) -> grpc.aio.Server:
+def admin_server(options: ServeOptions, servicer: AdminServicer) -> grpc.aio.Server:
     """The admin API, authenticated as the options say (not bound yet)."""
     auth = options.admin_auth
     server = grpc.aio.server(
         options=GRPC_OPTIONS + ADMIN_KEEPALIVE,
         interceptors=[AdminAuthInterceptor(auth)] if auth.authenticates else None,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(reloader, controller, bypass), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
     return server
 
 

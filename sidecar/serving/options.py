@@ -90,8 +90,14 @@ class ServeOptions:
         "--admin-allow", "with --admin-tls-*: a client identity allowed to call (a SPIFFE ID, a glob "
         "spiffe://td/ns/ops/*, or a DNS name; repeatable)", metavar="IDENTITY", action="append"))
     http_listen: str | None = option(None, Flag(
-        "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz and /rollouts (default: off)",
+        "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz, /rollouts and the live page /ui/ "
+        "(default: off)",
         _address("--http-listen"), "HOST:PORT"))
+    http_actions: bool = option(False, Flag(
+        "--http-actions", "let the live page on --http-listen (/ui/) promote, pause, resume and abort "
+        "rollouts, for callers the admin API's authentication accepts: its bearer token (--admin-token-file) "
+        "and/or a client certificate on --admin-allow (with --admin-tls-*, the endpoint then serves HTTPS); "
+        "default read-only", action="store_true"))
     state_file: str | None = option(None, Flag(
         "--state-file", "where runtime weight changes are persisted (default: .RULES.graysteer-state.json "
         "beside the rules file; in etcd with etcd://)", metavar="PATH"))
@@ -219,6 +225,16 @@ class ServeOptions:
             found.append("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
         if self.decision_log_sample != 1.0 and self.decision_log is None:
             found.append("--decision-log-sample needs --decision-log PATH|-")
+        if self.http_actions and not (self.http_listen and self.admin_auth.authenticates):
+            found.append(
+                "--http-actions needs --http-listen and the admin API's authentication (--admin-token-file, "
+                "or --admin-tls-* with --admin-allow): the live page never acts for an unauthenticated caller"
+            )
+        if self.http_actions and self.workers > 1:
+            found.append(
+                "--http-actions: with --workers the operator endpoint serves the group's metrics, not the "
+                "live page (use `graysteer status --watch` and `graysteer rollout` on a worker's admin API)"
+            )
         if self.ready_max_bypass_ratio is not None and not (self.envoy_admin and self.http_listen):
             found.append(
                 "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "

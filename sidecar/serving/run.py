@@ -18,10 +18,11 @@ from typing import Any
 import grpc
 
 from sidecar import values
-from sidecar.admin.security import restrict_socket, server_credentials
+from sidecar.admin.security import AdminGate, http_tls_context, restrict_socket, server_credentials
+from sidecar.admin.web import Access, LivePage
 from sidecar.fleet.replicas import ReplicaRecord
 from sidecar.ops.health import BypassGate, ReadinessView
-from sidecar.ops.operator_http import OperatorHttpServer, start_http
+from sidecar.ops.operator_http import OperatorHttpServer, Request, start_http
 from sidecar.rollouts.controller import http_view
 from sidecar.serving.build import Sidecar
 from sidecar.serving.options import ServeOptions
@@ -83,22 +84,60 @@ class Running:
         self._log_serving()
 
     def _start_http(self, address: str) -> OperatorHttpServer:
-        s = self.sidecar
+        s, options = self.sidecar, self.sidecar.options
         host, port = values.host_port(address, "--http-listen")
         view: ReadinessView = s.readiness
-        ratio = s.options.ready_max_bypass_ratio
+        ratio = options.ready_max_bypass_ratio
         if s.bypass is not None and ratio is not None:
             view = BypassGate(s.readiness, s.bypass.readiness_ratio, ratio)
+        page = self._live_page(address)
+
+        def extra(request: Request) -> tuple[int, object] | None:
+            if (answer := page(request)) is not None:
+                return answer
+            return http_view(s.controller, request.path) if request.method == "GET" else None
+
+        auth = options.admin_auth
+        tls = http_tls_context(auth) if options.http_actions and auth.tls else None
         http = start_http(
             host,
             port,
             s.metrics.registry,
             view,
             lambda: {"version": s.reloader.table.version, **s.source.health()},
-            lambda path: http_view(s.controller, path),
+            extra,
+            ui=True,
+            tls=tls,
         )
-        log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
+        scheme = "https" if tls is not None else "http"
+        log.info("serving /metrics /healthz /readyz on %s://%s:%d", scheme, host, http.server_address[1])
+        log.info(
+            "the live page: %s://%s:%d/ui/ (%s)",
+            scheme,
+            host,
+            http.server_address[1],
+            "with rollout actions for authenticated callers" if options.http_actions else "read-only",
+        )
         return http
+
+    def _live_page(self, address: str) -> LivePage:
+        s, auth = self.sidecar, self.sidecar.options.admin_auth
+        credentials = " and ".join(
+            name for name, on in (("token", auth.token_file), ("certificate", auth.tls)) if on
+        )
+        access = Access(
+            actions=s.options.http_actions,
+            explain_open=values.is_local_address(address),
+            gate=AdminGate(auth) if auth.authenticates else None,
+            credentials=credentials,
+        )
+        fleet = s.fleet
+        return LivePage(
+            s.admin_servicer,
+            asyncio.get_running_loop(),
+            access,
+            (lambda: fleet.report(s.reloader.loaded.file_version)) if fleet is not None else None,
+        )
 
     def _log_serving(self) -> None:
         s = self.sidecar

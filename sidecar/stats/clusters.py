@@ -7,6 +7,7 @@ snapshots to take windows from. Pure: the reading is sidecar.stats.envoy's.
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,8 +86,40 @@ def window(old: ClusterCounts | None, new: ClusterCounts | None) -> ClusterWindo
     return as_window(delta(old, new))
 
 
+@dataclass(frozen=True)
+class ClusterRate:
+    """One cluster's responses per second over the last seconds, and their 5xx share."""
+
+    requests_per_second: float
+    error_ratio: float
+
+
+class TrafficSource(Protocol):
+    """Where the live traffic per cluster is read: one Envoy (EnvoyStats) or a fleet."""
+
+    label: str  # for people: which Envoy, or the fleet
+
+    def cluster_rates(self, seconds: float, now: float) -> dict[str, ClusterRate]: ...
+
+    def problem(self) -> str | None: ...
+
+
+def add_rates(into: dict[str, ClusterRate], rates: dict[str, ClusterRate]) -> None:
+    """Sum `rates` into `into` (the error ratio weighted by each part's requests)."""
+    for cluster, rate in rates.items():
+        had = into.get(cluster)
+        if had is None:
+            into[cluster] = rate
+            continue
+        total = had.requests_per_second + rate.requests_per_second
+        errors = had.requests_per_second * had.error_ratio + rate.requests_per_second * rate.error_ratio
+        into[cluster] = ClusterRate(total, errors / total if total else 0.0)
+
+
 class ClusterHistory:
     """A bounded ring of snapshots (cumulative counts per cluster) of one Envoy."""
+
+    label = "Envoy's statistics"
 
     def __init__(self, keep_seconds: float) -> None:
         self.keep_seconds = keep_seconds
@@ -112,3 +145,19 @@ class ClusterHistory:
     @property
     def latest(self) -> dict[str, ClusterCounts]:
         return self.snapshots[-1][1] if self.snapshots else {}
+
+    def cluster_rates(self, seconds: float, now: float) -> dict[str, ClusterRate]:
+        """Each cluster's responses per second between the oldest snapshot within the last
+        `seconds` and the newest (their real distance, not `seconds`); empty without two
+        such snapshots, or when the newest is older than `seconds` (reading stopped)."""
+        inside = [(t, counts) for t, counts in self.snapshots if now - t <= seconds]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return {}
+        (began, oldest), (ended, newest) = inside[0], inside[-1]
+        rates = {}
+        for cluster, counts in newest.items():
+            part = delta(oldest.get(cluster), counts)
+            if part is not None:
+                ratio = part.errors / part.requests if part.requests else 0.0
+                rates[cluster] = ClusterRate(part.requests / (ended - began), ratio)
+        return rates

@@ -43,6 +43,7 @@ class EnvoyStats(ClusterHistory):
     ) -> None:
         super().__init__(keep_seconds)
         self.admin = admin
+        self.label = f"Envoy at {admin[0]}:{admin[1]}"
         self.poll_seconds = poll_seconds
         self.observers = tuple(observers)
         self.clock = clock

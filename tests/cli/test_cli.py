@@ -1,6 +1,7 @@
 """The command line: exit codes, JSON output and errors for bad flags."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,23 @@ def test_bad_etcd_addresses_are_one_line_errors(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_status_watch_and_json_do_not_go_together(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--watch", "--json", "--admin", "127.0.0.1:1"]) == 1
+    assert "--watch draws a live view; --json prints the status once" in capsys.readouterr().err
+
+
+def test_status_watch_shows_an_unreachable_sidecar_and_keeps_reading() -> None:
+    """A sidecar away is a line of the view, not its end: it is read again each second."""
+    command = [sys.executable, "-m", "sidecar", "status", "--watch", "--admin", "127.0.0.1:1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as view:
+        assert view.stdout is not None
+        try:
+            first = [view.stdout.readline() for _ in range(2)]
+            assert first[0].startswith("graysteer at ")
+            assert first[1].startswith("! admin API at 127.0.0.1:1 is not reachable (UNAVAILABLE")
+            assert view.poll() is None  # still watching
+        finally:
+            view.send_signal(signal.SIGINT)
+            assert view.wait(10) == 0

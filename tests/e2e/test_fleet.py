@@ -6,6 +6,7 @@ one is killed."""
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -435,3 +436,40 @@ def test_workers_of_one_pod_are_replicas_of_the_fleet(fleet: Fleet) -> None:
         )
     finally:
         sidecar.stop()
+
+
+def test_the_live_views_show_the_replicas_their_versions_and_the_leader(fleet: Fleet) -> None:
+    """`status --fleet URL --watch` (plain lines: stdout is a pipe) and a replica's live page
+    show the fleet as etcd holds it: every replica, the version it serves, the leader."""
+    leader = f"r{fleet.leader()}"
+    sidecar = fleet.stacks[1].sidecar
+    assert sidecar is not None
+    command = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "status",
+        "--fleet",
+        fleet.url,
+        "--watch",
+        "--admin",
+        sidecar.admin,
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as view:
+        assert view.stdout is not None
+        try:
+            block = []
+            while (line := view.stdout.readline()).strip():  # the first view, up to its blank line
+                block.append(line.rstrip("\n"))
+        finally:
+            view.send_signal(signal.SIGINT)
+            assert view.wait(10) == 0
+    text = "\n".join(block)
+    assert f"fleet {fleet.url}: rules version " in text and f", leader {leader}" in text, text
+    for replica in ("r0", "r1", "r2"):
+        assert re.search(rf"^  {replica}: serving \S+, seen [0-9.]+ s ago", text, re.M), text
+    assert re.search(rf"^  {leader}: .*\[leader", text, re.M), text
+    assert "split checkout" in text  # the replica's own view, below the fleet's
+    page = json.loads(sidecar.http_get("/ui/view")[1])
+    assert page["fleet"]["leader"] == leader
+    assert sorted(r["id"] for r in page["fleet"]["replicas"]) == ["r0", "r1", "r2"]

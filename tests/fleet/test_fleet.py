@@ -35,6 +35,17 @@ def test_a_cluster_window_sums_each_replicas_own_window() -> None:
     assert window.p99_ms is not None and window.p99_ms > 10  # b's slow answers are in the fleet's p99
 
 
+def test_the_fleets_rate_per_cluster_is_the_sum_of_each_replicas_own() -> None:
+    clusters = FleetClusters()
+    clusters.record("a", 100.0, {"canary": counts(1000, 0, 1000)})
+    clusters.record("a", 102.0, {"canary": counts(1100, 10, 1100)})  # 50/s, 10% errors
+    clusters.record("b", 101.0, {"canary": counts(50, 0, 50)})
+    clusters.record("b", 102.0, {"canary": counts(80, 0, 80)})  # 30/s
+    rate = clusters.cluster_rates(5, 102.5)["canary"]
+    assert rate.requests_per_second == 80.0
+    assert rate.error_ratio == 5.0 / 80  # 50/s x 10% of 80/s
+
+
 def test_a_restarted_replica_counts_from_zero_and_a_gone_one_is_forgotten() -> None:
     clusters = FleetClusters(keep_seconds=60)
     clusters.record("a", 100.0, {"canary": counts(500, 5, 500)})

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from sidecar.dev.processes import wait_for
 from sidecar.ops.health import Readiness
-from sidecar.ops.operator_http import Extra, Limits, OperatorHttpServer, start_http
+from sidecar.ops.operator_http import Extra, Limits, OperatorHttpServer, Request, start_http
 
 DEADLINE = 3.0
 LIMITS = Limits(request_deadline=DEADLINE)
@@ -117,10 +117,10 @@ def test_work_that_takes_a_thread_is_bounded_and_the_probes_are_not(readiness: R
     entered = threading.Semaphore(0)
     release = threading.Event()
 
-    def slow_view(path: str) -> tuple[int, object] | None:
+    def slow_view(request: Request) -> tuple[int, object] | None:
         entered.release()
         release.wait(10)
-        return 200, {"path": path}
+        return 200, {"path": request.path}
 
     extra: Extra = slow_view
     server = start_http("127.0.0.1", 0, CollectorRegistry(), readiness, dict, extra, limits=LIMITS)
@@ -174,3 +174,46 @@ def test_what_it_answers(readiness: Readiness) -> None:
 def test_an_address_in_use_is_an_error(server: OperatorHttpServer, readiness: Readiness) -> None:
     with pytest.raises(OSError):
         start_http("127.0.0.1", server.server_address[1], CollectorRegistry(), readiness, dict)
+
+
+def test_the_live_page_files_and_posts(readiness: Readiness) -> None:
+    """/ui/ serves the page's own files with headers that keep it to itself; a POST reaches
+    `extra` only whole, with a Content-Length, and small."""
+    seen: list[Request] = []
+
+    def extra(request: Request) -> tuple[int, object] | None:
+        seen.append(request)
+        return (200, {"got": request.body.decode()}) if request.path == "/ui/echo" else None
+
+    limits = Limits(request_deadline=DEADLINE, max_body_bytes=64)
+    server = start_http("127.0.0.1", 0, CollectorRegistry(), readiness, dict, extra, limits=limits, ui=True)
+    port = server.server_address[1]
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/ui/")
+        page = connection.getresponse()
+        body = page.read()
+        connection.close()
+        assert page.status == 200 and page.getheader("content-type") == "text/html; charset=utf-8"
+        assert b'<script src="app.js"' in body
+        assert "default-src 'self'" in (page.getheader("content-security-policy") or "")
+        assert page.getheader("x-frame-options") == "DENY" and page.getheader("cache-control") == "no-store"
+        for name in ("app.js", "style.css", "favicon.svg"):
+            assert get(port, f"/ui/{name}")[0] == 200
+        assert get(port, "/ui/../../etc/passwd")[0] == 404  # only the page's own files
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("POST", "/ui/echo", body=b'{"a": 1}', headers={"content-type": "application/json"})
+        answer = connection.getresponse()
+        assert (answer.status, answer.read()) == (200, b'{\n "got": "{\\"a\\": 1}"\n}\n')
+        connection.close()
+        assert seen[-1].method == "POST" and seen[-1].headers["content-type"] == "application/json"
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /ui/echo HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 411")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /ui/echo HTTP/1.1\r\ncontent-length: 65\r\n\r\n" + b"a" * 65)
+            assert sock.recv(100).startswith(b"HTTP/1.1 413")
+        assert get(port, "/metrics", method="POST")[0] == 405
+        assert get(port, "/ui/nothing", method="POST")[0] == 405
+    finally:
+        server.shutdown()

@@ -196,6 +196,29 @@ def test_an_aborted_rollout_stays_aborted_while_its_state_cannot_be_read(
             controller(rules, state)
 
 
+def test_the_report_carries_the_step_plan_and_the_thresholds_a_view_draws(tmp_path: Path) -> None:
+    rules, state = files(tmp_path)
+    c = controller(rules, state)
+    asyncio.run(c.tick())
+    report = c.report()[0]
+    assert report["step_plan"] == [
+        {"weight": 5, "hold_seconds": 2.0},
+        {"weight": 25, "hold_seconds": 2.0},
+        {"weight": 100, "hold_seconds": 0.0},
+    ]
+    analysis = report["analysis"]
+    assert (analysis["max_error_rate"], analysis["max_error_rate_vs_stable"], analysis["max_p99_ms"]) == (
+        0.1,
+        None,
+        None,
+    )
+    json.dumps(report)  # it travels as JSON (the admin API's report_json, /rollouts)
+    registry = c.metrics.registry  # the limits, for a dashboard to draw against each cluster's values
+    labels = {"rule": "ramp", "cluster": "canary"}
+    assert registry.get_sample_value("graysteer_rollout_max_error_ratio", labels) == 0.1
+    assert registry.get_sample_value("graysteer_rollout_max_p99_seconds", labels) is None  # not set
+
+
 # ---- an analysis that cannot run -----------------------------------------------------------------
 
 

@@ -63,6 +63,11 @@ def test_values_are_read_strictly_by_their_flag() -> None:
         ({"ready_max_bypass_ratio": 0.1}, "--ready-max-bypass-ratio needs --envoy-admin"),
         ({"admin_listen": "0.0.0.0:50052"}, "is not loopback or a unix socket"),
         ({"admin_tls_cert": "c.pem"}, "go together"),
+        # the live page never acts for an unauthenticated caller, on loopback or anywhere else
+        ({"http_actions": True, "http_listen": "127.0.0.1:9464"}, "--http-actions needs --http-listen and"),
+        ({"http_actions": True, "http_listen": "0.0.0.0:9464"}, "never acts for an unauthenticated caller"),
+        ({"http_actions": True}, "--http-actions needs --http-listen"),
+        ({"http_actions": True, "workers": 2}, "with --workers the operator endpoint serves the group's"),
     ],
 )
 def test_checks_across_options_name_the_flags(changes: dict, problem: str) -> None:
