@@ -114,6 +114,28 @@ def ext_authz_http() -> dict[str, Any]:
     return bootstrap(table, EnvoyOptions(mode="ext_authz_http")).to_dict(casing=Casing.SNAKE)
 
 
+_collector: list[Any] = []
+
+
+def collector_port() -> int:
+    """A real OTLP receiver for the traced scenarios (started once, kept for the run)."""
+    if not _collector:
+        from sidecar.dev.otlp import Receiver
+
+        _collector.append(Receiver())
+    return int(_collector[0].port)
+
+
+def traced(mode: str) -> Callable[[], dict[str, Any]]:
+    """(bt, ht) the generated front proxy with --otlp: Envoy traces every request."""
+
+    def config() -> dict[str, Any]:
+        options = EnvoyOptions(mode=mode, otlp=("127.0.0.1", collector_port()))
+        return bootstrap(load_rules(RULES), options).to_dict(casing=Casing.SNAKE)
+
+    return config
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
@@ -138,16 +160,19 @@ class Scenario:
             process.ports = [int(process.wait_for_log(r"on 127\.0\.0\.1:(\d+)").group(1))]  # type: ignore[attr-defined]
             return process
         args = ["--workers", str(self.workers)] if self.workers > 1 else []
+        args += [a.replace("{workdir}", str(workdir)) for a in self.sidecar_args]
         shared = "--authz-http-shared-port" in self.sidecar_args  # needs a fixed port
         return Sidecar(
             RULES,
             workdir,
-            [*args, *self.sidecar_args],
+            args,
             name=f"sidecar-{self.key}",
             transport=self.transport,
             port=free_port() if shared else 0,
         )
 
+
+DECISION_LOG = ("--decision-log", "{workdir}/decisions.jsonl")
 
 SCENARIOS = [
     Scenario(
@@ -194,6 +219,27 @@ SCENARIOS = [
         transport="http",
         floor="h0",
         sidecar_args=("--authz-http-shared-port",),
+    ),
+    Scenario(
+        "bt", "(b) traced: Envoy exports every request's span over OTLP", traced("ext_proc"), "graysteer"
+    ),
+    Scenario("bl", "(b) with the decision log at 100%", envoy_yaml, "graysteer", sidecar_args=DECISION_LOG),
+    Scenario(
+        "ht",
+        "(h) traced: Envoy exports every request's span over OTLP",
+        traced("ext_authz_http"),
+        "graysteer",
+        transport="http",
+        floor="h0",
+    ),
+    Scenario(
+        "hl",
+        "(h) with the decision log at 100%",
+        ext_authz_http,
+        "graysteer",
+        transport="http",
+        floor="h0",
+        sidecar_args=DECISION_LOG,
     ),
 ]
 

@@ -168,3 +168,42 @@ def test_sds_configs_pass_check_and_envoy_validate(form: str, tmp_path: Path) ->
     assert checked.returncode == 0, checked.stderr
     result = envoy_validate(generated)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("envoy.yaml", "ext_proc"), ("mtls.yaml", "ext_proc"), ("ext_authz.yaml", "ext_authz"),
+     ("ext_authz_http.yaml", "ext_authz_http")],
+)  # fmt: skip
+def test_the_commented_tracing_in_envoy_files_is_what_otlp_generates(name: str, mode: str) -> None:
+    """Uncommented, each shipped file's tracing block and collector cluster are --otlp's."""
+    text = (REPO / "envoy" / name).read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# tracing:")
+    block = ["tracing:"]
+    for line in lines[start + 1 :]:
+        if not line.strip().startswith("#  "):  # the block's lines are indented; prose follows
+            break
+        block.append(line.strip()[2:])
+    shipped = yaml.safe_load("\n".join(block))["tracing"]
+    cluster_at = next(i for i, line in enumerate(lines) if line.strip() == "# - name: otel_collector")
+    cluster_lines = [lines[cluster_at].strip()[2:]]
+    for line in lines[cluster_at + 1 :]:
+        if not line.strip().startswith("#  "):
+            break
+        cluster_lines.append(line.strip()[2:])
+    shipped_cluster = yaml.safe_load("\n".join(cluster_lines))[0]
+    table = load_rules(REPO / "examples" / "rules.yaml")
+    options = EnvoyOptions(mode=mode, otlp=("127.0.0.1", 4317))
+    generated = yaml.safe_load(render_yaml(bootstrap(table, options)))
+    hcm = generated["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert parse_bootstrap({"static_resources": {"clusters": [shipped_cluster]}}) == parse_bootstrap(
+        {
+            "static_resources": {
+                "clusters": [
+                    c for c in generated["static_resources"]["clusters"] if c["name"] == "otel_collector"
+                ]
+            }
+        }
+    )
+    assert yaml.safe_load(yaml.safe_dump(shipped)) == yaml.safe_load(yaml.safe_dump(hcm["tracing"]))

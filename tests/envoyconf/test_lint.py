@@ -315,3 +315,17 @@ def test_mirroring_needs_the_route_policy_and_the_early_strip() -> None:
     for table in (TABLE, mirroring):  # a policy a client can trigger is a finding either way
         (finding,) = check(table, unstripped)
         assert "mirrors by 'x-mirror-cluster' but does not strip a client-sent one" in str(finding)
+
+
+def test_tracing_to_a_collector_that_cannot_receive_is_found() -> None:
+    from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+
+    table = TABLE
+    traced = yaml.safe_load(render_yaml(bootstrap(table, EnvoyOptions(otlp=("127.0.0.1", 4317)))))
+    assert check(table, traced) == []
+    clusters = traced["static_resources"]["clusters"]
+    collector = next(c for c in clusters if c["name"] == "otel_collector")
+    del collector["typed_extension_protocol_options"]
+    assert any("does not speak HTTP/2" in str(f) for f in check(table, traced))
+    clusters.remove(collector)
+    assert any("Envoy does not define: no span is exported" in str(f) for f in check(table, traced))

@@ -17,7 +17,7 @@ from sidecar.envoyconf.lint.common import (
     dotted_get,
     snake_keys,
 )
-from sidecar.envoyconf.lint.filters import check_filter, check_http_service
+from sidecar.envoyconf.lint.filters import check_filter, check_http_service, check_tracing
 from sidecar.envoyconf.lint.routes import (
     check_backstop,
     check_paths,
@@ -106,3 +106,4 @@ def check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -
         yield from check_backstop(table, hcm, filters)
     yield from check_paths(table, hcm)
     yield from check_xfcc(table, hcm)
+    yield from check_tracing(hcm, clusters)

@@ -271,3 +271,25 @@ def check_health_checks(name: str, cluster: dict[str, Any]) -> Iterator[Finding]
                 "set no_traffic_interval (and no_traffic_healthy_interval) to the "
                 "health check interval, e.g. 0.5s",
             )
+
+
+def check_tracing(hcm: dict[str, Any], clusters: dict[str, Any]) -> Iterator[Finding]:
+    """An OpenTelemetry tracer exports over gRPC: its collector cluster must exist and speak
+    HTTP/2, or every span is lost without a word."""
+    provider = (hcm.get("tracing") or {}).get("provider") or {}
+    if provider.get("name") != "envoy.tracers.opentelemetry":
+        return
+    config = provider.get("typed_config") or {}
+    name = ((config.get("grpc_service") or {}).get("envoy_grpc") or {}).get("cluster_name")
+    stat = hcm.get("stat_prefix", "?")
+    if name is not None and name not in clusters:
+        yield Finding(
+            f"listener {stat!r} traces to cluster {name!r}, which Envoy does not define: no span is exported",
+            f"add the collector's cluster {name!r} (graysteer envoy-config --otlp HOST:PORT)",
+        )
+    elif name is not None and not is_http2(clusters[name]):
+        yield Finding(
+            f"listener {stat!r} traces to cluster {name!r} over OTLP/gRPC, but the cluster does not "
+            "speak HTTP/2: every export fails",
+            "give the cluster explicit_http_config: {http2_protocol_options: {}}",
+        )
