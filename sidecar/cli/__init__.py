@@ -11,14 +11,14 @@ from sidecar.core import RulesError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sidecar.cli import dev, fleet, operate, rules, serve
+    from sidecar.cli import changes, dev, fleet, operate, rules, serve
 
     parser = argparse.ArgumentParser(
         prog="graysteer", description="Gray-release traffic steering sidecar for Envoy."
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (serve, rules, operate, fleet, dev):
+    for group in (serve, rules, operate, fleet, changes, dev):
         group.add_commands(commands)
     return parser
 

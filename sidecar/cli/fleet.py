@@ -3,16 +3,29 @@
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from sidecar import values
 from sidecar.cli.common import add_etcd_flags, etcd_tls, warn_size, with_etcd_errors
+from sidecar.serving.options import argparse_type
 
 
 def add_commands(commands: Any) -> None:
     p = commands.add_parser("push", help="validate a rules file and write it to a fleet's etcd prefix")
     p.add_argument("rules", help="the rules file (YAML)")
     p.add_argument("url", metavar="etcd://HOST:PORT/PREFIX", help="the fleet's etcd address and prefix")
+    p.add_argument(
+        "--max-moved",
+        type=argparse_type(values.share),
+        default=0.05,
+        metavar="R",
+        help="push only when at most this share of requests changes cluster against the rules the fleet "
+        "serves (graysteer diff, on synthetic requests), and none moves backwards on a ramp; else ask "
+        "for --yes (default %(default)s)",
+    )
+    p.add_argument("--yes", action="store_true", help="push whatever the change moves")
     add_etcd_flags(p)
     p.set_defaults(run=push)
 
@@ -25,9 +38,37 @@ def push(args: argparse.Namespace) -> int:
     table = load_rules(args.rules)  # refused with the same messages as `check`
     content = read_regular_file(Path(args.rules), MAX_FILE_BYTES)
     warn_size(table, args.rules)
+    if not args.yes and not safe_change(args, table):
+        return 1
     revision = asyncio.run(with_etcd_errors(push_rules(address, etcd_tls(args), content), address))
     print(f"{args.rules}: pushed version {table.version} to {address}/rules (etcd revision {revision})")
     return 0
+
+
+def safe_change(args: argparse.Namespace, table: Any) -> bool:
+    """Whether the change moves at most --max-moved of the requests and none backwards; the
+    report is printed when it does not."""
+    from sidecar.changes.report import as_text, load_table
+    from sidecar.core.diff import compare, synthetic_requests
+
+    served = load_table(args.url, etcd_tls(args))
+    if served is None:
+        return True  # the first push: nothing to move
+    report = compare(served, table, synthetic_requests([served, table], 10_000))
+    if report.moved_share <= args.max_moved and not report.backwards:
+        if report.moved_requests:
+            moved = f"{report.moved_share:.2%} of requests change cluster"
+            print(f"{args.rules}: {moved} (at most {args.max_moved:.0%})")
+        return True
+    print(as_text(report), file=sys.stderr)
+    print(
+        f"{args.rules}: not pushed: {report.moved_share:.2%} of requests change cluster (more than "
+        f"--max-moved {args.max_moved:g})"
+        + (", some backwards on a ramp" if report.backwards else "")
+        + "; push with --yes if this is intended",
+        file=sys.stderr,
+    )
+    return False
 
 
 def fleet_status(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ Python error, not an Envoy start-up failure. The route guard lists exactly the r
 clusters; envoy/envoy.yaml is this output (with comments) for examples/rules.yaml.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -61,6 +61,7 @@ from sidecar.contract import (
     METADATA_NAMESPACE,
 )
 from sidecar.core import Table
+from sidecar.core.steering import steered_headers
 from sidecar.envoyconf.backstop import backstop_filters, decided_route_overrides, protected_headers
 from sidecar.envoyconf.clusters import (
     extension,
@@ -81,18 +82,29 @@ HostPort = tuple[str, int]
 MODES = ("ext_proc", "ext_authz", "ext_authz_http")
 
 
-def access_log_format(namespace: str, key_prefix: str = "") -> str:
+def access_log_format(namespace: str, key_prefix: str = "", headers: Sequence[str] = ()) -> str:
     """One line per request with the decision's fields, read from dynamic metadata under
-    `namespace` (keys `key_prefix` + field: ext_authz over HTTP files them by header name)."""
+    `namespace` (keys `key_prefix` + field: ext_authz over HTTP files them by header name),
+    then `h:NAME=VALUE` for each of `headers` (what the rules read: `graysteer diff
+    --requests` decides these requests again)."""
 
     def field(name: str) -> str:
         return f"{name}=%DYNAMIC_METADATA({namespace}:{key_prefix}{name})%"
 
+    read = "".join(f" h:{name}=%REQ({name.upper()})%" for name in headers)
     return (
         '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
         f"cluster=%UPSTREAM_CLUSTER% {field('rule')} {field('bucket')} {field('lane')} "
-        f"{field('identity')} {field('version')} {field('mirror')} %DURATION%ms\n"
+        f"{field('identity')} {field('version')} {field('mirror')} %DURATION%ms{read}\n"
     )
+
+
+def logged_headers(table: Table) -> list[str]:
+    """The headers an access log line carries: those the rules read, less credentials and
+    what the rules redact, less what the sidecar itself sets (Envoy logs the request as
+    forwarded: a lane or baggage there is the sidecar's, not the caller's)."""
+    steered = set(steered_headers(table))
+    return sorted(table.read_headers - table.redacted_headers - steered)
 
 
 @dataclass(frozen=True)
@@ -172,13 +184,13 @@ def over_limit_replies() -> LocalReplyConfig:
 
 def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
     if options.mode == "ext_authz_http":
-        log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX)
+        log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX, logged_headers(table))
         sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms, options.mtls is not None)
     elif options.mode == "ext_authz":
-        log_format = access_log_format(EXT_AUTHZ_NAMESPACE)
+        log_format = access_log_format(EXT_AUTHZ_NAMESPACE, headers=logged_headers(table))
         sidecar_filter = ext_authz_filter(options.message_timeout_ms, options.mtls is not None)
     else:
-        log_format = access_log_format(METADATA_NAMESPACE)
+        log_format = access_log_format(METADATA_NAMESPACE, headers=logged_headers(table))
         sidecar_filter = ext_proc_filter(options.message_timeout_ms)
     access_log = StdoutAccessLog(
         log_format=SubstitutionFormatString(text_format_source=DataSource(inline_string=log_format))

@@ -1,0 +1,71 @@
+"""`graysteer diff OLD NEW`: what a change of the rules does to traffic, before it lands."""
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from sidecar import values
+from sidecar.cli.common import add_etcd_flags, etcd_tls
+from sidecar.serving.options import argparse_type
+
+DEFAULT_SAMPLE = 10_000
+
+
+def add_commands(commands: Any) -> None:
+    p = commands.add_parser("diff", help="show which requests a change of the rules moves, before it lands")
+    p.add_argument("old", help="the rules in force: a file, or etcd://HOST:PORT/PREFIX (a fleet's)")
+    p.add_argument("new", help="the rules to be: a file, or etcd://HOST:PORT/PREFIX")
+    p.add_argument(
+        "--requests",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="decide these requests: a decision log (serve --decision-log) or an Envoy access log "
+        "as the generated configs write it; '-' for stdin (repeatable)",
+    )
+    p.add_argument(
+        "--sample",
+        type=argparse_type(lambda text: values.whole_number(text, minimum=1)),
+        metavar="N",
+        help=f"also decide N synthetic requests built from the rules' match values and N user ids "
+        f"(default {DEFAULT_SAMPLE} without --requests)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_etcd_flags(p)
+    p.set_defaults(run=diff)
+
+
+def diff(args: argparse.Namespace) -> int:
+    """Exit 0, or 1 when anything moves backwards on a ramp."""
+    from sidecar.changes.report import as_json, as_text, load_table
+    from sidecar.changes.requests import ReadCount, read_requests
+    from sidecar.core import Request
+    from sidecar.core.diff import compare, synthetic_requests
+
+    tls = etcd_tls(args)
+    old, new = load_table(args.old, tls), load_table(args.new, tls)
+    if old is None or new is None:
+        raise ValueError(f"no rules at {args.old if old is None else args.new}")
+    count = ReadCount()
+    requests: list[Request] = []
+    for name in args.requests:
+        handle = sys.stdin if name == "-" else open(name, encoding="utf-8", errors="replace")  # noqa: SIM115
+        with handle:
+            requests.extend(read_requests(handle, count))
+    sample = args.sample if args.sample is not None else (0 if args.requests else DEFAULT_SAMPLE)
+    if sample:
+        requests.extend(synthetic_requests([old, new], sample))
+    report = compare(old, new, requests)
+    if args.json:
+        data = as_json(report)
+        data["read"] = {"requests": count.read, "skipped_lines": count.skipped, "redacted": count.redacted}
+        print(json.dumps(data, indent=2))
+    else:
+        if args.requests:
+            print(
+                f"read {count.read} requests ({count.skipped} lines skipped; {count.redacted} with redacted "
+                "values, decided again without them)"
+            )
+        print(as_text(report))
+    return 1 if report.backwards else 0
