@@ -43,6 +43,10 @@ def split_port(authority: str) -> tuple[str, str | None]:
     return authority, None
 
 
+KNOWN_HOSTS = 1024  # per matcher: authorities remembered with their result (then cleared)
+KNOWN_HOST_LENGTH = 256
+
+
 def host_matcher(patterns: Sequence[str]) -> Callable[[str | None], bool]:
     """`matches(authority)`: whether the request's `:authority` matches any pattern (which
     `host_problem` accepted). No authority matches nothing, `*` included."""
@@ -63,9 +67,21 @@ def host_matcher(patterns: Sequence[str]) -> Callable[[str | None], bool]:
         else:
             exact.add(pattern)
 
+    known: dict[str, bool] = {}  # clients repeat a few hosts: each is matched once
+
     def matches(authority: str | None) -> bool:
         if not authority:
             return False
+        result = known.get(authority)
+        if result is None:
+            result = matches_uncached(authority)
+            if len(authority) <= KNOWN_HOST_LENGTH:
+                if len(known) >= KNOWN_HOSTS:
+                    known.clear()
+                known[authority] = result
+        return result
+
+    def matches_uncached(authority: str) -> bool:
         if any_host:
             return True
         authority = authority.lower()

@@ -14,7 +14,7 @@ The order, for every adapter:
 6. The decision's lane travels on: the color header and the baggage member are set.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sidecar.core.baggage import well_formed, with_member, without_member
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust, lane_problem
@@ -23,7 +23,16 @@ from sidecar.core.table import Table
 from sidecar.core.versions import is_version
 from sidecar.core.xfcc import XFCC, identity_from_xfcc
 
-__all__ = ["Coloring", "Steering", "Trust", "fallback", "steer", "steered_headers", "strip_untrusted"]
+__all__ = [
+    "Coloring",
+    "Steering",
+    "Trust",
+    "fallback",
+    "steer",
+    "steer_with",
+    "steered_headers",
+    "strip_untrusted",
+]
 
 
 def strip_untrusted(
@@ -84,6 +93,17 @@ def steer(table: Table, request: Request) -> Steering:
     """Steer one request (see the module docstring). `request` is left as it is: the
     Steering says which identity was used; the headers it was decided on are the request's
     less `remove_headers`."""
+    return steer_with(table, request, table.denied, table.decide)
+
+
+def steer_with(
+    table: Table,
+    request: Request,
+    denied: Callable[[Request], Decision | None],
+    decide: Callable[[Request], Decision],
+) -> Steering:
+    """`steer`, with the table's rules walked by `denied` and `decide`: the table's own, or
+    the same rules generated as code (sidecar.core.engine)."""
     trust, coloring = table.trust, table.coloring
     identity = request.identity
     malformed: list[str] = []
@@ -108,7 +128,7 @@ def steer(table: Table, request: Request) -> Steering:
             malformed.append("version")  # no `semver` condition matches it
             break
 
-    decision = table.denied(seen)
+    decision = denied(seen)
     lane = coloring.received_lane(headers) if coloring and trusted else None
     if lane is not None and lane_problem(lane):
         malformed.append("lane")  # ignored: the rules decide, and the decided lane travels on
@@ -121,7 +141,7 @@ def steer(table: Table, request: Request) -> Steering:
             reason=Reason.LANE,
         )
     if decision is None:
-        decision = table.decide(seen)
+        decision = decide(seen)
     if decision.deny_status is not None:
         if identity.principal:
             decision = decision.carrying(decision.lane, identity.principal)

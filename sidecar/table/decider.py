@@ -11,6 +11,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
+from sidecar.core.engine import Engine
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
 
@@ -21,11 +22,25 @@ log = logging.getLogger("graysteer.decide")
 
 
 class TableHolder:
-    """The current table. Readers take `holder.table` once per request; a reload
-    replaces it with one assignment, which is atomic for Python readers."""
+    """The current table and its serving engine (sidecar.core.engine), built before the swap.
+    Readers take `holder.table` or `holder.engine` once per request; a reload replaces both
+    with one assignment, which is atomic for Python readers."""
+
+    __slots__ = ("engine",)
 
     def __init__(self, table: Table) -> None:
         self.table = table
+
+    @property
+    def table(self) -> Table:
+        return self.engine.table
+
+    @table.setter
+    def table(self, table: Table) -> None:
+        engine = Engine(table)
+        if engine.error is not None:
+            log.error("rules %s served by the reference engine: %s", table.version, engine.error)
+        self.engine = engine
 
 
 class Decider:
@@ -40,10 +55,11 @@ class Decider:
     def steer(self, request: Request, table: Table | None = None) -> Steering:
         """Steer against `table` (by default the current one); the default cluster on error,
         with the untrusted headers still removed when that much was known."""
-        table = table or self.holder.table
+        engine = self.holder.engine
+        table = table or engine.table
         started = perf_counter()
         try:
-            steering = steer(table, request)
+            steering = engine.steer(request) if table is engine.table else steer(table, request)
         except Exception as error:  # a bug or input the engine cannot handle: fail to default
             steering = self.fallback(table, ErrorCode.ENGINE, error, request.headers)
         self.metrics.decision_seconds.observe(perf_counter() - started)
