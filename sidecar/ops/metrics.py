@@ -9,22 +9,15 @@ workers' values combine.
 import os
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from sidecar.core import Table
+from sidecar.core import Steering, Table
+from sidecar.ops.request_metrics import request_counts
 
 if TYPE_CHECKING:
     from sidecar.core.rollout import Verdict
 
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
-
-# Deciding takes microseconds: buckets from 2 us to 10 ms.
-DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
-# A transport's whole turn (read the message, decide, count): 10 us to 250 ms.
-REQUEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25)
-# The transports (the `transport` label's closed set).
-TRANSPORTS = ("ext_proc", "ext_authz", "ext_authz_http")
 
 BYPASS_MODES = ("ext_proc", "ext_authz")  # the only values of the bypass metrics' `mode` label
 
@@ -34,51 +27,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        self.decisions = Counter(
-            "graysteer_decisions",
-            "Routing decisions, by upstream cluster and deciding rule ('default' when no rule matched).",
-            ["cluster", "rule"],
-            registry=registry,
-        )
-        self.mirrored = Counter(
-            "graysteer_mirrored",
-            "Requests copied to a mirror cluster (answers ignored), by deciding rule and mirror cluster.",
-            ["rule", "cluster"],
-            registry=registry,
-        )
+        # decisions, mirrored, steering events and the two latency histograms: counted per request
+        self.requests = request_counts(registry, MULTIPROCESS)
         self.decision_errors = Counter(
             "graysteer_decision_errors",
             "Requests that could not be decided and went to the default cluster, by reason.",
             ["reason"],
             registry=registry,
         )
-        self.steering_events = Counter(
-            "graysteer_steering_events",
-            "Notable inputs, by event: untrusted_headers_removed "
-            "(override/color headers from an untrusted caller, stripped), malformed_spiffe_id, "
-            "malformed_dns_san (a DNS SAN that is no DNS name: never matched), "
-            "malformed_certificate, malformed_xfcc, malformed_baggage, malformed_lane (a received lane "
-            "that is no lane name or over 64 characters: ignored), malformed_version (no version where a "
-            "semver condition reads one), baggage_over_limit.",
-            ["event"],
-            registry=registry,
-        )
-        self.decision_seconds = Histogram(
-            "graysteer_decision_duration_seconds",
-            "Time to decide one request (matching and bucketing, without gRPC).",
-            buckets=DECISION_BUCKETS,
-            registry=registry,
-        )
-        self.request_seconds = Histogram(
-            "graysteer_request_duration_seconds",
-            "The sidecar's own time for one request, by transport (ext_proc, ext_authz, "
-            "ext_authz_http): reading Envoy's message, deciding, counting. Envoy's side of the "
-            "call (network, its own queueing) is not in it: Envoy exports no ext_proc latency.",
-            ["transport"],
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        )
-        self._request_children = {t: self.request_seconds.labels(t) for t in TRANSPORTS}
         self.decision_log_lines = Counter(
             "graysteer_decision_log_lines",
             "Decision log lines, by outcome: written; dropped_queue_full (the writer fell behind: "
@@ -213,7 +169,6 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
-        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
         self.envoy_bypassed: Counter | None = None  # watch_envoy() creates these
         self.envoy_requests: Counter | None = None
@@ -270,26 +225,20 @@ class Metrics:
         self.envoy_stats_up.set(1 if up else 0)
 
     def observe_request(self, transport: str, seconds: float) -> None:
-        self._request_children[transport].observe(seconds)  # KeyError: not a transport
+        self.requests.observe_request(transport, seconds)  # KeyError: not a transport
+
+    def count_steering(self, steering: Steering, seconds: float) -> None:
+        """One decided request: its decision, mirror, notable inputs and time to decide."""
+        self.requests.count_steering(steering, seconds)
 
     def count_log(self, outcome: str, lines: int = 1) -> None:
         self.decision_log_lines.labels(outcome).inc(lines)
-
-    def count_decision(self, cluster: str, rule: str) -> None:
-        key = (cluster, rule)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.decisions.labels(cluster, rule)
-        child.inc()  # type: ignore[attr-defined]
-
-    def count_mirror(self, rule: str, cluster: str) -> None:
-        self.mirrored.labels(rule, cluster).inc()
 
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()
 
     def count_event(self, event: str) -> None:
-        self.steering_events.labels(event).inc()
+        self.requests.count_event(event)
 
     def count_reload(self, result: str) -> None:
         self.reloads.labels(result).inc()

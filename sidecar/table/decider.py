@@ -62,21 +62,7 @@ class Decider:
             steering = engine.steer(request) if table is engine.table else steer(table, request)
         except Exception as error:  # a bug or input the engine cannot handle: fail to default
             steering = self.fallback(table, ErrorCode.ENGINE, error, request.headers)
-        self.metrics.decision_seconds.observe(perf_counter() - started)
-        decision = steering.decision
-        self.metrics.count_decision(decision.cluster, decision.rule)
-        if decision.mirror is not None:
-            self.metrics.count_mirror(decision.rule, decision.mirror)
-        if steering.remove_headers:
-            self.metrics.count_event("untrusted_headers_removed")
-        if steering.baggage_dropped:
-            self.metrics.count_event("baggage_over_limit")
-        if steering.identity.malformed:
-            self.metrics.count_event("malformed_spiffe_id")
-        if steering.identity.malformed_dns:
-            self.metrics.count_event("malformed_dns_san")
-        for what in steering.malformed:
-            self.metrics.count_event(f"malformed_{what}")
+        self.metrics.count_steering(steering, perf_counter() - started)
         return steering
 
     def steer_input(
