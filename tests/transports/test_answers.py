@@ -38,3 +38,15 @@ def test_unique_large_baggage_never_grows_the_ext_proc_cache() -> None:
         assert servicer.answer(message)
     assert servicer.answers.size <= servicer.answers.max_bytes
     assert len(servicer.answers) <= 100  # the small answers only: at most one per bucket
+
+
+def test_answers_by_steering_object_and_by_value_agree_and_stay_bounded() -> None:
+    cache = AnswerCache(answer_bytes, max_bytes=4096, max_entry=512)
+    shared = Steering(Decision("stable", "r", "v1"), (("x-route-cluster", "stable"),))
+    assert cache.get(shared) is cache.get(shared)  # the second from the object's identity
+    for i in range(500):  # equal Steerings, each a new object (as for callers with an identity)
+        equal = Steering(Decision("stable", "r", "v1"), (("x-route-cluster", "stable"),))
+        assert cache.get(equal) == answer_bytes(shared)
+        other = Steering(Decision("canary", f"r{i}", "v1"), (("x-route-cluster", "canary"),))
+        assert cache.get(other) == answer_bytes(other)
+        assert len(cache._by_identity) <= len(cache)  # never more objects kept than answers
