@@ -101,7 +101,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"**{micro['decide_us']:.2f} µs** per `Table.decide` (empty table: "
             f"{micro['decide_empty_table_us']:.2f} µs); **{micro['steer_us']:.2f} µs** per "
             f"`steer` (trust, lanes, rules, headers; it includes building the request "
-            f"view) (empty table: {micro['steer_empty_table_us']:.2f} µs).",
+            f"view) (empty table: {micro['steer_empty_table_us']:.2f} µs). As served (the "
+            f"table's generated engine): **{micro['served_decide_us']:.2f} µs** per decide, "
+            f"**{micro['served_steer_us']:.2f} µs** per steer. `steer` on `examples/rules.yaml` "
+            f"(coloring): {micro['example_steer_us']:.2f} µs reference, "
+            f"**{micro['served_example_steer_us']:.2f} µs** served.",
         ]
     return "\n".join(lines)
 

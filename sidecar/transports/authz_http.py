@@ -204,9 +204,8 @@ class AuthzHttpServer:
         return True
 
     def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
-        return self.decider.steer_input(
-            "ext_authz_http", lambda: headers, lambda read: self.request(method, target, read)
-        )
+        check = _Check(self, method, target, headers)
+        return self.decider.steer_input("ext_authz_http", check.headers, check.request)
 
     def request(self, method: str, target: str, headers: dict[str, str]) -> Request:
         request = check_request(method, target, headers, self.path_prefix)
@@ -220,6 +219,21 @@ class AuthzHttpServer:
             log.warning("%s (later ones of this kind are not logged)", message)
 
 
+class _Check:
+    """One check's reading for `Decider.steer_input`: its headers, then its Request."""
+
+    __slots__ = ("_headers", "method", "server", "target")
+
+    def __init__(self, server: AuthzHttpServer, method: str, target: str, headers: dict[str, str]) -> None:
+        self.server, self.method, self.target, self._headers = server, method, target, headers
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+    def request(self, headers: dict[str, str]) -> Request:
+        return self.server.request(self.method, self.target, headers)
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection from Envoy. Parsing and deciding are synchronous, so the
     answers to pipelined requests are produced in order within one `data_received`."""
@@ -227,6 +241,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: AuthzHttpServer) -> None:
         self.server = server
         self.limits = server.limits
+        self.max_header_bytes, self.max_headers = self.limits.max_header_bytes, self.limits.max_headers
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
@@ -300,12 +315,19 @@ class _Connection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF; inlined: once per header
-        if self.head_bytes > self.limits.max_header_bytes:
+        # Once per header: the limits are read from plain attributes, add_header only for a repeat.
+        size = self.head_bytes + len(name) + len(value) + 4  # ": " and CRLF
+        self.head_bytes = size
+        if size > self.max_header_bytes:
             raise _Reject(431, "request head too large")
-        if len(self.headers) >= self.limits.max_headers:
+        headers = self.headers
+        if len(headers) >= self.max_headers:
             raise _Reject(431, "too many request headers")
-        add_header(self.headers, name.decode("latin-1").lower(), value.decode("utf-8", "replace"))
+        key, text = name.decode("latin-1").lower(), value.decode("utf-8", "replace")
+        if key in headers:
+            add_header(headers, key, text)
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         self.in_body = True

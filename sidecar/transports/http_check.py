@@ -29,6 +29,7 @@ _CHECK_ONLY = (
     "x-envoy-internal",
     "x-envoy-expected-rq-timeout-ms",
 )
+_URI_SANS, _DNS_SANS = PEER_SAN_HEADERS
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -38,18 +39,19 @@ def check_request(
     """The core Request for one check: `target` without `path_prefix`, `headers` lower-cased
     (repeats joined), as the ext_proc adapter sees them (`:method`, `:path`, `:authority`).
     Consumes `headers`."""
+    pop = headers.pop
     for name in _CHECK_ONLY:
-        headers.pop(name, None)
-    port_text = headers.pop(LISTENER_PORT_HEADER, "")
+        pop(name, None)
+    port_text = pop(LISTENER_PORT_HEADER, "")
     # ASCII digits only: str.isdecimal() and int() also take other scripts' digits (Arabic-Indic, full-width)
     port = int(port_text) if port_text.isascii() and port_text.isdecimal() and len(port_text) <= 5 else None
     if "host" in headers:
-        headers[":authority"] = headers.pop("host")
+        headers[":authority"] = pop("host")
     path = target[len(path_prefix) :] if path_prefix and target.startswith(path_prefix) else target
     path = path or "/"
     headers[":method"] = method
     headers[":path"] = path
-    uri_sans, dns_sans = (headers.pop(name, None) for name in PEER_SAN_HEADERS)
+    uri_sans, dns_sans = pop(_URI_SANS, None), pop(_DNS_SANS, None)
     identity = xfcc_identity(headers[XFCC], uri_sans, dns_sans) if XFCC in headers else NO_IDENTITY
     return Request(headers, method, path, identity, port)
 
