@@ -1,9 +1,10 @@
-"""A/B of the in-process benchmark between a commit (A) and this checkout (B), interleaved.
+"""A/B of the in-process benchmark between commits and this checkout, interleaved.
 
-`python -m benchmarks.ab BASE [--rounds 9]` exports BASE with `git archive` into a temporary
-directory (with this checkout's generated admin API code and benchmark scripts, so both
-sides run the same measurement), then runs `python -m benchmarks.check_path --json` in A
-and in B alternately, `--rounds` times each, and prints the median of each number, B/A.
+`python -m benchmarks.ab A [B ...] [--rounds 9]` exports each commit with `git archive` into
+a temporary directory (with this checkout's generated admin API code and benchmark scripts,
+so every side runs the same measurement), then runs `python -m benchmarks.check_path
+--json` in each in turn (this checkout last, or where '.' is named), `--rounds` times, and
+prints the median of each number and its ratio to the first.
 On a shared machine only numbers measured this way, side by side, are compared."""
 
 import argparse
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ("benchmarks/check_path.py", "benchmarks/decide.py")  # the same measurement on both sides
+SHARED = ("benchmarks/check_path.py",)  # the same measurement on every side
 
 
 def export(commit: str, into: Path) -> None:
@@ -41,22 +42,30 @@ def run_once(tree: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="the commit to compare with (A)")
+    parser.add_argument("commits", nargs="+", help="commits to compare, in order; '.' is this checkout")
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
+    commits: list[str] = args.commits if "." in args.commits else [*args.commits, "."]
     with tempfile.TemporaryDirectory(prefix="graysteer-ab-") as temp:
-        tree = Path(temp)
-        export(args.base, tree)
-        a: list[dict[str, float]] = []
-        b: list[dict[str, float]] = []
+        trees = []
+        for number, commit in enumerate(commits):
+            if commit == ".":
+                trees.append(ROOT)
+                continue
+            tree = Path(temp) / str(number)
+            tree.mkdir()
+            export(commit, tree)
+            trees.append(tree)
+        runs: list[list[dict[str, float]]] = [[] for _ in commits]
         for _ in range(args.rounds):
-            a.append(run_once(tree))
-            b.append(run_once(ROOT))
-    print(f"A = {args.base}, B = this checkout; medians of {args.rounds} interleaved rounds (µs per call)")
-    for key in a[0]:
-        median_a = statistics.median(r[key] for r in a)
-        median_b = statistics.median(r[key] for r in b)
-        print(f"{key:22} A {median_a:7.2f}   B {median_b:7.2f}   B/A {median_b / median_a:5.2f}")
+            for tree, results in zip(trees, runs, strict=True):
+                results.append(run_once(tree))
+    print(f"medians of {args.rounds} interleaved rounds, µs per call (ratio to {commits[0]})")
+    print(f"{'':22} " + " ".join(f"{c[:10]:>16}" for c in commits))
+    for key in runs[0][0]:
+        medians = [statistics.median(r[key] for r in results) for results in runs]
+        cells = [f"{m:7.2f} ({m / medians[0]:4.2f})" for m in medians]
+        print(f"{key:22} " + " ".join(f"{c:>16}" for c in cells))
 
 
 if __name__ == "__main__":
