@@ -7,6 +7,7 @@ workers' values combine.
 """
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -29,6 +30,11 @@ class Metrics:
         self.registry = registry
         # decisions, mirrored, steering events and the two latency histograms: counted per request
         self.requests = request_counts(registry, MULTIPROCESS)
+        # Bound once: called on every request. `count_steering`: one decided request (its
+        # decision, mirror, notable inputs, time to decide); `observe_request`: a transport's
+        # whole turn (KeyError for a transport not in TRANSPORTS).
+        self.count_steering: Callable[[Steering, float], None] = self.requests.count_steering
+        self.observe_request: Callable[[str, float], None] = self.requests.observe_request
         self.decision_errors = Counter(
             "graysteer_decision_errors",
             "Requests that could not be decided and went to the default cluster, by reason.",
@@ -223,13 +229,6 @@ class Metrics:
     def show_envoy_stats_up(self, up: bool) -> None:
         assert self.envoy_stats_up is not None
         self.envoy_stats_up.set(1 if up else 0)
-
-    def observe_request(self, transport: str, seconds: float) -> None:
-        self.requests.observe_request(transport, seconds)  # KeyError: not a transport
-
-    def count_steering(self, steering: Steering, seconds: float) -> None:
-        """One decided request: its decision, mirror, notable inputs and time to decide."""
-        self.requests.count_steering(steering, seconds)
 
     def count_log(self, outcome: str, lines: int = 1) -> None:
         self.decision_log_lines.labels(outcome).inc(lines)

@@ -112,6 +112,9 @@ def connection_cap(limits: Limits) -> int:
     return max(1, soft - in_use - RESERVED_DESCRIPTORS)
 
 
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+
 # ---- the server ----------------------------------------------------------------------------------
 
 
@@ -138,6 +141,7 @@ class AuthzHttpServer:
         self.decider, self.ready, self.limits = decider, ready, limits
         self.path_prefix = path_prefix
         self.health_target = health_path.encode()
+        self.health_query = self.health_target + b"?"
         self.answers = AnswerCache(answer_bytes, limits.answer_cache_bytes, limits.max_cached_answer)
         self.connections: set[_Connection] = set()
         self.max_connections = connection_cap(limits)
@@ -352,9 +356,10 @@ class _Connection(asyncio.Protocol):
     def _answer(self) -> bytes:
         server = self.server
         target = self.target
-        if target == server.health_target or target.startswith(server.health_target + b"?"):
+        if target == server.health_target or target.startswith(server.health_query):
             return plain_answer(200, "ready\n") if server.ready() else plain_answer(503, "not ready\n")
-        method = self.parser.get_method().decode("latin-1")
+        raw_method = self.parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
         steering = server.steer(method, target.decode("utf-8", "replace"), self.headers)
         if method == "HEAD":
             return answer_bytes(steering, head_only=True)

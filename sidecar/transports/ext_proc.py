@@ -72,9 +72,14 @@ def header_dict(header_map: Any) -> dict[str, str]:
     """Envoy's HeaderMap -> {lower-case name: value}. Envoy sends values in raw_value;
     repeated headers are joined as HTTP allows (`,`; `; ` for cookie)."""
     headers: dict[str, str] = {}
-    for entry in header_map.headers:
-        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-        add_header(headers, entry.key.lower(), value)
+    for entry in header_map.headers:  # once per header: each protobuf field read once
+        raw = entry.raw_value
+        value = raw.decode("utf-8", "replace") if raw else entry.value
+        name = entry.key.lower()
+        if name in headers:
+            add_header(headers, name, value)
+        else:
+            headers[name] = value
     return headers
 
 
