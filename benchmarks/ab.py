@@ -4,11 +4,14 @@
 a temporary directory (with this checkout's generated admin API code and benchmark scripts,
 so every side runs the same measurement), then runs `python -m benchmarks.check_path
 --json` in each in turn (this checkout last, or where '.' is named), `--rounds` times, and
-prints the median of each number and its ratio to the first.
+prints the median of each number and its ratio to the first. With `--end-to-end SECONDS`,
+each round is one round of `benchmarks.run --only h,h0,b,e` per commit instead (the
+sidecar of each commit behind the real Envoy), reduced to the ratios the targets name.
 On a shared machine only numbers measured this way, side by side, are compared."""
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,10 +43,47 @@ def run_once(tree: Path) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# One scenario's line as benchmarks.run prints it (report.one_line), at 32 connections.
+_AT_32 = re.compile(r"c32: ([\d.]+) req/s .*?cpu/req ([\d.]+) ms")
+_SCENARIO = re.compile(r"^\[(\w+)\] round")
+
+
+def run_end_to_end(tree: Path, seconds: float) -> dict[str, float]:
+    """One round of (h), (h0), (b), (e) with the sidecar of `tree`: the ratios to the floors."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "h,h0,b,e", "--rounds", "1"]
+        + ["--seconds", str(seconds), "--no-write"],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    found: dict[str, tuple[float, float]] = {}
+    scenario = ""
+    for line in out.splitlines():
+        if started := _SCENARIO.match(line):
+            scenario = started.group(1)
+        elif (at_32 := _AT_32.search(line)) and scenario:
+            found[scenario] = (float(at_32.group(1)), float(at_32.group(2)))
+    return {
+        "h_rps_vs_h0": found["h"][0] / found["h0"][0],
+        "h_cpu_vs_h0": found["h"][1] / found["h0"][1],
+        "b_rps_vs_e": found["b"][0] / found["e"][0],
+        "b_cpu_vs_e": found["b"][1] / found["e"][1],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("commits", nargs="+", help="commits to compare, in order; '.' is this checkout")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument(
+        "--end-to-end",
+        type=float,
+        metavar="SECONDS",
+        help="instead: one round of benchmarks.run (h, h0, b, e; SECONDS per measurement) per commit "
+        "and round, and the ratios of (h) to (h0) and (b) to (e) at 32 connections",
+    )
     args = parser.parse_args()
     commits: list[str] = args.commits if "." in args.commits else [*args.commits, "."]
     with tempfile.TemporaryDirectory(prefix="graysteer-ab-") as temp:
@@ -59,8 +99,12 @@ def main() -> None:
         runs: list[list[dict[str, float]]] = [[] for _ in commits]
         for _ in range(args.rounds):
             for tree, results in zip(trees, runs, strict=True):
-                results.append(run_once(tree))
-    print(f"medians of {args.rounds} interleaved rounds, µs per call (ratio to {commits[0]})")
+                if args.end_to_end:
+                    results.append(run_end_to_end(tree, args.end_to_end))
+                else:
+                    results.append(run_once(tree))
+    unit = "ratios" if args.end_to_end else "µs per call"
+    print(f"medians of {args.rounds} interleaved rounds, {unit} (ratio to {commits[0]})")
     print(f"{'':22} " + " ".join(f"{c[:10]:>16}" for c in commits))
     for key in runs[0][0]:
         medians = [statistics.median(r[key] for r in results) for results in runs]
