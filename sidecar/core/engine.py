@@ -30,6 +30,7 @@ from sidecar.core.versions import is_version
 from sidecar.core.xfcc import XFCC
 
 SHARED_STEERINGS = 4096  # Steerings kept for callers without identity (then cleared)
+MAX_PREPARED = 4  # engines built ahead and not yet taken (a reload builds one at a time)
 
 
 class Engine:
@@ -141,3 +142,25 @@ class Engine:
                 if baggage:
                     set_headers.append(("baggage", baggage))
         return Steering(decision, tuple(set_headers), (), dropped, malformed, identity)
+
+
+_prepared: dict[int, Engine] = {}  # id(table) -> its engine; the engine holds the table
+
+
+def prepare(table: Table) -> Engine:
+    """Build `table`'s engine now, for `engine_for` to hand out later: generating and compiling
+    a large table's code takes as long as compiling the table, so a reload does both off the
+    serving loop (sidecar.table.reload) and the swap on the loop only takes the result."""
+    engine = Engine(table)
+    if len(_prepared) >= MAX_PREPARED:
+        _prepared.clear()
+    _prepared[id(table)] = engine
+    return engine
+
+
+def engine_for(table: Table) -> Engine:
+    """`table`'s engine: the one `prepare` built, else a new one."""
+    engine = _prepared.pop(id(table), None)
+    if engine is None or engine.table is not table:
+        engine = Engine(table)
+    return engine

@@ -1,6 +1,7 @@
 """The rules file's regexes: RE2, compiled as Envoy compiles `safe_regex` (`compile_regex`),
 so that a pattern means the same in the sidecar as in Envoy and matching takes linear time."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -44,10 +45,13 @@ class RegexError(ValueError):
 FullMatch = Callable[[str], bool]
 
 
+@functools.lru_cache(maxsize=4096)
 def compile_regex(pattern: str) -> FullMatch:
     """`pattern` as Envoy's `safe_regex` compiles it, as a test of a WHOLE value (Envoy
     full-matches header values and paths). Raises RegexError for what Envoy refuses: invalid
-    RE2 (backreferences, lookaround, ...) and programs larger than MAX_PROGRAM_SIZE."""
+    RE2 (backreferences, lookaround, ...) and programs larger than MAX_PROGRAM_SIZE.
+    Compiled once per pattern (the test is pure): validation, the table and its generated
+    engine (sidecar.core.chain) ask for the same patterns on every reload."""
     try:
         compiled = re2.compile(pattern, _OPTIONS)
     except re2.error as error:

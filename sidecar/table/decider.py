@@ -11,7 +11,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
-from sidecar.core.engine import Engine
+from sidecar.core.engine import engine_for
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
 
@@ -37,7 +37,7 @@ class TableHolder:
 
     @table.setter
     def table(self, table: Table) -> None:
-        engine = Engine(table)
+        engine = engine_for(table)  # built ahead by the reload when it could (off the loop)
         if engine.error is not None:
             log.error("rules %s served by the reference engine: %s", table.version, engine.error)
         self.engine = engine

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sidecar.core import RulesError, Table, compile_table
+from sidecar.core.engine import prepare
 from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
@@ -204,6 +205,7 @@ class Reloader:
         # Validated: the document as read, with only override weights in place (non-negative,
         # a positive total, the split's own clusters: see overrides.reconcile).
         table = compile_table(effective, version, self.rules.label, validated=True)
+        prepare(table)  # its serving engine too, here off the loop; the swap takes it (TableHolder)
         loaded = Loaded(table, file_version, document, dict(kept), time.time(), rules_bytes, state_bytes)
         return loaded, bool(dropped)
 

@@ -2,12 +2,16 @@
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+import sidecar.table.reload as reload_module
+from sidecar.core import Table
+from sidecar.core.engine import Engine
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.file import RulesFile
 from sidecar.sources.state_file import StateFile, default_state_path
@@ -264,3 +268,27 @@ def test_a_subscriber_holds_only_the_newest_change(tmp_path: Path) -> None:
         reloader.unsubscribe(prompt)
 
     asyncio.run(scenario())
+
+
+def test_a_reload_serves_the_engine_it_built_off_the_loop(tmp_path: Path) -> None:
+    """The table's generated engine is built in the reload's thread, with the table, and the
+    swap on the loop only takes it (a large table's code takes as long as the table)."""
+    path, reloader = started(tmp_path)
+    built: list[tuple[object, str]] = []
+    real_prepare = reload_module.prepare
+
+    def recording_prepare(table: Table) -> Engine:
+        engine = real_prepare(table)
+        built.append((engine, threading.current_thread().name))
+        return engine
+
+    async def scenario() -> None:
+        path.write_text(B)
+        assert (await reloader.reload("test")).outcome is Outcome.LOADED
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reload_module, "prepare", recording_prepare)
+        asyncio.run(scenario())
+    engine, thread = built[-1]
+    assert reloader.holder.engine is engine and engine.table is reloader.holder.table
+    assert engine.generated and thread != threading.main_thread().name

@@ -1,0 +1,79 @@
+"""The serving engine itself: what it generates from hostile rule texts, when it leaves a table
+to the reference walk, and the engines built ahead by a reload. (That it answers as the
+reference does is tests/core/test_engine_differential.py and every core test run twice.)"""
+
+import dataclasses
+
+import pytest
+
+from sidecar.core import chain as chain_module
+from sidecar.core import steer
+from sidecar.core.engine import Engine, engine_for, prepare
+from tests.helpers import request, table_from_rules
+
+HOSTILE = ["'); import os; os.exit(3) #", '"\\\n{}', "\\x00\\'", "a'b\"c"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_rule_texts_are_data_in_the_generated_code_never_code(text: str) -> None:
+    rules = [
+        {"name": f"exact{i}", "match": {"headers": {"x-t": text + str(i)}}, "route": "canary"}
+        for i in range(5)
+    ] + [
+        {
+            "name": "prefix",
+            "match": {"headers": {"x-p": {"prefix": text}}, "path": {"exact": text}},
+            "route": "canary",
+        },
+        {
+            "name": "split",
+            "split": {
+                "key": ["header:x-u", "cookie:" + "c", "query:q"],
+                "seed": text,
+                "to": [{"cluster": "stable", "weight": 1}],
+            },
+        },
+    ]
+    table = table_from_rules(rules)
+    engine = Engine(table)
+    assert engine.generated
+    assert engine.decide(request(x_t=text + "3")).rule == "exact3"
+    assert engine.decide(request(text, x_p=text + "!")).rule == "prefix"
+    assert engine.decide(request(x_p=text)).rule == "split"
+
+
+def test_a_table_whose_rules_do_not_line_up_with_its_document_is_walked_by_the_reference() -> None:
+    table = table_from_rules([{"name": "a", "match": {"headers": {"x-a": "1"}}, "route": "canary"}])
+    edited = dataclasses.replace(table, rules=())  # no longer the document's rules
+    engine = Engine(edited)
+    assert not engine.generated and engine.error is None
+    assert engine.decide(request(x_a="1")) == edited.decide(request(x_a="1"))
+    assert engine.steer(request(x_a="1")) == steer(edited, request(x_a="1"))
+
+
+def test_tables_over_the_size_limit_are_walked_by_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain_module, "MAX_GENERATED_RULES", 2)
+    rules = [{"name": f"r{i}", "match": {"headers": {"x-a": str(i)}}, "route": "canary"} for i in range(3)]
+    assert not Engine(table_from_rules(rules)).generated
+    assert Engine(table_from_rules(rules[:2])).generated
+
+
+def test_a_failing_generator_leaves_the_table_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(table: object) -> None:
+        raise RuntimeError("generator bug")
+
+    monkeypatch.setattr("sidecar.core.engine.generate", broken)
+    table = table_from_rules([{"name": "a", "route": "canary"}])
+    engine = Engine(table)
+    assert not engine.generated and engine.error is not None and "generator bug" in engine.error
+    assert engine.steer(request()) == steer(table, request())
+
+
+def test_an_engine_built_ahead_is_handed_out_once_for_its_own_table() -> None:
+    table = table_from_rules([{"name": "a", "route": "canary"}])
+    other = table_from_rules([{"name": "a", "route": "canary"}])  # equal, not the same table
+    built = prepare(table)
+    assert engine_for(other) is not built
+    assert engine_for(table) is built
+    again = engine_for(table)  # taken already: a new one
+    assert again is not built and again.table is table
