@@ -16,6 +16,7 @@ identity matchers) are the core's own, built from the same rules document. The r
 and requests (tests/core/test_engine_differential.py).
 """
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,13 @@ from sidecar.core.request import Request
 from sidecar.core.table import MIRROR_BUCKETS, Mirror, Rule, Split, Table
 from sidecar.core.versions import range_matcher
 
+# What the generator knows. A table with anything else (a field or form added to the rules
+# file or to `Rule` later) is left to the reference walk rather than generated without it.
+KNOWN_RULE_KEYS = frozenset(("name", "match", "route", "deny", "split", "rollout", "mirror"))
+KNOWN_MATCH_KEYS = frozenset(("headers", "path", "identity", "host", "grpc", "method"))
+KNOWN_HEADER_FORMS = frozenset(("exact", "prefix", "regex", "semver", "present", "absent"))
+KNOWN_PATH_FORMS = frozenset(("exact", "prefix", "regex"))
+KNOWN_RULE_FIELDS = ("name", "conditions", "route", "split", "mirror")
 MIN_INDEXED_RUN = 4  # shorter runs of exact-header rules are tested one by one
 # Above this many rules the chain stays the reference walk: compiling the source of a huge
 # function costs more reload time than its requests save (see benchmarks/table_size.py).
@@ -81,6 +89,10 @@ def generate(table: Table) -> tuple[Decide, Denied] | None:
         return None
     if any(not isinstance(d, dict) or d.get("name") != r.name for d, r in zip(documents, table.rules)):  # noqa: B905
         return None
+    if tuple(f.name for f in dataclasses.fields(Rule)) != KNOWN_RULE_FIELDS:
+        return None
+    if not all(_known(document) for document in documents):
+        return None
     source = _Source()
     conditions = [[*_conditions(source, d.get("match") or {})] for d in documents]
     denying = {id(rule) for rule in table.deny_rules}
@@ -94,6 +106,17 @@ def generate(table: Table) -> tuple[Decide, Denied] | None:
     text = "\n".join([*source.preamble, *source.lines])
     exec(compile(text, f"<rules {table.version}>", "exec"), namespace)
     return namespace["decide"], namespace["denied"]
+
+
+def _known(rule: Mapping[str, Any]) -> bool:
+    """Whether every key of a rule's document is one the generator writes code for."""
+    match = rule.get("match") or {}
+    if not KNOWN_RULE_KEYS.issuperset(rule) or not KNOWN_MATCH_KEYS.issuperset(match):
+        return False
+    headers = match.get("headers") or {}
+    if any(isinstance(form, dict) and not KNOWN_HEADER_FORMS.issuperset(form) for form in headers.values()):
+        return False
+    return "path" not in match or KNOWN_PATH_FORMS.issuperset(match["path"])
 
 
 # ---- the functions -----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 to the reference walk, and the engines built ahead by a reload. (That it answers as the
 reference does is tests/core/test_engine_differential.py and every core test run twice.)"""
 
+import copy
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -77,3 +79,21 @@ def test_an_engine_built_ahead_is_handed_out_once_for_its_own_table() -> None:
     assert engine_for(table) is built
     again = engine_for(table)  # taken already: a new one
     assert again is not built and again.table is table
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda rule: rule.update(enabled=False),  # a rule field the generator does not know
+        lambda rule: rule["match"].update(query={"q": "1"}),  # a match form it does not know
+        lambda rule: rule["match"]["headers"].update({"x-b": {"suffix": "z"}}),  # a header form
+        lambda rule: rule["match"].update(path={"suffix": "/z"}),  # a path form
+    ],
+)
+def test_rules_the_generator_does_not_know_are_walked_by_the_reference(edit: Any) -> None:
+    """A form added to the rules file later must never be generated as if it were absent."""
+    table = table_from_rules([{"name": "a", "match": {"headers": {"x-a": "1"}}, "route": "canary"}])
+    assert Engine(table).generated
+    document = copy.deepcopy(table.document)
+    edit(document["rules"][0])
+    assert not Engine(dataclasses.replace(table, document=document)).generated
