@@ -63,6 +63,21 @@ class Metrics:
             ["event"],
             registry=registry,
         )
+        self.shadow_decisions = Counter(
+            "graysteer_shadow_decisions",
+            "Requests decided by the shadow table too (serve --shadow-config, or a fleet's rules.next), "
+            "by the live rule, the live cluster and the shadow table's (a cluster, or deny:STATUS for a "
+            "denied request): the disagreement rate is the share with cluster != shadow_cluster.",
+            ["rule", "cluster", "shadow_cluster"],
+            registry=registry,
+        )
+        self.shadow_info = Gauge(
+            "graysteer_shadow_info",
+            "The shadow table decided beside the live one (value 1), by version; no series without one.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.decision_seconds = Histogram(
             "graysteer_decision_duration_seconds",
             "Time to decide one request (matching and bucketing, without gRPC).",
@@ -281,6 +296,16 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.decisions.labels(cluster, rule)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_shadow(self, rule: str, cluster: str, shadow: str) -> None:
+        key = ("shadow", rule, cluster, shadow)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.shadow_decisions.labels(rule, cluster, shadow)
+        child.inc()  # type: ignore[attr-defined]
+
+    def show_shadow(self, version: str | None) -> None:
+        self._show(self.shadow_info, {(version,): 1} if version is not None else {})
 
     def count_mirror(self, rule: str, cluster: str) -> None:
         self.mirrored.labels(rule, cluster).inc()

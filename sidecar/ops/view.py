@@ -56,6 +56,7 @@ def build(
         "rollouts": [],
         "traffic": None,
         "bypass": None,
+        "shadow": None,
         "fleet": fleet_view(fleet) if fleet is not None else None,
     }
     if status is None:
@@ -68,7 +69,48 @@ def build(
     view["rollouts"] = [rollout_view(r) for r in rollouts]
     view["traffic"] = traffic_view(status.get("traffic") or {}, status.get("clusters") or [])
     view["bypass"] = bypass_view(status.get("envoy_bypass") or {})
+    view["shadow"] = shadow_view(status.get("shadow") or {})
     return view
+
+
+def shadow_view(shadow: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The shadow table's disagreement with the served one (None when none is followed)."""
+    if not shadow.get("following"):
+        return None
+    requests, differing = int(shadow.get("requests") or 0), int(shadow.get("differing") or 0)
+    if not shadow.get("version"):
+        note = f"none in {shadow.get('source', '?')}" + (
+            f" ({shadow['error']})" if shadow.get("error") else ""
+        )
+    else:
+        note = (
+            f"version {shadow['version']} from {shadow.get('source', '?')}: {differing} of {requests} "
+            f"requests decided differently ({_share(differing, requests)}) against served "
+            f"version {shadow.get('live_version', '?')}"
+        )
+        if shadow.get("error"):
+            note += f"; its next document was refused: {shadow['error'].splitlines()[0]}"
+    moves = []
+    for move in shadow.get("moves") or []:
+        count = int(move["requests"])
+        shown = f"{move['rule']}: {move['cluster']} -> {move['shadow_cluster']}: {count}"
+        moves.append(
+            {
+                "rule": move["rule"],
+                "cluster": move["cluster"],
+                "shadow_cluster": move["shadow_cluster"],
+                "requests": count,
+                "shown": f"{shown} ({_share(count, requests)})",
+            }
+        )
+    return {
+        "version": shadow.get("version", ""),
+        "requests": requests,
+        "differing": differing,
+        "rate": differing / requests if requests else 0.0,
+        "note": note,
+        "moves": moves,
+    }
 
 
 def report_of(status: Mapping[str, Any]) -> dict[str, Any]:

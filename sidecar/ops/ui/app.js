@@ -181,6 +181,19 @@ function drawTraffic(traffic, bypass) {
   );
 }
 
+function drawShadow(shadow) {
+  if (!shadow) {
+    replace("shadow", el("p", { class: "dim", text: "no shadow table (serve --shadow-config NEXT, or push --next)" }));
+    return;
+  }
+  replace(
+    "shadow",
+    el("div", { class: shadow.differing ? "shadow problem" : "shadow", "data-differing": String(shadow.differing),
+      "data-requests": String(shadow.requests), text: shadow.note }),
+    ...shadow.moves.map((m) => el("div", { class: "row shadow-move", text: m.shown })),
+  );
+}
+
 async function refresh() {
   try {
     const response = await fetch("view", { cache: "no-store" });
@@ -192,6 +205,7 @@ async function refresh() {
     drawSplits(view.splits);
     drawRollouts(view.rollouts);
     drawTraffic(view.traffic, view.bypass);
+    drawShadow(view.shadow);
   } catch (error) {
     replace("problems", el("div", { class: "problem", text: `cannot read the sidecar's view: ${error.message}` }));
   }
