@@ -67,8 +67,8 @@ class Metrics:
             "graysteer_shadow_decisions",
             "Requests decided by the shadow table too (serve --shadow-config, or a fleet's rules.next), "
             "by the live rule, the live cluster and the shadow table's (a cluster, or deny:STATUS for a "
-            "denied request): the disagreement rate is the share with cluster != shadow_cluster.",
-            ["rule", "cluster", "shadow_cluster"],
+            "denied request), and whether they differ (cluster != shadow_cluster).",
+            ["rule", "cluster", "shadow_cluster", "differs"],
             registry=registry,
         )
         self.shadow_info = Gauge(
@@ -301,7 +301,8 @@ class Metrics:
         key = ("shadow", rule, cluster, shadow)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.shadow_decisions.labels(rule, cluster, shadow)
+            differs = "true" if cluster != shadow else "false"
+            child = self._children[key] = self.shadow_decisions.labels(rule, cluster, shadow, differs)
         child.inc()  # type: ignore[attr-defined]
 
     def show_shadow(self, version: str | None) -> None:

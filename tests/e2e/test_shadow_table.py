@@ -112,12 +112,13 @@ def test_the_shadow_counts_are_the_requests_whose_explain_differs(mode: str, tmp
         metrics = stack.sidecar.http_get("/metrics")[1]
         series = re.findall(
             r"^graysteer_shadow_decisions_total"
-            r'\{cluster="([^"]*)",rule="([^"]*)",shadow_cluster="([^"]*)"\} (\S+)$',
+            r'\{cluster="([^"]*)",differs="(true|false)",rule="([^"]*)",shadow_cluster="([^"]*)"\} (\S+)$',
             metrics,
             re.M,
         )
-        assert sum(float(n) for _, _, _, n in series) == len(REQUESTS)
-        assert {(r, c, s): int(float(n)) for c, r, s, n in series if c != s} == dict(expected)
+        assert sum(float(n) for *_, n in series) == len(REQUESTS)
+        assert {(r, c, s): int(float(n)) for c, d, r, s, n in series if d == "true"} == dict(expected)
+        assert all((d == "true") == (c != s) for c, d, r, s, n in series)
 
         lines = wait_for(lambda: read_lines(log, len(REQUESTS)), 10, "the decision log")
         shadowed = [line for line in lines if "shadow" in line]
