@@ -99,7 +99,7 @@ class Shadow:
         except OSError as error:
             why = f"cannot read: {error.strerror or error}"
             if self.table is not None or why != self.error:
-                log.info("no shadow table: %s: %s", self.rules.label, why)
+                log.warning("no shadow table: %s: %s", self.rules.label, why)
             changed = self.table is not None
             self.table, self.error, self._read = None, why, ""
             return changed
