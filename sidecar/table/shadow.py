@@ -96,6 +96,12 @@ class Shadow:
     def _load(self) -> bool:
         try:
             content = self.rules.read()
+        except FileNotFoundError:  # none (now): the usual state of a fleet's rules.next
+            if self.table is not None:
+                log.info("shadow table removed: no %s", self.rules.label)
+            changed = self.table is not None
+            self.table, self.error, self._read = None, "", ""
+            return changed
         except OSError as error:
             why = f"cannot read: {error.strerror or error}"
             if self.table is not None or why != self.error:
