@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
+from sidecar.core.actions import act
 from sidecar.core.overrides import split_weights
 from sidecar.core.rollout import (
     PROGRESSING,
@@ -21,7 +22,6 @@ from sidecar.core.rollout import (
     RolloutState,
     StepClock,
     Verdict,
-    act,
     advance,
     canary_weight,
     judge,
