@@ -10,6 +10,7 @@ from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.admin.security import ClientAuth
 from sidecar.core.model import DECISION_FIELDS
+from sidecar.ops import view
 
 if TYPE_CHECKING:
     from sidecar.transports.explain import Peer
@@ -145,6 +146,7 @@ def format_status(table: dict[str, Any]) -> str:
             f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
             f"{rollout['reason']}"
         )
+        lines.extend(f"  {wait}" for wait in view.waits_view(view.report_of(rollout)))
     lines.append("rules:")
     for rule in table["rules"]:
         if rule["action"] == "route":

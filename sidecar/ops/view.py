@@ -5,9 +5,10 @@ A pure function from what the sidecar already reports (the admin API's TableStat
 with each rollout's report; `status --fleet`'s replica list) to what is shown, texts
 included: both screens place the same strings, so they cannot disagree. No I/O.
 
-A rollout's phase and reason are shown as they come, and any field a report carries that
-this module does not know is listed under its rollout ("details"): a new kind of wait (an
-approval, a webhook) shows without a change here.
+A rollout's phase and reason are shown as they come, its waits (an approval, its webhook
+gates with their last answers, a ramp-down's progress) each on a line ("waits"), and any
+field a report carries that this module does not know is listed under its rollout
+("details"): a new kind of report field shows without a change here.
 """
 
 import json
@@ -34,6 +35,12 @@ _REPORT_FIELDS = {
     "state_problem",
     "analysis",
     "step_plan",
+    "waiting",
+    "approval_needed",
+    "approved_step",
+    "gates",
+    "on_failure",
+    "ramp",
 }
 DONE, CURRENT, PENDING = "done", "current", "pending"  # a step's place in its rollout
 OK, OVER, NO_DATA, NO_LIMIT = "ok", "over", "no data", "no limit"  # a value against its limit
@@ -148,12 +155,17 @@ def steps_view(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         place = DONE if index < at or phase == "promoted" else CURRENT if index == at else PENDING
         hold = float(step.get("hold_seconds") or 0)
         left = report.get("hold_remaining_seconds") if place == CURRENT else None
+        waiting = (report.get("waiting") or {}).get("on")
         if place == DONE:
             note = "done"
+        elif place == CURRENT and waiting:
+            note = f"waiting for {waiting}"
         elif place == CURRENT:
             note = phase if left is None else f"{_seconds(float(left))} left of {_seconds(hold)}"
         else:
             note = f"hold {_seconds(hold)}" if hold else "last"
+        if step.get("approve") and place != DONE and not waiting:
+            note += ", then approval"
         out.append(
             {
                 "number": index + 1,
@@ -265,10 +277,45 @@ def rollout_view(report: Mapping[str, Any]) -> dict[str, Any]:
         "verdict": report.get("verdict", ""),
         "verdict_shown": f"analysis {report.get('verdict', '?')}: {report.get('verdict_reason', '')}",
         "state_problem": report.get("state_problem") or "",
+        "waiting": (report.get("waiting") or {}).get("on", ""),
+        "can_approve": bool(report.get("approval_needed")),
+        "waits": waits_view(report),
         "steps": steps_view(report),
         "clusters": checks_view(report),
         "details": [f"{key}: {value}" for key, value in sorted(details.items())],
     }
+
+
+def waits_view(report: Mapping[str, Any]) -> list[str]:
+    """What the rollout waits for, one line each: an approval, each webhook gate with its last
+    answer, a ramp-down's progress."""
+    rule, out = report.get("rule", "?"), []
+    waiting = (report.get("waiting") or {}).get("on")
+    if waiting == "approval":
+        out.append(f"waiting for approval: graysteer rollout approve {rule}")
+    elif report.get("approval_needed"):
+        out.append(f"approval needed after the hold (may be given now: graysteer rollout approve {rule})")
+    elif report.get("phase") == "progressing" and report.get("approved_step") == report.get("step"):
+        out.append("this step is approved")
+    for gate in report.get("gates") or []:
+        last = gate.get("last")
+        if gate.get("checking") and last is None:
+            answer = "asking"
+        elif last is not None:
+            outcome = "passed" if last["passed"] else "not passed"
+            answer = f"{outcome}: {last['detail']}, {last['seconds_ago']:g}s ago"
+            answer += " (asking again)" if gate.get("checking") else ""
+        else:
+            answer = "not asked yet"
+        flag = "waiting for it: " if waiting == "webhook" and gate.get("guards_next_move") else ""
+        out.append(f"gate before {gate.get('before')} {gate.get('url')}: {flag}{answer}")
+    ramp = report.get("ramp")
+    if ramp:
+        out.append(
+            f"ramping down: canary weight {ramp['weight']} (from {ramp['from_weight']}) to 0, "
+            f"{_seconds(float(ramp['remaining_seconds']))} left of {_seconds(float(ramp['seconds']))}"
+        )
+    return out
 
 
 def traffic_view(traffic: Mapping[str, Any], clusters: Sequence[str]) -> dict[str, Any]:

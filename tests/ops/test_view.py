@@ -158,6 +158,49 @@ def test_a_field_the_view_does_not_know_shows_under_its_rollout() -> None:
     assert "  gate: approval" in view_text.rollout_lines(shown)
 
 
+def test_every_wait_is_a_line_an_approval_the_gates_last_answers_a_ramp(tmp_path: Path) -> None:
+    report = json.loads(status(tmp_path)["rollouts"][0]["report_json"])
+    plan = [{**step, "approve": index == 0} for index, step in enumerate(report["step_plan"])]
+    gate = {"url": "http://g/ok", "before": "promote", "timeout_seconds": 5.0, "guards_next_move": True}
+    waiting = {
+        **report,
+        "step_plan": plan,
+        "waiting": {"on": "approval", "reason": "held 30s at weight 10; waiting for approval", "since": 1.0},
+        "approval_needed": True,
+        "gates": [{**gate, "checking": False, "last": None}],
+    }
+    shown = view.rollout_view(waiting)
+    assert (shown["waiting"], shown["can_approve"], shown["details"]) == ("approval", True, [])
+    assert shown["waits"] == [
+        "waiting for approval: graysteer rollout approve ramp",
+        "gate before promote http://g/ok: not asked yet",
+    ]
+    assert [s["note"] for s in shown["steps"]] == ["waiting for approval", "hold 60s", "last"]
+    holding = view.rollout_view({**waiting, "waiting": None})
+    assert (
+        holding["waits"][0]
+        == "approval needed after the hold (may be given now: graysteer rollout approve ramp)"
+    )
+    assert holding["steps"][0]["note"].endswith("left of 30s, then approval")
+    last = {"passed": False, "detail": "HTTP 503: frozen", "seconds_ago": 2.5, "for_step": 1}
+    gated = {
+        **report,
+        "step": 1,
+        "waiting": {"on": "webhook", "reason": "waiting for the gate", "since": 1.0},
+        "gates": [{**gate, "checking": True, "last": last}],
+    }
+    assert view.rollout_view(gated)["waits"] == [
+        "gate before promote http://g/ok: waiting for it: "
+        "not passed: HTTP 503: frozen, 2.5s ago (asking again)"
+    ]
+    ramp = {"from_weight": 50, "weight": 20, "seconds": 30.0, "remaining_seconds": 18.0}
+    ramping = view.rollout_view({**report, "phase": "ramping_down", "ramp": ramp})
+    assert ramping["waits"] == ["ramping down: canary weight 20 (from 50) to 0, 18s left of 30s"]
+    assert "  ramping down: canary weight 20 (from 50) to 0, 18s left of 30s" in view_text.rollout_lines(
+        ramping
+    )
+
+
 def test_traffic_not_read_is_said_never_shown_as_zero(tmp_path: Path) -> None:
     shown = view.build(status(tmp_path))
     assert shown["traffic"] == {
