@@ -25,6 +25,7 @@ ROLLBACK, PAUSE, RAMP_DOWN = "rollback", "pause", "ramp_down"  # on_failure
 # What a progressing rollout whose step is held may wait for before it moves on.
 APPROVAL, WEBHOOK = "approval", "webhook"
 WAITS = (APPROVAL, WEBHOOK)
+MAX_WAIT_REASON = 1000  # characters: many gates with long URLs stay within the stored state's bounds
 HEALTHY, BREACH, INCONCLUSIVE = "healthy", "breach", "inconclusive"
 # The analysis could not run (its statistics unreadable, or invalid): never healthy, never a
 # step forward, never a rollback on its own.
@@ -346,6 +347,7 @@ def advance(
 
 
 def _wait(state: RolloutState, on: str, reason: str, now: float) -> RolloutState:
+    reason = reason[:MAX_WAIT_REASON]
     if (state.waiting, state.reason) == (on, reason):
         return state
     changed_at = now if state.waiting != on else state.changed_at

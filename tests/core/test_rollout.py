@@ -437,3 +437,13 @@ def test_the_new_state_fields_round_trip_and_old_states_load() -> None:
     assert (old.waiting, old.approved_step, old.ramp) == ("", None, None)
     assert "ramping down without a ramp" in (state_problem(spec, replace(ramping, ramp=None)) or "")
     assert state_problem(spec, replace(ramping, ramp=Ramp(500, 500)))
+
+
+def test_a_wait_for_many_gates_stays_within_the_stored_states_bounds() -> None:
+    from sidecar.core.state import STATE_FORMAT, state_problems
+
+    gates = [{"url": f"https://gate{i}.example/{'p' * 1000}", "before": "step"} for i in range(8)]
+    spec = spec_of(with_rollout(gates=gates))
+    waiting = advance(spec, start(spec, 0.0), 61.0, HEALTHY_V, held=61.0)
+    assert waiting.waiting == "webhook" and len(waiting.reason) == 1000
+    assert state_problems({"format": STATE_FORMAT, "rollouts": {"ramp": waiting.to_json()}}) == []
