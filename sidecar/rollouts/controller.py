@@ -262,10 +262,11 @@ class RolloutController:
         if new != old:
             await self._save({**self.states, rule: new})  # StateConflict: not applied
             self.states[rule] = new
-            if old is None or (new.phase, new.step, new.fingerprint) != (
+            if old is None or (new.phase, new.step, new.fingerprint, new.waiting) != (
                 old.phase,
                 old.step,
                 old.fingerprint,
+                old.waiting,
             ):
                 log.info(
                     "rollout %s: %s step %d (canary weight %d): %s %s",
