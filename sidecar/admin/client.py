@@ -10,7 +10,7 @@ from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.admin.security import ClientAuth
 from sidecar.core.model import DECISION_FIELDS
-from sidecar.ops.view import shadow_view
+from sidecar.ops import view, view_rollout
 
 if TYPE_CHECKING:
     from sidecar.transports.explain import Peer
@@ -145,7 +145,7 @@ def format_status(table: dict[str, Any]) -> str:
     lines.append(f"default:  {table['default_cluster']}   clusters: {', '.join(table['clusters'])}")
     lines.append(f"state file: {table['state_file']}")
     lines.extend(format_bypass(table.get("envoy_bypass")))
-    shadow = shadow_view(table.get("shadow") or {})
+    shadow = view.shadow_view(table.get("shadow") or {})
     if shadow is not None:
         lines.append(f"shadow table: {shadow['note']}")
         lines.extend(f"  {move['shown']}" for move in shadow["moves"])
@@ -155,6 +155,7 @@ def format_status(table: dict[str, Any]) -> str:
             f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
             f"{rollout['reason']}"
         )
+        lines.extend(f"  {wait}" for wait in view_rollout.waits_view(view_rollout.report_of(rollout)))
     lines.append("rules:")
     for rule in table["rules"]:
         if rule["action"] == "route":

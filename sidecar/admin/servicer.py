@@ -80,6 +80,7 @@ def rollout_statuses(controller: "RolloutController | None") -> list[pb.RolloutS
             reason=r["reason"],
             verdict=r["verdict"],
             report_json=json.dumps(r),
+            waiting=(r.get("waiting") or {}).get("on", ""),
         )
         for r in controller.report()
     ]

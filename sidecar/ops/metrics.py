@@ -169,7 +169,7 @@ class Metrics:
         )
         self.rollout_state = Gauge(
             "graysteer_rollout_state",
-            "1 for the phase each rollout is in (progressing, paused, promoted, aborted).",
+            "1 for the phase each rollout is in (progressing, paused, promoted, aborted, ramping_down).",
             ["rule", "state"],
             registry=registry,
             multiprocess_mode="livemax",
@@ -180,6 +180,20 @@ class Metrics:
             ["rule"],
             registry=registry,
             multiprocess_mode="livemax",
+        )
+        self.rollout_waiting = Gauge(
+            "graysteer_rollout_waiting",
+            "1 while a rollout's held step waits for `on`: approval (an operator's) or webhook (its gates).",
+            ["rule", "on"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_gate_checks = Counter(
+            "graysteer_rollout_gate_checks_total",
+            "Webhook gate checks of each rollout, by the move the gate guards (before: promote, step) "
+            "and result (passed, refused: a non-2xx answer, timeout, error: no answer).",
+            ["rule", "before", "result"],
+            registry=registry,
         )
         self.rollout_verdict = Gauge(
             "graysteer_rollout_verdict",
@@ -335,13 +349,19 @@ class Metrics:
             },
         )
 
-    def show_rollout(self, rule: str, phase: str, step: int, weight: int) -> None:
-        from sidecar.core.rollout import PHASES
+    def show_rollout(self, rule: str, phase: str, step: int, weight: int, waiting: str = "") -> None:
+        from sidecar.core.rollout import PHASES, WAITS
 
         self.rollout_step.labels(rule).set(step)
         self.rollout_canary_weight.labels(rule).set(weight)
         for name in PHASES:
             self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+        for on in WAITS:
+            self.rollout_waiting.labels(rule, on).set(1 if on == waiting else 0)
+
+    def count_gate_check(self, rule: str, before: str, result: str) -> None:
+        """One webhook gate check (result: passed, refused, timeout or error)."""
+        self.rollout_gate_checks.labels(rule, before, result).inc()
 
     def show_limits(self, rule: str, cluster: str, max_error_ratio: float, max_p99_ms: float | None) -> None:
         """A rollout's limits (a limit it does not set has no series)."""

@@ -50,6 +50,7 @@ def rollout_lines(rollout: Mapping[str, Any]) -> list[str]:
     ]
     if rollout["state_problem"]:
         out.append(f"  ! {rollout['state_problem']}")
+    out += [f"  {wait}" for wait in rollout["waits"]]
     out += [f"  {detail}" for detail in rollout["details"]]
     for step in rollout["steps"]:
         out.append(
