@@ -3,6 +3,7 @@ its last good table, never touches the served one, and counts each request again
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -68,7 +69,7 @@ def test_every_request_is_decided_by_both_and_the_differences_counted(tmp_path: 
     decider = Decider(reloader.holder, metrics, shadow=shadow)
     expected: dict[tuple[str, str, str], int] = {}
     for request in requests():
-        served = decider.steer_input("ext_proc", lambda r=request: dict(r.headers), lambda h: Request(h))
+        served = decider.steer_input("ext_proc", partial(dict, request.headers), Request)
         live = served.decision
         assert live == steer(live_table, request).decision  # the live decision is served
         other = steer(next_table, request).decision.cluster
@@ -145,7 +146,7 @@ def test_a_sampled_decision_log_line_carries_the_shadow_decision_when_it_differs
         if steer(reloader.table, r).decision.cluster == steer(shadow.table, r).decision.cluster
     )
     for headers in ({"x-tier": "beta"}, same):
-        decider.steer_input("ext_authz", lambda h=headers: dict(h), lambda h: Request(h))
+        decider.steer_input("ext_authz", partial(dict, headers), Request)
     log.close()
     beta, gold = (json.loads(line) for line in target.read_text().splitlines())
     assert beta["decision"]["cluster"] == "canary" and beta["shadow"]["cluster"] == "stable"
