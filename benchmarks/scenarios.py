@@ -122,7 +122,7 @@ def collector_port() -> int:
     if not _collector:
         from sidecar.dev.otlp import Receiver
 
-        _collector.append(Receiver())
+        _collector.append(Receiver(keep=False))  # counts what Envoy exports, decodes nothing
     return int(_collector[0].port)
 
 
@@ -160,7 +160,12 @@ class Scenario:
             process.ports = [int(process.wait_for_log(r"on 127\.0\.0\.1:(\d+)").group(1))]  # type: ignore[attr-defined]
             return process
         args = ["--workers", str(self.workers)] if self.workers > 1 else []
-        args += [a.replace("{workdir}", str(workdir)) for a in self.sidecar_args]
+        if any("{next}" in a for a in self.sidecar_args):
+            next_rules(workdir / "next.yaml")
+        args += [
+            a.replace("{workdir}", str(workdir)).replace("{next}", str(workdir / "next.yaml"))
+            for a in self.sidecar_args
+        ]
         shared = "--authz-http-shared-port" in self.sidecar_args  # needs a fixed port
         return Sidecar(
             RULES,
@@ -173,6 +178,18 @@ class Scenario:
 
 
 DECISION_LOG = ("--decision-log", "{workdir}/decisions.jsonl")
+SHADOW = ("--shadow-config", "{next}")
+
+
+def next_rules(path: Path) -> None:
+    """The shadow table of the (bs, hs) scenarios: the example rules with the ramp at 50%."""
+    text = RULES.read_text()
+    changed = text.replace("{cluster: stable, weight: 90}", "{cluster: stable, weight: 50}").replace(
+        "{cluster: canary, weight: 10}", "{cluster: canary, weight: 50}"
+    )
+    assert changed != text, "examples/rules.yaml has no 90/10 split to shadow"
+    path.write_text(changed)
+
 
 SCENARIOS = [
     Scenario(
@@ -240,6 +257,22 @@ SCENARIOS = [
         transport="http",
         floor="h0",
         sidecar_args=DECISION_LOG,
+    ),
+    Scenario(
+        "bs",
+        "(b) with a shadow table (every request decided twice)",
+        envoy_yaml,
+        "graysteer",
+        sidecar_args=SHADOW,
+    ),
+    Scenario(
+        "hs",
+        "(h) with a shadow table (every request decided twice)",
+        ext_authz_http,
+        "graysteer",
+        transport="http",
+        floor="h0",
+        sidecar_args=SHADOW,
     ),
 ]
 

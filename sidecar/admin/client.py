@@ -10,6 +10,7 @@ from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.admin.security import ClientAuth
 from sidecar.core.model import DECISION_FIELDS
+from sidecar.ops import view, view_rollout
 
 if TYPE_CHECKING:
     from sidecar.transports.explain import Peer
@@ -112,15 +113,20 @@ def explain(
 
 def explain_result(response: pb.ExplainResponse, source: str) -> dict[str, Any]:
     """What `graysteer explain` prints for an Explain answer (the live page shows the same)."""
-    decided = json_format.MessageToDict(response.decision, preserving_proto_field_name=True)
-    if "bucket" in decided:  # proto3 JSON writes 64-bit integers as strings
-        decided["bucket"] = int(decided["bucket"])
     return {
-        **{name: decided.get(name) for name in DECISION_FIELDS},  # the fields decision_fields() sent
+        **_decision(response.decision),  # the fields decision_fields() sent
         "set_headers": {p.name: p.value for p in response.set_headers},
         "remove_headers": list(response.remove_headers),
         "source": source,
+        **({"shadow": _decision(response.shadow)} if response.HasField("shadow") else {}),
     }
+
+
+def _decision(message: pb.Decision) -> dict[str, Any]:
+    decided = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if "bucket" in decided:  # proto3 JSON writes 64-bit integers as strings
+        decided["bucket"] = int(decided["bucket"])
+    return {name: decided.get(name) for name in DECISION_FIELDS}
 
 
 def format_status(table: dict[str, Any]) -> str:
@@ -139,12 +145,17 @@ def format_status(table: dict[str, Any]) -> str:
     lines.append(f"default:  {table['default_cluster']}   clusters: {', '.join(table['clusters'])}")
     lines.append(f"state file: {table['state_file']}")
     lines.extend(format_bypass(table.get("envoy_bypass")))
+    shadow = view.shadow_view(table.get("shadow") or {})
+    if shadow is not None:
+        lines.append(f"shadow table: {shadow['note']}")
+        lines.extend(f"  {move['shown']}" for move in shadow["moves"])
     for rollout in table.get("rollouts") or []:
         lines.append(
             f"rollout {rollout['rule']}: {rollout['phase']}, step {rollout['step']}, "
             f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
             f"{rollout['reason']}"
         )
+        lines.extend(f"  {wait}" for wait in view_rollout.waits_view(view_rollout.report_of(rollout)))
     lines.append("rules:")
     for rule in table["rules"]:
         if rule["action"] == "route":

@@ -16,8 +16,9 @@ from sidecar.core.overrides import split_weights
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.state_file import StateConflict
-from sidecar.table.decider import Decider
+from sidecar.table.decider import Decider, TableHolder
 from sidecar.table.reload import DrivenByRollout, Loaded, Reloader, ReloadResult
+from sidecar.table.shadow import Shadow, shadow_of
 from sidecar.transports.explain import Peer, headers_message
 from sidecar.transports.ext_proc import ExtProcServicer
 
@@ -79,6 +80,7 @@ def rollout_statuses(controller: "RolloutController | None") -> list[pb.RolloutS
             reason=r["reason"],
             verdict=r["verdict"],
             report_json=json.dumps(r),
+            waiting=(r.get("waiting") or {}).get("on", ""),
         )
         for r in controller.report()
     ]
@@ -166,6 +168,27 @@ def table_status(
         rollouts=rollout_statuses(controller),
         envoy_bypass=envoy_bypass(bypass),
         traffic=traffic_message(traffic),
+        shadow=shadow_message(shadow_of(reloader)),
+    )
+
+
+def shadow_message(shadow: Shadow | None) -> pb.Shadow:
+    if shadow is None:
+        return pb.Shadow()
+    status = shadow.status()
+    return pb.Shadow(
+        following=True,
+        source=status.source,
+        version=status.version,
+        error=status.error,
+        loaded_at=_timestamp(status.loaded_at) if status.loaded_at else None,
+        live_version=status.live_version,
+        requests=status.requests,
+        differing=status.differing,
+        moves=[
+            pb.ShadowMove(rule=rule, cluster=cluster, shadow_cluster=other, requests=count)
+            for rule, cluster, other, count in status.top
+        ],
     )
 
 
@@ -197,6 +220,8 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
         self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
+        self.shadow_table = TableHolder(reloader.table)  # the shadow table's, for each explain
+        self.shadow_explainer = ExtProcServicer(Decider(self.shadow_table, Metrics(CollectorRegistry())))
         self._watchers = 0  # WatchTable streams open
         self._event: tuple[tuple[Loaded, ReloadResult], pb.TableEvent] | None = None  # the last change's
 
@@ -228,13 +253,18 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         )
         response, decision = self.explainer.on_request_headers(message)
         mutation = response.request_headers.response.header_mutation
-        return pb.ExplainResponse(
+        explained = pb.ExplainResponse(
             decision=decision_message(decision),
             set_headers=[
                 pb.Pair(name=h.header.key, value=h.header.raw_value.decode()) for h in mutation.set_headers
             ],
             remove_headers=list(mutation.remove_headers),
         )
+        shadow = shadow_of(self.reloader)
+        if shadow is not None and shadow.table is not None:
+            self.shadow_table.table = shadow.table
+            explained.shadow.CopyFrom(decision_message(self.shadow_explainer.on_request_headers(message)[1]))
+        return explained
 
     async def SetWeights(self, request: pb.SetWeightsRequest, context: Any) -> pb.TableStatus:
         try:

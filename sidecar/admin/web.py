@@ -7,7 +7,7 @@ controller's action), authenticated by the same AdminGate.
 - POST /ui/explain: the decision for a described request (what `graysteer explain` prints).
   Open on a loopback endpoint, as the admin API is there; elsewhere only to a caller the
   admin API's authentication accepts.
-- POST /ui/rollouts/RULE/ACTION (promote, pause, resume, abort): only with
+- POST /ui/rollouts/RULE/ACTION (promote, pause, resume, abort, approve): only with
   `serve --http-actions`, which needs the admin API's authentication (a bearer token file
   and/or client certificates on the allow-list), and only to a caller it accepts.
 
@@ -32,6 +32,7 @@ from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.client import as_dict, explain_result
 from sidecar.admin.security import UNAUTHENTICATED, AdminGate, certificate_identity
 from sidecar.admin.servicer import ActionRefused, AdminServicer
+from sidecar.core.actions import ACTIONS
 from sidecar.core.identity import Identity
 from sidecar.ops import view
 from sidecar.ops.operator_http import Request
@@ -39,7 +40,6 @@ from sidecar.ops.operator_http import Request
 log = logging.getLogger("graysteer.http")
 
 CSRF_HEADER = "x-graysteer-request"
-ACTIONS = ("promote", "pause", "resume", "abort")
 WORK_TIMEOUT_SECONDS = 10.0
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

@@ -17,7 +17,9 @@ _ACCESS = re.compile(
     r'^\[[^\]]*\] "(?P<method>\S+) (?P<path>\S+)" \S+ \S+ cluster=\S* rule=\S* bucket=\S* lane=\S* '
     r"identity=(?P<identity>\S*) version=\S* mirror=\S* (?:\d+|-)ms(?P<rest>.*)$"
 )
-_HEADER = re.compile(r" h:(?P<name>[^=\s]+)=(?P<value>\S*)")
+# A value runs to the next ` h:NAME=` or the end of the line: Envoy writes values as they
+# came, spaces included.
+_HEADER = re.compile(r" h:(?P<name>[^=\s]+)=(?P<value>.*?)(?= h:[^=\s]+=|$)")
 REDACTED = "<redacted>"
 
 

@@ -26,8 +26,18 @@ def add_commands(commands: Any) -> None:
         "for --yes (default %(default)s)",
     )
     p.add_argument("--yes", action="store_true", help="push whatever the change moves")
+    p.add_argument(
+        "--next",
+        action="store_true",
+        help="write PREFIX/rules.next instead: every replica decides each request with it too, as a shadow "
+        "table, and counts where it differs (nothing is served from it; graysteer status shows the rate)",
+    )
     add_etcd_flags(p)
     p.set_defaults(run=push)
+    p = commands.add_parser("drop-next", help="remove a fleet's shadow table (PREFIX/rules.next)")
+    p.add_argument("url", metavar="etcd://HOST:PORT/PREFIX", help="the fleet's etcd address and prefix")
+    add_etcd_flags(p)
+    p.set_defaults(run=drop_next)
 
 
 def push(args: argparse.Namespace) -> int:
@@ -38,10 +48,26 @@ def push(args: argparse.Namespace) -> int:
     table = load_rules(args.rules)  # refused with the same messages as `check`
     content = read_regular_file(Path(args.rules), MAX_FILE_BYTES)
     warn_size(table, args.rules)
-    if not args.yes and not safe_change(args, table):
+    if args.next:  # a shadow moves no request: nothing to confirm
+        key = address.next_rules_key
+    elif not args.yes and not safe_change(args, table):
         return 1
-    revision = asyncio.run(with_etcd_errors(push_rules(address, etcd_tls(args), content), address))
-    print(f"{args.rules}: pushed version {table.version} to {address}/rules (etcd revision {revision})")
+    else:
+        key = address.rules_key
+    revision = asyncio.run(with_etcd_errors(push_rules(address, etcd_tls(args), content, key), address))
+    name = key.decode().rsplit("/", 1)[1]
+    print(f"{args.rules}: pushed version {table.version} to {address}/{name} (etcd revision {revision})")
+    return 0
+
+
+def drop_next(args: argparse.Namespace) -> int:
+    from sidecar.sources.etcd_client import EtcdAddress, delete_key
+
+    address = EtcdAddress.parse(args.url)
+    found = asyncio.run(
+        with_etcd_errors(delete_key(address, etcd_tls(args), address.next_rules_key), address)
+    )
+    print(f"{address}/rules.next: {'removed' if found else 'there was none'}")
     return 0
 
 

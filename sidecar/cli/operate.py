@@ -6,6 +6,7 @@ from typing import Any
 
 from sidecar import values
 from sidecar.cli.common import add_admin_client_flags, add_etcd_flags, client_auth
+from sidecar.core.actions import ACTIONS
 from sidecar.serving.options import argparse_type
 
 
@@ -40,8 +41,16 @@ def add_commands(commands: Any) -> None:
     add_admin_client_flags(p, address=True)
     p.set_defaults(run=set_weight)
 
-    p = commands.add_parser("rollout", help="promote, pause, resume or abort a rollout")
-    p.add_argument("action", choices=["promote", "pause", "resume", "abort"])
+    p = commands.add_parser(
+        "rollout",
+        help="promote, pause, resume or abort a rollout, or approve the step it waits at",
+    )
+    p.add_argument(
+        "action",
+        choices=list(ACTIONS),
+        help="approve: the current step, which asks for an operator's approval (it may be given "
+        "during the step's hold); resume also restarts an aborted or ramping-down rollout at step 0",
+    )
     p.add_argument("rule", help="the split rule whose rollout to act on")
     add_admin_client_flags(p, address=True)
     p.set_defaults(run=rollout)
@@ -77,10 +86,13 @@ def set_weight(args: argparse.Namespace) -> int:
 
 def rollout(args: argparse.Namespace) -> int:
     from sidecar.admin import client as admin_client
+    from sidecar.ops import view_rollout
 
     status = admin_client.rollout(args.admin, args.rule, args.action, client_auth(args))
     print(
         f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
         f"{status['canary_weight']} ({status['reason']})"
     )
+    for wait in view_rollout.waits_view(view_rollout.report_of(status)):
+        print(f"  {wait}")
     return 0

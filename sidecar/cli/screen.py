@@ -11,7 +11,13 @@ from rich.text import Text
 
 from sidecar.ops.view_text import STEP_MARKS
 
-PHASE_STYLES = {"progressing": "cyan", "paused": "yellow", "promoted": "green", "aborted": "bold red"}
+PHASE_STYLES = {
+    "progressing": "cyan",
+    "paused": "yellow",
+    "promoted": "green",
+    "aborted": "bold red",
+    "ramping_down": "bold yellow",
+}
 CHECK_STYLES = {"ok": "green", "over": "bold red", "no data": "yellow", "no limit": "dim"}
 STEP_STYLES = {"done": "green", "current": "bold cyan", "pending": "dim"}
 
@@ -79,6 +85,7 @@ def _rollout(rollout: Mapping[str, Any]) -> RenderableType:
     ]
     if rollout["state_problem"]:
         lines.append(Text(rollout["state_problem"], style="bold red"))
+    lines += [Text(wait, style="bold magenta") for wait in rollout["waits"]]
     lines += [Text(detail, style="yellow") for detail in rollout["details"]]
     steps = Table(box=None, show_header=False, pad_edge=False)
     for _ in range(3):

@@ -7,12 +7,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from sidecar.core.bucketing import cumulative
+from sidecar.core.gates import DEFAULT_GATE_TIMEOUT, Gate
 from sidecar.core.hosts import host_matcher
 from sidecar.core.identity import identity_matcher
 from sidecar.core.model import Coloring, Decision, Reason, Trust
 from sidecar.core.regex import compile_regex
 from sidecar.core.request import Request
-from sidecar.core.rollout import Analysis, RolloutSpec, Step, parse_duration
+from sidecar.core.rollout import RAMP_DOWN, ROLLBACK, Analysis, RolloutSpec, Step, parse_duration
 from sidecar.core.schema import (
     DEFAULT_BAGGAGE_KEY,
     DEFAULT_COLOR_HEADER,
@@ -40,7 +41,7 @@ def compile_table(document: Any, version: str, source: str, *, validated: bool =
 
 def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
     rollout, split = rule["rollout"], rule["split"]
-    analysis = rollout["analysis"]
+    analysis, on_failure = rollout["analysis"], rollout.get("on_failure", ROLLBACK)
     entries = [e["cluster"] for e in split["to"]]
     # What restarts a rollout when the rules file changes: its own section, the split's
     # clusters and total; not the split's current weights, which the rollout itself sets.
@@ -52,7 +53,8 @@ def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
         canary=rollout["canary"],
         baseline=next(c for c in entries if c != rollout["canary"]),
         steps=tuple(
-            Step(s["weight"], parse_duration(s["hold"]) if "hold" in s else 0.0) for s in rollout["steps"]
+            Step(s["weight"], parse_duration(s["hold"]) if "hold" in s else 0.0, bool(s.get("approve")))
+            for s in rollout["steps"]
         ),
         analysis=Analysis(
             parse_duration(analysis["window"]),
@@ -61,9 +63,14 @@ def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
             analysis.get("max_error_rate_vs_stable"),
             analysis.get("max_p99_ms"),
         ),
-        on_failure=rollout.get("on_failure", "rollback"),
+        on_failure=RAMP_DOWN if isinstance(on_failure, dict) else on_failure,
         total=sum(e["weight"] for e in split["to"]),
         fingerprint=fingerprint.hexdigest()[:12],
+        ramp_down=parse_duration(on_failure["ramp_down"]) if isinstance(on_failure, dict) else 0.0,
+        gates=tuple(
+            Gate(g["url"], g["before"], parse_duration(g.get("timeout", f"{DEFAULT_GATE_TIMEOUT:g}s")))
+            for g in rollout.get("gates") or []
+        ),
     )
 
 

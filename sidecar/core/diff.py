@@ -21,7 +21,7 @@ from sidecar.core.steering import steer
 from sidecar.core.table import Table
 
 EXAMPLES = 3  # per kind of move
-UNKNOWN_KEY = ("random", "missing")  # a split that drew at random: not comparable
+UNKNOWN_KEY = ("random",)  # a split that drew at random: not comparable ("missing" is its when_key_missing)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class DiffReport:
         return len(self.moved_keys) / len(self.keys) if self.keys else 0.0
 
 
+def outcome(decision: Decision) -> str:
+    """What a decision does with a request: its cluster, or `deny:STATUS`."""
+    return decision.cluster if decision.deny_status is None else f"deny:{decision.deny_status}"
+
+
 def split_weight(table: Table, rule: str, cluster: str) -> int | None:
     """The weight of `cluster` in the split rule `rule` (None: no such split or entry)."""
     found = table.rule(rule)
@@ -90,9 +95,9 @@ def compare(old_table: Table, new_table: Table, requests: Iterable[Request]) -> 
         key = split_key(request, old) or split_key(request, new)
         if key is not None:
             report.keys.add(key)
-        if (old.cluster, old.deny_status) == (new.cluster, new.deny_status):
+        if outcome(old) == outcome(new):
             continue
-        move = Move(old.rule, new.rule, old.cluster, new.cluster)
+        move = Move(old.rule, new.rule, outcome(old), outcome(new))
         _count(report.moved, move, request, key)
         if key is not None:
             report.moved_keys.add(key)

@@ -2,17 +2,30 @@
 statistics, the verdict, and the state machine that turns time and verdicts into weights.
 
 No clock, no I/O: the controller (sidecar/rollouts/controller.py) passes `now` (wall time, for
-the record), how long the current step has been held (measured on its own clock, see there)
-and the observed counts in, and applies the weights that come out.
+the record), how long the current step has been held (measured on its own clock, see there),
+the observed counts and the webhook gates' last answers in, and applies the weights that come
+out.
 """
 
 import bisect
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sidecar.core.gates import Gate, GateResult, gate_wait
+
 PROGRESSING, PAUSED, PROMOTED, ABORTED = "progressing", "paused", "promoted", "aborted"
-PHASES = (PROGRESSING, PAUSED, PROMOTED, ABORTED)
+# After a breach with `on_failure: {ramp_down: DURATION}`: the canary's weight goes down to 0
+# over the duration (a cold stable lane takes the traffic back gradually), then aborted.
+RAMPING_DOWN = "ramping_down"
+PHASES = (PROGRESSING, PAUSED, PROMOTED, ABORTED, RAMPING_DOWN)
+ROLLBACK, PAUSE, RAMP_DOWN = "rollback", "pause", "ramp_down"  # on_failure
+# What a progressing rollout whose step is held may wait for before it moves on.
+APPROVAL, WEBHOOK = "approval", "webhook"
+WAITS = (APPROVAL, WEBHOOK)
+MAX_WAIT_REASON = 1000  # characters: many gates with long URLs stay within the stored state's bounds
 HEALTHY, BREACH, INCONCLUSIVE = "healthy", "breach", "inconclusive"
 # The analysis could not run (its statistics unreadable, or invalid): never healthy, never a
 # step forward, never a rollback on its own.
@@ -34,6 +47,7 @@ def parse_duration(text: str) -> float:
 class Step:
     weight: int
     hold: float  # seconds; 0 for the last step
+    approve: bool = False  # after its hold, wait for an operator's approval (never the last step)
 
 
 @dataclass(frozen=True)
@@ -52,9 +66,14 @@ class RolloutSpec:
     baseline: str  # the cluster the canary is compared with: the split's first other entry
     steps: tuple[Step, ...]
     analysis: Analysis
-    on_failure: str  # "rollback" or "pause"
+    on_failure: str  # ROLLBACK, PAUSE or RAMP_DOWN
     total: int  # the split's total weight
     fingerprint: str  # changes when the rollout section changes
+    ramp_down: float = 0.0  # seconds, with on_failure RAMP_DOWN
+    gates: tuple[Gate, ...] = ()
+
+    def next_step(self, step: int) -> int:
+        return min(step + 1, len(self.steps) - 1)
 
 
 @dataclass(frozen=True)
@@ -177,6 +196,14 @@ class StepClock:
 
 
 @dataclass(frozen=True)
+class Ramp:
+    """A ramp-down under way: the canary's weight at the breach, and the weight it has now."""
+
+    from_weight: int
+    weight: int
+
+
+@dataclass(frozen=True)
 class RolloutState:
     phase: str
     step: int
@@ -185,10 +212,13 @@ class RolloutState:
     numbers: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     changed_at: float = 0.0
-    step_clock: StepClock | None = None
+    step_clock: StepClock | None = None  # while ramping down: where the ramp began
+    waiting: str = ""  # APPROVAL or WEBHOOK: what the held step waits for (progressing only)
+    approved_step: int | None = None  # the step an operator approved, during its hold or after
+    ramp: Ramp | None = None  # while ramping down
 
     def to_json(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "phase": self.phase,
             "step": self.step,
             "step_started": self.step_started,
@@ -199,12 +229,19 @@ class RolloutState:
         }
         if self.step_clock is not None:
             data["step_clock"] = {"boot": self.step_clock.boot, "at": self.step_clock.at}
+        if self.waiting:
+            data["waiting"] = self.waiting
+        if self.approved_step is not None:
+            data["approved_step"] = self.approved_step
+        if self.ramp is not None:
+            data["ramp"] = {"from": self.ramp.from_weight, "weight": self.ramp.weight}
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RolloutState":
-        """From a state document that passed the state schema (sidecar.core.state)."""
-        clock = data.get("step_clock")
+        """From a state document that passed the state schema (sidecar.core.state); a state
+        written before approvals, gates and ramps has none of their fields."""
+        clock, ramp = data.get("step_clock"), data.get("ramp")
         return cls(
             data["phase"],
             data["step"],
@@ -214,6 +251,9 @@ class RolloutState:
             str(data.get("fingerprint", "")),
             float(data.get("changed_at", 0.0)),
             StepClock(clock["boot"], float(clock["at"])) if clock else None,
+            str(data.get("waiting", "")),
+            data.get("approved_step"),
+            Ramp(int(ramp["from"]), int(ramp["weight"])) if ramp else None,
         )
 
 
@@ -224,6 +264,8 @@ def state_problem(spec: RolloutSpec, state: RolloutState) -> str | None:
         return f"step {state.step} is outside the rollout's {len(spec.steps)} steps"
     if state.step_started != state.step_started or state.step_started in (float("inf"), float("-inf")):
         return "its step start time is not a number"
+    if state.phase == RAMPING_DOWN and (state.ramp is None or state.ramp.weight > spec.total):
+        return "it is ramping down without a ramp within the split's total weight"
     return None
 
 
@@ -232,78 +274,133 @@ def start(spec: RolloutSpec, now: float) -> RolloutState:
 
 
 def canary_weight(spec: RolloutSpec, state: RolloutState) -> int:
-    """The canary weight the state calls for: 0 when aborted, else the current step's (the
-    last step's when promoted)."""
+    """The canary weight the state calls for: 0 when aborted, the ramp's while ramping down,
+    else the current step's (the last step's when promoted)."""
     if state.phase == ABORTED:
         return 0
+    if state.phase == RAMPING_DOWN:
+        return state.ramp.weight if state.ramp is not None else 0
     return spec.steps[min(state.step, len(spec.steps) - 1)].weight
 
 
+def guarding_gates(spec: RolloutSpec, state: RolloutState) -> tuple[int, ...]:
+    """The gates (indexes into spec.gates) that guard the move from the state's step."""
+    to = spec.next_step(state.step)
+    return tuple(i for i, gate in enumerate(spec.gates) if gate.guards(to, len(spec.steps) - 1))
+
+
+def needs_approval(spec: RolloutSpec, state: RolloutState) -> bool:
+    """Whether the current step still waits for an operator's approval."""
+    return spec.steps[state.step].approve and state.approved_step != state.step
+
+
+def due_gates(spec: RolloutSpec, state: RolloutState, verdict: Verdict, held: float) -> tuple[int, ...]:
+    """The gates to ask now: those guarding a move that is otherwise due (progressing, the
+    step held and approved, a healthy verdict). A webhook is never asked before."""
+    if (
+        state.phase != PROGRESSING
+        or verdict.outcome != HEALTHY
+        or held < spec.steps[state.step].hold
+        or needs_approval(spec, state)
+    ):
+        return ()
+    return guarding_gates(spec, state)
+
+
 def advance(
-    spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict, held: float
+    spec: RolloutSpec,
+    state: RolloutState,
+    now: float,
+    verdict: Verdict,
+    held: float,
+    gates: Mapping[int, GateResult] | None = None,
 ) -> RolloutState:
-    """One controller tick: abort/pause on a breach; the next step once the current one has
-    been `held` for its hold with a healthy verdict; promoted on reaching the last step."""
+    """One controller tick. On a breach: aborted, paused or ramping down (`on_failure`). Once
+    the current step has been `held` for its hold: it waits for an operator's approval if it
+    asks for one; then, on a healthy verdict, for every gate that guards the move to pass
+    (`gates`: their last answers for this move); then the next step, promoted on reaching
+    the last one. While ramping down, `held` is how long the ramp has been under way."""
+    if state.phase == RAMPING_DOWN:
+        return _ramp_down(spec, state, held)
     if state.phase != PROGRESSING:
         return state
     if verdict.outcome == BREACH:
-        phase = ABORTED if spec.on_failure == "rollback" else PAUSED
-        return replace(state, phase=phase, reason=verdict.reason, numbers=verdict.numbers(), changed_at=now)
-    hold = spec.steps[state.step].hold
-    if verdict.outcome != HEALTHY or held < hold:
+        return _fail(spec, state, now, verdict)
+    step = spec.steps[state.step]
+    if held < step.hold:
         return state
+    if needs_approval(spec, state):
+        reason = (
+            f"held {step.hold:g}s at weight {step.weight}; waiting for approval "
+            f"(graysteer rollout approve {spec.rule})"
+        )
+        return _wait(state, APPROVAL, reason, now)
+    if verdict.outcome != HEALTHY:
+        return state
+    answers = gates or {}
+    guarding = guarding_gates(spec, state)
+    closed = [i for i in guarding if not (i in answers and answers[i].passed)]
+    if closed:
+        reason = "; ".join(gate_wait(spec.gates[i], answers.get(i)) for i in closed)
+        return _wait(state, WEBHOOK, reason, now)
+    return _move(spec, state, now, verdict, bool(guarding))
+
+
+def _wait(state: RolloutState, on: str, reason: str, now: float) -> RolloutState:
+    reason = reason[:MAX_WAIT_REASON]
+    if (state.waiting, state.reason) == (on, reason):
+        return state
+    changed_at = now if state.waiting != on else state.changed_at
+    return replace(state, waiting=on, reason=reason, changed_at=changed_at)
+
+
+def _move(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict, gated: bool) -> RolloutState:
+    hold = spec.steps[state.step].hold
+    also = ("an operator's approval" if spec.steps[state.step].approve else "", "its gates" if gated else "")
+    extra = "".join(f" and {what}" for what in also if what)
+    moved = replace(
+        state,
+        step_started=now,
+        step_clock=None,
+        numbers=verdict.numbers(),
+        changed_at=now,
+        waiting="",
+        approved_step=None,
+    )
     step = state.step + 1
     if step >= len(spec.steps) - 1:
         return replace(
-            state,
-            phase=PROMOTED,
-            step=len(spec.steps) - 1,
-            step_started=now,
-            step_clock=None,
-            reason="every step passed its analysis",
-            numbers=verdict.numbers(),
-            changed_at=now,
+            moved, phase=PROMOTED, step=len(spec.steps) - 1, reason=f"every step passed its analysis{extra}"
         )
-    return replace(
-        state,
-        step=step,
-        step_started=now,
-        step_clock=None,
-        reason=f"step {step} after a healthy hold of {hold:g}s",
-        numbers=verdict.numbers(),
-        changed_at=now,
-    )
+    return replace(moved, step=step, reason=f"step {step} after a healthy hold of {hold:g}s{extra}")
 
 
-def act(spec: RolloutSpec, state: RolloutState, action: str, now: float) -> RolloutState:
-    """An operator's action: promote, pause, resume, abort. ValueError if it makes no sense."""
-    if action == "promote":
-        return replace(
-            state,
-            phase=PROMOTED,
-            step=len(spec.steps) - 1,
-            step_started=now,
-            step_clock=None,
-            reason="promoted by an operator",
-            changed_at=now,
-        )
-    if action == "abort":
-        return replace(state, phase=ABORTED, reason="aborted by an operator", changed_at=now)
-    if action == "pause":
-        if state.phase != PROGRESSING:
-            raise ValueError(f"cannot pause a rollout that is {state.phase}")
-        return replace(state, phase=PAUSED, reason="paused by an operator", changed_at=now)
-    if action == "resume":
-        if state.phase == PROGRESSING:
-            raise ValueError("the rollout is already progressing")
-        step = 0 if state.phase in (ABORTED, PROMOTED) else state.step
-        return replace(
-            state,
-            phase=PROGRESSING,
-            step=step,
-            step_started=now,
-            step_clock=None,
-            reason="resumed by an operator",
-            changed_at=now,
-        )
-    raise ValueError(f"unknown action {action!r} (promote, pause, resume, abort)")
+def _fail(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict) -> RolloutState:
+    """A breach: the reason and numbers are kept through a ramp-down to the abort."""
+    failed = replace(state, reason=verdict.reason, numbers=verdict.numbers(), changed_at=now, waiting="")
+    failed = replace(failed, approved_step=None)
+    if spec.on_failure == RAMP_DOWN:
+        weight = canary_weight(spec, state)
+        # The ramp's own clock: its start is stamped as a step's is (see the controller).
+        ramp = Ramp(weight, weight)
+        return replace(failed, phase=RAMPING_DOWN, ramp=ramp, step_started=now, step_clock=None)
+    return replace(failed, phase=ABORTED if spec.on_failure == ROLLBACK else PAUSED)
+
+
+def ramp_weight(from_weight: int, seconds: float, elapsed: float) -> int:
+    """The canary's weight `elapsed` seconds into a linear ramp from `from_weight` down to 0
+    over `seconds`: rounded up, so that it reaches 0 when the ramp ends, not before."""
+    if seconds <= 0 or elapsed >= seconds:
+        return 0
+    return math.ceil(round(from_weight * (seconds - elapsed) / seconds, 6))
+
+
+def _ramp_down(spec: RolloutSpec, state: RolloutState, held: float) -> RolloutState:
+    ramp = state.ramp or Ramp(0, 0)
+    # Never up again: a new leader measures the ramp from when it first saw it.
+    weight = min(ramp.weight, ramp_weight(ramp.from_weight, spec.ramp_down, held))
+    if weight == 0:
+        return replace(state, phase=ABORTED, ramp=None)  # the breach's reason and numbers stay
+    if weight == ramp.weight:
+        return state
+    return replace(state, ramp=replace(ramp, weight=weight))

@@ -145,6 +145,7 @@ _rule: dict[str, Any] = {
                         "properties": {
                             "weight": {"type": "integer", "minimum": 0},
                             "hold": {"type": "string"},
+                            "approve": {"type": "boolean"},
                         },
                         "required": ["weight"],
                         "additionalProperties": False,
@@ -162,7 +163,32 @@ _rule: dict[str, Any] = {
                     "required": ["window", "min_requests", "max_error_rate"],
                     "additionalProperties": False,
                 },
-                "on_failure": {"enum": ["rollback", "pause"]},
+                "on_failure": {
+                    "description": "rollback, pause, or {ramp_down: DURATION}",
+                    "oneOf": [
+                        {"enum": ["rollback", "pause"]},
+                        {
+                            "type": "object",
+                            "properties": {"ramp_down": {"type": "string"}},
+                            "required": ["ramp_down"],
+                            "additionalProperties": False,
+                        },
+                    ],
+                },
+                "gates": {
+                    "type": "array",
+                    "maxItems": 8,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "url": {"type": "string", "maxLength": 2048},
+                            "before": {"enum": ["promote", "step"]},
+                            "timeout": {"type": "string"},
+                        },
+                        "required": ["url", "before"],
+                        "additionalProperties": False,
+                    },
+                },
             },
             "required": ["canary", "steps", "analysis"],
             "additionalProperties": False,

@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 
-from sidecar.core.rollout import PHASES
+from sidecar.core.rollout import PHASES, WAITS
 
 STATE_FORMAT = 1
 MAX_RULE_NAME = 253
@@ -64,6 +64,16 @@ STATE_SCHEMA: dict[str, Any] = {
                         "properties": {
                             "boot": {"type": "string", "minLength": 1, "maxLength": 64},
                             "at": {"type": "number", "minimum": 0},
+                        },
+                    },
+                    "waiting": {"enum": ["", *WAITS]},
+                    "approved_step": {"type": "integer", "minimum": 0, "maximum": 10_000},
+                    "ramp": {
+                        "type": "object",
+                        "required": ["from", "weight"],
+                        "properties": {
+                            "from": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
+                            "weight": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
                         },
                     },
                 },

@@ -9,9 +9,11 @@ duplicate names, actions, weights, regexes as Envoy's RE2 accepts them, identity
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from jsonschema import Draft202012Validator, ValidationError
 
+from sidecar.core.gates import MAX_GATE_TIMEOUT
 from sidecar.core.hosts import host_problem
 from sidecar.core.identity import identity_form_problem
 from sidecar.core.regex import regex_problem
@@ -111,6 +113,8 @@ def _explain(error: ValidationError) -> str:
         return f"must be {error.validator_value!r}, got {value!r}"
     if error.validator == "minItems" and not value:
         return "must not be empty"
+    if error.validator == "oneOf" and "description" in schema:
+        return f"must be {schema['description']}, got {value!r}"
     return error.message
 
 
@@ -323,7 +327,40 @@ def _rollout_problems(doc: dict[str, Any], path: list[Any], rule: dict[str, Any]
             yield from _duration_problem(doc, where + ["steps", i, "hold"], step["hold"])
         elif i < len(rollout["steps"]) - 1:
             yield Problem(_where(doc, where + ["steps", i]), "every step but the last needs a hold")
+    if rollout["steps"][-1].get("approve"):
+        yield Problem(
+            _where(doc, where + ["steps", len(rollout["steps"]) - 1, "approve"]),
+            "the last step is the promotion and waits for nothing: put approve on the step before it "
+            "(it then waits for `graysteer rollout approve` before promoting)",
+        )
     yield from _duration_problem(doc, where + ["analysis", "window"], rollout["analysis"]["window"])
+    on_failure = rollout.get("on_failure")
+    if isinstance(on_failure, dict):
+        yield from _duration_problem(doc, where + ["on_failure", "ramp_down"], on_failure["ramp_down"])
+    for i, gate in enumerate(rollout.get("gates") or []):
+        yield from _gate_problems(doc, where + ["gates", i], gate)
+
+
+def _gate_problems(doc: dict[str, Any], path: list[Any], gate: dict[str, Any]) -> Iterable[Problem]:
+    try:
+        parts = urlsplit(gate["url"])
+        parts.port  # noqa: B018 (a port out of range raises here)
+    except ValueError as error:
+        yield Problem(_where(doc, path + ["url"]), f"{gate['url']!r} is not a URL: {error}")
+        return
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        yield Problem(
+            _where(doc, path + ["url"]),
+            f"{gate['url']!r} must be an absolute http:// or https:// URL with a host",
+        )
+    if "timeout" in gate:
+        timeout_path = path + ["timeout"]
+        problems = list(_duration_problem(doc, timeout_path, gate["timeout"]))
+        yield from problems
+        if not problems and parse_duration(gate["timeout"]) > MAX_GATE_TIMEOUT:
+            yield Problem(
+                _where(doc, timeout_path), f"must be at most {MAX_GATE_TIMEOUT:g}s (a gate is asked again)"
+            )
 
 
 def _duration_problem(doc: dict[str, Any], path: list[Any], text: str) -> Iterable[Problem]:

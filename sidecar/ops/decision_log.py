@@ -8,7 +8,8 @@ joins the access log and the trace's `guid:x-request-id`; a random id without it
 `method` and `path`, the rule-relevant `headers` (those the rules read; the values of the
 headers the rules name in `decision_log.redact`, and of `authorization`,
 `proxy-authorization` and `cookie` always, are `<redacted>`), the untrusted headers removed
-(`removed_headers`), and the `decision`'s fields (as `graysteer explain` shows them).
+(`removed_headers`), and the `decision`'s fields (as `graysteer explain` shows them); with a
+shadow table (sidecar.table.shadow), `shadow` holds its decision's fields when it differs.
 `graysteer explain --from-log LINE` reads one back and decides it again.
 
 Off the serving path, and bounded: the serving code samples (`--decision-log-sample`),
@@ -34,7 +35,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
 
-from sidecar.core import Request, Steering, Table, decision_fields
+import orjson
+
+from sidecar.core import Decision, Request, Steering, Table, decision_fields
 from sidecar.ops.metrics import Metrics
 
 log = logging.getLogger("graysteer.decision_log")
@@ -45,7 +48,7 @@ MAX_PENDING = 10_000  # decisions waiting for the writer; more are dropped and c
 MAX_VALUE_CHARS = 512  # a header value longer than this is cut in a line over the limit
 WRITE_EVERY_SECONDS = 0.2  # the writer's pace when decisions trickle in
 
-Pending = tuple[float, str, Request, Steering, Table]
+Pending = tuple[float, str, Request, Steering, Table, Decision | None]
 
 
 class DecisionLog:
@@ -74,17 +77,26 @@ class DecisionLog:
         self._stream: IO[str] | None = None
         self._failing = False
         self._thread = threading.Thread(target=self._run, name="graysteer-decision-log", daemon=True)
+        self._clock = Clock()  # the writer thread's
 
     # -- the serving side: cheap, never blocks ----------------------------------------------
 
-    def offer(self, transport: str, request: Request, steering: Steering, table: Table) -> None:
-        """Hand a decision to the writer, when it is sampled and there is room."""
+    def offer(
+        self,
+        transport: str,
+        request: Request,
+        steering: Steering,
+        table: Table,
+        shadow: Decision | None = None,
+    ) -> None:
+        """Hand a decision to the writer, when it is sampled and there is room (`shadow`: the
+        shadow table's decision, when it differs)."""
         if self.sample < 1 and self.chance() >= self.sample:
             return
         if len(self._pending) >= self.max_pending:
             self.metrics.count_log("dropped_queue_full")
             return
-        self._pending.append((time.time(), transport, request, steering, table))
+        self._pending.append((time.time(), transport, request, steering, table, shadow))
         if len(self._pending) > 256:  # a burst: write now, not at the next beat
             self._wake.set()
 
@@ -165,26 +177,58 @@ class DecisionLog:
 
     # -- one line ---------------------------------------------------------------------------------
 
-    def line(self, at: float, transport: str, request: Request, steering: Steering, table: Table) -> str:
+    def line(
+        self,
+        at: float,
+        transport: str,
+        request: Request,
+        steering: Steering,
+        table: Table,
+        shadow: Decision | None = None,
+    ) -> str:
         """The JSON line (with its newline) for one decision, within `max_line_bytes`."""
-        record = log_record(at, transport, request, steering, table)
-        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-        if len(text.encode()) > self.max_line_bytes:
+        record = log_record(at, transport, request, steering, table, self._clock)
+        if shadow is not None:
+            record["shadow"] = decision_fields(shadow)
+        data = dumps(record)
+        if len(data) > self.max_line_bytes:
             self.metrics.count_log("truncated")
             headers = record["headers"]
             for name, value in headers.items():
                 if len(value) > MAX_VALUE_CHARS:
                     headers[name] = value[:MAX_VALUE_CHARS] + "..."
             record["truncated"] = True
-            text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-            if len(text.encode()) > self.max_line_bytes:
+            data = dumps(record)
+            if len(data) > self.max_line_bytes:
                 record["headers"] = {}
-                text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-        return text + "\n"
+                data = dumps(record)
+        return data.decode() + "\n"
+
+
+def dumps(record: dict[str, Any]) -> bytes:
+    """One line's JSON: orjson, or json's ASCII escapes for what is not UTF-8 (a header value
+    with lone surrogates, as undecodable bytes arrive)."""
+    try:
+        return orjson.dumps(record)
+    except orjson.JSONEncodeError:
+        return json.dumps(record, separators=(",", ":")).encode()
+
+
+class Clock:
+    """RFC 3339 UTC times with milliseconds; the date and time of day formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second, self._text = -1, ""
+
+    def text(self, at: float) -> str:
+        second = int(at)
+        if second != self._second:
+            self._second, self._text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{int(at * 1000) % 1000:03d}Z"
 
 
 def log_record(
-    at: float, transport: str, request: Request, steering: Steering, table: Table
+    at: float, transport: str, request: Request, steering: Steering, table: Table, clock: Clock | None = None
 ) -> dict[str, Any]:
     """The fields of one decision log line (see the module docstring)."""
     headers = request.headers
@@ -195,7 +239,7 @@ def log_record(
         if name in headers
     }
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z",
+        "time": (clock or Clock()).text(at),
         "decision_id": headers.get("x-request-id") or secrets.token_hex(16),
         "trace_id": trace_id,
         "span_id": span_id,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.core import Steering, Table
 from sidecar.ops.request_metrics import request_counts
@@ -41,6 +42,22 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.shadow_decisions = Counter(
+            "graysteer_shadow_decisions",
+            "Requests decided by the shadow table too (serve --shadow-config, or a fleet's rules.next), "
+            "by the live rule, the live cluster and the shadow table's (a cluster, or deny:STATUS for a "
+            "denied request), and whether they differ (cluster != shadow_cluster).",
+            ["rule", "cluster", "shadow_cluster", "differs"],
+            registry=registry,
+        )
+        self.shadow_info = Gauge(
+            "graysteer_shadow_info",
+            "The shadow table decided beside the live one (value 1), by version; no series without one.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._shadow_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
         self.decision_log_lines = Counter(
             "graysteer_decision_log_lines",
             "Decision log lines, by outcome: written; dropped_queue_full (the writer fell behind: "
@@ -116,7 +133,7 @@ class Metrics:
         )
         self.rollout_state = Gauge(
             "graysteer_rollout_state",
-            "1 for the phase each rollout is in (progressing, paused, promoted, aborted).",
+            "1 for the phase each rollout is in (progressing, paused, promoted, aborted, ramping_down).",
             ["rule", "state"],
             registry=registry,
             multiprocess_mode="livemax",
@@ -127,6 +144,20 @@ class Metrics:
             ["rule"],
             registry=registry,
             multiprocess_mode="livemax",
+        )
+        self.rollout_waiting = Gauge(
+            "graysteer_rollout_waiting",
+            "1 while a rollout's held step waits for `on`: approval (an operator's) or webhook (its gates).",
+            ["rule", "on"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_gate_checks = Counter(
+            "graysteer_rollout_gate_checks_total",
+            "Webhook gate checks of each rollout, by the move the gate guards (before: promote, step) "
+            "and result (passed, refused: a non-2xx answer, timeout, error: no answer).",
+            ["rule", "before", "result"],
+            registry=registry,
         )
         self.rollout_verdict = Gauge(
             "graysteer_rollout_verdict",
@@ -233,6 +264,17 @@ class Metrics:
     def count_log(self, outcome: str, lines: int = 1) -> None:
         self.decision_log_lines.labels(outcome).inc(lines)
 
+    def count_shadow(self, rule: str, cluster: str, shadow: str) -> None:
+        key = (rule, cluster, shadow)
+        child = self._shadow_children.get(key)
+        if child is None:
+            differs = "true" if cluster != shadow else "false"
+            child = self._shadow_children[key] = self.shadow_decisions.labels(rule, cluster, shadow, differs)
+        child.inc()  # type: ignore[attr-defined]
+
+    def show_shadow(self, version: str | None) -> None:
+        self._show(self.shadow_info, {(version,): 1} if version is not None else {})
+
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()
 
@@ -257,13 +299,19 @@ class Metrics:
             },
         )
 
-    def show_rollout(self, rule: str, phase: str, step: int, weight: int) -> None:
-        from sidecar.core.rollout import PHASES
+    def show_rollout(self, rule: str, phase: str, step: int, weight: int, waiting: str = "") -> None:
+        from sidecar.core.rollout import PHASES, WAITS
 
         self.rollout_step.labels(rule).set(step)
         self.rollout_canary_weight.labels(rule).set(weight)
         for name in PHASES:
             self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+        for on in WAITS:
+            self.rollout_waiting.labels(rule, on).set(1 if on == waiting else 0)
+
+    def count_gate_check(self, rule: str, before: str, result: str) -> None:
+        """One webhook gate check (result: passed, refused, timeout or error)."""
+        self.rollout_gate_checks.labels(rule, before, result).inc()
 
     def show_limits(self, rule: str, cluster: str, max_error_ratio: float, max_p99_ms: float | None) -> None:
         """A rollout's limits (a limit it does not set has no series)."""

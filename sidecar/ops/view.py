@@ -5,38 +5,15 @@ A pure function from what the sidecar already reports (the admin API's TableStat
 with each rollout's report; `status --fleet`'s replica list) to what is shown, texts
 included: both screens place the same strings, so they cannot disagree. No I/O.
 
-A rollout's phase and reason are shown as they come, and any field a report carries that
-this module does not know is listed under its rollout ("details"): a new kind of wait (an
-approval, a webhook) shows without a change here.
+A rollout's part is sidecar.ops.view_rollout's.
 """
 
-import json
-import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-# The rollout report's fields drawn on their own; any other field is a detail.
-_REPORT_FIELDS = {
-    "rule",
-    "phase",
-    "step",
-    "steps",
-    "canary",
-    "baseline",
-    "canary_weight",
-    "total_weight",
-    "hold_remaining_seconds",
-    "reason",
-    "numbers",
-    "verdict",
-    "verdict_reason",
-    "state_problem",
-    "analysis",
-    "step_plan",
-}
-DONE, CURRENT, PENDING = "done", "current", "pending"  # a step's place in its rollout
-OK, OVER, NO_DATA, NO_LIMIT = "ok", "over", "no data", "no limit"  # a value against its limit
+from sidecar.ops.view_rollout import report_of, rollout_view, seconds
+
 BAR_WIDTH = 20
 
 
@@ -56,6 +33,7 @@ def build(
         "rollouts": [],
         "traffic": None,
         "bypass": None,
+        "shadow": None,
         "fleet": fleet_view(fleet) if fleet is not None else None,
     }
     if status is None:
@@ -68,16 +46,48 @@ def build(
     view["rollouts"] = [rollout_view(r) for r in rollouts]
     view["traffic"] = traffic_view(status.get("traffic") or {}, status.get("clusters") or [])
     view["bypass"] = bypass_view(status.get("envoy_bypass") or {})
+    view["shadow"] = shadow_view(status.get("shadow") or {})
     return view
 
 
-def report_of(status: Mapping[str, Any]) -> dict[str, Any]:
-    """A rollout's full report (its report_json), or the fields of its status message."""
-    text = status.get("report_json")
-    if text:
-        report: dict[str, Any] = json.loads(text)
-        return report
-    return dict(status)
+def shadow_view(shadow: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The shadow table's disagreement with the served one (None when none is followed)."""
+    if not shadow.get("following"):
+        return None
+    requests, differing = int(shadow.get("requests") or 0), int(shadow.get("differing") or 0)
+    if not shadow.get("version"):
+        note = f"none in {shadow.get('source', '?')}" + (
+            f" ({shadow['error']})" if shadow.get("error") else ""
+        )
+    else:
+        note = (
+            f"version {shadow['version']} from {shadow.get('source', '?')}: {differing} of {requests} "
+            f"requests decided differently ({_share(differing, requests)}) against served "
+            f"version {shadow.get('live_version', '?')}"
+        )
+        if shadow.get("error"):
+            note += f"; its next document was refused: {shadow['error'].splitlines()[0]}"
+    moves = []
+    for move in shadow.get("moves") or []:
+        count = int(move["requests"])
+        shown = f"{move['rule']}: {move['cluster']} -> {move['shadow_cluster']}: {count}"
+        moves.append(
+            {
+                "rule": move["rule"],
+                "cluster": move["cluster"],
+                "shadow_cluster": move["shadow_cluster"],
+                "requests": count,
+                "shown": f"{shown} ({_share(count, requests)})",
+            }
+        )
+    return {
+        "version": shadow.get("version", ""),
+        "requests": requests,
+        "differing": differing,
+        "rate": differing / requests if requests else 0.0,
+        "note": note,
+        "moves": moves,
+    }
 
 
 def table_view(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,142 +145,6 @@ def split_view(rule: Mapping[str, Any], rollout: bool) -> dict[str, Any] | None:
     }
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.0f}s" if value >= 10 or value == int(value) else f"{value:.1f}s"
-
-
-def steps_view(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each step: done, the current one (with the time left in its hold), or to come."""
-    plan = report.get("step_plan") or []
-    at, phase = int(report.get("step", 0)), report.get("phase", "")
-    out = []
-    for index, step in enumerate(plan):
-        place = DONE if index < at or phase == "promoted" else CURRENT if index == at else PENDING
-        hold = float(step.get("hold_seconds") or 0)
-        left = report.get("hold_remaining_seconds") if place == CURRENT else None
-        if place == DONE:
-            note = "done"
-        elif place == CURRENT:
-            note = phase if left is None else f"{_seconds(float(left))} left of {_seconds(hold)}"
-        else:
-            note = f"hold {_seconds(hold)}" if hold else "last"
-        out.append(
-            {
-                "number": index + 1,
-                "weight": int(step.get("weight", 0)),
-                "hold_seconds": hold,
-                "place": place,
-                "time_left": left,
-                "note": note,
-            }
-        )
-    return out
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else ("inf" if math.isinf(value) else f"{value:.2%}")
-
-
-def _check(
-    name: str, value: float | None, limit: float | None, shown: str, limit_shown: str
-) -> dict[str, Any]:
-    if limit is None:
-        state = NO_LIMIT
-    elif value is None:
-        state = NO_DATA
-    else:
-        state = OVER if value > limit else OK
-    return {
-        "name": name,
-        "value": None if value is None or math.isinf(value) else value,
-        "limit": limit,
-        "shown": shown,
-        "limit_shown": limit_shown if limit is not None else "-",
-        "state": state,
-    }
-
-
-def checks_view(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The analysis' values against their thresholds, per cluster (the canary, and the
-    baseline it is compared with)."""
-    a = report.get("analysis") or {}
-    canary, baseline = report.get("canary", "canary"), report.get("baseline", "stable")
-    canary_rate, baseline_rate = a.get("canary_error_rate"), a.get("baseline_error_rate")
-    vs: float | None = None
-    if canary_rate is not None and baseline_rate is not None:
-        vs = 0.0 if not canary_rate else (canary_rate / baseline_rate if baseline_rate else math.inf)
-    vs_limit = a.get("max_error_rate_vs_stable")
-    p99_limit = a.get("max_p99_ms")
-    window = f"in {_seconds(a.get('window_seconds') or 0)} (min {a.get('min_requests', '-')})"
-    rows = []
-    for cluster, role, rate, p99, requests in (
-        (canary, "canary", canary_rate, a.get("canary_p99_ms"), a.get("canary_requests")),
-        (baseline, "baseline", baseline_rate, a.get("baseline_p99_ms"), a.get("baseline_requests")),
-    ):
-        checks = [
-            _check(
-                "error rate",
-                rate,
-                a.get("max_error_rate") if role == "canary" else None,
-                _ratio(rate),
-                _ratio(a.get("max_error_rate")),
-            ),
-            _check(
-                "p99",
-                p99,
-                p99_limit if role == "canary" else None,
-                "-" if p99 is None else f"{p99:.0f} ms",
-                "-" if p99_limit is None else f"{p99_limit:.0f} ms",
-            ),
-        ]
-        if role == "canary":
-            checks.insert(
-                1,
-                _check(
-                    f"vs {baseline}",
-                    vs,
-                    vs_limit,
-                    "-" if vs is None else ("inf" if math.isinf(vs) else f"{vs:.2f}x"),
-                    "-" if vs_limit is None else f"{vs_limit:g}x",
-                ),
-            )
-        rows.append(
-            {
-                "cluster": cluster,
-                "role": role,
-                "requests": requests,
-                "requests_shown": f"{requests if requests is not None else '-'} responses {window}",
-                "checks": checks,
-            }
-        )
-    return rows
-
-
-def rollout_view(report: Mapping[str, Any]) -> dict[str, Any]:
-    phase, reason = report.get("phase", "?"), report.get("reason", "")
-    details = {
-        key: value
-        for key, value in report.items()
-        if key not in _REPORT_FIELDS and value not in (None, "", [], {})
-    }
-    return {
-        "rule": report.get("rule", "?"),
-        "phase": phase,
-        "status": f"{phase}: {reason}" if reason else phase,
-        "canary": report.get("canary", ""),
-        "baseline": report.get("baseline", ""),
-        "canary_weight": report.get("canary_weight"),
-        "weight_shown": f"canary weight {report.get('canary_weight')} of {report.get('total_weight')}",
-        "step_shown": f"step {int(report.get('step', 0)) + 1} of {report.get('steps', '?')}",
-        "verdict": report.get("verdict", ""),
-        "verdict_shown": f"analysis {report.get('verdict', '?')}: {report.get('verdict_reason', '')}",
-        "state_problem": report.get("state_problem") or "",
-        "steps": steps_view(report),
-        "clusters": checks_view(report),
-        "details": [f"{key}: {value}" for key, value in sorted(details.items())],
-    }
-
-
 def traffic_view(traffic: Mapping[str, Any], clusters: Sequence[str]) -> dict[str, Any]:
     """Responses per second of each cluster of the table (Envoy's other clusters, such as
     the sidecar's own, are not steered traffic); not watched: said, never shown as 0."""
@@ -299,7 +173,7 @@ def traffic_view(traffic: Mapping[str, Any], clusters: Sequence[str]) -> dict[st
     problem = traffic.get("problem") or ""
     return {
         "watching": True,
-        "note": f"from {traffic.get('source', '?')}, last {_seconds(float(traffic.get('seconds') or 0))}"
+        "note": f"from {traffic.get('source', '?')}, last {seconds(float(traffic.get('seconds') or 0))}"
         + (f"; {problem}" if problem else ""),
         "clusters": rows,
     }

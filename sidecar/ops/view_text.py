@@ -36,6 +36,10 @@ def lines(view: Mapping[str, Any]) -> list[str]:
             out += [f"  {c['cluster']:<16} {c['bar']} {c['shown']}" for c in part["clusters"]]
         else:
             out += [f"  {m['mode']}: {m['shown']}" for m in part["modes"]]
+    shadow = view.get("shadow")
+    if shadow is not None:
+        out.append(f"shadow table: {shadow['note']}")
+        out += [f"  {move['shown']}" for move in shadow["moves"]]
     return out
 
 
@@ -46,6 +50,7 @@ def rollout_lines(rollout: Mapping[str, Any]) -> list[str]:
     ]
     if rollout["state_problem"]:
         out.append(f"  ! {rollout['state_problem']}")
+    out += [f"  {wait}" for wait in rollout["waits"]]
     out += [f"  {detail}" for detail in rollout["details"]]
     for step in rollout["steps"]:
         out.append(

@@ -12,18 +12,21 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
+from sidecar.core.actions import act
 from sidecar.core.overrides import split_weights
 from sidecar.core.rollout import (
+    ABORTED,
     PROGRESSING,
+    RAMPING_DOWN,
     UNAVAILABLE,
     ClusterWindow,
     RolloutSpec,
     RolloutState,
     StepClock,
     Verdict,
-    act,
     advance,
     canary_weight,
+    due_gates,
     judge,
     start,
     state_problem,
@@ -31,6 +34,8 @@ from sidecar.core.rollout import (
 )
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
+from sidecar.rollouts.gates import GateChecks
+from sidecar.rollouts.report import rollout_report
 from sidecar.table.reload import Reloader
 
 log = logging.getLogger("graysteer.rollout")
@@ -111,6 +116,7 @@ class RolloutController:
         self._seen: dict[str, tuple[tuple[object, ...], float]] = {}  # rule -> (step, began)
         self._lock = asyncio.Lock()
         self._seen_state = b""
+        self.gates = GateChecks(metrics, steady)  # webhook gates, asked off the tick
         self._load_states()
 
     def _load_states(self) -> None:
@@ -167,13 +173,16 @@ class RolloutController:
         return new
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except Exception:  # one bad tick must not stop the controller
-                log.exception("rollout tick failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.poll_seconds)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except Exception:  # one bad tick must not stop the controller
+                    log.exception("rollout tick failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_seconds)
+        finally:
+            await self.gates.close()
 
     async def follow(self) -> None:
         """Show every change of the stored state at once (a follower's gauges follow the
@@ -212,7 +221,11 @@ class RolloutController:
             state = start(spec, now)
         verdict = self.verdict(spec, now)
         self.verdicts[rule] = verdict
-        new = advance(spec, state, now, verdict, self.held(rule, state))
+        held = self.held(rule, state)
+        due = due_gates(spec, state, verdict, held)
+        if due:  # asked in the background: this tick goes on with the answers already in
+            self.gates.ask(spec, state, verdict, due)
+        new = advance(spec, state, now, verdict, held, self.gates.answers(rule, state))
         await self._apply(rule, spec, new, verdict, saved)  # a new rollout is saved at once
 
     def verdict(self, spec: RolloutSpec, now: float) -> Verdict:
@@ -249,10 +262,11 @@ class RolloutController:
         if new != old:
             await self._save({**self.states, rule: new})  # StateConflict: not applied
             self.states[rule] = new
-            if old is None or (new.phase, new.step, new.fingerprint) != (
+            if old is None or (new.phase, new.step, new.fingerprint, new.waiting) != (
                 old.phase,
                 old.step,
                 old.fingerprint,
+                old.waiting,
             ):
                 log.info(
                     "rollout %s: %s step %d (canary weight %d): %s %s",
@@ -277,7 +291,8 @@ class RolloutController:
         self._show(rule, spec, new, verdict)
 
     def _show(self, rule: str, spec: RolloutSpec, state: RolloutState, verdict: Verdict | None) -> None:
-        self.metrics.show_rollout(rule, state.phase, state.step, canary_weight(spec, state))
+        waiting = state.waiting if state.phase == PROGRESSING else ""
+        self.metrics.show_rollout(rule, state.phase, state.step, canary_weight(spec, state), waiting)
         self.metrics.show_limits(rule, spec.canary, spec.analysis.max_error_rate, spec.analysis.max_p99_ms)
         if verdict is not None:
             self.metrics.show_verdict(rule, verdict)
@@ -304,49 +319,20 @@ class RolloutController:
             return self.states[rule]
 
     def report(self) -> list[dict[str, Any]]:
-        """Each rollout's state and current analysis, for /rollouts and the admin API."""
+        """Each rollout's state, current analysis and waits, for /rollouts and the admin API."""
         now = self.clock()
         out = []
         for rule, spec in self.specs().items():
             state = self.states.get(rule) or start(spec, now)
             verdict = self.verdicts.get(rule) or self.verdict(spec, now)
-            out.append(
-                {
-                    "rule": rule,
-                    "phase": state.phase,
-                    "step": state.step,
-                    "steps": len(spec.steps),
-                    "canary": spec.canary,
-                    "baseline": spec.baseline,
-                    "canary_weight": canary_weight(spec, state),
-                    "total_weight": spec.total,
-                    "hold_remaining_seconds": max(
-                        0.0, round(spec.steps[state.step].hold - self.held(rule, state), 3)
-                    )
-                    if state.phase == PROGRESSING
-                    else None,
-                    "reason": state.reason,
-                    "numbers": state.numbers,
-                    "verdict": verdict.outcome,
-                    "verdict_reason": verdict.reason,
-                    "state_problem": self.state_problem,
-                    "analysis": {
-                        **verdict.numbers(),
-                        "window_seconds": spec.analysis.window,
-                        "min_requests": spec.analysis.min_requests,
-                        "max_error_rate": spec.analysis.max_error_rate,
-                        "max_error_rate_vs_stable": spec.analysis.max_error_rate_vs_stable,
-                        "max_p99_ms": spec.analysis.max_p99_ms,
-                    },
-                    "step_plan": [{"weight": s.weight, "hold_seconds": s.hold} for s in spec.steps],
-                }
-            )
+            held = self.held(rule, state)
+            out.append(rollout_report(spec, state, verdict, held, self.gates, self.state_problem))
         return out
 
 
 def http_view(controller: RolloutController, path: str) -> tuple[int, object] | None:
     """GET /rollouts, /rollouts/RULE, and /rollouts/RULE/check (200 unless the analysis is in
-    breach or cannot run, the rollout was aborted, or its stored state cannot be read: a
+    breach or cannot run, the rollout was aborted or is ramping down, or its stored state cannot be read: a
     Flagger webhook or an Argo `web` metric gate)."""
     if path in ("/rollouts", "/rollouts/"):
         return 200, controller.report()
@@ -360,7 +346,7 @@ def http_view(controller: RolloutController, path: str) -> tuple[int, object] | 
     if len(parts) == 3:
         healthy = (
             report["verdict"] not in ("breach", UNAVAILABLE)
-            and report["phase"] != "aborted"
+            and report["phase"] not in (ABORTED, RAMPING_DOWN)
             and report["state_problem"] is None
         )
         return (200 if healthy else 503), report

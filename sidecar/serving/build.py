@@ -35,6 +35,7 @@ from sidecar.stats.bypass import BypassMonitor
 from sidecar.stats.envoy import EnvoyStats
 from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
+from sidecar.table.shadow import Shadow, shadow_of
 from sidecar.tlsfiles import TlsReloads
 from sidecar.transports.authz_http import AuthzHttpServer
 from sidecar.transports.ext_authz import AuthorizationServicer
@@ -86,7 +87,7 @@ class Sidecar:
         tls_reloads = TlsReloads(registry)
         source, reloader = await first_table(options, metrics, tls_reloads)
         decision_log = open_decision_log(options.decision_log, options.decision_log_sample, metrics)
-        decider = Decider(reloader.holder, metrics, decision_log)
+        decider = Decider(reloader.holder, metrics, decision_log, shadow_of(reloader))
         readiness = Readiness()
         fleet = None
         if isinstance(source, EtcdSource):
@@ -137,14 +138,20 @@ async def first_table(
     cache's; ValueError or OSError naming both when neither can be served."""
     source = open_source(options, metrics, tls_reloads)
     await source.start()
+
+    def reloader() -> Reloader:
+        next_rules = source.next_rules
+        shadow = Shadow(next_rules, source.state, metrics) if next_rules is not None else None
+        return Reloader(source.rules, metrics, source.state, shadow=shadow)
+
     try:
-        return source, Reloader(source.rules, metrics, source.state)
+        return source, reloader()
     except ValueError as error:
         if not source.use_cache():
             raise
         log.error("what %s holds cannot be served (%s): starting from the local cache", options.config, error)
         try:
-            return source, Reloader(source.rules, metrics, source.state)
+            return source, reloader()
         except ValueError as cached:
             raise ValueError(f"{error}; and the local cache: {cached}") from None
 
@@ -158,7 +165,8 @@ def open_source(options: ServeOptions, metrics: Metrics, tls_reloads: TlsReloads
             cache = cache / f"worker-{options.worker_index}"
         return EtcdSource(address, options.etcd_tls, cache, metrics, tls_reloads)
     state = Path(options.state_file) if options.state_file else None
-    return FileSource(Path(options.config), state, options.watch, options.watch_polling)
+    shadow = Path(options.shadow_config) if options.shadow_config else None
+    return FileSource(Path(options.config), state, options.watch, options.watch_polling, shadow)
 
 
 def grpc_server(decider: Decider, readiness: Readiness) -> grpc.aio.Server:

@@ -98,6 +98,10 @@ class ServeOptions:
         "rollouts, for callers the admin API's authentication accepts: its bearer token (--admin-token-file) "
         "and/or a client certificate on --admin-allow (with --admin-tls-*, the endpoint then serves HTTPS); "
         "default read-only", action="store_true"))
+    shadow_config: str | None = option(None, Flag(
+        "--shadow-config", "the next rules file: decide every request with it too, serve none of its "
+        "decisions, count where it differs (graysteer_shadow_decisions_total, status; with etcd:// the "
+        "fleet's PREFIX/rules.next, written by push --next)", metavar="NEXT"))
     state_file: str | None = option(None, Flag(
         "--state-file", "where runtime weight changes are persisted (default: .RULES.graysteer-state.json "
         "beside the rules file; in etcd with etcd://)", metavar="PATH"))
@@ -213,6 +217,11 @@ class ServeOptions:
 
             if self.state_file:
                 found.append("--state-file does not apply to --config etcd://: the state lives in etcd")
+            if self.shadow_config:
+                found.append(
+                    "--shadow-config does not apply to --config etcd://: a fleet's shadow table is "
+                    "PREFIX/rules.next (graysteer push --next NEXT URL)"
+                )
             try:
                 EtcdAddress.parse(self.config)
             except ValueError as error:

@@ -17,6 +17,9 @@ class Source(Protocol):
     @property
     def state(self) -> StateStore: ...
 
+    @property
+    def next_rules(self) -> RulesSource | None: ...  # the shadow table's rules, when followed
+
     async def start(self) -> None: ...  # connect and read (OSError when nothing can be read)
 
     def use_cache(self) -> bool: ...  # serve a local copy instead (the source's is unusable)

@@ -1,7 +1,8 @@
 """The rules and the runtime state from etcd, kept in memory by a watch, cached on disk.
 
-`EtcdSource` reads PREFIX/rules and PREFIX/state once, then watches both keys and asks the
-reloader to look again on every change: a push, a `set-weight` or a rollout step made
+`EtcdSource` reads PREFIX/rules, PREFIX/rules.next (the shadow table's, when there is one)
+and PREFIX/state once, then watches the three keys and asks the reloader to look again on
+every change: a push, a `set-weight` or a rollout step made
 through any replica reaches every replica within the watch's latency. The reloader reads
 the values from memory (`rules` is a RulesSource, `state` a StateStore), so validation and
 the keep-the-last-good-table rule are exactly those of a rules file: a corrupt or invalid
@@ -125,6 +126,7 @@ class EtcdSource:
         self.metrics = metrics
         self.client = EtcdClient(address, tls, reloads)
         self.rules = EtcdRules(f"{address}/rules", MAX_FILE_BYTES)
+        self.next_rules = EtcdRules(f"{address}/rules.next", MAX_FILE_BYTES)  # a shadow table
         self.state = EtcdState(f"{address}/state", self)
         self.cache_dir = cache_dir
         self.connected = False
@@ -155,10 +157,11 @@ class EtcdSource:
 
     async def _read_all(self) -> None:
         """Both keys at one store revision (one range read), from which the watch goes on."""
-        keys = (self.address.rules_key, self.address.state_key)
+        targets = self._targets()
+        keys = [key for _, key in targets]
         found = await self.client.get_range(min(keys), max(keys) + b"\0")
         values = {bytes(kv.key): kv for kv in found.kvs if bytes(kv.key) in keys}
-        for target, key in ((self.rules, keys[0]), (self.state, keys[1])):
+        for target, key in targets:
             kv = values.get(key)
             target.value = None if kv is None else bytes(kv.value)
             target.revision = 0 if kv is None else int(kv.mod_revision)
@@ -218,8 +221,7 @@ class EtcdSource:
     async def _follow(self, reloader: Reloader, stop: asyncio.Event) -> None:
         start = self._revision + 1
         watches = [
-            (self.rules, await self.client.watch(self.address.rules_key, start_revision=start)),
-            (self.state, await self.client.watch(self.address.state_key, start_revision=start)),
+            (target, await self.client.watch(key, start_revision=start)) for target, key in self._targets()
         ]
         changed = asyncio.Event()
 
@@ -252,6 +254,14 @@ class EtcdSource:
             for _, watch in watches:
                 with contextlib.suppress(Exception):
                     await watch.cancel()
+
+    def _targets(self) -> list[tuple[_Value, bytes]]:
+        """The keys followed, each with where its latest value is kept."""
+        return [
+            (self.rules, self.address.rules_key),
+            (self.next_rules, self.address.next_rules_key),
+            (self.state, self.address.state_key),
+        ]
 
     def _mark(self, connected: bool) -> None:
         if connected != self.connected:

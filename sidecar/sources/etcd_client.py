@@ -4,6 +4,8 @@ One prefix holds one service's fleet, and is the unit of isolation between servi
 (grant each service's sidecars an etcd role on its prefix alone):
 
     PREFIX/rules             the rules document, as `graysteer push` wrote it
+    PREFIX/rules.next        the next rules, decided beside the live ones as a shadow table
+                             (`graysteer push --next`; sidecar.table.shadow)
     PREFIX/state             runtime weights and rollout states (the state file's format)
     PREFIX/leader            the replica whose rollout controller acts (bound to its lease)
     PREFIX/replicas/<id>     each replica's record: served version, lanes (bound to its lease)
@@ -76,6 +78,10 @@ class EtcdAddress:
     @property
     def rules_key(self) -> bytes:
         return self.key("rules")
+
+    @property
+    def next_rules_key(self) -> bytes:
+        return self.key("rules.next")
 
     @property
     def state_key(self) -> bytes:
@@ -152,8 +158,17 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         return True
 
 
-async def push_rules(address: EtcdAddress, tls: EtcdTls | None, content: bytes) -> int:
-    """Write a (validated) rules document; returns etcd's revision of the write."""
+async def push_rules(
+    address: EtcdAddress, tls: EtcdTls | None, content: bytes, key: bytes | None = None
+) -> int:
+    """Write a (validated) rules document (to PREFIX/rules unless `key` says otherwise);
+    returns etcd's revision of the write."""
     async with EtcdClient(address, tls) as client:
-        response = await client.put(address.rules_key, content)
+        response = await client.put(key or address.rules_key, content)
         return int(response.header.revision)
+
+
+async def delete_key(address: EtcdAddress, tls: EtcdTls | None, key: bytes) -> bool:
+    """Delete one key; True when it existed."""
+    async with EtcdClient(address, tls) as client:
+        return bool(await client.delete(key))

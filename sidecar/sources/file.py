@@ -83,14 +83,21 @@ class RulesFile:
 
 class FileSource:
     """The rules file and its state file (by default `.RULES.graysteer-state.json` beside it),
-    followed by watching both directories: the state changes when another worker process sets
-    a weight or steps a rollout."""
+    and the next rules for a shadow table when given (`serve --shadow-config`), followed by
+    watching their directories: the state changes when another worker process sets a weight
+    or steps a rollout."""
 
     def __init__(
-        self, rules: Path, state: Path | None = None, watch: bool = True, polling: bool = False
+        self,
+        rules: Path,
+        state: Path | None = None,
+        watch: bool = True,
+        polling: bool = False,
+        next_rules: Path | None = None,
     ) -> None:
         self.rules = RulesFile(rules)
         self.state = StateFile(state or default_state_path(rules))
+        self.next_rules = RulesFile(next_rules) if next_rules is not None else None
         self.watch, self.polling = watch, polling
 
     async def start(self) -> None:
@@ -104,7 +111,8 @@ class FileSource:
         if not self.watch:
             await stop.wait()
             return
-        watched = {path.parent.resolve(): path for path in (self.state.path, self.rules.path)}
+        paths = [self.state.path, self.rules.path] + ([self.next_rules.path] if self.next_rules else [])
+        watched = {path.parent.resolve(): path for path in paths}
         await asyncio.gather(
             *(
                 watch_directory(path, lambda: reloader.reload("watch"), stop, self.polling)

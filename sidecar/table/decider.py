@@ -17,6 +17,7 @@ from sidecar.ops.metrics import Metrics
 
 if TYPE_CHECKING:
     from sidecar.ops.decision_log import DecisionLog
+    from sidecar.table.shadow import Shadow
 
 log = logging.getLogger("graysteer.decide")
 
@@ -46,10 +47,17 @@ class TableHolder:
 class Decider:
     """Decides requests against the current table; never raises."""
 
-    def __init__(self, holder: TableHolder, metrics: Metrics, log: "DecisionLog | None" = None) -> None:
+    def __init__(
+        self,
+        holder: TableHolder,
+        metrics: Metrics,
+        log: "DecisionLog | None" = None,
+        shadow: "Shadow | None" = None,
+    ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.log = log  # serve --decision-log: sampled decisions, written off the serving path
+        self.shadow = shadow  # --shadow-config or rules.next: the next rules, decided beside
         self._logged_reasons: set[str] = set()
 
     def steer(self, request: Request, table: Table | None = None) -> Steering:
@@ -87,10 +95,25 @@ class Decider:
             steering = self.fallback(table, ErrorCode.ADAPTER, error, headers)
         else:
             steering = self.steer(request, table)
+            differing = self.shadow_decision(request, steering.decision)
             if self.log is not None:
-                self.log.offer(transport, request, steering, table)
+                self.log.offer(transport, request, steering, table, differing)
         self.metrics.observe_request(transport, perf_counter() - started)
         return steering
+
+    def shadow_decision(self, request: Request, live: Decision) -> Decision | None:
+        """Decide `request` with the shadow table too, when there is one, and count the pair;
+        the shadow decision when it differs from `live`, else None. Never raises: a shadow
+        table that cannot decide a request is counted, and the request served as decided."""
+        shadow = self.shadow
+        if shadow is None or (table := shadow.table) is None:
+            return None
+        try:
+            decision = steer(table, request).decision
+        except Exception:
+            self.metrics.count_event("shadow_failed")
+            return None
+        return decision if shadow.record(live, decision) else None
 
     def decide(self, request: Request, table: Table | None = None) -> Decision:
         """The decision alone (see `steer`)."""

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +60,15 @@ class StateStore(Protocol):
     def load(self) -> dict[str, Any]: ...
 
     async def save(self, state: dict[str, Any]) -> None: ...  # StateConflict, OSError
+
+
+class Follower(Protocol):
+    """A table built beside the served one (sidecar.table.shadow): looked at again after
+    every look at the rules, and every weight change."""
+
+    def load(self, live_version: str) -> bool: ...  # blocking: run in a thread
+
+    def close(self) -> None: ...
 
 
 class Outcome(enum.Enum):
@@ -107,11 +116,13 @@ class Reloader:
         metrics: Metrics,
         state: StateStore,
         reader: DocumentReader | None = None,
+        shadow: Follower | None = None,
     ) -> None:
         self.rules = rules
         self.metrics = metrics
         self.state = state
         self.reader = reader or DocumentReader()
+        self.shadow = shadow
         self.failures = 0
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
@@ -124,6 +135,8 @@ class Reloader:
         self.loaded = loaded
         self.last_result = result
         self._install(loaded, result)
+        if shadow is not None:
+            _quietly(shadow.load, loaded.table.version)
 
     @property
     def table(self) -> Table:
@@ -146,6 +159,7 @@ class Reloader:
             self._finish(result, loaded)
             if loaded is not None and dropped:  # the file's edit won: forget the stale overrides
                 await self._save_overrides_quietly(loaded.overrides)
+            await self._follow_shadow()
             return result
 
     def _build(self, trigger: str, force: bool = False) -> tuple[ReloadResult, Loaded | None, bool]:
@@ -171,7 +185,7 @@ class Reloader:
             document = self.reader.read(content, source)  # large ones in another process
             if isinstance(state, StateError):
                 raise state
-            overrides = _overrides_from_state(self.state.parse(state))
+            overrides = overrides_from_state(self.state.parse(state))
         except RulesError as error:
             return ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs), None, False
         except StateError as error:
@@ -255,7 +269,13 @@ class Reloader:
             result = ReloadResult(Outcome.LOADED, trigger, version=loaded.file_version, inputs=inputs)
             self._finish(result, new)
             log.info("weights of rule %r set to %s (version %s)", rule, weights, new.table.version)
+            await self._follow_shadow()
             return new
+
+    async def _follow_shadow(self) -> None:
+        """The shadow table follows its own document and the weights (held under the lock)."""
+        if self.shadow is not None:
+            await asyncio.to_thread(_quietly, self.shadow.load, self.table.version)
 
     async def _catch_up(self) -> None:
         """Serve the latest rules and state before changing the state (held under the lock):
@@ -318,8 +338,10 @@ class Reloader:
         self.metrics.show_table(loaded.table)
 
     def close(self) -> None:
-        """Stop the document reader's process, if one was started."""
+        """Stop the document readers' processes, if any was started."""
         self.reader.close()
+        if self.shadow is not None:
+            self.shadow.close()
 
     def subscribe(self) -> "asyncio.Queue[tuple[Loaded, ReloadResult]]":
         """A queue of the changes (the table served, what caused it) that holds only the newest
@@ -339,9 +361,17 @@ def _split_names(loaded: Loaded) -> list[str]:
     return [r.name for r in loaded.table.rules if r.split is not None]
 
 
-def _overrides_from_state(state: Mapping[str, Any]) -> dict[str, WeightOverride]:
+def overrides_from_state(state: Mapping[str, Any]) -> dict[str, WeightOverride]:
     """The overrides of a state document that passed the state schema."""
     return {
         rule: WeightOverride.from_json(rule, data)
         for rule, data in (state.get("weight_overrides") or {}).items()
     }
+
+
+def _quietly(load: Callable[[str], bool], live_version: str) -> None:
+    """A shadow table that fails to load (a bug) is logged: it never stops the served one."""
+    try:
+        load(live_version)
+    except Exception:
+        log.exception("loading the shadow table failed; the served table is not affected")

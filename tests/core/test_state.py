@@ -55,6 +55,29 @@ def test_what_the_sidecar_writes_passes() -> None:
             },
             "step_clock",
         ),
+        (
+            {
+                "format": 1,
+                "rollouts": {"r": {"phase": "progressing", "step": 0, "step_started": 0, "waiting": "x"}},
+            },
+            "rollouts/r/waiting",
+        ),
+        (
+            {
+                "format": 1,
+                "rollouts": {
+                    "r": {"phase": "ramping_down", "step": 0, "step_started": 0, "ramp": {"from": 5}}
+                },
+            },
+            "rollouts/r/ramp",
+        ),
+        (
+            {
+                "format": 1,
+                "rollouts": {"r": {"phase": "paused", "step": 0, "step_started": 0, "approved_step": -1}},
+            },
+            "rollouts/r/approved_step",
+        ),
         ([], "(document)"),
     ],
 )

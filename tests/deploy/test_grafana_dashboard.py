@@ -104,6 +104,7 @@ def test_every_query_parses_and_names_only_the_sidecars_metrics() -> None:
         "graysteer_envoy_bypassed_requests_total",
         "graysteer_rollout_step",
         "graysteer_rollout_canary_weight",
+        "graysteer_rollout_waiting",
         "graysteer_cluster_error_ratio",
         "graysteer_rollout_max_error_ratio",
         "graysteer_reloads_total",

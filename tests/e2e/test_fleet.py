@@ -12,12 +12,14 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from sidecar.admin import client as admin_client
 from sidecar.dev.devstack import Stack
 from sidecar.dev.etcd import Etcd
 from sidecar.dev.load import BackgroundLoad
@@ -76,7 +78,7 @@ class Fleet:
     def push(self, text: str) -> str:
         path = self.workdir / f"push-{time.monotonic_ns()}.yaml"
         path.write_text(text)
-        run = cli("push", str(path), self.url)
+        run = cli("push", str(path), self.url, "--yes")  # these tests move traffic on purpose
         assert run.returncode == 0, run.stderr
         return config_version(text.encode())
 
@@ -473,3 +475,52 @@ def test_the_live_views_show_the_replicas_their_versions_and_the_leader(fleet: F
     page = json.loads(sidecar.http_get("/ui/view")[1])
     assert page["fleet"]["leader"] == leader
     assert sorted(r["id"] for r in page["fleet"]["replicas"]) == ["r0", "r1", "r2"]
+
+
+def test_a_shadow_table_pushed_to_the_fleet_is_decided_by_every_replica(fleet: Fleet) -> None:
+    """`push --next` writes PREFIX/rules.next: every replica decides each request with it too,
+    serves the live rules, and counts the differences; `drop-next` removes it everywhere."""
+    url = f"{fleet.etcd.url}/shop/shadow"
+    live = PLAIN.replace("WEIGHT_STABLE", "90").replace("WEIGHT_CANARY", "10")
+    upcoming = fleet.workdir / "next.yaml"
+    upcoming.write_text(PLAIN.replace("WEIGHT_STABLE", "50").replace("WEIGHT_CANARY", "50"))
+    pod = Fleet(fleet.etcd, url, [], fleet.workdir)
+    version = pod.push(live)
+    stacks: list[Stack] = []
+    try:
+        for i in range(2):
+            workdir = fleet.workdir / f"shadow-{i}"
+            workdir.mkdir()
+            cache = ["--replica-id", f"s{i}", "--etcd-cache", str(workdir / "cache")]
+            stacks.append(Stack(url, ENVOY_CONFIG, workdir, sidecar_args=cache))
+        admins = [stack.sidecar.admin for stack in stacks if stack.sidecar is not None]
+        run = cli("push", "--next", str(upcoming), url)
+        assert run.returncode == 0 and "rules.next" in run.stdout, run.stderr
+        shadow_version = config_version(upcoming.read_bytes())
+        wait_for(
+            lambda: all(admin_client.status(a)["shadow"].get("version") == shadow_version for a in admins),
+            10,
+            "every replica to follow rules.next",
+        )
+        clients = [stack.client() for stack in stacks]
+        served: Counter[str] = Counter()
+        for i in range(200):
+            status, echo = clients[i % 2].get("/", {"x-user-id": f"user-{i}"})
+            assert status == 200
+            served[echo["backend"]] += 1
+        assert all(admin_client.status(a)["version"].startswith(version) for a in admins)  # live stays
+        assert served["canary"] < 50  # 10% of them, not the shadow's 50%
+        counts = [admin_client.status(a)["shadow"] for a in admins]
+        assert sum(int(c["requests"]) for c in counts) == 200
+        moved = sum(int(c["differing"]) for c in counts)
+        assert 40 < moved < 120  # the users with a bucket in [10, 50): about 40% of them
+        run = cli("drop-next", url)
+        assert run.returncode == 0 and "removed" in run.stdout, run.stderr
+        wait_for(
+            lambda: not any(admin_client.status(a)["shadow"].get("version") for a in admins),
+            10,
+            "every replica to drop the shadow",
+        )
+    finally:
+        for stack in stacks:
+            stack.stop()

@@ -2,7 +2,7 @@
 runs through the real Envoy: it loads without a console error, shows the clusters of each
 split and the traffic, follows a step as it advances, explains a request exactly as
 `graysteer explain --admin` does, and offers rollout actions only with --http-actions, to a
-caller holding the admin token."""
+caller holding the admin token (approve only where the current step asks for it)."""
 
 import json
 from pathlib import Path
@@ -16,6 +16,7 @@ from sidecar.dev.devstack import Stack
 from sidecar.dev.load import BackgroundLoad
 from tests.browser import chromium
 from tests.e2e.test_live_terminal import rollout_stack
+from tests.e2e.test_rollout_gates_envoy import start as gated_stack
 
 TOKEN = "page-s3cret"
 WAIT_MS = 20_000
@@ -133,4 +134,25 @@ def test_actions_only_with_http_actions_and_only_for_the_admin_token(tmp_path: P
         assert status == 200 and json.loads(body)["phase"] == "aborted"  # the controller's state
         page.click(".rollout button[data-action='resume']")
         watched.wait_text(".rollout .status", "progressing: resumed by an operator")
+        assert watched.problems == []
+
+
+def test_a_step_waiting_for_approval_says_so_and_the_page_approves_it(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    steps = "[{weight: 20, hold: 2s, approve: true}, {weight: 100}]"
+    with (
+        gated_stack(tmp_path, steps, "", "--http-actions", "--admin-token-file", str(token)) as stack,
+        chromium(tmp_path / "profile") as browser,
+    ):
+        watched = open_page(stack, browser.new_page())
+        page = watched.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.fill("#token", TOKEN)
+        watched.wait_text(".rollout .wait", "waiting for approval: graysteer rollout approve ramp")
+        assert "waiting for approval" in watched.text(".rollout .steps .step-current")
+        page.click(".rollout button[data-action='approve']")
+        watched.wait_text(".rollout .status", "approved by an operator")
+        assert page.locator(".rollout button[data-action='approve']").count() == 0  # nothing left to approve
         assert watched.problems == []

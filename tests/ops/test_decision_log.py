@@ -91,6 +91,17 @@ def test_a_line_over_the_limit_keeps_its_decision() -> None:
     assert lines(metrics, "truncated") == 1
 
 
+def test_a_value_that_is_not_utf8_is_written_escaped_and_times_are_exact() -> None:
+    log = DecisionLog("-", 1.0, Metrics(CollectorRegistry()))
+    request, steering = decided({"x-tier": "caf\udce9", "x-user-id": "\u00e9l\u00e8ve"})  # undecodable byte
+    text = log.line(1.7e9 + 0.9996, "ext_proc", request, steering, TABLE)  # type: ignore[arg-type]
+    text.encode()  # writable as UTF-8
+    record = json.loads(text)
+    assert record["headers"]["x-tier"] == "caf\udce9"
+    again = json.loads(log.line(1.7e9 + 1.25, "ext_proc", request, steering, TABLE))  # type: ignore[arg-type]
+    assert (record["time"], again["time"]) == ("2023-11-14T22:13:20.999Z", "2023-11-14T22:13:21.250Z")
+
+
 def test_sampling_and_a_full_queue_drop_and_count_never_block() -> None:
     metrics = Metrics(CollectorRegistry())
     draws = iter([0.5, 0.005, 0.9, 0.001])

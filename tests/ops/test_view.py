@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.admin.client import as_dict
 from sidecar.admin.servicer import table_status
 from sidecar.fleet.fleet import FleetClusters
-from sidecar.ops import view, view_text
+from sidecar.ops import view, view_rollout, view_text
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import RolloutController
 from sidecar.sources.file import RulesFile
@@ -105,9 +105,9 @@ def test_a_rollout_shows_each_step_done_current_with_its_time_left_and_to_come(t
     assert first["note"].endswith("left of 30s") and 29 <= first["time_left"] <= 30
     assert (second["note"], last["note"]) == ("hold 60s", "last")
     report = {**json.loads(status(tmp_path)["rollouts"][0]["report_json"]), "step": 1}
-    assert [s["place"] for s in view.steps_view(report)] == ["done", "current", "pending"]
+    assert [s["place"] for s in view_rollout.steps_view(report)] == ["done", "current", "pending"]
     promoted = {**report, "phase": "promoted", "step": 2, "hold_remaining_seconds": None}
-    assert [s["place"] for s in view.steps_view(promoted)] == ["done", "done", "done"]
+    assert [s["place"] for s in view_rollout.steps_view(promoted)] == ["done", "done", "done"]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_the_analysis_values_stand_against_their_thresholds_per_cluster(
 
 
 def test_a_canary_with_errors_against_a_flawless_baseline_is_infinitely_worse() -> None:
-    checks = view.checks_view(
+    checks = view_rollout.checks_view(
         {
             "analysis": {
                 "canary_error_rate": 0.01,
@@ -150,12 +150,55 @@ def test_a_canary_with_errors_against_a_flawless_baseline_is_infinitely_worse() 
 
 def test_a_field_the_view_does_not_know_shows_under_its_rollout() -> None:
     """A gate that makes a rollout wait adds its own field and reason: both show as they are."""
-    shown = view.rollout_view(
+    shown = view_rollout.rollout_view(
         {"rule": "r", "phase": "paused", "reason": "waiting for approval", "gate": "approval"}
     )
     assert shown["status"] == "paused: waiting for approval"
     assert shown["details"] == ["gate: approval"]
     assert "  gate: approval" in view_text.rollout_lines(shown)
+
+
+def test_every_wait_is_a_line_an_approval_the_gates_last_answers_a_ramp(tmp_path: Path) -> None:
+    report = json.loads(status(tmp_path)["rollouts"][0]["report_json"])
+    plan = [{**step, "approve": index == 0} for index, step in enumerate(report["step_plan"])]
+    gate = {"url": "http://g/ok", "before": "promote", "timeout_seconds": 5.0, "guards_next_move": True}
+    waiting = {
+        **report,
+        "step_plan": plan,
+        "waiting": {"on": "approval", "reason": "held 30s at weight 10; waiting for approval", "since": 1.0},
+        "approval_needed": True,
+        "gates": [{**gate, "checking": False, "last": None}],
+    }
+    shown = view_rollout.rollout_view(waiting)
+    assert (shown["waiting"], shown["can_approve"], shown["details"]) == ("approval", True, [])
+    assert shown["waits"] == [
+        "waiting for approval: graysteer rollout approve ramp",
+        "gate before promote http://g/ok: not asked yet",
+    ]
+    assert [s["note"] for s in shown["steps"]] == ["waiting for approval", "hold 60s", "last"]
+    holding = view_rollout.rollout_view({**waiting, "waiting": None})
+    assert (
+        holding["waits"][0]
+        == "approval needed after the hold (may be given now: graysteer rollout approve ramp)"
+    )
+    assert holding["steps"][0]["note"].endswith("left of 30s, then approval")
+    last = {"passed": False, "detail": "HTTP 503: frozen", "seconds_ago": 2.5, "for_step": 1}
+    gated = {
+        **report,
+        "step": 1,
+        "waiting": {"on": "webhook", "reason": "waiting for the gate", "since": 1.0},
+        "gates": [{**gate, "checking": True, "last": last}],
+    }
+    assert view_rollout.rollout_view(gated)["waits"] == [
+        "gate before promote http://g/ok: waiting for it: "
+        "not passed: HTTP 503: frozen, 2.5s ago (asking again)"
+    ]
+    ramp = {"from_weight": 50, "weight": 20, "seconds": 30.0, "remaining_seconds": 18.0}
+    ramping = view_rollout.rollout_view({**report, "phase": "ramping_down", "ramp": ramp})
+    assert ramping["waits"] == ["ramping down: canary weight 20 (from 50) to 0, 18s left of 30s"]
+    assert "  ramping down: canary weight 20 (from 50) to 0, 18s left of 30s" in view_text.rollout_lines(
+        ramping
+    )
 
 
 def test_traffic_not_read_is_said_never_shown_as_zero(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import compile_table
-from sidecar.core.rollout import ABORTED, PROGRESSING, PROMOTED, UNAVAILABLE, RolloutSpec, start
+from sidecar.core.rollout import ABORTED, PROGRESSING, PROMOTED, RAMPING_DOWN, UNAVAILABLE, RolloutSpec, start
 from sidecar.core.state import StateError
 from sidecar.fleet.fleet import FleetClusters
 from sidecar.ops.metrics import Metrics
@@ -202,9 +202,9 @@ def test_the_report_carries_the_step_plan_and_the_thresholds_a_view_draws(tmp_pa
     asyncio.run(c.tick())
     report = c.report()[0]
     assert report["step_plan"] == [
-        {"weight": 5, "hold_seconds": 2.0},
-        {"weight": 25, "hold_seconds": 2.0},
-        {"weight": 100, "hold_seconds": 0.0},
+        {"weight": 5, "hold_seconds": 2.0, "approve": False},
+        {"weight": 25, "hold_seconds": 2.0, "approve": False},
+        {"weight": 100, "hold_seconds": 0.0, "approve": False},
     ]
     analysis = report["analysis"]
     assert (analysis["max_error_rate"], analysis["max_error_rate_vs_stable"], analysis["max_p99_ms"]) == (
@@ -344,3 +344,117 @@ def test_split_weights_keep_the_total() -> None:
         "v3": 20,
         "canary": 40,
     }
+
+
+# ---- approvals, webhook gates, ramp-down ---------------------------------------------------------
+
+
+def files_with(tmp_path: Path, **rollout: Any) -> tuple[Path, Path]:
+    doc = copy.deepcopy(DOC)
+    doc["rules"][0]["rollout"].update(rollout)
+    rules, state = tmp_path / "rules.yaml", tmp_path / "state.json"
+    rules.write_text(yaml.safe_dump(doc))
+    return rules, state
+
+
+def waiting_shown(c: RolloutController, on: str) -> float | None:
+    return c.metrics.registry.get_sample_value("graysteer_rollout_waiting", {"rule": "ramp", "on": on})
+
+
+def test_an_approval_then_a_webhook_gate_hold_the_rollout_and_each_wait_is_reported(tmp_path: Path) -> None:
+    from tests.rollouts.gate_server import gate_server
+    from tests.rollouts.test_gates import until
+
+    steps = [{"weight": 5, "hold": "2s", "approve": True}, {"weight": 25, "hold": "2s"}, {"weight": 100}]
+
+    async def scenario(server: Any) -> None:
+        rules, state = files_with(tmp_path, steps=steps, gates=[{"url": server.url, "before": "promote"}])
+        steady, wall = Clock(100.0), Clock(1_800_000_000.0)
+        c = controller(rules, state, steady=steady, wall=wall)
+
+        def later(seconds: float) -> None:
+            steady.now += seconds
+            wall.now += seconds
+
+        await c.tick()
+        assert c.report()[0]["approval_needed"] and c.report()[0]["waiting"] is None  # holding
+        later(2.5)
+        await c.tick()
+        report = c.report()[0]
+        assert (report["waiting"]["on"], report["step"], weight(c)) == ("approval", 0, 5)
+        assert (waiting_shown(c, "approval"), waiting_shown(c, "webhook")) == (1, 0)
+        assert json.loads(state.read_text())["rollouts"]["ramp"]["waiting"] == "approval"  # followers see it
+        assert server.received == []  # the promotion's gate is not asked before its move
+        await c.action("ramp", "approve")
+        await c.action("ramp", "approve")  # twice is once
+        await c.tick()
+        assert (c.states["ramp"].step, weight(c)) == (1, 25)
+        with pytest.raises(ValueError, match=r"step 1 \(weight 25\) needs no approval"):
+            await c.action("ramp", "approve")
+        later(2.5)
+        await c.tick()  # the promotion is due: its gate is asked, in the background
+        assert c.report()[0]["waiting"]["on"] == "webhook" and waiting_shown(c, "webhook") == 1
+        await until(lambda: c.report()[0]["gates"][0]["last"] is not None)
+        await c.tick()
+        report = c.report()[0]
+        assert "HTTP 503: change freeze" in report["reason"] and report["phase"] == "progressing"
+        assert report["gates"][0]["last"]["detail"] == "HTTP 503: change freeze" and weight(c) == 25
+        server.status = 200
+        later(5.0)  # the gate's next check, at the recheck pace
+        await c.tick()
+        await until(lambda: c.report()[0]["gates"][0]["last"]["passed"])
+        await c.tick()
+        assert (c.states["ramp"].phase, weight(c)) == (PROMOTED, 100)
+        assert waiting_shown(c, "webhook") == 0 and len(server.received) == 2
+        assert server.received[-1]["from"] == {"step": 1, "weight": 25}
+
+    with gate_server() as server:
+        asyncio.run(scenario(server))
+
+
+def breaching_clusters(at: float) -> FleetClusters:
+    """Windows in which half the canary's responses fail."""
+    lanes = FleetClusters()
+    bounds = (10.0, float("inf"))
+    for t, n in ((at - 20, 0.0), (at - 10, 1000.0)):
+        lanes.record(
+            "r",
+            t,
+            {
+                c: ClusterCounts(n, n / 2 if c == "canary" else 0, bounds, (n, n))
+                for c in ("canary", "stable")
+            },
+        )
+    lanes.read_at = float("inf")
+    return lanes
+
+
+def test_a_ramp_down_lowers_the_applied_weight_each_tick_then_aborts(tmp_path: Path) -> None:
+    rules, state = files_with(tmp_path, on_failure={"ramp_down": "10s"})
+    steady, wall = Clock(100.0), Clock(1_800_000_000.0)
+    c = controller(rules, state, steady=steady, wall=wall, analysis=breaching_clusters(wall()))
+    asyncio.run(c.tick())  # started at weight 5, breached at once: the ramp begins at 5
+    assert (c.states["ramp"].phase, weight(c)) == (RAMPING_DOWN, 5)
+    shown = []
+    for _ in range(5):
+        steady.now += 2.0
+        asyncio.run(c.tick())
+        shown.append((c.states["ramp"].phase, weight(c), c.report()[0]["canary_weight"]))
+    # 5 x 8/10, 6/10, 4/10, 2/10 rounded up; then 0 and aborted at 10 s
+    assert shown == [(RAMPING_DOWN, w, w) for w in (4, 3, 2, 1)] + [(ABORTED, 0, 0)]
+    assert (
+        "max_error_rate" in c.states["ramp"].reason and c.states["ramp"].numbers["canary_error_rate"] == 0.5
+    )
+    assert StateFile(state).load()["rollouts"]["ramp"]["phase"] == ABORTED  # schema-valid all along
+
+
+def test_an_abort_during_a_ramp_goes_to_zero_at_once_and_check_fails_while_ramping(tmp_path: Path) -> None:
+    rules, state = files_with(tmp_path, on_failure={"ramp_down": "10s"})
+    wall = Clock(1_800_000_000.0)
+    c = controller(rules, state, wall=wall, analysis=breaching_clusters(wall()))
+    asyncio.run(c.tick())
+    report = c.report()[0]
+    assert report["ramp"] == {"from_weight": 5, "weight": 5, "seconds": 10.0, "remaining_seconds": 10.0}
+    assert (http_view(c, "/rollouts/ramp/check") or (0,))[0] == 503
+    asyncio.run(c.action("ramp", "abort"))
+    assert (c.states["ramp"].phase, weight(c), c.report()[0]["ramp"]) == (ABORTED, 0, None)

@@ -90,7 +90,7 @@ function drawSplits(splits) {
 }
 
 const ACTIONS = { progressing: ["pause", "promote", "abort"], paused: ["resume", "promote", "abort"],
-  aborted: ["resume"], promoted: ["resume"] };
+  aborted: ["resume"], promoted: ["resume"], ramping_down: ["abort", "resume"] };
 
 const actionResults = {}; // rule -> {text, problem, until}: an action's answer, shown for a while
 const SHOW_RESULT_MS = 15000;
@@ -100,7 +100,8 @@ function actionButtons(rollout) {
   const shown = actionResults[rollout.rule];
   const result = el("span", { class: shown && shown.problem ? "action-result problem" : "action-result" });
   if (shown && Date.now() < shown.until) result.textContent = shown.text;
-  const buttons = (ACTIONS[rollout.phase] || ["promote", "pause", "resume", "abort"]).map((action) => {
+  const offered = (rollout.can_approve ? ["approve"] : []).concat(ACTIONS[rollout.phase] || ["promote", "pause", "resume", "abort"]);
+  const buttons = offered.map((action) => {
     const button = el("button", { type: "button", "data-action": action, text: action });
     button.addEventListener("click", async () => {
       if (!window.confirm(`${action} the rollout of ${rollout.rule}?`)) return;
@@ -153,6 +154,7 @@ function drawRollouts(rollouts) {
         el("div", { class: "position", text: `${r.step_shown}, ${r.weight_shown}` }),
         el("div", { class: r.verdict === "breach" ? "verdict problem" : "verdict", text: r.verdict_shown }),
         ...(r.state_problem ? [el("div", { class: "problem", text: r.state_problem })] : []),
+        ...r.waits.map((w) => el("div", { class: "wait", text: w })),
         ...r.details.map((d) => el("div", { class: "detail", text: d })),
         el("ol", { class: "steps" }, ...r.steps.map((s) =>
           el("li", { class: `step-${s.place}`, "data-place": s.place },
@@ -181,6 +183,19 @@ function drawTraffic(traffic, bypass) {
   );
 }
 
+function drawShadow(shadow) {
+  if (!shadow) {
+    replace("shadow", el("p", { class: "dim", text: "no shadow table (serve --shadow-config NEXT, or push --next)" }));
+    return;
+  }
+  replace(
+    "shadow",
+    el("div", { class: shadow.differing ? "shadow problem" : "shadow", "data-differing": String(shadow.differing),
+      "data-requests": String(shadow.requests), text: shadow.note }),
+    ...shadow.moves.map((m) => el("div", { class: "row shadow-move", text: m.shown })),
+  );
+}
+
 async function refresh() {
   try {
     const response = await fetch("view", { cache: "no-store" });
@@ -192,6 +207,7 @@ async function refresh() {
     drawSplits(view.splits);
     drawRollouts(view.rollouts);
     drawTraffic(view.traffic, view.bypass);
+    drawShadow(view.shadow);
   } catch (error) {
     replace("problems", el("div", { class: "problem", text: `cannot read the sidecar's view: ${error.message}` }));
   }

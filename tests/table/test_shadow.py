@@ -1,0 +1,170 @@
+"""The shadow table with real files: it follows its own document and the live weights, keeps
+its last good table, never touches the served one, and counts each request against it."""
+
+import asyncio
+import json
+from functools import partial
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.core import Request, steer
+from sidecar.ops.decision_log import DecisionLog
+from sidecar.ops.metrics import Metrics
+from sidecar.sources.file import RulesFile
+from sidecar.sources.state_file import StateFile, default_state_path
+from sidecar.table.decider import Decider
+from sidecar.table.reload import Reloader
+from sidecar.table.shadow import Shadow
+
+LIVE = """version: 1
+clusters: [stable, canary]
+default: stable
+rules:
+  - name: beta
+    match: {headers: {x-tier: beta}}
+    route: canary
+  - name: ramp
+    split: {key: ["header:u"], to: [{cluster: stable, weight: 90}, {cluster: canary, weight: 10}]}
+"""
+# The next rules: beta users go to stable instead, the ramp goes on to 50%.
+NEXT = (
+    LIVE.replace("route: canary", "route: stable")
+    .replace("weight: 90", "weight: 50")
+    .replace("weight: 10", "weight: 50")
+)
+BROKEN = NEXT.replace("weight: 50}]", "weight: -1}]")
+
+
+def setup(tmp_path: Path, next_text: str | None = NEXT) -> tuple[Path, Reloader, Shadow, Metrics]:
+    live, upcoming = tmp_path / "rules.yaml", tmp_path / "next.yaml"
+    live.write_text(LIVE)
+    if next_text is not None:
+        upcoming.write_text(next_text)
+    metrics = Metrics(CollectorRegistry())
+    state = StateFile(default_state_path(live))
+    shadow = Shadow(RulesFile(upcoming), state, metrics)
+    return upcoming, Reloader(RulesFile(live), metrics, state, shadow=shadow), shadow, metrics
+
+
+def requests() -> list[Request]:
+    users = [Request({"u": f"user-{i}"}) for i in range(400)]
+    return users + [Request({"x-tier": "beta", "u": f"beta-{i}"}) for i in range(20)]
+
+
+def shadow_counts(metrics: Metrics) -> dict[tuple[str, str, str], float]:
+    found = {}
+    for metric in metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "graysteer_shadow_decisions_total":
+                labels = sample.labels
+                found[(labels["rule"], labels["cluster"], labels["shadow_cluster"])] = sample.value
+    return found
+
+
+def test_every_request_is_decided_by_both_and_the_differences_counted(tmp_path: Path) -> None:
+    _, reloader, shadow, metrics = setup(tmp_path)
+    live_table, next_table = reloader.table, shadow.table
+    assert next_table is not None and next_table.version != live_table.version
+    decider = Decider(reloader.holder, metrics, shadow=shadow)
+    expected: dict[tuple[str, str, str], int] = {}
+    for request in requests():
+        served = decider.steer_input("ext_proc", partial(dict, request.headers), Request)
+        live = served.decision
+        assert live == steer(live_table, request).decision  # the live decision is served
+        other = steer(next_table, request).decision.cluster
+        key = (live.rule, live.cluster, other)
+        expected[key] = expected.get(key, 0) + 1
+    assert shadow_counts(metrics) == expected
+    differing = {k: v for k, v in expected.items() if k[1] != k[2]}
+    status = shadow.status()
+    assert status.requests == 420
+    assert status.differing == sum(differing.values())
+    assert ("beta", "canary", "stable", 20) in status.top
+    # hand-computed: every beta request moves; of the users, those whose bucket is in
+    # [10, 50) of the ramp move to canary (none moves back: the weights only grow)
+    assert 0 < differing[("ramp", "stable", "canary")] < 400
+    assert ("ramp", "canary", "stable") not in differing
+    assert metrics.registry.get_sample_value("graysteer_shadow_info", {"version": next_table.version}) == 1
+
+
+def test_the_shadow_follows_its_document_keeps_the_last_good_and_goes_away(tmp_path: Path) -> None:
+    upcoming, reloader, shadow, metrics = setup(tmp_path, next_text=None)
+    assert shadow.table is None and shadow.status().error == ""  # none yet: nothing wrong
+
+    async def scenario() -> None:
+        upcoming.write_text(NEXT)
+        await reloader.reload("watch")
+        first = shadow.table
+        assert first is not None
+        shadow.record(
+            reloader.table.decide(Request({"x-tier": "beta"})), first.decide(Request({"x-tier": "beta"}))
+        )
+        assert shadow.status().differing == 1
+        upcoming.write_text(BROKEN)
+        await reloader.reload("watch")
+        assert shadow.table is first  # the last good shadow stays, and says why
+        assert "weight" in shadow.status().error
+        assert shadow.status().differing == 1  # the same pair of tables: counts go on
+        upcoming.write_text(LIVE)  # the same rules as served: nothing differs any more
+        await reloader.reload("watch")
+        assert shadow.table is not None and shadow.table.version == reloader.table.version
+        assert shadow.status().requests == 0  # a new pair: counted from zero
+        upcoming.unlink()
+        await reloader.reload("watch")
+        assert shadow.table is None
+
+    asyncio.run(scenario())
+    assert reloader.failures == 0  # the shadow's documents never count against the served rules
+    shown = [s for m in metrics.registry.collect() for s in m.samples if s.name == "graysteer_shadow_info"]
+    assert shown == []  # no shadow table: no series
+
+
+def test_runtime_weights_apply_to_the_shadow_too(tmp_path: Path) -> None:
+    _, reloader, shadow, _ = setup(tmp_path, next_text=LIVE)
+
+    async def scenario() -> None:
+        await reloader.set_weights("ramp", {"stable": 70, "canary": 30})
+        assert shadow.table is not None
+        weights = shadow.table.document["rules"][1]["split"]["to"]  # type: ignore[attr-defined]
+        assert [w["weight"] for w in weights] == [70, 30]
+        assert shadow.table.version == reloader.table.version.partition("+")[0]
+
+    asyncio.run(scenario())
+
+
+def test_a_sampled_decision_log_line_carries_the_shadow_decision_when_it_differs(tmp_path: Path) -> None:
+    _, reloader, shadow, metrics = setup(tmp_path)
+    target = tmp_path / "decisions.jsonl"
+    log = DecisionLog(str(target), 1.0, metrics)
+    log.start()
+    decider = Decider(reloader.holder, metrics, log, shadow)
+    assert shadow.table is not None
+    same = next(  # a user the ramp keeps where it was
+        r.headers
+        for r in requests()
+        if steer(reloader.table, r).decision.cluster == steer(shadow.table, r).decision.cluster
+    )
+    for headers in ({"x-tier": "beta"}, same):
+        decider.steer_input("ext_authz", partial(dict, headers), Request)
+    log.close()
+    beta, gold = (json.loads(line) for line in target.read_text().splitlines())
+    assert beta["decision"]["cluster"] == "canary" and beta["shadow"]["cluster"] == "stable"
+    assert beta["shadow"]["rule"] == "beta"
+    assert "shadow" not in gold  # decided alike: nothing to add
+
+
+def test_a_shadow_that_cannot_decide_never_changes_the_served_decision(tmp_path: Path) -> None:
+    _, reloader, shadow, metrics = setup(tmp_path)
+
+    class Broken:
+        def __getattr__(self, name: str) -> object:
+            raise RuntimeError("a bug in the shadow table")
+
+    shadow.table = Broken()  # type: ignore[assignment]
+    decider = Decider(reloader.holder, metrics, shadow=shadow)
+    served = decider.steer_input("ext_proc", lambda: {"x-tier": "beta"}, lambda h: Request(h))
+    assert served.decision.cluster == "canary" and served.decision.rule == "beta"
+    assert (
+        metrics.registry.get_sample_value("graysteer_steering_events_total", {"event": "shadow_failed"}) == 1
+    )
