@@ -10,22 +10,28 @@ sidecar of each commit behind the real Envoy), reduced to the ratios the targets
 On a shared machine only numbers measured this way, side by side, are compared."""
 
 import argparse
+import io
 import json
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
+
+from sidecar.dev.processes import ensure_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ("benchmarks/check_path.py",)  # the same measurement on every side
 
 
 def export(commit: str, into: Path) -> None:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    git = ensure_tool("git", "git")
+    archive = subprocess.run([git, "-C", str(ROOT), "archive", commit], check=True, capture_output=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tree:
+        tree.extractall(into, filter="data")
     for generated in (ROOT / "sidecar" / "admin" / "api").glob("*_pb2*.py"):
         shutil.copy(generated, into / "sidecar" / "admin" / "api" / generated.name)
     for path in SHARED:
