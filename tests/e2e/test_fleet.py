@@ -319,7 +319,13 @@ def test_a_rollout_action_through_a_follower_reaches_the_leader_and_every_replic
     converged(fleet, version)
     lead = fleet.leader()
     follower = next(i for i in range(3) if i != lead)
-    wait_for(lambda: fleet.rollout(lead)["canary_weight"] == 10, 10, "the first step")
+    seen: list[dict] = []
+    try:
+        wait_for(
+            lambda: seen.append(fleet.rollout(lead)) or seen[-1]["canary_weight"] == 10, 20, "the first step"
+        )
+    except TimeoutError as timeout:
+        raise AssertionError(f"r{lead} never showed the first step; last: {seen[-1:]}") from timeout
     sidecar = fleet.stacks[follower].sidecar
     assert sidecar is not None
     run = cli("rollout", "abort", "checkout", "--admin", sidecar.admin)
