@@ -215,10 +215,16 @@ def dumps(record: dict[str, Any]) -> bytes:
 
 
 class Clock:
-    """RFC 3339 UTC times with milliseconds; the date and time of day formatted once per second."""
+    """What the writer thread reuses from line to line: RFC 3339 UTC times with milliseconds
+    (the date and time of day formatted once per second), each shared decision's fields
+    (decisions are immutable and the engine shares them), each table's header names in order."""
+
+    CACHED = 4096  # decisions whose fields are kept (then cleared)
 
     def __init__(self) -> None:
         self._second, self._text = -1, ""
+        self._fields: dict[int, tuple[Decision, dict[str, str | int]]] = {}
+        self._names: tuple[Table | None, tuple[str, ...]] = (None, ())
 
     def text(self, at: float) -> str:
         second = int(at)
@@ -226,20 +232,38 @@ class Clock:
             self._second, self._text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._text}.{int(at * 1000) % 1000:03d}Z"
 
+    def fields(self, decision: Decision) -> dict[str, str | int]:
+        known = self._fields.get(id(decision))
+        if known is not None and known[0] is decision:
+            return dict(known[1])  # a copy: a line's record may be changed (truncated)
+        fields = decision_fields(decision)
+        if len(self._fields) >= self.CACHED:
+            self._fields.clear()
+        self._fields[id(decision)] = (decision, fields)  # holds `decision`: its id stays its own
+        return dict(fields)
+
+    def names(self, table: Table) -> tuple[str, ...]:
+        """The headers a line may show for `table` (those its rules read), sorted."""
+        if self._names[0] is not table:
+            self._names = (table, tuple(sorted(table.read_headers)))
+        return self._names[1]
+
 
 def log_record(
     at: float, transport: str, request: Request, steering: Steering, table: Table, clock: Clock | None = None
 ) -> dict[str, Any]:
     """The fields of one decision log line (see the module docstring)."""
     headers = request.headers
+    clock = clock or Clock()
     trace_id, span_id = trace_context(headers.get("traceparent", ""))
+    redacted = table.redacted_headers
     shown = {
-        name: REDACTED if name in table.redacted_headers else headers[name]
-        for name in sorted(table.read_headers)
+        name: REDACTED if name in redacted else headers[name]
+        for name in clock.names(table)
         if name in headers
     }
     return {
-        "time": (clock or Clock()).text(at),
+        "time": clock.text(at),
         "decision_id": headers.get("x-request-id") or secrets.token_hex(16),
         "trace_id": trace_id,
         "span_id": span_id,
@@ -251,7 +275,7 @@ def log_record(
         "path": request.path + ("?" + request.query if request.query else ""),
         "headers": shown,
         "removed_headers": list(steering.remove_headers),
-        "decision": decision_fields(steering.decision),
+        "decision": clock.fields(steering.decision),
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar.core import Request, steer
+from sidecar.core import Request, decision_fields, steer
 from sidecar.dev.processes import wait_for
 from sidecar.ops.decision_log import REDACTED, DecisionLog, trace_context
 from sidecar.ops.metrics import Metrics
@@ -44,6 +44,24 @@ def decided(headers: dict[str, str]) -> tuple[Request, object]:
 
 def lines(metrics: Metrics, outcome: str) -> float:
     return metrics.registry.get_sample_value("graysteer_decision_log_lines_total", {"outcome": outcome}) or 0
+
+
+def test_one_writer_switching_tables_and_decisions_writes_each_lines_own() -> None:
+    """The writer reuses a decision's fields and a table's header names from line to line:
+    never across tables, nor for another decision."""
+    other = table_from_yaml(RULES.replace("x-tier", "x-plan").replace("{redact: [x-user-id]}", "{}"))
+    log = DecisionLog("-", 1.0, Metrics(CollectorRegistry()))
+    headers = {"x-tier": "beta", "x-plan": "beta", "x-user-id": "u1"}
+    for _ in range(2):
+        for table in (TABLE, other, TABLE):
+            request = Request(dict(headers), "GET", "/")
+            steering = steer(table, request)
+            record = json.loads(log.line(1.7e9, "ext_proc", request, steering, table))
+            assert record["decision"] == json.loads(json.dumps(decision_fields(steering.decision)))
+            if table is TABLE:
+                assert record["headers"] == {"x-tier": "beta", "x-user-id": REDACTED}
+            else:
+                assert record["headers"] == {"x-plan": "beta", "x-user-id": "u1"}
 
 
 def test_a_line_holds_the_decision_its_trace_and_no_secret() -> None:
