@@ -127,7 +127,7 @@ def collector_port() -> int:
 
 
 def traced(mode: str) -> Callable[[], dict[str, Any]]:
-    """(bt, ht) the generated front proxy with --otlp: Envoy traces every request."""
+    """(bt, ht, et, h0t) the generated front proxy with --otlp: Envoy traces every request."""
 
     def config() -> dict[str, Any]:
         options = EnvoyOptions(mode=mode, otlp=("127.0.0.1", collector_port()))
@@ -239,6 +239,20 @@ SCENARIOS = [
     ),
     Scenario(
         "bt", "(b) traced: Envoy exports every request's span over OTLP", traced("ext_proc"), "graysteer"
+    ),
+    Scenario(
+        "et",
+        "(e) traced: the gRPC floor behind the traced Envoy (what tracing costs around any servicer)",
+        traced("ext_proc"),
+        "empty",
+    ),
+    Scenario(
+        "h0t",
+        "(h0) traced: the HTTP floor behind the traced Envoy (what tracing costs around any responder)",
+        traced("ext_authz_http"),
+        "empty",
+        transport="http",
+        floor="h0",
     ),
     Scenario("bl", "(b) with the decision log at 100%", envoy_yaml, "graysteer", sidecar_args=DECISION_LOG),
     Scenario(

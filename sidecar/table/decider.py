@@ -106,10 +106,10 @@ class Decider:
         the shadow decision when it differs from `live`, else None. Never raises: a shadow
         table that cannot decide a request is counted, and the request served as decided."""
         shadow = self.shadow
-        if shadow is None or (table := shadow.table) is None:
+        if shadow is None or (engine := shadow.engine) is None:
             return None
         try:
-            decision = steer(table, request).decision
+            decision = engine.steer(request).decision
         except Exception:
             self.metrics.count_event("shadow_failed")
             return None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from sidecar.core import Decision, RulesError, Table, compile_table
 from sidecar.core.diff import outcome
+from sidecar.core.engine import Engine
 from sidecar.core.overrides import reconcile
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
@@ -60,13 +61,20 @@ class Shadow:
         self.state = state
         self.metrics = metrics
         self.reader = reader or DocumentReader()
-        self.table: Table | None = None  # readers take it once per request
+        # The shadow table's serving engine (the table's generated code); readers take it
+        # once per request, a load replaces it with one assignment.
+        self.engine: Engine | None = None
         self.error = ""
         self.loaded_at = 0.0
         self._read = ""  # the inputs the table was built from
         self._live = ""  # the live table version the counts are for
         self.requests = 0
         self.moves: Counter[tuple[str, str, str]] = Counter()
+
+    @property
+    def table(self) -> Table | None:
+        engine = self.engine
+        return engine.table if engine is not None else None
 
     # -- the serving side ------------------------------------------------------------------------
 
@@ -100,14 +108,14 @@ class Shadow:
             if self.table is not None:
                 log.info("shadow table removed: no %s", self.rules.label)
             changed = self.table is not None
-            self.table, self.error, self._read = None, "", ""
+            self.engine, self.error, self._read = None, "", ""
             return changed
         except OSError as error:
             why = f"cannot read: {error.strerror or error}"
             if self.table is not None or why != self.error:
                 log.warning("no shadow table: %s: %s", self.rules.label, why)
             changed = self.table is not None
-            self.table, self.error, self._read = None, why, ""
+            self.engine, self.error, self._read = None, why, ""
             return changed
         try:
             state = self.state.read_bytes()
@@ -125,9 +133,10 @@ class Shadow:
             self.error, self._read = str(error), inputs
             return False
         effective, _, _ = reconcile(document, overrides)
-        self.table = compile_table(effective, config_version(content), self.rules.label, validated=True)
+        table = compile_table(effective, config_version(content), self.rules.label, validated=True)
+        self.engine = Engine(table)
         self.error, self.loaded_at, self._read = "", time.time(), inputs
-        log.info("shadow table: %s version %s", self.rules.label, self.table.version)
+        log.info("shadow table: %s version %s", self.rules.label, table.version)
         return True
 
     def close(self) -> None:

@@ -161,7 +161,7 @@ def test_a_shadow_that_cannot_decide_never_changes_the_served_decision(tmp_path:
         def __getattr__(self, name: str) -> object:
             raise RuntimeError("a bug in the shadow table")
 
-    shadow.table = Broken()  # type: ignore[assignment]
+    shadow.engine = Broken()  # type: ignore[assignment]
     decider = Decider(reloader.holder, metrics, shadow=shadow)
     served = decider.steer_input("ext_proc", lambda: {"x-tier": "beta"}, lambda h: Request(h))
     assert served.decision.cluster == "canary" and served.decision.rule == "beta"
