@@ -8,7 +8,8 @@ report used: 4,001 rules in 580 KB) plus a split; the reload through the Reloade
 document read in the child process (the default over 128 KiB) and in a thread (the old
 path), while a probe task on the event loop records its longest gap between 1 ms sleeps;
 and the decision time of a request that matches the first rule and of one that matches
-none (every rule tried). Results: a Markdown table on stdout and
+none (every rule tried), by the reference walk (`Table.decide`) and as served (the table's
+generated code, sidecar.core.engine). Results: a Markdown table on stdout and
 benchmarks/results/table_size.json.
 """
 
@@ -19,12 +20,13 @@ import shutil
 import tempfile
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from sidecar.core import Request, Table
+from sidecar.core import Request
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.file import RulesFile
 from sidecar.sources.state_file import StateFile
@@ -51,9 +53,9 @@ def document(rules: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def decide_us(table: Table, headers: dict[str, str], path: str) -> float:
+def decide_us(decide: Callable[[Request], object], headers: dict[str, str], path: str) -> float:
     request = Request(headers, "GET", path)
-    runs = timeit.repeat(lambda: table.decide(request), number=200, repeat=5)
+    runs = timeit.repeat(lambda: decide(request), number=200, repeat=5)
     return min(runs) / 200 * 1e6
 
 
@@ -100,11 +102,14 @@ def measure(rules_count: int, workdir: Path) -> dict[str, Any]:
             took, stall = asyncio.run(reload_with_probe(reloader, rules, content))
             row[f"reload_{where}_s"] = round(took, 2)
             row[f"stall_{where}_ms"] = round(stall, 1)
-            table = reloader.table
+            table, served = reloader.table, reloader.holder.engine  # served: the table's engine
         finally:
             reloader.close()
-    row["decide_first_us"] = round(decide_us(table, {"x-tenant": "tenant-00000-abc"}, "/api/v0/x"), 1)
-    row["decide_none_us"] = round(decide_us(table, {"x-tenant": "nobody"}, "/x"), 1)
+    first, none = ({"x-tenant": "tenant-00000-abc"}, "/api/v0/x"), ({"x-tenant": "nobody"}, "/x")
+    row["served_generated"] = served.generated
+    for label, decide in (("", table.decide), ("served_", served.decide)):
+        row[f"{label}decide_first_us"] = round(decide_us(decide, *first), 1)
+        row[f"{label}decide_none_us"] = round(decide_us(decide, *none), 1)
     return row
 
 
@@ -119,14 +124,15 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         "| rules | KiB | reload (child) s | longest stall (child) ms | reload (thread) s "
-        "| longest stall (thread) ms | decide, first rule µs | decide, no rule µs |"
+        "| longest stall (thread) ms | decide, first rule µs | decide, no rule µs "
+        "| served: first rule µs | served: no rule µs |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['rules']} | {r['kib']} | {r['reload_child_s']} | {r['stall_child_ms']} | "
             f"{r['reload_thread_s']} | {r['stall_thread_ms']} | {r['decide_first_us']} | "
-            f"{r['decide_none_us']} |"
+            f"{r['decide_none_us']} | {r['served_decide_first_us']} | {r['served_decide_none_us']} |"
         )
     RESULTS.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
 

@@ -41,6 +41,7 @@ MIN_INDEXED_RUN = 4  # shorter runs of exact-header rules are tested one by one
 # Above this many rules the chain stays the reference walk: compiling the source of a huge
 # function costs more reload time than its requests save (see benchmarks/table_size.py).
 MAX_GENERATED_RULES = 5000
+CHUNK_RULES = 100  # rules compiled per call of compile(): the GIL is free between calls
 
 Decide = Callable[[Request], Decision]
 Denied = Callable[[Request], "Decision | None"]
@@ -100,12 +101,52 @@ def generate(table: Table) -> tuple[Decide, Denied] | None:
     if len(deny) != len(table.deny_rules):
         return None
     chained = list(zip(table.rules, conditions, strict=True))
-    _function(source, "decide", chained, source.constant(table.default_decision))
-    _function(source, "denied", [chained[i] for i in deny], "None")
-    namespace: dict[str, Any] = dict(source.names)
-    text = "\n".join([*source.preamble, *source.lines])
-    exec(compile(text, f"<rules {table.version}>", "exec"), namespace)
+    namespace: dict[str, Any] = {}
+    _chunked(source, namespace, "decide", chained, source.constant(table.default_decision), table.version)
+    _chunked(source, namespace, "denied", [chained[i] for i in deny], "None", table.version)
     return namespace["decide"], namespace["denied"]
+
+
+def _chunked(
+    source: _Source,
+    namespace: dict[str, Any],
+    name: str,
+    rules: Sequence[tuple[Rule, list[_Condition]]],
+    last: str,
+    version: str,
+) -> None:
+    """Function `name` in `namespace`, compiled CHUNK_RULES rules at a time: `compile()` holds
+    the GIL for all of its text (4,000 rules: over 0.2 s in one call, a stall of the serving
+    loop while a reload runs in its thread), so a long chain is compiled as one function per
+    chunk, tried in order, with the GIL free between chunks."""
+    if len(rules) <= CHUNK_RULES:
+        _function(source, name, rules, last)
+        _run(source, namespace, version)
+        return
+    parts = []
+    for start in range(0, len(rules), CHUNK_RULES):
+        part = f"_{name}_{start}"
+        _function(source, part, rules[start : start + CHUNK_RULES], "None", "request, headers, path")
+        _run(source, namespace, version)
+        parts.append(part)
+    source.lines += [f"def {name}(request):", "    headers = request.headers", "    path = request.path"]
+    for part in parts:  # a chunk answers None when none of its rules matched
+        source.lines += [
+            f"    _d = {part}(request, headers, path)",
+            "    if _d is not None:",
+            "        return _d",
+        ]
+    source.lines.append(f"    return {last}")
+    _run(source, namespace, version)
+
+
+def _run(source: _Source, namespace: dict[str, Any], version: str) -> None:
+    """Compile what `source` holds into `namespace` and start `source` on the next piece."""
+    for name, value in source.names.items():  # earlier pieces' names are bound already
+        namespace.setdefault(name, value)
+    text = "\n".join([*source.preamble, *source.lines])
+    exec(compile(text, f"<rules {version}>", "exec"), namespace)
+    source.lines, source.preamble = [], []
 
 
 def _known(rule: Mapping[str, Any]) -> bool:
@@ -122,8 +163,16 @@ def _known(rule: Mapping[str, Any]) -> bool:
 # ---- the functions -----------------------------------------------------------------------------
 
 
-def _function(source: _Source, name: str, rules: Sequence[tuple[Rule, list[_Condition]]], last: str) -> None:
-    source.lines += [f"def {name}(request):", "    headers = request.headers", "    path = request.path"]
+def _function(
+    source: _Source,
+    name: str,
+    rules: Sequence[tuple[Rule, list[_Condition]]],
+    last: str,
+    arguments: str = "request",
+) -> None:
+    source.lines.append(f"def {name}({arguments}):")
+    if arguments == "request":
+        source.lines += ["    headers = request.headers", "    path = request.path"]
     _chain(source, rules, "    ")
     source.lines.append(f"    return {last}")
 

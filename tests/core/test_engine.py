@@ -60,6 +60,31 @@ def test_tables_over_the_size_limit_are_walked_by_the_reference(monkeypatch: pyt
     assert Engine(table_from_rules(rules[:2])).generated
 
 
+def test_a_long_chain_is_compiled_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile() holds the GIL for its whole text: a reload in a thread compiling 4,000 rules
+    at once stopped the serving loop for 0.2 s. No call may take more than CHUNK_RULES rules."""
+    sizes: list[int] = []
+    real_compile = compile
+
+    def counting(text: str, *args: Any) -> Any:
+        sizes.append(text.count("return _k"))  # one per route rule (a Decision constant)
+        return real_compile(text, *args)
+
+    monkeypatch.setattr(chain_module, "compile", counting, raising=False)
+    count = 2 * chain_module.CHUNK_RULES + 5
+    rules = [
+        {"name": f"r{i}", "match": {"path": {"prefix": f"/p{i}/"}}, "route": "canary"} for i in range(count)
+    ]
+    table = table_from_rules(rules)
+    engine = Engine(table)
+    assert engine.generated
+    # three chunks of `decide`, its chain calling them (with the default), `denied`
+    assert sizes == [chain_module.CHUNK_RULES, chain_module.CHUNK_RULES, 5, 1, 0]
+    for i in (0, chain_module.CHUNK_RULES, count - 1, count):
+        probe = request(path=f"/p{i}/x")
+        assert engine.decide(probe) == table.decide(probe)
+
+
 def test_a_failing_generator_leaves_the_table_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(table: object) -> None:
         raise RuntimeError("generator bug")

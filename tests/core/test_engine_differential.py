@@ -7,10 +7,11 @@ apply, and the reference's general path is taken as often as the short one."""
 import random
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.core import NO_IDENTITY, Identity, Request, Table, compile_table
+from sidecar.core import NO_IDENTITY, Identity, Request, Table, chain, compile_table
 from sidecar.core.chain import MIN_INDEXED_RUN
 from sidecar.core.engine import Engine
 from sidecar.core.validate import problems
@@ -181,16 +182,21 @@ def same(table: Table, engine: Engine, request: Request, seed: int) -> None:
         assert random.getstate() == after
 
 
+@pytest.mark.parametrize("chunk", [chain.CHUNK_RULES, 3], ids=["one-function", "chunks-of-3"])
 @SETTINGS
 @given(documents(), st.lists(requests(), min_size=1, max_size=8), st.integers(0, 2**32))
 def test_the_engine_answers_as_the_reference(
-    document: dict[str, Any], batch: list[Request], seed: int
+    chunk: int, document: dict[str, Any], batch: list[Request], seed: int
 ) -> None:
+    """Also with the chain compiled in chunks of 3 rules, as a long table's is (runs of
+    exact-header rules and rules that always match cut at chunk borders)."""
     found = problems(document)
     if found:  # a drawn combination the rules file refuses (e.g. a fallback no lane has)
         return
     table = compile_table(document, "v1", "rules.yaml")
-    engine = Engine(table)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chain, "CHUNK_RULES", chunk)
+        engine = Engine(table)
     assert engine.generated
     for request in batch * 2:  # twice: the second time from the shared decisions and steerings
         same(table, engine, request, seed)
