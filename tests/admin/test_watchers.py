@@ -13,6 +13,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from benchmarks.admin_watchers import rules  # the table whose fan-out the benchmark measures
 from sidecar.admin import servicer
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
@@ -25,24 +26,6 @@ from sidecar.table.reload import Reloader
 # No BDP probing: the stream's flow-control window stays at gRPC's 64 KiB, so a watcher that
 # does not read stops taking messages after one or two large tables.
 STALLED = [("grpc.http2.bdp_probe", 0)]
-
-
-def rules(route_rules: int) -> str:
-    """A split rule `ramp` after `route_rules` header rules (about 150 bytes of status each)."""
-    lines = ["version: 1", "clusters: [stable, canary]", "default: stable", "rules:"]
-    for i in range(route_rules):
-        lines += [
-            f"  - name: header-{i}",
-            f"    match: {{headers: {{x-h{i}: {'v' * 100}}}}}",
-            "    route: canary",
-        ]
-    lines += [
-        "  - name: ramp",
-        "    split:",
-        "      key: [header:x-user-id]",
-        "      to: [{cluster: stable, weight: 90}, {cluster: canary, weight: 10}]",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 @contextlib.asynccontextmanager
