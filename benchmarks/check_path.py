@@ -42,8 +42,12 @@ class _Transport(asyncio.Transport):
         return False
 
 
-def check_bytes(user: int) -> bytes:
-    """One check as Envoy's ext_authz HTTP client sends it for the benchmark's requests."""
+TRACEPARENT = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+
+
+def check_bytes(user: int, traced: bool = False) -> bytes:
+    """One check as Envoy's ext_authz HTTP client sends it for the benchmark's requests
+    (`traced`: with the `traceparent` a tracing Envoy adds, all a trace changes here)."""
     return (
         "GET /graysteer-check/checkout HTTP/1.1\r\n"
         "host: 127.0.0.1:10000\r\n"
@@ -52,7 +56,8 @@ def check_bytes(user: int) -> bytes:
         "x-request-id: 7d3c5ac8-4b7e-4e1f-a5d0-6a3c6d2f9e10\r\n"
         "x-graysteer-listener-port: 10000\r\n"
         "x-envoy-expected-rq-timeout-ms: 200\r\n"
-        "content-length: 0\r\n\r\n"
+        + (TRACEPARENT if traced else "")
+        + "content-length: 0\r\n\r\n"
     ).encode()
 
 
@@ -103,9 +108,14 @@ def measure() -> dict[str, float]:
     protocol = protocol_factory(server)
     protocol.connection_made(_Transport())
     checks = [check_bytes(i) for i in range(USERS)]
+    traced_checks = [check_bytes(i, traced=True) for i in range(USERS)]
 
     def whole_check() -> None:
         for data in checks:
+            protocol.data_received(data)
+
+    def whole_check_traced() -> None:
+        for data in traced_checks:
             protocol.data_received(data)
 
     table: Table = example
@@ -115,6 +125,7 @@ def measure() -> dict[str, float]:
         "steer_example_us": per_call_us(steer_example, USERS),
         "decider_turn_us": per_call_us(decider_turn, USERS),
         "whole_check_us": per_call_us(whole_check, USERS),
+        "whole_check_traced_us": per_call_us(whole_check_traced, USERS),
     }
 
 
