@@ -31,13 +31,13 @@ HEALTHY, BREACH, INCONCLUSIVE = "healthy", "breach", "inconclusive"
 # step forward, never a rollback on its own.
 UNAVAILABLE = "unavailable"
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")  # ASCII digits: see values.py
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
     """'500ms', '30s', '2m', '1h' -> seconds; ValueError otherwise."""
-    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
+    match = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f"{text!r} is not a duration (e.g. 500ms, 30s, 2m, 1h)")
     return float(match.group(1)) * _SECONDS[match.group(2)]

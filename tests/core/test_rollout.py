@@ -130,6 +130,13 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text", ["٣s", "３0s", "1٫5s", "30", "s", "-1s", "1e3s", "30 s"])
+def test_durations_are_ascii_numbers_with_a_unit(text: str) -> None:
+    """Other scripts' digits read as numbers by float(): refused, as everywhere else."""
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
 ANALYSIS = Analysis(
     window=30, min_requests=50, max_error_rate=0.05, max_error_rate_vs_stable=2.0, max_p99_ms=800
 )
