@@ -39,5 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     except (AdminError, OSError, ValueError) as error:
-        print(f"graysteer {args.command}: {error}", file=sys.stderr)
+        print(f"graysteer {args.command}: {_described(error)}", file=sys.stderr)
         return 1
+
+
+def _described(error: Exception) -> str:
+    """An error as a user reads it: a file's path and what is wrong with it, without Errno."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)

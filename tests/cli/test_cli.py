@@ -50,6 +50,18 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("which", ["old", "new", "requests"])
+def test_diff_names_a_missing_file_without_errno(
+    which: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "none")
+    old, new = (missing, EXAMPLE) if which == "old" else (EXAMPLE, missing if which == "new" else EXAMPLE)
+    extra = ["--requests", missing] if which == "requests" else []
+    assert main(["diff", old, new, *extra]) == 1
+    err = capsys.readouterr().err
+    assert missing in err and "Errno" not in err and "No such file" in err
+
+
 def test_explain_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(
