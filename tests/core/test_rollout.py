@@ -130,7 +130,7 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["٣s", "３0s", "1٫5s", "30", "s", "-1s", "1e3s", "30 s"])
+@pytest.mark.parametrize("text", ["\u0663s", "\uff130s", "1\u066b5s", "30", "s", "-1s", "1e3s", "30 s"])
 def test_durations_are_ascii_numbers_with_a_unit(text: str) -> None:
     """Other scripts' digits read as numbers by float(): refused, as everywhere else."""
     with pytest.raises(ValueError, match="is not a duration"):
