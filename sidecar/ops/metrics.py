@@ -7,7 +7,7 @@ workers' values combine.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -207,6 +207,9 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
+        # every series a rollout has, by its rule (retired when the rollout leaves the table)
+        self._rollout_series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = {}
+        self._limit_gauges = (self.rollout_max_error_ratio, self.rollout_max_p99_seconds)
         self.envoy_bypassed: Counter | None = None  # watch_envoy() creates these
         self.envoy_requests: Counter | None = None
         self.envoy_bypass_ratio: Gauge | None = None
@@ -302,28 +305,45 @@ class Metrics:
     def show_rollout(self, rule: str, phase: str, step: int, weight: int, waiting: str = "") -> None:
         from sidecar.core.rollout import PHASES, WAITS
 
-        self.rollout_step.labels(rule).set(step)
-        self.rollout_canary_weight.labels(rule).set(weight)
+        self._set_rollout(rule, self.rollout_step, (rule,), step)
+        self._set_rollout(rule, self.rollout_canary_weight, (rule,), weight)
         for name in PHASES:
-            self.rollout_state.labels(rule, name).set(1 if name == phase else 0)
+            self._set_rollout(rule, self.rollout_state, (rule, name), 1 if name == phase else 0)
         for on in WAITS:
-            self.rollout_waiting.labels(rule, on).set(1 if on == waiting else 0)
+            self._set_rollout(rule, self.rollout_waiting, (rule, on), 1 if on == waiting else 0)
 
     def count_gate_check(self, rule: str, before: str, result: str) -> None:
         """One webhook gate check (result: passed, refused, timeout or error)."""
         self.rollout_gate_checks.labels(rule, before, result).inc()
 
     def show_limits(self, rule: str, cluster: str, max_error_ratio: float, max_p99_ms: float | None) -> None:
-        """A rollout's limits (a limit it does not set has no series)."""
-        self.rollout_max_error_ratio.labels(rule, cluster).set(max_error_ratio)
+        """A rollout's limits (a limit it does not set has no series; one for another canary
+        cluster, from before the rollout changed, is retired)."""
+        limits = {(self.rollout_max_error_ratio, (rule, cluster))}
         if max_p99_ms is not None:
-            self.rollout_max_p99_seconds.labels(rule, cluster).set(max_p99_ms / 1000)
+            limits.add((self.rollout_max_p99_seconds, (rule, cluster)))
+        shown = self._rollout_series.get(rule, set())
+        for gauge, labels in [s for s in shown if s[0] in self._limit_gauges and s not in limits]:
+            shown.discard((gauge, labels))
+            self._retire(gauge, labels)
+        self._set_rollout(rule, self.rollout_max_error_ratio, (rule, cluster), max_error_ratio)
+        if max_p99_ms is not None:
+            self._set_rollout(rule, self.rollout_max_p99_seconds, (rule, cluster), max_p99_ms / 1000)
+
+    def keep_rollouts(self, rules: Iterable[str]) -> None:
+        """Retire every series of a rollout no longer in the table: a dashboard must not go
+        on showing a removed rollout's last step, weight and limits."""
+        for rule in set(self._rollout_series) - set(rules):
+            for gauge, labels in self._rollout_series.pop(rule):
+                self._retire(gauge, labels)
 
     def show_verdict(self, rule: str, verdict: "Verdict") -> None:
         from sidecar.core.rollout import BREACH, HEALTHY, INCONCLUSIVE, UNAVAILABLE
 
         for outcome in (HEALTHY, BREACH, INCONCLUSIVE, UNAVAILABLE):
-            self.rollout_verdict.labels(rule, outcome).set(1 if outcome == verdict.outcome else 0)
+            self._set_rollout(
+                rule, self.rollout_verdict, (rule, outcome), 1 if outcome == verdict.outcome else 0
+            )
         if verdict.outcome != UNAVAILABLE:
             self.show_clusters(verdict)
 
@@ -340,10 +360,18 @@ class Metrics:
     def _show(self, gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
         """Set a labelled gauge to exactly `values`, retiring series no longer shown."""
         for labels in self._shown.get(gauge, set()) - set(values):
-            if MULTIPROCESS:
-                gauge.labels(*labels).set(0)  # a worker cannot delete from the shared files
-            else:
-                gauge.remove(*labels)
+            self._retire(gauge, labels)
         for labels, value in values.items():
             gauge.labels(*labels).set(value)
         self._shown[gauge] = set(values)
+
+    def _set_rollout(self, rule: str, gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
+        gauge.labels(*labels).set(value)
+        self._rollout_series.setdefault(rule, set()).add((gauge, labels))
+
+    @staticmethod
+    def _retire(gauge: Gauge, labels: tuple[str, ...]) -> None:
+        if MULTIPROCESS:
+            gauge.labels(*labels).set(0)  # a worker cannot delete from the shared files
+        else:
+            gauge.remove(*labels)

@@ -200,6 +200,7 @@ class RolloutController:
     async def tick(self) -> None:
         now = self.clock()
         specs = self.specs()
+        self.metrics.keep_rollouts(specs)
         if not specs:
             return
         async with self._lock:

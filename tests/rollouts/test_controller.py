@@ -256,6 +256,44 @@ def test_a_failing_analysis_is_unavailable(tmp_path: Path) -> None:
     assert c.report()[0]["verdict"] == UNAVAILABLE and "NaN" in c.report()[0]["verdict_reason"]
 
 
+def rollout_series(c: RolloutController) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in c.metrics.registry.collect()
+        if family.name.startswith("graysteer_rollout_") and family.type == "gauge"
+        for sample in family.samples
+    }
+
+
+def test_a_rollout_that_leaves_the_table_leaves_no_series_behind(tmp_path: Path) -> None:
+    doc = copy.deepcopy(DOC)
+    doc["rules"][0]["rollout"]["analysis"]["max_p99_ms"] = 800
+    rules, state = files(tmp_path)
+    rules.write_text(yaml.safe_dump(doc))
+    c = controller(rules, state)
+    asyncio.run(c.reloader.reload("test"))
+    asyncio.run(c.tick())
+    names = {name for name, _ in rollout_series(c)}
+    assert {
+        "graysteer_rollout_step",
+        "graysteer_rollout_max_p99_seconds",
+        "graysteer_rollout_verdict",
+    } <= names
+
+    del doc["rules"][0]["rollout"]["analysis"]["max_p99_ms"]  # a limit the rollout no longer sets
+    rules.write_text(yaml.safe_dump(doc))
+    asyncio.run(c.reloader.reload("test"))
+    asyncio.run(c.tick())
+    names = {name for name, _ in rollout_series(c)}
+    assert "graysteer_rollout_max_p99_seconds" not in names and "graysteer_rollout_step" in names
+
+    del doc["rules"][0]["rollout"]  # the rollout is over: the rule is a plain split again
+    rules.write_text(yaml.safe_dump(doc))
+    asyncio.run(c.reloader.reload("test"))
+    asyncio.run(c.tick())
+    assert rollout_series(c) == set()
+
+
 # ---- followers ----------------------------------------------------------------------------------
 
 
