@@ -372,7 +372,8 @@ def _move(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict, 
         return replace(
             moved, phase=PROMOTED, step=len(spec.steps) - 1, reason=f"every step passed its analysis{extra}"
         )
-    return replace(moved, step=step, reason=f"step {step} after a healthy hold of {hold:g}s{extra}")
+    shown = f"step {step + 1} of {len(spec.steps)}"  # counted from 1, as every view shows steps
+    return replace(moved, step=step, reason=f"{shown} after a healthy hold of {hold:g}s{extra}")
 
 
 def _fail(spec: RolloutSpec, state: RolloutState, now: float, verdict: Verdict) -> RolloutState:

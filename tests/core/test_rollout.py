@@ -251,7 +251,9 @@ GATES = [
 
 
 def at_step_1(spec: Any) -> RolloutState:
-    return replace(start(spec, 0.0), step=1, step_started=61.0, reason="step 1 after a healthy hold of 60s")
+    return replace(
+        start(spec, 0.0), step=1, step_started=61.0, reason="step 2 of 3 after a healthy hold of 60s"
+    )
 
 
 def test_the_new_fields_compile() -> None:
@@ -362,7 +364,7 @@ def test_gates_guard_the_moves_they_name_and_are_asked_only_when_the_move_is_due
     assert (failing.changed_at, canary_weight(spec, failing)) == (61.0, 5)  # waiting since 61
     stepped = advance(spec, failing, 63.0, HEALTHY_V, held=63.0, gates={1: GateResult(True, "HTTP 200")})
     assert (stepped.step, stepped.waiting) == (1, "")
-    assert stepped.reason == "step 1 after a healthy hold of 60s and its gates"
+    assert stepped.reason == "step 2 of 3 after a healthy hold of 60s and its gates"
     # step 1 -> 2 is the promotion: both guard it, each must pass
     assert due_gates(spec, stepped, HEALTHY_V, held=121.0) == (0, 1)
     one = advance(spec, stepped, 200.0, HEALTHY_V, held=121.0, gates={1: GateResult(True, "HTTP 200")})
