@@ -77,7 +77,7 @@ class DecisionLog:
         self._stream: IO[str] | None = None
         self._failing = False
         self._thread = threading.Thread(target=self._run, name="graysteer-decision-log", daemon=True)
-        self._clock = Clock()  # the writer thread's
+        self._reused = LineParts()  # the writer thread's
 
     # -- the serving side: cheap, never blocks ----------------------------------------------
 
@@ -187,7 +187,7 @@ class DecisionLog:
         shadow: Decision | None = None,
     ) -> str:
         """The JSON line (with its newline) for one decision, within `max_line_bytes`."""
-        record = log_record(at, transport, request, steering, table, self._clock)
+        record = log_record(at, transport, request, steering, table, self._reused)
         if shadow is not None:
             record["shadow"] = decision_fields(shadow)
         data = dumps(record)
@@ -214,7 +214,7 @@ def dumps(record: dict[str, Any]) -> bytes:
         return json.dumps(record, separators=(",", ":")).encode()
 
 
-class Clock:
+class LineParts:
     """What the writer thread reuses from line to line: RFC 3339 UTC times with milliseconds
     (the date and time of day formatted once per second), each shared decision's fields
     (decisions are immutable and the engine shares them), each table's header names in order."""
@@ -226,7 +226,7 @@ class Clock:
         self._fields: dict[int, tuple[Decision, dict[str, str | int]]] = {}
         self._names: tuple[Table | None, tuple[str, ...]] = (None, ())
 
-    def text(self, at: float) -> str:
+    def time(self, at: float) -> str:
         second = int(at)
         if second != self._second:
             self._second, self._text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
@@ -250,20 +250,25 @@ class Clock:
 
 
 def log_record(
-    at: float, transport: str, request: Request, steering: Steering, table: Table, clock: Clock | None = None
+    at: float,
+    transport: str,
+    request: Request,
+    steering: Steering,
+    table: Table,
+    reused: LineParts | None = None,
 ) -> dict[str, Any]:
     """The fields of one decision log line (see the module docstring)."""
     headers = request.headers
-    clock = clock or Clock()
+    reused = reused or LineParts()
     trace_id, span_id = trace_context(headers.get("traceparent", ""))
     redacted = table.redacted_headers
     shown = {
         name: REDACTED if name in redacted else headers[name]
-        for name in clock.names(table)
+        for name in reused.names(table)
         if name in headers
     }
     return {
-        "time": clock.text(at),
+        "time": reused.time(at),
         "decision_id": headers.get("x-request-id") or secrets.token_hex(16),
         "trace_id": trace_id,
         "span_id": span_id,
@@ -275,7 +280,7 @@ def log_record(
         "path": request.path + ("?" + request.query if request.query else ""),
         "headers": shown,
         "removed_headers": list(steering.remove_headers),
-        "decision": clock.fields(steering.decision),
+        "decision": reused.fields(steering.decision),
     }
 
 
