@@ -33,9 +33,10 @@ class Metrics:
         self.requests = request_counts(registry, MULTIPROCESS)
         # Bound once: called on every request. `count_steering`: one decided request (its
         # decision, mirror, notable inputs, time to decide); `observe_request`: a transport's
-        # whole turn (KeyError for a transport not in TRANSPORTS).
+        # whole turn (KeyError for a transport not in TRANSPORTS); `count_request`: both.
         self.count_steering: Callable[[Steering, float], None] = self.requests.count_steering
         self.observe_request: Callable[[str, float], None] = self.requests.observe_request
+        self.count_request: Callable[[str, Steering, float, float], None] = self.requests.count_request
         self.decision_errors = Counter(
             "graysteer_decision_errors",
             "Requests that could not be decided and went to the default cluster, by reason.",

@@ -142,6 +142,10 @@ class ClientCounts:
     def observe_request(self, transport: str, seconds: float) -> None:
         self._requests[transport].observe(seconds)  # KeyError: not a transport
 
+    def count_request(self, transport: str, steering: Steering, deciding: float, seconds: float) -> None:
+        self.count_steering(steering, deciding)
+        self.observe_request(transport, seconds)
+
 
 class _PlainHistogram:
     """One histogram series: counts per bucket (not cumulative) and the sum."""
@@ -204,6 +208,13 @@ class PlainCounts(Collector):
 
     def observe_request(self, transport: str, seconds: float) -> None:
         self._requests[transport].observe(seconds)  # KeyError: not a transport
+
+    def count_request(self, transport: str, steering: Steering, deciding: float, seconds: float) -> None:
+        """`count_steering` and `observe_request` in one call, both inlined: once per request."""
+        histogram = self._requests[transport]  # KeyError: not a transport
+        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+        histogram.sum += seconds
+        self.count_steering(steering, deciding)
 
     def _count(self, counts: dict[tuple[str, ...], int], name: str, key: tuple[str, ...]) -> None:
         known = counts.get(key)

@@ -27,9 +27,12 @@ SECONDS = [1e-6, 2e-6, 3e-5, 0.02, 5.0]  # on a bound, between bounds, past the 
 def exposition(counts: type[PlainCounts] | type[ClientCounts]) -> str:
     registry = CollectorRegistry()
     recorder = counts(registry)
-    for steering, seconds in zip(STEERINGS, SECONDS, strict=True):
-        recorder.count_steering(steering, seconds)
-        recorder.observe_request("ext_authz_http", seconds * 2)
+    for number, (steering, seconds) in enumerate(zip(STEERINGS, SECONDS, strict=True)):
+        if number % 2:  # the request path's one call, and its two parts
+            recorder.count_request("ext_authz_http", steering, seconds, seconds * 2)
+        else:
+            recorder.count_steering(steering, seconds)
+            recorder.observe_request("ext_authz_http", seconds * 2)
     recorder.count_event("malformed_xfcc")
     recorder.observe_request("ext_proc", 1e-5)
     text = generate_latest(registry).decode()
@@ -47,6 +50,8 @@ def test_plain_numbers_expose_what_prometheus_client_exposes() -> None:
 def test_an_unknown_transport_is_refused() -> None:
     with pytest.raises(KeyError):
         PlainCounts(CollectorRegistry()).observe_request("carrier-pigeon", 1.0)
+    with pytest.raises(KeyError):
+        PlainCounts(CollectorRegistry()).count_request("carrier-pigeon", STEERINGS[0], 1.0, 1.0)
 
 
 def test_metrics_counts_in_plain_numbers_in_one_process() -> None:
