@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from betterproto2 import Casing
 
 from sidecar.dev.devstack import Envoy, Sidecar
 from sidecar.dev.processes import Process, free_port
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 
 REPO = Path(__file__).parents[1]
@@ -105,13 +104,13 @@ def with_response_headers() -> dict[str, Any]:
 def ext_authz() -> dict[str, Any]:
     """(d) the ext_authz front proxy (plaintext: the load tool does not do client certs)."""
     table = load_rules(RULES)
-    return bootstrap(table, EnvoyOptions(mode="ext_authz")).to_dict(casing=Casing.SNAKE)
+    return bootstrap_document(table, EnvoyOptions(mode="ext_authz"))
 
 
 def ext_authz_http() -> dict[str, Any]:
     """(h) the ext_authz-over-HTTP front proxy: envoy/ext_authz_http.yaml's generator."""
     table = load_rules(RULES)
-    return bootstrap(table, EnvoyOptions(mode="ext_authz_http")).to_dict(casing=Casing.SNAKE)
+    return bootstrap_document(table, EnvoyOptions(mode="ext_authz_http"))
 
 
 _collector: list[Any] = []
@@ -131,7 +130,7 @@ def traced(mode: str) -> Callable[[], dict[str, Any]]:
 
     def config() -> dict[str, Any]:
         options = EnvoyOptions(mode=mode, otlp=("127.0.0.1", collector_port()))
-        return bootstrap(load_rules(RULES), options).to_dict(casing=Casing.SNAKE)
+        return bootstrap_document(load_rules(RULES), options)
 
     return config
 

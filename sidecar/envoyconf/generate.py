@@ -312,6 +312,12 @@ def render_yaml(config: Bootstrap) -> str:
     return yaml.safe_dump(document, sort_keys=False, width=100)
 
 
+def bootstrap_document(table: Table, options: EnvoyOptions) -> dict[str, Any]:
+    """The bootstrap for `table` as the document `render_yaml` writes (snake case, plain
+    values): what `graysteer envoy-config` prints, to adjust or to hand to Envoy."""
+    return dict(bootstrap(table, options).to_dict(casing=Casing.SNAKE))
+
+
 def parse_bootstrap(document: Mapping[str, Any]) -> Bootstrap:
     """An Envoy bootstrap (YAML/JSON as a dict, snake or camel case) as typed objects."""
     return Bootstrap.from_dict(dict(document))

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from betterproto2 import Casing
 from cryptography import x509
 
 from sidecar.dev.devstack import Envoy, Stack
 from sidecar.dev.load import BackgroundLoad
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.envoyconf.sds import CA_FILE, CERT_FILE, KEY_FILE, FileSds, Sds, SpireSds
 from sidecar.envoyconf.tls import TlsOptions, sds_files
 from sidecar.table.load import parse_rules
@@ -211,7 +210,7 @@ def form(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Form]:
 def start_stack(sds: Sds, workdir: Path) -> Stack:
     (workdir / "rules.yaml").write_text(RULES)
     table = parse_rules(RULES.encode(), "rules.yaml")
-    config = bootstrap(table, EnvoyOptions(mtls=TlsOptions(sds=sds))).to_dict(casing=Casing.SNAKE)
+    config = bootstrap_document(table, EnvoyOptions(mtls=TlsOptions(sds=sds)))
     return Stack(workdir / "rules.yaml", config, workdir)
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 from sidecar.transports.explain import explain_local
 
@@ -91,7 +90,7 @@ def test_diff_on_the_access_log_and_the_decision_log_is_what_explain_says(mode: 
     old, new, decisions = tmp_path / "old.yaml", tmp_path / "new.yaml", tmp_path / "decisions.jsonl"
     old.write_text(OLD)
     new.write_text(NEW)
-    envoy = yaml.safe_load(render_yaml(bootstrap(load_rules(old), EnvoyOptions(mode=mode))))
+    envoy = bootstrap_document(load_rules(old), EnvoyOptions(mode=mode))
     with Stack(old, envoy, tmp_path, sidecar_args=["--decision-log", str(decisions)]) as stack:
         client = stack.client()
         for headers in SENT:

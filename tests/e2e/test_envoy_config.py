@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, parse_bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, bootstrap_document, parse_bootstrap
 from sidecar.envoyconf.lint import check, guard_regex
 from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import load_rules, parse_rules
@@ -41,7 +41,7 @@ def test_envoy_files_are_the_generated_configs(name: str, options: EnvoyOptions)
 def test_guard_lists_exactly_the_rules_clusters() -> None:
     table = parse_rules(THREE, "three.yaml")
     assert guard_regex(table.clusters) == r"^(v1\.stable|v2-canary|v3_next)$"
-    rendered = yaml.safe_load(render_yaml(bootstrap(table, EnvoyOptions())))
+    rendered = bootstrap_document(table, EnvoyOptions())
     assert [c["name"] for c in rendered["static_resources"]["clusters"]] == [
         "graysteer",
         "v1.stable",
@@ -195,7 +195,7 @@ def test_the_commented_tracing_in_envoy_files_is_what_otlp_generates(name: str, 
     shipped_cluster = yaml.safe_load("\n".join(cluster_lines))[0]
     table = load_rules(REPO / "examples" / "rules.yaml")
     options = EnvoyOptions(mode=mode, otlp=("127.0.0.1", 4317))
-    generated = yaml.safe_load(render_yaml(bootstrap(table, options)))
+    generated = bootstrap_document(table, options)
     hcm = generated["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert parse_bootstrap({"static_resources": {"clusters": [shipped_cluster]}}) == parse_bootstrap(
         {

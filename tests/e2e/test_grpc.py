@@ -13,11 +13,10 @@ from typing import Any
 
 import grpc
 import pytest
-from betterproto2 import Casing
 
 from sidecar.dev.devstack import Envoy, Sidecar, rewrite_envoy_config
 from sidecar.dev.grpc_backend import GrpcBackend
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import parse_rules
 from sidecar.transports.explain import explain_local
@@ -81,7 +80,7 @@ def envoy_config(
     certificates from there), on the given endpoints."""
     table = parse_rules(rules.encode(), "rules.yaml")
     options = EnvoyOptions(mode=mode, upstream_protocol="http2", mtls=TlsOptions() if tls_dir else None)
-    config = bootstrap(table, options).to_dict(casing=Casing.SNAKE)
+    config = bootstrap_document(table, options)
     return rewrite_envoy_config(config, endpoints, tls_dir=tls_dir)
 
 

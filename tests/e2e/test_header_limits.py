@@ -7,12 +7,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.contract import ENVOY_MAX_HEADERS
 from sidecar.dev.devstack import Stack
-from sidecar.envoyconf.generate import HEADERS_TOO_LARGE, MODES, EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import HEADERS_TOO_LARGE, MODES, EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 
 # Coloring makes the sidecar set three headers (route, lane, baggage): the widest answer.
@@ -59,7 +58,7 @@ def decisions(stack: Stack) -> float:
 def test_every_accepted_header_count_is_decided_and_too_many_is_431(mode: str, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), EnvoyOptions(mode=mode))))
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode=mode))
     with Stack(rules, config, tmp_path) as stack:
         before = decisions(stack)
         answers = {count: send(stack.port, count) for count in COUNTS}

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 from sidecar.transports.explain import explain_local
 
@@ -42,7 +41,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(
     rules: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), EnvoyOptions(mode=request.param))))
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode=request.param))
     with Stack(rules, config, tmp_path_factory.mktemp(request.param)) as stack:
         yield stack
 

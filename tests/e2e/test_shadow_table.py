@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sidecar.admin import client as admin_client
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 from sidecar.transports.explain import Peer
 
@@ -75,7 +74,7 @@ def test_the_shadow_counts_are_the_requests_whose_explain_differs(mode: str, tmp
     live, upcoming, log = tmp_path / "rules.yaml", tmp_path / "next.yaml", tmp_path / "decisions.jsonl"
     live.write_text(LIVE)
     upcoming.write_text(NEXT)
-    envoy = yaml.safe_load(render_yaml(bootstrap(load_rules(live), EnvoyOptions(mode=mode))))
+    envoy = bootstrap_document(load_rules(live), EnvoyOptions(mode=mode))
     args = ["--shadow-config", str(upcoming), "--decision-log", str(log)]
     with Stack(live, envoy, tmp_path, sidecar_args=args) as stack:
         assert stack.sidecar is not None

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sidecar.dev.devstack import Stack
 from sidecar.dev.otlp import Receiver, Span
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap_document
 from sidecar.envoyconf.tracing import FEATURE_FLAG, TAGGED
 from sidecar.ops.decision_log import REDACTED
 from sidecar.table.load import load_rules
@@ -102,7 +101,7 @@ def run_mode(
     """Send every case (each with its own trace) through Envoy in `mode`; the cases with their
     trace and span ids, and the decision log's lines."""
     options = EnvoyOptions(mode=mode, otlp=("127.0.0.1", receiver.port), otlp_service_name=f"front-{mode}")
-    config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), options)))
+    config = bootstrap_document(load_rules(rules), options)
     config["layered_runtime"] = FLUSH_NOW
     log = workdir / "decisions.jsonl"
     sent = []

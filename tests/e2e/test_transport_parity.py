@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import MODES, EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 from sidecar.transports.explain import explain_local
 
@@ -121,7 +120,7 @@ def by_mode(
 ) -> Iterator[dict[str, list[tuple[Any, ...]]]]:
     results = {}
     for mode in MODES:
-        config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), EnvoyOptions(mode=mode))))
+        config = bootstrap_document(load_rules(rules), EnvoyOptions(mode=mode))
         with Stack(rules, config, tmp_path_factory.mktemp(mode)) as stack:
             results[mode] = outcomes(stack)
             LOG_LINES[mode] = access_log_line(stack)

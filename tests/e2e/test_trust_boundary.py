@@ -7,11 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, bootstrap_document, render_yaml
 from sidecar.table.load import load_rules
 
 RULES = textwrap.dedent("""\
@@ -58,7 +57,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     workdir = tmp_path_factory.mktemp(f"trust-{request.param}")
     rules = workdir / "rules.yaml"
     rules.write_text(RULES)
-    config = yaml.safe_load(render_yaml(bootstrap(load_rules(rules), EnvoyOptions(mode=request.param))))
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode=request.param))
     with Stack(rules, config, workdir, sidecar_first=False) as running:
         yield running
 

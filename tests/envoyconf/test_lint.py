@@ -252,9 +252,9 @@ def test_xfcc_without_the_uri_san_is_found() -> None:
 
 
 def _principals(rules_yaml: str) -> Any:
-    from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+    from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 
-    config = yaml.safe_load(render_yaml(bootstrap(table_from_yaml(rules_yaml), EnvoyOptions())))
+    config = bootstrap_document(table_from_yaml(rules_yaml), EnvoyOptions())
     rbac = next(f for f in hcm(config)["http_filters"] if f["name"] == "envoy.filters.http.rbac")
     policy = next(iter(rbac["typed_config"]["rules"]["policies"].values()))
     return policy["principals"][0]
@@ -318,10 +318,10 @@ def test_mirroring_needs_the_route_policy_and_the_early_strip() -> None:
 
 
 def test_tracing_to_a_collector_that_cannot_receive_is_found() -> None:
-    from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+    from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 
     table = TABLE
-    traced = yaml.safe_load(render_yaml(bootstrap(table, EnvoyOptions(otlp=("127.0.0.1", 4317)))))
+    traced = bootstrap_document(table, EnvoyOptions(otlp=("127.0.0.1", 4317)))
     assert check(table, traced) == []
     clusters = traced["static_resources"]["clusters"]
     collector = next(c for c in clusters if c["name"] == "otel_collector")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, render_yaml
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap, bootstrap_document, render_yaml
 from sidecar.envoyconf.lint import check
 from sidecar.envoyconf.tls import TlsOptions
 from sidecar.table.load import load_rules
@@ -61,7 +61,7 @@ def test_the_generated_mtls_config_is_clean_for_identity_rules() -> None:
 
 def test_identity_rules_without_envoys_xfcc_are_flagged() -> None:
     table = table_from_yaml(IDENTITY_RULES)
-    config = yaml.safe_load(render_yaml(bootstrap(table, EnvoyOptions(mode="ext_authz_http"))))
+    config = bootstrap_document(table, EnvoyOptions(mode="ext_authz_http"))
     assert any("identity rules never match" in str(f) for f in check(table, config))
 
 

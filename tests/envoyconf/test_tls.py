@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
-from betterproto2 import Casing
 
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.envoyconf.lint import check
 from sidecar.envoyconf.sds import FileSds, SpireSds, parse_sds
 from sidecar.envoyconf.tls import TlsOptions, sds_files
@@ -21,9 +20,7 @@ TABLE = load_rules(REPO / "examples" / "rules.yaml")
 
 def generated(sds: FileSds | SpireSds | None) -> dict[str, Any]:
     options = EnvoyOptions(mtls=TlsOptions(sds=sds))
-    document: dict[str, Any] = yaml.safe_load(
-        yaml.safe_dump(bootstrap(TABLE, options).to_dict(casing=Casing.SNAKE))
-    )
+    document: dict[str, Any] = yaml.safe_load(yaml.safe_dump(bootstrap_document(TABLE, options)))
     return document
 
 
