@@ -29,7 +29,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        # decisions, mirrored, steering events and the two latency histograms: counted per request
+        # decisions, mirrored, steering events, the two latency histograms and the open ext_proc
+        # streams: counted per request
         self.requests = request_counts(registry, MULTIPROCESS)
         # Bound once: called on every request. `count_steering`: one decided request (its
         # decision, mirror, notable inputs, time to decide); `observe_request`: a transport's
@@ -37,6 +38,8 @@ class Metrics:
         self.count_steering: Callable[[Steering, float], None] = self.requests.count_steering
         self.observe_request: Callable[[str, float], None] = self.requests.observe_request
         self.count_request: Callable[[str, Steering, float, float], None] = self.requests.count_request
+        # ext_proc streams opened (+1) and closed (-1): once each per request over ext_proc
+        self.streams_open: Callable[[int], None] = self.requests.streams_open
         self.decision_errors = Counter(
             "graysteer_decision_errors",
             "Requests that could not be decided and went to the default cluster, by reason.",
@@ -66,12 +69,6 @@ class Metrics:
             "closed pipe); truncated (over the line limit: headers cut).",
             ["outcome"],
             registry=registry,
-        )
-        self.inflight_streams = Gauge(
-            "graysteer_inflight_streams",
-            "ext_proc streams open now.",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
         self.admin_watchers = Gauge(
             "graysteer_admin_watchers",

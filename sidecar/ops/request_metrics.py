@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import metrics as client_metrics
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
@@ -68,6 +68,7 @@ DECISION_SECONDS = Spec(
     "Time to decide one request (matching and bucketing, without gRPC).",
     buckets=DECISION_BUCKETS,
 )
+INFLIGHT_STREAMS = Spec("graysteer_inflight_streams", "ext_proc streams open now.")  # a gauge
 REQUEST_SECONDS = Spec(
     "graysteer_request_duration_seconds",
     "The sidecar's own time for one request, by transport (ext_proc, ext_authz, "
@@ -121,6 +122,12 @@ class ClientCounts:
         request_seconds = histogram(REQUEST_SECONDS)
         self._requests = {t: request_seconds.labels(t) for t in TRANSPORTS}
         self._decisions: dict[tuple[str, str], MetricWrapperBase] = {}
+        self._streams = Gauge(
+            INFLIGHT_STREAMS.name,
+            INFLIGHT_STREAMS.documentation,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
     def count_steering(self, steering: Steering, seconds: float) -> None:
         self.decision_seconds.observe(seconds)
@@ -145,6 +152,9 @@ class ClientCounts:
     def count_request(self, transport: str, steering: Steering, deciding: float, seconds: float) -> None:
         self.count_steering(steering, deciding)
         self.observe_request(transport, seconds)
+
+    def streams_open(self, change: int) -> None:
+        self._streams.inc(change)
 
 
 class _PlainHistogram:
@@ -184,6 +194,7 @@ class PlainCounts(Collector):
         self._created: dict[tuple[str, tuple[str, ...]], float] = {}
         self._decision_seconds = _PlainHistogram(DECISION_BUCKETS)
         self._requests = {t: _PlainHistogram(REQUEST_BUCKETS) for t in TRANSPORTS}
+        self._streams = 0
         registry.register(self)
 
     def count_steering(self, steering: Steering, seconds: float) -> None:
@@ -216,6 +227,9 @@ class PlainCounts(Collector):
         histogram.sum += seconds
         self.count_steering(steering, deciding)
 
+    def streams_open(self, change: int) -> None:
+        self._streams += change  # a prometheus_client Gauge takes a lock for this
+
     def _count(self, counts: dict[tuple[str, ...], int], name: str, key: tuple[str, ...]) -> None:
         known = counts.get(key)
         if known is None:
@@ -227,8 +241,9 @@ class PlainCounts(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return [
-            _metric(spec)
-            for spec in (DECISIONS, MIRRORED, STEERING_EVENTS, DECISION_SECONDS, REQUEST_SECONDS)
+            *(_metric(spec) for spec in (DECISIONS, MIRRORED, STEERING_EVENTS, DECISION_SECONDS)),
+            Metric(INFLIGHT_STREAMS.name, INFLIGHT_STREAMS.documentation, "gauge"),
+            _metric(REQUEST_SECONDS),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -239,6 +254,9 @@ class PlainCounts(Collector):
         decision = _metric(DECISION_SECONDS)
         self._decision_seconds.samples(decision, DECISION_SECONDS.name, {})
         yield decision
+        streams = Metric(INFLIGHT_STREAMS.name, INFLIGHT_STREAMS.documentation, "gauge")
+        streams.add_sample(INFLIGHT_STREAMS.name, {}, float(self._streams))
+        yield streams
         request = _metric(REQUEST_SECONDS)
         for transport, histogram in self._requests.items():
             histogram.samples(request, REQUEST_SECONDS.name, {"transport": transport})

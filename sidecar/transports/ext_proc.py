@@ -164,8 +164,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[bytes]:
-        inflight = self.decider.metrics.inflight_streams
-        inflight.inc()
+        streams_open = self.decider.metrics.streams_open
+        streams_open(1)
         try:
             async for message in request_iterator:
                 if message.observability_mode:
@@ -174,7 +174,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if answer is not None:
                     yield answer
         finally:  # also when Envoy resets the stream after its last message (normal)
-            inflight.dec()
+            streams_open(-1)
 
     def answer(self, message: ep.ProcessingRequest) -> bytes | None:
         """The serialized answer to one message (the serving path)."""

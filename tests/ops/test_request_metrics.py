@@ -34,6 +34,8 @@ def exposition(counts: type[PlainCounts] | type[ClientCounts]) -> str:
             recorder.count_steering(steering, seconds)
             recorder.observe_request("ext_authz_http", seconds * 2)
     recorder.count_event("malformed_xfcc")
+    for change in (1, 1, -1, 1, -1):
+        recorder.streams_open(change)
     recorder.observe_request("ext_proc", 1e-5)
     text = generate_latest(registry).decode()
     return re.sub(r"(_created\{?[^ ]*) [0-9.e+]+", r"\1 <time>", text)
@@ -44,6 +46,7 @@ def test_plain_numbers_expose_what_prometheus_client_exposes() -> None:
     assert 'graysteer_decisions_total{cluster="stable",rule="by-user"} 2.0' in plain
     assert 'graysteer_steering_events_total{event="malformed_spiffe_id"} 1.0' in plain
     assert "graysteer_decision_duration_seconds_count 5.0" in plain
+    assert "graysteer_inflight_streams 1.0" in plain
     assert sorted(plain.splitlines()) == sorted(client.splitlines())
 
 
