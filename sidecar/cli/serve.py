@@ -19,6 +19,9 @@ def check(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     options = serve_options.from_arguments(args, log_level=args.log_level)
+    from sidecar.serving.descriptors import raise_open_file_limit
+
+    raise_open_file_limit()  # before any worker starts: they inherit it
     if options.workers > 1:
         from sidecar.serving.workers import run_workers
 
