@@ -11,7 +11,7 @@ import itertools
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class Sidecar(Process):
         name: str = "sidecar",
         port: int = 0,
         transport: str = "grpc",
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         listen = (
             ["--listen", f"127.0.0.1:{port}"]
@@ -113,7 +114,7 @@ class Sidecar(Process):
             "0",
             *extra_args,
         ]
-        super().__init__(name, argv, workdir / f"{name}.log")
+        super().__init__(name, argv, workdir / f"{name}.log", preexec=preexec)
         self.transport = transport
         try:
             self._wait_until_serving(argv, transport)

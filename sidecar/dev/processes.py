@@ -40,7 +40,12 @@ class Process:
     """A child process with its output in a log file; stopped by SIGTERM, then SIGKILL."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,  # run in the child before it starts (limits)
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -52,6 +57,7 @@ class Process:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec,
         )
 
     def log_text(self) -> str:

@@ -1,12 +1,11 @@
-"""The fast path's server process with a low file descriptor limit, flooded with idle
-connections: checks are still answered and a rules change still loads, because the
-connection cap keeps descriptors back for everything else."""
+"""The fast path's server process with a low file descriptor limit (hard: `serve` raises its
+soft limit to the hard one), flooded with idle connections: checks are still answered and a
+rules change still loads, because the connection cap keeps descriptors back for everything
+else."""
 
 import http.client
 import resource
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from sidecar.dev.devstack import Sidecar
@@ -14,18 +13,12 @@ from sidecar.dev.processes import wait_for
 from sidecar.transports.authz_http import RESERVED_DESCRIPTORS
 
 RULES = "version: 1\nclusters: [stable, canary]\ndefault: {default}\n"
-LIMIT = 256  # the soft RLIMIT_NOFILE the sidecar starts with
+LIMIT = 256  # the sidecar's RLIMIT_NOFILE, soft and hard
 
 
-@contextmanager
-def descriptor_limit(soft: int) -> Iterator[None]:
-    """Processes started inside inherit `soft` as their RLIMIT_NOFILE."""
-    before = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+def descriptor_limit() -> None:
+    """In the sidecar's process before it starts: nothing may raise its limit past LIMIT."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
 
 
 def routed_to(port: int) -> str | None:
@@ -43,8 +36,7 @@ def routed_to(port: int) -> str | None:
 def test_a_flood_of_idle_connections_leaves_checks_and_reloads_working(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.format(default="stable"))
-    with descriptor_limit(LIMIT):
-        sidecar = Sidecar(rules, tmp_path, transport="http")
+    sidecar = Sidecar(rules, tmp_path, transport="http", preexec=descriptor_limit)
     flood: list[socket.socket] = []
     try:
         cap = int(sidecar.wait_for_log(r"at most (\d+) connections").group(1))
