@@ -72,7 +72,8 @@ INFLIGHT_STREAMS = Spec("graysteer_inflight_streams", "ext_proc streams open now
 REQUEST_SECONDS = Spec(
     "graysteer_request_duration_seconds",
     "The sidecar's own time for one request, by transport (ext_proc, ext_authz, "
-    "ext_authz_http): reading Envoy's message, deciding, counting. Envoy's side of the "
+    "ext_authz_http): reading Envoy's message and deciding (a shadow table's decision and "
+    "the decision log's hand-off included). Envoy's side of the "
     "call (network, its own queueing) is not in it: Envoy exports no ext_proc latency.",
     ("transport",),
     REQUEST_BUCKETS,
