@@ -29,7 +29,7 @@ from sidecar.core import Steering
 
 # Deciding takes microseconds: buckets from 2 us to 10 ms.
 DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
-# A transport's whole turn (read the message, decide, count): 10 us to 250 ms.
+# A transport's whole turn (read the message, decide): 10 us to 250 ms.
 REQUEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25)
 # The transports (the `transport` label's closed set).
 TRANSPORTS = ("ext_proc", "ext_authz", "ext_authz_http")
