@@ -32,10 +32,10 @@ class Metrics:
         # decisions, mirrored, steering events, the two latency histograms and the open ext_proc
         # streams: counted per request
         self.requests = request_counts(registry, MULTIPROCESS)
-        # Bound once: called on every request. `count_steering`: one decided request (its
-        # decision, mirror, notable inputs, time to decide); `observe_request`: a transport's
-        # whole turn (KeyError for a transport not in TRANSPORTS); `count_request`: both.
-        self.count_steering: Callable[[Steering, float], None] = self.requests.count_steering
+        # Bound once: called on every request. `count_request`: one decided request (its
+        # decision, mirror, notable inputs, time to decide) and its transport's whole turn;
+        # `observe_request`: the turn alone, of a request that could not be read (both:
+        # KeyError for a transport not in TRANSPORTS).
         self.observe_request: Callable[[str, float], None] = self.requests.observe_request
         self.count_request: Callable[[str, Steering, float, float], None] = self.requests.count_request
         # ext_proc streams opened (+1) and closed (-1): once each per request over ext_proc

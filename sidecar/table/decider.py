@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from sidecar.core import Decision, ErrorCode, Request, Steering, Table, steer
+from sidecar.core import Decision, ErrorCode, Request, Steering, Table
 from sidecar.core.engine import engine_for
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
@@ -60,19 +60,6 @@ class Decider:
         self.shadow = shadow  # --shadow-config or rules.next: the next rules, decided beside
         self._logged_reasons: set[str] = set()
 
-    def steer(self, request: Request, table: Table | None = None) -> Steering:
-        """Steer against `table` (by default the current one); the default cluster on error,
-        with the untrusted headers still removed when that much was known."""
-        engine = self.holder.engine
-        table = table or engine.table
-        started = perf_counter()
-        try:
-            steering = engine.steer(request) if table is engine.table else steer(table, request)
-        except Exception as error:  # a bug or input the engine cannot handle: fail to default
-            steering = self.fallback(table, ErrorCode.ENGINE, error, request.headers)
-        self.metrics.count_steering(steering, perf_counter() - started)
-        return steering
-
     def steer_input(
         self,
         transport: str,
@@ -108,7 +95,7 @@ class Decider:
             finished = perf_counter()
         else:
             finished = decided
-        # `steer`, inlined with the counting: this runs once per request of every transport
+        # once per request of every transport: the decision and the transport's time in one call
         self.metrics.count_request(transport, steering, decided - deciding, finished - started)
         return steering
 
@@ -125,10 +112,6 @@ class Decider:
             self.metrics.count_event("shadow_failed")
             return None
         return decision if shadow.record(live, decision) else None
-
-    def decide(self, request: Request, table: Table | None = None) -> Decision:
-        """The decision alone (see `steer`)."""
-        return self.steer(request, table).decision
 
     def fallback(
         self, table: Table, code: ErrorCode, error: BaseException, headers: Mapping[str, str] | None

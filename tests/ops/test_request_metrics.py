@@ -61,7 +61,8 @@ def test_metrics_counts_in_plain_numbers_in_one_process() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     assert isinstance(metrics.requests, PlainCounts)
-    metrics.count_steering(Steering(Decision("stable", "default", "v1"), identity=NO_IDENTITY), 1e-6)
+    steering = Steering(Decision("stable", "default", "v1"), identity=NO_IDENTITY)
+    metrics.count_request("ext_proc", steering, 1e-6, 1e-6)
     assert (
         registry.get_sample_value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 1
     )
