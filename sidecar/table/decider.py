@@ -11,7 +11,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table
-from sidecar.core.engine import engine_for
+from sidecar.core.engine import Engine, engine_for
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
 
@@ -38,10 +38,16 @@ class TableHolder:
 
     @table.setter
     def table(self, table: Table) -> None:
-        engine = engine_for(table)  # built ahead by the reload when it could (off the loop)
-        if engine.error is not None:
-            log.error("rules %s served by the reference engine: %s", table.version, engine.error)
-        self.engine = engine
+        self.engine = serving_engine(table)
+
+
+def serving_engine(table: Table) -> Engine:
+    """`table`'s engine: built ahead by the reload when it could (off the loop), else now;
+    logged when it is the reference walk (the generator refused the table or failed)."""
+    engine = engine_for(table)
+    if engine.error is not None:
+        log.error("rules %s served by the reference engine: %s", table.version, engine.error)
+    return engine
 
 
 class Decider:

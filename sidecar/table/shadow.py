@@ -28,6 +28,7 @@ from sidecar.core.engine import Engine
 from sidecar.core.overrides import reconcile
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
+from sidecar.table.decider import serving_engine
 from sidecar.table.documents import DocumentReader
 from sidecar.table.load import config_version
 from sidecar.table.reload import Reloader, RulesSource, StateStore, overrides_from_state
@@ -134,7 +135,7 @@ class Shadow:
             return False
         effective, _, _ = reconcile(document, overrides)
         table = compile_table(effective, config_version(content), self.rules.label, validated=True)
-        self.engine = Engine(table)
+        self.engine = serving_engine(table)
         self.error, self.loaded_at, self._read = "", time.time(), inputs
         log.info("shadow table: %s version %s", self.rules.label, table.version)
         return True

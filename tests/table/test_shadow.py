@@ -6,9 +6,11 @@ import json
 from functools import partial
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import Request, steer
+from sidecar.core import engine as engine_module
 from sidecar.ops.decision_log import DecisionLog
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.file import RulesFile
@@ -168,3 +170,17 @@ def test_a_shadow_that_cannot_decide_never_changes_the_served_decision(tmp_path:
     assert (
         metrics.registry.get_sample_value("graysteer_steering_events_total", {"event": "shadow_failed"}) == 1
     )
+
+
+def test_a_shadow_table_the_generator_refuses_is_served_by_the_reference_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing(_: object) -> None:
+        raise RuntimeError("a bug in the generator")
+
+    monkeypatch.setattr(engine_module, "generate", failing)
+    _, _, shadow, _ = setup(tmp_path)  # the reloader loads the shadow table with the live one
+    assert shadow.engine is not None and not shadow.engine.generated  # the reference walk
+    assert f"rules {shadow.engine.table.version} served by the reference engine" in caplog.text
+    request = Request({"u": "user-1"})
+    assert shadow.engine.steer(request) == steer(shadow.engine.table, request)
