@@ -41,6 +41,7 @@ class Spec:
     documentation: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()  # a histogram's upper bounds (without +Inf); () for a counter
+    gauge: bool = False  # a value that goes up and down, not a counter
 
 
 DECISIONS = Spec(
@@ -68,7 +69,7 @@ DECISION_SECONDS = Spec(
     "Time to decide one request (matching and bucketing, without gRPC).",
     buckets=DECISION_BUCKETS,
 )
-INFLIGHT_STREAMS = Spec("graysteer_inflight_streams", "ext_proc streams open now.")  # a gauge
+INFLIGHT_STREAMS = Spec("graysteer_inflight_streams", "ext_proc streams open now.", gauge=True)
 REQUEST_SECONDS = Spec(
     "graysteer_request_duration_seconds",
     "The sidecar's own time for one request, by transport (ext_proc, ext_authz, "
@@ -242,9 +243,15 @@ class PlainCounts(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return [
-            *(_metric(spec) for spec in (DECISIONS, MIRRORED, STEERING_EVENTS, DECISION_SECONDS)),
-            Metric(INFLIGHT_STREAMS.name, INFLIGHT_STREAMS.documentation, "gauge"),
-            _metric(REQUEST_SECONDS),
+            _metric(spec)
+            for spec in (
+                DECISIONS,
+                MIRRORED,
+                STEERING_EVENTS,
+                DECISION_SECONDS,
+                INFLIGHT_STREAMS,
+                REQUEST_SECONDS,
+            )
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -255,7 +262,7 @@ class PlainCounts(Collector):
         decision = _metric(DECISION_SECONDS)
         self._decision_seconds.samples(decision, DECISION_SECONDS.name, {})
         yield decision
-        streams = Metric(INFLIGHT_STREAMS.name, INFLIGHT_STREAMS.documentation, "gauge")
+        streams = _metric(INFLIGHT_STREAMS)
         streams.add_sample(INFLIGHT_STREAMS.name, {}, float(self._streams))
         yield streams
         request = _metric(REQUEST_SECONDS)
@@ -278,7 +285,8 @@ class PlainCounts(Collector):
 
 
 def _metric(spec: Spec) -> Metric:
-    return Metric(spec.name, spec.documentation, "histogram" if spec.buckets else "counter")
+    kind = "histogram" if spec.buckets else "gauge" if spec.gauge else "counter"
+    return Metric(spec.name, spec.documentation, kind)
 
 
 RequestCounts = PlainCounts | ClientCounts
