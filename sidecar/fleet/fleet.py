@@ -67,6 +67,14 @@ class FleetClusters:
     def record(self, replica: str, at: float, counts: dict[str, ClusterCounts]) -> None:
         if self._last_at.get(replica) == at:
             return  # not republished since the last read
+        if not counts:
+            # No counts: a replica that has not read its Envoy yet (a sidecar just restarted
+            # beside a running Envoy), or whose Envoy has answered nothing. As a snapshot it
+            # would be the window's baseline, and the next record's cumulative counts (Envoy's
+            # whole history) would count as traffic inside the window: a burst of old errors
+            # that rolls a healthy canary back. The first counts a replica publishes are its
+            # baseline instead (the first second of a new Envoy's traffic is not counted).
+            return
         self._last_at[replica] = at
         self.replicas.setdefault(replica, ClusterHistory(self.keep_seconds)).record(at, counts)
 

@@ -66,6 +66,20 @@ def test_a_replica_that_stopped_publishing_adds_nothing_to_a_window() -> None:
     assert (window.requests, window.errors) == (100, 0)
 
 
+def test_a_replica_that_published_no_counts_yet_adds_no_old_traffic_to_a_window() -> None:
+    """A sidecar restarted beside a running Envoy publishes before it has read the Envoy (no
+    counts), then Envoy's cumulative counts: old errors must not land in the window as new
+    (they aborted a healthy rollout in the fleet e2e test)."""
+    clusters = FleetClusters()
+    clusters.record("a", 100.0, {"canary": counts(300, 100, 300)})  # before the sidecar restarted
+    clusters.record("a", 110.0, {})  # restarted: its Envoy not read yet
+    clusters.record("a", 111.0, {"canary": counts(310, 100, 310)})  # +10 requests, no error
+    clusters.record("a", 112.0, {"canary": counts(320, 100, 320)})  # +10 requests, no error
+    window = clusters.cluster_window("canary", 3, 112.0)
+    assert (window.requests, window.errors) == (10, 0)
+    assert clusters.cluster_rates(3, 112.0)["canary"].error_ratio == 0.0
+
+
 # ---- the election, on a real etcd ---------------------------------------------------------------
 
 _prefixes = itertools.count()
