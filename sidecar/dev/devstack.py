@@ -154,7 +154,10 @@ class Sidecar(Process):
 
 
 class Envoy:
-    """A running Envoy: its listener port, its admin API and its log."""
+    """A running Envoy: its listener port, its admin API and its logs: `NAME.log` holds what it
+    writes to stdout (the generated configs' access log) and nothing else, `own_log`
+    (`NAME.stderr.log`) Envoy's own log. Envoy writes a buffered access log one 16 KiB piece
+    at a time; in a shared file a line of its own could land inside an access log line."""
 
     def __init__(
         self, config: Mapping[str, Any], workdir: Path, name: str = "envoy", concurrency: int = 1
@@ -164,6 +167,7 @@ class Envoy:
         config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
         admin_file = workdir / f"{name}.admin"
         admin_file.unlink(missing_ok=True)
+        self.own_log = workdir / f"{name}.stderr.log"
         self.process = Process(
             name,
             [
@@ -182,6 +186,7 @@ class Envoy:
                 "100",
             ],
             workdir / f"{name}.log",
+            stderr_path=self.own_log,
         )
         admin = wait_for(lambda: self._read_admin(admin_file), 20, f"{name} admin address")
         host, _, port = admin.rpartition(":")
@@ -196,7 +201,7 @@ class Envoy:
 
     def _read_admin(self, path: Path) -> str | None:
         if self.process.popen.poll() is not None:
-            raise RuntimeError(f"{self.name} exited:\n{self.process.log_text()[-3000:]}")
+            raise RuntimeError(f"{self.name} exited:\n{self.process.output_tail()}")
         text = path.read_text().strip() if path.exists() else ""
         return text or None
 

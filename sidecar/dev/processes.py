@@ -37,7 +37,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 class Process:
-    """A child process with its output in a log file; stopped by SIGTERM, then SIGKILL."""
+    """A child process with its output in a log file; stopped by SIGTERM, then SIGKILL.
+
+    With `stderr_path` its stderr goes to a file of its own: a process that writes a log of
+    its own (stdout) in pieces, as Envoy its access log, would otherwise get lines of stderr
+    inside its lines."""
 
     def __init__(
         self,
@@ -46,14 +50,17 @@ class Process:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         preexec: Callable[[], None] | None = None,  # run in the child before it starts (limits)
+        stderr_path: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.stderr_path = stderr_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self._stderr = None if stderr_path is None else open(stderr_path, "wb")  # noqa: SIM115 (as _log)
         self.popen = subprocess.Popen(
             list(argv),
             stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if self._stderr is None else self._stderr,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env={**os.environ, **(env or {})},
@@ -63,14 +70,17 @@ class Process:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def output_tail(self, chars: int = 3000) -> str:
+        """The end of what it wrote, stderr first when that has a file of its own: why it exited."""
+        stderr = "" if self.stderr_path is None else self.stderr_path.read_text(errors="replace")
+        return (stderr[-chars:] + "\n" + self.log_text()[-chars:]).strip()
+
     def wait_for_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         regex = re.compile(pattern)
 
         def found() -> re.Match[str] | None:
             if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.popen.returncode}:\n{self.log_text()[-3000:]}"
-                )
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.output_tail()}")
             return regex.search(self.log_text())
 
         return wait_for(found, timeout, f"{self.name} to log {pattern!r}")  # type: ignore[no-any-return]
@@ -89,6 +99,8 @@ class Process:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait()
         self._log.close()
+        if self._stderr is not None:
+            self._stderr.close()
         return self.popen.returncode
 
     def kill(self) -> None:

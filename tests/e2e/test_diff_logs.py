@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.changes.requests import from_access_log
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
@@ -96,16 +97,36 @@ def test_diff_on_the_access_log_and_the_decision_log_is_what_explain_says(mode: 
         for headers in SENT:
             assert client.get("/", headers)[0] == 200
         wait_for(lambda: len(decisions.read_text().splitlines()) >= len(SENT), 10, "the decision log")
+        access_log = tmp_path / "envoy.log"  # Envoy's stdout: the access log alone
+        wait_for(lambda: access_log.read_text().count("\n") >= len(SENT), 10, "the access log")
     expected = moves(old, new)
     assert {key[:2] for key in expected} >= {("beta", "mobile"), ("beta", "ramp"), ("ramp", "ramp")}
-    for log in (tmp_path / "envoy.log", decisions):
+    for log in (access_log, decisions):
         report = diff(old, new, log)
-        assert report["read"]["requests"] == len(SENT), log
+        assert report["read"] == {"requests": len(SENT), "skipped_lines": 0, "redacted": 0}, log
         assert report["requests"] == len(SENT)
-        assert report["moved_requests"] == sum(expected.values())
+        assert report["moved_requests"] == sum(expected.values()), log
         found = {
             (m["from"]["rule"], m["to"]["rule"], m["from"]["cluster"], m["to"]["cluster"]): m["requests"]
             for m in report["moves"]
         }
         assert found == dict(expected), log
         assert report["backwards"] == []
+
+
+def test_the_access_log_file_holds_the_access_log_alone(tmp_path: Path) -> None:
+    """Envoy writes its buffered access log one 16 KiB piece at a time, and its own log (stderr)
+    as it comes: in one shared file, a line of its own (`caught ENVOY_SIGTERM` on a stop)
+    lands inside an access log line split between two pieces, and `graysteer diff --requests`
+    then reads a header value with Envoy's line glued to it. The devstack keeps the two apart."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(OLD)
+    with Stack(rules, bootstrap_document(load_rules(rules), EnvoyOptions()), tmp_path) as stack:
+        assert stack.client().get("/", {"x-user-id": "u-1"})[0] == 200
+        assert stack.envoy is not None
+        own_log = stack.envoy.own_log
+    lines = (tmp_path / "envoy.log").read_text().splitlines()
+    assert len(lines) == 1, lines
+    request = from_access_log(lines[0])
+    assert request is not None and request.headers["x-user-id"] == "u-1", lines
+    assert "caught ENVOY_SIGTERM" in own_log.read_text()
