@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from benchmarks.decide import realistic_document, sample_requests
 from sidecar.core import Request, Table, compile_table, steer
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.table.load import load_rules
 from sidecar.transports.authz_http import AuthzHttpServer
 

@@ -52,7 +52,8 @@ def protocol(kind: str) -> Callable[[bytes], None]:
     from benchmarks.empty_http import Constant
     from sidecar.core import Steering
     from sidecar.ops.metrics import Metrics
-    from sidecar.table.decider import Decider, TableHolder
+    from sidecar.table.decider import Decider
+    from sidecar.table.holder import TableHolder
     from sidecar.table.load import load_rules
     from sidecar.transports.authz_http import AuthzHttpServer
 

@@ -16,7 +16,8 @@ from sidecar.core.overrides import split_weights
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.state_file import StateConflict
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.table.reload import DrivenByRollout, Loaded, Reloader, ReloadResult
 from sidecar.table.shadow import Shadow, shadow_of
 from sidecar.transports.explain import Peer, headers_message

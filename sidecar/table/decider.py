@@ -1,5 +1,5 @@
-"""Deciding a request safely: the current table, the fallback on failure, the counting, the
-time each transport spends, and the decision log.
+"""Deciding a request safely: the current table (sidecar.table.holder), the fallback on
+failure, the counting, the time each transport spends, and the decision log.
 
 Shared by every transport (ext_proc, ext_authz over gRPC and HTTP, explain) so that they all
 take the same path.
@@ -11,43 +11,15 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table
-from sidecar.core.engine import Engine, engine_for
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
+from sidecar.table.holder import TableHolder
 
 if TYPE_CHECKING:
     from sidecar.ops.decision_log import DecisionLog
     from sidecar.table.shadow import Shadow
 
 log = logging.getLogger("graysteer.decide")
-
-
-class TableHolder:
-    """The current table and its serving engine (sidecar.core.engine), built before the swap.
-    Readers take `holder.table` or `holder.engine` once per request; a reload replaces both
-    with one assignment, which is atomic for Python readers."""
-
-    __slots__ = ("engine",)
-
-    def __init__(self, table: Table) -> None:
-        self.table = table
-
-    @property
-    def table(self) -> Table:
-        return self.engine.table
-
-    @table.setter
-    def table(self, table: Table) -> None:
-        self.engine = serving_engine(table)
-
-
-def serving_engine(table: Table) -> Engine:
-    """`table`'s engine: built ahead by the reload when it could (off the loop), else now;
-    logged when it is the reference walk (the generator refused the table or failed)."""
-    engine = engine_for(table)
-    if engine.error is not None:
-        log.error("rules %s served by the reference engine: %s", table.version, engine.error)
-    return engine
 
 
 class Decider:

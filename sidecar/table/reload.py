@@ -24,8 +24,8 @@ from sidecar.core.engine import prepare
 from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import TableHolder
 from sidecar.table.documents import DocumentReader
+from sidecar.table.holder import TableHolder
 from sidecar.table.load import config_version
 
 log = logging.getLogger("graysteer.reload")

@@ -28,8 +28,8 @@ from sidecar.core.engine import Engine
 from sidecar.core.overrides import reconcile
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import serving_engine
 from sidecar.table.documents import DocumentReader
+from sidecar.table.holder import serving_engine
 from sidecar.table.load import config_version
 from sidecar.table.reload import Reloader, RulesSource, StateStore, overrides_from_state
 

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.contract import ATTRIBUTES_KEY
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.table.load import load_rules
 from sidecar.transports.ext_proc import ExtProcServicer
 

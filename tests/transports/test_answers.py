@@ -6,7 +6,8 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.core import Decision, Steering
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.table.load import load_rules
 from sidecar.transports.answers import AnswerCache
 from sidecar.transports.explain import headers_message

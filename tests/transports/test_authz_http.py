@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from sidecar.contract import DECISION_HEADER_PREFIX
 from sidecar.core import Decision
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.transports.authz_http import (
     RESERVED_DESCRIPTORS,
     AuthzHttpServer,

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from sidecar.core.bucketing import bucket
 from sidecar.core.table import Rule
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.transports.explain import headers_message
 from sidecar.transports.ext_proc import ExtProcServicer, add_to_server
 from tests.helpers import table_from_rules

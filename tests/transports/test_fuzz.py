@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ATTRIBUTES_KEY, ExtProcServicer
 from sidecar.transports.http_check import answer_bytes, check_request

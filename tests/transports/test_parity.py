@@ -8,7 +8,8 @@ from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
 from sidecar.ops.metrics import Metrics
-from sidecar.table.decider import Decider, TableHolder
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.transports.explain import Peer, explain_local, headers_message
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ExtProcServicer
