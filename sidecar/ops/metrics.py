@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.core import Steering, Table
+from sidecar.ops import metric_specs as specs
 from sidecar.ops.request_metrics import request_counts
 
 if TYPE_CHECKING:
@@ -40,170 +41,31 @@ class Metrics:
         self.count_request: Callable[[str, Steering, float, float], None] = self.requests.count_request
         # ext_proc streams opened (+1) and closed (-1): once each per request over ext_proc
         self.streams_open: Callable[[int], None] = self.requests.streams_open
-        self.decision_errors = Counter(
-            "graysteer_decision_errors",
-            "Requests that could not be decided and went to the default cluster, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.shadow_decisions = Counter(
-            "graysteer_shadow_decisions",
-            "Requests decided by the shadow table too (serve --shadow-config, or a fleet's rules.next), "
-            "by the live rule, the live cluster and the shadow table's (a cluster, or deny:STATUS for a "
-            "denied request), and whether they differ (cluster != shadow_cluster).",
-            ["rule", "cluster", "shadow_cluster", "differs"],
-            registry=registry,
-        )
-        self.shadow_info = Gauge(
-            "graysteer_shadow_info",
-            "The shadow table decided beside the live one (value 1), by version; no series without one.",
-            ["version"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
+        self.decision_errors = specs.counter(specs.DECISION_ERRORS, registry)
+        self.shadow_decisions = specs.counter(specs.SHADOW_DECISIONS, registry)
+        self.shadow_info = specs.gauge(specs.SHADOW_INFO, registry)
         self._shadow_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
-        self.decision_log_lines = Counter(
-            "graysteer_decision_log_lines",
-            "Decision log lines, by outcome: written; dropped_queue_full (the writer fell behind: "
-            "a slow disk or pipe never slows a decision); dropped_write_error (a full disk, a "
-            "closed pipe); truncated (over the line limit: headers cut).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.admin_watchers = Gauge(
-            "graysteer_admin_watchers",
-            "Admin API WatchTable streams open now (each process refuses more than its limit).",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.reloads = Counter(
-            "graysteer_reloads",
-            "Attempts to load the rules file, by result (loaded, unchanged, invalid, missing).",
-            ["result"],
-            registry=registry,
-        )
-        self.config_info = Gauge(
-            "graysteer_config_info",
-            "The rules being served (value 1): version, file version and source.",
-            ["version", "file_version", "source"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.config_loaded = Gauge(
-            "graysteer_config_loaded_timestamp_seconds",
-            "When the table being served was loaded (Unix time).",
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.source_connected = Gauge(
-            "graysteer_source_connected",
-            "1 while the rules source can bring changes (etcd reachable; always 1 for a file), "
-            "0 while this replica serves its last table without being able to follow changes.",
-            registry=registry,
-            multiprocess_mode="livemin",
-        )
+        self.decision_log_lines = specs.counter(specs.DECISION_LOG_LINES, registry)
+        self.admin_watchers = specs.gauge(specs.ADMIN_WATCHERS, registry)
+        self.reloads = specs.counter(specs.RELOADS, registry)
+        self.config_info = specs.gauge(specs.CONFIG_INFO, registry)
+        self.config_loaded = specs.gauge(specs.CONFIG_LOADED, registry)
+        self.source_connected = specs.gauge(specs.SOURCE_CONNECTED, registry)
         self.source_connected.set(1)
-        self.fleet_leader = Gauge(
-            "graysteer_fleet_leader",
-            "1 while this replica leads its fleet's rollouts (etcd leader election), else 0.",
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.fleet_records_refused = Counter(
-            "graysteer_fleet_records_refused",
-            "Replica records under the fleet's etcd prefix left out because they do not pass "
-            "validation (types, finite numbers, sizes).",
-            registry=registry,
-        )
-        self.split_weight = Gauge(
-            "graysteer_split_weight",
-            "Weight of each cluster in each split rule, as served.",
-            ["rule", "cluster"],
-            registry=registry,
-            multiprocess_mode="livemostrecent",
-        )
-        self.rollout_step = Gauge(
-            "graysteer_rollout_step",
-            "The step each rollout is at (0-based).",
-            ["rule"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.rollout_state = Gauge(
-            "graysteer_rollout_state",
-            "1 for the phase each rollout is in (progressing, paused, promoted, aborted, ramping_down).",
-            ["rule", "state"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.rollout_canary_weight = Gauge(
-            "graysteer_rollout_canary_weight",
-            "The canary weight each rollout sets.",
-            ["rule"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.rollout_waiting = Gauge(
-            "graysteer_rollout_waiting",
-            "1 while a rollout's held step waits for `on`: approval (an operator's) or webhook (its gates).",
-            ["rule", "on"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.rollout_gate_checks = Counter(
-            "graysteer_rollout_gate_checks_total",
-            "Webhook gate checks of each rollout, by the move the gate guards (before: promote, step) "
-            "and result (passed, refused: a non-2xx answer, timeout, error: no answer).",
-            ["rule", "before", "result"],
-            registry=registry,
-        )
-        self.rollout_verdict = Gauge(
-            "graysteer_rollout_verdict",
-            "1 for the verdict of each rollout's last analysis (healthy, breach, inconclusive, "
-            "unavailable: the analysis could not run).",
-            ["rule", "verdict"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        # A rollout's limits, labelled with its canary cluster: drawn against
-        # graysteer_cluster_error_ratio / _p99_seconds{cluster} (a limit not set: no series).
-        self.rollout_max_error_ratio = Gauge(
-            "graysteer_rollout_max_error_ratio",
-            "The rollout's max_error_rate: the 5xx share of its canary cluster's responses above which "
-            "it fails.",
-            ["rule", "cluster"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.rollout_max_p99_seconds = Gauge(
-            "graysteer_rollout_max_p99_seconds",
-            "The rollout's max_p99_ms, in seconds: the canary cluster's p99 above which it fails.",
-            ["rule", "cluster"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        # graysteer_cluster_* were graysteer_lane_*{lane} before 0.2 (docs/operations.md)
-        self.cluster_error_ratio = Gauge(
-            "graysteer_cluster_error_ratio",
-            "5xx share of each rollout cluster's responses in the analysis window.",
-            ["cluster"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.cluster_p99_seconds = Gauge(
-            "graysteer_cluster_p99_seconds",
-            "99th percentile response time of each rollout cluster in the analysis window.",
-            ["cluster"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.cluster_requests = Gauge(
-            "graysteer_cluster_window_requests",
-            "Responses of each rollout cluster in the analysis window.",
-            ["cluster"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
+        self.fleet_leader = specs.gauge(specs.FLEET_LEADER, registry)
+        self.fleet_records_refused = specs.counter(specs.FLEET_RECORDS_REFUSED, registry)
+        self.split_weight = specs.gauge(specs.SPLIT_WEIGHT, registry)
+        self.rollout_step = specs.gauge(specs.ROLLOUT_STEP, registry)
+        self.rollout_state = specs.gauge(specs.ROLLOUT_STATE, registry)
+        self.rollout_canary_weight = specs.gauge(specs.ROLLOUT_CANARY_WEIGHT, registry)
+        self.rollout_waiting = specs.gauge(specs.ROLLOUT_WAITING, registry)
+        self.rollout_gate_checks = specs.counter(specs.ROLLOUT_GATE_CHECKS, registry)
+        self.rollout_verdict = specs.gauge(specs.ROLLOUT_VERDICT, registry)
+        self.rollout_max_error_ratio = specs.gauge(specs.ROLLOUT_MAX_ERROR_RATIO, registry)
+        self.rollout_max_p99_seconds = specs.gauge(specs.ROLLOUT_MAX_P99_SECONDS, registry)
+        self.cluster_error_ratio = specs.gauge(specs.CLUSTER_ERROR_RATIO, registry)
+        self.cluster_p99_seconds = specs.gauge(specs.CLUSTER_P99_SECONDS, registry)
+        self.cluster_requests = specs.gauge(specs.CLUSTER_REQUESTS, registry)
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {}
         # every series a rollout has, by its rule (retired when the rollout leaves the table)
         self._rollout_series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = {}
@@ -218,35 +80,10 @@ class Metrics:
         that reads them exports them, so an absent series means "not watched", never 0."""
         if self.envoy_stats_up is not None:
             return
-        self.envoy_bypassed = Counter(
-            "graysteer_envoy_bypassed_requests",
-            "Requests Envoy sent on without a decision from "
-            "the sidecar (Envoy's failure_mode_allowed: sidecar away or unhealthy, message "
-            "timeout, gRPC error), by filter (mode: ext_proc, ext_authz).",
-            ["mode"],
-            registry=self.registry,
-        )
-        self.envoy_requests = Counter(
-            "graysteer_envoy_requests",
-            "Requests on Envoy's connection managers that run the "
-            "filter (their downstream_rq_total), by filter: the bypass ratio's denominator.",
-            ["mode"],
-            registry=self.registry,
-        )
-        self.envoy_bypass_ratio = Gauge(
-            "graysteer_envoy_bypass_ratio",
-            "Share of requests Envoy sent on without a decision "
-            "between the last two reads of its stats, by filter.",
-            ["mode"],
-            registry=self.registry,
-            multiprocess_mode="livemax",
-        )
-        self.envoy_stats_up = Gauge(
-            "graysteer_envoy_stats_up",
-            "1 when the last read of Envoy's stats (--envoy-admin) succeeded, 0 when it failed.",
-            registry=self.registry,
-            multiprocess_mode="livemax",
-        )
+        self.envoy_bypassed = specs.counter(specs.ENVOY_BYPASSED, self.registry)
+        self.envoy_requests = specs.counter(specs.ENVOY_REQUESTS, self.registry)
+        self.envoy_bypass_ratio = specs.gauge(specs.ENVOY_BYPASS_RATIO, self.registry)
+        self.envoy_stats_up = specs.gauge(specs.ENVOY_STATS_UP, self.registry)
 
     def count_bypass(self, mode: str, bypassed: float, requests: float, ratio: float) -> None:
         """One window between two reads of Envoy's stats, for one filter."""

@@ -16,9 +16,8 @@ tests/ops/test_request_metrics.py checks that both expose the same text for the 
 import time
 from bisect import bisect_left
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import metrics as client_metrics
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar.core import Steering
+from sidecar.ops.metric_specs import Spec, counter, gauge
 
 # Deciding takes microseconds: buckets from 2 us to 10 ms.
 DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
@@ -33,15 +33,6 @@ DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
 REQUEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25)
 # The transports (the `transport` label's closed set).
 TRANSPORTS = ("ext_proc", "ext_authz", "ext_authz_http")
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    documentation: str
-    labels: tuple[str, ...] = ()
-    buckets: tuple[float, ...] = ()  # a histogram's upper bounds (without +Inf); () for a counter
-    gauge: bool = False  # a value that goes up and down, not a counter
 
 
 DECISIONS = Spec(
@@ -69,7 +60,9 @@ DECISION_SECONDS = Spec(
     "Time to decide one request (matching and bucketing, without gRPC).",
     buckets=DECISION_BUCKETS,
 )
-INFLIGHT_STREAMS = Spec("graysteer_inflight_streams", "ext_proc streams open now.", gauge=True)
+INFLIGHT_STREAMS = Spec(
+    "graysteer_inflight_streams", "ext_proc streams open now.", gauge=True, combine="livesum"
+)
 REQUEST_SECONDS = Spec(
     "graysteer_request_duration_seconds",
     "The sidecar's own time for one request, by transport (ext_proc, ext_authz, "
@@ -110,26 +103,18 @@ class ClientCounts:
     """The per-request metrics as prometheus_client objects (multiprocess mode)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        def counter(spec: Spec) -> Counter:
-            return Counter(spec.name, spec.documentation, spec.labels, registry=registry)
-
         def histogram(spec: Spec) -> Histogram:
             return Histogram(
                 spec.name, spec.documentation, spec.labels, buckets=spec.buckets, registry=registry
             )
 
-        self.decisions, self.mirrored = counter(DECISIONS), counter(MIRRORED)
-        self.events = counter(STEERING_EVENTS)
+        self.decisions, self.mirrored = counter(DECISIONS, registry), counter(MIRRORED, registry)
+        self.events = counter(STEERING_EVENTS, registry)
         self.decision_seconds = histogram(DECISION_SECONDS)
         request_seconds = histogram(REQUEST_SECONDS)
         self._requests = {t: request_seconds.labels(t) for t in TRANSPORTS}
         self._decisions: dict[tuple[str, str], MetricWrapperBase] = {}
-        self._streams = Gauge(
-            INFLIGHT_STREAMS.name,
-            INFLIGHT_STREAMS.documentation,
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
+        self._streams = gauge(INFLIGHT_STREAMS, registry)
 
     def count_steering(self, steering: Steering, seconds: float) -> None:
         self.decision_seconds.observe(seconds)
