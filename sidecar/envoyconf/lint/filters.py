@@ -94,40 +94,59 @@ def check_http_service(
     """ext_authz over plain HTTP (sidecar.transports.authz_http): what the check must carry and what
     Envoy must take from the answer."""
     service = config.get("http_service") or {}
-    cluster_name = (service.get("server_uri") or {}).get("cluster")
+    added = {
+        h.get("key", "").lower(): h.get("value")
+        for h in (service.get("authorization_request") or {}).get("headers_to_add") or []
+    }
+    yield from check_http_cluster((service.get("server_uri") or {}).get("cluster"), clusters)
+    yield from check_http_call(config, service)
+    yield from check_headers_sent(table, config, service)
+    yield from check_listener_port(added)
+    yield from check_header_count(hcm)
+    yield from check_answer_taken(table, service.get("authorization_response") or {})
+    yield from check_http_identity(table, hcm, added)
+
+
+def check_http_cluster(cluster_name: Any, clusters: dict[str, Any]) -> Iterator[Finding]:
+    """The sidecar's cluster: there, HTTP/1.1, health-checked on the sidecar's health path, and
+    closing idle connections before the sidecar does."""
     if cluster_name not in clusters:
         yield Finding(
             f"the ext_authz http_service points at cluster {cluster_name!r}, which does not exist",
             "define the sidecar cluster and name it in server_uri.cluster",
         )
-    else:
-        cluster = clusters[cluster_name]
-        if is_http2(cluster):
+        return
+    cluster = clusters[cluster_name]
+    if is_http2(cluster):
+        yield Finding(
+            f"sidecar cluster {cluster_name!r} speaks HTTP/2, but the sidecar's HTTP "
+            "authz server speaks HTTP/1.1: every check fails",
+            "remove http2_protocol_options from the sidecar cluster",
+        )
+    yield from check_health_checks(cluster_name, cluster)
+    options = (cluster.get("typed_extension_protocol_options") or {}).get(HTTP_OPTIONS) or {}
+    idle = seconds((options.get("common_http_protocol_options") or {}).get("idle_timeout"))
+    if idle is None or not 0 < idle <= AUTHZ_HTTP_IDLE_SECONDS / 2:
+        yield Finding(
+            f"sidecar cluster {cluster_name!r} keeps idle connections "
+            f"{'an hour (the default)' if idle is None else f'{idle:g}s'}, the sidecar "
+            f"{AUTHZ_HTTP_IDLE_SECONDS:g}s: a check Envoy sends as the sidecar closes one fails, "
+            "and the request skips the sidecar",
+            f"set the cluster's {HTTP_OPTIONS} common_http_protocol_options.idle_timeout: "
+            f"{ENVOY_POOL_IDLE_TIMEOUT:g}s",
+        )
+    for check in cluster.get("health_checks") or []:
+        if (check.get("http_health_check") or {}).get("path") != HEALTH_PATH:
             yield Finding(
-                f"sidecar cluster {cluster_name!r} speaks HTTP/2, but the sidecar's HTTP "
-                "authz server speaks HTTP/1.1: every check fails",
-                "remove http2_protocol_options from the sidecar cluster",
+                f"sidecar cluster {cluster_name!r} is not health-checked over HTTP "
+                f"on {HEALTH_PATH}: Envoy cannot see the sidecar draining or not "
+                "ready",
+                f"use http_health_check: {{path: {HEALTH_PATH}}}",
             )
-        yield from check_health_checks(cluster_name, cluster)
-        options = (cluster.get("typed_extension_protocol_options") or {}).get(HTTP_OPTIONS) or {}
-        idle = seconds((options.get("common_http_protocol_options") or {}).get("idle_timeout"))
-        if idle is None or not 0 < idle <= AUTHZ_HTTP_IDLE_SECONDS / 2:
-            yield Finding(
-                f"sidecar cluster {cluster_name!r} keeps idle connections "
-                f"{'an hour (the default)' if idle is None else f'{idle:g}s'}, the sidecar "
-                f"{AUTHZ_HTTP_IDLE_SECONDS:g}s: a check Envoy sends as the sidecar closes one fails, "
-                "and the request skips the sidecar",
-                f"set the cluster's {HTTP_OPTIONS} common_http_protocol_options.idle_timeout: "
-                f"{ENVOY_POOL_IDLE_TIMEOUT:g}s",
-            )
-        for check in cluster.get("health_checks") or []:
-            if (check.get("http_health_check") or {}).get("path") != HEALTH_PATH:
-                yield Finding(
-                    f"sidecar cluster {cluster_name!r} is not health-checked over HTTP "
-                    f"on {HEALTH_PATH}: Envoy cannot see the sidecar draining or not "
-                    "ready",
-                    f"use http_health_check: {{path: {HEALTH_PATH}}}",
-                )
+
+
+def check_http_call(config: dict[str, Any], service: dict[str, Any]) -> Iterator[Finding]:
+    """The check call: bounded in time, on the sidecar's path prefix, and re-routing on its answer."""
     timeout = seconds((service.get("server_uri") or {}).get("timeout"))
     if timeout is None or timeout > MAX_CHECK_TIMEOUT_SECONDS:
         yield Finding(
@@ -146,6 +165,10 @@ def check_http_service(
             "ext_authz does not clear the route cache: the routing header it sets is ignored for routing",
             "set clear_route_cache: true on the ext_authz filter",
         )
+
+
+def check_headers_sent(table: Table, config: dict[str, Any], service: dict[str, Any]) -> Iterator[Finding]:
+    """Every request header reaches the sidecar, and none the sidecar needs is held back."""
     allowed = config.get("allowed_headers") or (
         (service.get("authorization_request") or {}).get("allowed_headers")
     )
@@ -165,10 +188,10 @@ def check_http_service(
                 f"ext_authz disallowed_headers keeps {name!r} from the sidecar",
                 f"remove the pattern matching {name!r} from disallowed_headers",
             )
-    added = {
-        h.get("key", "").lower(): h.get("value")
-        for h in (service.get("authorization_request") or {}).get("headers_to_add") or []
-    }
+
+
+def check_listener_port(added: dict[str, Any]) -> Iterator[Finding]:
+    """Envoy, not the client, tells the sidecar which listener a request came in on."""
     if added.get(LISTENER_PORT_HEADER) != "%DOWNSTREAM_LOCAL_PORT%":
         yield Finding(
             f"ext_authz does not set {LISTENER_PORT_HEADER} itself: the sidecar then "
@@ -176,6 +199,10 @@ def check_http_service(
             f"add authorization_request.headers_to_add: [{{key: {LISTENER_PORT_HEADER}, "
             "value: '%DOWNSTREAM_LOCAL_PORT%'}]",
         )
+
+
+def check_header_count(hcm: dict[str, Any]) -> Iterator[Finding]:
+    """The listener accepts no more request headers than the sidecar's HTTP server does."""
     accepted = (hcm.get("common_http_protocol_options") or {}).get("max_headers_count", ENVOY_MAX_HEADERS)
     if int(accepted) > ENVOY_MAX_HEADERS:
         yield Finding(
@@ -184,7 +211,11 @@ def check_http_service(
             "sidecar refuses requests Envoy accepted (431)",
             f"set common_http_protocol_options.max_headers_count: {ENVOY_MAX_HEADERS} (or fewer)",
         )
-    response = service.get("authorization_response") or {}
+
+
+def check_answer_taken(table: Table, response: dict[str, Any]) -> Iterator[Finding]:
+    """From the sidecar's answer Envoy copies the steered headers to the request and the decision
+    headers to dynamic metadata, and passes only content-type of a deny to the client."""
     effect = {table.routing_header: "nothing is routed", table.mirror_header: "mirror rules copy nothing"}
     for name in steered_headers(table):
         if name == table.mirror_header and not table.mirrors:
@@ -207,7 +238,6 @@ def check_http_service(
             "sidecar's decision headers included",
             "set authorization_response.allowed_client_headers: {patterns: [{exact: content-type}]}",
         )
-    yield from check_http_identity(table, hcm, added)
 
 
 def check_http_identity(table: Table, hcm: dict[str, Any], added: dict[str, Any]) -> Iterator[Finding]:
