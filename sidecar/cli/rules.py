@@ -32,7 +32,6 @@ def add_commands(commands: Any) -> None:
 
 
 def add_envoy_config(commands: Any) -> None:
-    address = argparse_type(values.host_port)  # -> (host, port)
     p = commands.add_parser("envoy-config", help="print an Envoy bootstrap for a rules file")
     p.add_argument("--rules", required=True, help="the rules file (YAML)")
     p.add_argument(
@@ -42,6 +41,14 @@ def add_envoy_config(commands: Any) -> None:
         help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, or "
         "ext_authz over plain HTTP (serve --authz-http-listen) (default %(default)s)",
     )
+    add_listener_tls_flags(p)
+    add_address_flags(p)
+    add_tracing_flags(p)
+    p.set_defaults(run=envoy_config)
+
+
+def add_listener_tls_flags(p: argparse.ArgumentParser) -> None:
+    """envoy-config: client certificates on Envoy's listener."""
     p.add_argument(
         "--mtls",
         action="store_true",
@@ -64,6 +71,11 @@ def add_envoy_config(commands: Any) -> None:
         default="example.org",
         help="with --mtls: accept client URI SANs spiffe://DOMAIN/... (default %(default)s)",
     )
+
+
+def add_address_flags(p: argparse.ArgumentParser) -> None:
+    """envoy-config: where Envoy listens and what it sends to, and how."""
+    address = argparse_type(values.host_port)  # -> (host, port)
     p.add_argument(
         "--listen", default="127.0.0.1:10000", type=address, help="Envoy's listener (default %(default)s)"
     )
@@ -93,8 +105,19 @@ def add_envoy_config(commands: Any) -> None:
         help="a cluster's address (repeatable; default 127.0.0.1:8081, 8082, ...)",
     )
     p.add_argument(
+        "--upstream-protocol",
+        choices=["http1", "http2", "downstream"],
+        default="http1",
+        help="how Envoy speaks to the clusters: http1, http2 (gRPC backends) or downstream "
+        "(the client's protocol: gRPC and HTTP/1 traffic on one listener) (default %(default)s)",
+    )
+
+
+def add_tracing_flags(p: argparse.ArgumentParser) -> None:
+    """envoy-config: Envoy's OpenTelemetry tracer."""
+    p.add_argument(
         "--otlp",
-        type=address,
+        type=argparse_type(values.host_port),
         metavar="HOST:PORT",
         help="trace every request with Envoy's OpenTelemetry tracer, exporting OTLP/gRPC to this "
         "collector, the decision on Envoy's span as graysteer.* and feature_flag.* tags "
@@ -106,14 +129,6 @@ def add_envoy_config(commands: Any) -> None:
         metavar="NAME",
         help="with --otlp: the service.name of Envoy's spans (default %(default)s)",
     )
-    p.add_argument(
-        "--upstream-protocol",
-        choices=["http1", "http2", "downstream"],
-        default="http1",
-        help="how Envoy speaks to the clusters: http1, http2 (gRPC backends) or downstream "
-        "(the client's protocol: gRPC and HTTP/1 traffic on one listener) (default %(default)s)",
-    )
-    p.set_defaults(run=envoy_config)
 
 
 def add_explain(commands: Any) -> None:
