@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.admin.api import admin_pb2 as pb
 from sidecar.admin.api import admin_pb2_grpc as pb_grpc
 from sidecar.cli import main
+from sidecar.core import Table
 from sidecar.dev.devstack import Envoy, Sidecar, Stack, rewrite_envoy_config
 from sidecar.dev.load import BackgroundLoad, HttpClient
 from sidecar.dev.processes import wait_for
@@ -219,60 +220,10 @@ def test_20000_requests_while_the_rules_are_rewritten_50_times(tmp_path: Path) -
     seen_versions: set[str] = set()
     done = threading.Event()
 
-    def load(worker: int) -> int:
-        client = HttpClient(envoy.port)
-        sent = 0
-        try:
-            for i in range(5000):
-                user = f"u{worker}-{i % 997}"
-                status, echo = client.get("/", {"x-user-id": user})
-                sent += 1
-                headers = echo.get("headers", {})
-                version = headers.get("x-test-version", "")
-                table = tables.get(version)
-                if status != 200 or table is None:
-                    bad.append(f"{status} version={version!r}")
-                    continue
-                seen_versions.add(version)
-                expected = table.decide(request(x_user_id=user))
-                if (echo["backend"], headers.get("x-test-rule")) != (expected.cluster, expected.rule):
-                    bad.append(
-                        f"{user}: {echo['backend']}/{headers.get('x-test-rule')} under "
-                        f"{version}, expected {expected.cluster}/{expected.rule}"
-                    )
-        finally:
-            client.close()
-        return sent
-
-    def rewrite() -> None:
-        for n in range(50):
-            text = TABLE_B if n % 2 == 0 else TABLE_A
-            if n == 25:  # a broken file in the middle changes nothing
-                before = admin_status(sidecar.admin)
-                rules.write_text(BROKEN)
-                wait_for(
-                    lambda: admin_status(sidecar.admin).reload_failures == 1,
-                    10,
-                    "the broken file to be refused",
-                )
-                after = admin_status(sidecar.admin)
-                assert after.version == before.version
-                assert after.last_reload.outcome == pb.ReloadResult.INVALID
-                assert "field split.to[1].weight" in after.last_reload.error
-            if n % 2:
-                rules.write_text(text)  # in place
-            else:
-                tmp = tmp_path / ".rules.yaml.tmp"
-                tmp.write_text(text)
-                os.replace(tmp, rules)  # an editor's rename
-            time.sleep(0.15)
-            if done.is_set():
-                break
-
     try:
         with ThreadPoolExecutor(5) as pool:
-            writer = pool.submit(rewrite)
-            loads = [pool.submit(load, w) for w in range(4)]
+            writer = pool.submit(rewrite_rules, rules, sidecar.admin, done)
+            loads = [pool.submit(send_and_check, envoy.port, w, tables, bad, seen_versions) for w in range(4)]
             total = sum(f.result() for f in loads)
             done.set()
             writer.result()
@@ -291,6 +242,60 @@ def test_20000_requests_while_the_rules_are_rewritten_50_times(tmp_path: Path) -
         sidecar.stop()
         for backend in backends.values():
             backend.stop()
+
+
+def send_and_check(
+    port: int, worker: int, tables: dict[str, Table], bad: list[str], seen_versions: set[str]
+) -> int:
+    """5000 requests, each checked against the table whose version Envoy echoes: the problems
+    into `bad`, the versions seen into `seen_versions`; returns how many were sent."""
+    client = HttpClient(port)
+    sent = 0
+    try:
+        for i in range(5000):
+            user = f"u{worker}-{i % 997}"
+            status, echo = client.get("/", {"x-user-id": user})
+            sent += 1
+            headers = echo.get("headers", {})
+            version = headers.get("x-test-version", "")
+            table = tables.get(version)
+            if status != 200 or table is None:
+                bad.append(f"{status} version={version!r}")
+                continue
+            seen_versions.add(version)
+            expected = table.decide(request(x_user_id=user))
+            if (echo["backend"], headers.get("x-test-rule")) != (expected.cluster, expected.rule):
+                bad.append(
+                    f"{user}: {echo['backend']}/{headers.get('x-test-rule')} under "
+                    f"{version}, expected {expected.cluster}/{expected.rule}"
+                )
+    finally:
+        client.close()
+    return sent
+
+
+def rewrite_rules(rules: Path, admin: str, done: threading.Event) -> None:
+    """Rewrite the rules 50 times (table B, table A, ...), in place and by an editor's rename,
+    with a broken file in the middle that changes nothing; until `done`."""
+    for n in range(50):
+        text = TABLE_B if n % 2 == 0 else TABLE_A
+        if n == 25:  # a broken file in the middle changes nothing
+            before = admin_status(admin)
+            rules.write_text(BROKEN)
+            wait_for(lambda: admin_status(admin).reload_failures == 1, 10, "the broken file to be refused")
+            after = admin_status(admin)
+            assert after.version == before.version
+            assert after.last_reload.outcome == pb.ReloadResult.INVALID
+            assert "field split.to[1].weight" in after.last_reload.error
+        if n % 2:
+            rules.write_text(text)  # in place
+        else:
+            tmp = rules.with_name(".rules.yaml.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, rules)  # an editor's rename
+        time.sleep(0.15)
+        if done.is_set():
+            break
 
 
 def admin_status(address: str) -> pb.TableStatus:

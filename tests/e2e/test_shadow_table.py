@@ -16,6 +16,7 @@ import pytest
 
 from sidecar.admin import client as admin_client
 from sidecar.dev.devstack import Stack
+from sidecar.dev.load import HttpClient
 from sidecar.dev.processes import wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
@@ -80,19 +81,7 @@ def test_the_shadow_counts_are_the_requests_whose_explain_differs(mode: str, tmp
         assert stack.sidecar is not None
         admin = stack.sidecar.admin
         client = stack.client()
-        expected: Counter[tuple[str, str, str]] = Counter()
-        differing_by_user: dict[str, str] = {}
-        for path, headers in REQUESTS:
-            status, echo = client.get(path, headers)
-            served, shadow = explained(admin, path, headers)
-            if served["deny_status"] is None:
-                assert status == 200 and echo["backend"] == served["cluster"]  # the live table serves
-            else:
-                assert status == served["deny_status"]
-            moved = (served["rule"], outcome_of(served), outcome_of(shadow))
-            if moved[1] != moved[2]:
-                expected[moved] += 1
-                differing_by_user[headers.get("x-user-id", "")] = moved[2]
+        expected, differing_by_user = send_and_explain(client, admin)
         assert sum(expected.values()) >= 20  # the change moves something of each kind
         assert {rule for rule, _, _ in expected} == {"ramp", "beta", "no-admin"}
 
@@ -151,6 +140,25 @@ def test_the_shadow_counts_are_the_requests_whose_explain_differs(mode: str, tmp
         wait_for(lambda: not admin_client.status(admin)["shadow"].get("version"), 10, "the shadow to go")
         status, echo = client.get("/", {"x-user-tier": "beta-7"})
         assert status == 200 and echo["backend"] == "canary"  # served as ever
+
+
+def send_and_explain(client: HttpClient, admin: str) -> tuple[Counter[tuple[str, str, str]], dict[str, str]]:
+    """Send every request, checking that the live table serves it as `explain` says; the moves
+    (rule, live outcome, shadow outcome) explain counts, and the shadow outcome by user id."""
+    expected: Counter[tuple[str, str, str]] = Counter()
+    differing_by_user: dict[str, str] = {}
+    for path, headers in REQUESTS:
+        status, echo = client.get(path, headers)
+        served, shadow = explained(admin, path, headers)
+        if served["deny_status"] is None:
+            assert status == 200 and echo["backend"] == served["cluster"]  # the live table serves
+        else:
+            assert status == served["deny_status"]
+        moved = (served["rule"], outcome_of(served), outcome_of(shadow))
+        if moved[1] != moved[2]:
+            expected[moved] += 1
+            differing_by_user[headers.get("x-user-id", "")] = moved[2]
+    return expected, differing_by_user
 
 
 def outcome_of(decision: dict[str, Any]) -> str:
