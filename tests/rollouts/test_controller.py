@@ -20,6 +20,7 @@ from sidecar.core.state import StateError
 from sidecar.fleet.fleet import FleetClusters
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import RolloutController, http_view, rollout_weights
+from sidecar.rollouts.destinations import GateDestinations
 from sidecar.sources.file import RulesFile, watch_directory
 from sidecar.sources.state_file import StateFile
 from sidecar.stats.clusters import ClusterCounts
@@ -96,6 +97,7 @@ def controller(
         leads=lambda: leads,
         steady=steady or Clock(100.0),
         boot_id=boot,
+        gate_destinations=GateDestinations.parse(["127.0.0.1"]),  # the test gates listen on loopback
     )
 
 
