@@ -2,8 +2,9 @@
 confirm-promotion), and how a wait for one is told. Asking is the controller's
 (sidecar/rollouts/gates.py): it passes the answers in."""
 
+import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 BEFORE_PROMOTE, BEFORE_STEP = "promote", "step"  # a gate guards the promotion, or every move
 DEFAULT_GATE_TIMEOUT, MAX_GATE_TIMEOUT = 5.0, 60.0
@@ -36,12 +37,26 @@ def gate_wait(gate: Gate, answer: GateResult | None) -> str:
     )
 
 
+# Query parameters whose values are not shown: their names say they hold a secret.
+SECRET_NAME = re.compile(r"token|secret|passw|pwd|key|sig|auth|credential|session|cookie", re.IGNORECASE)
+HIDDEN = "***"
+
+
 def shown_url(url: str) -> str:
-    """A gate's URL as shown and stored: without credentials, query or fragment (a token in
-    a URL is not for status pages)."""
+    """A gate's URL as shown and stored: the whole destination (scheme, host, port, path and
+    query, which are all sent), with its user information (a user name can be a token) and the values of
+    query parameters whose names say they are secrets (token, key, sig, ...) as ***; the
+    fragment is not sent and not shown."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    user = f"{HIDDEN}@" if parts.username is not None else ""  # a user name can be a token too
+    query = "&".join(_shown_parameter(p) for p in parts.query.split("&")) if parts.query else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _shown_parameter(parameter: str) -> str:
+    name, equals, _ = parameter.partition("=")
+    return f"{name}={HIDDEN}" if equals and SECRET_NAME.search(unquote(name)) else parameter

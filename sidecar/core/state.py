@@ -89,6 +89,12 @@ class StateError(ValueError):
     """The runtime state cannot be read: nothing that depends on it may change."""
 
 
+class StateRemoved(StateError):
+    """The stored state was read (or written) by this process and is gone now: not "no
+    state" (that would restart rollouts and drop runtime weights); whoever holds the last
+    good state writes it back."""
+
+
 def state_problems(document: Any) -> list[str]:
     """What is wrong with a decoded state document (finite numbers assumed: the decoder
     refuses NaN and infinities), each with its place; [] when it is valid."""

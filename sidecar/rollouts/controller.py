@@ -34,6 +34,7 @@ from sidecar.core.rollout import (
 )
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
+from sidecar.rollouts.destinations import GateDestinations
 from sidecar.rollouts.gates import GateChecks
 from sidecar.rollouts.report import rollout_report
 from sidecar.table.reload import Reloader
@@ -101,6 +102,7 @@ class RolloutController:
         leads: Callable[[], bool] = lambda: True,
         steady: Callable[[], float] = boot_clock,
         boot_id: str | None = read_boot_id(),
+        gate_destinations: GateDestinations | None = None,
     ) -> None:
         self.reloader = reloader
         self.metrics = metrics
@@ -116,7 +118,8 @@ class RolloutController:
         self._seen: dict[str, tuple[tuple[object, ...], float]] = {}  # rule -> (step, began)
         self._lock = asyncio.Lock()
         self._seen_state = b""
-        self.gates = GateChecks(metrics, steady)  # webhook gates, asked off the tick
+        # webhook gates, asked off the tick, only where the operator lets them connect
+        self.gates = GateChecks(metrics, steady, destinations=gate_destinations)
         self._load_states()
 
     def _load_states(self) -> None:

@@ -3,7 +3,9 @@ each check is a background task, at most one in flight per (rule, gate), asked a
 bounded pace while the move waits, and its answer counts only for the move it was asked
 about (the rollout's fingerprint and step). A 2xx answer passes; any other answer, no
 answer within the gate's timeout or a failed connection keeps the move waiting (never an
-abort): the reason is kept for status, /rollouts and the live views."""
+abort): the reason is kept for status, /rollouts and the live views. A gate reaches only
+the destinations the operator allows (sidecar.rollouts.destinations): a refused one fails the
+check (`blocked`) and is never connected to."""
 
 import asyncio
 import logging
@@ -18,6 +20,7 @@ import httpx
 from sidecar.core.gates import Gate, GateResult, shown_url
 from sidecar.core.rollout import RolloutSpec, RolloutState, Verdict
 from sidecar.ops.metrics import Metrics
+from sidecar.rollouts.destinations import GateDestinations, Refused
 
 log = logging.getLogger("graysteer.rollout")
 
@@ -26,7 +29,9 @@ log = logging.getLogger("graysteer.rollout")
 RECHECK_SECONDS = 5.0
 REFUSAL_BYTES = 1024  # of a refusal's body read for its reason (the rest is not read)
 REFUSAL_SHOWN = 200  # characters of it kept
-PASSED, REFUSED, TIMEOUT, ERROR = "passed", "refused", "timeout", "error"  # the metric's results
+# the metric's results: a 2xx, another answer, none in time, a failed connection, a destination
+# the gate may not reach
+PASSED, REFUSED, TIMEOUT, ERROR, BLOCKED = "passed", "refused", "timeout", "error", "blocked"
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,25 @@ def request_body(spec: RolloutSpec, state: RolloutState, verdict: Verdict, gate:
     }
 
 
-async def ask(client: httpx.AsyncClient, gate: Gate, body: dict[str, Any]) -> tuple[GateResult, str]:
-    """One check of a gate, within its timeout (a total bound: connecting, sending and the
-    answer's head): (its result, the metric's result label)."""
+async def ask(
+    client: httpx.AsyncClient, gate: Gate, body: dict[str, Any], destinations: GateDestinations
+) -> tuple[GateResult, str]:
+    """One check of a gate, within its timeout (a total bound: resolving, connecting, sending
+    and the answer's head): (its result, the metric's result label). The request goes to the
+    address checked against `destinations`, never to another answer of the resolver."""
     try:
         async with asyncio.timeout(gate.timeout):
-            async with client.stream("POST", gate.url, json=body) as response:
+            url, headers, extensions = (await destinations.pin(gate.url)).request()
+            async with client.stream(
+                "POST", url, json=body, headers=headers, extensions=extensions
+            ) as response:
                 status = response.status_code
                 if 200 <= status < 300:
                     return GateResult(True, f"HTTP {status}"), PASSED
                 said = await _said(response)
                 return GateResult(False, f"HTTP {status}" + (f": {said}" if said else "")), REFUSED
+    except Refused as refused:
+        return GateResult(False, f"destination refused: {refused}"), BLOCKED
     except TimeoutError:
         return GateResult(False, f"no answer within {gate.timeout:g}s"), TIMEOUT
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
@@ -92,8 +105,10 @@ class GateChecks:
         metrics: Metrics,
         steady: Callable[[], float] = time.monotonic,
         recheck: float = RECHECK_SECONDS,
+        destinations: GateDestinations | None = None,
     ) -> None:
         self.metrics = metrics
+        self.destinations = destinations or GateDestinations()  # none: public addresses only
         self.steady = steady
         self.recheck = recheck
         self._answers: dict[tuple[str, int], Answer] = {}  # (rule, gate index) -> the last answer
@@ -137,7 +152,7 @@ class GateChecks:
         self, key: tuple[str, int], move: tuple[str, int], gate: Gate, body: dict[str, Any]
     ) -> None:
         try:
-            result, label = await ask(self._http(), gate, body)
+            result, label = await ask(self._http(), gate, body, self.destinations)
         except Exception as error:  # a bug must not leave the gate "in flight" for ever
             log.exception("the check of the gate %s failed", shown_url(gate.url))
             result, label = GateResult(False, f"the check failed: {error}"), ERROR
@@ -158,8 +173,16 @@ class GateChecks:
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             # Each check bounds itself (asyncio.timeout); redirects are not followed: a 3xx
-            # is an answer that is not 2xx.
-            self._client = httpx.AsyncClient(timeout=None, follow_redirects=False)
+            # is an answer that is not 2xx. No proxy from the environment (the checked address
+            # is the one connected to), and no connection kept: one made for a name's TLS
+            # check is never reused for another name on the same address.
+            self._client = httpx.AsyncClient(
+                timeout=None,
+                follow_redirects=False,
+                trust_env=False,
+                verify=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE / SSL_CERT_DIR
+                limits=httpx.Limits(max_keepalive_connections=0),
+            )
         return self._client
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ from sidecar.ops.decision_log import open_decision_log
 from sidecar.ops.health import Readiness
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import ClusterSource, RolloutController
+from sidecar.rollouts.destinations import GateDestinations
 from sidecar.serving.options import ServeOptions
 from sidecar.sources import Source
 from sidecar.sources.etcd import EtcdSource, default_cache_dir
@@ -110,6 +111,7 @@ class Sidecar:
             analysis,
             options.rollout_poll_seconds,
             leads=fleet.leads if fleet is not None else lambda: options.primary,
+            gate_destinations=gate_destinations(options),
         )
         servicer = AdminServicer(reloader, controller, bypass, fleet.clusters if fleet is not None else stats)
         return cls(
@@ -129,6 +131,29 @@ class Sidecar:
             admin_server(options, servicer),
             tls_reloads,
         )
+
+
+def gate_destinations(options: ServeOptions) -> GateDestinations:
+    """The operator's --gate-allow, and every listener no gate may reach as configured: this
+    process's and its group's (sidecar.serving.run adds the ports chosen for port 0 once
+    bound), Envoy's admin, etcd's client address."""
+    destinations = GateDestinations.parse(options.gate_allow)
+    listeners = [
+        ("--listen", options.listen),
+        ("--authz-http-listen", options.authz_http_listen),
+        ("--admin-listen", options.admin_listen),
+        ("--http-listen", options.http_listen),
+        *options.group_listeners,  # a worker's: every worker's, and the supervisor's
+    ]
+    for flag, address in listeners:
+        if address is not None and not address.startswith("unix:"):
+            destinations.protect(f"the sidecar's {flag}", *values.host_port(address))
+    if options.envoy_admin:
+        destinations.protect("Envoy's admin (--envoy-admin)", *values.host_port(options.envoy_admin))
+    if options.is_etcd:
+        etcd = EtcdAddress.parse(options.config)
+        destinations.protect("etcd (--config)", etcd.host, etcd.port)
+    return destinations
 
 
 async def first_table(

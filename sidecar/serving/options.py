@@ -52,6 +52,13 @@ def _admin_address(text: str) -> str:
     return text if text.startswith("unix:") else _address("--admin-listen")(text)
 
 
+def _gate_allow(text: str) -> str:
+    from sidecar.rollouts.destinations import parse_allowed
+
+    parse_allowed(text)
+    return text
+
+
 def _positive(text: str) -> int:
     return values.whole_number(text, minimum=1)
 
@@ -136,6 +143,11 @@ class ServeOptions:
     envoy_admin: str | None = option(None, Flag(
         "--envoy-admin", "Envoy's admin address, read for rollout analysis and to count requests Envoy "
         "sends on without a decision (default: none)", _address("--envoy-admin"), "HOST:PORT"))
+    gate_allow: tuple[str, ...] = option((), Flag(
+        "--gate-allow", "let rollouts' webhook gates reach this non-public destination: an address or "
+        "network (10.0.0.0/8), ADDRESS:PORT ([::1]:9000), or a host name (approvals.internal[:PORT]); "
+        "repeatable; default: public addresses only (never this sidecar's listeners or Envoy's admin)",
+        _gate_allow, "DEST", action="append"))
     rollout_poll_seconds: float = option(1.0, Flag(
         "--rollout-poll", "seconds between reads of Envoy's stats and rollout steps (default %(default)s)",
         values.seconds, "SECONDS"))
@@ -151,6 +163,8 @@ class ServeOptions:
     # set by the program, not by flags
     log_level: str = option("INFO", None)
     worker_index: int | None = option(None, None)  # set for each worker of `serve --workers N`
+    # ... with the (flag, HOST:PORT) of every listener of its group: no gate may reach them
+    group_listeners: tuple[tuple[str, str], ...] = option((), None)
     # fmt: on
 
     # -- what the options mean together ------------------------------------------------------
@@ -244,6 +258,15 @@ class ServeOptions:
                 "--http-actions: with --workers the operator endpoint serves the group's metrics, not the "
                 "live page (use `graysteer status --watch` and `graysteer rollout` on a worker's admin API)"
             )
+        if self.gate_allow and not self.envoy_admin:
+            from sidecar.rollouts.destinations import GateDestinations
+
+            if GateDestinations.parse(self.gate_allow).covers_loopback():
+                found.append(
+                    "--gate-allow lets gates reach loopback on every port: name Envoy's admin with "
+                    "--envoy-admin HOST:PORT so that no gate can reach it, or allow one port "
+                    "(127.0.0.1:PORT)"
+                )
         if self.ready_max_bypass_ratio is not None and not (self.envoy_admin and self.http_listen):
             found.append(
                 "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
@@ -286,7 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_arguments(args: argparse.Namespace, **program: Any) -> ServeOptions:
     """The options the parsed flags (and the program, e.g. log_level) give."""
     given = {name: getattr(args, name) for name, _, _ in flags()}
-    given["admin_allow"] = tuple(given["admin_allow"] or ())
+    for repeated in ("admin_allow", "gate_allow"):
+        given[repeated] = tuple(given[repeated] or ())
     return ServeOptions(**given, **program)
 
 

@@ -80,8 +80,22 @@ class Running:
             await s.grpc_server.start()
         await s.admin.start()
         restrict_socket(self.admin_address)  # and again once it exists, whatever the umask did
+        self._protect_listeners()
         await s.readiness.set(True, "serving")
         self._log_serving()
+
+    def _protect_listeners(self) -> None:
+        """No webhook gate may reach a listener of this process, on the port it was given."""
+        s = self.sidecar
+        bound = [("--listen", self.grpc_address), ("--admin-listen", self.admin_address)]
+        if s.authz_http is not None:
+            bound.append(("--authz-http-listen", f"{s.authz_http.host}:{s.authz_http.port}"))
+        if self.http is not None:
+            bound.append(("--http-listen", "{}:{}".format(*self.http.server_address)))
+        for flag, address in bound:
+            if address not in ("off", "") and not address.startswith("unix:"):
+                host, port = values.host_port(address)
+                s.controller.gates.destinations.protect(f"the sidecar's {flag}", host, port)
 
     def _start_http(self, address: str) -> OperatorHttpServer:
         s, options = self.sidecar, self.sidecar.options

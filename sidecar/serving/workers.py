@@ -98,7 +98,24 @@ class Supervisor:
             admin_listen=worker.admin_listen,
             authz_http_listen=worker.authz_http_listen,
             http_listen=None,  # the supervisor serves the group's /metrics, /healthz, /readyz
+            group_listeners=self.group_listeners(),
         )
+
+    def group_listeners(self) -> tuple[tuple[str, str], ...]:
+        """(flag, HOST:PORT) of every listener of the group, for no webhook gate to reach."""
+        options, found = self.options, []
+        for index in range(options.workers):
+            for flag, address in (
+                ("--listen", options.listen),
+                ("--admin-listen", options.admin_listen),
+                ("--authz-http-listen", options.authz_http_listen),
+            ):
+                listen = worker_address(address, index)
+                if listen is not None and not listen.startswith("unix:"):
+                    found.append((flag, listen))
+        if options.http_listen:
+            found.append(("--http-listen", options.http_listen))
+        return tuple(found)
 
     async def start(self, worker: Worker) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}

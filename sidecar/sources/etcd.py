@@ -34,6 +34,7 @@ from sidecar.sources.state_file import (
     StateConflict,
     atomic_write,
     parse_state,
+    present,
     state_bytes,
 )
 from sidecar.table.load import MAX_FILE_BYTES
@@ -77,9 +78,15 @@ class EtcdState(_Value):
     def __init__(self, label: str, source: "EtcdSource") -> None:
         super().__init__(label, MAX_STATE_BYTES)
         self.source = source
+        self.existed = False  # read or written by this replica: from then on, no key is removed
 
     def read_bytes(self) -> bytes:
-        return self.value or b""  # parse() refuses one over the limit
+        """b"" when there is no key; StateError when its value is empty, StateRemoved when the
+        key is gone after this replica saw it (state_file.present); parse() refuses one over
+        the limit."""
+        raw = present(self.value, self.label, self.existed)
+        self.existed = self.existed or bool(raw)
+        return raw
 
     def parse(self, raw: bytes) -> dict[str, Any]:
         return parse_state(raw, self.label)
@@ -111,6 +118,25 @@ class EtcdState(_Value):
                 f"{read_at}), by another replica or operator: not applied; check and retry"
             )
         self.set(payload, int(responses[0].response_put.header.revision))
+        self.existed = True
+
+    async def restore(self, raw: bytes) -> bool:
+        """Put `raw` (the state last read) back where the key was removed, only while there is
+        no key (a replica that restored or wrote one first wins): True when written."""
+        if not self.source.connected:
+            return False
+        client, key = self.source.client, self.source.address.state_key
+        try:
+            succeeded, responses = await client.transaction(
+                compare=[client.transactions.create(key) == 0],
+                success=[client.transactions.put(key, raw)],
+                failure=[],
+            )
+        except ETCD_ERRORS as error:
+            raise OSError(f"etcd write failed: {error}") from error
+        if succeeded:
+            self.set(raw, int(responses[0].response_put.header.revision))
+        return bool(succeeded)
 
 
 class EtcdSource:
@@ -151,7 +177,7 @@ class EtcdSource:
             )
         rules, state = cached
         self.rules.set(rules, 0)
-        self.state.set(state, 0)
+        self.state.set(state or None, 0)  # the cache holds b"" for no state
         self.from_cache = True
         log.warning("etcd unreachable (%s): starting from the local cache in %s", reason, self.cache_dir)
 
@@ -175,7 +201,7 @@ class EtcdSource:
         cached = self._read_cache()
         if cached is None:
             return False
-        self.rules.value, self.state.value = cached
+        self.rules.value, self.state.value = cached[0], cached[1] or None
         self.from_cache = True
         return True
 

@@ -6,7 +6,8 @@ file, or etcd's latest value; sidecar.sources) and the runtime state (a `StateSt
 state file, or an etcd key), validates and compiles off the event loop, then swaps the
 table with one assignment. A bad or missing document keeps the last good table; the reason is logged,
 counted and kept for `graysteer status`. So does a runtime state that cannot be read
-(sidecar.core.state): reading it as "no state" would move traffic.
+(sidecar.core.state): reading it as "no state" would move traffic. A state removed after it
+was read is written back from the one in force (StateRemoved).
 """
 
 import asyncio
@@ -16,13 +17,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sidecar.core import RulesError, Table, compile_table
 from sidecar.core.engine import prepare
 from sidecar.core.overrides import WeightOverride, reconcile, resolve_weights, split_weights
-from sidecar.core.state import StateError
+from sidecar.core.state import StateError, StateRemoved
 from sidecar.ops.metrics import Metrics
 from sidecar.table.documents import DocumentReader
 from sidecar.table.holder import TableHolder
@@ -61,6 +62,9 @@ class StateStore(Protocol):
 
     async def save(self, state: dict[str, Any]) -> None: ...  # StateConflict, OSError
 
+    # Write back a removed state, only where there is none: True when written; OSError.
+    async def restore(self, raw: bytes) -> bool: ...
+
 
 class Follower(Protocol):
     """A table built beside the served one (sidecar.table.shadow): looked at again after
@@ -86,6 +90,7 @@ class ReloadResult:
     version: str = ""  # the file version that was read ("" when unreadable)
     at: float = field(default_factory=time.time)
     inputs: str = field(default="", repr=False)  # rules and state content read: the dedup key
+    state_removed: bool = field(default=False, repr=False)  # refused: the state read before is gone
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,8 @@ class Reloader:
                 result = again
                 if settled:
                     break
+            if result.state_removed:
+                result, loaded, dropped = await self._restore_state(result, trigger, force)
             self._last_read = result.inputs
             self._finish(result, loaded)
             if loaded is not None and dropped:  # the file's edit won: forget the stale overrides
@@ -188,6 +195,9 @@ class Reloader:
             overrides = overrides_from_state(self.state.parse(state))
         except RulesError as error:
             return ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs), None, False
+        except StateRemoved as error:
+            removed = ReloadResult(Outcome.INVALID, trigger, str(error), version, inputs=inputs)
+            return replace(removed, state_removed=True), None, False
         except StateError as error:
             why = (
                 f"{error}: fix it, or remove it to start from the rules' own weights (rollouts "
@@ -198,6 +208,22 @@ class Reloader:
             return ReloadResult(Outcome.INVALID, trigger, why, version, inputs=inputs), None, False
         loaded, dropped = self._with_overrides(document, version, overrides, content, state)
         return ReloadResult(Outcome.LOADED, trigger, version=version, inputs=inputs), loaded, dropped
+
+    async def _restore_state(
+        self, refused: ReloadResult, trigger: str, force: bool
+    ) -> tuple[ReloadResult, Loaded | None, bool]:
+        """Write the state in force back where it was removed (held under the lock), then read
+        again; the refusal stands when it cannot be written back."""
+        state = self.loaded.state_bytes
+        try:
+            if not state:  # the table in force was built from no state: nothing to write back
+                return refused, None, False
+            if await self.state.restore(state):
+                log.warning("%s was removed: wrote back the state in force", self.state.label)
+        except OSError as error:
+            log.error("%s was removed and cannot be written back: %s", self.state.label, error)
+            return refused, None, False
+        return await asyncio.to_thread(self._build, trigger, force)
 
     def _with_overrides(
         self,

@@ -358,9 +358,9 @@ def test_gates_guard_the_moves_they_name_and_are_asked_only_when_the_move_is_due
     assert due_gates(spec, state, HEALTHY_V, held=61.0) == (1,)
     asking = advance(spec, state, 61.0, HEALTHY_V, held=61.0)
     assert (asking.step, asking.waiting) == (0, "webhook")
-    assert asking.reason == "waiting for the gate before step https://gates.example/every: asking"
+    assert asking.reason == "waiting for the gate before step https://***@gates.example/every: asking"
     failing = advance(spec, asking, 62.0, HEALTHY_V, held=62.0, gates={1: GateResult(False, "HTTP 503")})
-    assert failing.reason == "waiting for the gate before step https://gates.example/every: HTTP 503"
+    assert failing.reason == "waiting for the gate before step https://***@gates.example/every: HTTP 503"
     assert (failing.changed_at, canary_weight(spec, failing)) == (61.0, 5)  # waiting since 61
     stepped = advance(spec, failing, 63.0, HEALTHY_V, held=63.0, gates={1: GateResult(True, "HTTP 200")})
     assert (stepped.step, stepped.waiting) == (1, "")
@@ -368,7 +368,11 @@ def test_gates_guard_the_moves_they_name_and_are_asked_only_when_the_move_is_due
     # step 1 -> 2 is the promotion: both guard it, each must pass
     assert due_gates(spec, stepped, HEALTHY_V, held=121.0) == (0, 1)
     one = advance(spec, stepped, 200.0, HEALTHY_V, held=121.0, gates={1: GateResult(True, "HTTP 200")})
-    assert one.reason == "waiting for the gate before promote http://gates.example:8080/promote: asking"
+    # the whole destination, its query's secrets hidden
+    assert (
+        one.reason
+        == "waiting for the gate before promote http://gates.example:8080/promote?token=***: asking"
+    )
     assert advance(spec, one, 201.0, BAD_V, held=122.0).phase == ABORTED  # a breach never waits
     both = {0: GateResult(True, "HTTP 204"), 1: GateResult(True, "HTTP 200")}
     assert advance(spec, one, 202.0, HEALTHY_V, held=123.0, gates=both).phase == PROMOTED

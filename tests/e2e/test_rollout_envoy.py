@@ -172,3 +172,30 @@ def test_set_weight_on_a_rollout_rule_is_refused_in_every_phase_and_nothing_undo
             assert (report["phase"], report["canary_weight"]) == (phase, weight)
             _, metrics = stack.sidecar.http_get("/metrics")
             assert f'graysteer_split_weight{{cluster="canary",rule="ramp"}} {weight}.0' in metrics
+
+
+def test_a_removed_or_emptied_state_file_never_restarts_an_aborted_rollout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deleted state file used to read as "no state": the rolled-back canary came back."""
+    state = tmp_path / ".rules.yaml.graysteer-state.json"
+    with start(tmp_path, hold="60s") as stack:
+        assert stack.sidecar is not None
+        wait_for(lambda: rollout(stack)["canary_weight"] == 20, 10, "the first step")
+        assert main(["rollout", "abort", "ramp", "--admin", stack.sidecar.admin]) == 0
+        capsys.readouterr()
+        aborted = state.read_bytes()
+        state.unlink()  # the watcher sees it gone, and the state in force is written back
+        wait_for(lambda: state.exists() and state.read_bytes() == aborted, 10, "the state written back")
+        time.sleep(1.0)  # four rollout polls: none may start the rollout again
+        report = rollout(stack)
+        assert (report["phase"], report["canary_weight"], report["state_problem"]) == ("aborted", 0, None)
+        client = stack.client()
+        assert {client.get("/", {"x-user-id": f"gone{i}"})[1]["backend"] for i in range(50)} == {"stable"}
+        stack.sidecar.stop()
+        state.write_bytes(b"")  # a crashed writer, `> file`, a full disk
+        with pytest.raises(RuntimeError, match=f"{state}.*empty"):
+            Sidecar(tmp_path / "rules.yaml", tmp_path, name="restarted")
+        assert state.read_bytes() == b""  # never overwritten
+        # no sidecar: Envoy sends requests on to the default route, never to the canary
+        assert {client.get("/", {"x-user-id": f"empty{i}"})[1]["backend"] for i in range(50)} == {"stable"}

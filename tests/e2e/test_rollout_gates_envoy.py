@@ -42,7 +42,15 @@ def start(tmp_path: Path, steps: str, extra: str, *sidecar_args: str) -> Stack:
         ENVOY_CONFIG,
         tmp_path,
         envoy_admin_port=admin,
-        sidecar_args=["--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25", *sidecar_args],
+        sidecar_args=[
+            "--envoy-admin",
+            f"127.0.0.1:{admin}",
+            "--rollout-poll",
+            "0.25",
+            "--gate-allow",
+            "127.0.0.1",  # the test gates listen on loopback
+            *sidecar_args,
+        ],
     )
 
 
@@ -144,3 +152,41 @@ def test_a_breach_with_ramp_down_lowers_the_canary_over_seconds_then_aborts(tmp_
         assert "max_error_rate" in report["reason"] and report["numbers"]["canary_error_rate"] > 0.1
         client = stack.client()
         assert {client.get("/", {"x-user-id": f"after{i}"})[1]["backend"] for i in range(50)} == {"stable"}
+
+
+def test_a_gate_at_envoys_admin_or_the_sidecars_own_listener_is_refused_even_when_allowed(
+    tmp_path: Path,
+) -> None:
+    """A gate at Envoy's admin /quitquitquit used to stop Envoy: every request failed."""
+    admin = free_port()
+    url = f"http://127.0.0.1:{admin}/quitquitquit?why=gate&token=s3cret"
+    steps = "[{weight: 20, hold: 1s}, {weight: 100}]"
+    extra = f"gates: [{{url: '{url}', before: step, timeout: 2s}}]"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("STEPS", steps).replace("EXTRA", extra))
+    args = ["--envoy-admin", f"127.0.0.1:{admin}", "--rollout-poll", "0.25", "--gate-allow", "127.0.0.0/8"]
+    with Stack(rules, ENVOY_CONFIG, tmp_path, envoy_admin_port=admin, sidecar_args=args) as stack:
+        assert stack.sidecar is not None
+        load = BackgroundLoad(stack.port, {}, threads=3, vary_user=True)
+        try:
+
+            def blocked(what: str) -> bool:
+                last = rollout(stack)["gates"][0]["last"]
+                return last is not None and what in last["detail"]
+
+            wait_for(
+                lambda: blocked("Envoy's admin (--envoy-admin)"), 30, "the gate at Envoy's admin refused"
+            )
+            report = rollout(stack)
+            assert report["gates"][0]["url"] == f"http://127.0.0.1:{admin}/quitquitquit?why=gate&token=***"
+            assert (report["phase"], report["canary_weight"]) == ("progressing", 20)
+            counted = 'graysteer_rollout_gate_checks_total{before="step",result="blocked",rule="ramp"}'
+            assert counted in stack.sidecar.http_get("/metrics")[1]
+            own = f"http://127.0.0.1:{stack.sidecar.http}/rollouts"
+            rules.write_text(rules.read_text().replace(url, own))  # the sidecar's own --http-listen
+            wait_for(lambda: rollout(stack)["gates"][0]["url"] == own, 20, "the new gate")
+            wait_for(lambda: blocked("the sidecar's --http-listen"), 30, "the gate at the sidecar refused")
+        finally:
+            results = load.stop()
+        assert stack.envoy is not None and stack.envoy.process.popen.poll() is None  # Envoy still runs
+        assert {status for status, _ in results} == {200}

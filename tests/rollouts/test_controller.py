@@ -20,6 +20,7 @@ from sidecar.core.state import StateError
 from sidecar.fleet.fleet import FleetClusters
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import RolloutController, http_view, rollout_weights
+from sidecar.rollouts.destinations import GateDestinations
 from sidecar.sources.file import RulesFile, watch_directory
 from sidecar.sources.state_file import StateFile
 from sidecar.stats.clusters import ClusterCounts
@@ -96,6 +97,7 @@ def controller(
         leads=lambda: leads,
         steady=steady or Clock(100.0),
         boot_id=boot,
+        gate_destinations=GateDestinations.parse(["127.0.0.1"]),  # the test gates listen on loopback
     )
 
 
@@ -161,8 +163,9 @@ def test_a_restart_on_the_same_machine_boot_goes_on_with_the_hold(tmp_path: Path
         "{garbage",
         '{"format": 1, "rollouts": {"ramp": {"phase": "progressing", "step": 0, "step_started": NaN}}}',
         '{"format": 1, "rollouts": {"ramp": {"phase": "progressing", "step": 99, "step_started": 1}}}',
+        "",
     ],
-    ids=["not-json", "nan", "step-out-of-range"],
+    ids=["not-json", "nan", "step-out-of-range", "empty"],
 )
 def test_an_aborted_rollout_stays_aborted_while_its_state_cannot_be_read(
     tmp_path: Path, corrupt: str
@@ -194,6 +197,28 @@ def test_an_aborted_rollout_stays_aborted_while_its_state_cannot_be_read(
     else:  # a restart refuses to start over from the rules' weights, naming the file
         with pytest.raises(ValueError, match=str(state)):
             controller(rules, state)
+
+
+def test_an_aborted_rollout_stays_aborted_when_its_state_file_is_removed(tmp_path: Path) -> None:
+    """Read as "no state", a removed state file would start the rolled-back canary again."""
+    rules, state = files(tmp_path)
+    leader = controller(rules, state)
+    asyncio.run(leader.tick())
+    asyncio.run(leader.action("ramp", "abort"))
+    aborted = state.read_bytes()
+    state.unlink()
+    asyncio.run(leader.tick())  # before any reload: the controller reads it gone
+    assert leader.states["ramp"].phase == ABORTED and weight(leader) == 0
+    assert leader.state_problem is not None and "was removed" in leader.state_problem
+    asyncio.run(leader.reloader.reload("watch"))  # the watch: written back
+    assert state.read_bytes() == aborted
+    for _ in range(3):
+        asyncio.run(leader.tick())
+    assert leader.state_problem is None
+    assert leader.states["ramp"].phase == ABORTED and weight(leader) == 0
+    restarted = controller(rules, state)
+    asyncio.run(restarted.tick())
+    assert restarted.states["ramp"].phase == ABORTED and weight(restarted) == 0
 
 
 def test_the_report_carries_the_step_plan_and_the_thresholds_a_view_draws(tmp_path: Path) -> None:

@@ -17,10 +17,12 @@ from sidecar.core import compile_table
 from sidecar.core.gates import Gate
 from sidecar.core.rollout import ClusterWindow, RolloutSpec, judge, start
 from sidecar.ops.metrics import Metrics
+from sidecar.rollouts.destinations import GateDestinations
 from sidecar.rollouts.gates import GateChecks, ask, request_body
 from tests.rollouts.gate_server import closed_port, gate_server, silent_port
 from tests.rollouts.test_controller import DOC, Clock
 
+LOOPBACK = GateDestinations.parse(["127.0.0.1"])  # the test gates listen on loopback
 VERDICT = judge(
     compile_table(DOC, "v", "r").rollouts["ramp"].analysis, ClusterWindow(100, 1), ClusterWindow(100, 0)
 )
@@ -32,9 +34,11 @@ def spec_with(url: str, before: str = "promote") -> RolloutSpec:
     return compile_table(doc, "v", "rules.yaml").rollouts["ramp"]
 
 
-async def answer_of(gate: Gate, body: dict[str, Any] | None = None) -> tuple[str, bool, str]:
+async def answer_of(
+    gate: Gate, body: dict[str, Any] | None = None, destinations: GateDestinations = LOOPBACK
+) -> tuple[str, bool, str]:
     async with httpx.AsyncClient() as client:
-        result, label = await ask(client, gate, body or {})
+        result, label = await ask(client, gate, body or {}, destinations)
     return label, result.passed, result.detail
 
 
@@ -95,7 +99,7 @@ def test_one_check_in_flight_per_gate_asked_again_at_a_bounded_pace_for_its_move
     async def scenario(server: Any) -> None:
         steady = Clock(0.0)
         metrics = Metrics(CollectorRegistry())
-        checks = GateChecks(metrics, steady, recheck=5.0)
+        checks = GateChecks(metrics, steady, recheck=5.0, destinations=LOOPBACK)
         spec = spec_with(server.url)
         state = replace(start(spec, 0.0), step=1)
         server.release.clear()  # the gate is slow

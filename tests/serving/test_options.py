@@ -22,7 +22,7 @@ def test_every_flag_sets_its_own_field_and_defaults_match_the_options() -> None:
     fields = {f.name for f in dataclasses.fields(ServeOptions)}
     listed = [name for name, _, _ in flags()]
     assert len(listed) == len(set(listed)) and set(listed) <= fields
-    assert fields - set(listed) == {"log_level", "worker_index"}  # set by the program only
+    assert fields - set(listed) == {"log_level", "worker_index", "group_listeners"}  # set by the program
     assert len({flag.name for _, flag, _ in flags()}) == len(listed)  # one flag per option
 
 

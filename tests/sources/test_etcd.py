@@ -175,6 +175,30 @@ def test_state_writes_compare_revisions_and_reach_other_replicas(
     asyncio.run(main())
 
 
+def test_an_emptied_or_deleted_state_key_is_not_read_as_no_state(
+    address: EtcdAddress, tmp_path: Path
+) -> None:
+    """`etcdctl put PREFIX/state ""` is refused; `etcdctl del PREFIX/state` is written back."""
+
+    async def work(_: EtcdSource, reloader: Reloader) -> None:
+        await reloader.set_weights("ramp", {"canary": 30})
+        served = reloader.table.version
+        stored = reloader.loaded.state_bytes
+        await put(address, address.state_key, b"")
+        await until(lambda: reloader.last_result.outcome is Outcome.INVALID, 2.0, "the empty state refused")
+        assert "empty" in reloader.last_result.error and reloader.table.version == served
+        await put(address, address.state_key, stored)
+        await until(lambda: reloader.last_result.outcome is Outcome.LOADED, 2.0, "the state back")
+        async with EtcdClient(address) as client:
+            await client.delete(address.state_key)
+            await until(lambda: reloader.state.value == stored, 2.0, "the deleted state written back")
+            assert (await client.get(address.state_key)).value == stored
+        assert reloader.table.version == served
+
+    asyncio.run(put(address, address.rules_key, RULES))
+    asyncio.run(following(address, tmp_path / "cache", work))
+
+
 def test_an_outage_keeps_the_table_refuses_changes_and_catches_up(
     etcd: Etcd, address: EtcdAddress, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 import sidecar.table.reload as reload_module
 from sidecar.core import Table
 from sidecar.core.engine import Engine
+from sidecar.core.state import StateRemoved
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.file import RulesFile
 from sidecar.sources.state_file import StateFile, default_state_path
@@ -146,8 +147,9 @@ def test_set_weights_refusals_change_nothing(tmp_path: Path, rule: str, weights:
         '{"format": 1, "rollouts": {"ramp": {"phase": "dancing", "step": 0, "step_started": 0}}}',
         '{"format": 2}',
         "[]",
+        "",
     ],
-    ids=["not-json", "nan", "infinite", "negative", "phase", "format", "list"],
+    ids=["not-json", "nan", "infinite", "negative", "phase", "format", "list", "empty"],
 )
 def test_a_corrupt_state_moves_no_traffic(tmp_path: Path, corrupt: str) -> None:
     """Read as "no state", a broken state file would put every weight back to the file's."""
@@ -170,6 +172,45 @@ def test_a_corrupt_state_moves_no_traffic(tmp_path: Path, corrupt: str) -> None:
     assert asyncio.run(reloader.reload("watch")).outcome is Outcome.LOADED
     split = reloader.table.rules[0].split
     assert split is not None and split.weights == (60, 40)
+
+
+def test_a_state_file_removed_while_serving_is_written_back_not_read_as_no_state(tmp_path: Path) -> None:
+    """Read as "no state", a removed state file would put every weight back to the file's."""
+    path, reloader = started(tmp_path)
+    asyncio.run(reloader.set_weights("ramp", {"canary": 40}))
+    served, state = reloader.table, default_state_path(path)
+    good = state.read_bytes()
+    state.unlink()
+    asyncio.run(reloader.reload("watch"))
+    assert reloader.table.version == served.version  # 60/40 still served
+    assert state.read_bytes() == good  # written back from the state in force
+    split = make_reloader(path).table.rules[0].split  # and a restart reads it
+    assert split is not None and split.weights == (60, 40)
+
+
+def test_a_removed_state_is_never_written_over_one_that_is_back(tmp_path: Path) -> None:
+    path, reloader = started(tmp_path)
+    asyncio.run(reloader.set_weights("ramp", {"canary": 40}))
+    state = default_state_path(path)
+    state.unlink()
+    newer = make_reloader(path)  # another process: no state yet, then it writes one
+    asyncio.run(newer.set_weights("ramp", {"canary": 30}))
+    written = state.read_bytes()
+    assert not asyncio.run(reloader.state.restore(b"stale"))
+    assert state.read_bytes() == written
+
+
+def test_a_state_file_at_start_is_a_first_start_only_while_never_seen(tmp_path: Path) -> None:
+    """No file at start: a first start (nothing can tell it from one removed while stopped)."""
+    path, reloader = started(tmp_path)
+    split = reloader.table.rules[0].split
+    assert split is not None and split.weights == (90, 10)
+    state = StateFile(default_state_path(path))
+    assert state.read_bytes() == b""
+    state.write({"weight_overrides": {}})
+    default_state_path(path).unlink()
+    with pytest.raises(StateRemoved, match="was removed"):
+        state.read_bytes()
 
 
 def test_an_unreadable_state_file_is_not_read_as_no_state(tmp_path: Path) -> None:
