@@ -12,6 +12,7 @@ from typing import IO
 
 from sidecar.core import Identity, Request
 from sidecar.core.identity import NO_IDENTITY
+from sidecar.ops.decision_log import REDACTED, replayed_path
 
 _ACCESS = re.compile(
     r'^\[[^\]]*\] "(?P<method>\S+) (?P<path>\S+)" \S+ \S+ cluster=\S* rule=\S* bucket=\S* lane=\S* '
@@ -20,7 +21,6 @@ _ACCESS = re.compile(
 # A value runs to the next ` h:NAME=` or the end of the line: Envoy writes values as they
 # came, spaces included.
 _HEADER = re.compile(r" h:(?P<name>[^=\s]+)=(?P<value>.*?)(?= h:[^=\s]+=|$)")
-REDACTED = "<redacted>"
 
 
 @dataclass
@@ -48,12 +48,13 @@ def from_decision_log(line: str, count: ReadCount) -> Request | None:
     try:
         record = json.loads(line)
         headers = {str(k): str(v) for k, v in dict(record["headers"]).items()}
-        method, path = str(record["method"]), str(record["path"])
+        method = str(record["method"])
+        path, params = replayed_path(str(record["path"]))
         port = record.get("listener_port")
     except (ValueError, KeyError, TypeError):
         return None
     kept = {k: v for k, v in headers.items() if v != REDACTED}
-    if len(kept) < len(headers):
+    if len(kept) < len(headers) or params or record.get("truncated"):
         count.redacted += 1
     return request_of(
         method, path, kept, identity_of(record.get("identity") or ""), port if isinstance(port, int) else None
