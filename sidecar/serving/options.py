@@ -291,6 +291,7 @@ def from_arguments(args: argparse.Namespace, **program: Any) -> ServeOptions:
     """The options the parsed flags (and the program, e.g. log_level) give."""
     given = {name: getattr(args, name) for name, _, _ in flags()}
     given["admin_allow"] = tuple(given["admin_allow"] or ())
+    given["http_host"] = tuple(given["http_host"] or ())
     return ServeOptions(**given, **program)
 
 
