@@ -47,6 +47,7 @@ def diff(args: argparse.Namespace) -> int:
     from sidecar.changes.report import as_json, as_text, load_table
     from sidecar.changes.requests import ReadCount
     from sidecar.core.diff import compare, synthetic_requests
+    from sidecar.ops.terminal import shown_lines
 
     tls = etcd_tls(args)
     old, new = load_table(args.old, tls), load_table(args.new, tls)
@@ -73,7 +74,7 @@ def diff(args: argparse.Namespace) -> int:
                 f"too long, nested too deep or ambiguous; {count.redacted} with redacted or cut values, "
                 "decided again without them)"
             )
-        print(as_text(report))
+        print(shown_lines(as_text(report)))
     return 1 if report.backwards else 0
 
 

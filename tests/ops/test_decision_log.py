@@ -274,6 +274,6 @@ def test_a_replay_leaves_out_redacted_query_values_and_decides_the_same() -> Non
     method, path, _, _, redacted = logged_request(plain)
     assert (method, path, redacted) == ("GET", "/c?uid=u7", ["query:access_token"])
     count = ReadCount()
-    (again,) = read_requests(iter([plain]), count)
+    (again,) = read_requests(iter([plain]), count, [])
     assert again.query == "uid=u7" and count.redacted == 1
     assert steer(table, again).decision.bucket == steering.decision.bucket
