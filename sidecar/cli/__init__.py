@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from sidecar.admin.client import AdminError
 from sidecar.core import RulesError
+from sidecar.ops.terminal import shown_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except RulesError as error:
-        print(error, file=sys.stderr)
+        print(shown_lines(str(error)), file=sys.stderr)
         return 1
     except (AdminError, OSError, ValueError) as error:
-        print(f"graysteer {args.command}: {_described(error)}", file=sys.stderr)
+        print(shown_lines(f"graysteer {args.command}: {_described(error)}"), file=sys.stderr)
         return 1
 
 

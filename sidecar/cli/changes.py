@@ -1,13 +1,19 @@
 """`graysteer diff OLD NEW`: what a change of the rules does to traffic, before it lands."""
 
 import argparse
+import itertools
 import json
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from sidecar import values
 from sidecar.cli.common import add_etcd_flags, etcd_tls
 from sidecar.serving.options import argparse_type
+
+if TYPE_CHECKING:
+    from sidecar.changes.requests import ReadCount
+    from sidecar.core import Request, Table
 
 DEFAULT_SAMPLE = 10_000
 
@@ -39,33 +45,46 @@ def add_commands(commands: Any) -> None:
 def diff(args: argparse.Namespace) -> int:
     """Exit 0, or 1 when anything moves backwards on a ramp."""
     from sidecar.changes.report import as_json, as_text, load_table
-    from sidecar.changes.requests import ReadCount, read_requests
-    from sidecar.core import Request
+    from sidecar.changes.requests import ReadCount
     from sidecar.core.diff import compare, synthetic_requests
+    from sidecar.ops.terminal import shown_lines
 
     tls = etcd_tls(args)
     old, new = load_table(args.old, tls), load_table(args.new, tls)
     if old is None or new is None:
         raise ValueError(f"no rules at {args.old if old is None else args.new}")
     count = ReadCount()
-    requests: list[Request] = []
-    for name in args.requests:
-        handle = sys.stdin if name == "-" else open(name, encoding="utf-8", errors="replace")  # noqa: SIM115
-        with handle:
-            requests.extend(read_requests(handle, count))
     sample = args.sample if args.sample is not None else (0 if args.requests else DEFAULT_SAMPLE)
-    if sample:
-        requests.extend(synthetic_requests([old, new], sample))
-    report = compare(old, new, requests)
+    synthetic = synthetic_requests([old, new], sample) if sample else []
+    requests = itertools.chain(logged_requests(args.requests, [old, new], count), synthetic)
+    report = compare(old, new, requests)  # one request at a time: none is held
     if args.json:
         data = as_json(report)
-        data["read"] = {"requests": count.read, "skipped_lines": count.skipped, "redacted": count.redacted}
+        data["read"] = {
+            "requests": count.read,
+            "skipped_lines": count.skipped,
+            "unreadable_lines": count.unreadable,
+            "redacted": count.redacted,
+        }
         print(json.dumps(data, indent=2))
     else:
         if args.requests:
             print(
-                f"read {count.read} requests ({count.skipped} lines skipped; {count.redacted} with redacted "
-                "values, decided again without them)"
+                f"read {count.read} requests ({count.skipped} lines skipped, {count.unreadable} unreadable: "
+                f"too long, nested too deep or ambiguous; {count.redacted} with redacted or cut values, "
+                "decided again without them)"
             )
-        print(as_text(report))
+        print(shown_lines(as_text(report)))
     return 1 if report.backwards else 0
+
+
+def logged_requests(names: list[str], tables: "list[Table]", count: "ReadCount") -> "Iterator[Request]":
+    """The requests of each log file in turn, read as they are decided."""
+    from sidecar.changes.requests import read_requests
+    from sidecar.envoyconf.generate import logged_headers
+
+    logged = [logged_headers(table) for table in tables]
+    for name in names:
+        handle = sys.stdin if name == "-" else open(name, encoding="utf-8", errors="replace")  # noqa: SIM115
+        with handle:
+            yield from read_requests(handle, count, logged)

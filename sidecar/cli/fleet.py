@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar import values
 from sidecar.cli.common import add_etcd_flags, etcd_tls, warn_size, with_etcd_errors
+from sidecar.ops.terminal import shown, shown_lines, shown_tree
 from sidecar.serving.options import argparse_type
 
 
@@ -56,7 +57,9 @@ def push(args: argparse.Namespace) -> int:
         key = address.rules_key
     revision = asyncio.run(with_etcd_errors(push_rules(address, etcd_tls(args), content, key), address))
     name = key.decode().rsplit("/", 1)[1]
-    print(f"{args.rules}: pushed version {table.version} to {address}/{name} (etcd revision {revision})")
+    print(
+        shown(f"{args.rules}: pushed version {table.version} to {address}/{name} (etcd revision {revision})")
+    )
     return 0
 
 
@@ -67,7 +70,7 @@ def drop_next(args: argparse.Namespace) -> int:
     found = asyncio.run(
         with_etcd_errors(delete_key(address, etcd_tls(args), address.next_rules_key), address)
     )
-    print(f"{address}/rules.next: {'removed' if found else 'there was none'}")
+    print(shown(f"{address}/rules.next: {'removed' if found else 'there was none'}"))
     return 0
 
 
@@ -86,7 +89,7 @@ def safe_change(args: argparse.Namespace, table: Any) -> bool:
             moved = f"{report.moved_share:.2%} of requests change cluster"
             print(f"{args.rules}: {moved} (at most {args.max_moved:.0%})")
         return True
-    print(as_text(report), file=sys.stderr)
+    print(shown_lines(as_text(report)), file=sys.stderr)
     print(
         f"{args.rules}: not pushed: {report.moved_share:.2%} of requests change cluster (more than "
         f"--max-moved {args.max_moved:g})"
@@ -103,5 +106,5 @@ def fleet_status(args: argparse.Namespace) -> int:
 
     address = EtcdAddress.parse(args.fleet)
     report = asyncio.run(with_etcd_errors(fleet_status(address, etcd_tls(args)), address))
-    print(json.dumps(report, indent=2) if args.json else format_fleet(report))
+    print(json.dumps(report, indent=2) if args.json else format_fleet(shown_tree(report)))
     return 0

@@ -7,6 +7,7 @@ from typing import Any
 from sidecar import values
 from sidecar.cli.common import add_admin_client_flags, add_etcd_flags, client_auth
 from sidecar.core.actions import ACTIONS
+from sidecar.ops.terminal import shown_tree
 from sidecar.serving.options import argparse_type
 
 
@@ -70,14 +71,16 @@ def status(args: argparse.Namespace) -> int:
 
         return fleet_status(args)
     report = admin_client.status(args.admin, client_auth(args))
-    print(json.dumps(report, indent=2) if args.json else admin_client.format_status(report))
+    print(json.dumps(report, indent=2) if args.json else admin_client.format_status(shown_tree(report)))
     return 0
 
 
 def set_weight(args: argparse.Namespace) -> int:
     from sidecar.admin import client as admin_client
 
-    report = admin_client.set_weights(args.admin, args.rule, dict(args.weights), client_auth(args))
+    report = shown_tree(
+        admin_client.set_weights(args.admin, args.rule, dict(args.weights), client_auth(args))
+    )
     (rule,) = [r for r in report["rules"] if r["name"] == args.rule]
     weights = " ".join(f"{w['cluster']}={w['weight']}" for w in rule["weights"])
     print(f"{args.rule}: {weights} (version {report['version']}, persisted in {report['state_file']})")
@@ -88,7 +91,7 @@ def rollout(args: argparse.Namespace) -> int:
     from sidecar.admin import client as admin_client
     from sidecar.ops import view_rollout
 
-    status = admin_client.rollout(args.admin, args.rule, args.action, client_auth(args))
+    status = shown_tree(admin_client.rollout(args.admin, args.rule, args.action, client_auth(args)))
     print(
         f"{status['rule']}: {status['phase']}, step {status['step']}, canary weight "
         f"{status['canary_weight']} ({status['reason']})"

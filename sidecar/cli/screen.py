@@ -61,9 +61,9 @@ def _fleet(fleet: Mapping[str, Any]) -> RenderableType:
     if not fleet["replicas"]:
         table.add_row("no live replica", "")
     for refused in fleet["refused"]:
-        table.add_row(Text("refused", style="red"), refused)
+        table.add_row(Text("refused", style="red"), Text(refused))
     title = f"fleet {fleet['address']}: rules version {fleet['rules_version']}, leader {fleet['leader']}"
-    return Panel(table, title=title, title_align="left")
+    return Panel(table, title=Text(title), title_align="left")
 
 
 def _splits(splits: list[Mapping[str, Any]]) -> RenderableType:
@@ -73,7 +73,9 @@ def _splits(splits: list[Mapping[str, Any]]) -> RenderableType:
     for split in splits:
         table.add_row(Text(split["rule"], style="bold"), "", "", Text(split["note"], style="dim"))
         for cluster in split["clusters"]:
-            table.add_row("", cluster["cluster"], Text(cluster["bar"], style="magenta"), cluster["shown"])
+            table.add_row(
+                "", Text(cluster["cluster"]), Text(cluster["bar"], style="magenta"), Text(cluster["shown"])
+            )
     return Panel(table, title="splits", title_align="left")
 
 
@@ -103,8 +105,10 @@ def _rollout(rollout: Mapping[str, Any]) -> RenderableType:
     for cluster in rollout["clusters"]:
         by_name = {c["name"].split(" ")[0]: c for c in cluster["checks"]}
         cells = [_check(by_name.get(name)) for name in ("error", "vs", "p99")]
-        checks.add_row(f"{cluster['cluster']} ({cluster['role']})", cluster["requests_shown"], *cells)
-    return Panel(Group(*lines, steps, checks), title=f"rollout {rollout['rule']}", title_align="left")
+        checks.add_row(
+            Text(f"{cluster['cluster']} ({cluster['role']})"), Text(cluster["requests_shown"]), *cells
+        )
+    return Panel(Group(*lines, steps, checks), title=Text(f"rollout {rollout['rule']}"), title_align="left")
 
 
 def _check(check: Mapping[str, Any] | None) -> Text:
@@ -119,7 +123,7 @@ def _traffic(traffic: Mapping[str, Any], bypass: Mapping[str, Any] | None) -> Re
     for _ in range(3):
         table.add_column()
     for cluster in traffic["clusters"]:
-        table.add_row(cluster["cluster"], Text(cluster["bar"], style="blue"), cluster["shown"])
+        table.add_row(Text(cluster["cluster"]), Text(cluster["bar"], style="blue"), Text(cluster["shown"]))
     parts: list[RenderableType] = [Text(traffic["note"], style="dim"), table]
     if bypass is not None:
         parts.append(Text("envoy bypass: " + (bypass["note"] or ""), style="dim"))

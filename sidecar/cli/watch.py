@@ -17,6 +17,7 @@ from typing import Any
 from sidecar.admin.client import AdminError, StatusReader
 from sidecar.cli.common import client_auth, etcd_tls, with_etcd_errors
 from sidecar.ops import view, view_text
+from sidecar.ops.terminal import shown_tree
 
 REFRESH_SECONDS = 1.0
 READ_TIMEOUT_SECONDS = 3.0  # a read that takes longer is shown as a problem
@@ -41,7 +42,9 @@ def watch(args: argparse.Namespace) -> int:
 
 
 def read_view(reader: StatusReader, fleet: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
-    """One reading of everything the view shows; what cannot be read is a problem line."""
+    """One reading of everything the view shows, every string escaped for a terminal
+    (sidecar.ops.terminal: etcd's and the sidecar's strings are not ours); what cannot be
+    read is a problem line."""
     problems = []
     fleet_report = None
     if fleet is not None:
@@ -54,7 +57,8 @@ def read_view(reader: StatusReader, fleet: Callable[[], dict[str, Any]] | None) 
     except AdminError as error:
         status = None
         problems.append(str(error))
-    return view.build(status, fleet_report, problems, time.time())
+    built: dict[str, Any] = shown_tree(view.build(status, fleet_report, problems, time.time()))
+    return built
 
 
 def fleet_reader(args: argparse.Namespace) -> Callable[[], dict[str, Any]]:

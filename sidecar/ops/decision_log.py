@@ -5,9 +5,11 @@ A line holds: `time` (UTC, RFC 3339), `decision_id` (Envoy's `x-request-id`, so 
 joins the access log and the trace's `guid:x-request-id`; a random id without it),
 `trace_id` and `span_id` (from the request's W3C `traceparent`, when it has one), the
 `transport`, the `listener_port`, the caller's `identity` and whether it used `mtls`, the
-`method` and `path`, the rule-relevant `headers` (those the rules read; the values of the
+`method` and `path` (each query parameter's value `<redacted>`, but those of the parameters
+the rules' keys read), the rule-relevant `headers` (those the rules read; the values of the
 headers the rules name in `decision_log.redact`, and of `authorization`,
-`proxy-authorization` and `cookie` always, are `<redacted>`), the untrusted headers removed
+`proxy-authorization` and `cookie` always, are `<redacted>`; of `baggage`, every member's
+value but the lane member's), the untrusted headers removed
 (`removed_headers`), and the `decision`'s fields (as `graysteer explain` shows them); with a
 shadow table (sidecar.table.shadow), `shadow` holds its decision's fields when it differs.
 `graysteer explain --from-log LINE` reads one back and decides it again.
@@ -16,8 +18,9 @@ Off the serving path, and bounded: the serving code samples (`--decision-log-sam
 then appends a reference to a bounded deque; a writer thread builds and writes the lines. A
 writer that falls behind (a slow disk, a pipe nobody reads) drops new lines and counts them
 (`graysteer_decision_log_lines_total{outcome="dropped_queue_full"}`); a write error (a full
-disk) drops the batch and is counted and logged once; a line over `max_line_bytes` keeps its
-decision and loses header values (`truncated`). SIGHUP reopens the file: logrotate renames
+disk) drops the batch and is counted and logged once; a line over `max_line_bytes` is marked
+`truncated`: each string field (path included) is cut with `...<cut>`, then header values go,
+then all but the time and the decision. SIGHUP reopens the file: logrotate renames
 it, then signals (or uses `copytruncate`, which needs no signal). With `--workers N` every
 worker appends to the same file, one whole write per batch of lines (O_APPEND).
 """
@@ -34,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -45,7 +49,8 @@ log = logging.getLogger("graysteer.decision_log")
 REDACTED = "<redacted>"
 MAX_LINE_BYTES = 16 * 1024
 MAX_PENDING = 10_000  # decisions waiting for the writer; more are dropped and counted
-MAX_VALUE_CHARS = 512  # a header value longer than this is cut in a line over the limit
+MAX_VALUE_CHARS = 512  # a field longer than this is cut in a line over the limit
+CUT_MARK = "...<cut>"
 WRITE_EVERY_SECONDS = 0.2  # the writer's pace when decisions trickle in
 
 Pending = tuple[float, str, Request, Steering, Table, Decision | None]
@@ -193,16 +198,34 @@ class DecisionLog:
         data = dumps(record)
         if len(data) > self.max_line_bytes:
             self.metrics.count_log("truncated")
-            headers = record["headers"]
-            for name, value in headers.items():
-                if len(value) > MAX_VALUE_CHARS:
-                    headers[name] = value[:MAX_VALUE_CHARS] + "..."
-            record["truncated"] = True
-            data = dumps(record)
-            if len(data) > self.max_line_bytes:
-                record["headers"] = {}
-                data = dumps(record)
+            data = within(record, self.max_line_bytes)
         return data.decode() + "\n"
+
+
+def cut(value: object) -> object:
+    """A string over MAX_VALUE_CHARS cut, with a marker; anything else as it is."""
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        return value[:MAX_VALUE_CHARS] + CUT_MARK
+    return value
+
+
+def within(record: dict[str, Any], max_bytes: int) -> bytes:
+    """A record over `max_bytes` made to fit, marked `truncated`: every string field (the path,
+    the decision id, the identity, each header value) cut to MAX_VALUE_CHARS; then without
+    header values; then only the time and the decision; at last only the time."""
+    record["truncated"] = True
+    for name, value in record.items():
+        record[name] = cut(value)
+    record["headers"] = {name: cut(value) for name, value in record["headers"].items()}
+    data = dumps(record)
+    if len(data) > max_bytes:
+        record["headers"] = {}
+        data = dumps(record)
+    if len(data) > max_bytes:
+        data = dumps({"time": record["time"], "truncated": True, "decision": record["decision"]})
+    if len(data) > max_bytes:
+        data = dumps({"time": record["time"], "truncated": True})
+    return data
 
 
 def dumps(record: dict[str, Any]) -> bytes:
@@ -224,7 +247,7 @@ class LineParts:
     def __init__(self) -> None:
         self._second, self._text = -1, ""
         self._fields: dict[int, tuple[Decision, dict[str, str | int]]] = {}
-        self._names: tuple[Table | None, tuple[str, ...]] = (None, ())
+        self._names: tuple[Table | None, tuple[tuple[str, ...], frozenset[str]]] = (None, ((), frozenset()))
 
     def time(self, at: float) -> str:
         second = int(at)
@@ -244,9 +267,65 @@ class LineParts:
 
     def names(self, table: Table) -> tuple[str, ...]:
         """The headers a line may show for `table` (those its rules read), sorted."""
+        return self._shows(table)[0]
+
+    def params(self, table: Table) -> frozenset[str]:
+        """The query parameters whose values a line shows for `table` (its key sources')."""
+        return self._shows(table)[1]
+
+    def _shows(self, table: Table) -> tuple[tuple[str, ...], frozenset[str]]:
         if self._names[0] is not table:
-            self._names = (table, tuple(sorted(table.read_headers)))
+            self._names = (table, (tuple(sorted(table.read_headers)), read_params(table)))
         return self._names[1]
+
+
+def read_params(table: Table) -> frozenset[str]:
+    """The query parameters `table`'s split (and mirror) keys read."""
+    return frozenset(
+        source.partition(":")[2]
+        for rule in table.rules
+        if rule.split is not None
+        for source, _ in rule.split.keys
+        if source.startswith("query:")
+    )
+
+
+def shown_query(query: str, kept: frozenset[str]) -> str:
+    """A query string with each parameter's value <redacted> (names kept), but those of the
+    parameters in `kept` (what the rules read)."""
+    parts = []
+    for part in query.split("&"):
+        name, sep, _ = part.partition("=")
+        plain = unquote_plus(name) if "%" in name or "+" in name else name
+        parts.append(part if plain in kept or not sep else f"{name}={REDACTED}")
+    return "&".join(parts)
+
+
+def shown_baggage(baggage: str, key: str | None) -> str:
+    """A baggage header with every member's value <redacted> but the lane member's (`key`)."""
+    members = []
+    for member in baggage.split(","):
+        name = member.partition("=")[0].strip()
+        if not member.strip():
+            continue
+        members.append(member.strip() if key and name == key else f"{name}={REDACTED}")
+    return ",".join(members)
+
+
+def replayed_path(path: str) -> tuple[str, list[str]]:
+    """A logged path with the query parameters whose values were <redacted> left out, and their
+    names: a replay decides without them, as without any redacted value."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path, []
+    kept, redacted = [], []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if value == REDACTED:
+            redacted.append(unquote_plus(name))
+        else:
+            kept.append(part)
+    return (base + "?" + "&".join(kept) if kept else base), redacted
 
 
 def log_record(
@@ -267,6 +346,9 @@ def log_record(
         for name in reused.names(table)
         if name in headers
     }
+    if "baggage" in shown and shown["baggage"] != REDACTED:
+        shown["baggage"] = shown_baggage(shown["baggage"], table.coloring.baggage if table.coloring else None)
+    query = "?" + shown_query(request.query, reused.params(table)) if request.query else ""
     return {
         "time": reused.time(at),
         "decision_id": headers.get("x-request-id") or secrets.token_hex(16),
@@ -277,7 +359,7 @@ def log_record(
         "identity": steering.identity.principal or None,
         "mtls": steering.identity.mtls,
         "method": request.method,
-        "path": request.path + ("?" + request.query if request.query else ""),
+        "path": request.path + query,
         "headers": shown,
         "removed_headers": list(steering.remove_headers),
         "decision": reused.fields(steering.decision),

@@ -24,6 +24,9 @@ no source but this endpoint, no framing, no MIME sniffing, no caching.
 With `tls` (an ssl.SSLContext) it serves HTTPS; a client certificate the context verified
 reaches `extra` as `Request.peer_certificate` (the page's actions are authenticated so).
 
+A request whose Host names another site (DNS rebinding: a page of another origin made to
+resolve here) is answered 421, the probes excepted (host_allowed).
+
 One request per connection: answered, then closed.
 """
 
@@ -31,6 +34,7 @@ import asyncio
 import concurrent.futures
 import http
 import importlib.resources
+import ipaddress
 import json
 import logging
 import ssl
@@ -144,8 +148,10 @@ class OperatorHttpServer:
         limits: Limits = Limits(),
         ui: bool = False,
         tls: ssl.SSLContext | None = None,
+        hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.registry, self.readiness, self.details, self.extra = registry, readiness, details, extra
+        self.hosts = frozenset(name.lower().rstrip(".") for name in hosts)
         self.limits = limits
         self.ui_files = _ui_files() if ui else {}
         self.tls = tls
@@ -269,6 +275,8 @@ class OperatorHttpServer:
         path = request.path
         if path in PROBES:
             return self._probe(path) if request.method == "GET" else _text(405, "only GET\n")
+        if not host_allowed(request.headers.get("host"), self.hosts):
+            return _text(421, "this endpoint answers only to its address, localhost or a --http-host name\n")
         if self.ui_files and request.method == "GET" and path.startswith(UI_PREFIX):
             name = path[len(UI_PREFIX) :] or "index.html"
             if name in self.ui_files:
@@ -305,6 +313,31 @@ class OperatorHttpServer:
         )
 
 
+def host_allowed(host: str | None, names: frozenset[str]) -> bool:
+    """Whether a request's Host names this endpoint: an IP address (a browser sends one only
+    for a page of that very address), localhost or a name under .localhost (always loopback),
+    or one of `names` (serve --http-host). Any other name is a page of another site whose
+    name was made to resolve here (DNS rebinding). The port is not compared: port
+    forwarding (kubectl port-forward, docker -p) changes it, and a rebinding page chooses it."""
+    if not host:
+        return True  # no browser sends a request without one
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isascii() and rest[1:].isdecimal())):
+            return False
+    else:
+        name, _, port = host.partition(":")
+        if port and not (port.isascii() and port.isdecimal()):
+            return False
+    name = name.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name.endswith(".localhost") or name in names
+
+
 def start_http(
     host: str,
     port: int,
@@ -315,8 +348,10 @@ def start_http(
     limits: Limits = Limits(),
     ui: bool = False,
     tls: ssl.SSLContext | None = None,
+    hosts: frozenset[str] = frozenset(),
 ) -> OperatorHttpServer:
     """Serve /metrics, /healthz and /readyz (whatever `extra` answers, as JSON, and with
     `ui` the live page's files) from a daemon thread; returns the server. OSError when the
-    address cannot be bound."""
-    return OperatorHttpServer((host, port), registry, readiness, details, extra, limits, ui, tls)
+    address cannot be bound. Requests other than the probes whose Host is none of this
+    endpoint's (host_allowed, with `hosts`) are answered 421."""
+    return OperatorHttpServer((host, port), registry, readiness, details, extra, limits, ui, tls, hosts)

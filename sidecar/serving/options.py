@@ -100,6 +100,10 @@ class ServeOptions:
         "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz, /rollouts and the live page /ui/ "
         "(default: off)",
         _address("--http-listen"), "HOST:PORT"))
+    http_host: tuple[str, ...] = option((), Flag(
+        "--http-host", "a host name the --http-listen endpoint answers to besides its IP addresses and "
+        "localhost (its DNS name behind an ingress or a Service; repeatable): a request naming another "
+        "host is refused 421, the probes excepted (DNS rebinding)", metavar="NAME", action="append"))
     http_actions: bool = option(False, Flag(
         "--http-actions", "let the live page on --http-listen (/ui/) promote, pause, resume and abort "
         "rollouts, for callers the admin API's authentication accepts: its bearer token (--admin-token-file) "
@@ -309,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_arguments(args: argparse.Namespace, **program: Any) -> ServeOptions:
     """The options the parsed flags (and the program, e.g. log_level) give."""
     given = {name: getattr(args, name) for name, _, _ in flags()}
-    for repeated in ("admin_allow", "gate_allow"):
+    for repeated in ("admin_allow", "gate_allow", "http_host"):
         given[repeated] = tuple(given[repeated] or ())
     return ServeOptions(**given, **program)
 

@@ -122,6 +122,7 @@ class Running:
             extra,
             ui=True,
             tls=tls,
+            hosts=frozenset(options.http_host),
         )
         scheme = "https" if tls is not None else "http"
         log.info("serving /metrics /healthz /readyz on %s://%s:%d", scheme, host, http.server_address[1])

@@ -240,6 +240,7 @@ class Supervisor:
             registry,
             view,
             lambda: {"workers": self.count, "ready_workers": sum(w.ready for w in self.workers)},
+            hosts=frozenset(self.options.http_host),
         )
         log.info("serving /metrics /healthz /readyz on http://%s:%d", host, http.server_address[1])
         return http

@@ -117,11 +117,12 @@ COMPARED = ("cluster", "rule", "reason", "bucket", "lane", "mirror", "deny_statu
 def logged_request(line: str) -> tuple[str, str, list[tuple[str, str]], Peer, list[str]]:
     """(method, path, headers, peer, redacted header names) of a decision log line
     (sidecar.ops.decision_log); ValueError when it is not one."""
-    from sidecar.ops.decision_log import REDACTED
+    from sidecar.ops.decision_log import REDACTED, replayed_path
 
     try:
         record = json.loads(line)
-        method, path, headers = str(record["method"]), str(record["path"]), dict(record["headers"])
+        method, headers = str(record["method"]), dict(record["headers"])
+        path, params = replayed_path(str(record["path"]))
         decision = dict(record["decision"])
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"not a decision log line: {error}") from None
@@ -134,6 +135,7 @@ def logged_request(line: str) -> tuple[str, str, list[tuple[str, str]], Peer, li
         record.get("listener_port"),
     )
     redacted = sorted(name for name, value in headers.items() if value == REDACTED)
+    redacted += [f"query:{name}" for name in params]
     kept = [(name, str(value)) for name, value in headers.items() if value != REDACTED]
     return method, path, kept, peer, redacted
 
@@ -144,4 +146,7 @@ def compare_logged(line: str, today: dict[str, object]) -> dict[str, object]:
     differences = {
         name: [logged.get(name), today.get(name)] for name in COMPARED if logged.get(name) != today.get(name)
     }
-    return {"logged": logged, "today": today, "same": not differences, "differences": differences}
+    result = {"logged": logged, "today": today, "same": not differences, "differences": differences}
+    if json.loads(line).get("truncated"):  # values and the path cut: decided on what was kept
+        result["truncated"] = True
+    return result

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin.client import explain_result
@@ -232,3 +234,57 @@ def test_with_client_certificates_the_endpoint_is_https_and_acts_only_for_an_all
         assert status == 200 and isinstance(report, dict) and report["phase"] == "aborted"
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (
+            '{"listener_port": "\u0661\u0665\u0660\u0660\u0661"}'.encode(),
+            "listener_port must be a port number",
+        ),
+        ('{"listener_port": "\u00b2"}'.encode(), "listener_port must be a port number"),
+        (b'{"listener_port": "' + b"9" * 5000 + b'"}', "listener_port must be a port number"),
+        (b'{"listener_port": true}', "listener_port must be a port number"),
+        (b'{"path": "/\\ud800"}', "the form is not JSON"),
+        (b'{"headers": "x-a: \\udc00"}', "the form is not JSON"),
+        (b'{"path": "/\xed\xa0\x80"}', "the form is not JSON"),  # a surrogate in raw bytes
+        (b"[" * 5000 + b"]" * 5000, "the form is not JSON"),
+    ],
+)
+def test_digits_of_other_scripts_surrogates_and_depth_are_400s(body: bytes, says: str) -> None:
+    test_a_bad_form_is_a_specific_400(body, says)
+
+
+HOSTILE = [
+    "\u00b2",
+    "\u0661\u0662",
+    "\ud800",
+    "x\udfff",
+    "\x00",
+    "\r\n",
+    "x: 1\nx: \x7f",
+    "9" * 6000,
+    "0",
+    "65536",
+]
+FORM_TEXT = st.sampled_from(HOSTILE) | st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+FORM_VALUE = FORM_TEXT | st.integers() | st.floats() | st.booleans() | st.none() | st.lists(st.integers())
+FIELDS = ["method", "path", "host", "headers", "uri_san", "dns_san", "listener_port", "x"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    form=st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, FORM_VALUE)),
+    raw=st.binary(max_size=64),
+)
+def test_no_form_input_is_answered_but_200_or_a_400(
+    servicer: Any, tmp_path: Path, form: Any, raw: bytes
+) -> None:
+    live = page(servicer, tmp_path)
+    body = json.dumps(form).encode()  # ensure_ascii: lone surrogates travel as \\ud800 escapes
+    for sent in (body, raw):
+        answer = live(Request("POST", "/ui/explain", POST, sent))
+        assert answer is not None and answer[0] in (200, 400), (sent, answer)
+        if answer[0] == 400:
+            assert isinstance(answer[1], dict) and "Traceback" not in str(answer[1])

@@ -1,6 +1,7 @@
 """The decision log: what a line holds (redacted, traced, within its size), and that neither a
 full queue, a full disk, a pipe nobody reads nor a rotated file can slow or fail a decision."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import Request, decision_fields, steer
+from sidecar.core.identity import Identity
 from sidecar.dev.processes import wait_for
 from sidecar.ops.decision_log import REDACTED, DecisionLog, trace_context
 from sidecar.ops.metrics import Metrics
@@ -83,7 +85,9 @@ def test_a_line_holds_the_decision_its_trace_and_no_secret() -> None:
     )
     assert record["headers"] == {"x-tier": "gold", "x-user-id": REDACTED, "cookie": REDACTED}
     assert "traceparent" not in record["headers"]  # the rules do not read it
-    assert record["decision"]["rule"] == "by-user" and record["path"] == "/x?q=1"
+    assert (
+        record["decision"]["rule"] == "by-user" and record["path"] == "/x?q=<redacted>"
+    )  # the rules read no query
 
 
 @pytest.mark.parametrize(
@@ -202,3 +206,74 @@ def test_serve_writes_lines_and_reopens_the_file_on_sighup(tmp_path: Path) -> No
     finally:
         serve.terminate()
         serve.communicate(timeout=10)  # drains and closes its stderr
+
+
+QUERY_AND_LANES = """
+version: 1
+clusters: [stable, canary]
+default: stable
+coloring: {lanes: {stable: stable, canary: canary}}
+rules:
+  - name: by-user
+    split:
+      key: [query:uid]
+      to: [{cluster: stable, weight: 50}, {cluster: canary, weight: 50}]
+"""
+
+
+def test_a_line_shows_query_values_and_baggage_members_only_where_the_rules_read_them() -> None:
+    table = table_from_yaml(QUERY_AND_LANES)
+    log = DecisionLog("-", 1.0, Metrics(CollectorRegistry()))
+    headers = {"baggage": "graysteer.lane=canary;p=1, session=s3cret,,user=u%201"}
+    request = Request(headers, "GET", "/cart?access_token=T0KEN&uid=u7&flag&to%6Ben=x&a=1=2")
+    record = json.loads(log.line(1.7e9, "ext_proc", request, steer(table, request), table))
+    assert record["path"] == ("/cart?access_token=<redacted>&uid=u7&flag&to%6Ben=<redacted>&a=<redacted>")
+    assert record["headers"]["baggage"] == "graysteer.lane=canary;p=1,session=<redacted>,user=<redacted>"
+    assert "T0KEN" not in json.dumps(record) and "s3cret" not in json.dumps(record)
+
+
+@pytest.mark.parametrize("field", ["path", "decision_id", "identity", "header"])
+def test_every_field_is_within_the_line_bound(field: str) -> None:
+    """A 60 KB path (or decision id, identity, header value) is cut with a marker."""
+    metrics = Metrics(CollectorRegistry())
+    log = DecisionLog("-", 1.0, metrics, max_line_bytes=4096)
+    big = "a" * 60_000
+    headers = {"x-request-id": big} if field == "decision_id" else {}
+    headers |= {"x-tier": big} if field == "header" else {}
+    request = Request(headers, "GET", "/" + big if field == "path" else "/x")
+    steering = steer(TABLE, request)
+    if field == "identity":
+        steering = dataclasses.replace(steering, identity=Identity(True, dns_sans=(big,)))
+    text = log.line(0.0, "ext_proc", request, steering, TABLE)
+    record = json.loads(text)
+    assert len(text.encode()) <= 4096 and record["truncated"]
+    assert record["decision"]["rule"] == "by-user"
+    assert "...<cut>" in text and lines(metrics, "truncated") == 1
+
+
+def test_a_record_that_cannot_fit_keeps_its_time() -> None:
+    log = DecisionLog("-", 1.0, Metrics(CollectorRegistry()), max_line_bytes=64)
+    request, steering = decided({"x-tier": "beta"})
+    record = json.loads(log.line(0.0, "ext_proc", request, steering, TABLE))  # type: ignore[arg-type]
+    assert record == {"time": "1970-01-01T00:00:00.000Z", "truncated": True}
+
+
+def test_a_replay_leaves_out_redacted_query_values_and_decides_the_same() -> None:
+    from sidecar.changes.requests import ReadCount, read_requests
+    from sidecar.transports.explain import compare_logged, logged_request
+
+    table = table_from_yaml(QUERY_AND_LANES)
+    log = DecisionLog("-", 1.0, Metrics(CollectorRegistry()), max_line_bytes=2048)
+    request = Request({}, "GET", "/" + "p" * 5000 + "?access_token=tok&uid=u7")
+    steering = steer(table, request)
+    line = log.line(0.0, "ext_proc", request, steering, table)
+    method, path, _, _, redacted = logged_request(line)
+    assert path.endswith("...<cut>") and redacted == []  # the query was past the cut
+    assert compare_logged(line, {})["truncated"]
+    plain = log.line(0.0, "ext_proc", Request({}, "GET", "/c?access_token=tok&uid=u7"), steering, table)
+    method, path, _, _, redacted = logged_request(plain)
+    assert (method, path, redacted) == ("GET", "/c?uid=u7", ["query:access_token"])
+    count = ReadCount()
+    (again,) = read_requests(iter([plain]), count, [])
+    assert again.query == "uid=u7" and count.redacted == 1
+    assert steer(table, again).decision.bucket == steering.decision.bucket

@@ -217,3 +217,53 @@ def test_the_live_page_files_and_posts(readiness: Readiness) -> None:
         assert get(port, "/ui/nothing", method="POST")[0] == 405
     finally:
         server.shutdown()
+
+
+def test_a_host_that_is_not_this_endpoints_is_refused_but_the_probes(readiness: Readiness) -> None:
+    """DNS rebinding: a page of evil.example made to resolve to 127.0.0.1 sends its own name."""
+    extra: Extra = lambda request: (200, {"path": request.path})  # noqa: E731
+    server = start_http(
+        "127.0.0.1",
+        0,
+        CollectorRegistry(),
+        readiness,
+        dict,
+        extra,
+        ui=True,
+        hosts=frozenset({"Ops.Example."}),
+    )
+    port = server.server_address[1]
+
+    def status(path: str, host: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            connection.request("GET", path, headers={"Host": host})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    try:
+        for host in (
+            "evil.example",
+            f"evil.example:{port}",
+            "127.0.0.1.evil.example",
+            "localhost.evil",
+            "[::1",
+        ):
+            assert [status(p, host) for p in ("/ui/", "/ui/view", "/metrics", "/readyz")] == [
+                421,
+                421,
+                421,
+                200,
+            ]
+        for host in (
+            f"127.0.0.1:{port}",
+            "localhost:8080",
+            "app.localhost",
+            "[::1]:9",
+            "10.0.0.7",
+            "ops.example",
+        ):
+            assert status("/ui/view", host) == 200, host
+    finally:
+        server.shutdown()
