@@ -31,7 +31,7 @@ MAX_LINE_CHARS = 64 * 1024  # a decision log line is at most 16 KiB; an access l
 
 _ACCESS = re.compile(
     r'^\[[^\]]*\] "(?P<method>\S+) (?P<path>\S+)" \S+ \S+ cluster=\S* rule=\S* bucket=\S* lane=\S* '
-    r"identity=(?P<identity>\S*) version=\S* mirror=\S* (?:\d+|-)ms(?P<rest>.*)$"
+    r"identity=(?P<identity>\S*) version=\S* mirror=\S* (?:\d+|-)ms(?P<rest>.*)"
 )
 
 
@@ -105,7 +105,7 @@ def logged_values(rest: str, names: Sequence[str]) -> dict[str, str] | None:
 
 def from_access_log(line: str, logged: Sequence[Sequence[str]]) -> Request | None:
     """A request of an access log line whose headers are one of the `logged` lists of names."""
-    found = _ACCESS.match(line.rstrip("\n"))
+    found = _ACCESS.fullmatch(line.rstrip("\n"))
     if found is None:
         return None
     for names in logged:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from sidecar.admin.client import AdminError
 from sidecar.core import RulesError
+from sidecar.core.text import is_encodable, why_unencodable
 from sidecar.ops.terminal import shown_lines
 
 
@@ -26,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    for number, text in enumerate(given, 1):
+        if not is_encodable(text):  # bytes that are not UTF-8, decoded with surrogateescape
+            parser.error(f"argument {number} ({text!a}) {why_unencodable(text)}")
+    args = parser.parse_args(given)
     check = getattr(args, "check", None)
     if check is not None and (problem := check(args)):
         getattr(args, "parser", parser).error(problem)  # the command's usage, then the problem

@@ -3,12 +3,11 @@
 import argparse
 import itertools
 import json
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from sidecar import values
-from sidecar.cli.common import add_etcd_flags, etcd_tls
+from sidecar.cli.common import add_etcd_flags, etcd_tls, stdin_text
 from sidecar.serving.options import argparse_type
 
 if TYPE_CHECKING:
@@ -85,6 +84,6 @@ def logged_requests(names: list[str], tables: "list[Table]", count: "ReadCount")
 
     logged = [logged_headers(table) for table in tables]
     for name in names:
-        handle = sys.stdin if name == "-" else open(name, encoding="utf-8", errors="replace")  # noqa: SIM115
+        handle = stdin_text() if name == "-" else open(name, encoding="utf-8", errors="replace")  # noqa: SIM115
         with handle:
             yield from read_requests(handle, count, logged)

@@ -3,6 +3,7 @@ the warning for a large table."""
 
 import argparse
 import asyncio
+import io
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -73,3 +74,10 @@ def warn_size(table: Table, path: str) -> None:
     warning = size_warning(table, Path(path).stat().st_size)
     if warning:
         print(f"{path}: {warning}", file=sys.stderr)
+
+
+def stdin_text() -> io.TextIOWrapper:
+    """Standard input as UTF-8 text, undecodable bytes replaced (U+FFFD), whatever the locale:
+    in the C locale Python decodes stdin with surrogateescape, and the lone surrogates that
+    makes would reach the C extensions (see sidecar.core.text)."""
+    return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")

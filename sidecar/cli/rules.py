@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from sidecar import values
-from sidecar.cli.common import add_admin_client_flags, client_auth, warn_size
+from sidecar.cli.common import add_admin_client_flags, client_auth, stdin_text, warn_size
 from sidecar.core import Table
 from sidecar.envoyconf.sds import parse_sds
 from sidecar.serving.options import argparse_type
@@ -254,7 +254,7 @@ def explain(args: argparse.Namespace) -> int:
         args.headers.append((":authority", args.host))
     request = (args.method, args.path, args.headers, args.cookies, args.params, peer)
     redacted: list[str] = []
-    line = sys.stdin.readline() if args.from_log == "-" else args.from_log
+    line = stdin_text().readline() if args.from_log == "-" else args.from_log
     if line is not None:
         method, path, headers, peer, redacted = logged_request(line)
         request = (method, path, headers, [], [], peer)

@@ -23,8 +23,11 @@ def cumulative(weights: Sequence[int]) -> tuple[int, ...]:
 
 
 def bucket(seed: str, key: str, total_weight: int) -> int:
-    """The bucket of `key` in [0, total_weight)."""
-    return (mmh3.hash(seed + key, 0, signed=False) * total_weight) >> 32
+    """The bucket of `key` in [0, total_weight). mmh3 is given the UTF-8 bytes, never a str:
+    it encodes a str itself without checking, and a lone surrogate crashes the process
+    (SIGSEGV). Every source keeps such text out (sidecar.core.text); should one be missed,
+    encode() raises and the request gets the counted fallback decision instead."""
+    return (mmh3.hash((seed + key).encode(), 0, signed=False) * total_weight) >> 32
 
 
 def entry_for(bounds: tuple[int, ...], bucket_value: int) -> int:

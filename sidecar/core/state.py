@@ -12,9 +12,9 @@ are left alone, so a newer sidecar's additions do not stop an older one in a mix
 
 from typing import Any
 
-import jsonschema
-
+from sidecar.core.checker import Validator
 from sidecar.core.rollout import PHASES, WAITS
+from sidecar.core.text import unencodable, why_unencodable
 
 STATE_FORMAT = 1
 MAX_RULE_NAME = 253
@@ -82,7 +82,7 @@ STATE_SCHEMA: dict[str, Any] = {
     },
 }
 
-_VALIDATOR = jsonschema.Draft202012Validator(STATE_SCHEMA)
+_VALIDATOR = Validator(STATE_SCHEMA)
 
 
 class StateError(ValueError):
@@ -97,8 +97,16 @@ class StateRemoved(StateError):
 
 def state_problems(document: Any) -> list[str]:
     """What is wrong with a decoded state document (finite numbers assumed: the decoder
-    refuses NaN and infinities), each with its place; [] when it is valid."""
+    refuses NaN and infinities), each with its place; [] when it is valid. Text that is not
+    UTF-8 (a lone surrogate from a JSON escape) is refused before anything else is read."""
+    bad = [f"{_place(path)}: {text!r} {why_unencodable(text)}" for path, text in unencodable(document)]
+    if bad:
+        return bad[:10]
     return [
-        f"{'/'.join(str(p) for p in error.absolute_path) or '(document)'}: {error.message}"
+        f"{_place(error.absolute_path)}: {error.message}"
         for error in sorted(_VALIDATOR.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
     ][:10]
+
+
+def _place(path: Any) -> str:
+    return "/".join(str(p) for p in path) or "(document)"

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import ValidationError
 
+from sidecar.core.checker import Validator
 from sidecar.core.gates import MAX_GATE_TIMEOUT
 from sidecar.core.hosts import host_problem
 from sidecar.core.identity import identity_form_problem
@@ -24,9 +25,10 @@ from sidecar.core.schema import (
     DEFAULT_ROUTING_HEADER,
     RULES_SCHEMA,
 )
+from sidecar.core.text import unencodable, why_unencodable
 from sidecar.core.versions import range_problem
 
-_VALIDATOR = Draft202012Validator(RULES_SCHEMA)
+_VALIDATOR = Validator(RULES_SCHEMA)
 _MATCH_FORMS = "exact, prefix, regex, semver, present, absent"
 _PATH_FORMS = "exact, prefix, regex"
 
@@ -69,12 +71,25 @@ class RulesError(ValueError):
 
 
 def problems(document: Any) -> list[Problem]:
-    """Every problem of `document` (the parsed YAML): structure first, then, when the
+    """Every problem of `document` (the parsed YAML): text that is not UTF-8 first (nothing
+    else is read while a string could crash a C extension), then structure, then, when the
     structure holds, meaning. Empty when it is valid."""
+    found = _text_problems(document)
+    if found:
+        return found
     found = list(_schema_problems(document))
     if not found:
         found = list(_meaning_problems(document))
     return found
+
+
+def _text_problems(document: Any) -> list[Problem]:
+    """A problem for each string, key or value, that cannot be encoded as UTF-8 (see text.py)."""
+    where = document if isinstance(document, dict) else {}
+    return [
+        Problem(_where(where, list(path)), f"{text!r} {why_unencodable(text)}")
+        for path, text in unencodable(document)
+    ]
 
 
 # ---- structure -------------------------------------------------------------------------------

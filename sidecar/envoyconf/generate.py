@@ -15,6 +15,7 @@ from betterproto2 import Casing
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, ExtensionFilter
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     Node,
@@ -201,7 +202,17 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
             extension(
                 "envoy.http.early_header_mutation.header_mutation",
                 EarlyHeaderMutation(
-                    mutations=[Mutation(remove=table.routing_header), Mutation(remove=table.mirror_header)]
+                    mutations=[
+                        Mutation(remove=table.routing_header),
+                        Mutation(remove=table.mirror_header),
+                        # the decision's own headers (the HTTP fast path's answer): a client's
+                        # would reach the backends as if this hop had decided them
+                        Mutation(
+                            remove_on_match=HeaderMutationRemoveOnMatch(
+                                key_matcher=StringMatcher(prefix=DECISION_HEADER_PREFIX)
+                            )
+                        ),
+                    ]
                 ),
             )
         ],

@@ -43,7 +43,7 @@ CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 1000,
 }
 
-_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>[0-9]{1,5})(?P<prefix>/[^\s]*)$")
+_ADDRESS = re.compile(r"etcd://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>[0-9]{1,5})(?P<prefix>/[^\s]*)")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class EtcdAddress:
 
     @classmethod
     def parse(cls, url: str) -> "EtcdAddress":
-        found = _ADDRESS.match(url)
+        found = _ADDRESS.fullmatch(url)
         if not found or not 0 < int(found["port"]) <= 65535:
             raise ValueError(
                 "expected etcd://HOST:PORT/PREFIX (e.g. etcd://127.0.0.1:2379/graysteer/checkout), "

@@ -46,7 +46,7 @@ STATS_FILTER = (
 
 # A filter's own stat_prefix lands inside the ext_proc name (…_ext_proc_<prefix>_…) and in a
 # label for ext_authz (envoy_ext_authz_prefix); the parser appends _total to counters.
-_BYPASSED = re.compile(r"^envoy_http_(ext_proc|ext_authz)_(?:\w+_)?failure_mode_allowed(_total)?$")
+_BYPASSED = re.compile(r"envoy_http_(ext_proc|ext_authz)_(?:\w+_)?failure_mode_allowed(_total)?")
 _REQUESTS = "envoy_http_downstream_rq_total"
 _UPTIME = "envoy_server_uptime"
 _HCM = "envoy_http_conn_manager_prefix"
@@ -82,7 +82,7 @@ def parse_counts(families: Iterable[Metric]) -> EnvoyCounts:
                 uptime = sample.value
             elif sample.name == _REQUESTS and _HCM in sample.labels:
                 requests[sample.labels[_HCM]] = sample.value
-            elif (match := _BYPASSED.match(sample.name)) and _HCM in sample.labels:
+            elif (match := _BYPASSED.fullmatch(sample.name)) and _HCM in sample.labels:
                 mode = match.group(1)
                 series = (sample.name, tuple(sorted(sample.labels.items())))
                 bypassed.setdefault(mode, {})[series] = sample.value

@@ -73,6 +73,7 @@ from sidecar.contract import (
 )
 from sidecar.core import Request, Steering
 from sidecar.core.request import add_header
+from sidecar.core.text import header_text
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 from sidecar.transports.http_check import MTLS_UNNAMED, answer_bytes, check_request, plain_answer
@@ -314,7 +315,7 @@ class _Connection(asyncio.Protocol):
         headers = self.headers
         if len(headers) >= self.max_headers:
             raise _Reject(431, "too many request headers")
-        key, text = name.decode("latin-1").lower(), value.decode("utf-8", "replace")
+        key, text = name.decode("latin-1").lower(), header_text(value)
         if key in headers:
             add_header(headers, key, text)
         else:
@@ -347,7 +348,7 @@ class _Connection(asyncio.Protocol):
             return plain_answer(200, "ready\n") if server.ready() else plain_answer(503, "not ready\n")
         raw_method = self.parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
-        steering = server.steer(method, target.decode("utf-8", "replace"), self.headers)
+        steering = server.steer(method, header_text(target), self.headers)
         if method == "HEAD":
             return answer_bytes(steering, head_only=True)
         return server.answers.get(steering)

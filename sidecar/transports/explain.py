@@ -4,11 +4,12 @@ The request is turned into the very ext_proc message Envoy would send and handed
 to the same servicer method that answers Envoy, so explain cannot drift from serving.
 """
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
@@ -114,13 +115,23 @@ def response_effects(response: ep.ProcessingResponse) -> dict[str, object]:
 COMPARED = ("cluster", "rule", "reason", "bucket", "lane", "mirror", "deny_status")
 
 
+def read_log_line(line: str) -> dict[str, Any]:
+    """A decision log line's record; ValueError when it is not JSON that orjson reads: it
+    refuses lone surrogates (the C extensions' hazard, see sidecar.core.text) and nesting past
+    1,024 levels, where the standard json module takes the one and recurses out on the other."""
+    record = orjson.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
 def logged_request(line: str) -> tuple[str, str, list[tuple[str, str]], Peer, list[str]]:
     """(method, path, headers, peer, redacted header names) of a decision log line
     (sidecar.ops.decision_log); ValueError when it is not one."""
     from sidecar.ops.decision_log import REDACTED, replayed_path
 
     try:
-        record = json.loads(line)
+        record = read_log_line(line)
         method, headers = str(record["method"]), dict(record["headers"])
         path, params = replayed_path(str(record["path"]))
         decision = dict(record["decision"])
@@ -128,11 +139,12 @@ def logged_request(line: str) -> tuple[str, str, list[tuple[str, str]], Peer, li
         raise ValueError(f"not a decision log line: {error}") from None
     if not isinstance(decision, dict):
         raise ValueError("not a decision log line: no decision")
-    identity = record.get("identity") or ""
+    identity = str(record.get("identity") or "")
+    port = record.get("listener_port")
     peer = Peer(
         identity if identity.startswith("spiffe://") else "",
         identity if identity and not identity.startswith("spiffe://") else "",
-        record.get("listener_port"),
+        port if isinstance(port, int) else None,
     )
     redacted = sorted(name for name, value in headers.items() if value == REDACTED)
     redacted += [f"query:{name}" for name in params]
@@ -142,11 +154,12 @@ def logged_request(line: str) -> tuple[str, str, list[tuple[str, str]], Peer, li
 
 def compare_logged(line: str, today: dict[str, object]) -> dict[str, object]:
     """The logged decision beside today's, and whether it is the same (see COMPARED)."""
-    logged = dict(json.loads(line)["decision"])
+    record = read_log_line(line)
+    logged = dict(record["decision"])
     differences = {
         name: [logged.get(name), today.get(name)] for name in COMPARED if logged.get(name) != today.get(name)
     }
     result = {"logged": logged, "today": today, "same": not differences, "differences": differences}
-    if json.loads(line).get("truncated"):  # values and the path cut: decided on what was kept
+    if record.get("truncated"):  # values and the path cut: decided on what was kept
         result["truncated"] = True
     return result

@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 from sidecar.contract import ATTRIBUTES_KEY, DENIED_DETAILS, METADATA_NAMESPACE, XFCC
 from sidecar.core import NO_IDENTITY, Decision, Identity, Request, Steering, decision_fields
 from sidecar.core.request import add_header
+from sidecar.core.text import header_text
 from sidecar.core.xfcc import identity_from_first_sans
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
@@ -69,7 +70,7 @@ def header_dict(header_map: Any) -> dict[str, str]:
     headers: dict[str, str] = {}
     for entry in header_map.headers:  # once per header: each protobuf field read once
         raw = entry.raw_value
-        value = raw.decode("utf-8", "replace") if raw else entry.value
+        value = header_text(raw) if raw else entry.value
         name = entry.key.lower()
         if name in headers:
             add_header(headers, name, value)
@@ -111,7 +112,7 @@ def connection_identity(message: ep.ProcessingRequest) -> tuple[Identity, int | 
     xfcc = None
     if uri:  # repeated headers joined with "," (XFCC's element separator), as header_dict does
         values = [
-            entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+            header_text(entry.raw_value) if entry.raw_value else entry.value
             for entry in message.request_headers.headers.headers
             if entry.key.lower() == XFCC
         ]

@@ -15,7 +15,7 @@ import pytest
 from sidecar.changes.requests import from_access_log
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
-from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document, logged_headers
 from sidecar.table.load import load_rules
 from sidecar.transports.explain import explain_local
 
@@ -127,6 +127,6 @@ def test_the_access_log_file_holds_the_access_log_alone(tmp_path: Path) -> None:
         own_log = stack.envoy.own_log
     lines = (tmp_path / "envoy.log").read_text().splitlines()
     assert len(lines) == 1, lines
-    request = from_access_log(lines[0])
+    request = from_access_log(lines[0], [logged_headers(load_rules(rules))])
     assert request is not None and request.headers["x-user-id"] == "u-1", lines
     assert "caught ENVOY_SIGTERM" in own_log.read_text()

@@ -205,8 +205,8 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     path.write_text(yaml.safe_dump(broken))
     assert main(["check", rules, "--envoy", str(path)]) == 1
     err = capsys.readouterr().err
-    lines = err.splitlines()  # neither the routing nor the mirror header is stripped
-    assert len(lines) == 2 and all(line.startswith(f"{path}: listener 'ingress'") for line in lines)
+    lines = err.splitlines()  # neither the routing, the mirror nor the decision headers are stripped
+    assert len(lines) == 3 and all(line.startswith(f"{path}: listener 'ingress'") for line in lines)
     path.write_text("- not a bootstrap\n")
     assert main(["check", rules, "--envoy", str(path)]) == 1
     assert "not an Envoy bootstrap" in capsys.readouterr().err
@@ -311,10 +311,20 @@ def test_mirroring_needs_the_route_policy_and_the_early_strip() -> None:
     assert check(TABLE, no_policy) == []  # no rule mirrors: nothing to say
     unstripped = copy.deepcopy(ENVOY)
     mutations = hcm(unstripped)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
-    mutations[:] = [m for m in mutations if m["remove"] != "x-mirror-cluster"]
+    mutations[:] = [m for m in mutations if m.get("remove") != "x-mirror-cluster"]
     for table in (TABLE, mirroring):  # a policy a client can trigger is a finding either way
         (finding,) = check(table, unstripped)
         assert "mirrors by 'x-mirror-cluster' but does not strip a client-sent one" in str(finding)
+
+
+def test_client_sent_decision_headers_must_be_stripped() -> None:
+    unstripped = copy.deepcopy(ENVOY)
+    mutations = hcm(unstripped)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    mutations[:] = [m for m in mutations if "remove_on_match" not in m]
+    (finding,) = check(TABLE, unstripped)
+    assert "does not strip client-sent x-graysteer-decision-* headers" in str(finding)
+    mutations.append({"remove_on_match": {"key_matcher": {"prefix": "x-graysteer-"}}})  # wider is fine
+    assert check(TABLE, unstripped) == []
 
 
 def test_tracing_to_a_collector_that_cannot_receive_is_found() -> None:

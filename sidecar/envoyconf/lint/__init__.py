@@ -7,6 +7,7 @@ whatever other extensions it uses. Each finding is one line: what is wrong and t
 from collections.abc import Iterator
 from typing import Any
 
+from sidecar.contract import DECISION_HEADER_PREFIX
 from sidecar.core import Table
 from sidecar.envoyconf.lint.common import (
     EXT_AUTHZ,
@@ -94,6 +95,18 @@ def check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -
             f"listener {stat!r} does not strip a client-sent {header!r} before routing: a "
             "client can pick its cluster (always when the sidecar is down)",
             f"add early_header_mutation_extensions with `mutations: [{{remove: {header}}}]`",
+        )
+    prefixes = {
+        ((m.get("remove_on_match") or {}).get("key_matcher") or {}).get("prefix", "").lower()
+        for ext in hcm.get("early_header_mutation_extensions") or []
+        for m in (ext.get("typed_config") or {}).get("mutations") or []
+    }
+    if not any(p and DECISION_HEADER_PREFIX.startswith(p) for p in prefixes):
+        yield Finding(
+            f"listener {stat!r} does not strip client-sent {DECISION_HEADER_PREFIX}* headers: they "
+            "reach the backends as if the sidecar had decided them",
+            "add `{remove_on_match: {key_matcher: {prefix: "
+            f"{DECISION_HEADER_PREFIX}}}}}}}` to the early_header_mutation_extensions' mutations",
         )
     for mirror_header in sorted(mirror_headers(hcm) - stripped):
         yield Finding(
