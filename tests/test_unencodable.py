@@ -235,3 +235,22 @@ def test_explain_builds_no_message_from_text_it_cannot_encode() -> None:
     with pytest.raises(UnicodeEncodeError):
         headers_message("GET", "/", [("x-user-id", f"u{SURROGATE}")])
     assert Request({"x-user-id": "u!"}).header("x-user-id") == "u!"
+
+
+def test_diff_counts_a_log_line_holding_a_lone_surrogate_as_unreadable(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(RICH)
+    line = {
+        "method": "GET",
+        "path": "/",
+        "headers": {"x-user-id": "u\ud800"},
+        "decision": {"cluster": "stable"},
+    }
+    fine = {**line, "headers": {"x-user-id": "u1"}}
+    log = tmp_path / "decisions.jsonl"
+    log.write_text(json.dumps(line) + "\n" + json.dumps(fine) + "\n")
+    for source in (str(log), "-"):
+        done = graysteer("diff", str(good), str(good), "--requests", source, "--json", stdin=log.read_bytes())
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+        report = json.loads(done.stdout)
+        assert report["requests"] == 1 and report["read"]["unreadable_lines"] == 1, report["read"]

@@ -67,6 +67,8 @@ def from_decision_log(line: str, count: ReadCount) -> Request | None:
     except orjson.JSONDecodeError as error:
         if "depth" in str(error):
             raise Unreadable("nested too deep") from None
+        if "surrogate" in str(error):  # a "\ud800" escape: text no C extension may be given
+            raise Unreadable("holds a lone surrogate: not UTF-8 text") from None
         return None
     try:
         headers = {str(k): str(v) for k, v in dict(record["headers"]).items()}
