@@ -61,6 +61,20 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.shadow_sample = Gauge(
+            "graysteer_shadow_sample_ratio",
+            "The share of requests the shadow table decides too (serve --shadow-sample, else what keeps "
+            "its cost under --shadow-budget); graysteer_shadow_decisions_total counts only those.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.shadow_cost = Gauge(
+            "graysteer_shadow_decision_seconds",
+            "What one decision by the shadow table costs (measured on synthetic requests when it loads, "
+            "then a running mean of the sampled requests); 0 without a shadow table.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self._shadow_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
         self.decision_log_lines = Counter(
             "graysteer_decision_log_lines",
@@ -273,8 +287,10 @@ class Metrics:
             child = self._shadow_children[key] = self.shadow_decisions.labels(rule, cluster, shadow, differs)
         child.inc()  # type: ignore[attr-defined]
 
-    def show_shadow(self, version: str | None) -> None:
+    def show_shadow(self, version: str | None, sample: float = 1.0, cost: float = 0.0) -> None:
         self._show(self.shadow_info, {(version,): 1} if version is not None else {})
+        self.shadow_sample.set(sample)
+        self.shadow_cost.set(cost)
 
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()
