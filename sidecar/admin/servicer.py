@@ -186,6 +186,10 @@ def shadow_message(shadow: Shadow | None) -> pb.Shadow:
         live_version=status.live_version,
         requests=status.requests,
         differing=status.differing,
+        seen=status.seen,
+        sample_ratio=status.sample_ratio,
+        decision_seconds=status.decision_seconds,
+        budget_seconds=status.budget_seconds,
         moves=[
             pb.ShadowMove(rule=rule, cluster=cluster, shadow_cluster=other, requests=count)
             for rule, cluster, other, count in status.top
