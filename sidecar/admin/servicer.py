@@ -266,8 +266,8 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             remove_headers=list(mutation.remove_headers),
         )
         shadow = shadow_of(self.reloader)
-        if shadow is not None and shadow.table is not None:
-            self.shadow_table.table = shadow.table
+        if shadow is not None and shadow.engine is not None:
+            self.shadow_table.engine = shadow.engine  # its own engine: built once, when it loaded
             explained.shadow.CopyFrom(decision_message(self.shadow_explainer.on_request_headers(message)[1]))
         return explained
 
