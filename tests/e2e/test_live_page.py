@@ -15,7 +15,7 @@ from sidecar.cli import main
 from sidecar.dev.devstack import Stack
 from sidecar.dev.load import BackgroundLoad
 from tests.browser import chromium
-from tests.e2e.test_live_terminal import rollout_stack
+from tests.e2e.test_live_terminal import advanced, rollout_stack
 from tests.e2e.test_rollout_gates_envoy import start as gated_stack
 
 TOKEN = "page-s3cret"
@@ -83,7 +83,8 @@ def test_the_page_follows_the_rollout_and_explains_like_the_cli(
         try:
             watched.wait_text("#traffic-note", "from Envoy at")
             watched.wait_text("#traffic .row[data-cluster='canary']", "/s")
-            watched.wait_text(".rollout li.step-done", "step 1: weight 20 (done)")  # the step advances
+            advanced(stack)  # the rollout itself: as soon as the load gives a window its requests
+            watched.wait_text(".rollout li.step-done", "step 1: weight 20 (done)")  # the page follows
             watched.wait_text(".rollout li.step-current", "step 2: weight 50")
             watched.wait_text(".split[data-rule='ramp'] .row[data-cluster='canary'] .weight", "50 (50%)")
             assert "0.00% / max 10.00%" in watched.text(".rollout .checks")

@@ -3,12 +3,14 @@ a rollout that runs through the real Envoy. The screen must show the step advanc
 rollback when the canary starts failing, and Ctrl-C must end the view cleanly. Where stdout
 is a pipe, the same view comes as plain lines."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from sidecar.dev.devstack import Stack
 from sidecar.dev.load import BackgroundLoad
@@ -90,6 +92,29 @@ def rollout_stack(tmp_path: Path, *sidecar_args: str) -> Stack:
     )
 
 
+ADVANCE_SECONDS = 60  # the hold (2 s), then a 3 s window with 20 canary requests: the load's pace
+
+
+def advanced(stack: Stack) -> dict[str, Any]:
+    """Wait for the rollout to reach its second step: bounded, and on the event itself, since
+    how soon a window holds enough requests is the machine's pace. A rollout that aborted (a
+    canary judged unhealthy) fails at once, with its reason."""
+    assert stack.sidecar is not None
+    sidecar = stack.sidecar
+    seen: list[dict[str, Any]] = []
+
+    def second_step() -> bool:
+        seen.append(json.loads(sidecar.http_get("/rollouts/ramp")[1]))
+        assert seen[-1]["phase"] != "aborted", seen[-1]
+        return int(seen[-1]["canary_weight"]) >= 50
+
+    try:
+        wait_for(second_step, ADVANCE_SECONDS, "the rollout's second step")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}; the rollout now: {seen[-1]}") from None
+    return seen[-1]
+
+
 def test_the_terminal_view_shows_a_step_advance_then_a_rollback_and_quits_on_ctrl_c(tmp_path: Path) -> None:
     with rollout_stack(tmp_path) as stack:
         assert stack.sidecar is not None
@@ -103,10 +128,11 @@ def test_the_terminal_view_shows_a_step_advance_then_a_rollback_and_quits_on_ctr
             assert "80 (80%)" in first and "20 (20%)" in first  # the split's bars, at the first step
             assert "requests per cluster" in first and "from Envoy at" in first
             load = BackgroundLoad(stack.port, {}, threads=2, vary_user=True)
-            advanced = tmux.wait_for_screen("[x]  step 1", "[>]  step 2  weight 50", "50 (50%)", timeout=20)
-            assert "step 2 of 3, canary weight 50 of 100" in advanced
-            assert "left of 60s" in advanced  # the time left in the current hold
-            assert "0.00% / max 10.00%" in advanced  # the canary's error rate against its threshold
+            advanced(stack)  # the rollout itself, then the view follows
+            second = tmux.wait_for_screen("[x]  step 1", "[>]  step 2  weight 50", "50 (50%)", timeout=20)
+            assert "step 2 of 3, canary weight 50 of 100" in second
+            assert "left of 60s" in second  # the time left in the current hold
+            assert "0.00% / max 10.00%" in second  # the canary's error rate against its threshold
             stack.backends["canary"].fail_rate = 0.5
             rolled_back = tmux.wait_for_screen(
                 "aborted: canary error rate", "canary weight 0 of 100", timeout=20
