@@ -6,21 +6,31 @@ mark for the sidecar, or the deny answer the decision filter already sent. One E
 answers thousands of requests without backends; `OBSERVED` lists what is reported.
 """
 
+import asyncio
 import http.client
 import json
 import ssl
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sidecar.contract import DECISION_HEADER_PREFIX, EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
-from sidecar.core import NO_IDENTITY, Identity, Request, Table, decision_fields, steer
-from sidecar.core.lua_table import LuaNames
+import grpc
+from prometheus_client import CollectorRegistry
+
+from sidecar.contract import LUA_FILTER_NAME, LUA_NAMES, XDS_CLUSTER
+from sidecar.core import NO_IDENTITY, Identity, Request, Table, compile_table, decision_fields, steer
 from sidecar.core.request import add_header
 from sidecar.core.steering import steered_headers
 from sidecar.dev.devstack import Envoy
+from sidecar.envoyconf.generate import SDS_NODE, EnvoyOptions, bootstrap_document
+from sidecar.ops.metrics import Metrics
+from sidecar.transports.ecds import EcdsServicer, TableAsLua
+from sidecar.transports.ecds import add_to_server as add_ecds
 
-NAMES = LuaNames(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX, METADATA_NAMESPACE, "undecided")
+T = TypeVar("T")
+
+NAMES = LUA_NAMES
 
 OBSERVER = r"""
 local function quote(s)
@@ -95,6 +105,7 @@ def bootstrap(
     if tls_dir is not None:
         listener["filter_chains"][0]["transport_socket"] = _tls_socket(tls_dir)
     return {
+        "node": {"id": SDS_NODE.id, "cluster": SDS_NODE.cluster},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {"listeners": [listener], "clusters": list(clusters)},
     }
@@ -132,7 +143,7 @@ class Observed:
             self.undecided = bool(report.get("undecided"))
             self.lua_error = bool(report.get("lua_error"))
             self.metadata: dict[str, str] = {
-                k.removeprefix(DECISION_HEADER_PREFIX): v for k, v in report["metadata"].items()
+                k.removeprefix(NAMES.key_prefix): v for k, v in report["metadata"].items()
             }
             self.headers: dict[str, str] = report["headers"]
         else:  # the decision filter answered (a deny)
@@ -222,3 +233,61 @@ def view(table: Table, observed: Observed, headers: Sequence[tuple[str, str]]) -
     sent = {name.lower() for name, _ in headers}
     removed = sorted(n for n in sent - {"host"} if n not in received and n not in names)
     return {"set": {n: received[n] for n in names if n in received}, "removed": removed, "metadata": metadata}
+
+
+class EcdsServer:
+    """The sidecar's ECDS service in this process (its own loop, in a thread): tests push
+    tables to an Envoy whose decision filter is `ecds_filter(port)`."""
+
+    def __init__(self) -> None:
+        self.metrics = Metrics(CollectorRegistry())
+        self.feed = TableAsLua(self.metrics)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server: grpc.aio.Server = self._run(self._start())
+
+    def _run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(30)
+
+    async def _start(self) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        add_ecds(EcdsServicer(self.feed, self.metrics), server)
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server
+
+    def push(self, table: Table) -> str:
+        """Serve `table`; the version Envoy will report once it applied it."""
+        self._run(self.feed.update(table))
+        return self.feed.version
+
+    def count(self, result: str) -> float:
+        return (
+            self.metrics.registry.get_sample_value("graysteer_ecds_updates_total", {"result": result}) or 0.0
+        )
+
+    def stop(self) -> None:
+        self._run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def ecds_filter(node_port: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The generated config's ECDS Lua filter, and its cluster pointed at `node_port`."""
+    config = bootstrap_document(
+        compile_table({"version": 1, "clusters": ["stable"], "default": "stable"}, "v0", "rules.yaml"),
+        EnvoyOptions(mode="envoy_decides", xds=("127.0.0.1", node_port)),
+    )
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    decision = next(f for f in manager["http_filters"] if f["name"] == LUA_FILTER_NAME)
+    clusters = [c for c in config["static_resources"]["clusters"] if c["name"] == XDS_CLUSTER]
+    return decision, clusters
+
+
+def applied_version(envoy: Envoy) -> str:
+    """The version of the Lua filter Envoy runs ("" before the first)."""
+    return str(
+        envoy.stats().get(f"extension_config_discovery.http_filter.{LUA_FILTER_NAME}.version_text", "")
+    )

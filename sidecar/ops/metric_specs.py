@@ -199,3 +199,10 @@ ENVOY_STATS_UP = Spec(
     "1 when the last read of Envoy's stats (--envoy-admin) succeeded, 0 when it failed.",
     gauge=True,
 )
+ECDS_UPDATES = Spec(
+    "graysteer_ecds_updates",
+    "The table as Lua served to Envoy over ECDS (serve --xds-listen), by result: sent, acked, "
+    "rejected (Envoy refused it and keeps its last good one), generation_failed (the last good "
+    "filter is kept).",
+    ("result",),
+)

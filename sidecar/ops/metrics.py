@@ -48,6 +48,7 @@ class Metrics:
         self.decision_log_lines = specs.counter(specs.DECISION_LOG_LINES, registry)
         self.admin_watchers = specs.gauge(specs.ADMIN_WATCHERS, registry)
         self.reloads = specs.counter(specs.RELOADS, registry)
+        self.ecds_updates = specs.counter(specs.ECDS_UPDATES, registry)
         self.config_info = specs.gauge(specs.CONFIG_INFO, registry)
         self.config_loaded = specs.gauge(specs.CONFIG_LOADED, registry)
         self.source_connected = specs.gauge(specs.SOURCE_CONNECTED, registry)

@@ -1,0 +1,89 @@
+"""`envoy-config --mode envoy_decides`: Envoy decides each request itself, from the table the
+sidecar serves it as a Lua filter over ECDS (sidecar.transports.ecds); the sidecar's fast
+path (ext_authz over HTTP) decides only what the Lua leaves to it.
+
+The HTTP filters, in order:
+1. the Lua filter, configured by ECDS (`config_discovery`). Its default, used from start-up
+   until the first table arrives (`apply_default_config_without_warming`), decides nothing
+   and marks every request for the sidecar: nothing is decided without the table. Envoy keeps
+   the last table it was given while the sidecar is away.
+2. the fast path's ext_authz filter, enabled only for requests the Lua marked
+   (`filter_enabled_metadata`): exactly the ext_authz_http mode's filter otherwise.
+3. the backstop (sidecar.envoyconf.backstop) and the router, as in every mode.
+"""
+
+from datetime import timedelta
+
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.core.v3 import (
+    ApiConfigSource,
+    ApiConfigSourceApiType,
+    ApiVersion,
+    ConfigSource,
+    DataSource,
+    ExtensionConfigSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+)
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.envoy.type.matcher.v3 import MetadataMatcher, MetadataMatcherPathSegment, ValueMatcher
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+
+from sidecar.contract import (
+    LUA_FILTER_NAME,
+    LUA_NAMES,
+    LUA_TYPE_URL,
+    METADATA_NAMESPACE,
+    UNDECIDED_KEY,
+    XDS_CLUSTER,
+)
+from sidecar.core import Table
+from sidecar.core.lua_table import mark_everything
+from sidecar.envoyconf.clusters import HTTP2_ONLY, HostPort, make_cluster, protocol_options
+from sidecar.envoyconf.filters import ext_authz_http_filter
+
+MODE = "envoy_decides"
+# How long Envoy waits for the first table before serving with the default: the default
+# applies at once (without warming), this only bounds the listener's start.
+INITIAL_FETCH_TIMEOUT = timedelta(seconds=5)
+
+
+def lua_filter() -> HttpFilter:
+    """The Lua filter, its code served by the sidecar over ECDS (sidecar.transports.ecds)."""
+    source = ConfigSource(
+        api_config_source=ApiConfigSource(
+            api_type=ApiConfigSourceApiType.GRPC,
+            transport_api_version=ApiVersion.V3,
+            grpc_services=[GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=XDS_CLUSTER))],
+        ),
+        resource_api_version=ApiVersion.V3,
+        initial_fetch_timeout=INITIAL_FETCH_TIMEOUT,
+    )
+    default = Lua(default_source_code=DataSource(inline_string=mark_everything(LUA_NAMES)))
+    return HttpFilter(
+        name=LUA_FILTER_NAME,
+        config_discovery=ExtensionConfigSource(
+            config_source=source,
+            default_config=AnyMessage.pack(default),
+            apply_default_config_without_warming=True,
+            type_urls=[LUA_TYPE_URL],
+        ),
+    )
+
+
+def fallback_filter(table: Table, timeout_ms: int, mtls: bool) -> HttpFilter:
+    """The fast path's ext_authz filter, run only for the requests the Lua marked."""
+    marked = MetadataMatcher(
+        filter=METADATA_NAMESPACE,
+        path=[MetadataMatcherPathSegment(key=UNDECIDED_KEY)],
+        value=ValueMatcher(bool_match=True),
+    )
+    return ext_authz_http_filter(table, timeout_ms, mtls, enabled_by=marked)
+
+
+def xds_cluster(address: HostPort) -> Cluster:
+    """The sidecar's ECDS endpoint (serve --xds-listen): gRPC, so HTTP/2."""
+    cluster = make_cluster(XDS_CLUSTER, [address], timedelta(milliseconds=250))
+    cluster.typed_extension_protocol_options = protocol_options(HTTP2_ONLY)
+    return cluster

@@ -1,0 +1,162 @@
+"""The table served to the real Envoy over ECDS (`serve --xds-listen`, `envoy-config --mode
+envoy_decides`): each table change is a new version Envoy applies; a refused version or a
+generation failure leaves the last good filter in place; Envoy keeps deciding with its last
+table while the sidecar is away."""
+
+import signal
+import time
+from functools import partial
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.core import compile_table
+from sidecar.core.lua_table import LuaFilter
+from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import wait_for
+from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
+from sidecar.table.load import load_rules
+from sidecar.transports import ecds
+from sidecar.transports.explain import explain_local
+from tests.lua_envoy import EcdsServer, LuaEnvoy, applied_version, bootstrap, ecds_filter
+
+ROUTE = {"version": 1, "clusters": ["stable", "canary"], "default": "stable"}
+
+
+def routed_to(cluster: str) -> dict[str, Any]:
+    return {**ROUTE, "rules": [{"name": f"all-to-{cluster}", "route": cluster}]}
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[EcdsServer, LuaEnvoy]]:
+    server = EcdsServer()
+    decision, clusters = ecds_filter(server.port)
+    envoy = LuaEnvoy(bootstrap(decision, clusters), tmp_path)
+    try:
+        yield server, envoy
+    finally:
+        envoy.stop()
+        server.stop()
+
+
+def cluster_of(envoy: LuaEnvoy) -> str | None:
+    return envoy.ask("GET", "/", []).headers.get("x-route-cluster")
+
+
+def test_before_the_first_table_every_request_is_left_to_the_sidecar(
+    served: tuple[EcdsServer, LuaEnvoy],
+) -> None:
+    _, envoy = served
+    assert applied_version(envoy.envoy) == ""
+    assert envoy.ask("GET", "/", []).undecided
+
+
+def applied(envoy: LuaEnvoy, version: str) -> bool:
+    return applied_version(envoy.envoy) == version
+
+
+def deciding(envoy: LuaEnvoy, cluster: str) -> bool:
+    return cluster_of(envoy) == cluster
+
+
+def test_every_table_change_is_a_version_envoy_applies(served: tuple[EcdsServer, LuaEnvoy]) -> None:
+    server, envoy = served
+    for cluster in ("canary", "stable", "canary"):
+        version = server.push(compile_table(routed_to(cluster), f"to-{cluster}", "rules.yaml"))
+        started = time.monotonic()
+        wait_for(partial(applied, envoy, version), 10, f"Envoy to apply {version}")
+        wait_for(partial(deciding, envoy, cluster), 10, f"requests decided for {cluster}")
+        print(f"table {version} applied and deciding after {1000 * (time.monotonic() - started):.0f} ms")
+    assert server.count("acked") == 3 and server.count("rejected") == 0
+
+
+def test_a_refused_filter_is_counted_and_envoy_keeps_the_last_good(
+    served: tuple[EcdsServer, LuaEnvoy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, envoy = served
+    good = server.push(compile_table(routed_to("canary"), "good", "rules.yaml"))
+    wait_for(lambda: applied_version(envoy.envoy) == good, 10, "the good table")
+    monkeypatch.setattr(
+        ecds, "lua_source", lambda table, names: LuaFilter("function envoy_on_request(", True)
+    )
+    server.push(compile_table(routed_to("stable"), "broken", "rules.yaml"))
+    wait_for(lambda: server.count("rejected") == 1, 10, "Envoy to refuse the broken filter")
+    assert applied_version(envoy.envoy) == good and cluster_of(envoy) == "canary"
+
+
+def test_a_generation_failure_keeps_the_last_good_filter(
+    served: tuple[EcdsServer, LuaEnvoy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, envoy = served
+    good = server.push(compile_table(routed_to("canary"), "good", "rules.yaml"))
+
+    def fails(*_: object) -> LuaFilter:
+        raise RuntimeError("a generator bug")
+
+    monkeypatch.setattr(ecds, "lua_source", fails)
+    assert server.push(compile_table(routed_to("stable"), "next", "rules.yaml")) == good
+    assert server.count("generation_failed") == 1
+    wait_for(lambda: applied_version(envoy.envoy) == good, 10, "the good table")
+    assert cluster_of(envoy) == "canary"
+
+
+SPLIT_RULES = """\
+version: 1
+clusters: [stable, canary]
+default: stable
+rules:
+  - name: beta
+    match: {headers: {x-user-tier: {regex: "beta-[0-9]+"}}}
+    route: canary
+  - name: by-user
+    split:
+      key: [header:x-user-id]
+      to: [{cluster: stable, weight: 50}, {cluster: canary, weight: 50}]
+      when_key_missing: stable
+"""
+
+
+def test_reloads_reach_envoy_and_envoy_keeps_the_table_while_the_sidecar_is_away(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SPLIT_RULES)
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode="envoy_decides"))
+    users = [{"x-user-id": f"user-{i}"} for i in range(12)]
+    with Stack(rules, config, tmp_path) as stack:
+        assert stack.envoy is not None and stack.sidecar is not None
+        envoy = stack.envoy
+        version = load_rules(rules).version
+        wait_for(lambda: applied_version(envoy).startswith(version + "."), 10, "the first table")
+        http = stack.client()
+
+        def backends() -> list[str]:
+            return [http.get("/", user)[1]["backend"] for user in users]
+
+        def predicted() -> list[str]:
+            return [
+                str(explain_local(str(rules), "GET", "/", list(user.items()))["cluster"]) for user in users
+            ]
+
+        assert backends() == predicted()
+        rules.write_text(
+            SPLIT_RULES.replace(
+                "weight: 50}, {cluster: canary, weight: 50", "weight: 0}, {cluster: canary, weight: 100"
+            )
+        )
+        changed = load_rules(rules).version
+        wait_for(lambda: applied_version(envoy).startswith(changed + "."), 10, "the reloaded table")
+        assert backends() == predicted() == ["canary"] * len(users)
+        stack.sidecar.signal(signal.SIGKILL)
+        stack.sidecar.popen.wait(10)
+        decided = envoy.stats().get("http.ingress.ext_authz.disabled", 0)
+        assert backends() == ["canary"] * len(users)  # Envoy's last table, without the sidecar
+        assert envoy.stats()["http.ingress.ext_authz.disabled"] == decided + len(users)
+        assert (
+            http.get("/", {"x-user-tier": "beta-1"})[1]["backend"] == "stable"
+        )  # left to the sidecar: fails open
+        stack.start_sidecar()
+        wait_for(
+            lambda: http.get("/", {"x-user-tier": "beta-1"})[1]["backend"] == "canary", 10, "the sidecar back"
+        )
+        assert applied_version(envoy).startswith(changed + ".")
