@@ -231,7 +231,7 @@ def view(table: Table, observed: Observed, headers: Sequence[tuple[str, str]]) -
     names = steered_headers(table)
     metadata = {k.replace("-", "_"): _bytes_text(v) for k, v in observed.metadata.items()}
     sent = {name.lower() for name, _ in headers}
-    removed = sorted(n for n in sent - {"host"} if n not in received and n not in names)
+    removed = sorted(n for n in sent - {"host"} if n not in received)
     return {"set": {n: received[n] for n in names if n in received}, "removed": removed, "metadata": metadata}
 
 

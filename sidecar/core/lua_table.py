@@ -512,7 +512,8 @@ local function apply(handle, d, lane, remove, id)
   local h = handle:headers()
   for _, name in ipairs(remove) do h:remove(name) end
   h:replace(T.routing, d.cluster)
-  if d.mirror then h:replace(T.mirror_header, d.mirror) end
+  if d.mirror then h:replace(T.mirror_header, d.mirror)
+  elseif h:get(T.mirror_header) ~= nil then h:remove(T.mirror_header) end  -- as the early strip
   if T.color then
     lane = lane or T.lane_of[d.cluster] or d.cluster
     h:replace(T.color, lane)

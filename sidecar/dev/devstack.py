@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.contract import XDS_CLUSTER
+from sidecar.contract import LUA_FILTER_NAME, XDS_CLUSTER
 from sidecar.dev.load import HttpClient
 from sidecar.dev.processes import Process, envoy_binary, free_port, wait_for
 
@@ -68,6 +68,10 @@ def _replace_filenames(node: Any, directory: Path) -> None:
     elif isinstance(node, list):
         for value in node:
             _replace_filenames(value, directory)
+
+
+# Envoy's statistic of the ECDS Lua filter's version ("" until the first table)
+LUA_TABLE_VERSION = f"extension_config_discovery.http_filter.{LUA_FILTER_NAME}.version_text"
 
 
 def serves_xds(envoy_config: Mapping[str, Any]) -> bool:
@@ -285,6 +289,9 @@ class Stack:
             self.envoy = Envoy(
                 rewrite_envoy_config(template, endpoints, admin_port=envoy_admin_port), workdir
             )
+            if sidecar_first and serves_xds(template):  # Envoy decides once it has the table
+                envoy = self.envoy
+                wait_for(lambda: envoy.stats().get(LUA_TABLE_VERSION), 20, "Envoy to get the table over ECDS")
         except BaseException:
             self.stop()
             raise

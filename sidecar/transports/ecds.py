@@ -43,10 +43,11 @@ def filter_config(source: str) -> extension_pb2.TypedExtensionConfig:
 
 
 class TableAsLua:
-    """The served table's Lua filter, a new version for every table version."""
+    """The served table's Lua filter, a new version for every table the reloader swaps in."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._table: Table | None = None  # the table of `config`
         self.table_version = ""
         self.version = ""  # what ECDS calls it: "<table version>.<sequence>"
         self.config: extension_pb2.TypedExtensionConfig | None = None
@@ -56,7 +57,7 @@ class TableAsLua:
 
     async def update(self, table: Table) -> None:
         """Generate `table`'s filter (in a thread) and hand it to every stream."""
-        if table.version == self.table_version and self.config is not None:
+        if table is self._table:
             return
         try:
             generated = await asyncio.to_thread(lua_source, table, LUA_NAMES)
@@ -67,7 +68,7 @@ class TableAsLua:
             )
             return
         self.config, self.decides = filter_config(generated.source), generated.decides
-        self.table_version = table.version
+        self._table, self.table_version = table, table.version
         self.version = f"{table.version}.{next(self._sequence)}"
         if not generated.decides:
             log.warning(

@@ -5,8 +5,8 @@ table while the sidecar is away."""
 
 import signal
 import time
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
