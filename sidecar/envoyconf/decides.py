@@ -10,10 +10,14 @@ The HTTP filters, in order:
 2. the fast path's ext_authz filter, enabled only for requests the Lua marked
    (`filter_enabled_metadata`): exactly the ext_authz_http mode's filter otherwise.
 3. the backstop (sidecar.envoyconf.backstop) and the router, as in every mode.
+
+Beside the stdout access log, a gRPC access log streams the decisions the Lua took to the
+sidecar (`decision_access_log`), which counts them in its metrics.
 """
 
 from datetime import timedelta
 
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, AndFilter, MetadataFilter
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
     ApiConfigSource,
@@ -24,6 +28,10 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ExtensionConfigSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
 )
 from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
@@ -87,3 +95,51 @@ def xds_cluster(address: HostPort) -> Cluster:
     cluster = make_cluster(XDS_CLUSTER, [address], timedelta(milliseconds=250))
     cluster.typed_extension_protocol_options = protocol_options(HTTP2_ONLY)
     return cluster
+
+
+ACCESS_LOG_BUFFER_BYTES = 256 * 1024  # per worker: a batch; what the stream cannot take is dropped
+ACCESS_LOG_FLUSH = timedelta(seconds=1)
+
+
+def decision_access_log() -> AccessLog:
+    """The decisions the Lua took, streamed to the sidecar's AccessLogService (on the ECDS
+    endpoint) to be counted in its metrics: only those (the fast path counts its own), off
+    the request path, in batches of ACCESS_LOG_BUFFER_BYTES or ACCESS_LOG_FLUSH per worker
+    (what the stream cannot take Envoy drops, counted in
+    `access_logs.grpc_access_log.logs_dropped`). Large batches: the sidecar's cost is per
+    message more than per entry (16 KiB batches cost it 2.5x the CPU of 256 KiB ones)."""
+    decided = AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=LUA_NAMES.namespace,
+                path=[MetadataMatcherPathSegment(key=f"{LUA_NAMES.key_prefix}rule")],
+                value=ValueMatcher(present_match=True),
+            ),
+            match_if_key_not_found=False,
+        )
+    )
+    by_lua = AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=METADATA_NAMESPACE,
+                path=[MetadataMatcherPathSegment(key=UNDECIDED_KEY)],
+                value=ValueMatcher(bool_match=True),
+                invert=True,
+            ),
+            match_if_key_not_found=True,
+        )
+    )
+    stream = HttpGrpcAccessLogConfig(
+        common_config=CommonGrpcAccessLogConfig(
+            log_name="graysteer.decisions",
+            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=XDS_CLUSTER)),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=ACCESS_LOG_FLUSH,
+            buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
+        )
+    )
+    return AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=AccessLogFilter(and_filter=AndFilter(filters=[decided, by_lua])),
+        typed_config=AnyMessage.pack(stream),
+    )

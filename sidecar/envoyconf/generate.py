@@ -72,7 +72,7 @@ from sidecar.envoyconf.clusters import (
     upstream_cluster,
 )
 from sidecar.envoyconf.decides import MODE as DECIDES_MODE
-from sidecar.envoyconf.decides import fallback_filter, lua_filter, xds_cluster
+from sidecar.envoyconf.decides import decision_access_log, fallback_filter, lua_filter, xds_cluster
 from sidecar.envoyconf.filters import ext_authz_filter, ext_authz_http_filter, ext_proc_filter
 from sidecar.envoyconf.lint import guard_regex
 from sidecar.envoyconf.sds import SpireSds
@@ -226,7 +226,10 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
                 ),
             )
         ],
-        access_log=[AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(access_log))],
+        access_log=[
+            AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(access_log)),
+            *([decision_access_log()] if options.mode == DECIDES_MODE else []),
+        ],
         http_filters=[
             *deciding,
             *backstop_filters(table),

@@ -38,6 +38,8 @@ from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
 from sidecar.table.shadow import Shadow, shadow_of
 from sidecar.tlsfiles import TlsReloads
+from sidecar.transports.access_log import DecisionLogServicer
+from sidecar.transports.access_log import add_to_server as add_access_log
 from sidecar.transports.authz_http import AuthzHttpServer
 from sidecar.transports.ecds import EcdsServicer, TableAsLua
 from sidecar.transports.ecds import add_to_server as add_ecds
@@ -126,7 +128,7 @@ class Sidecar:
             decider,
             grpc_server(decider, readiness) if options.listen is not None else None,
             AuthzHttpServer(decider, lambda: readiness.ready) if options.authz_http_listen else None,
-            xds_server(metrics) if options.xds_listen else None,
+            xds_server(reloader, metrics) if options.xds_listen else None,
             stats,
             bypass,
             fleet,
@@ -137,11 +139,14 @@ class Sidecar:
         )
 
 
-def xds_server(metrics: Metrics) -> tuple[grpc.aio.Server, TableAsLua]:
-    """The ECDS server and the feed of the served table's Lua (sidecar.transports.ecds)."""
+def xds_server(reloader: Reloader, metrics: Metrics) -> tuple[grpc.aio.Server, TableAsLua]:
+    """The server Envoy's control plane calls are made to (--xds-listen): ECDS, the served
+    table's Lua (sidecar.transports.ecds), and the access log stream of what Envoy decided
+    with it (sidecar.transports.access_log)."""
     feed = TableAsLua(metrics)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     add_ecds(EcdsServicer(feed, metrics), server)
+    add_access_log(DecisionLogServicer(lambda: reloader.table, metrics), server)
     return server, feed
 
 

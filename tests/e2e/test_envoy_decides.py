@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.core import compile_table
 from sidecar.core.lua_table import LuaFilter
@@ -160,3 +161,40 @@ def test_reloads_reach_envoy_and_envoy_keeps_the_table_while_the_sidecar_is_away
             lambda: http.get("/", {"x-user-tier": "beta-1"})[1]["backend"] == "canary", 10, "the sidecar back"
         )
         assert applied_version(envoy).startswith(changed + ".")
+
+
+def decisions_counted(text: str) -> dict[tuple[str, str], float]:
+    """graysteer_decisions_total by (cluster, rule), from /metrics."""
+    counted = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "graysteer_decisions_total":
+                counted[(sample.labels["cluster"], sample.labels["rule"])] = sample.value
+    return counted
+
+
+def test_envoy_decisions_are_counted_from_its_access_log_stream(tmp_path: Path) -> None:
+    """What the Lua decided arrives over Envoy's gRPC access log and is counted in the metrics
+    every mode counts; what the fast path decided is counted once, by the fast path."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SPLIT_RULES)
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode="envoy_decides"))
+    sent: list[dict[str, str]] = [{"x-user-id": f"user-{i}"} for i in range(30)]
+    sent += [{}] * 5 + [{"x-user-tier": "beta-3"}] * 4  # a default, and 4 left to the fast path
+    expected: dict[tuple[str, str], float] = {}
+    for headers in sent:
+        decision = explain_local(str(rules), "GET", "/", list(headers.items()))
+        key = (str(decision["cluster"]), str(decision["rule"]))
+        expected[key] = expected.get(key, 0) + 1
+    with Stack(rules, config, tmp_path) as stack:
+        assert stack.sidecar is not None and stack.envoy is not None
+        http = stack.client()
+        for headers in sent:
+            assert http.get("/", headers)[0] == 200
+        sidecar = stack.sidecar
+        wait_for(
+            lambda: decisions_counted(sidecar.http_get("/metrics")[1]) == expected,
+            10,
+            "every decision counted",
+        )
+        assert stack.envoy.stats()["http.ingress.ext_authz.ok"] == 4
