@@ -35,6 +35,7 @@ from sidecar.core.lua_runtime import RUNTIME
 from sidecar.core.model import DECISION_FIELDS, Decision
 from sidecar.core.table import MIRROR_BUCKETS, Mirror, Rule, Split, Table
 
+LUA_ERROR_KEY = "lua_error"  # beside the mark: the Lua failed on the request (a bug), logged by Envoy
 CHUNK_RULES = 100  # rules per Lua function: LuaJIT bounds a function's constants and jumps
 MAX_EXACT_TOTAL = 1 << 36  # the Lua bucketing is exact below this total weight
 # Header names the fast path does not read as the request has them: the check's own
@@ -398,6 +399,7 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "prefix": names.key_prefix,
         "mark_ns": names.mark_namespace,
         "mark_key": names.mark_key,
+        "error_key": LUA_ERROR_KEY,
     }
     if coloring is not None:
         lanes = dict(coloring.lanes)
@@ -535,7 +537,7 @@ function envoy_on_request(handle)
   local md = handle:streamInfo():dynamicMetadata()
   md:set(T.mark_ns, T.mark_key, true)
   if d ~= U then
-    md:set(T.mark_ns, "lua_error", true)
+    md:set(T.mark_ns, T.error_key, true)
     handle:logErr("graysteer: deciding failed, left to the sidecar: " .. tostring(d))
   end
 end

@@ -17,7 +17,13 @@ sidecar (`decision_access_log`), which counts them in its metrics.
 
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, AndFilter, MetadataFilter
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    AndFilter,
+    MetadataFilter,
+    OrFilter,
+)
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
     ApiConfigSource,
@@ -47,7 +53,7 @@ from sidecar.contract import (
     XDS_CLUSTER,
 )
 from sidecar.core import Table
-from sidecar.core.lua_table import mark_everything
+from sidecar.core.lua_table import LUA_ERROR_KEY, mark_everything
 from sidecar.envoyconf.clusters import HTTP2_ONLY, HostPort, make_cluster, protocol_options
 from sidecar.envoyconf.filters import ext_authz_http_filter
 
@@ -103,7 +109,8 @@ ACCESS_LOG_FLUSH = timedelta(seconds=1)
 
 def decision_access_log() -> AccessLog:
     """The decisions the Lua took, streamed to the sidecar's AccessLogService (on the ECDS
-    endpoint) to be counted in its metrics: only those (the fast path counts its own), off
+    endpoint) to be counted in its metrics: only those (the fast path counts its own), and
+    the requests on which the Lua failed (left to the fast path, counted as errors), off
     the request path, in batches of ACCESS_LOG_BUFFER_BYTES or ACCESS_LOG_FLUSH per worker
     (what the stream cannot take Envoy drops, counted in
     `access_logs.grpc_access_log.logs_dropped`). Large batches: the sidecar's cost is per
@@ -138,8 +145,22 @@ def decision_access_log() -> AccessLog:
             buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
         )
     )
+    failed = AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=METADATA_NAMESPACE,
+                path=[MetadataMatcherPathSegment(key=LUA_ERROR_KEY)],
+                value=ValueMatcher(bool_match=True),
+            ),
+            match_if_key_not_found=False,
+        )
+    )
     return AccessLog(
         name="envoy.access_loggers.http_grpc",
-        filter=AccessLogFilter(and_filter=AndFilter(filters=[decided, by_lua])),
+        filter=AccessLogFilter(
+            or_filter=OrFilter(
+                filters=[AccessLogFilter(and_filter=AndFilter(filters=[decided, by_lua])), failed]
+            )
+        ),
         typed_config=AnyMessage.pack(stream),
     )

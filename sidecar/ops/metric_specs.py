@@ -210,6 +210,7 @@ ENVOY_DECISIONS_READ = Spec(
     "graysteer_envoy_decision_logs",
     "Access log entries of decisions Envoy took itself (envoy_decides), read from its gRPC access "
     "log stream, by result: counted (in graysteer_decisions_total), unknown (a rule or cluster the "
-    "served table does not have: not counted).",
+    "served table does not have: not counted), lua_error (the Lua failed on the request, which the "
+    "fast path then decided and counted).",
     ("result",),
 )

@@ -7,7 +7,9 @@ it buffers a bounded number of bytes and drops what the stream cannot take (Envo
 them), so a slow or absent sidecar never slows a request. Each entry carries the decision's
 dynamic metadata, which is counted in the metrics every mode counts
 (`graysteer_decisions_total`, `graysteer_mirrored_total`). A rule or cluster the served
-table does not know is not turned into a label: it is counted as `unknown`.
+table does not know is not turned into a label: it is counted as `unknown`. A request the Lua
+failed on (a bug: Envoy logs the error) was decided by the fast path, which counted it; it
+is counted here as `lua_error`.
 
 An entry is hundreds of bytes of which the sidecar reads one field, the dynamic metadata, and
 a decision's metadata repeats (a route's is constant, a split's varies by bucket). So the
@@ -27,6 +29,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from sidecar.contract import LUA_NAMES
 from sidecar.core import DEFAULT_RULE, Table
+from sidecar.core.lua_table import LUA_ERROR_KEY
 from sidecar.core.model import UNKNOWN_LANE_RULE
 from sidecar.ops.metrics import Metrics
 
@@ -35,6 +38,7 @@ log = logging.getLogger("graysteer.access_log")
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 KNOWN_METADATA = 4096  # distinct metadata remembered with their labels (then forgotten)
 Labels = tuple[str, str, str | None]  # cluster, rule, mirror
+LUA_FAILED = "lua_error"  # what `_known` holds for an entry whose request the Lua failed on
 
 
 def _entries_type() -> Any:
@@ -74,11 +78,14 @@ def _entries_type() -> Any:
 ENTRIES = _entries_type()
 
 
-def metadata_labels(raw: bytes) -> Labels | None:
+def metadata_labels(raw: bytes) -> Labels | str | None:
     """(cluster, rule, mirror) of a decision the Lua took, from an entry's metadata bytes;
-    None when the Lua did not decide (the fast path did, or nothing did)."""
+    LUA_FAILED when the Lua failed on the request; None when it did not decide (the fast
+    path did, or nothing did)."""
     metadata = base_pb2.Metadata.FromString(raw).filter_metadata
     marked = metadata.get(LUA_NAMES.mark_namespace)
+    if marked is not None and marked.fields[LUA_ERROR_KEY].bool_value:
+        return LUA_FAILED  # the fast path decided it and counted it; the failure is counted here
     if marked is not None and marked.fields[LUA_NAMES.mark_key].bool_value:
         return None  # the fast path decided it, and counted it
     decided = metadata.get(LUA_NAMES.namespace)
@@ -98,9 +105,11 @@ class DecisionLogServicer:
     def __init__(self, table: Callable[[], Table], metrics: Metrics) -> None:
         self.table, self.metrics = table, metrics
         self._table: Table | None = None
-        self._known: dict[bytes, Labels | bool] = {}  # metadata -> labels, False: unknown, True: not ours
+        # metadata -> labels; False: unknown labels, True: not the Lua's, LUA_FAILED
+        self._known: dict[bytes, Labels | bool | str] = {}
         self._counted = metrics.envoy_decision_logs.labels("counted")
         self._unknown = metrics.envoy_decision_logs.labels("unknown")
+        self._failed = metrics.envoy_decision_logs.labels(LUA_FAILED)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -129,6 +138,10 @@ class DecisionLogServicer:
             if labels is False:
                 unknown += 1
                 continue
+            if labels == LUA_FAILED:
+                self._failed.inc()
+                continue
+            assert not isinstance(labels, str)
             count_decided(*labels)
             counted += 1
         if counted:
@@ -137,10 +150,12 @@ class DecisionLogServicer:
             self._unknown.inc(unknown)
 
     @staticmethod
-    def _labels(table: Table, raw: bytes) -> Labels | bool:
+    def _labels(table: Table, raw: bytes) -> Labels | bool | str:
         labels = metadata_labels(raw)
         if labels is None:
             return True
+        if isinstance(labels, str):
+            return labels
         cluster, rule, mirror = labels
         lanes = table.coloring.lanes if table.coloring is not None else {}
         rules = {r.name for r in table.rules} | {DEFAULT_RULE, UNKNOWN_LANE_RULE}

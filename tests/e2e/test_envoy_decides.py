@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.core import compile_table
-from sidecar.core.lua_table import LuaFilter
+from sidecar.core import Table, compile_table
+from sidecar.core.lua_table import LuaFilter, LuaNames
 from sidecar.dev.devstack import Stack
 from sidecar.dev.load import BackgroundLoad
 from sidecar.dev.processes import wait_for
@@ -102,6 +102,31 @@ def test_a_generation_failure_keeps_the_last_good_filter(
     assert server.push(compile_table(routed_to("stable"), "next", "rules.yaml")) == good
     assert server.count("generation_failed") == 1
     wait_for(lambda: applied_version(envoy.envoy) == good, 10, "the good table")
+    assert cluster_of(envoy) == "canary"
+
+
+def test_a_lua_error_leaves_the_request_to_the_sidecar_marked(
+    served: tuple[EcdsServer, LuaEnvoy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure inside the generated code (a bug) changes nothing of the request: it is
+    marked for the fast path, with `lua_error` for the access log and Envoy's log."""
+    server, envoy = served
+    generate = ecds.lua_source
+
+    def failing(table: Table, names: LuaNames) -> LuaFilter:
+        made = generate(table, names)
+        broken = made.source.replace(
+            "local function steer(handle)\n",
+            "local function steer(handle)\n  if handle:headers():get('x-boom') then error('boom') end\n",
+        )
+        assert broken != made.source
+        return LuaFilter(broken, made.decides)
+
+    monkeypatch.setattr(ecds, "lua_source", failing)
+    version = server.push(compile_table(routed_to("canary"), "v1", "rules.yaml"))
+    wait_for(partial(applied, envoy, version), 10, "the table")
+    boom = envoy.ask("GET", "/", [("x-boom", "1")])
+    assert boom.undecided and boom.lua_error and "x-route-cluster" not in boom.headers
     assert cluster_of(envoy) == "canary"
 
 

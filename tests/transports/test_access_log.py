@@ -20,7 +20,9 @@ rules:
 """)
 
 
-def entry(fields: dict[str, str], undecided: bool = False) -> accesslog_pb2.HTTPAccessLogEntry:
+def entry(
+    fields: dict[str, str], undecided: bool = False, failed: bool = False
+) -> accesslog_pb2.HTTPAccessLogEntry:
     log = accesslog_pb2.HTTPAccessLogEntry()
     metadata = log.common_properties.metadata.filter_metadata
     decided = struct_pb2.Struct()
@@ -28,7 +30,7 @@ def entry(fields: dict[str, str], undecided: bool = False) -> accesslog_pb2.HTTP
     metadata[LUA_NAMES.namespace].CopyFrom(decided)
     if undecided:
         mark = struct_pb2.Struct()
-        mark.update({LUA_NAMES.mark_key: True})
+        mark.update({LUA_NAMES.mark_key: True, **({"lua_error": True} if failed else {})})
         metadata[LUA_NAMES.mark_namespace].CopyFrom(mark)
     return log
 
@@ -45,6 +47,7 @@ def test_known_decisions_are_counted_and_others_never_become_labels() -> None:
         entry({"cluster": "canary", "rule": "an-old-rule"}),
         entry({"cluster": "elsewhere", "rule": "beta"}),
         entry({"cluster": "canary", "rule": "lane:not-a-lane"}),
+        entry({"cluster": "stable", "rule": "default"}, undecided=True, failed=True),  # the Lua failed
     ]
     message = als_pb2.StreamAccessLogsMessage()
     message.http_logs.log_entry.extend(entries)
@@ -58,3 +61,4 @@ def test_known_decisions_are_counted_and_others_never_become_labels() -> None:
     assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "an-old-rule"}) is None
     assert value("graysteer_envoy_decision_logs_total", {"result": "counted"}) == 3
     assert value("graysteer_envoy_decision_logs_total", {"result": "unknown"}) == 3
+    assert value("graysteer_envoy_decision_logs_total", {"result": "lua_error"}) == 1
