@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from sidecar.contract import XDS_CLUSTER
+from sidecar.core import compile_table
 from sidecar.dev.devstack import LUA_TABLE_VERSION, Envoy, Sidecar
 from sidecar.dev.processes import Process, free_port, wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
@@ -113,6 +114,14 @@ def envoy_decides() -> dict[str, Any]:
     return bootstrap_document(load_rules(RULES), EnvoyOptions(mode="envoy_decides"))
 
 
+def envoy_decides_realistic() -> dict[str, Any]:
+    """(l50) (l) on the 50-rule realistic table (benchmarks/decide.py)."""
+    from benchmarks.decide import realistic_document
+
+    table = compile_table(realistic_document(), "realistic", "realistic.yaml")
+    return bootstrap_document(table, EnvoyOptions(mode="envoy_decides"))
+
+
 def ext_authz_http() -> dict[str, Any]:
     """(h) the ext_authz-over-HTTP front proxy: envoy/ext_authz_http.yaml's generator."""
     table = load_rules(RULES)
@@ -154,6 +163,7 @@ class Scenario:
     vary_user: bool = True  # a different x-user-id per request (exercises the split)
     sidecar_args: tuple[str, ...] = ()
     xds: bool = False  # the sidecar serves Envoy the table as Lua over ECDS (--xds-listen)
+    realistic: bool = False  # the sidecar serves the 50-rule realistic table, not RULES
 
     def start_sidecar(self, workdir: Path) -> Process | None:
         if self.sidecar == "none":
@@ -176,8 +186,14 @@ class Scenario:
         xds_port = free_port() if self.xds else 0
         if self.xds:
             args += ["--xds-listen", f"127.0.0.1:{xds_port}"]
+        rules = RULES
+        if self.realistic:
+            from benchmarks.decide import realistic_document
+
+            rules = workdir / "realistic.yaml"
+            rules.write_text(yaml.safe_dump(realistic_document()))
         sidecar = Sidecar(
-            RULES,
+            rules,
             workdir,
             args,
             name=f"sidecar-{self.key}",
@@ -229,6 +245,16 @@ SCENARIOS = [
         transport="http",
         floor="h0",
         xds=True,
+    ),
+    Scenario(
+        "l50",
+        "(l) on the 50-rule realistic table",
+        envoy_decides_realistic,
+        "graysteer",
+        transport="http",
+        floor="h0",
+        xds=True,
+        realistic=True,
     ),
     Scenario(
         "h0",

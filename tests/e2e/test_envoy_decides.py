@@ -130,6 +130,21 @@ def test_a_lua_error_leaves_the_request_to_the_sidecar_marked(
     assert cluster_of(envoy) == "canary"
 
 
+def test_a_caller_trusted_by_listener_port(served: tuple[EcdsServer, LuaEnvoy]) -> None:
+    """trust.listener_ports reads the port Envoy accepted the request on (Lua's
+    downstreamLocalAddress), as the fast path reads %DOWNSTREAM_LOCAL_PORT%."""
+    server, envoy = served
+    override = {"name": "force", "match": {"headers": {"x-canary": "1"}}, "route": "canary"}
+    for ports, expected in (([envoy.envoy.port], "canary"), ([envoy.envoy.port + 1], "stable")):
+        document = {**ROUTE, "trust": {"listener_ports": ports, "override_headers": ["x-canary"]}}
+        table = compile_table({**document, "rules": [override]}, f"port-{ports[0]}", "rules.yaml")
+        version = server.push(table)
+        wait_for(partial(applied, envoy, version), 10, "the table")
+        answer = envoy.ask("GET", "/", [("x-canary", "1")])
+        assert answer.headers["x-route-cluster"] == expected
+        assert ("x-canary" in answer.headers) == (expected == "canary")  # an untrusted caller's is removed
+
+
 SPLIT_RULES = """\
 version: 1
 clusters: [stable, canary]
