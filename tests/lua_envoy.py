@@ -179,7 +179,7 @@ class LuaEnvoy:
         assert connection is not None
         connection.putrequest(method, path, skip_host=any(k.lower() == "host" for k, _ in headers))
         for name, value in headers:
-            connection.putheader(name, value.encode())
+            connection.putheader(name, value.encode("utf-8", "surrogateescape"))  # lone \udcXX: that byte
         connection.endheaders()
         response = connection.getresponse()
         body = response.read()

@@ -214,3 +214,27 @@ def test_identity_from_the_peer_certificate(tmp_path: Path) -> None:
                 assert got == reference(table, method, path, headers, identity), (name, path, headers)
     finally:
         envoy.stop()
+
+
+def test_text_the_lua_cannot_read_as_python_does_is_left_to_the_sidecar(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (the fast path reads each as `!`), a query that decodes to
+    them, and a cookie whose value starts with a Unicode space Python strips: never guessed."""
+    table = compile_table(yaml.safe_load(RULES), "v1", "rules.yaml")
+    envoy = LuaEnvoy(bootstrap(static_lua(lua_source(table, NAMES).source)), tmp_path)
+    try:
+        left = [
+            envoy.ask("GET", "/", [("x-user-id", "caf\udce9")]),  # the byte 0xe9 alone: not UTF-8
+            envoy.ask("GET", "/p?gid=%FF%FE", []),
+            envoy.ask("GET", "/", [("cookie", "uid=\u00a0u1")]),
+            envoy.ask("GET", "/", [("cookie", "uid=u1\u2003")]),
+        ]
+        decided = [
+            envoy.ask("GET", "/", [("x-user-id", "café")]),
+            envoy.ask("GET", "/p?gid=%C3%A9", []),
+            envoy.ask("GET", "/", [("cookie", "uid= \tu1 ")]),
+            envoy.ask("GET", "/", [("cookie", "uid=é")]),
+        ]
+    finally:
+        envoy.stop()
+    assert [answer.undecided for answer in left] == [True] * 4
+    assert [answer.undecided for answer in decided] == [False] * 4
