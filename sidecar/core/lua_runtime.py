@@ -250,8 +250,8 @@ end
 -- is, there, an mTLS connection without a name (http_check.MTLS_UNNAMED). So here too.
 local MTLS_UNNAMED = {mtls = true, dns = {}, principal = ""}
 local function bare(s) return not find(s, '[^\33-\126]') and not find(s, '[",;=]') end
-local function identity(handle)
-  local ssl = handle:streamInfo():downstreamSslConnection()
+local function identity(si)
+  local ssl = si:downstreamSslConnection()
   if ssl == nil or not ssl:peerCertificatePresented() then return NO_ID end
   local uris, dnss = ssl:uriSanPeerCertificate(), ssl:dnsSansPeerCertificate()
   local id = {mtls = true, dns = {}, principal = ""}

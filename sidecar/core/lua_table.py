@@ -400,6 +400,7 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "mark_ns": names.mark_namespace,
         "mark_key": names.mark_key,
         "error_key": LUA_ERROR_KEY,
+        "keys": {field: names.key_prefix + field.replace("_", "-") for field in DECISION_FIELDS},
     }
     if coloring is not None:
         lanes = dict(coloring.lanes)
@@ -445,18 +446,17 @@ def metadata_text(text: str) -> str:
 
 
 STEERING = r"""
-local function listener_port(handle)
-  local address = handle:streamInfo():downstreamLocalAddress() or ""
+local function listener_port(si)
+  local address = si:downstreamLocalAddress() or ""
   return tonumber(address:match(":(%d+)$"))
 end
 local LANE_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_%.%-]*$"
-local function steer(handle)
-  local h = handle:headers()
-  local id = identity(handle)
+local function steer(si, h)
+  local id = identity(si)
   if T.xfcc and not id.mtls and h:get("x-forwarded-client-cert") ~= nil then und() end
   for _, name in ipairs(T.bail) do if h:get(name) ~= nil then und() end end
   local trusted
-  if T.any_port and T.ports[listener_port(handle)] then trusted = true
+  if T.any_port and T.ports[listener_port(si)] then trusted = true
   elseif not id.mtls then trusted = T.plaintext
   else trusted = T.trusts(id) end
   local removed, remove = {}, {}
@@ -485,24 +485,25 @@ local function steer(handle)
   if d.deny_status then lane = nil end
   return d, lane, remove, id
 end
+local KEYS = T.keys  -- each field's metadata key, written once
 local function meta(md, d, lane, principal)
-  local ns, p = T.ns, T.prefix
-  md:set(ns, p .. "cluster", d.cluster)
-  md:set(ns, p .. "rule", d.rule)
-  md:set(ns, p .. "reason", d.reason)
-  if d.bucket then md:set(ns, p .. "bucket", string.format("%d", d.bucket)) end
-  if d.key_source then md:set(ns, p .. "key-source", d.key_source) end
-  md:set(ns, p .. "version", T.version)
-  if lane then md:set(ns, p .. "lane", lane) end
-  if d.mirror then md:set(ns, p .. "mirror", d.mirror) end
-  if principal ~= "" then md:set(ns, p .. "identity", principal) end
+  local ns = T.ns
+  md:set(ns, KEYS.cluster, d.cluster)
+  md:set(ns, KEYS.rule, d.rule)
+  md:set(ns, KEYS.reason, d.reason)
+  if d.bucket then md:set(ns, KEYS.bucket, string.format("%d", d.bucket)) end
+  if d.key_source then md:set(ns, KEYS.key_source, d.key_source) end
+  md:set(ns, KEYS.version, T.version)
+  if lane then md:set(ns, KEYS.lane, lane) end
+  if d.mirror then md:set(ns, KEYS.mirror, d.mirror) end
+  if principal ~= "" then md:set(ns, KEYS.identity, principal) end
   if d.deny_status then
-    md:set(ns, p .. "deny-status", string.format("%d", d.deny_status))
-    md:set(ns, p .. "deny-reason", d.meta_reason or d.deny_reason)
+    md:set(ns, KEYS.deny_status, string.format("%d", d.deny_status))
+    md:set(ns, KEYS.deny_reason, d.meta_reason or d.deny_reason)
   end
 end
-local function apply(handle, d, lane, remove, id)
-  local md = handle:streamInfo():dynamicMetadata()
+local function apply(handle, si, h, d, lane, remove, id)
+  local md = si:dynamicMetadata()
   if d.deny_status then
     meta(md, d, nil, id.principal)
     local status = d.deny_status
@@ -511,7 +512,6 @@ local function apply(handle, d, lane, remove, id)
     handle:respond(answer, d.deny_reason)
     return
   end
-  local h = handle:headers()
   for _, name in ipairs(remove) do h:remove(name) end
   h:replace(T.routing, d.cluster)
   if d.mirror then h:replace(T.mirror_header, d.mirror)
@@ -532,9 +532,10 @@ local function apply(handle, d, lane, remove, id)
   handle:clearRouteCache()
 end
 function envoy_on_request(handle)
-  local ok, d, lane, remove, id = pcall(steer, handle)
-  if ok then return apply(handle, d, lane, remove, id) end
-  local md = handle:streamInfo():dynamicMetadata()
+  local si, h = handle:streamInfo(), handle:headers()
+  local ok, d, lane, remove, id = pcall(steer, si, h)
+  if ok then return apply(handle, si, h, d, lane, remove, id) end
+  local md = si:dynamicMetadata()
   md:set(T.mark_ns, T.mark_key, true)
   if d ~= U then
     md:set(T.mark_ns, T.error_key, true)

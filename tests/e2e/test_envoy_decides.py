@@ -116,8 +116,8 @@ def test_a_lua_error_leaves_the_request_to_the_sidecar_marked(
     def failing(table: Table, names: LuaNames) -> LuaFilter:
         made = generate(table, names)
         broken = made.source.replace(
-            "local function steer(handle)\n",
-            "local function steer(handle)\n  if handle:headers():get('x-boom') then error('boom') end\n",
+            "local function steer(si, h)\n",
+            "local function steer(si, h)\n  if h:get('x-boom') then error('boom') end\n",
         )
         assert broken != made.source
         return LuaFilter(broken, made.decides)
