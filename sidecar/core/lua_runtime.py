@@ -124,6 +124,51 @@ local function pystrip(s)
   return s
 end
 
+-- ---- W3C baggage (sidecar.core.baggage) -------------------------------------------------------
+-- A header with a control character is not read here (the core drops such members).
+local CONTROL = "[%z\1-\8\10-\31\127]"
+local function members(header)
+  local out = {}
+  for m in (header .. ","):gmatch("([^,]*),") do
+    m = pystrip(m)
+    if m ~= "" then out[#out + 1] = m end
+  end
+  return out
+end
+local function member_key(m)
+  local eq = find(m, "=", 1, true)
+  return pystrip(eq and sub(m, 1, eq - 1) or m)
+end
+local function member_value(header, key)
+  for _, m in ipairs(members(header)) do
+    if member_key(m) == key then
+      local eq = find(m, "=", 1, true)
+      local value = eq and sub(m, eq + 1) or ""
+      local semi = find(value, ";", 1, true)
+      if semi then value = sub(value, 1, semi - 1) end
+      value = pystrip(value)
+      if value == "" then return nil end
+      return value
+    end
+  end
+  return nil
+end
+local function others(header, key)
+  local kept = {}
+  for _, m in ipairs(members(header)) do if member_key(m) ~= key then kept[#kept + 1] = m end end
+  return kept
+end
+local function with_member(header, key, value)
+  local kept = others(header, key)
+  kept[#kept + 1] = key .. "=" .. value
+  local candidate = table.concat(kept, ",")
+  if #kept > 64 or #candidate > 8192 then
+    kept[#kept] = nil
+    return table.concat(kept, ",")
+  end
+  return candidate
+end
+
 -- ---- the request -----------------------------------------------------------------------------
 -- r: {h = headers, c = cache, removed = set, path, query, method}
 local function hd(r, name)

@@ -12,10 +12,10 @@ touching the request, and the request is marked (dynamic metadata `names.mark_na
 `names.mark_key` = true) for an ext_authz filter that runs only on that mark and asks the
 sidecar's fast path, which decides as every other mode. That is: RE2 regexes and version
 ranges (when the rule is reached and the header present), `x-forwarded-client-cert` when
-the table trusts it, any `baggage` when the table colors with a baggage member, a version
-header, input that is not UTF-8, certificates whose SANs the fast path would read otherwise,
-and any table whose rules the generator does not know (every request then goes to the
-sidecar: `lua_source(...).decides` is False).
+the table trusts it, a version header, input that is not UTF-8 or whose edge holds a Unicode
+space Python strips, a `baggage` header with a control character (or protected itself), and
+any table whose rules the generator does not know (every request then goes to the sidecar:
+`lua_source(...).decides` is False).
 
 Every string taken from the table is written as an escaped Lua literal (`lua_string`):
 nothing in a rules file is ever Lua code.
@@ -27,7 +27,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.baggage import with_member
 from sidecar.core.chain import KNOWN_RULE_FIELDS, MAX_GENERATED_RULES, _known
 from sidecar.core.hosts import split_port
 from sidecar.core.identity import parse_spiffe_id
@@ -394,7 +393,8 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "ports": {port: True for port in sorted(trust.listener_ports)},
         "any_port": bool(trust.listener_ports),
         "xfcc": trust.xfcc,
-        "bail": sorted({*table.version_headers, *(["baggage"] if coloring and coloring.baggage else [])}),
+        # read as the core reads them only in rare cases: left to the sidecar when present
+        "bail": sorted({*table.version_headers, *(["baggage"] if "baggage" in trust.protected else [])}),
         "ns": names.namespace,
         "prefix": names.key_prefix,
         "mark_ns": names.mark_namespace,
@@ -408,8 +408,6 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         settings["lane_of"] = dict(coloring.lane_of)
         if coloring.baggage:
             settings["baggage_key"] = coloring.baggage
-            # with_member of an absent header: what a lane's baggage is (None: over the limits)
-            settings["baggage_of"] = {lane: _baggage(coloring.baggage, lane) for lane in _lanes(table)}
     test = " or ".join(f"({t})" for t in trusts) or "false"
     return "\n".join(
         [
@@ -427,17 +425,6 @@ def _trust_forms(table: Table) -> list[dict[str, Any]]:
     trust = table.document.get("trust") if isinstance(table.document, dict) else None
     forms = (trust or {}).get("identities") or [] if isinstance(trust, dict) else []
     return [form for form in forms if isinstance(form, dict)]
-
-
-def _lanes(table: Table) -> set[str]:
-    coloring = table.coloring
-    assert coloring is not None
-    return {*coloring.lanes, *coloring.lane_of.values(), *table.clusters}
-
-
-def _baggage(key: str, lane: str) -> str | bool:
-    value, added = with_member("", key, lane)
-    return value if added and value else False
 
 
 def metadata_text(text: str) -> str:
@@ -460,20 +447,31 @@ local function steer(si, h)
   elseif not id.mtls then trusted = T.plaintext
   else trusted = T.trusts(id) end
   local removed, remove = {}, {}
+  local r = {h = h, c = {}, removed = removed, id = id, method = upper(h:get(":method") or "GET")}
+  local baggage = T.baggage_key and hd(r, "baggage")  -- nil or false: none to read
+  if baggage and find(baggage, CONTROL) then und() end
   if not trusted then
     for _, name in ipairs(T.protected) do
       if h:get(name) ~= nil then removed[name] = true; remove[#remove + 1] = name end
     end
+    if baggage then  -- strip_untrusted: the lane member goes, every other stays
+      local stripped = table.concat(others(baggage, T.baggage_key), ",")
+      if stripped ~= baggage then
+        baggage = stripped
+        r.c["baggage"] = stripped ~= "" and stripped or false
+        if stripped == "" then removed["baggage"] = true; remove[#remove + 1] = "baggage" end
+      end
+    end
   end
   local raw = h:get(":path") or "/"
   if find(raw, "[^\33-\126]") then und() end
-  local r = {h = h, c = {}, removed = removed, id = id, method = upper(h:get(":method") or "GET")}
   local q = find(raw, "?", 1, true)
   if q then r.path, r.query = sub(raw, 1, q - 1), sub(raw, q + 1) else r.path, r.query = raw, "" end
   local d = denied(r)
   local lane = nil
   if T.color and trusted then
     lane = hd(r, T.color)
+    if (lane == nil or lane == "") and baggage then lane = member_value(baggage, T.baggage_key) end
     if lane == "" or (lane ~= nil and (#lane > 64 or not find(lane, LANE_PATTERN))) then lane = nil end
   end
   if d == nil and lane ~= nil then
@@ -483,7 +481,7 @@ local function steer(si, h)
   end
   if d == nil then d = decide(r) end
   if d.deny_status then lane = nil end
-  return d, lane, remove, id
+  return d, lane, remove, id, baggage or ""
 end
 local KEYS = T.keys  -- each field's metadata key, written once
 local function meta(md, d, lane, principal)
@@ -502,7 +500,7 @@ local function meta(md, d, lane, principal)
     md:set(ns, KEYS.deny_reason, d.meta_reason or d.deny_reason)
   end
 end
-local function apply(handle, si, h, d, lane, remove, id)
+local function apply(handle, si, h, d, lane, remove, id, baggage)
   local md = si:dynamicMetadata()
   if d.deny_status then
     meta(md, d, nil, id.principal)
@@ -519,13 +517,9 @@ local function apply(handle, si, h, d, lane, remove, id)
   if T.color then
     lane = lane or T.lane_of[d.cluster] or d.cluster
     h:replace(T.color, lane)
-    if T.baggage_key then
-      local b = T.baggage_of[lane]
-      if b == nil then
-        b = T.baggage_key .. "=" .. lane
-        if #b > 8192 then b = false end
-      end
-      if b then h:replace("baggage", b) end
+    if T.baggage_key then  -- with_member: ours replaced, every other member kept
+      local b = with_member(baggage, T.baggage_key, lane)
+      if b ~= "" then h:replace("baggage", b) end
     end
   end
   meta(md, d, lane, id.principal)
@@ -533,8 +527,8 @@ local function apply(handle, si, h, d, lane, remove, id)
 end
 function envoy_on_request(handle)
   local si, h = handle:streamInfo(), handle:headers()
-  local ok, d, lane, remove, id = pcall(steer, si, h)
-  if ok then return apply(handle, si, h, d, lane, remove, id) end
+  local ok, d, lane, remove, id, baggage = pcall(steer, si, h)
+  if ok then return apply(handle, si, h, d, lane, remove, id, baggage) end
   local md = si:dynamicMetadata()
   md:set(T.mark_ns, T.mark_key, true)
   if d ~= U then

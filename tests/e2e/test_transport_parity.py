@@ -147,11 +147,11 @@ def test_envoy_decides_what_lua_decides_exactly_and_asks_the_sidecar_for_the_res
     by_mode: dict[str, list[tuple[Any, ...]]],
 ) -> None:
     """envoy_decides: of the cases and the access log marker, only the 2 regex and 5 version
-    cases and the one with baggage reach the sidecar; Envoy's Lua decided the others (the
-    deny answered by the Lua itself never reaches the fast path's filter)."""
+    cases reach the sidecar; Envoy's Lua decided the others (the deny answered by the Lua
+    itself never reaches the fast path's filter)."""
     counts = FAST_PATH_STATS["envoy_decides"]
-    assert counts["ok"] + counts["denied"] == 8
-    assert counts["disabled"] == len(CASES) + 1 - 8 - 1
+    assert counts["ok"] + counts["denied"] == 7
+    assert counts["disabled"] == len(CASES) + 1 - 7 - 1
 
 
 def test_host_semver_and_grpc_conditions_decide(by_mode: dict[str, list[tuple[Any, ...]]]) -> None:
