@@ -12,7 +12,7 @@ touching the request, and the request is marked (dynamic metadata `names.mark_na
 `names.mark_key` = true) for an ext_authz filter that runs only on that mark and asks the
 sidecar's fast path, which decides as every other mode. That is: RE2 regexes and version
 ranges (when the rule is reached and the header present), `x-forwarded-client-cert` when
-the table trusts it, a version header, input that is not UTF-8 or whose edge holds a Unicode
+the table trusts it, input that is not UTF-8 or whose edge holds a Unicode
 space Python strips, a `baggage` header with a control character (or protected itself), and
 any table whose rules the generator does not know (every request then goes to the sidecar:
 `lua_source(...).decides` is False).
@@ -393,8 +393,10 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "ports": {port: True for port in sorted(trust.listener_ports)},
         "any_port": bool(trust.listener_ports),
         "xfcc": trust.xfcc,
-        # read as the core reads them only in rare cases: left to the sidecar when present
-        "bail": sorted({*table.version_headers, *(["baggage"] if "baggage" in trust.protected else [])}),
+        # headers left to the sidecar when present: baggage named as an override header (the
+        # core strips it twice over). A version header is not: a `semver` condition reached
+        # with one is left to the sidecar, and its `malformed` count is the sidecar's metric
+        "bail": ["baggage"] if coloring and coloring.baggage and "baggage" in trust.protected else [],
         "ns": names.namespace,
         "prefix": names.key_prefix,
         "mark_ns": names.mark_namespace,
