@@ -50,6 +50,13 @@ CHECK_HEADER_HEADROOM = 32
 # (AUTHZ_HTTP_IDLE_SECONDS): a check sent on a connection the sidecar closes at that moment fails.
 ENVOY_POOL_IDLE_TIMEOUT = 20.0
 AUTHZ_HTTP_IDLE_SECONDS = 60.0
+# Envoy's circuit breaker for the fast path's sidecar cluster (max_connections,
+# max_pending_requests, max_requests; the generated configs set them): Envoy never holds more
+# connections to the sidecar than this, so the HTTP server's cap (from its file descriptor
+# limit, above this with `serve` raising the soft limit, and even at a shell's 1,024) always
+# leaves room for connections that are not Envoy's, which are given up first. Far above what
+# one sidecar answers within Envoy's check timeout.
+ENVOY_SIDECAR_CONNECTIONS = 512
 
 # ---- health ---------------------------------------------------------------------------------------
 

@@ -73,12 +73,14 @@ def make_leaf(
     dns: list[str] = (),
     ips: list[str] = (),
     expired: bool = False,
+    starts_in: datetime.timedelta = datetime.timedelta(0),
 ) -> tuple[bytes, bytes]:  # type: ignore[assignment]
     """(key PEM, certificate PEM) signed by `ca` with the given SANs; `expired`: valid until
-    yesterday. Every leaf has the KeyUsage a real SVID has (Envoy's SPIFFE validator refuses
-    a leaf without one)."""
+    yesterday; `starts_in`: valid from that long from now (a clock ahead of this one). Every
+    leaf has the KeyUsage a real SVID has (Envoy's SPIFFE validator refuses a leaf without one)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3 if expired else 0)
+    now += starts_in + (datetime.timedelta(minutes=5) if starts_in else datetime.timedelta(0))
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans += [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]

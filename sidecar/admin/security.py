@@ -9,7 +9,8 @@ from `ca` is required and its SANs must match one `allow` entry (a SPIFFE ID, a 
 identities. The token file must not be readable by other users nor writable by group or
 others (checked at start-up and on every read: a file that becomes readable stops being
 accepted); a group-readable one (a Kubernetes Secret volume with fsGroup) is logged. The TLS
-certificate, key and CA are read again when they change too (`server_credentials`).
+certificate, key and CA are read again when they change too, by the admin API
+(`server_credentials`) and the operator endpoint's HTTPS (`HttpTls`) alike.
 
 Every kind of call is checked by the same function, before the method runs: a streaming
 call that is refused sends no message.
@@ -21,6 +22,7 @@ import logging
 import os
 import ssl
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,13 +289,21 @@ async def _refuse_unknown_kind(requests: Any, context: grpc.aio.ServicerContext)
     )
 
 
-def server_credentials(auth: AdminAuth, reloads: TlsReloads | None = None) -> grpc.ServerCredentials:
+def admin_tls_files(auth: AdminAuth, reloads: TlsReloads | None = None) -> TlsFiles:
+    """The admin certificate, key and CA, read again when they change; one instance serves
+    the admin API and the operator endpoint's HTTPS alike (one log line and one count per
+    rotation). The certificate must chain to the CA: the CLI verifies the server with it.
+    OSError or ValueError naming the file when they cannot be used at start-up."""
+    assert auth.tls_cert and auth.tls_key and auth.tls_ca
+    return TlsFiles(
+        "admin", Path(auth.tls_ca), Path(auth.tls_cert), Path(auth.tls_key), reloads, verify_chain=True
+    )
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """TLS requiring client certificates, with the certificate, key and CA files read again
     when they change: gRPC asks before every handshake (sidecar.tlsfiles keeps that to a stat
-    of each file), so new connections use rotated files and open ones go on. OSError or
-    ValueError naming the file when they cannot be used at start-up."""
-    assert auth.tls_cert and auth.tls_key and auth.tls_ca
-    files = TlsFiles("admin", Path(auth.tls_ca), Path(auth.tls_cert), Path(auth.tls_key), reloads)
+    of each file), so new connections use rotated files and open ones go on."""
     served = [files.current()]
 
     def configuration(pem: TlsPem) -> grpc.ServerCertificateConfiguration:
@@ -316,15 +326,43 @@ def server_credentials(auth: AdminAuth, reloads: TlsReloads | None = None) -> gr
     )
 
 
-def http_tls_context(auth: AdminAuth) -> ssl.SSLContext:
+def http_tls_context(pem: TlsPem) -> ssl.SSLContext:
     """HTTPS for the operator endpoint with the admin API's certificate: a client certificate
     from the admin CA is asked for and verified when sent, not required (Prometheus and the
     probes connect without one; only the live page's actions need an allowed one)."""
-    assert auth.tls_cert and auth.tls_key and auth.tls_ca
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=auth.tls_ca)
-    context.load_cert_chain(auth.tls_cert, auth.tls_key)
+    assert pem.chain is not None and pem.key is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=pem.ca.decode("ascii"))
+    # The ssl module loads a certificate and key from files only: the checked bytes go to a
+    # private directory (0700) for the call, so what is served is what sidecar.tlsfiles checked.
+    with tempfile.TemporaryDirectory(prefix="graysteer-tls-") as directory:
+        chain, key = Path(directory, "chain.pem"), Path(directory, "key.pem")
+        key.touch(0o600)
+        key.write_bytes(pem.key)
+        chain.write_bytes(pem.chain)
+        context.load_cert_chain(chain, key)
     context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+class HttpTls:
+    """The operator endpoint's TLS context for the next connection: built again when the admin
+    TLS files changed and were taken (sidecar.tlsfiles), so new connections handshake with the
+    rotated certificate and CA and open ones go on. Called from the endpoint's own thread."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._pem = files.current()
+        self._context = http_tls_context(self._pem)
+
+    def __call__(self) -> ssl.SSLContext:
+        pem = self.files.current()
+        if pem is not self._pem:
+            self._pem = pem  # tried once: a failure is logged once, the last context stays
+            try:
+                self._context = http_tls_context(pem)
+            except (ssl.SSLError, ValueError, OSError):
+                log.exception("admin TLS files: cannot build the operator endpoint's TLS context")
+        return self._context
 
 
 def restrict_socket(address: str) -> None:

@@ -186,6 +186,10 @@ def shadow_message(shadow: Shadow | None) -> pb.Shadow:
         live_version=status.live_version,
         requests=status.requests,
         differing=status.differing,
+        seen=status.seen,
+        sample_ratio=status.sample_ratio,
+        decision_seconds=status.decision_seconds,
+        budget_seconds=status.budget_seconds,
         moves=[
             pb.ShadowMove(rule=rule, cluster=cluster, shadow_cluster=other, requests=count)
             for rule, cluster, other, count in status.top
@@ -262,8 +266,8 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             remove_headers=list(mutation.remove_headers),
         )
         shadow = shadow_of(self.reloader)
-        if shadow is not None and shadow.table is not None:
-            self.shadow_table.table = shadow.table
+        if shadow is not None and shadow.engine is not None:
+            self.shadow_table.engine = shadow.engine  # its own engine: built once, when it loaded
             explained.shadow.CopyFrom(decision_message(self.shadow_explainer.on_request_headers(message)[1]))
         return explained
 

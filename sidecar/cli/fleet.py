@@ -30,8 +30,9 @@ def add_commands(commands: Any) -> None:
     p.add_argument(
         "--next",
         action="store_true",
-        help="write PREFIX/rules.next instead: every replica decides each request with it too, as a shadow "
-        "table, and counts where it differs (nothing is served from it; graysteer status shows the rate)",
+        help="write PREFIX/rules.next instead: every replica decides requests with it too (a sample "
+        "within its --shadow-budget), as a shadow table, and counts where it differs (nothing is "
+        "served from it; graysteer status shows the rate); prints what a decision by it costs first",
     )
     add_etcd_flags(p)
     p.set_defaults(run=push)
@@ -49,7 +50,8 @@ def push(args: argparse.Namespace) -> int:
     table = load_rules(args.rules)  # refused with the same messages as `check`
     content = read_regular_file(Path(args.rules), MAX_FILE_BYTES)
     warn_size(table, args.rules)
-    if args.next:  # a shadow moves no request: nothing to confirm
+    if args.next:  # a shadow moves no request: nothing to confirm, but it costs
+        print(shadow_cost(table, args.rules))
         key = address.next_rules_key
     elif not args.yes and not safe_change(args, table):
         return 1
@@ -61,6 +63,21 @@ def push(args: argparse.Namespace) -> int:
         shown(f"{args.rules}: pushed version {table.version} to {address}/{name} (etcd revision {revision})")
     )
     return 0
+
+
+def shadow_cost(table: Any, where: str) -> str:
+    """What deciding every request with `table` as a shadow costs, and the share of requests
+    replicas then decide with it (sidecar.table.shadow)."""
+    from sidecar.core.cost import DEFAULT_SHADOW_BUDGET_MS, sample_rate, steering_cost
+    from sidecar.core.engine import Engine
+
+    cost = steering_cost(Engine(table))
+    share = sample_rate(cost.seconds, DEFAULT_SHADOW_BUDGET_MS / 1000)
+    return (
+        f"{where}: as a shadow table: {cost.describe()}; replicas decide it for {share:.2%} of requests "
+        f"within the default --shadow-budget of {DEFAULT_SHADOW_BUDGET_MS:g} ms per request "
+        "(or their --shadow-sample)"
+    )
 
 
 def drop_next(args: argparse.Namespace) -> int:

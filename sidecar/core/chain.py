@@ -10,6 +10,12 @@ Consecutive rules that each test one header for an exact value (per-tenant route
 indexed by that value: one dict lookup finds the few that can match, in table order, instead
 of a test per rule. First match still wins: a rule left out by the index cannot match.
 
+What one `compile()` call is given is bounded by size, not by rule count: `compile()` holds
+the GIL for all of its text, so a reload building the next table in a thread would stop the
+serving loop for as long. A rule whose conditions (or whose split's key sources) would take
+more than MAX_RULE_CHARS of source is generated as a call to the reference's own matchers
+(and key getters) instead, and the chain is compiled in pieces of about CHUNK_CHARS.
+
 Leaf matchers that are more than an expression (RE2 regexes, version ranges, host and
 identity matchers) are the core's own, built from the same rules document. The reference is
 `Table.decide`/`Table.denied`; tests run both on every core test and on generated tables
@@ -27,7 +33,7 @@ from sidecar.core.identity import identity_matcher
 from sidecar.core.model import Decision, Reason
 from sidecar.core.regex import compile_regex
 from sidecar.core.request import Request
-from sidecar.core.table import MIRROR_BUCKETS, Mirror, Rule, Split, Table
+from sidecar.core.table import MIRROR_BUCKETS, Condition, Mirror, Rule, Split, Table
 from sidecar.core.versions import range_matcher
 
 # What the generator knows. A table with anything else (a field or form added to the rules
@@ -41,7 +47,16 @@ MIN_INDEXED_RUN = 4  # shorter runs of exact-header rules are tested one by one
 # Above this many rules the chain stays the reference walk: compiling the source of a huge
 # function costs more reload time than its requests save (see benchmarks/table_size.py).
 MAX_GENERATED_RULES = 5000
-CHUNK_RULES = 100  # rules compiled per call of compile(): the GIL is free between calls
+# compile() holds the GIL for its whole text (about 1 ms per KiB here), and the serving loop
+# waits that long: the chain is compiled a piece of about CHUNK_CHARS of source at a time,
+# and no rule writes more than MAX_RULE_CHARS for its conditions nor for its split's keys.
+CHUNK_CHARS = 8 * 1024
+MAX_RULE_CHARS = 2 * 1024
+RULE_CHARS = 160  # a rule's source besides its conditions and key sources (an upper bound)
+MIN_CONDITION_CHARS = 20  # the shortest condition's source: "('x' in headers) and "
+KEY_CHARS = 90  # a key source's source besides its expression
+# Nothing given to one compile() call is longer (tests/core/test_engine.py checks it).
+MAX_COMPILE_CHARS = CHUNK_CHARS + 2 * MAX_RULE_CHARS + 2 * RULE_CHARS
 
 Decide = Callable[[Request], Decision]
 Denied = Callable[[Request], "Decision | None"]
@@ -95,7 +110,9 @@ def generate(table: Table) -> tuple[Decide, Denied] | None:
     if not all(_known(document) for document in documents):
         return None
     source = _Source()
-    conditions = [[*_conditions(source, d.get("match") or {})] for d in documents]
+    conditions = [
+        _bounded(source, rule, d.get("match") or {}) for d, rule in zip(documents, table.rules, strict=True)
+    ]
     denying = {id(rule) for rule in table.deny_rules}
     deny = [i for i, rule in enumerate(table.rules) if id(rule) in denying]
     if len(deny) != len(table.deny_rules):
@@ -115,29 +132,93 @@ def _chunked(
     last: str,
     version: str,
 ) -> None:
-    """Function `name` in `namespace`, compiled CHUNK_RULES rules at a time: `compile()` holds
-    the GIL for all of its text (4,000 rules: over 0.2 s in one call, a stall of the serving
-    loop while a reload runs in its thread), so a long chain is compiled as one function per
-    chunk, tried in order, with the GIL free between chunks."""
-    if len(rules) <= CHUNK_RULES:
+    """Function `name` in `namespace`, compiled about CHUNK_CHARS of source at a time:
+    `compile()` holds the GIL for all of its text (4,000 rules: over 0.2 s in one call; one
+    rule of 45,000 conditions: 0.7 s), a stall of the serving loop while a reload runs in its
+    thread. A long chain is compiled as one function per piece, tried in order from a tuple,
+    with the GIL free between pieces."""
+    chunks = list(_chunks(rules))
+    if len(chunks) <= 1:
         _function(source, name, rules, last)
         _run(source, namespace, version)
         return
     parts = []
-    for start in range(0, len(rules), CHUNK_RULES):
-        part = f"_{name}_{start}"
-        _function(source, part, rules[start : start + CHUNK_RULES], "None", "request, headers, path")
+    for number, chunk in enumerate(chunks):
+        part = f"_{name}_{number}"
+        _function(source, part, chunk, "None", "request, headers, path")
         _run(source, namespace, version)
-        parts.append(part)
-    source.lines += [f"def {name}(request):", "    headers = request.headers", "    path = request.path"]
-    for part in parts:  # a chunk answers None when none of its rules matched
-        source.lines += [
-            f"    _d = {part}(request, headers, path)",
-            "    if _d is not None:",
-            "        return _d",
-        ]
-    source.lines.append(f"    return {last}")
+        parts.append(namespace[part])
+    source.lines += [
+        f"def {name}(request):",
+        "    headers = request.headers",
+        "    path = request.path",
+        f"    for _part in {source.constant(tuple(parts))}:",  # each answers None when none matched
+        "        _d = _part(request, headers, path)",
+        "        if _d is not None:",
+        "            return _d",
+        f"    return {last}",
+    ]
     _run(source, namespace, version)
+
+
+def _chunks(rules: Sequence[tuple[Rule, list[_Condition]]]) -> Iterable[list[tuple[Rule, list[_Condition]]]]:
+    """`rules` in consecutive pieces of at most CHUNK_CHARS of source each (one rule alone
+    when it is longer)."""
+    chunk: list[tuple[Rule, list[_Condition]]] = []
+    chars = 0
+    for rule, conditions in rules:
+        size = _rule_chars(rule, conditions)
+        if chunk and chars + size > CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append((rule, conditions))
+        chars += size
+    if chunk:
+        yield chunk
+
+
+def _rule_chars(rule: Rule, conditions: Sequence[_Condition]) -> int:
+    """At least the characters of source `rule` takes, wherever it is written (in a chain, or
+    in an index's function with its entry)."""
+    chars = RULE_CHARS + _conditions_chars(conditions)
+    if rule.split is not None and _keys_written(rule.split):
+        chars += _keys_chars(rule.split)
+    return chars
+
+
+def _conditions_chars(conditions: Sequence[_Condition]) -> int:
+    return sum(len(c.expression) + 7 for c in conditions)  # "(...) and "
+
+
+def _keys_chars(split: Split) -> int:
+    return sum(len(_key_expression(label)) + KEY_CHARS for label, _ in split.keys)
+
+
+def _keys_written(split: Split) -> bool:
+    """Whether a split's key sources are written out (else `SplitDecisions.decide` tries
+    them): when they take at most MAX_RULE_CHARS of source."""
+    return len(split.keys) * KEY_CHARS <= MAX_RULE_CHARS and _keys_chars(split) <= MAX_RULE_CHARS
+
+
+def _bounded(source: _Source, rule: Rule, match: Mapping[str, Any]) -> list[_Condition]:
+    """The conditions of `match`, or when they would take more than MAX_RULE_CHARS of source,
+    one condition that calls the reference's own matchers of `rule` (the same test, as data).
+    Rules with too many conditions are not even written out: a rule of 45,000 conditions made
+    as many objects, and the garbage collector then held the GIL as long as the compile."""
+    if len(rule.conditions) * MIN_CONDITION_CHARS <= MAX_RULE_CHARS:
+        conditions = [*_conditions(source, match)]
+        if _conditions_chars(conditions) <= MAX_RULE_CHARS:
+            return conditions
+    return [_Condition(f"{source.constant(_all_hold(rule.conditions))}(request)")] if rule.conditions else []
+
+
+def _all_hold(conditions: Sequence[Condition]) -> Callable[[Request], bool]:
+    """Whether every one of `conditions` holds, tried in order as `Table.decide` does."""
+
+    def holds(request: Request) -> bool:
+        return all(condition(request) for condition in conditions)
+
+    return holds
 
 
 def _run(source: _Source, namespace: dict[str, Any], version: str) -> None:
@@ -208,6 +289,9 @@ def _rule(source: _Source, rule: Rule, conditions: Sequence[_Condition], indent:
 def _split(source: _Source, split_decisions: "SplitDecisions", indent: str) -> None:
     """`Rule.decide` of a split inline: the first key present, its bucket, the decision."""
     decisions = source.constant(split_decisions)
+    if not _keys_written(split_decisions.split):  # too many to write out: as data
+        source.lines.append(f"{indent}return {decisions}.decide(request)")
+        return
     for number, (label, _) in enumerate(split_decisions.split.keys):
         source.lines += [
             f"{indent}_key = {_key_expression(label)}",
@@ -230,6 +314,8 @@ def _key_expression(label: str) -> str:
 
 
 MAX_SHARED_BUCKETS = 10_000  # splits with a larger total build each decision
+# A key source's decisions before the first is made: read, never written (replaced first).
+_NOTHING_MADE: tuple[dict[int, Decision], dict[int, Decision]] = ({}, {})
 
 
 class SplitDecisions:
@@ -244,10 +330,19 @@ class SplitDecisions:
         self.split, self.mirror, self.seed, self.total = split, mirror, split.seed, split.bounds[-1]
         self.labels = tuple(label for label, _ in split.keys)
         self._share = self.total <= MAX_SHARED_BUCKETS
-        # per key source (then "missing", "random"): bucket -> decision, unmirrored and mirrored
-        self._made: list[tuple[dict[int, Decision], dict[int, Decision]]] = [
-            ({}, {}) for _ in range(len(self.labels) + 2)
-        ]
+        # per key source (then "missing", "random"): bucket -> decision, unmirrored and mirrored;
+        # made on first use (a split of 30,000 key sources made 60,000 dicts up front, and the
+        # garbage collector's passes over them held the GIL for 0.1 s)
+        self._made = [_NOTHING_MADE] * (len(self.labels) + 2)
+
+    def decide(self, request: Request) -> Decision:
+        """`Rule.decide`: the first key source present, else the decision without a key (what
+        the generated code writes out for a split with few key sources)."""
+        for number, (_, getter) in enumerate(self.split.keys):
+            key = getter(request)
+            if key:
+                return self.keyed(number, key)
+        return self.without_key()
 
     def keyed(self, number: int, key: str) -> Decision:
         chosen = bucket(self.seed, key, self.total)
@@ -289,6 +384,8 @@ class SplitDecisions:
             assert self.mirror is not None
             made = made.mirrored(self.mirror.cluster)
         if self._share:
+            if self._made[number] is _NOTHING_MADE:
+                self._made[number] = ({}, {})
             self._made[number][mirrored][chosen] = made
         return made
 

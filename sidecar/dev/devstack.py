@@ -247,6 +247,7 @@ class Stack:
         sidecar_args: Sequence[str] = (),
         envoy_admin_port: int = 0,
         sidecar_first: bool = True,
+        sidecar_preexec: Callable[[], None] | None = None,
     ) -> None:
         """With `sidecar_first=False` Envoy starts alone, as in a pod where its container
         comes up first; `start_sidecar()` then starts the sidecar on the port Envoy uses.
@@ -257,6 +258,7 @@ class Stack:
         self.rules: Path | str = rules if str(rules).startswith("etcd://") else Path(rules)
         self.workdir = workdir
         self.sidecar_args = tuple(sidecar_args)
+        self.sidecar_preexec = sidecar_preexec  # run in the sidecar's process before it starts
         self.backends = {name: BackendServer(name).start_in_thread() for name in backends}
         self.sidecar: Sidecar | None = None
         self.envoy: Envoy | None = None
@@ -308,6 +310,7 @@ class Stack:
             name="sidecar" if n == 0 else f"sidecar-{n}",
             port=self.sidecar_port,
             transport=self.transport,
+            preexec=self.sidecar_preexec,
         )
         return self.sidecar
 

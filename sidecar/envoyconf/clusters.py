@@ -5,7 +5,13 @@ import ipaddress
 from datetime import timedelta
 from typing import Any
 
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbConfig, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterCommonLbConfig,
+    ClusterDiscoveryType,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     HealthCheck,
@@ -36,6 +42,7 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from sidecar.contract import (
     ENVOY_POOL_IDLE_TIMEOUT,
+    ENVOY_SIDECAR_CONNECTIONS,
     HEALTH_PATH,
 )
 
@@ -142,6 +149,7 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
                 ),
             )
         )
+        cluster.circuit_breakers = fast_path_circuit_breakers()
     else:
         cluster.typed_extension_protocol_options = protocol_options(HTTP2_ONLY)  # gRPC
         grpc_check = HealthCheckGrpcHealthCheck(
@@ -169,6 +177,21 @@ def sidecar_cluster(address: HostPort, workers: int = 1, mode: str = "ext_proc")
     ]
     cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
     return cluster
+
+
+def fast_path_circuit_breakers() -> CircuitBreakers:
+    """Envoy holds at most ENVOY_SIDECAR_CONNECTIONS connections (one check each, HTTP/1.1) to
+    the fast path, and queues no more checks than that: under the sidecar's connection cap, so
+    that at the cap the connections given up are never Envoy's (sidecar.transports.authz_http)."""
+    return CircuitBreakers(
+        thresholds=[
+            CircuitBreakersThresholds(
+                max_connections=ENVOY_SIDECAR_CONNECTIONS,
+                max_pending_requests=ENVOY_SIDECAR_CONNECTIONS,
+                max_requests=ENVOY_SIDECAR_CONNECTIONS,
+            )
+        ]
+    )
 
 
 def spire_agent_cluster(socket: str) -> Cluster:

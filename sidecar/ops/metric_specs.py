@@ -51,6 +51,18 @@ SHADOW_INFO = Spec(
     ("version",),
     gauge=True,
 )
+SHADOW_SAMPLE = Spec(
+    "graysteer_shadow_sample_ratio",
+    "The share of requests the shadow table decides too (serve --shadow-sample, else what keeps "
+    "its cost under --shadow-budget); graysteer_shadow_decisions_total counts only those.",
+    gauge=True,
+)
+SHADOW_COST = Spec(
+    "graysteer_shadow_decision_seconds",
+    "What one decision by the shadow table costs (measured on synthetic requests when it loads, "
+    "then a running mean of the sampled requests); 0 without a shadow table.",
+    gauge=True,
+)
 DECISION_LOG_LINES = Spec(
     "graysteer_decision_log_lines",
     "Decision log lines, by outcome: written; dropped_queue_full (the writer fell behind: "

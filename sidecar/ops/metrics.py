@@ -46,6 +46,8 @@ class Metrics:
         self.decision_errors = specs.counter(specs.DECISION_ERRORS, registry)
         self.shadow_decisions = specs.counter(specs.SHADOW_DECISIONS, registry)
         self.shadow_info = specs.gauge(specs.SHADOW_INFO, registry)
+        self.shadow_sample = specs.gauge(specs.SHADOW_SAMPLE, registry)
+        self.shadow_cost = specs.gauge(specs.SHADOW_COST, registry)
         self._shadow_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
         self.decision_log_lines = specs.counter(specs.DECISION_LOG_LINES, registry)
         self.admin_watchers = specs.gauge(specs.ADMIN_WATCHERS, registry)
@@ -114,8 +116,10 @@ class Metrics:
             child = self._shadow_children[key] = self.shadow_decisions.labels(rule, cluster, shadow, differs)
         child.inc()  # type: ignore[attr-defined]
 
-    def show_shadow(self, version: str | None) -> None:
+    def show_shadow(self, version: str | None, sample: float = 1.0, cost: float = 0.0) -> None:
         self._show(self.shadow_info, {(version,): 1} if version is not None else {})
+        self.shadow_sample.set(sample)
+        self.shadow_cost.set(cost)
 
     def count_error(self, reason: str) -> None:
         self.decision_errors.labels(reason).inc()

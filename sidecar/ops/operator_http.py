@@ -6,13 +6,18 @@ It runs on a thread of its own with its own asyncio loop, apart from the sidecar
 connection costs a descriptor, not a thread, while its request arrives. Slow clients cannot
 hold the probes (Kubernetes restarts a pod whose /healthz does not answer):
 
-- a request must arrive whole within `Limits.request_deadline` of the connection, however
-  its bytes are spread out (a total, not a timeout per read), and its answer be taken within
-  `write_deadline`;
+- a connection must send its first byte (with TLS: finish its handshake and send one) within
+  `Limits.first_byte_deadline`, a request must arrive whole within `request_deadline` of the
+  connection, however its bytes are spread out (a total, not a timeout per read), and its
+  answer be taken within `write_deadline`;
 - /healthz and /readyz are answered on the loop itself (they read flags in memory), never
   waiting for a slot;
-- at `max_connections`, a new connection takes the place of the one that has waited longest
-  for its request to arrive (only when every connection is being answered is it refused);
+- at `max_connections`, a new connection takes the place of a silent one (nothing read from
+  it and nothing waiting in its socket), the oldest first; only when none is silent, of the
+  one that has waited longest for the rest of its request; only when every connection is
+  being answered is it refused. A probe sends its request at once, so a flood of silent
+  connections evicts its own, never the probes (whose bytes wait in the socket even before
+  the loop, busy accepting a batch of connections, reads them);
 - /metrics and the views, which take CPU, run in a small thread pool, `busy_slots` at once:
   beyond that they are answered 503 at once.
 
@@ -21,8 +26,11 @@ body of at most `max_body_bytes`, with a Content-Length, within the same request
 Every answer carries headers that keep the page to itself: a Content-Security-Policy with
 no source but this endpoint, no framing, no MIME sniffing, no caching.
 
-With `tls` (an ssl.SSLContext) it serves HTTPS; a client certificate the context verified
-reaches `extra` as `Request.peer_certificate` (the page's actions are authenticated so).
+With `tls` (a function giving the ssl.SSLContext for the next connection) it serves HTTPS:
+each connection's handshake uses the context `tls()` gives as it is accepted, so a rotated
+certificate or CA is used by new connections (sidecar.admin.security.HttpTls); a client
+certificate the context verified reaches `extra` as `Request.peer_certificate` (the page's
+actions are authenticated so).
 
 A request whose Host names another site (DNS rebinding: a page of another origin made to
 resolve here) is answered 421, the probes excepted (host_allowed).
@@ -39,13 +47,15 @@ import json
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import SupportsIndex, cast
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from sidecar.ops.health import ReadinessView
+from sidecar.sockets import pending_bytes
 
 log = logging.getLogger("graysteer.http")
 
@@ -84,10 +94,12 @@ class Request:
 
 
 Extra = Callable[[Request], "tuple[int, object] | None"]
+TlsSource = Callable[[], ssl.SSLContext]  # the context for the next connection's handshake
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    first_byte_deadline: float = 2.0  # from the connection to its first byte (and TLS handshake)
     request_deadline: float = 5.0  # from the connection to the end of the request head
     write_deadline: float = 5.0  # for the client to take the answer
     max_connections: int = 64  # open at once; within the descriptors the fast path leaves
@@ -108,6 +120,28 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+
+class _Reader(asyncio.StreamReader):
+    """asyncio's stream reader, noting that bytes arrived before the connection's task reads
+    them (a connection that has sent something is not silent)."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit, loop)
+        self.heard = False
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        self.heard = True
+        super().feed_data(data)
+
+
+def _fileno(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    return -1 if sock is None else int(sock.fileno())
+
+
+def _oldest(writers: Iterable[asyncio.StreamWriter]) -> asyncio.StreamWriter | None:
+    return next(iter(writers), None)
 
 
 def _encode(answer: Answer) -> bytes:
@@ -147,7 +181,7 @@ class OperatorHttpServer:
         extra: Extra | None = None,
         limits: Limits = Limits(),
         ui: bool = False,
-        tls: ssl.SSLContext | None = None,
+        tls: TlsSource | None = None,
         hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.registry, self.readiness, self.details, self.extra = registry, readiness, details, extra
@@ -156,7 +190,8 @@ class OperatorHttpServer:
         self.ui_files = _ui_files() if ui else {}
         self.tls = tls
         self.server_address: tuple[str, int] = address
-        self.waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first, while a request arrives
+        self.silent: dict[asyncio.StreamWriter, _Reader] = {}  # oldest first, until a first byte is read
+        self.waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first, while the rest arrives
         self.connections = 0
         self.busy = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(limits.busy_slots, "graysteer-http-work")
@@ -174,13 +209,11 @@ class OperatorHttpServer:
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         try:
-            server = await asyncio.start_server(
-                self._serve,
+            loop, limit = self._loop, self.limits.max_head_bytes
+            server = await loop.create_server(  # asyncio.start_server, with a reader that notes bytes
+                lambda: asyncio.StreamReaderProtocol(_Reader(limit, loop), self._serve),
                 *self.server_address,
-                limit=self.limits.max_head_bytes,
-                backlog=128,
-                ssl=self.tls,
-                ssl_handshake_timeout=self.limits.request_deadline if self.tls is not None else None,
+                backlog=1024,  # a burst of connections waits in the kernel, not in SYN retries
             )
         except OSError as error:
             self._error = error
@@ -190,7 +223,7 @@ class OperatorHttpServer:
         self._started.set()
         await self._stop.wait()
         server.close()
-        for writer in list(self.waiting):
+        for writer in [*self.silent, *self.waiting]:
             writer.transport.abort()
         await server.wait_closed()
 
@@ -206,10 +239,10 @@ class OperatorHttpServer:
             writer.close()
             return
         self.connections += 1
-        self.waiting[writer] = None
+        self.silent[writer] = cast(_Reader, reader)
         try:
             async with asyncio.timeout(self.limits.request_deadline):
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = await self._read_head(reader, writer)
                 request = self._parse(head, writer)
                 if isinstance(request, Request) and request.method == "POST":
                     request = await self._read_body(request, reader)
@@ -224,20 +257,53 @@ class OperatorHttpServer:
                 await writer.drain()
         except asyncio.LimitOverrunError:
             writer.write(_encode(_text(431, "request head too large\n")))
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass  # too slow, or gone: closed below
+        except (TimeoutError, asyncio.IncompleteReadError, OSError):
+            pass  # too slow, gone, or a failed handshake (ssl.SSLError): closed below
         finally:
+            self.silent.pop(writer, None)
             self.waiting.pop(writer, None)
             self.connections -= 1
             writer.close()
 
+    async def _read_head(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """The request head; the connection moves from `silent` to `waiting` with its first byte."""
+        async with asyncio.timeout(self.limits.first_byte_deadline):
+            if self.tls is not None:  # the context of now: a rotated certificate is used at once
+                if pending_bytes(_fileno(writer)):  # its ClientHello: a handshake is not silence
+                    self.silent[writer].heard = True
+                await self._start_tls(writer)
+            first = await reader.readexactly(1)
+        del self.silent[writer]
+        self.waiting[writer] = None
+        return first + await reader.readuntil(b"\r\n\r\n")
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> None:
+        assert self.tls is not None
+        raw = writer.transport
+        try:
+            await writer.start_tls(self.tls())
+        except AttributeError:
+            if cast(object, writer.transport) is not None:
+                raise
+            # Lost as its handshake ended: asyncio (3.11) then leaves the writer without a
+            # transport and fails on it, as would the writer's __del__. Give it the closed one.
+            setattr(writer, "_transport", raw)  # noqa: B010 (a private attribute, on purpose)
+            raise ConnectionResetError("lost during the TLS handshake") from None
+
     def _make_room(self) -> bool:
-        """Close the connection that has waited longest for its request; False if none waits."""
-        if not self.waiting:
+        """Close a silent connection (the oldest with nothing waiting in its socket), else the
+        one that has waited longest for the rest of its request, else the oldest silent one
+        whose bytes wait unread; False when every connection is being answered."""
+        victim = next(
+            (w for w, r in self.silent.items() if not r.heard and not pending_bytes(_fileno(w))), None
+        )
+        if victim is None:
+            victim = _oldest(self.waiting) or _oldest(self.silent)
+        if victim is None:
             return False
-        oldest = next(iter(self.waiting))
-        del self.waiting[oldest]
-        oldest.transport.abort()
+        self.silent.pop(victim, None)
+        self.waiting.pop(victim, None)
+        victim.transport.abort()
         return True
 
     def _parse(self, head: bytes, writer: asyncio.StreamWriter) -> "Request | Answer":
@@ -347,7 +413,7 @@ def start_http(
     extra: Extra | None = None,
     limits: Limits = Limits(),
     ui: bool = False,
-    tls: ssl.SSLContext | None = None,
+    tls: TlsSource | None = None,
     hosts: frozenset[str] = frozenset(),
 ) -> OperatorHttpServer:
     """Serve /metrics, /healthz and /readyz (whatever `extra` answers, as JSON, and with

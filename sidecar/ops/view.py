@@ -50,6 +50,20 @@ def build(
     return view
 
 
+def _sample_note(shadow: Mapping[str, Any]) -> str:
+    """Which requests the counts are of: the shadow decides a sample (sidecar.table.shadow)."""
+    seen, ratio = int(shadow.get("seen") or 0), float(shadow.get("sample_ratio") or 0.0)
+    cost_ms, budget_ms = (
+        float(shadow.get("decision_seconds") or 0) * 1000,
+        float(shadow.get("budget_seconds") or 0) * 1000,
+    )
+    why = f"within a budget of {budget_ms:g} ms per request" if budget_ms else "--shadow-sample"
+    return (
+        f"sampled from {seen} requests, now {ratio:.2%} of them ({why}; a shadow decision costs about "
+        f"{cost_ms:.3f} ms)"
+    )
+
+
 def shadow_view(shadow: Mapping[str, Any]) -> dict[str, Any] | None:
     """The shadow table's disagreement with the served one (None when none is followed)."""
     if not shadow.get("following"):
@@ -65,6 +79,7 @@ def shadow_view(shadow: Mapping[str, Any]) -> dict[str, Any] | None:
             f"requests decided differently ({_share(differing, requests)}) against served "
             f"version {shadow.get('live_version', '?')}"
         )
+        note += "; " + _sample_note(shadow)
         if shadow.get("error"):
             note += f"; its next document was refused: {shadow['error'].splitlines()[0]}"
     moves = []
@@ -85,6 +100,8 @@ def shadow_view(shadow: Mapping[str, Any]) -> dict[str, Any] | None:
         "requests": requests,
         "differing": differing,
         "rate": differing / requests if requests else 0.0,
+        "seen": int(shadow.get("seen") or 0),
+        "sample_ratio": float(shadow.get("sample_ratio") or 0.0),
         "note": note,
         "moves": moves,
     }

@@ -184,7 +184,10 @@ async def first_table(
 
     def reloader() -> Reloader:
         next_rules = source.next_rules
-        shadow = Shadow(next_rules, source.state, metrics) if next_rules is not None else None
+        shadow = None
+        if next_rules is not None:
+            budget = options.shadow_budget_ms / 1000
+            shadow = Shadow(next_rules, source.state, metrics, sample=options.shadow_sample, budget=budget)
         return Reloader(source.rules, metrics, source.state, shadow=shadow)
 
     try:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import values
 from sidecar.admin.security import AdminAuth
+from sidecar.core.cost import DEFAULT_SHADOW_BUDGET_MS
 
 if TYPE_CHECKING:
     from sidecar.sources.etcd_client import EtcdTls
@@ -114,9 +115,17 @@ class ServeOptions:
         "and/or a client certificate on --admin-allow (with --admin-tls-*, the endpoint then serves HTTPS); "
         "default read-only", action="store_true"))
     shadow_config: str | None = option(None, Flag(
-        "--shadow-config", "the next rules file: decide every request with it too, serve none of its "
-        "decisions, count where it differs (graysteer_shadow_decisions_total, status; with etcd:// the "
-        "fleet's PREFIX/rules.next, written by push --next)", metavar="NEXT"))
+        "--shadow-config", "the next rules file: decide requests with it too (a sample within "
+        "--shadow-budget), serve none of its decisions, count where it differs "
+        "(graysteer_shadow_decisions_total, status; with etcd:// the fleet's PREFIX/rules.next, written "
+        "by push --next)", metavar="NEXT"))
+    shadow_sample: float | None = option(None, Flag(
+        "--shadow-sample", "the share of requests the shadow table decides too, e.g. 0.1 (default: the "
+        "share that keeps its cost under --shadow-budget)", values.share, "R"))
+    shadow_budget_ms: float = option(DEFAULT_SHADOW_BUDGET_MS, Flag(
+        "--shadow-budget", "without --shadow-sample: the milliseconds a shadow decision may add to a "
+        "request on average; a costlier shadow table decides that share of requests (default %(default)s)",
+        values.seconds, "MS"))
     state_file: str | None = option(None, Flag(
         "--state-file", "where runtime weight changes are persisted (default: .RULES.graysteer-state.json "
         "beside the rules file; in etcd with etcd://)", metavar="PATH"))

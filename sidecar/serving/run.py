@@ -18,7 +18,13 @@ from typing import Any
 import grpc
 
 from sidecar import values
-from sidecar.admin.security import AdminGate, http_tls_context, restrict_socket, server_credentials
+from sidecar.admin.security import (
+    AdminGate,
+    HttpTls,
+    admin_tls_files,
+    restrict_socket,
+    server_credentials,
+)
 from sidecar.admin.web import Access, LivePage
 from sidecar.fleet.replicas import ReplicaRecord
 from sidecar.ops.health import BypassGate, ReadinessView
@@ -26,6 +32,7 @@ from sidecar.ops.operator_http import OperatorHttpServer, Request, start_http
 from sidecar.rollouts.controller import http_view
 from sidecar.serving.build import Sidecar
 from sidecar.serving.options import ServeOptions
+from sidecar.tlsfiles import TlsFiles
 
 log = logging.getLogger("graysteer.server")
 
@@ -56,6 +63,7 @@ class Running:
         self.http: OperatorHttpServer | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.fleet_task: asyncio.Task[Any] | None = None
+        self.admin_tls: TlsFiles | None = None  # the admin API's and the operator HTTPS's
 
     async def start(self) -> None:
         """Bind and start every listener, then report SERVING (and, for a worker, tell the
@@ -66,7 +74,8 @@ class Running:
         if s.xds is not None and options.xds_listen:
             self.xds_address = bind(s.xds[0], options.xds_listen, "--xds-listen")
         auth = options.admin_auth
-        credentials = server_credentials(auth, s.tls_reloads) if auth.tls else None
+        self.admin_tls = admin_tls_files(auth, s.tls_reloads) if auth.tls else None
+        credentials = server_credentials(self.admin_tls) if self.admin_tls is not None else None
         self.admin_address = bind(s.admin, options.admin_listen, "--admin-listen", credentials)
         if s.authz_http is not None and options.authz_http_listen:
             host, port = values.host_port(options.authz_http_listen, "--authz-http-listen")
@@ -120,8 +129,7 @@ class Running:
                 return answer
             return http_view(s.controller, request.path) if request.method == "GET" else None
 
-        auth = options.admin_auth
-        tls = http_tls_context(auth) if options.http_actions and auth.tls else None
+        tls = HttpTls(self.admin_tls) if options.http_actions and self.admin_tls is not None else None
         http = start_http(
             host,
             port,

@@ -78,18 +78,20 @@ class Decider:
         return steering
 
     def shadow_decision(self, request: Request, live: Decision) -> Decision | None:
-        """Decide `request` with the shadow table too, when there is one, and count the pair;
+        """Decide `request` with the shadow table too, when there is one and the request is in
+        its sample, and count the pair;
         the shadow decision when it differs from `live`, else None. Never raises: a shadow
         table that cannot decide a request is counted, and the request served as decided."""
         shadow = self.shadow
-        if shadow is None or (engine := shadow.engine) is None:
-            return None
+        if shadow is None or (engine := shadow.engine) is None or not shadow.take():
+            return None  # no shadow, or this request is not in its sample
+        started = perf_counter()
         try:
             decision = engine.steer(request).decision
         except Exception:
             self.metrics.count_event("shadow_failed")
             return None
-        return decision if shadow.record(live, decision) else None
+        return decision if shadow.record(live, decision, perf_counter() - started) else None
 
     def fallback(
         self, table: Table, code: ErrorCode, error: BaseException, headers: Mapping[str, str] | None

@@ -9,6 +9,13 @@ of series with `cluster != shadow_cluster`. This process also keeps the counts s
 pair of tables last changed, for `graysteer status`. A sampled decision log line carries
 the shadow decision when it differs.
 
+Deciding twice costs: a 4,900-rule shadow table made a 0.047 ms check 15.8 ms. So the
+shadow decides a sample of the requests: `--shadow-sample R` fixes the share, else it is
+the share that keeps the shadow's mean cost per request under `--shadow-budget` (0.05 ms by
+default), from its cost measured on synthetic requests when it loads (sidecar.core.cost),
+then on the requests it decides. The counts are of the sampled requests (status says how
+many were seen, and the share; `graysteer_shadow_sample_ratio`).
+
 The next rules get the same runtime weights as the live ones (the state's overrides, where
 they still fit the next document's splits), and the shadow never writes the state. It
 follows its source like the live table: the reloader loads it again after every look at
@@ -18,11 +25,13 @@ reason to refuse to start or to stop serving.
 """
 
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 from sidecar.core import Decision, RulesError, Table, compile_table
+from sidecar.core.cost import DEFAULT_SHADOW_BUDGET_MS, sample_rate, steering_cost
 from sidecar.core.diff import outcome
 from sidecar.core.engine import Engine
 from sidecar.core.overrides import reconcile
@@ -36,6 +45,9 @@ from sidecar.table.reload import Reloader, RulesSource, StateStore, overrides_fr
 log = logging.getLogger("graysteer.shadow")
 
 TOP = 10  # the most frequent disagreements status shows
+DEFAULT_BUDGET = DEFAULT_SHADOW_BUDGET_MS / 1000  # seconds a shadow decision may add, on average
+COST_WEIGHT = 0.1  # of each sampled decision's time in the running cost
+SHOW_EVERY = 256  # sampled decisions between updates of the cost and sample gauges
 
 
 @dataclass(frozen=True)
@@ -45,9 +57,13 @@ class ShadowStatus:
     error: str  # why the last read failed, or was refused ("" when it did not)
     loaded_at: float
     live_version: str  # the live table the counts compare with
-    requests: int  # decided by both since the pair of tables changed
+    requests: int  # sampled and decided by both since the pair of tables changed
     differing: int  # of which the shadow table would have done something else
     top: list[tuple[str, str, str, int]]  # (rule, cluster, shadow outcome, requests), most first
+    seen: int = 0  # requests served since the pair of tables changed, sampled or not
+    sample_ratio: float = 1.0  # the share of requests the shadow decides now
+    decision_seconds: float = 0.0  # what one shadow decision costs (running mean)
+    budget_seconds: float = 0.0  # the mean cost per request the sample keeps under (0: fixed)
 
 
 class Shadow:
@@ -57,7 +73,12 @@ class Shadow:
         state: StateStore,
         metrics: Metrics,
         reader: DocumentReader | None = None,
+        *,
+        sample: float | None = None,
+        budget: float = DEFAULT_BUDGET,
     ) -> None:
+        """`sample`: the share of requests the shadow decides; None: the share that keeps its
+        mean cost per request under `budget` seconds."""
         self.rules = rules
         self.state = state
         self.metrics = metrics
@@ -71,6 +92,11 @@ class Shadow:
         self._live = ""  # the live table version the counts are for
         self.requests = 0
         self.moves: Counter[tuple[str, str, str]] = Counter()
+        self.sample, self.budget = sample, budget
+        self.rate = sample if sample is not None else 1.0  # read once per request
+        self.cost = 0.0  # seconds per shadow decision: measured at load, then a running mean
+        self.seen = 0
+        self._draw = random.Random().random  # its own: the splits' draws stay the reference's
 
     @property
     def table(self) -> Table | None:
@@ -79,11 +105,24 @@ class Shadow:
 
     # -- the serving side ------------------------------------------------------------------------
 
-    def record(self, live: Decision, shadow: Decision) -> bool:
-        """Count one request decided by both; True when the shadow table differs."""
+    def take(self) -> bool:
+        """Whether the shadow decides this request too (the sample)."""
+        self.seen += 1
+        rate = self.rate
+        return rate >= 1.0 or self._draw() < rate
+
+    def record(self, live: Decision, shadow: Decision, seconds: float = 0.0) -> bool:
+        """Count one request decided by both, the shadow's decision taking `seconds`; True
+        when the shadow table differs."""
         served, other = outcome(live), outcome(shadow)
         self.metrics.count_shadow(live.rule, served, other)
         self.requests += 1
+        if seconds:
+            self.cost += (seconds - self.cost) * COST_WEIGHT
+            if self.sample is None:
+                self.rate = sample_rate(self.cost, self.budget)
+            if not self.requests % SHOW_EVERY:
+                self._show()
         if served == other:
             return False
         self.moves[(live.rule, served, other)] += 1
@@ -97,10 +136,29 @@ class Shadow:
         a broken one keeps the last good."""
         changed = self._load()
         if changed or live_version != self._live:
-            self._live, self.requests = live_version, 0
+            self._live, self.requests, self.seen = live_version, 0, 0
             self.moves = Counter()
-        self.metrics.show_shadow(self.table.version if self.table is not None else None)
+        self._show()
         return changed
+
+    def _show(self) -> None:
+        table = self.table
+        self.metrics.show_shadow(
+            table.version if table is not None else None, self.rate, self.cost if table is not None else 0.0
+        )
+
+    def _measure(self, engine: Engine) -> None:
+        """The new table's cost on synthetic requests, and the sample it allows."""
+        cost = steering_cost(engine)
+        self.cost = cost.seconds
+        self.rate = self.sample if self.sample is not None else sample_rate(cost.seconds, self.budget)
+        log.info(
+            "shadow table %s: %s; it decides %.2f%% of requests (%s)",
+            engine.table.version,
+            cost.describe(),
+            self.rate * 100,
+            "--shadow-sample" if self.sample is not None else f"budget {self.budget * 1000:g} ms per request",
+        )
 
     def _load(self) -> bool:
         try:
@@ -135,7 +193,9 @@ class Shadow:
             return False
         effective, _, _ = reconcile(document, overrides)
         table = compile_table(effective, config_version(content), self.rules.label, validated=True)
-        self.engine = serving_engine(table)
+        engine = serving_engine(table)
+        self._measure(engine)  # before it decides a request: its first sample is within budget
+        self.engine = engine
         self.error, self.loaded_at, self._read = "", time.time(), inputs
         log.info("shadow table: %s version %s", self.rules.label, table.version)
         return True
@@ -153,6 +213,10 @@ class Shadow:
             self.requests,
             sum(self.moves.values()),
             [(*move, count) for move, count in self.moves.most_common(TOP)],
+            self.seen,
+            self.rate,
+            self.cost,
+            self.budget if self.sample is None else 0.0,
         )
 
 

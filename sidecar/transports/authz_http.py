@@ -47,9 +47,20 @@ Assumptions the generated Envoy config must make true:
 Bounds: request head bytes and header count (431), body bytes (413), malformed HTTP (400,
 then close), a deadline per request from its first byte and an idle deadline per
 keep-alive connection, reading paused while a peer does not read its answers, and a cap on
-connections below the process's file descriptor limit (`connection_cap`): at the cap a new
-connection takes the place of the longest-idle one (never one with a request under way),
-and is refused only when none is idle.
+connections below the process's file descriptor limit (`connection_cap`). A connection must
+complete its first request within `request_timeout` of being accepted (Envoy sends its check
+at once). At the cap a new connection takes the place of, in this order:
+1. a connection that has not completed a request (silent, or a request half sent) and has
+   nothing waiting in its socket, the oldest first: Envoy's own new connections send their
+   check at once and are answered as it arrives, so these are someone else's;
+2. a connection that has served requests and waits for the next one, the longest idle first
+   (Envoy's pool opens another when it needs one);
+3. one that has served requests but whose request under way has stalled for STALLED_SECONDS
+   (Envoy writes a check in one go).
+It is refused only when none of these exists. Envoy's circuit breaker for the sidecar cluster
+(ENVOY_SIDECAR_CONNECTIONS, in every generated config) keeps Envoy's own connections under
+the cap, so at the cap there is always someone else's to give up first; a cap under it is
+logged at start.
 """
 
 import asyncio
@@ -68,12 +79,14 @@ from sidecar.contract import (
     AUTHZ_HTTP_IDLE_SECONDS,
     CHECK_HEADER_HEADROOM,
     ENVOY_MAX_HEADERS,
+    ENVOY_SIDECAR_CONNECTIONS,
     HEALTH_PATH,
     PATH_PREFIX,
 )
 from sidecar.core import Request, Steering
 from sidecar.core.request import add_header
 from sidecar.core.text import header_text
+from sidecar.sockets import pending_bytes
 from sidecar.table.decider import Decider
 from sidecar.transports.answers import AnswerCache
 from sidecar.transports.http_check import MTLS_UNNAMED, answer_bytes, check_request, plain_answer
@@ -96,6 +109,9 @@ class Limits:
 # Descriptors left to everything but these connections: reloads (watching and reading the
 # rules, the state file), etcd, the gRPC and operator endpoints, logs.
 RESERVED_DESCRIPTORS = 128
+# A request of a connection that has served before, under way this long, may be given up at
+# the cap (after connections that never served and idle ones): Envoy writes a check at once.
+STALLED_SECONDS = 1.0
 
 
 def connection_cap(limits: Limits) -> int:
@@ -146,7 +162,16 @@ class AuthzHttpServer:
         self.health_query = self.health_target + b"?"
         self.answers = AnswerCache(answer_bytes, limits.answer_cache_bytes, limits.max_cached_answer)
         self.connections: set[_Connection] = set()
+        self.unserved: dict[_Connection, None] = {}  # no request completed yet, oldest first
         self.max_connections = connection_cap(limits)
+        if self.max_connections <= ENVOY_SIDECAR_CONNECTIONS:
+            log.warning(
+                "authz HTTP: at most %d connections (the file descriptor limit), not above the "
+                "%d of Envoy's circuit breaker for the sidecar cluster: at the cap Envoy's own "
+                "connections may be given up; raise the open file limit (ulimit -n)",
+                self.max_connections,
+                ENVOY_SIDECAR_CONNECTIONS,
+            )
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -197,17 +222,38 @@ class AuthzHttpServer:
                     connection.abort()
 
     def admit(self, connection: "_Connection") -> bool:
-        """Take `connection` in; at the cap, in the place of the longest-idle connection,
-        which is closed. False (refused) when every connection has a request under way."""
+        """Take `connection` in; at the cap, in the place of another (see the module's
+        docstring for which), which is closed. False (refused) when none can be given up."""
         if len(self.connections) >= self.max_connections:
-            idle = [c for c in self.connections if not c.in_message and not c.closing]
-            if not idle:
+            victim = self._victim()
+            if victim is None:
                 self.log_once("cap", f"authz HTTP: {self.max_connections} connections busy: refused one")
                 return False
-            self.log_once("evict", f"authz HTTP: {self.max_connections} connections: closing idle ones")
-            min(idle, key=lambda c: c.idle_since).drain()
+            self.log_once("evict", f"authz HTTP: {self.max_connections} connections: closing others")
+            self.forget(victim)
+            if victim.served and not victim.in_message:
+                victim.drain()  # idle: closed cleanly, Envoy's pool sees it go
+            else:
+                victim.abort()
         self.connections.add(connection)
+        self.unserved[connection] = None
         return True
+
+    def _victim(self) -> "_Connection | None":
+        for connection in self.unserved:
+            if not pending_bytes(connection.fileno()):
+                return connection
+        served = [c for c in self.connections if c.served and not c.closing]
+        idle = [c for c in served if not c.in_message]
+        if idle:
+            return min(idle, key=lambda c: c.idle_since)
+        stalled = time.monotonic() - STALLED_SECONDS
+        late = [c for c in served if c.began < stalled]
+        return min(late, key=lambda c: c.began) if late else None
+
+    def forget(self, connection: "_Connection") -> None:
+        self.connections.discard(connection)
+        self.unserved.pop(connection, None)
 
     def steer(self, method: str, target: str, headers: dict[str, str]) -> Steering:
         # Read as a copy (a C call, no Python frame: this runs once per check); `request`
@@ -239,8 +285,10 @@ class _Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.closing = False  # no more requests are read: close once the answers are written
         self.in_message = self.in_body = False
-        self.idle_since = time.monotonic()
-        self.deadline = self.idle_since + self.limits.idle_timeout
+        self.served = 0  # requests completed
+        self.idle_since = self.began = time.monotonic()
+        # Until its first request is complete, a connection has request_timeout from its accept.
+        self.deadline = self.idle_since + self.limits.request_timeout
         self.target = b""
         self.headers: dict[str, str] = {}
         self.head_bytes = self.raw_head_bytes = self.body_bytes = 0
@@ -252,7 +300,7 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.forget(self)
 
     def pause_writing(self) -> None:  # the peer is not reading its answers: stop reading requests
         assert self.transport is not None
@@ -297,7 +345,8 @@ class _Connection(asyncio.Protocol):
         if self.closing:  # a request pipelined after one we answer with connection: close
             raise _Reject(0, "")
         self.in_message = True
-        self.deadline = time.monotonic() + self.limits.request_timeout
+        self.began = time.monotonic()
+        self.deadline = self.began + self.limits.request_timeout if self.served else self.deadline
         self.target = b""
         self.headers = {}
         self.head_bytes = self.body_bytes = 0
@@ -331,6 +380,9 @@ class _Connection(asyncio.Protocol):
             raise _Reject(413, "request body too large")
 
     def on_message_complete(self) -> None:
+        if not self.served:
+            self.server.unserved.pop(self, None)
+        self.served += 1
         self.in_message = self.in_body = False
         self.idle_since = time.monotonic()
         self.deadline = self.idle_since + self.limits.idle_timeout
@@ -383,6 +435,10 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def fileno(self) -> int:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        return -1 if sock is None else int(sock.fileno())
 
 
 async def start_authz_http(

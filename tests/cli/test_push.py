@@ -87,6 +87,13 @@ def test_push_next_writes_the_shadow_table_without_asking(tmp_path: Path, url: s
     pushed = push("--next", str(rules(tmp_path, 90, seed="other")), url)  # moves most users, both ways
     assert pushed.returncode == 0, pushed.stderr
     assert f"to {url}/rules.next" in pushed.stdout
+    # what it will cost each replica, said before it is written
+    cost = pushed.stdout.index("as a shadow table: 1 rules, about ")
+    assert (
+        "ms per decision" in pushed.stdout
+        and "of requests within the default --shadow-budget" in pushed.stdout
+    )
+    assert cost < pushed.stdout.index(f"to {url}/rules.next")
     assert served(url) == load_version(live)  # the rules served are untouched
 
 

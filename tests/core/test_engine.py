@@ -60,29 +60,74 @@ def test_tables_over_the_size_limit_are_walked_by_the_reference(monkeypatch: pyt
     assert Engine(table_from_rules(rules[:2])).generated
 
 
-def test_a_long_chain_is_compiled_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def _wide_rule(conditions: int) -> dict[str, Any]:
+    headers = {f"x-h{i:05d}": f"v{i}" for i in range(conditions)}
+    return {"name": "wide", "match": {"headers": headers}, "route": "canary"}
+
+
+def _wide_split(sources: int) -> dict[str, Any]:
+    split = {
+        "key": [f"header:x-k{i:05d}" for i in range(sources)],
+        "to": [{"cluster": "canary", "weight": 1}],
+    }
+    return {"name": "wide-split", "split": split}
+
+
+def _long_values(count: int, length: int) -> list[dict[str, Any]]:
+    """An index run of exact-header rules whose values are long (written as literals)."""
+    return [
+        {"name": f"long{i}", "match": {"headers": {"x-t": f"{i}" + "v" * length}}, "route": "canary"}
+        for i in range(count)
+    ]
+
+
+SHAPES = {
+    "a long chain": [
+        {"name": f"r{i}", "match": {"path": {"prefix": f"/p{i}/"}}, "route": "canary"} for i in range(205)
+    ],
+    "one rule of 3,000 conditions": [_wide_rule(3000)],
+    "one split of 3,000 key sources": [_wide_split(3000)],
+    "long rules after a wide one": [
+        _wide_rule(300),
+        *(_wide_rule(60) | {"name": f"w{i}"} for i in range(40)),
+    ],
+    "long values in an index run": _long_values(8, 20_000),
+    "a long regex and prefix": [
+        {
+            "name": "long",
+            "match": {"headers": {"x-p": {"prefix": "p" * 50_000}}, "path": {"exact": "/" + "a" * 50_000}},
+            "route": "canary",
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize("rules", SHAPES.values(), ids=SHAPES.keys())
+def test_what_one_compile_holds_is_bounded_by_size(
+    rules: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """compile() holds the GIL for its whole text: a reload in a thread compiling 4,000 rules
-    at once stopped the serving loop for 0.2 s. No call may take more than CHUNK_RULES rules."""
+    at once stopped the serving loop for 0.2 s, one rule of 45,000 exact-header conditions
+    for 0.7 s, one split of 30,000 key sources for 1 s. Whatever the rules' shape, no call is
+    given more than MAX_COMPILE_CHARS, and the engine still answers as the reference."""
     sizes: list[int] = []
     real_compile = compile
 
-    def counting(text: str, *args: Any) -> Any:
-        sizes.append(text.count("return _k"))  # one per route rule (a Decision constant)
+    def measuring(text: str, *args: Any) -> Any:
+        sizes.append(len(text))
         return real_compile(text, *args)
 
-    monkeypatch.setattr(chain_module, "compile", counting, raising=False)
-    count = 2 * chain_module.CHUNK_RULES + 5
-    rules = [
-        {"name": f"r{i}", "match": {"path": {"prefix": f"/p{i}/"}}, "route": "canary"} for i in range(count)
-    ]
+    monkeypatch.setattr(chain_module, "compile", measuring, raising=False)
     table = table_from_rules(rules)
     engine = Engine(table)
     assert engine.generated
-    # three chunks of `decide`, its chain calling them (with the default), `denied`
-    assert sizes == [chain_module.CHUNK_RULES, chain_module.CHUNK_RULES, 5, 1, 0]
-    for i in (0, chain_module.CHUNK_RULES, count - 1, count):
-        probe = request(path=f"/p{i}/x")
+    assert sizes and max(sizes) <= chain_module.MAX_COMPILE_CHARS
+    probes = [request(), request(path="/p0/x"), request(path="/p204/x"), request(x_t="7" + "v" * 20_000)]
+    probes += [request(**{f"x_h{i:05d}": f"v{i}" for i in range(n)}) for n in (60, 300, 3000)]
+    probes += [request(x_k02999="u1"), request(x_k00000="u2", x_k00001="u3"), request(x_p="p" * 50_000)]
+    for probe in probes:
         assert engine.decide(probe) == table.decide(probe)
+        assert engine.steer(probe) == steer(table, probe)
 
 
 def test_a_failing_generator_leaves_the_table_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -182,20 +182,30 @@ def same(table: Table, engine: Engine, request: Request, seed: int) -> None:
         assert random.getstate() == after
 
 
-@pytest.mark.parametrize("chunk", [chain.CHUNK_RULES, 3], ids=["one-function", "chunks-of-3"])
+BOUNDS = {  # (CHUNK_CHARS, MAX_RULE_CHARS)
+    "as-written": (chain.CHUNK_CHARS, chain.MAX_RULE_CHARS),
+    "small-chunks": (600, chain.MAX_RULE_CHARS),
+    "rules-as-data": (600, 0),
+}
+
+
+@pytest.mark.parametrize("bounds", BOUNDS.values(), ids=BOUNDS.keys())
 @SETTINGS
 @given(documents(), st.lists(requests(), min_size=1, max_size=8), st.integers(0, 2**32))
 def test_the_engine_answers_as_the_reference(
-    chunk: int, document: dict[str, Any], batch: list[Request], seed: int
+    bounds: tuple[int, int], document: dict[str, Any], batch: list[Request], seed: int
 ) -> None:
-    """Also with the chain compiled in chunks of 3 rules, as a long table's is (runs of
-    exact-header rules and rules that always match cut at chunk borders)."""
+    """Also with the chain compiled in small pieces, as a long table's is (runs of
+    exact-header rules and rules that always match cut at chunk borders), and with every
+    rule's conditions and split keys too long to write out, as a huge rule's are (the
+    reference's matchers and key getters called as data)."""
     found = problems(document)
     if found:  # a drawn combination the rules file refuses (e.g. a fallback no lane has)
         return
     table = compile_table(document, "v1", "rules.yaml")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(chain, "CHUNK_RULES", chunk)
+        patch.setattr(chain, "CHUNK_CHARS", bounds[0])
+        patch.setattr(chain, "MAX_RULE_CHARS", bounds[1])
         engine = Engine(table)
     assert engine.generated
     for request in batch * 2:  # twice: the second time from the shared decisions and steerings

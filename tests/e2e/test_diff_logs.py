@@ -103,7 +103,12 @@ def test_diff_on_the_access_log_and_the_decision_log_is_what_explain_says(mode: 
     assert {key[:2] for key in expected} >= {("beta", "mobile"), ("beta", "ramp"), ("ramp", "ramp")}
     for log in (access_log, decisions):
         report = diff(old, new, log)
-        assert report["read"] == {"requests": len(SENT), "skipped_lines": 0, "redacted": 0}, log
+        assert report["read"] == {
+            "requests": len(SENT),
+            "skipped_lines": 0,
+            "unreadable_lines": 0,
+            "redacted": 0,
+        }, log
         assert report["requests"] == len(SENT)
         assert report["moved_requests"] == sum(expected.values()), log
         found = {

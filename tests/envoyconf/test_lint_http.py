@@ -168,6 +168,16 @@ CASES: list[tuple[str, Callable[[Config], None], str]] = [
         "the request skips the sidecar",
     ),
     (
+        "no circuit breaker (Envoy's 1,024)",
+        _drop(cluster, "circuit_breakers"),
+        "max_requests 1024 (the default)",
+    ),
+    (
+        "a circuit breaker above the sidecar's room",
+        lambda c: cluster(c)["circuit_breakers"]["thresholds"][0].update(max_requests=4096),
+        "at its connection cap Envoy's own may be given up",
+    ),
+    (
         "more headers than the sidecar reads",
         _set(hcm, "common_http_protocol_options", {"max_headers_count": 200}),
         "the sidecar refuses requests Envoy accepted",

@@ -5,8 +5,10 @@ takes a thread is bounded."""
 
 import http.client
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sidecar.dev.processes import wait_for
 from sidecar.ops.health import Readiness
 from sidecar.ops.operator_http import Extra, Limits, OperatorHttpServer, Request, start_http
+from tests.tls import make_ca, make_leaf, write_pair
 
 DEADLINE = 3.0
 LIMITS = Limits(request_deadline=DEADLINE)
@@ -267,3 +270,74 @@ def test_a_host_that_is_not_this_endpoints_is_refused_but_the_probes(readiness: 
             assert status("/ui/view", host) == 200, host
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_probe_in_a_burst_of_silent_connections_is_answered(
+    readiness: Readiness, tmp_path: Path, tls: bool
+) -> None:
+    """At the cap, a burst of silent connections arrives with a probe among them, all accepted
+    in one batch before any is read (the endpoint's loop held while they queue): the silent
+    ones take each other's places, never the probe's."""
+    context = client = None
+    if tls:
+        ca = make_ca()
+        key, cert = write_pair(tmp_path, "server", make_leaf(ca, "sidecar", dns=["localhost"]))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        client = ssl.create_default_context(cadata=ca.pem.decode())
+    cap = Limits().max_connections  # production's, 64
+    server = start_http(
+        "127.0.0.1",
+        0,
+        CollectorRegistry(),
+        readiness,
+        lambda: {"version": "v1"},
+        tls=(lambda: context) if context is not None else None,
+    )
+    port = server.server_address[1]
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        wait_for(lambda: server.connections == cap, 10, "the cap to be full of silent connections")
+        for _ in range(3):
+            assert burst(server, silent, client) == [200]
+    finally:
+        for sock in silent:
+            sock.close()
+        server.shutdown()
+
+
+def burst(
+    server: OperatorHttpServer, silent: list[socket.socket], client: ssl.SSLContext | None
+) -> list[int]:
+    """Hold the endpoint's loop, queue a probe then more silent connections than the cap
+    behind it, let the loop go: the probe's answer."""
+    port, held, release = server.server_address[1], threading.Event(), threading.Event()
+    assert server._loop is not None
+    server._loop.call_soon_threadsafe(lambda: (held.set(), release.wait(30)))
+    assert held.wait(10)
+    answers: list[int] = []
+    prober = threading.Thread(target=lambda: answers.append(probe(port, client)))
+    prober.start()
+    for _ in range(Limits().max_connections + 20):  # more than the cap, in the same batch
+        silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    release.set()
+    prober.join(30)
+    return answers
+
+
+def probe(port: int, tls: ssl.SSLContext | None) -> int:
+    """GET /readyz as a kubelet does: the status, 0 when the connection was closed or failed."""
+    if tls is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    else:
+        connection = http.client.HTTPSConnection("localhost", port, context=tls, timeout=10)
+    try:
+        connection.request("GET", "/readyz")
+        return connection.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        connection.close()

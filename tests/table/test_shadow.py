@@ -2,6 +2,7 @@
 its last good table, never touches the served one, and counts each request against it."""
 
 import asyncio
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -13,11 +14,12 @@ from sidecar.core import Request, steer
 from sidecar.core import engine as engine_module
 from sidecar.ops.decision_log import DecisionLog
 from sidecar.ops.metrics import Metrics
+from sidecar.ops.view import shadow_view
 from sidecar.sources.file import RulesFile
 from sidecar.sources.state_file import StateFile, default_state_path
 from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
-from sidecar.table.shadow import Shadow
+from sidecar.table.shadow import DEFAULT_BUDGET, Shadow
 
 LIVE = """version: 1
 clusters: [stable, canary]
@@ -38,14 +40,18 @@ NEXT = (
 BROKEN = NEXT.replace("weight: 50}]", "weight: -1}]")
 
 
-def setup(tmp_path: Path, next_text: str | None = NEXT) -> tuple[Path, Reloader, Shadow, Metrics]:
+def setup(
+    tmp_path: Path, next_text: str | None = NEXT, sample: float | None = 1.0, budget: float = DEFAULT_BUDGET
+) -> tuple[Path, Reloader, Shadow, Metrics]:
+    """By default the shadow decides every request (its sample does not depend on the
+    machine's speed)."""
     live, upcoming = tmp_path / "rules.yaml", tmp_path / "next.yaml"
     live.write_text(LIVE)
     if next_text is not None:
         upcoming.write_text(next_text)
     metrics = Metrics(CollectorRegistry())
     state = StateFile(default_state_path(live))
-    shadow = Shadow(RulesFile(upcoming), state, metrics)
+    shadow = Shadow(RulesFile(upcoming), state, metrics, sample=sample, budget=budget)
     return upcoming, Reloader(RulesFile(live), metrics, state, shadow=shadow), shadow, metrics
 
 
@@ -184,3 +190,47 @@ def test_a_shadow_table_the_generator_refuses_is_served_by_the_reference_and_log
     assert f"rules {shadow.engine.table.version} served by the reference engine" in caplog.text
     request = Request({"u": "user-1"})
     assert shadow.engine.steer(request) == steer(shadow.engine.table, request)
+
+
+def decide_all(reloader: Reloader, shadow: Shadow, metrics: Metrics, count: int) -> None:
+    decider = Decider(reloader.holder, metrics, shadow=shadow)
+    for i in range(count):
+        served = decider.steer_input("ext_proc", partial(dict, {"u": f"user-{i}"}), Request)
+        assert served.decision == steer(reloader.table, Request({"u": f"user-{i}"})).decision
+
+
+def test_a_costly_shadow_decides_the_share_of_requests_its_budget_allows(tmp_path: Path) -> None:
+    """A 4,900-rule shadow table made every check 15.8 ms instead of 0.047 ms: the shadow
+    decides the share of requests that keeps its mean cost under the budget, measured when it
+    loads, and its counts and status say they are of a sample."""
+    _, reloader, shadow, metrics = setup(tmp_path, sample=None, budget=1e-9)  # any table costs more
+    assert shadow.cost > 0 and 0 < shadow.rate < 0.01
+    decide_all(reloader, shadow, metrics, 300)
+    status = shadow.status()
+    assert status.seen == 300 and status.requests < 300
+    assert status.sample_ratio == shadow.rate and status.budget_seconds == 1e-9
+    assert sum(shadow_counts(metrics).values()) == status.requests  # the counts are the sample's
+    assert metrics.registry.get_sample_value("graysteer_shadow_sample_ratio") == pytest.approx(shadow.rate)
+    assert (metrics.registry.get_sample_value("graysteer_shadow_decision_seconds") or 0) > 0
+    view = shadow_view({"following": True, "version": "v", "source": "next.yaml", **dataclass_fields(status)})
+    assert view is not None and "sampled from 300 requests" in view["note"] and "budget" in view["note"]
+
+
+def test_a_fixed_sample_decides_that_share_whatever_the_cost(tmp_path: Path) -> None:
+    _, reloader, shadow, metrics = setup(tmp_path, sample=0.25, budget=1e-9)
+    decide_all(reloader, shadow, metrics, 2000)
+    status = shadow.status()
+    assert shadow.rate == 0.25 and status.seen == 2000
+    assert 350 < status.requests < 650  # binomial(2000, 0.25): 500 +- 19
+    assert sum(shadow_counts(metrics).values()) == status.requests
+    assert status.budget_seconds == 0  # fixed: no budget applies
+
+
+def test_a_cheap_shadow_within_its_budget_decides_every_request(tmp_path: Path) -> None:
+    _, reloader, shadow, metrics = setup(tmp_path, sample=None, budget=10.0)
+    decide_all(reloader, shadow, metrics, 50)
+    assert shadow.rate == 1.0 and shadow.status().requests == shadow.status().seen == 50
+
+
+def dataclass_fields(status: object) -> dict[str, object]:
+    return dataclasses.asdict(status)  # type: ignore[call-overload,no-any-return]

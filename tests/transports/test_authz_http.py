@@ -455,6 +455,28 @@ def test_a_connection_with_a_request_under_way_is_never_closed_for_another(loop:
     serve(loop, test, limits=CAPPED)
 
 
+def test_at_the_cap_connections_that_never_served_go_before_envoys(loop: LoopFactory) -> None:
+    """Envoy's pooled connections (they have served checks) stay while silent and half-sent
+    connections arrive past the cap: those take each other's places, and a new connection of
+    Envoy's is answered."""
+
+    async def test(server: AuthzHttpServer, connect: Callable[[], Awaitable[Client]]) -> None:
+        pooled = [await connect() for _ in range(2)]
+        for client in pooled:
+            assert (await client.ask(check("/"))).status == 200
+        strangers = [await connect() for _ in range(6)]  # past the cap of 4
+        for stranger in strangers[::2]:
+            await stranger.send(PARTIAL)  # half-sent requests
+        for _ in range(3):
+            for client in pooled:
+                assert (await client.ask(check("/"))).status == 200
+            reconnect = await connect()  # a new connection of Envoy's, check sent at once
+            assert (await reconnect.ask(check("/"))).status == 200
+        assert len(server.connections) == 4 and all(c.served for c in server.connections)
+
+    serve(loop, test, limits=CAPPED)
+
+
 def test_the_cap_leaves_descriptors_for_everything_else() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))

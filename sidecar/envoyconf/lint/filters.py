@@ -9,6 +9,7 @@ from sidecar.contract import (
     DECISION_HEADER_PREFIX,
     ENVOY_MAX_HEADERS,
     ENVOY_POOL_IDLE_TIMEOUT,
+    ENVOY_SIDECAR_CONNECTIONS,
     HEALTH_PATH,
     LISTENER_PORT_HEADER,
     METADATA_NAMESPACE,
@@ -135,6 +136,7 @@ def check_http_cluster(cluster_name: Any, clusters: dict[str, Any]) -> Iterator[
             f"set the cluster's {HTTP_OPTIONS} common_http_protocol_options.idle_timeout: "
             f"{ENVOY_POOL_IDLE_TIMEOUT:g}s",
         )
+    yield from check_circuit_breakers(cluster_name, cluster)
     for check in cluster.get("health_checks") or []:
         if (check.get("http_health_check") or {}).get("path") != HEALTH_PATH:
             yield Finding(
@@ -280,6 +282,34 @@ def check_http_identity(table: Table, hcm: dict[str, Any], added: dict[str, Any]
 
 # Envoy checks a cluster that never had traffic every `no_traffic_interval` (default 60 s).
 MAX_IDLE_CHECK_SECONDS = 5.0
+
+
+CIRCUIT_BREAKER_LIMITS = ("max_connections", "max_pending_requests", "max_requests")
+
+
+def check_circuit_breakers(name: str, cluster: dict[str, Any]) -> Iterator[Finding]:
+    """The fast path's cluster must keep Envoy's connections under the sidecar's cap, which
+    assumes Envoy holds at most ENVOY_SIDECAR_CONNECTIONS (Envoy's default is 1,024 each)."""
+    thresholds = (cluster.get("circuit_breakers") or {}).get("thresholds") or []
+    default: dict[str, Any] = next(
+        (t for t in thresholds if t.get("priority", "DEFAULT") in ("DEFAULT", 0)), {}
+    )
+    over = {
+        limit: default.get(limit, 1024)
+        for limit in CIRCUIT_BREAKER_LIMITS
+        if not str(default.get(limit, 1024)).isdigit()
+        or int(default.get(limit, 1024)) > ENVOY_SIDECAR_CONNECTIONS
+    }
+    if over:
+        shown = ", ".join(f"{limit} {value}" for limit, value in over.items())
+        yield Finding(
+            f"sidecar cluster {name!r} lets Envoy open more connections to the fast path than the "
+            f"sidecar keeps room for ({shown}{' (the default)' if not default else ''}; the sidecar "
+            f"assumes {ENVOY_SIDECAR_CONNECTIONS}): at its connection cap Envoy's own may be given up",
+            "set the cluster's circuit_breakers.thresholds: [{"
+            + ", ".join(f"{limit}: {ENVOY_SIDECAR_CONNECTIONS}" for limit in CIRCUIT_BREAKER_LIMITS)
+            + "}]",
+        )
 
 
 def check_health_checks(name: str, cluster: dict[str, Any]) -> Iterator[Finding]:
