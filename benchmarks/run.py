@@ -54,7 +54,7 @@ def measure(
     envoy = None
     try:
         ports: list[int] = getattr(sidecar, "ports", [])
-        envoy = front_envoy(scenario, ports, upstreams, workdir)
+        envoy = front_envoy(scenario, ports, upstreams, workdir, getattr(sidecar, "xds_port", 0))
         if ports:  # wait for Envoy's health checks to find every sidecar endpoint healthy
             wait_for(
                 lambda: envoy.stats().get("cluster.graysteer.membership_healthy") == len(set(ports)),

@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
-from sidecar.dev.devstack import Envoy, Sidecar
-from sidecar.dev.processes import Process, free_port
+from sidecar.contract import XDS_CLUSTER
+from sidecar.core import compile_table
+from sidecar.dev.devstack import LUA_TABLE_VERSION, Envoy, Sidecar
+from sidecar.dev.processes import Process, free_port, wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 
@@ -107,6 +109,19 @@ def ext_authz() -> dict[str, Any]:
     return bootstrap_document(table, EnvoyOptions(mode="ext_authz"))
 
 
+def envoy_decides() -> dict[str, Any]:
+    """(l) Envoy decides from the table as Lua (served over ECDS), the fast path behind it."""
+    return bootstrap_document(load_rules(RULES), EnvoyOptions(mode="envoy_decides"))
+
+
+def envoy_decides_realistic() -> dict[str, Any]:
+    """(l50) (l) on the 50-rule realistic table (benchmarks/decide.py)."""
+    from benchmarks.decide import realistic_document
+
+    table = compile_table(realistic_document(), "realistic", "realistic.yaml")
+    return bootstrap_document(table, EnvoyOptions(mode="envoy_decides"))
+
+
 def ext_authz_http() -> dict[str, Any]:
     """(h) the ext_authz-over-HTTP front proxy: envoy/ext_authz_http.yaml's generator."""
     table = load_rules(RULES)
@@ -147,6 +162,8 @@ class Scenario:
     headers: dict[str, str] = field(default_factory=dict)  # sent by the load tool
     vary_user: bool = True  # a different x-user-id per request (exercises the split)
     sidecar_args: tuple[str, ...] = ()
+    xds: bool = False  # the sidecar serves Envoy the table as Lua over ECDS (--xds-listen)
+    realistic: bool = False  # the sidecar serves the 50-rule realistic table, not RULES
 
     def start_sidecar(self, workdir: Path) -> Process | None:
         if self.sidecar == "none":
@@ -166,14 +183,25 @@ class Scenario:
             for a in self.sidecar_args
         ]
         shared = "--authz-http-shared-port" in self.sidecar_args  # needs a fixed port
-        return Sidecar(
-            RULES,
+        xds_port = free_port() if self.xds else 0
+        if self.xds:
+            args += ["--xds-listen", f"127.0.0.1:{xds_port}"]
+        rules = RULES
+        if self.realistic:
+            from benchmarks.decide import realistic_document
+
+            rules = workdir / "realistic.yaml"
+            rules.write_text(yaml.safe_dump(realistic_document()))
+        sidecar = Sidecar(
+            rules,
             workdir,
             args,
             name=f"sidecar-{self.key}",
             transport=self.transport,
             port=free_port() if shared else 0,
         )
+        sidecar.xds_port = xds_port  # type: ignore[attr-defined]
+        return sidecar
 
 
 DECISION_LOG = ("--decision-log", "{workdir}/decisions.jsonl")
@@ -208,6 +236,25 @@ SCENARIOS = [
     Scenario("f3", "(b) with 3 worker processes", envoy_yaml, "graysteer", workers=3),
     Scenario(
         "h", "ext_authz over HTTP (the fast path)", ext_authz_http, "graysteer", transport="http", floor="h0"
+    ),
+    Scenario(
+        "l",
+        "Envoy decides from the table as Lua (ECDS), the fast path for what the Lua leaves",
+        envoy_decides,
+        "graysteer",
+        transport="http",
+        floor="h0",
+        xds=True,
+    ),
+    Scenario(
+        "l50",
+        "(l) on the 50-rule realistic table",
+        envoy_decides_realistic,
+        "graysteer",
+        transport="http",
+        floor="h0",
+        xds=True,
+        realistic=True,
     ),
     Scenario(
         "h0",
@@ -291,12 +338,17 @@ SCENARIOS = [
 
 
 def front_envoy(
-    scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int], workdir: Path
+    scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int], workdir: Path, xds_port: int = 0
 ) -> Envoy:
     from sidecar.dev.devstack import rewrite_envoy_config
 
     endpoints: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in upstreams.items()}
     if sidecar_ports:  # one endpoint per distinct port (workers sharing one port: one)
         endpoints["graysteer"] = [("127.0.0.1", port) for port in sorted(set(sidecar_ports))]
+    if xds_port:
+        endpoints[XDS_CLUSTER] = ("127.0.0.1", xds_port)
     config = copy.deepcopy(scenario.envoy())
-    return Envoy(rewrite_envoy_config(config, endpoints), workdir, name=f"front-{scenario.key}")
+    envoy = Envoy(rewrite_envoy_config(config, endpoints), workdir, name=f"front-{scenario.key}")
+    if xds_port:  # measure Envoy deciding, not the default that asks the sidecar
+        wait_for(lambda: envoy.stats().get(LUA_TABLE_VERSION), 20, "Envoy to get the table over ECDS")
+    return envoy

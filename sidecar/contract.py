@@ -3,6 +3,7 @@ send and expect, and what the transports (sidecar.transports) read and answer. O
 that generating a config imports none of the serving stack and a name cannot drift between
 the two sides."""
 
+from sidecar.core.lua_table import LuaNames
 from sidecar.core.xfcc import XFCC  # Envoy's own with SANITIZE_SET; the core parses it
 
 __all__ = ["XFCC"]  # and every name below
@@ -61,3 +62,13 @@ ENVOY_SIDECAR_CONNECTIONS = 512
 
 # The gRPC health service names Envoy's health checks (and operators) ask about.
 HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor", "envoy.service.auth.v3.Authorization")
+
+# ---- the decision inside Envoy (envoy-config --mode envoy_decides, serve --xds-listen) -----------
+
+LUA_FILTER_NAME = "graysteer.decide"  # the ECDS resource: the Lua filter holding the table
+LUA_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+UNDECIDED_KEY = "undecided"  # METADATA_NAMESPACE: true when the Lua leaves the request to the sidecar
+XDS_CLUSTER = "graysteer_xds"  # the sidecar's ECDS endpoint (gRPC)
+# The Lua files its decision where the fast path's answer does (ext_authz's namespace, keyed by
+# the decision headers' names): one access log format and one set of trace tags for both.
+LUA_NAMES = LuaNames(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX, METADATA_NAMESPACE, UNDECIDED_KEY)

@@ -36,10 +36,12 @@ def add_envoy_config(commands: Any) -> None:
     p.add_argument("--rules", required=True, help="the rules file (YAML)")
     p.add_argument(
         "--mode",
-        choices=["ext_proc", "ext_authz", "ext_authz_http"],
+        choices=["ext_proc", "ext_authz", "ext_authz_http", "envoy_decides"],
         default="ext_proc",
-        help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, or "
-        "ext_authz over plain HTTP (serve --authz-http-listen) (default %(default)s)",
+        help="how Envoy calls the sidecar: ext_proc or ext_authz over gRPC, "
+        "ext_authz over plain HTTP (serve --authz-http-listen), or envoy_decides: Envoy decides "
+        "from the table the sidecar serves it as Lua (serve --xds-listen), the fast path what "
+        "the Lua leaves (default %(default)s)",
     )
     add_listener_tls_flags(p)
     add_address_flags(p)
@@ -87,7 +89,13 @@ def add_address_flags(p: argparse.ArgumentParser) -> None:
         default="127.0.0.1:50051",
         type=address,
         help="the sidecar's address: serve --listen, or --authz-http-listen with "
-        "--mode ext_authz_http (default %(default)s)",
+        "--mode ext_authz_http or envoy_decides (default %(default)s)",
+    )
+    p.add_argument(
+        "--sidecar-xds",
+        default="127.0.0.1:18000",
+        type=address,
+        help="with --mode envoy_decides: the sidecar's serve --xds-listen (default %(default)s)",
     )
     p.add_argument(
         "--workers",
@@ -230,6 +238,7 @@ def envoy_config(args: argparse.Namespace) -> int:
         listen=args.listen,
         admin=args.admin,
         sidecar=args.sidecar,
+        xds=args.sidecar_xds,
         sidecar_workers=args.workers,
         upstreams=dict(args.upstreams),
         mode=args.mode,

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.contract import LUA_FILTER_NAME, XDS_CLUSTER
 from sidecar.dev.load import HttpClient
 from sidecar.dev.processes import Process, envoy_binary, free_port, wait_for
 
@@ -67,6 +68,15 @@ def _replace_filenames(node: Any, directory: Path) -> None:
     elif isinstance(node, list):
         for value in node:
             _replace_filenames(value, directory)
+
+
+# Envoy's statistic of the ECDS Lua filter's version ("" until the first table)
+LUA_TABLE_VERSION = f"extension_config_discovery.http_filter.{LUA_FILTER_NAME}.version_text"
+
+
+def serves_xds(envoy_config: Mapping[str, Any]) -> bool:
+    """Whether the Envoy config asks the sidecar for its table over ECDS (envoy_decides)."""
+    return any(c["name"] == XDS_CLUSTER for c in envoy_config["static_resources"]["clusters"])
 
 
 def sidecar_transport(envoy_config: Mapping[str, Any]) -> str:
@@ -261,6 +271,9 @@ class Stack:
             else envoy_config
         )
         self.transport = sidecar_transport(template)
+        if serves_xds(template):  # one port for every start: Envoy keeps asking there
+            self.xds_port = free_port()
+            self.sidecar_args += ("--xds-listen", f"127.0.0.1:{self.xds_port}")
         try:
             if sidecar_first:
                 self.start_sidecar()
@@ -273,9 +286,14 @@ class Stack:
                 "graysteer": [("127.0.0.1", port) for port in ports]
             }
             endpoints.update({n: ("127.0.0.1", b.port) for n, b in self.backends.items()})
+            if serves_xds(template):
+                endpoints[XDS_CLUSTER] = ("127.0.0.1", self.xds_port)
             self.envoy = Envoy(
                 rewrite_envoy_config(template, endpoints, admin_port=envoy_admin_port), workdir
             )
+            if sidecar_first and serves_xds(template):  # Envoy decides once it has the table
+                envoy = self.envoy
+                wait_for(lambda: envoy.stats().get(LUA_TABLE_VERSION), 20, "Envoy to get the table over ECDS")
         except BaseException:
             self.stop()
             raise

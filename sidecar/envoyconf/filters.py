@@ -26,7 +26,12 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpFilter,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    ListStringMatcher,
+    MetadataMatcher,
+    RegexMatcher,
+    StringMatcher,
+)
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from sidecar.contract import (
@@ -77,13 +82,16 @@ def ext_authz_filter(timeout_ms: int, mtls: bool) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))
 
 
-def ext_authz_http_filter(table: Table, timeout_ms: int, mtls: bool = False) -> HttpFilter:
+def ext_authz_http_filter(
+    table: Table, timeout_ms: int, mtls: bool = False, enabled_by: MetadataMatcher | None = None
+) -> HttpFilter:
     """ext_authz over plain HTTP/1.1 (sidecar.transports.authz_http): the check carries every request
     header (XFCC is Envoy's own with --mtls, with the certificate's SAN lists beside it to
     confirm it) and the listener port, set by Envoy; a 200's
     steered headers are copied to the request, its `x-envoy-auth-headers-to-remove` are
     removed, its decision headers become dynamic metadata; a deny answer reaches the client
-    with its status, body and content-type only."""
+    with its status, body and content-type only. With `enabled_by`, it runs only for the
+    requests whose dynamic metadata matches (envoy_decides: those the Lua left undecided)."""
 
     def exact(*names: str) -> ListStringMatcher:
         return ListStringMatcher(patterns=[StringMatcher(exact=name) for name in names])
@@ -112,6 +120,7 @@ def ext_authz_http_filter(table: Table, timeout_ms: int, mtls: bool = False) -> 
         ),
         allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
         failure_mode_allow=True,
-        clear_route_cache=True,
-    )  # re-route on the header the sidecar sets
+        clear_route_cache=True,  # re-route on the header the sidecar sets
+        filter_enabled_metadata=enabled_by,
+    )
     return HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(authz))

@@ -71,6 +71,8 @@ from sidecar.envoyconf.clusters import (
     spire_agent_cluster,
     upstream_cluster,
 )
+from sidecar.envoyconf.decides import MODE as DECIDES_MODE
+from sidecar.envoyconf.decides import decision_access_log, fallback_filter, lua_filter, xds_cluster
 from sidecar.envoyconf.filters import ext_authz_filter, ext_authz_http_filter, ext_proc_filter
 from sidecar.envoyconf.lint import guard_regex
 from sidecar.envoyconf.sds import SpireSds
@@ -80,7 +82,7 @@ from sidecar.envoyconf.tracing import DEFAULT_SERVICE_NAME, collector_cluster, t
 HostPort = tuple[str, int]
 
 
-MODES = ("ext_proc", "ext_authz", "ext_authz_http")
+MODES = ("ext_proc", "ext_authz", "ext_authz_http", DECIDES_MODE)
 
 
 def access_log_format(namespace: str, key_prefix: str = "", headers: Sequence[str] = ()) -> str:
@@ -113,6 +115,7 @@ class EnvoyOptions:
     listen: HostPort = ("127.0.0.1", 10000)
     admin: HostPort = ("127.0.0.1", 9901)
     sidecar: HostPort = ("127.0.0.1", 50051)
+    xds: HostPort = ("127.0.0.1", 18000)  # envoy_decides: the sidecar's ECDS endpoint (serve --xds-listen)
     sidecar_workers: int = 1  # `serve --workers N`: N endpoints on consecutive ports
     upstreams: Mapping[str, HostPort] = field(default_factory=dict)  # default 127.0.0.1:8081+i
     message_timeout_ms: int = 250
@@ -183,16 +186,23 @@ def over_limit_replies() -> LocalReplyConfig:
     )
 
 
-def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
-    if options.mode == "ext_authz_http":
+def sidecar_filters(table: Table, options: EnvoyOptions) -> tuple[str, list[HttpFilter]]:
+    """(the access log format, the filters that decide) of `options.mode`."""
+    mtls = options.mtls is not None
+    if options.mode in ("ext_authz_http", DECIDES_MODE):  # the Lua files its decision as the fast path
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE, DECISION_HEADER_PREFIX, logged_headers(table))
-        sidecar_filter = ext_authz_http_filter(table, options.message_timeout_ms, options.mtls is not None)
-    elif options.mode == "ext_authz":
+        if options.mode == DECIDES_MODE:
+            return log_format, [lua_filter(), fallback_filter(table, options.message_timeout_ms, mtls)]
+        return log_format, [ext_authz_http_filter(table, options.message_timeout_ms, mtls)]
+    if options.mode == "ext_authz":
         log_format = access_log_format(EXT_AUTHZ_NAMESPACE, headers=logged_headers(table))
-        sidecar_filter = ext_authz_filter(options.message_timeout_ms, options.mtls is not None)
-    else:
-        log_format = access_log_format(METADATA_NAMESPACE, headers=logged_headers(table))
-        sidecar_filter = ext_proc_filter(options.message_timeout_ms)
+        return log_format, [ext_authz_filter(options.message_timeout_ms, mtls)]
+    log_format = access_log_format(METADATA_NAMESPACE, headers=logged_headers(table))
+    return log_format, [ext_proc_filter(options.message_timeout_ms)]
+
+
+def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionManager:
+    log_format, deciding = sidecar_filters(table, options)
     access_log = StdoutAccessLog(
         log_format=SubstitutionFormatString(text_format_source=DataSource(inline_string=log_format))
     )
@@ -216,9 +226,12 @@ def connection_manager(table: Table, options: EnvoyOptions) -> HttpConnectionMan
                 ),
             )
         ],
-        access_log=[AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(access_log))],
+        access_log=[
+            AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(access_log)),
+            *([decision_access_log()] if options.mode == DECIDES_MODE else []),
+        ],
         http_filters=[
-            sidecar_filter,
+            *deciding,
             *backstop_filters(table),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
         ],
@@ -261,17 +274,21 @@ def bootstrap(table: Table, options: EnvoyOptions) -> Bootstrap:
     if options.mtls is not None:
         chain.transport_socket = tls_socket(options.mtls)
     listener = Listener(name="ingress", address=socket_address(options.listen), filter_chains=[chain])
-    clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, options.mode)] + [
+    # envoy_decides: the fast path's cluster (HTTP), and the ECDS endpoint
+    fast_path = "ext_authz_http" if options.mode == DECIDES_MODE else options.mode
+    clusters = [sidecar_cluster(options.sidecar, options.sidecar_workers, fast_path)] + [
         upstream_cluster(name, address, options.upstream_protocol) for name, address in upstreams.items()
     ]
+    if options.mode == DECIDES_MODE:
+        clusters.append(xds_cluster(options.xds))
     if options.otlp is not None:
         clusters.append(collector_cluster(options.otlp))
     sds = options.mtls.sds if options.mtls is not None else None
     if isinstance(sds, SpireSds):
         clusters.append(spire_agent_cluster(sds.socket))
     return Bootstrap(
-        # Envoy refuses any SDS without a node; `envoy --service-node/--service-cluster` override it.
-        node=SDS_NODE if sds is not None else None,
+        # Envoy refuses SDS and ECDS without a node; `envoy --service-node/--service-cluster` override it.
+        node=SDS_NODE if sds is not None or options.mode == DECIDES_MODE else None,
         admin=Admin(address=socket_address(options.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
         stats_flush_interval=timedelta(seconds=1),

@@ -211,3 +211,18 @@ ENVOY_STATS_UP = Spec(
     "1 when the last read of Envoy's stats (--envoy-admin) succeeded, 0 when it failed.",
     gauge=True,
 )
+ECDS_UPDATES = Spec(
+    "graysteer_ecds_updates",
+    "The table as Lua served to Envoy over ECDS (serve --xds-listen), by result: sent, acked, "
+    "rejected (Envoy refused it and keeps its last good one), generation_failed (the last good "
+    "filter is kept).",
+    ("result",),
+)
+ENVOY_DECISIONS_READ = Spec(
+    "graysteer_envoy_decision_logs",
+    "Access log entries of decisions Envoy took itself (envoy_decides), read from its gRPC access "
+    "log stream, by result: counted (in graysteer_decisions_total), unknown (a rule or cluster the "
+    "served table does not have: not counted), lua_error (the Lua failed on the request, which the "
+    "fast path then decided and counted).",
+    ("result",),
+)

@@ -39,6 +39,8 @@ class Metrics:
         # KeyError for a transport not in TRANSPORTS).
         self.observe_request: Callable[[str, float], None] = self.requests.observe_request
         self.count_request: Callable[[str, Steering, float, float], None] = self.requests.count_request
+        # a decision Envoy took itself (its Lua), counted from its access log stream
+        self.count_decided: Callable[[str, str, str | None], None] = self.requests.count_decided
         # ext_proc streams opened (+1) and closed (-1): once each per request over ext_proc
         self.streams_open: Callable[[int], None] = self.requests.streams_open
         self.decision_errors = specs.counter(specs.DECISION_ERRORS, registry)
@@ -50,6 +52,8 @@ class Metrics:
         self.decision_log_lines = specs.counter(specs.DECISION_LOG_LINES, registry)
         self.admin_watchers = specs.gauge(specs.ADMIN_WATCHERS, registry)
         self.reloads = specs.counter(specs.RELOADS, registry)
+        self.ecds_updates = specs.counter(specs.ECDS_UPDATES, registry)
+        self.envoy_decision_logs = specs.counter(specs.ENVOY_DECISIONS_READ, registry)
         self.config_info = specs.gauge(specs.CONFIG_INFO, registry)
         self.config_loaded = specs.gauge(specs.CONFIG_LOADED, registry)
         self.source_connected = specs.gauge(specs.SOURCE_CONNECTED, registry)

@@ -133,6 +133,12 @@ class ClientCounts:
     def count_event(self, event: str) -> None:
         self.events.labels(event).inc()
 
+    def count_decided(self, cluster: str, rule: str, mirror: str | None) -> None:
+        """A decision taken elsewhere (Envoy's Lua), read from its access log."""
+        self.decisions.labels(cluster, rule).inc()
+        if mirror is not None:
+            self.mirrored.labels(rule, mirror).inc()
+
     def observe_request(self, transport: str, seconds: float) -> None:
         self._requests[transport].observe(seconds)  # KeyError: not a transport
 
@@ -203,6 +209,12 @@ class PlainCounts(Collector):
 
     def count_event(self, event: str) -> None:
         self._count(self._events, STEERING_EVENTS.name, (event,))
+
+    def count_decided(self, cluster: str, rule: str, mirror: str | None) -> None:
+        """A decision taken elsewhere (Envoy's Lua), read from its access log."""
+        self._count(self._decisions, DECISIONS.name, (cluster, rule))
+        if mirror is not None:
+            self._count(self._mirrored, MIRRORED.name, (rule, mirror))
 
     def observe_request(self, transport: str, seconds: float) -> None:
         self._requests[transport].observe(seconds)  # KeyError: not a transport

@@ -38,7 +38,11 @@ from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
 from sidecar.table.shadow import Shadow, shadow_of
 from sidecar.tlsfiles import TlsReloads
+from sidecar.transports.access_log import DecisionLogServicer
+from sidecar.transports.access_log import add_to_server as add_access_log
 from sidecar.transports.authz_http import AuthzHttpServer
+from sidecar.transports.ecds import EcdsServicer, TableAsLua
+from sidecar.transports.ecds import add_to_server as add_ecds
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ExtProcServicer
 from sidecar.transports.ext_proc import add_to_server as add_ext_proc
@@ -73,6 +77,7 @@ class Sidecar:
     decider: Decider
     grpc_server: grpc.aio.Server | None  # ext_proc, ext_authz, health (--listen)
     authz_http: AuthzHttpServer | None  # ext_authz over HTTP (--authz-http-listen)
+    xds: tuple[grpc.aio.Server, TableAsLua] | None  # the table as Lua over ECDS (--xds-listen)
     stats: EnvoyStats | None  # Envoy's statistics (--envoy-admin)
     bypass: BypassMonitor | None
     fleet: Fleet | None  # with etcd
@@ -123,6 +128,7 @@ class Sidecar:
             decider,
             grpc_server(decider, readiness) if options.listen is not None else None,
             AuthzHttpServer(decider, lambda: readiness.ready) if options.authz_http_listen else None,
+            xds_server(reloader, metrics) if options.xds_listen else None,
             stats,
             bypass,
             fleet,
@@ -133,6 +139,17 @@ class Sidecar:
         )
 
 
+def xds_server(reloader: Reloader, metrics: Metrics) -> tuple[grpc.aio.Server, TableAsLua]:
+    """The server Envoy's control plane calls are made to (--xds-listen): ECDS, the served
+    table's Lua (sidecar.transports.ecds), and the access log stream of what Envoy decided
+    with it (sidecar.transports.access_log)."""
+    feed = TableAsLua(metrics)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    add_ecds(EcdsServicer(feed, metrics), server)
+    add_access_log(DecisionLogServicer(lambda: reloader.table, metrics), server)
+    return server, feed
+
+
 def gate_destinations(options: ServeOptions) -> GateDestinations:
     """The operator's --gate-allow, and every listener no gate may reach as configured: this
     process's and its group's (sidecar.serving.run adds the ports chosen for port 0 once
@@ -141,6 +158,7 @@ def gate_destinations(options: ServeOptions) -> GateDestinations:
     listeners = [
         ("--listen", options.listen),
         ("--authz-http-listen", options.authz_http_listen),
+        ("--xds-listen", options.xds_listen),
         ("--admin-listen", options.admin_listen),
         ("--http-listen", options.http_listen),
         *options.group_listeners,  # a worker's: every worker's, and the supervisor's

@@ -80,6 +80,10 @@ class ServeOptions:
         "--authz-http-shared-port", "with --workers N: every worker listens on the --authz-http-listen port "
         "itself (SO_REUSEPORT; the kernel spreads Envoy's connections) instead of port, port+1, ...",
         action="store_true"))
+    xds_listen: str | None = option(None, Flag(
+        "--xds-listen", "serve Envoy the table as a Lua filter over ECDS here: Envoy decides each request "
+        "itself (envoy-config --mode envoy_decides, with --authz-http-listen for what the Lua leaves; "
+        "default off)", _address("--xds-listen"), "HOST:PORT"))
     admin_listen: str = option("127.0.0.1:50052", Flag(
         "--admin-listen", "HOST:PORT or unix:PATH of the admin API (default %(default)s)",
         _admin_address, "ADDR"))
@@ -259,6 +263,11 @@ class ServeOptions:
             found.append("--etcd-cert and --etcd-key go together")
         if self.listen is None and not self.authz_http_listen:
             found.append("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
+        if self.xds_listen and self.workers > 1:
+            found.append(
+                "--xds-listen serves one Envoy's table from one process: use it with --workers 1 "
+                "(the fast path it falls back to takes what the Lua leaves)"
+            )
         if self.decision_log_sample != 1.0 and self.decision_log is None:
             found.append("--decision-log-sample needs --decision-log PATH|-")
         if self.http_actions and not (self.http_listen and self.admin_auth.authenticates):

@@ -58,6 +58,7 @@ class Running:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
         self.grpc_address = "off"
+        self.xds_address = "off"
         self.admin_address = ""
         self.http: OperatorHttpServer | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -70,6 +71,8 @@ class Running:
         s, options = self.sidecar, self.sidecar.options
         if s.grpc_server is not None and options.listen is not None:
             self.grpc_address = bind(s.grpc_server, options.listen, "--listen")
+        if s.xds is not None and options.xds_listen:
+            self.xds_address = bind(s.xds[0], options.xds_listen, "--xds-listen")
         auth = options.admin_auth
         self.admin_tls = admin_tls_files(auth, s.tls_reloads) if auth.tls else None
         credentials = server_credentials(self.admin_tls) if self.admin_tls is not None else None
@@ -87,6 +90,8 @@ class Running:
             self.http = self._start_http(options.http_listen)
         if s.grpc_server is not None:
             await s.grpc_server.start()
+        if s.xds is not None:
+            await s.xds[0].start()
         await s.admin.start()
         restrict_socket(self.admin_address)  # and again once it exists, whatever the umask did
         self._protect_listeners()
@@ -96,7 +101,11 @@ class Running:
     def _protect_listeners(self) -> None:
         """No webhook gate may reach a listener of this process, on the port it was given."""
         s = self.sidecar
-        bound = [("--listen", self.grpc_address), ("--admin-listen", self.admin_address)]
+        bound = [
+            ("--listen", self.grpc_address),
+            ("--xds-listen", self.xds_address),
+            ("--admin-listen", self.admin_address),
+        ]
         if s.authz_http is not None:
             bound.append(("--authz-http-listen", f"{s.authz_http.host}:{s.authz_http.port}"))
         if self.http is not None:
@@ -176,6 +185,8 @@ class Running:
             table.version,
             len(table.rules),
         )
+        if s.xds is not None:
+            log.info("serving Envoy the table as Lua over ECDS on %s", self.xds_address)
         log.info("admin API on %s; state in %s", self.admin_address, s.reloader.state.label)
         if s.options.worker_index is not None:  # tell the supervisor where this worker listens
             print(
@@ -195,6 +206,8 @@ class Running:
             self._spawn(s.stats.run(stop))
         self._spawn(s.controller.run(stop))
         self._spawn(s.controller.follow())
+        if s.xds is not None:
+            self._spawn(s.xds[1].follow(s.reloader))
 
     def _record(self) -> ReplicaRecord:
         s = self.sidecar
@@ -243,6 +256,7 @@ class Running:
         await asyncio.gather(
             *([s.grpc_server.stop(options.grace_seconds)] if s.grpc_server is not None else []),
             *([s.authz_http.close(options.grace_seconds)] if s.authz_http is not None else []),
+            *([s.xds[0].stop(0)] if s.xds is not None else []),  # Envoy keeps the last table
         )
         await s.admin.stop(0)
         if self.fleet_task is not None:  # let the fleet give up its lease (the lead passes at once)

@@ -30,6 +30,7 @@ rules:
         ("mtls.yaml", EnvoyOptions(mtls=TlsOptions())),
         ("ext_authz.yaml", EnvoyOptions(mode="ext_authz", mtls=TlsOptions())),
         ("ext_authz_http.yaml", EnvoyOptions(mode="ext_authz_http", sidecar=("127.0.0.1", 50080))),
+        ("envoy_decides.yaml", EnvoyOptions(mode="envoy_decides", sidecar=("127.0.0.1", 50080))),
     ],
 )
 def test_envoy_files_are_the_generated_configs(name: str, options: EnvoyOptions) -> None:

@@ -1,6 +1,7 @@
-"""The three transports decide alike: the same rules and requests through the real Envoy with
-the generated config of each mode (ext_proc, ext_authz over gRPC, ext_authz over HTTP) reach
-the same backend with the same steered headers, exactly as `graysteer explain` predicts."""
+"""Every mode decides alike: the same rules and requests through the real Envoy with the
+generated config of each mode (ext_proc, ext_authz over gRPC, ext_authz over HTTP, and Envoy
+deciding from the table as Lua with the fast path behind it) reach the same backend with the
+same steered headers, exactly as `graysteer explain` predicts."""
 
 import re
 import textwrap
@@ -112,6 +113,7 @@ def access_log_line(stack: Stack) -> str:
 
 
 LOG_LINES: dict[str, str] = {}
+FAST_PATH_STATS: dict[str, dict[str, int]] = {}  # envoy_decides: Envoy's ext_authz counters
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,12 @@ def by_mode(
         with Stack(rules, config, tmp_path_factory.mktemp(mode)) as stack:
             results[mode] = outcomes(stack)
             LOG_LINES[mode] = access_log_line(stack)
+            assert stack.envoy is not None
+            FAST_PATH_STATS[mode] = {
+                k.rpartition(".")[2]: v
+                for k, v in stack.envoy.stats().items()
+                if k.startswith("http.ingress.ext_authz.")
+            }
     yield results
 
 
@@ -133,6 +141,17 @@ def test_the_three_transports_route_and_color_alike(by_mode: dict[str, list[tupl
     for mode, seen in by_mode.items():
         for case, (got, want) in enumerate(zip(seen, reference, strict=True)):
             assert got == want, (mode, CASES[case])
+
+
+def test_envoy_decides_what_lua_decides_exactly_and_asks_the_sidecar_for_the_rest(
+    by_mode: dict[str, list[tuple[Any, ...]]],
+) -> None:
+    """envoy_decides: of the cases and the access log marker, only the 2 regex and 5 version
+    cases reach the sidecar; Envoy's Lua decided the others (the deny answered by the Lua
+    itself never reaches the fast path's filter)."""
+    counts = FAST_PATH_STATS["envoy_decides"]
+    assert counts["ok"] + counts["denied"] == 7
+    assert counts["disabled"] == len(CASES) + 1 - 7 - 1
 
 
 def test_host_semver_and_grpc_conditions_decide(by_mode: dict[str, list[tuple[Any, ...]]]) -> None:

@@ -18,6 +18,7 @@ from sidecar.envoyconf.lint.common import (
     dotted_get,
     snake_keys,
 )
+from sidecar.envoyconf.lint.decides import check_decides, ecds_lua
 from sidecar.envoyconf.lint.filters import check_filter, check_http_service, check_tracing
 from sidecar.envoyconf.lint.routes import (
     check_backstop,
@@ -75,7 +76,8 @@ def check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -
     stat = hcm.get("stat_prefix", "?")
     filters = [f.get("typed_config") or {} for f in hcm.get("http_filters") or []]
     sidecar_filters = [f for f in filters if f.get("@type") in (EXT_PROC, EXT_AUTHZ)]
-    if not sidecar_filters:
+    yield from check_decides(hcm, clusters)
+    if not sidecar_filters and ecds_lua(hcm) is None:
         yield Finding(
             f"listener {stat!r} has no ext_proc or ext_authz filter: the sidecar is never asked",
             "add the ext_proc filter (see `graysteer envoy-config`)",

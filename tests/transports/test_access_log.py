@@ -1,0 +1,64 @@
+"""Counting Envoy's own decisions from its access log entries (sidecar.transports.access_log)."""
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import struct_pb2
+from prometheus_client import CollectorRegistry
+
+from sidecar.contract import LUA_NAMES
+from sidecar.ops.metrics import Metrics
+from sidecar.transports.access_log import ENTRIES, DecisionLogServicer
+from tests.helpers import table_from_yaml
+
+TABLE = table_from_yaml("""\
+version: 1
+clusters: [stable, canary]
+default: stable
+coloring: {lanes: {stable: stable, canary: canary}}
+rules:
+  - {name: beta, match: {headers: {x-beta: "1"}}, route: canary, mirror: {cluster: stable, percent: 10}}
+""")
+
+
+def entry(
+    fields: dict[str, str], undecided: bool = False, failed: bool = False
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    log = accesslog_pb2.HTTPAccessLogEntry()
+    metadata = log.common_properties.metadata.filter_metadata
+    decided = struct_pb2.Struct()
+    decided.update({LUA_NAMES.key_prefix + k: v for k, v in fields.items()})
+    metadata[LUA_NAMES.namespace].CopyFrom(decided)
+    if undecided:
+        mark = struct_pb2.Struct()
+        mark.update({LUA_NAMES.mark_key: True, **({"lua_error": True} if failed else {})})
+        metadata[LUA_NAMES.mark_namespace].CopyFrom(mark)
+    return log
+
+
+def test_known_decisions_are_counted_and_others_never_become_labels() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    servicer = DecisionLogServicer(lambda: TABLE, metrics)
+    entries = [
+        entry({"cluster": "canary", "rule": "beta", "mirror": "stable"}),
+        entry({"cluster": "stable", "rule": "default"}),
+        entry({"cluster": "canary", "rule": "lane:canary"}),
+        entry({"cluster": "stable", "rule": "default"}, undecided=True),  # the fast path's
+        entry({"cluster": "canary", "rule": "an-old-rule"}),
+        entry({"cluster": "elsewhere", "rule": "beta"}),
+        entry({"cluster": "canary", "rule": "lane:not-a-lane"}),
+        entry({"cluster": "stable", "rule": "default"}, undecided=True, failed=True),  # the Lua failed
+    ]
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(entries)
+    read = ENTRIES.FromString(message.SerializeToString())  # as the servicer reads the stream
+    servicer.count([e.common.metadata for e in read.http_logs.log_entry])
+    value = registry.get_sample_value
+    assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "beta"}) == 1
+    assert value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 1
+    assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "lane:canary"}) == 1
+    assert value("graysteer_mirrored_total", {"rule": "beta", "cluster": "stable"}) == 1
+    assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "an-old-rule"}) is None
+    assert value("graysteer_envoy_decision_logs_total", {"result": "counted"}) == 3
+    assert value("graysteer_envoy_decision_logs_total", {"result": "unknown"}) == 3
+    assert value("graysteer_envoy_decision_logs_total", {"result": "lua_error"}) == 1
