@@ -232,6 +232,12 @@ class ServeOptions:
                 "--admin-allow-remote and authentication (--admin-token-file, or --admin-tls-* with "
                 "--admin-allow) to bind it there"
             )
+        if self.xds_listen and not values.is_local_address(self.xds_listen):
+            found.append(
+                f"--xds-listen {self.xds_listen} is not loopback: its ECDS feed (the whole table) and "
+                "its access-log stream (counted as decisions) take no authentication, so they serve "
+                "the Envoy beside the sidecar only (the pod's loopback)"
+            )
         if self.authz_http_shared_port and (
             not self.authz_http_listen or self.authz_http_listen.endswith(":0")
         ):

@@ -62,6 +62,7 @@ def test_values_are_read_strictly_by_their_flag() -> None:
         ({"config": "etcd://127.0.0.1/x"}, "expected etcd://HOST:PORT/PREFIX"),
         ({"ready_max_bypass_ratio": 0.1}, "--ready-max-bypass-ratio needs --envoy-admin"),
         ({"admin_listen": "0.0.0.0:50052"}, "is not loopback or a unix socket"),
+        ({"xds_listen": "0.0.0.0:18000"}, "--xds-listen 0.0.0.0:18000 is not loopback"),
         ({"admin_tls_cert": "c.pem"}, "go together"),
         # the live page never acts for an unauthenticated caller, on loopback or anywhere else
         ({"http_actions": True, "http_listen": "127.0.0.1:9464"}, "--http-actions needs --http-listen and"),
