@@ -221,6 +221,10 @@ class ServeOptions:
 
     def problems(self) -> list[str]:
         """What is wrong with these options together (each flag already read its own value)."""
+        return [*self._listener_problems(), *self._etcd_problems(), *self._feature_problems()]
+
+    def _listener_problems(self) -> list[str]:
+        """Where and how the listeners may serve."""
         found = []
         if problem := self.admin_auth.problem():
             found.append(problem)
@@ -242,6 +246,28 @@ class ServeOptions:
             not self.authz_http_listen or self.authz_http_listen.endswith(":0")
         ):
             found.append("--authz-http-shared-port needs --authz-http-listen with a fixed port")
+        if self.listen is None and not self.authz_http_listen:
+            found.append("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
+        if self.xds_listen and self.workers > 1:
+            found.append(
+                "--xds-listen serves one Envoy's table from one process: use it with --workers 1 "
+                "(the fast path it falls back to takes what the Lua leaves)"
+            )
+        if self.http_actions and not (self.http_listen and self.admin_auth.authenticates):
+            found.append(
+                "--http-actions needs --http-listen and the admin API's authentication (--admin-token-file, "
+                "or --admin-tls-* with --admin-allow): the live page never acts for an unauthenticated caller"
+            )
+        if self.http_actions and self.workers > 1:
+            found.append(
+                "--http-actions: with --workers the operator endpoint serves the group's metrics, not the "
+                "live page (use `graysteer status --watch` and `graysteer rollout` on a worker's admin API)"
+            )
+        return found
+
+    def _etcd_problems(self) -> list[str]:
+        """The etcd flags, with or without --config etcd://."""
+        found = []
         etcd_only = [
             f"--{name.replace('_', '-')}"
             for name in ("etcd_ca", "etcd_cert", "etcd_key", "etcd_cache", "replica_id")
@@ -267,25 +293,13 @@ class ServeOptions:
             found.append("--etcd-cert and --etcd-key need --etcd-ca (TLS to etcd)")
         elif bool(self.etcd_cert) != bool(self.etcd_key):
             found.append("--etcd-cert and --etcd-key go together")
-        if self.listen is None and not self.authz_http_listen:
-            found.append("--listen off leaves nothing to serve: add --authz-http-listen HOST:PORT")
-        if self.xds_listen and self.workers > 1:
-            found.append(
-                "--xds-listen serves one Envoy's table from one process: use it with --workers 1 "
-                "(the fast path it falls back to takes what the Lua leaves)"
-            )
+        return found
+
+    def _feature_problems(self) -> list[str]:
+        """What the decision log, gates and the bypass ratio need."""
+        found = []
         if self.decision_log_sample != 1.0 and self.decision_log is None:
             found.append("--decision-log-sample needs --decision-log PATH|-")
-        if self.http_actions and not (self.http_listen and self.admin_auth.authenticates):
-            found.append(
-                "--http-actions needs --http-listen and the admin API's authentication (--admin-token-file, "
-                "or --admin-tls-* with --admin-allow): the live page never acts for an unauthenticated caller"
-            )
-        if self.http_actions and self.workers > 1:
-            found.append(
-                "--http-actions: with --workers the operator endpoint serves the group's metrics, not the "
-                "live page (use `graysteer status --watch` and `graysteer rollout` on a worker's admin API)"
-            )
         if self.gate_allow and not self.envoy_admin:
             from sidecar.rollouts.destinations import GateDestinations
 
