@@ -219,7 +219,7 @@ ECDS_UPDATES = Spec(
     ("result",),
 )
 ENVOY_DECISIONS_READ = Spec(
-    "graysteer_envoy_decision_logs",
+    "graysteer_access_log_entries",
     "Access log entries of decisions Envoy took itself (envoy_decides), read from its gRPC access "
     "log stream, by result: counted (in graysteer_decisions_total), unknown (a rule or cluster the "
     "served table does not have: not counted), lua_error (the Lua failed on the request, which the "

@@ -497,7 +497,8 @@ def test_a_shadow_table_pushed_to_the_fleet_is_decided_by_every_replica(fleet: F
         for i in range(2):
             workdir = fleet.workdir / f"shadow-{i}"
             workdir.mkdir()
-            cache = ["--replica-id", f"s{i}", "--etcd-cache", str(workdir / "cache")]
+            # every request decided by the shadow too: the test compares the counts exactly
+            cache = ["--replica-id", f"s{i}", "--etcd-cache", str(workdir / "cache"), "--shadow-sample", "1"]
             stacks.append(Stack(url, ENVOY_CONFIG, workdir, sidecar_args=cache))
         admins = [stack.sidecar.admin for stack in stacks if stack.sidecar is not None]
         run = cli("push", "--next", str(upcoming), url)

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.contract import ENVOY_MAX_HEADERS
 from sidecar.dev.devstack import Stack
+from sidecar.dev.processes import wait_for
 from sidecar.envoyconf.generate import HEADERS_TOO_LARGE, MODES, EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 
@@ -62,10 +63,13 @@ def test_every_accepted_header_count_is_decided_and_too_many_is_431(mode: str, t
     with Stack(rules, config, tmp_path) as stack:
         before = decisions(stack)
         answers = {count: send(stack.port, count) for count in COUNTS}
+        accepted = [count for count in COUNTS if count <= ENVOY_MAX_HEADERS]
+        # counted as they are decided, or (envoy_decides) from Envoy's access-log stream, off the
+        # request path: waited for, bounded
+        wait_for(lambda: decisions(stack) - before >= len(accepted), 10, "the decisions to be counted")
         decided = decisions(stack) - before
     statuses = {count: status for count, (status, _) in answers.items()}
     assert set(statuses.values()) == {200, 431}, statuses  # never a 500
-    accepted = [count for count in COUNTS if count <= ENVOY_MAX_HEADERS]
     routed = [count for count in accepted if statuses[count] == 200]
     # Routed up to a point (Envoy checks again once the answer's headers are added), then 431.
     assert routed == accepted[: len(routed)] and len(routed) >= 5, statuses

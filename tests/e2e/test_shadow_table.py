@@ -76,7 +76,8 @@ def test_the_shadow_counts_are_the_requests_whose_explain_differs(mode: str, tmp
     live.write_text(LIVE)
     upcoming.write_text(NEXT)
     envoy = bootstrap_document(load_rules(live), EnvoyOptions(mode=mode))
-    args = ["--shadow-config", str(upcoming), "--decision-log", str(log)]
+    # every request decided by the shadow too (not a budget's sample): the counts are compared
+    args = ["--shadow-config", str(upcoming), "--shadow-sample", "1", "--decision-log", str(log)]
     with Stack(live, envoy, tmp_path, sidecar_args=args) as stack:
         assert stack.sidecar is not None
         admin = stack.sidecar.admin

@@ -59,6 +59,6 @@ def test_known_decisions_are_counted_and_others_never_become_labels() -> None:
     assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "lane:canary"}) == 1
     assert value("graysteer_mirrored_total", {"rule": "beta", "cluster": "stable"}) == 1
     assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "an-old-rule"}) is None
-    assert value("graysteer_envoy_decision_logs_total", {"result": "counted"}) == 3
-    assert value("graysteer_envoy_decision_logs_total", {"result": "unknown"}) == 3
-    assert value("graysteer_envoy_decision_logs_total", {"result": "lua_error"}) == 1
+    assert value("graysteer_access_log_entries_total", {"result": "counted"}) == 3
+    assert value("graysteer_access_log_entries_total", {"result": "unknown"}) == 3
+    assert value("graysteer_access_log_entries_total", {"result": "lua_error"}) == 1
