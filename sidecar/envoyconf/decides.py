@@ -115,26 +115,14 @@ def decision_access_log() -> AccessLog:
     (what the stream cannot take Envoy drops, counted in
     `access_logs.grpc_access_log.logs_dropped`). Large batches: the sidecar's cost is per
     message more than per entry (16 KiB batches cost it 2.5x the CPU of 256 KiB ones)."""
-    decided = AccessLogFilter(
-        metadata_filter=MetadataFilter(
-            matcher=MetadataMatcher(
-                filter=LUA_NAMES.namespace,
-                path=[MetadataMatcherPathSegment(key=f"{LUA_NAMES.key_prefix}rule")],
-                value=ValueMatcher(present_match=True),
-            ),
-            match_if_key_not_found=False,
-        )
+    decided = _metadata_filter(
+        LUA_NAMES.namespace, f"{LUA_NAMES.key_prefix}rule", ValueMatcher(present_match=True), if_missing=False
     )
-    by_lua = AccessLogFilter(
-        metadata_filter=MetadataFilter(
-            matcher=MetadataMatcher(
-                filter=METADATA_NAMESPACE,
-                path=[MetadataMatcherPathSegment(key=UNDECIDED_KEY)],
-                value=ValueMatcher(bool_match=True),
-                invert=True,
-            ),
-            match_if_key_not_found=True,
-        )
+    by_lua = _metadata_filter(
+        METADATA_NAMESPACE, UNDECIDED_KEY, ValueMatcher(bool_match=True), if_missing=True, invert=True
+    )
+    failed = _metadata_filter(
+        METADATA_NAMESPACE, LUA_ERROR_KEY, ValueMatcher(bool_match=True), if_missing=False
     )
     stream = HttpGrpcAccessLogConfig(
         common_config=CommonGrpcAccessLogConfig(
@@ -145,16 +133,6 @@ def decision_access_log() -> AccessLog:
             buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
         )
     )
-    failed = AccessLogFilter(
-        metadata_filter=MetadataFilter(
-            matcher=MetadataMatcher(
-                filter=METADATA_NAMESPACE,
-                path=[MetadataMatcherPathSegment(key=LUA_ERROR_KEY)],
-                value=ValueMatcher(bool_match=True),
-            ),
-            match_if_key_not_found=False,
-        )
-    )
     return AccessLog(
         name="envoy.access_loggers.http_grpc",
         filter=AccessLogFilter(
@@ -163,4 +141,19 @@ def decision_access_log() -> AccessLog:
             )
         ),
         typed_config=AnyMessage.pack(stream),
+    )
+
+
+def _metadata_filter(
+    namespace: str, key: str, value: ValueMatcher, if_missing: bool, invert: bool = False
+) -> AccessLogFilter:
+    """An access log filter on one dynamic metadata key: `value` matched (or not, `invert`),
+    and `if_missing` when the request has no such key."""
+    return AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=namespace, path=[MetadataMatcherPathSegment(key=key)], value=value, invert=invert
+            ),
+            match_if_key_not_found=if_missing,
+        )
     )
