@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import save_rows
 from sidecar.core import compile_table
 from sidecar.core.engine import Engine
 
@@ -133,11 +134,12 @@ def main() -> None:
             "longest_gap_ms": round(gap, 1),
         }
     )
-    print("| document | KiB (JSON) | generated | engine build s | longest GIL gap ms |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['document']} | {r['kib']} | {r['generated']} | {r['build_s']} | {r['longest_gap_ms']} |")
-    RESULTS.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+    save_rows(
+        RESULTS,
+        ["document", "KiB (JSON)", "generated", "engine build s", "longest GIL gap ms"],
+        rows,
+        lambda r: [r["document"], r["kib"], r["generated"], r["build_s"], r["longest_gap_ms"]],
+    )
 
 
 if __name__ == "__main__":

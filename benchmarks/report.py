@@ -1,11 +1,29 @@
 """Ratios, the Markdown table, the README section and the chart of a benchmark run."""
 
+import json
 import statistics
 import textwrap
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def save_rows(
+    path: Path,
+    columns: Sequence[str],
+    rows: list[dict[str, Any]],
+    cells: Callable[[dict[str, Any]], Sequence[object]],
+) -> None:
+    """Print `rows` as a Markdown table (`cells` gives a row's values, in `columns`' order) and
+    keep them in `path` as JSON, with the day they were measured."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in cells(row)) + " |")
+    path.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
 
 
 def one_line(s: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ benchmarks/results/shadow_cost.json.
 """
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from benchmarks.report import save_rows
 from benchmarks.table_size import document
 from sidecar.core import Request
 from sidecar.core.cost import DEFAULT_SHADOW_BUDGET_MS
@@ -80,11 +80,12 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("| shadow rules | ms per check, every request | ms per check, default budget | share decided |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shadow_rules']} | {r['every_ms']} | {r['budget_ms']} | {r['budget_share']:.2%} |")
-    RESULTS.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+    save_rows(
+        RESULTS,
+        ["shadow rules", "ms per check, every request", "ms per check, default budget", "share decided"],
+        rows,
+        lambda r: [r["shadow_rules"], r["every_ms"], r["budget_ms"], f"{r['budget_share']:.2%}"],
+    )
 
 
 if __name__ == "__main__":

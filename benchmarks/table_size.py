@@ -15,7 +15,6 @@ benchmarks/results/table_size.json.
 
 import argparse
 import asyncio
-import json
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from benchmarks.report import save_rows
 from sidecar.core import Request
 from sidecar.ops.metrics import Metrics
 from sidecar.sources.file import RulesFile
@@ -122,19 +122,19 @@ def main() -> None:
         rows = [measure(int(n), workdir) for n in args.sizes.split(",")]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(
-        "| rules | KiB | reload (child) s | longest stall (child) ms | reload (thread) s "
-        "| longest stall (thread) ms | decide, first rule µs | decide, no rule µs "
-        "| served: first rule µs | served: no rule µs |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['rules']} | {r['kib']} | {r['reload_child_s']} | {r['stall_child_ms']} | "
-            f"{r['reload_thread_s']} | {r['stall_thread_ms']} | {r['decide_first_us']} | "
-            f"{r['decide_none_us']} | {r['served_decide_first_us']} | {r['served_decide_none_us']} |"
-        )
-    RESULTS.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+    columns = {  # heading: the row's key
+        "rules": "rules",
+        "KiB": "kib",
+        "reload (child) s": "reload_child_s",
+        "longest stall (child) ms": "stall_child_ms",
+        "reload (thread) s": "reload_thread_s",
+        "longest stall (thread) ms": "stall_thread_ms",
+        "decide, first rule µs": "decide_first_us",
+        "decide, no rule µs": "decide_none_us",
+        "served: first rule µs": "served_decide_first_us",
+        "served: no rule µs": "served_decide_none_us",
+    }
+    save_rows(RESULTS, list(columns), rows, lambda r: [r[key] for key in columns.values()])
 
 
 if __name__ == "__main__":
