@@ -17,7 +17,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core import Problem, Request, RulesError
+from sidecar.core import Problem, RulesError
 from sidecar.core.bucketing import bucket
 from sidecar.core.state import state_problems
 from sidecar.core.text import header_text, is_encodable, unencodable
@@ -240,7 +240,6 @@ def test_the_hash_raises_on_a_lone_surrogate_instead_of_crashing(text: str) -> N
 def test_explain_builds_no_message_from_text_it_cannot_encode() -> None:
     with pytest.raises(UnicodeEncodeError):
         headers_message("GET", "/", [("x-user-id", f"u{SURROGATE}")])
-    assert Request({"x-user-id": "u!"}).header("x-user-id") == "u!"
 
 
 def test_diff_counts_a_log_line_holding_a_lone_surrogate_as_unreadable(tmp_path: Path) -> None:
