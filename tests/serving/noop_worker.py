@@ -14,7 +14,10 @@ options = pickle.loads(sys.stdin.buffer.read())
 if os.environ.get("GRAYSTEER_TEST_FAIL_START"):
     sys.exit(3)
 out = Path(os.environ["GRAYSTEER_TEST_DIR"]) / f"worker-{options.worker_index}-{os.getpid()}.json"
-out.write_text(json.dumps({k: v for k, v in vars(options).items() if isinstance(v, str | int | None)}))
+# written whole, then renamed: the test polls the directory and must never read a half-written file
+partial = out.with_suffix(".part")
+partial.write_text(json.dumps({k: v for k, v in vars(options).items() if isinstance(v, str | int | None)}))
+partial.rename(out)
 stopped = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stopped.set())
 print(f"ready ext_proc={options.listen} admin={options.admin_listen} authz_http=off", flush=True)
