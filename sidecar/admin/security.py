@@ -100,8 +100,9 @@ class TokenFile:
     """A bearer token in a file, read again when the file changes. Its mode is checked on
     every read (a chmod changes neither the content nor the mtime)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, what: str = "admin token file") -> None:
         self.path = Path(path)
+        self.what = what  # names it in messages
         self._seen: tuple[float, int] | None = None
         self._token = b""
         self._reported: str | None = None  # the refusal last logged: each is logged once
@@ -131,27 +132,32 @@ class TokenFile:
             reason = str(error.strerror or error) if isinstance(error, OSError) else str(error)
             if reason != self._reported:
                 self._reported = reason
-                log.error("admin token file %s: %s: refusing every admin call", self.path, reason)
+                log.error("%s %s: %s: refusing every call", self.what, self.path, reason)
             return None
         if self._reported is not None:
             self._reported = None
-            log.info("admin token file %s: readable and safe again", self.path)
+            log.info("%s %s: readable and safe again", self.what, self.path)
         if self.mode & stat.S_IRGRP and self._warned_mode != self.mode:
             self._warned_mode = self.mode
             log.warning(
-                "admin token file %s: mode %04o lets its group read the token (accepted: a Kubernetes "
+                "%s %s: mode %04o lets its group read the token (accepted: a Kubernetes "
                 "Secret volume with fsGroup); `chmod 600` keeps it to this user",
+                self.what,
                 self.path,
                 self.mode,
             )
         return token
 
     def accepts(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+        return self.accepts_header(next((v for k, v in metadata if k == TOKEN_METADATA), ""))
+
+    def accepts_header(self, sent: str | bytes | None) -> bool:
+        """Whether an Authorization header's value is `Bearer TOKEN` (compared in constant time)."""
         token = self.current()
         if token is None:
             return False  # no usable token: nobody gets in
-        sent = next((v for k, v in metadata if k == TOKEN_METADATA), "")
-        sent_bytes = sent.encode() if isinstance(sent, str) else bytes(sent)
+        sent = sent or ""
+        sent_bytes = sent.encode("utf-8", "surrogateescape") if isinstance(sent, str) else bytes(sent)
         return hmac.compare_digest(sent_bytes, b"Bearer " + token)
 
 

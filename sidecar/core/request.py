@@ -10,6 +10,8 @@ from urllib.parse import parse_qsl
 
 from sidecar.core.identity import NO_IDENTITY, Identity
 
+DEFAULT_AUTHORITY = "graysteer.local"  # a described request's authority when it names none (explain, OFREP)
+
 
 class Request:
     """Lower-cased header names -> values, plus method, path and query string."""

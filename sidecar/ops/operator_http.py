@@ -21,8 +21,10 @@ hold the probes (Kubernetes restarts a pod whose /healthz does not answer):
 - /metrics and the views, which take CPU, run in a small thread pool, `busy_slots` at once:
   beyond that they are answered 503 at once.
 
-POST is read only for `extra`'s answers (the page's explain form and rollout actions): a
-body of at most `max_body_bytes`, with a Content-Length, within the same request deadline.
+POST is read only for `extra`'s answers (the page's explain form and rollout actions) and
+OFREP's (`ofrep`, under /ofrep/): a body of at most `max_body_bytes`, with a Content-Length,
+within the same request deadline; OFREP gets its own error answers (PARSE_ERROR for a body
+it cannot read, 429 with Retry-After when busy).
 Every answer carries headers that keep the page to itself: a Content-Security-Policy with
 no source but this endpoint, no framing, no MIME sniffing, no caching.
 
@@ -59,7 +61,10 @@ from sidecar.sockets import pending_bytes
 
 log = logging.getLogger("graysteer.http")
 
-Answer = tuple[int, bytes, str]  # status, body, content type
+Headers = tuple[tuple[str, str], ...]
+# status, body, content type (and headers of its own: an OFREP ETag)
+Answer = tuple[int, bytes, str] | tuple[int, bytes, str, Headers]
+OFREP_PREFIX = "/ofrep/"  # OpenFeature remote evaluation (`ofrep`): sidecar.ops.ofrep_http
 PROBES = ("/healthz", "/readyz")
 UI_PREFIX = "/ui/"
 UI_FILES = {  # the live page's files (sidecar/ops/ui/), by name, with their content types
@@ -94,6 +99,7 @@ class Request:
 
 
 Extra = Callable[[Request], "tuple[int, object] | None"]
+Handler = Callable[[Request], Answer]  # answers every request under a prefix, whole
 TlsSource = Callable[[], ssl.SSLContext]  # the context for the next connection's handshake
 
 
@@ -145,8 +151,9 @@ def _oldest(writers: Iterable[asyncio.StreamWriter]) -> asyncio.StreamWriter | N
 
 
 def _encode(answer: Answer) -> bytes:
-    status, body, content_type = answer
-    safety = "".join(f"{name}: {value}\r\n" for name, value in SAFETY_HEADERS)
+    status, body, content_type = answer[:3]
+    own: Headers = answer[3] if len(answer) > 3 else ()
+    safety = "".join(f"{name}: {value}\r\n" for name, value in (*own, *SAFETY_HEADERS))
     head = (
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: {content_type}\r\n"
         f"content-length: {len(body)}\r\n{safety}connection: close\r\n\r\n"
@@ -183,8 +190,10 @@ class OperatorHttpServer:
         ui: bool = False,
         tls: TlsSource | None = None,
         hosts: frozenset[str] = frozenset(),
+        ofrep: Handler | None = None,
     ) -> None:
         self.registry, self.readiness, self.details, self.extra = registry, readiness, details, extra
+        self.ofrep = ofrep
         self.hosts = frozenset(name.lower().rstrip(".") for name in hosts)
         self.limits = limits
         self.ui_files = _ui_files() if ui else {}
@@ -328,10 +337,18 @@ class OperatorHttpServer:
 
     async def _read_body(self, request: Request, reader: asyncio.StreamReader) -> "Request | Answer":
         length = request.headers.get("content-length", "")
-        if "transfer-encoding" in request.headers or not length.isdigit():
+        ofrep = self.ofrep is not None and request.path.startswith(OFREP_PREFIX)
+        if "transfer-encoding" in request.headers or not (length.isascii() and length.isdigit()):
+            if ofrep:  # OFREP's answer to a body it cannot read
+                return _json(
+                    400, {"errorCode": "PARSE_ERROR", "errorDetails": "a POST needs a Content-Length"}
+                )
             return _text(411, "a POST needs a Content-Length\n")
         if int(length) > self.limits.max_body_bytes:
-            return _text(413, f"a body of at most {self.limits.max_body_bytes} bytes\n")
+            message = f"a body of at most {self.limits.max_body_bytes} bytes"
+            if ofrep:
+                return _json(400, {"errorCode": "PARSE_ERROR", "errorDetails": message})
+            return _text(413, message + "\n")
         body = await reader.readexactly(int(length))
         return Request(
             request.method, request.path, request.headers, body, request.peer_certificate, request.secure
@@ -348,6 +365,13 @@ class OperatorHttpServer:
             if name in self.ui_files:
                 return 200, self.ui_files[name], UI_FILES[name]
         if self.busy >= self.limits.busy_slots:
+            if self.ofrep is not None and path.startswith(OFREP_PREFIX):  # OFREP's way: the provider waits
+                return (
+                    429,
+                    b'{"errorDetails": "busy: try again"}\n',
+                    "application/json",
+                    (("retry-after", "1"),),
+                )
             return _text(503, "busy: try again\n")
         self.busy += 1
         try:
@@ -367,6 +391,8 @@ class OperatorHttpServer:
     def _view(self, request: Request) -> Answer:
         if request.path == "/metrics" and request.method == "GET":
             return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.ofrep is not None and request.path.startswith(OFREP_PREFIX):
+            return self.ofrep(request)
         if self.extra is not None and (answer := self.extra(request)) is not None:
             return _json(answer[0], answer[1], indent=1)
         if request.method != "GET":
@@ -415,9 +441,13 @@ def start_http(
     ui: bool = False,
     tls: TlsSource | None = None,
     hosts: frozenset[str] = frozenset(),
+    ofrep: Handler | None = None,
 ) -> OperatorHttpServer:
     """Serve /metrics, /healthz and /readyz (whatever `extra` answers, as JSON, and with
     `ui` the live page's files) from a daemon thread; returns the server. OSError when the
     address cannot be bound. Requests other than the probes whose Host is none of this
-    endpoint's (host_allowed, with `hosts`) are answered 421."""
-    return OperatorHttpServer((host, port), registry, readiness, details, extra, limits, ui, tls, hosts)
+    endpoint's (host_allowed, with `hosts`) are answered 421. With `ofrep`, it answers every
+    request under OFREP_PREFIX (OpenFeature remote evaluation: sidecar.ops.ofrep_http)."""
+    return OperatorHttpServer(
+        (host, port), registry, readiness, details, extra, limits, ui, tls, hosts, ofrep
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar import values
-from sidecar.admin.security import AdminAuth
+from sidecar.admin.security import AdminAuth, TokenFile
 from sidecar.core.cost import DEFAULT_SHADOW_BUDGET_MS
 
 if TYPE_CHECKING:
@@ -114,6 +114,11 @@ class ServeOptions:
         "rollouts, for callers the admin API's authentication accepts: its bearer token (--admin-token-file) "
         "and/or a client certificate on --admin-allow (with --admin-tls-*, the endpoint then serves HTTPS); "
         "default read-only", action="store_true"))
+    ofrep_token_file: str | None = option(None, Flag(
+        "--ofrep-token-file", "OpenFeature remote evaluation (OFREP, /ofrep/v1/... on --http-listen) must "
+        "carry 'authorization: Bearer TOKEN' with the token in this file: a read-only credential for "
+        "applications (read again when it changes; refused when others can read it). Without it, OFREP "
+        "answers on a loopback --http-listen only", metavar="PATH"))
     shadow_config: str | None = option(None, Flag(
         "--shadow-config", "the next rules file: decide requests with it too (a sample within "
         "--shadow-budget), serve none of its decisions, count where it differs "
@@ -258,12 +263,28 @@ class ServeOptions:
                 "--http-actions needs --http-listen and the admin API's authentication (--admin-token-file, "
                 "or --admin-tls-* with --admin-allow): the live page never acts for an unauthenticated caller"
             )
+        if self.ofrep_token_file is not None:
+            found.extend(self._ofrep_problems(self.ofrep_token_file))
         if self.http_actions and self.workers > 1:
             found.append(
                 "--http-actions: with --workers the operator endpoint serves the group's metrics, not the "
                 "live page (use `graysteer status --watch` and `graysteer rollout` on a worker's admin API)"
             )
         return found
+
+    def _ofrep_problems(self, token_file: str) -> list[str]:
+        if not self.http_listen:
+            return ["--ofrep-token-file needs --http-listen (OFREP is served there)"]
+        if self.workers > 1:
+            return [
+                "--ofrep-token-file: with --workers the operator endpoint serves the group's metrics, not "
+                "OFREP (each worker decides alike: run OFREP on a sidecar with --workers 1)"
+            ]
+        try:
+            TokenFile(token_file, "OFREP token file").token()
+        except (OSError, ValueError) as error:
+            return [f"--ofrep-token-file {token_file}: {error}"]
+        return []
 
     def _etcd_problems(self) -> list[str]:
         """The etcd flags, with or without --config etcd://."""

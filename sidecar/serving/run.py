@@ -21,6 +21,7 @@ from sidecar import values
 from sidecar.admin.security import (
     AdminGate,
     HttpTls,
+    TokenFile,
     admin_tls_files,
     restrict_socket,
     server_credentials,
@@ -28,6 +29,7 @@ from sidecar.admin.security import (
 from sidecar.admin.web import Access, LivePage
 from sidecar.fleet.replicas import ReplicaRecord
 from sidecar.ops.health import BypassGate, ReadinessView
+from sidecar.ops.ofrep_http import OfrepEndpoint
 from sidecar.ops.operator_http import OperatorHttpServer, Request, start_http
 from sidecar.rollouts.controller import http_view
 from sidecar.serving.build import Sidecar
@@ -140,6 +142,7 @@ class Running:
             ui=True,
             tls=tls,
             hosts=frozenset(options.http_host),
+            ofrep=self._ofrep(address),
         )
         scheme = "https" if tls is not None else "http"
         log.info("serving /metrics /healthz /readyz on %s://%s:%d", scheme, host, http.server_address[1])
@@ -151,6 +154,20 @@ class Running:
             "with rollout actions for authenticated callers" if options.http_actions else "read-only",
         )
         return http
+
+    def _ofrep(self, address: str) -> OfrepEndpoint:
+        """OpenFeature remote evaluation on the operator endpoint: the current table's engine,
+        behind --ofrep-token-file, else only on loopback."""
+        s, token_file = self.sidecar, self.sidecar.options.ofrep_token_file
+        authorized = None
+        if token_file is not None:
+            tokens = TokenFile(token_file, "OFREP token file")
+
+            def authorized(header: str | None) -> bool:  # the header's bytes as sent (latin-1)
+                return tokens.accepts_header(header.encode("latin-1") if header else None)
+
+        holder = s.reloader.holder
+        return OfrepEndpoint(lambda: holder.engine, authorized, values.is_local_address(address))
 
     def _live_page(self, address: str) -> LivePage:
         s, auth = self.sidecar, self.sidecar.options.admin_auth

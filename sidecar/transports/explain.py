@@ -16,13 +16,12 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from sidecar.contract import ATTRIBUTES_KEY
+from sidecar.core.request import DEFAULT_AUTHORITY
 from sidecar.ops.metrics import Metrics
 from sidecar.table.decider import Decider
 from sidecar.table.holder import TableHolder
 from sidecar.table.load import load_rules
 from sidecar.transports.ext_proc import ExtProcServicer
-
-DEFAULT_AUTHORITY = "graysteer.local"
 
 
 @dataclass(frozen=True)
