@@ -338,7 +338,7 @@ class OperatorHttpServer:
     async def _read_body(self, request: Request, reader: asyncio.StreamReader) -> "Request | Answer":
         length = request.headers.get("content-length", "")
         ofrep = self.ofrep is not None and request.path.startswith(OFREP_PREFIX)
-        if "transfer-encoding" in request.headers or not (length.isascii() and length.isdigit()):
+        if "transfer-encoding" in request.headers or not length.isdigit():
             if ofrep:  # OFREP's answer to a body it cannot read
                 return _json(
                     400, {"errorCode": "PARSE_ERROR", "errorDetails": "a POST needs a Content-Length"}

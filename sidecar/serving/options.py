@@ -102,8 +102,8 @@ class ServeOptions:
         "--admin-allow", "with --admin-tls-*: a client identity allowed to call (a SPIFFE ID, a glob "
         "spiffe://td/ns/ops/*, or a DNS name; repeatable)", metavar="IDENTITY", action="append"))
     http_listen: str | None = option(None, Flag(
-        "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz, /rollouts and the live page /ui/ "
-        "(default: off)",
+        "--http-listen", "HOST:PORT for /metrics, /healthz, /readyz, /rollouts, the live page /ui/ and "
+        "OpenFeature remote evaluation /ofrep/v1/ (default: off)",
         _address("--http-listen"), "HOST:PORT"))
     http_host: tuple[str, ...] = option((), Flag(
         "--http-host", "a host name the --http-listen endpoint answers to besides its IP addresses and "

@@ -17,7 +17,7 @@ from openfeature.flag_evaluation import Reason
 
 from sidecar.cli import main
 from sidecar.core.ofrep import TABLE_FLAG
-from sidecar.dev.devstack import Stack
+from sidecar.dev.devstack import Sidecar, Stack
 from sidecar.dev.processes import free_port, wait_for
 from tests.e2e.conftest import ENVOY_CONFIG
 
@@ -206,9 +206,35 @@ def test_unknown_flags_and_missing_keys_get_ofreps_errors(stack: Stack, features
         assert (details.value, details.error_code) == ("fallback", ErrorCode.FLAG_NOT_FOUND)
     details = features.get_string_details("ramp", "fallback", EvaluationContext(None, {"plan": "gold"}))
     assert (details.value, details.error_code) == ("fallback", ErrorCode.TARGETING_KEY_MISSING)
-    details = features.get_string_details("ramp", "fallback", EvaluationContext(None, {"header:x-user-id": 7}))
+    details = features.get_string_details(
+        "ramp", "fallback", EvaluationContext(None, {"header:x-user-id": 7})
+    )
     assert (details.value, details.error_code) == ("fallback", ErrorCode.INVALID_CONTEXT)
     answer = requests.post(f"{base_url(stack)}/ofrep/v1/evaluate/flags", json={"context": {}}, timeout=5)
     flags = {flag["key"]: flag for flag in answer.json()["flags"]}
     assert flags["ramp"]["errorCode"] == "TARGETING_KEY_MISSING"
     assert flags[TABLE_FLAG]["value"] == "stable" and flags[TABLE_FLAG]["reason"] == "DEFAULT"
+
+
+def test_with_a_token_file_only_a_caller_with_the_token_is_answered(tmp_path: Path) -> None:
+    rules, token = tmp_path / "rules.yaml", tmp_path / "ofrep-token"
+    rules.write_text(RULES)
+    token.write_text("app-secret\n")
+    token.chmod(0o600)
+    sidecar = Sidecar(rules, tmp_path, ["--ofrep-token-file", str(token)])
+    try:
+        url = f"http://127.0.0.1:{sidecar.http}"
+        bearer = {"authorization": "Bearer app-secret"}
+        for headers, domain in ((bearer, "with-token"), ({}, "without-token")):
+            api.set_provider(OFREPProvider(url, headers_factory=lambda h=headers: dict(h)), domain)
+        context = EvaluationContext("user-1")
+        assert api.get_client("with-token").get_string_details("ramp", "none", context).error_code is None
+        refused = api.get_client("without-token").get_string_details("ramp", "none", context)
+        assert (refused.value, refused.error_code, refused.error_message) == (
+            "none",
+            ErrorCode.GENERAL,
+            "unauthorized",
+        )
+    finally:
+        api.clear_providers()
+        sidecar.stop()

@@ -69,6 +69,12 @@ def test_values_are_read_strictly_by_their_flag() -> None:
         ({"http_actions": True, "http_listen": "0.0.0.0:9464"}, "never acts for an unauthenticated caller"),
         ({"http_actions": True}, "--http-actions needs --http-listen"),
         ({"http_actions": True, "workers": 2}, "with --workers the operator endpoint serves the group's"),
+        ({"ofrep_token_file": "t"}, "--ofrep-token-file needs --http-listen"),
+        ({"ofrep_token_file": "t", "http_listen": "127.0.0.1:9464", "workers": 2}, "not OFREP"),
+        (
+            {"ofrep_token_file": "/nonexistent/t", "http_listen": "127.0.0.1:9464"},
+            "--ofrep-token-file /nonexistent",
+        ),
     ],
 )
 def test_checks_across_options_name_the_flags(changes: dict, problem: str) -> None:
