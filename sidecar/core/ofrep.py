@@ -41,6 +41,9 @@ MAPPING_VERSION = "ofrep-1"  # part of every ETag: a change of this mapping chan
 # "query:" attributes name one header, cookie or query parameter each.
 REQUEST_FIELDS = ("method", "path", "host", "identity")
 KEY_KINDS = ("header:", "cookie:", "query:")
+# Objects and lists within a context, at most: the checks below (and the ETag's encoding)
+# recurse, and orjson reads up to 1,024 levels, past Python's recursion limit.
+MAX_CONTEXT_DEPTH = 32
 
 
 class OfrepReason(StrEnum):
@@ -100,6 +103,8 @@ def read_context(document: object) -> Context:
     context = document.get("context", {})
     if not isinstance(context, dict):
         raise Failure(OfrepError.INVALID_CONTEXT, "the context must be a JSON object")
+    if _too_deep(context, MAX_CONTEXT_DEPTH):
+        raise Failure(OfrepError.INVALID_CONTEXT, f"the context nests deeper than {MAX_CONTEXT_DEPTH} levels")
     for path, text in unencodable(context):
         where = ".".join(str(part) for part in path) or "a key"
         raise Failure(OfrepError.INVALID_CONTEXT, f"context {where}: {why_unencodable(text)}")
@@ -107,6 +112,21 @@ def read_context(document: object) -> Context:
         if _is_read(name) and not isinstance(value, str):
             raise Failure(OfrepError.INVALID_CONTEXT, f"context attribute {name!r} must be a string")
     return context
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether objects and lists nest in `value` deeper than `limit` (walked without recursion)."""
+    level: list[dict[str, Any] | list[Any]] = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        level = [
+            item
+            for container in level
+            for item in (container.values() if isinstance(container, dict) else container)
+            if isinstance(item, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _is_read(name: str) -> bool:

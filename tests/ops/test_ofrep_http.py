@@ -112,6 +112,9 @@ def test_bodies_that_are_no_json_are_parse_errors(server: OperatorHttpServer, bo
         (b'{"context": []}', "INVALID_CONTEXT"),
         (b'{"context": {"targetingKey": 1}}', "INVALID_CONTEXT"),
         (b'{"context": {"header:x-user-id": {"a": [1]}}}', "INVALID_CONTEXT"),
+        # nested within orjson's 1,024 levels, deeper than Python's recursion limit: no 500
+        (b'{"context": {"a": ' + b"[" * 1020 + b"]" * 1020 + b"}}", "INVALID_CONTEXT"),
+        (b'{"context": {"a": ' + b'{"b": ' * 1000 + b"1" + b"}" * 1000 + b"}}", "INVALID_CONTEXT"),
     ],
 )
 def test_wrong_types_are_ofreps_errors(server: OperatorHttpServer, body: bytes, code: str) -> None:
