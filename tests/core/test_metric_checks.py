@@ -154,7 +154,7 @@ MIN_VS, MAX_VS = MetricCheck("m", "q", min_vs_baseline=0.9), MetricCheck("m", "q
         (MIN_VS, Answer(0.5), Answer(1.0), BREACH, "< 0.9 x baseline 1"),
         (MIN_VS, Answer(0.95), Answer(1.0), PASS, "within min 0.9x baseline"),
         (CHECK, Answer(None, TIMEOUT, "no answer within 5s"), None, INCONCLUSIVE, "m: no answer within 5s"),
-        (MAX_VS, Answer(0.5), Answer(None, NO_DATA, "no sample"), INCONCLUSIVE, "for the baseline: no sample"),
+        (MAX_VS, Answer(0.5), Answer(None, NO_DATA, "none"), INCONCLUSIVE, "for the baseline: none"),
     ],
 )  # fmt: skip
 def test_each_threshold(
@@ -184,3 +184,20 @@ def test_a_dry_run_check_is_carried_along_and_never_acts(outcome: str) -> None:
     assert verdict.outcome == HEALTHY
     assert verdict.metrics[0].outcome == outcome
     assert verdict.numbers()["metric:m"] == 1.0
+
+
+def test_the_prometheus_example_loads() -> None:
+    import yaml
+
+    from tests.cli.test_cli import EXAMPLE
+
+    path = EXAMPLE.replace("rules.yaml", "rollout-prometheus.yaml")
+    with open(path) as handle:
+        table = compile_table(yaml.safe_load(handle), "v1", path)
+    checks = table.rollouts["checkout-ramp"].analysis.metrics
+    assert [c.name for c in checks] == [
+        "request-success-rate",
+        "checkout-failure-rate",
+        "checkout-latency-p95",
+    ]
+    assert checks[2].dry_run and checks[1].compares
