@@ -155,7 +155,9 @@ def format_status(table: dict[str, Any]) -> str:
             f"canary weight {rollout['canary_weight']}; analysis {rollout['verdict']}; "
             f"{rollout['reason']}"
         )
-        lines.extend(f"  {wait}" for wait in view_rollout.waits_view(view_rollout.report_of(rollout)))
+        report = view_rollout.report_of(rollout)
+        lines.extend(f"  {wait}" for wait in view_rollout.waits_view(report))
+        lines.extend(f"  {metric['line']}" for metric in view_rollout.metrics_view(report))
     lines.append("rules:")
     for rule in table["rules"]:
         if rule["action"] == "route":

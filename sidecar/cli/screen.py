@@ -108,7 +108,16 @@ def _rollout(rollout: Mapping[str, Any]) -> RenderableType:
         checks.add_row(
             Text(f"{cluster['cluster']} ({cluster['role']})"), Text(cluster["requests_shown"]), *cells
         )
-    return Panel(Group(*lines, steps, checks), title=Text(f"rollout {rollout['rule']}"), title_align="left")
+    metrics = [
+        Text(m["line"], style=METRIC_STYLES.get(m["state"], "") if not m["dry_run"] else "dim")
+        for m in rollout["metrics"]
+    ]
+    return Panel(
+        Group(*lines, steps, checks, *metrics), title=Text(f"rollout {rollout['rule']}"), title_align="left"
+    )
+
+
+METRIC_STYLES = {"ok": "green", "over": "bold red", "no data": "yellow"}
 
 
 def _check(check: Mapping[str, Any] | None) -> Text:

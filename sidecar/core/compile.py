@@ -10,6 +10,7 @@ from sidecar.core.bucketing import cumulative
 from sidecar.core.gates import DEFAULT_GATE_TIMEOUT, Gate
 from sidecar.core.hosts import host_matcher
 from sidecar.core.identity import identity_matcher
+from sidecar.core.metric_checks import DEFAULT_QUERY_TIMEOUT, MetricCheck
 from sidecar.core.model import Coloring, Decision, Reason, Trust
 from sidecar.core.regex import compile_regex
 from sidecar.core.request import Request
@@ -62,6 +63,7 @@ def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
             float(analysis["max_error_rate"]),
             analysis.get("max_error_rate_vs_stable"),
             analysis.get("max_p99_ms"),
+            tuple(_metric_check(m) for m in analysis.get("metrics") or []),
         ),
         on_failure=RAMP_DOWN if isinstance(on_failure, dict) else on_failure,
         total=sum(e["weight"] for e in split["to"]),
@@ -71,6 +73,19 @@ def _rollout_spec(rule: dict[str, Any]) -> RolloutSpec:
             Gate(g["url"], g["before"], parse_duration(g.get("timeout", f"{DEFAULT_GATE_TIMEOUT:g}s")))
             for g in rollout.get("gates") or []
         ),
+    )
+
+
+def _metric_check(metric: dict[str, Any]) -> MetricCheck:
+    return MetricCheck(
+        metric["name"],
+        metric["query"],
+        metric.get("max"),
+        metric.get("min"),
+        metric.get("max_vs_baseline"),
+        metric.get("min_vs_baseline"),
+        bool(metric.get("dry_run")),
+        parse_duration(metric["timeout"]) if "timeout" in metric else DEFAULT_QUERY_TIMEOUT,
     )
 
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.core.gates import Gate, GateResult, gate_wait
+from sidecar.core.metric_checks import BREACH as METRIC_BREACH
+from sidecar.core.metric_checks import INCONCLUSIVE as METRIC_INCONCLUSIVE
+from sidecar.core.metric_checks import MetricCheck, MetricResult
 
 PROGRESSING, PAUSED, PROMOTED, ABORTED = "progressing", "paused", "promoted", "aborted"
 # After a breach with `on_failure: {ramp_down: DURATION}`: the canary's weight goes down to 0
@@ -57,6 +60,7 @@ class Analysis:
     max_error_rate: float
     max_error_rate_vs_stable: float | None = None
     max_p99_ms: float | None = None
+    metrics: tuple[MetricCheck, ...] = ()  # PromQL checks (sidecar.core.metric_checks)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Verdict:
     baseline: ClusterWindow
     canary_cluster: str = "canary"
     baseline_cluster: str = "stable"
+    metrics: tuple[MetricResult, ...] = ()  # the metric checks' results, dry-run ones too
 
     def numbers(self) -> dict[str, Any]:
         return {
@@ -106,7 +111,28 @@ class Verdict:
             "baseline_requests": self.baseline.requests,
             "baseline_error_rate": round(self.baseline.error_rate, 4),
             "baseline_p99_ms": self.baseline.p99_ms,
+            **{f"metric:{r.check.name}": r.value for r in self.metrics},
         }
+
+
+def with_metrics(verdict: Verdict, results: tuple[MetricResult, ...]) -> Verdict:
+    """The verdict with the metric checks' results: a breach of one that acts is a breach; one
+    that acts and has no value (Prometheus failed, timed out, or gave no sample) makes a
+    healthy verdict inconclusive, never the reverse. Dry-run checks are only carried along.
+    A verdict that is already a breach or unavailable stays so."""
+    verdict = replace(verdict, metrics=results)
+    acting = [r for r in results if r.acts]
+    breaches = [r.reason for r in acting if r.outcome == METRIC_BREACH]
+    if verdict.outcome in (BREACH, UNAVAILABLE):
+        return verdict
+    if breaches:
+        return replace(verdict, outcome=BREACH, reason="; ".join(breaches))
+    waits = [r.reason for r in acting if r.outcome == METRIC_INCONCLUSIVE]
+    if not waits:
+        return verdict
+    if verdict.outcome == HEALTHY:
+        return replace(verdict, outcome=INCONCLUSIVE, reason="; ".join(waits))
+    return replace(verdict, reason="; ".join([verdict.reason, *waits]))
 
 
 def judge(

@@ -126,6 +126,24 @@ _split: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+# A rollout's PromQL check (sidecar.core.metric_checks): at least one threshold (validate.py)
+MAX_METRICS = 8
+_metric: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 64},
+        "query": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "max": {"type": "number"},
+        "min": {"type": "number"},
+        "max_vs_baseline": {"type": "number", "exclusiveMinimum": 0},
+        "min_vs_baseline": {"type": "number", "exclusiveMinimum": 0},
+        "dry_run": {"type": "boolean"},
+        "timeout": {"type": "string"},
+    },
+    "required": ["name", "query"],
+    "additionalProperties": False,
+}
+
 _rule: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -159,6 +177,7 @@ _rule: dict[str, Any] = {
                         "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
                         "max_error_rate_vs_stable": {"type": "number", "exclusiveMinimum": 0},
                         "max_p99_ms": {"type": "number", "exclusiveMinimum": 0},
+                        "metrics": {"type": "array", "maxItems": MAX_METRICS, "items": _metric},
                     },
                     "required": ["window", "min_requests", "max_error_rate"],
                     "additionalProperties": False,

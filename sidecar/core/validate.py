@@ -17,6 +17,7 @@ from sidecar.core.checker import Validator
 from sidecar.core.gates import MAX_GATE_TIMEOUT
 from sidecar.core.hosts import host_problem
 from sidecar.core.identity import identity_form_problem
+from sidecar.core.metric_checks import MAX_QUERY_TIMEOUT, query_problem
 from sidecar.core.regex import regex_problem
 from sidecar.core.rollout import parse_duration
 from sidecar.core.schema import (
@@ -354,6 +355,30 @@ def _rollout_problems(doc: dict[str, Any], path: list[Any], rule: dict[str, Any]
         yield from _duration_problem(doc, where + ["on_failure", "ramp_down"], on_failure["ramp_down"])
     for i, gate in enumerate(rollout.get("gates") or []):
         yield from _gate_problems(doc, where + ["gates", i], gate)
+    names: set[str] = set()
+    for i, metric in enumerate(rollout["analysis"].get("metrics") or []):
+        metric_path = where + ["analysis", "metrics", i]
+        if metric["name"] in names:
+            yield Problem(_where(doc, metric_path + ["name"]), f"metric {metric['name']!r} appears twice")
+        names.add(metric["name"])
+        yield from _metric_problems(doc, metric_path, metric)
+
+
+def _metric_problems(doc: dict[str, Any], path: list[Any], metric: dict[str, Any]) -> Iterable[Problem]:
+    bounds = ("max", "min", "max_vs_baseline", "min_vs_baseline")
+    if not any(bound in metric for bound in bounds):
+        yield Problem(_where(doc, path), f"a metric needs a threshold: one or more of {', '.join(bounds)}")
+    for low, high in (("min", "max"), ("min_vs_baseline", "max_vs_baseline")):
+        if low in metric and high in metric and metric[low] > metric[high]:
+            yield Problem(_where(doc, path + [low]), f"{metric[low]} is above {high} {metric[high]}")
+    problem = query_problem(metric["query"])
+    if problem is not None:
+        yield Problem(_where(doc, path + ["query"]), problem)
+    if "timeout" in metric:
+        found = list(_duration_problem(doc, path + ["timeout"], metric["timeout"]))
+        yield from found
+        if not found and parse_duration(metric["timeout"]) > MAX_QUERY_TIMEOUT:
+            yield Problem(_where(doc, path + ["timeout"]), f"must be at most {MAX_QUERY_TIMEOUT:g}s")
 
 
 def _gate_problems(doc: dict[str, Any], path: list[Any], gate: dict[str, Any]) -> Iterable[Problem]:

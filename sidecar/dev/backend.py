@@ -2,7 +2,9 @@
 
 It answers every request with JSON naming itself and echoing the request line
 and headers, so a caller can see which lane a request reached and what the
-upstream received (e.g. that a client-sent routing header never arrives). With
+upstream received (e.g. that a client-sent routing header never arrives). GET /metrics
+is its own business metric for Prometheus: `checkout_total{version, outcome}`, where a
+share of 200 answers can be counted as failed checkouts (`checkout_fail_rate`). With
 `forward_to` it is a service in a call chain: it calls the next hop (through its own
 outbound Envoy) with the trace context, baggage and lane header, and embeds the
 answer.
@@ -14,6 +16,8 @@ import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from sidecar.contract import ENVOY_MAX_HEADERS
 
@@ -33,6 +37,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: "BackendServer"
 
     def _answer(self) -> None:
+        if self.path == "/metrics":  # its own business metrics, for Prometheus to scrape
+            self._metrics()
+            return
         self.server.requests += 1
         if self.server.delay_ms:  # a slow version, for rollout analysis tests
             time.sleep(self.server.delay_ms / 1000)
@@ -50,11 +57,22 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if self.server.forward_to is not None:  # a service that calls the next hop
             echo["downstream"] = self._call_next_hop()
+        # A checkout that goes wrong inside a 200 (a wrong price): only the business metric sees it
+        failed = bool(self.server.checkout_fail_rate) and random.random() < self.server.checkout_fail_rate
+        self.server.checkouts.labels(self.server.name, "failure" if failed else "success").inc()
         body = json.dumps(echo).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.send_header("x-backend", self.server.name)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _metrics(self) -> None:
+        body = generate_latest(self.server.registry)
+        self.send_response(200)
+        self.send_header("content-type", CONTENT_TYPE_LATEST)
+        self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
@@ -97,6 +115,17 @@ class BackendServer(ThreadingHTTPServer):
         self.requests = 0
         self.fail_rate = 0.0  # share of requests answered 503 (settable while running)
         self.delay_ms = 0.0  # added to every answer (settable while running)
+        # share of 200 answers counted as failed checkouts (settable while running)
+        self.checkout_fail_rate = 0.0
+        self.registry = CollectorRegistry()
+        self.checkouts = Counter(
+            "checkout",
+            "Checkouts answered, by the version that answered and their outcome (success, failure).",
+            ("version", "outcome"),
+            registry=self.registry,
+        )
+        for outcome in ("success", "failure"):  # both series from the start: a rate of 0 is a value
+            self.checkouts.labels(name, outcome)
 
     @property
     def port(self) -> int:

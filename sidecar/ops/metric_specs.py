@@ -153,6 +153,19 @@ ROLLOUT_VERDICT = Spec(
     ("rule", "verdict"),
     gauge=True,
 )
+ROLLOUT_METRIC_VALUE = Spec(
+    "graysteer_rollout_metric_value",
+    "The canary's value of each PromQL metric check of each rollout (analysis.metrics), as last "
+    "queried (no series while the query gives no value).",
+    ("rule", "metric"),
+    gauge=True,
+)
+ROLLOUT_METRIC_CHECKS = Spec(
+    "graysteer_rollout_metric_checks_total",
+    "PromQL metric checks of each rollout, dry-run ones included, by result: pass, breach, or why "
+    "the check was inconclusive (no_data: no single finite sample, timeout, error: the query failed).",
+    ("rule", "metric", "result"),
+)
 # A rollout's limits, labelled with its canary cluster: drawn against
 # graysteer_cluster_error_ratio / _p99_seconds{cluster} (a limit not set: no series).
 ROLLOUT_MAX_ERROR_RATIO = Spec(

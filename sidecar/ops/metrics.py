@@ -67,6 +67,8 @@ class Metrics:
         self.rollout_waiting = specs.gauge(specs.ROLLOUT_WAITING, registry)
         self.rollout_gate_checks = specs.counter(specs.ROLLOUT_GATE_CHECKS, registry)
         self.rollout_verdict = specs.gauge(specs.ROLLOUT_VERDICT, registry)
+        self.rollout_metric_value = specs.gauge(specs.ROLLOUT_METRIC_VALUE, registry)
+        self.rollout_metric_checks = specs.counter(specs.ROLLOUT_METRIC_CHECKS, registry)
         self.rollout_max_error_ratio = specs.gauge(specs.ROLLOUT_MAX_ERROR_RATIO, registry)
         self.rollout_max_p99_seconds = specs.gauge(specs.ROLLOUT_MAX_P99_SECONDS, registry)
         self.cluster_error_ratio = specs.gauge(specs.CLUSTER_ERROR_RATIO, registry)
@@ -158,6 +160,19 @@ class Metrics:
     def count_gate_check(self, rule: str, before: str, result: str) -> None:
         """One webhook gate check (result: passed, refused, timeout or error)."""
         self.rollout_gate_checks.labels(rule, before, result).inc()
+
+    def count_metric_check(self, rule: str, metric: str, result: str) -> None:
+        """One PromQL metric check (result: pass, breach, no_data, timeout or error)."""
+        self.rollout_metric_checks.labels(rule, metric, result).inc()
+
+    def show_metric_value(self, rule: str, metric: str, value: float | None) -> None:
+        """A metric check's last value; no series while it has none."""
+        labels = (rule, metric)
+        if value is not None:
+            self._set_rollout(rule, self.rollout_metric_value, labels, value)
+        elif (self.rollout_metric_value, labels) in self._rollout_series.get(rule, set()):
+            self._rollout_series[rule].discard((self.rollout_metric_value, labels))
+            self._retire(self.rollout_metric_value, labels)
 
     def show_limits(self, rule: str, cluster: str, max_error_ratio: float, max_p99_ms: float | None) -> None:
         """A rollout's limits (a limit it does not set has no series; one for another canary

@@ -36,6 +36,7 @@ _REPORT_FIELDS = {
     "gates",
     "on_failure",
     "ramp",
+    "metrics",
 }
 DONE, CURRENT, PENDING = "done", "current", "pending"  # a step's place in its rollout
 OK, OVER, NO_DATA, NO_LIMIT = "ok", "over", "no data", "no limit"  # a value against its limit
@@ -166,6 +167,35 @@ def checks_view(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def metrics_view(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each PromQL metric check's value (and the baseline's) against its threshold: ok, over,
+    or no data with the reason (a dry-run check is marked: it never acts)."""
+    out = []
+    for metric in report.get("metrics") or []:
+        value, base = metric.get("value"), metric.get("baseline_value")
+        state = {"pass": OK, "breach": OVER}.get(metric.get("outcome", ""), NO_DATA)
+        shown = "-" if value is None else f"{value:.4g}"
+        if base is not None:
+            shown += f" (baseline {base:.4g})"
+        dry = " (dry run)" if metric.get("dry_run") else ""
+        line = f"metric {metric.get('name')}{dry}: {shown} / {metric.get('threshold')}: {state}"
+        if state == NO_DATA:
+            line += f" ({metric.get('reason', '')})"
+        out.append(
+            {
+                "name": metric.get("name", "?"),
+                "value": value,
+                "shown": shown,
+                "threshold": metric.get("threshold", ""),
+                "state": state,
+                "dry_run": bool(metric.get("dry_run")),
+                "reason": metric.get("reason", ""),
+                "line": line,
+            }
+        )
+    return out
+
+
 def rollout_view(report: Mapping[str, Any]) -> dict[str, Any]:
     phase, reason = report.get("phase", "?"), report.get("reason", "")
     details = {
@@ -190,6 +220,7 @@ def rollout_view(report: Mapping[str, Any]) -> dict[str, Any]:
         "waits": waits_view(report),
         "steps": steps_view(report),
         "clusters": checks_view(report),
+        "metrics": metrics_view(report),
         "details": [f"{key}: {value}" for key, value in sorted(details.items())],
     }
 

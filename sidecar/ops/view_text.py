@@ -63,6 +63,7 @@ def rollout_lines(rollout: Mapping[str, Any]) -> list[str]:
             for c in cluster["checks"]
         )
         out.append(f"  {cluster['role']} {cluster['cluster']}: {cluster['requests_shown']}; {checks}")
+    out += [f"  {metric['line']}" for metric in rollout["metrics"]]
     return out
 
 

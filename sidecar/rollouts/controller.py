@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from sidecar.core.actions import act
+from sidecar.core.metric_checks import MetricResult
 from sidecar.core.overrides import split_weights
 from sidecar.core.rollout import (
     ABORTED,
@@ -31,12 +32,14 @@ from sidecar.core.rollout import (
     start,
     state_problem,
     unavailable,
+    with_metrics,
 )
 from sidecar.core.state import StateError
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.destinations import GateDestinations
 from sidecar.rollouts.gates import GateChecks
-from sidecar.rollouts.report import rollout_report
+from sidecar.rollouts.prometheus import MetricQueries, Prometheus
+from sidecar.rollouts.report import metrics_report, rollout_report
 from sidecar.table.reload import Reloader
 
 log = logging.getLogger("graysteer.rollout")
@@ -103,6 +106,7 @@ class RolloutController:
         steady: Callable[[], float] = boot_clock,
         boot_id: str | None = read_boot_id(),
         gate_destinations: GateDestinations | None = None,
+        prometheus: Prometheus | None = None,
     ) -> None:
         self.reloader = reloader
         self.metrics = metrics
@@ -120,6 +124,8 @@ class RolloutController:
         self._seen_state = b""
         # webhook gates, asked off the tick, only where the operator lets them connect
         self.gates = GateChecks(metrics, steady, destinations=gate_destinations)
+        # PromQL metric checks, run off the tick by whoever moves the rollouts
+        self.queries = MetricQueries(metrics, prometheus, steady)
         self._load_states()
 
     def _load_states(self) -> None:
@@ -186,6 +192,7 @@ class RolloutController:
                     await asyncio.wait_for(stop.wait(), self.poll_seconds)
         finally:
             await self.gates.close()
+            await self.queries.close()
 
     async def follow(self) -> None:
         """Show every change of the stored state at once (a follower's gauges follow the
@@ -223,7 +230,8 @@ class RolloutController:
             if state is not None:
                 log.info("rollout of %r changed in the rules file: starting again", rule)
             state = start(spec, now)
-        verdict = self.verdict(spec, now)
+        self.queries.ask(spec)  # in the background: this tick judges on the last run's results
+        verdict = self.verdict(spec, now, self.queries.results(spec))
         self.verdicts[rule] = verdict
         held = self.held(rule, state)
         due = due_gates(spec, state, verdict, held)
@@ -232,9 +240,13 @@ class RolloutController:
         new = advance(spec, state, now, verdict, held, self.gates.answers(rule, state))
         await self._apply(rule, spec, new, verdict, saved)  # a new rollout is saved at once
 
-    def verdict(self, spec: RolloutSpec, now: float) -> Verdict:
-        """The analysis of the rollout's window; UNAVAILABLE (never healthy) when it cannot
-        run: no statistics, unreadable ones, or an analysis that fails."""
+    def verdict(self, spec: RolloutSpec, now: float, metrics: tuple[MetricResult, ...] = ()) -> Verdict:
+        """The analysis of the rollout's window, with its metric checks' results (none on a
+        process that does not move rollouts: the leader queries); UNAVAILABLE (never healthy)
+        when it cannot run: no statistics, unreadable ones, or an analysis that fails."""
+        return with_metrics(self._envoy_verdict(spec, now), metrics)
+
+    def _envoy_verdict(self, spec: RolloutSpec, now: float) -> Verdict:
         clusters = (spec.canary, spec.baseline)
         source = self.analysis
         if source is None:
@@ -330,7 +342,9 @@ class RolloutController:
             state = self.states.get(rule) or start(spec, now)
             verdict = self.verdicts.get(rule) or self.verdict(spec, now)
             held = self.held(rule, state)
-            out.append(rollout_report(spec, state, verdict, held, self.gates, self.state_problem))
+            report = rollout_report(spec, state, verdict, held, self.gates, self.state_problem)
+            report["metrics"] = metrics_report(spec, verdict, self.queries.age(rule))
+            out.append(report)
         return out
 
 

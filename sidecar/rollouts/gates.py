@@ -80,7 +80,7 @@ async def ask(
     except TimeoutError:
         return GateResult(False, f"no answer within {gate.timeout:g}s"), TIMEOUT
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
-        return GateResult(False, f"no answer: {_printable(str(error)) or type(error).__name__}"), ERROR
+        return GateResult(False, f"no answer: {printable(str(error)) or type(error).__name__}"), ERROR
 
 
 async def _said(response: httpx.Response) -> str:
@@ -90,10 +90,10 @@ async def _said(response: httpx.Response) -> str:
         head += chunk
         if len(head) >= REFUSAL_BYTES:
             break
-    return _printable(head[:REFUSAL_BYTES].decode("utf-8", "replace"))
+    return printable(head[:REFUSAL_BYTES].decode("utf-8", "replace"))
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     return re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in text)).strip()[:REFUSAL_SHOWN]
 
 

@@ -104,3 +104,37 @@ def ramp_report(spec: RolloutSpec, state: RolloutState, held: float) -> dict[str
         "seconds": spec.ramp_down,
         "remaining_seconds": max(0.0, round(spec.ramp_down - held, 1)),
     }
+
+
+def metrics_report(spec: RolloutSpec, verdict: Verdict, age: float | None) -> list[dict[str, Any]]:
+    """Each PromQL metric check: its value (and the baseline's) against its threshold, its
+    outcome and why. `age`: seconds since the checks last ran here (None: they never did:
+    only the process that moves the rollouts, a fleet's leader, queries Prometheus)."""
+    results = {r.check.name: r for r in verdict.metrics}
+    out = []
+    for check in spec.analysis.metrics:
+        result = results.get(check.name)
+        out.append(
+            {
+                "name": check.name,
+                "query": check.query,
+                "threshold": check.threshold(),
+                "limits": {
+                    "max": check.max,
+                    "min": check.min,
+                    "max_vs_baseline": check.max_vs_baseline,
+                    "min_vs_baseline": check.min_vs_baseline,
+                },
+                "dry_run": check.dry_run,
+                "outcome": result.outcome if result else NOT_QUERIED,
+                "reason": result.reason if result else NOT_QUERIED_REASON,
+                "value": result.value if result else None,
+                "baseline_value": result.baseline_value if result else None,
+                "seconds_ago": round(age, 1) if age is not None and result else None,
+            }
+        )
+    return out
+
+
+NOT_QUERIED = "not queried"
+NOT_QUERIED_REASON = "not queried by this process: the one that moves the rollouts (a fleet's leader) does"

@@ -27,6 +27,7 @@ from sidecar.ops.health import Readiness
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.controller import ClusterSource, RolloutController
 from sidecar.rollouts.destinations import GateDestinations
+from sidecar.rollouts.prometheus import Prometheus, PrometheusTarget
 from sidecar.serving.options import ServeOptions
 from sidecar.sources import Source
 from sidecar.sources.etcd import EtcdSource, default_cache_dir
@@ -117,6 +118,7 @@ class Sidecar:
             options.rollout_poll_seconds,
             leads=fleet.leads if fleet is not None else lambda: options.primary,
             gate_destinations=gate_destinations(options),
+            prometheus=prometheus(options),
         )
         servicer = AdminServicer(reloader, controller, bypass, fleet.clusters if fleet is not None else stats)
         return cls(
@@ -148,6 +150,16 @@ def xds_server(reloader: Reloader, metrics: Metrics) -> tuple[grpc.aio.Server, T
     add_ecds(EcdsServicer(feed, metrics), server)
     add_access_log(DecisionLogServicer(lambda: reloader.table, metrics), server)
     return server, feed
+
+
+def prometheus(options: ServeOptions) -> Prometheus | None:
+    """The Prometheus that rollouts' metric checks query (`--prometheus`), or None."""
+    if not options.prometheus:
+        return None
+    token, ca = options.prometheus_token_file, options.prometheus_ca
+    return Prometheus(
+        PrometheusTarget(options.prometheus, Path(token) if token else None, Path(ca) if ca else None)
+    )
 
 
 def gate_destinations(options: ServeOptions) -> GateDestinations:

@@ -53,6 +53,15 @@ def _admin_address(text: str) -> str:
     return text if text.startswith("unix:") else _address("--admin-listen")(text)
 
 
+def _http_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host (and no query)")
+    return text
+
+
 def _gate_allow(text: str) -> str:
     from sidecar.rollouts.destinations import parse_allowed
 
@@ -170,6 +179,15 @@ class ServeOptions:
         "network (10.0.0.0/8), ADDRESS:PORT ([::1]:9000), or a host name (approvals.internal[:PORT]); "
         "repeatable; default: public addresses only (never this sidecar's listeners or Envoy's admin)",
         _gate_allow, "DEST", action="append"))
+    prometheus: str | None = option(None, Flag(
+        "--prometheus", "Prometheus' URL (http[s]://HOST:PORT[/PREFIX]), queried for rollouts' metric checks "
+        "(analysis.metrics; default: none, and a rollout with metric checks waits)", _http_url, "URL"))
+    prometheus_token_file: str | None = option(None, Flag(
+        "--prometheus-token-file", "queries to --prometheus carry 'authorization: Bearer TOKEN' with the "
+        "token in this file (read at every query)", metavar="PATH"))
+    prometheus_ca: str | None = option(None, Flag(
+        "--prometheus-ca", "TLS to --prometheus: the CA of its server certificate (default: the system's)",
+        metavar="PEM"))
     rollout_poll_seconds: float = option(1.0, Flag(
         "--rollout-poll", "seconds between reads of Envoy's stats and rollout steps (default %(default)s)",
         values.seconds, "SECONDS"))
@@ -330,6 +348,10 @@ class ServeOptions:
                     "--envoy-admin HOST:PORT so that no gate can reach it, or allow one port "
                     "(127.0.0.1:PORT)"
                 )
+        if (self.prometheus_token_file or self.prometheus_ca) and not self.prometheus:
+            found.append("--prometheus-token-file and --prometheus-ca need --prometheus URL")
+        if self.prometheus_ca and self.prometheus and not self.prometheus.startswith("https:"):
+            found.append("--prometheus-ca is for an https:// --prometheus URL")
         if self.ready_max_bypass_ratio is not None and not (self.envoy_admin and self.http_listen):
             found.append(
                 "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "

@@ -136,6 +136,12 @@ function checksTable(rollout) {
   return el("table", { class: "checks" }, head, ...rows);
 }
 
+function metricRows(rollout) {
+  return (rollout.metrics || []).map((m) =>
+    el("div", { class: `metric check-${m.state.replace(" ", "-")}${m.dry_run ? " dry-run" : ""}`,
+      "data-metric": m.name, "data-state": m.state, text: m.line }));
+}
+
 const STEP_MARKS = { done: "✓", current: "▶", pending: "·" };
 
 function drawRollouts(rollouts) {
@@ -160,6 +166,7 @@ function drawRollouts(rollouts) {
           el("li", { class: `step-${s.place}`, "data-place": s.place },
             `${STEP_MARKS[s.place]} step ${s.number}: weight ${s.weight} (${s.note})`))),
         checksTable(r),
+        ...metricRows(r),
         ...actionButtons(r),
       ),
     ),

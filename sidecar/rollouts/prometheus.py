@@ -1,0 +1,205 @@
+"""Running a rollout's metric checks (sidecar.core.metric_checks) against Prometheus
+(`serve --prometheus URL`), never on the controller's tick: each rollout's checks run as one
+background task at a time, started by the tick on the rollout's poll, every query bounded
+by its check's timeout (Prometheus is told the same timeout). The tick judges on the last
+completed run; until there is one, and whenever a query fails, times out or gives no
+single finite value, the check is inconclusive with the reason (never a pass).
+
+Only the process that moves rollouts (a fleet's leader) asks: the others show that the
+leader queries."""
+
+import asyncio
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sidecar.core.gates import shown_url
+from sidecar.core.metric_checks import (
+    ERROR,
+    INCONCLUSIVE,
+    NO_DATA,
+    TIMEOUT,
+    Answer,
+    MetricCheck,
+    MetricResult,
+    fill,
+    judge_metric,
+)
+from sidecar.core.rollout import RolloutSpec
+from sidecar.ops.metrics import Metrics
+from sidecar.rollouts.gates import printable
+
+log = logging.getLogger("graysteer.rollout")
+ERROR_SHOWN = 200  # characters of Prometheus' error message kept
+
+
+@dataclass(frozen=True)
+class PrometheusTarget:
+    """Where and how to query: the server's URL (a path prefix kept), a file holding a bearer
+    token (read at every query: a rotated token is used at once), a CA for its TLS."""
+
+    url: str
+    token_file: Path | None = None
+    ca: Path | None = None
+
+
+class Prometheus:
+    """Prometheus' HTTP API, instant queries only."""
+
+    def __init__(self, target: PrometheusTarget) -> None:
+        self.target = target
+        self.shown = shown_url(target.url)
+        # No redirects (the token would follow), no proxy from the environment.
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(target.ca)) if target.ca else True
+        )
+        self._client = httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False, verify=verify)
+
+    async def query(self, promql: str, timeout: float) -> Answer:
+        """One instant query, within `timeout` seconds: its one finite value, or why none."""
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.post(
+                    self.target.url.rstrip("/") + "/api/v1/query",
+                    data={"query": promql, "timeout": f"{timeout:g}s"},
+                    headers=self._headers(),
+                )
+            return _answer(response)
+        except TimeoutError:
+            return Answer(None, TIMEOUT, f"no answer from Prometheus within {timeout:g}s")
+        except (httpx.HTTPError, OSError, ValueError) as error:
+            said = printable(str(error))[:ERROR_SHOWN] or type(error).__name__
+            return Answer(None, ERROR, f"Prometheus {self.shown}: {said}")
+
+    def _headers(self) -> dict[str, str]:
+        if self.target.token_file is None:
+            return {}
+        token = self.target.token_file.read_text().strip()  # OSError: the query fails, said
+        return {"authorization": f"Bearer {token}"}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _answer(response: httpx.Response) -> Answer:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or response.status_code != 200 or body.get("status") != "success":
+        said = body.get("error") if isinstance(body, dict) else None
+        detail = printable(str(said or response.text))[:ERROR_SHOWN]
+        return Answer(None, ERROR, f"Prometheus answered HTTP {response.status_code}: {detail}")
+    data = body.get("data") or {}
+    kind, result = data.get("resultType"), data.get("result")
+    if kind == "scalar":
+        samples = [result]
+    elif kind == "vector" and isinstance(result, list):
+        samples = [sample.get("value") for sample in result if isinstance(sample, dict)]
+    else:
+        return Answer(None, ERROR, f"the query gives a {kind}, not a number (an instant vector or scalar)")
+    if not samples:
+        return Answer(None, NO_DATA, "no sample (no series matches in the window)")
+    if len(samples) > 1:
+        return Answer(None, NO_DATA, f"{len(samples)} series, not one: aggregate them (sum, avg, ...)")
+    try:
+        value = float(samples[0][1])  # type: ignore[index]
+    except (TypeError, ValueError, IndexError):
+        return Answer(None, ERROR, "Prometheus answered a sample that is not a number")
+    if not math.isfinite(value):
+        return Answer(None, NO_DATA, f"the value is {value} (no traffic in the window?)")
+    return Answer(value)
+
+
+@dataclass(frozen=True)
+class Run:
+    fingerprint: str
+    results: tuple[MetricResult, ...]
+    at: float  # on the steady clock
+
+
+class MetricQueries:
+    """The rollouts' metric checks: the last completed run per rule, and the runs in flight."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        prometheus: Prometheus | None,
+        steady: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.prometheus = prometheus
+        self.steady = steady
+        self._runs: dict[str, Run] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def ask(self, spec: RolloutSpec) -> None:
+        """Start a run of the rollout's checks unless one is in flight (the leader's tick)."""
+        checks = spec.analysis.metrics
+        if not checks or self.prometheus is None or spec.rule in self._running:
+            return
+        self._running[spec.rule] = asyncio.create_task(self._run(spec, self.prometheus))
+
+    def results(self, spec: RolloutSpec) -> tuple[MetricResult, ...]:
+        """The checks' results for the controller's verdict: the last run's for this version of
+        the rollout; inconclusive while there is none."""
+        checks = spec.analysis.metrics
+        if not checks:
+            return ()
+        run = self._runs.get(spec.rule)
+        if run is not None and run.fingerprint == spec.fingerprint:
+            return run.results
+        why = "no Prometheus to query (serve --prometheus URL)" if self.prometheus is None else "querying"
+        return tuple(MetricResult(c, INCONCLUSIVE, f"metric {c.name}: {why}", result=ERROR) for c in checks)
+
+    def age(self, rule: str) -> float | None:
+        run = self._runs.get(rule)
+        return None if run is None else max(0.0, self.steady() - run.at)
+
+    async def _run(self, spec: RolloutSpec, prometheus: Prometheus) -> None:
+        try:
+            results = await asyncio.gather(*(self._check(spec, c, prometheus) for c in spec.analysis.metrics))
+        except Exception:  # a bug must not leave the run "in flight" for ever
+            log.exception("the metric checks of %s failed", spec.rule)
+            return
+        finally:
+            self._running.pop(spec.rule, None)
+        previous = self._runs.get(spec.rule)
+        self._runs[spec.rule] = Run(spec.fingerprint, tuple(results), self.steady())
+        for result in results:
+            label = result.result if result.outcome == INCONCLUSIVE else result.outcome
+            self.metrics.count_metric_check(spec.rule, result.check.name, label)
+            self.metrics.show_metric_value(spec.rule, result.check.name, result.value)
+            before = (
+                next((r for r in previous.results if r.check == result.check), None) if previous else None
+            )
+            if before is None or (before.outcome, before.result) != (result.outcome, result.result):
+                dry = " (dry run)" if result.check.dry_run else ""
+                log.info("rollout %s: %s%s", spec.rule, result.reason, dry)
+
+    async def _check(self, spec: RolloutSpec, check: MetricCheck, prometheus: Prometheus) -> MetricResult:
+        window = spec.analysis.window
+        asked = [prometheus.query(fill(check.query, spec.canary, spec.baseline, window), check.timeout)]
+        if check.compares:
+            asked.append(
+                prometheus.query(fill(check.query, spec.baseline, spec.baseline, window), check.timeout)
+            )
+        answers = await asyncio.gather(*asked)
+        return judge_metric(check, answers[0], answers[1] if check.compares else None)
+
+    async def close(self) -> None:
+        """Cancel the runs in flight and close the client (the controller's end)."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._running.clear()
+        if self.prometheus is not None:
+            await self.prometheus.close()
