@@ -35,6 +35,7 @@ from sidecar.core.metric_checks import (
 from sidecar.core.rollout import RolloutSpec
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.gates import printable
+from sidecar.tlsfiles import certificates
 
 log = logging.getLogger("graysteer.rollout")
 ERROR_SHOWN = 200  # characters of Prometheus' error message kept
@@ -57,9 +58,7 @@ class Prometheus:
         self.target = target
         self.shown = shown_url(target.url)
         # No redirects (the token would follow), no proxy from the environment.
-        verify: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=str(target.ca)) if target.ca else True
-        )
+        verify: ssl.SSLContext | bool = ca_context(target.ca) if target.ca else True
         self._client = httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False, verify=verify)
 
     async def query(self, promql: str, timeout: float) -> Answer:
@@ -81,11 +80,34 @@ class Prometheus:
     def _headers(self) -> dict[str, str]:
         if self.target.token_file is None:
             return {}
-        token = self.target.token_file.read_text().strip()  # OSError: the query fails, said
+        token = read_token(self.target.token_file)  # OSError, ValueError: the query fails, said
         return {"authorization": f"Bearer {token}"}
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in `path`: OSError when it cannot be read, ValueError when it is empty
+    or not one line of visible ASCII (it goes into an HTTP header as it is)."""
+    token = path.read_bytes().strip()
+    if not token:
+        raise ValueError("the token file is empty")
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise ValueError("the token is not one line of visible ASCII characters")
+    return token.decode("ascii")
+
+
+def ca_context(path: Path) -> ssl.SSLContext:
+    """A client TLS context trusting the CA certificates in `path`: OSError when it cannot be
+    read, ValueError when it holds no PEM certificate that OpenSSL takes."""
+    try:
+        certificates(path.read_bytes(), path)
+        return ssl.create_default_context(cafile=str(path))
+    except ValueError:
+        raise ValueError("no PEM certificate (a CA bundle: -----BEGIN CERTIFICATE-----)") from None
+    except ssl.SSLError as error:
+        raise ValueError(f"not a CA bundle OpenSSL accepts ({error.reason or error})") from None
 
 
 def _answer(response: httpx.Response) -> Answer:

@@ -348,15 +348,36 @@ class ServeOptions:
                     "--envoy-admin HOST:PORT so that no gate can reach it, or allow one port "
                     "(127.0.0.1:PORT)"
                 )
-        if (self.prometheus_token_file or self.prometheus_ca) and not self.prometheus:
-            found.append("--prometheus-token-file and --prometheus-ca need --prometheus URL")
-        if self.prometheus_ca and self.prometheus and not self.prometheus.startswith("https:"):
-            found.append("--prometheus-ca is for an https:// --prometheus URL")
+        found.extend(self._prometheus_problems())
         if self.ready_max_bypass_ratio is not None and not (self.envoy_admin and self.http_listen):
             found.append(
                 "--ready-max-bypass-ratio needs --envoy-admin (where the ratio is read) "
                 "and --http-listen (the /readyz it acts on)"
             )
+        return found
+
+    def _prometheus_problems(self) -> list[str]:
+        """--prometheus' companions: each file must be usable now, not at the first query."""
+        from sidecar.rollouts.prometheus import ca_context, read_token
+
+        if (self.prometheus_token_file or self.prometheus_ca) and not self.prometheus:
+            return ["--prometheus-token-file and --prometheus-ca need --prometheus URL"]
+        found = []
+        if self.prometheus_ca and self.prometheus and not self.prometheus.startswith("https:"):
+            found.append("--prometheus-ca is for an https:// --prometheus URL")
+        checks: list[tuple[str, str | None, Callable[[Path], object]]] = [
+            ("--prometheus-token-file", self.prometheus_token_file, read_token),
+            ("--prometheus-ca", self.prometheus_ca, ca_context),
+        ]
+        for flag, path, check in checks:
+            if path is None:
+                continue
+            try:
+                check(Path(path))
+            except OSError as error:
+                found.append(f"{flag} {path}: {error.strerror or error}")
+            except ValueError as error:
+                found.append(f"{flag} {path}: {error}")
         return found
 
 
