@@ -27,13 +27,19 @@ class PrometheusServer:
         self.config = workdir / "prometheus.yml"
         self.process: Process | None = None
 
-    def scrape(self, targets: Mapping[str, tuple[str, list[str]]]) -> "PrometheusServer":
+    def scrape(
+        self, targets: Mapping[str, tuple[str, list[str]]], query_log: Path | None = None
+    ) -> "PrometheusServer":
+        """Start scraping `targets`; with `query_log`, Prometheus writes every query it runs
+        there (one JSON line each: its own record of what reached it)."""
         scrapes = [
             {"job_name": job, "metrics_path": path, "static_configs": [{"targets": list(hosts)}]}
             for job, (path, hosts) in targets.items()
         ]
         interval = f"{SCRAPE_SECONDS}s"
-        config = {"global": {"scrape_interval": interval, "evaluation_interval": interval}}
+        config: dict[str, Any] = {"global": {"scrape_interval": interval, "evaluation_interval": interval}}
+        if query_log is not None:
+            config["global"]["query_log_file"] = str(query_log)
         self.config.write_text(json.dumps({**config, "scrape_configs": scrapes}))  # JSON is YAML
         self.start()
         return self
