@@ -39,6 +39,7 @@ LUA_ERROR_KEY = "lua_error"  # beside the mark: the Lua failed on the request (a
 # a namespace of its own, so the decision's metadata stays the same from request to request.
 INPUTS_NAMESPACE = "graysteer.request"
 INPUTS_KEY = "in"
+INPUTS_FORMAT = "1"  # the first field of the inputs: their layout (capture_inputs)
 CHUNK_RULES = 100  # rules per Lua function: LuaJIT bounds a function's constants and jumps
 MAX_EXACT_TOTAL = 1 << 36  # the Lua bucketing is exact below this total weight
 # Header names the fast path does not read as the request has them: the check's own
@@ -437,11 +438,15 @@ def _trust_forms(table: Table) -> list[dict[str, Any]]:
 
 
 def capture_inputs(names: Sequence[str]) -> str:
-    """`CAPTURE`: nil, or the function that files a decided request's inputs as the sidecar
-    reads them (sidecar.transports.envoy_inputs) under INPUTS_NAMESPACE / INPUTS_KEY, as
-    received: the headers `names` (those the live and the shadow table read), `:path`,
-    `:method`, the local address (its port) and the peer certificate's SANs. A value that is
-    not UTF-8 is left out and the inputs marked `unread`: the sidecar then logs nothing of it."""
+    """`CAPTURE`: nil, or the function that files a decided request's inputs under
+    INPUTS_NAMESPACE / INPUTS_KEY, as received, as one string of fields joined by a line feed
+    (which no header, path or bare SAN holds, and, unlike NUL, Envoy's Lua API keeps in a
+    string; sidecar.transports.envoy_inputs reads it): INPUTS_FORMAT,
+    `:method`, `:path`, the local address, the peer (`` none, `u` an mTLS peer whose SANs
+    are not all bare: unnamed, as identity() reads it, `m`), its URI SANs and DNS SANs (each
+    joined by `,`), then name and value of each header of `names` the request has. One
+    string: cheaper for Envoy to write and the sidecar to read than a Struct. A value that is
+    not UTF-8 files the empty string instead: the sidecar then logs nothing of the request."""
     if not names:
         return "local CAPTURE = nil"
     return "\n".join(
@@ -449,21 +454,32 @@ def capture_inputs(names: Sequence[str]) -> str:
             "local CAPTURE = (function()",
             f"  local NAMES = {_lua(sorted(set(names)))}",
             f"  local NS, KEY = {lua_string(INPUTS_NAMESPACE)}, {lua_string(INPUTS_KEY)}",
+            "  local concat = table.concat",
+            "  local function all_bare(list)",
+            "    for _, s in ipairs(list) do if not bare(s) then return false end end",
+            "    return true",
+            "  end",
             "  return function(si, h)",
-            "    local hs, unread = {}, false",
-            "    for i = 1, #NAMES do",
-            "      local v = h:get(NAMES[i])",
-            "      if v ~= nil then if utf8(v) then hs[NAMES[i]] = v else unread = true end end",
-            "    end",
-            '    local input = {headers = hs, path = h:get(":path") or "/",',
-            '      method = h:get(":method") or "GET", address = si:downstreamLocalAddress() or ""}',
+            "    local address = si:downstreamLocalAddress() or ''",
+            "    local method, path = h:get(':method') or 'GET', h:get(':path') or '/'",
+            f"    local out = {{{lua_string(INPUTS_FORMAT)}, method, path, address, '', '', ''}}",
             "    local ssl = si:downstreamSslConnection()",
             "    if ssl ~= nil and ssl:peerCertificatePresented() then",
-            "      input.mtls = true",
-            "      input.uri, input.dns = ssl:uriSanPeerCertificate(), ssl:dnsSansPeerCertificate()",
+            "      local uris, dnss = ssl:uriSanPeerCertificate(), ssl:dnsSansPeerCertificate()",
+            "      if all_bare(uris) and all_bare(dnss) then",
+            "        out[5], out[6], out[7] = 'm', concat(uris, ','), concat(dnss, ',')",
+            "      else out[5] = 'u' end",
             "    end",
-            "    if unread then input.unread = true end",
-            "    si:dynamicMetadata():set(NS, KEY, input)",
+            "    local n = 7",
+            "    for i = 1, #NAMES do",
+            "      local v = h:get(NAMES[i])",
+            "      if v ~= nil then",
+            "        if not utf8(v) then si:dynamicMetadata():set(NS, KEY, ''); return end",
+            "        out[n + 1], out[n + 2] = NAMES[i], v",
+            "        n = n + 2",
+            "      end",
+            "    end",
+            "    si:dynamicMetadata():set(NS, KEY, concat(out, '\\n'))",
             "  end",
             "end)()",
         ]

@@ -154,7 +154,7 @@ class DecisionLogServicer:
         """Count a batch, then hand each decided request's inputs to `feeds`: the inputs are
         taken out of the metadata, whose rest is then a decision's, met before."""
         decided: list[bytes] = []
-        captured: list[tuple[bytes, struct_pb2.Struct]] = []
+        captured: list[tuple[bytes, str | None]] = []
         for raw in metadata:
             if _INPUTS_NAME not in raw:
                 decided.append(raw)
@@ -254,14 +254,12 @@ class DecisionLogServicer:
         return labels
 
 
-def _inputs(filed: struct_pb2.Struct) -> struct_pb2.Struct:
-    """The inputs the Lua filed (INPUTS_KEY of its namespace), apart from the message they
-    came in; an empty Struct (refused when read) when they are not a Struct."""
-    inputs = struct_pb2.Struct()
+def _inputs(filed: struct_pb2.Struct) -> str | None:
+    """The inputs the Lua filed (INPUTS_KEY of its namespace): a string, else None."""
     value = filed.fields.get(INPUTS_KEY)
-    if value is not None and value.WhichOneof("kind") == "struct_value":
-        inputs.CopyFrom(value.struct_value)
-    return inputs
+    if value is None or value.WhichOneof("kind") != "string_value":
+        return None
+    return str(value.string_value)
 
 
 def add_to_server(servicer: DecisionLogServicer, server: grpc.aio.Server) -> None:

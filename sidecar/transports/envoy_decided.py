@@ -17,8 +17,6 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 
-from google.protobuf import struct_pb2
-
 from sidecar.core import Decision, Steering, Table
 from sidecar.core.model import Reason
 from sidecar.core.text import is_encodable
@@ -64,10 +62,13 @@ class Feeds:
         shadow = self.decider.shadow
         return captured_headers(live, shadow.table if shadow is not None else None)
 
-    def replay(self, table: Table, fields: Mapping[str, str], inputs: struct_pb2.Struct) -> None:
-        """One request Envoy decided with `table` (its decision's `fields`, its `inputs`):
-        events counted, the shadow's comparison, the log line offered. Never raises."""
+    def replay(self, table: Table, fields: Mapping[str, str], inputs: str | None) -> None:
+        """One request Envoy decided with `table` (its decision's `fields`, its `inputs`; None:
+        not a string): events counted, the shadow's comparison, the log line offered. Never
+        raises."""
         try:
+            if inputs is None:
+                raise InputsRefused("layout")
             request = inputs_request(inputs)
         except InputsRefused as why:
             self._refuse(str(why))

@@ -4,25 +4,34 @@ the decision log (the same lines as another mode's, read alike by `diff` and `ex
 refused and counted, never a crash."""
 
 import json
+import re
+import ssl
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+import yaml
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.contract import LUA_NAMES
-from sidecar.core.lua_table import INPUTS_KEY, INPUTS_NAMESPACE
+from sidecar.core import Identity, Table, compile_table
+from sidecar.core.lua_table import INPUTS_KEY, INPUTS_NAMESPACE, lua_source
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
 from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
+from sidecar.transports.envoy_decided import captured_headers
+from sidecar.transports.envoy_inputs import inputs_request
+from sidecar.transports.http_check import MTLS_UNNAMED
+from tests.e2e.test_lua_decisions import CERTIFICATES, IDENTITY_RULES
+from tests.lua_envoy import NAMES, LuaEnvoy, bootstrap, static_lua
+from tests.tls import make_ca, make_leaf, write_pair
 
 RULES = textwrap.dedent("""\
     version: 1
@@ -163,50 +172,39 @@ def test_envoys_decisions_are_compared_with_the_shadow_table(tmp_path: Path) -> 
     assert sum("shadow" in line for line in logged) == differing
 
 
-def forged(inputs: struct_pb2.Struct | None) -> accesslog_pb2.HTTPAccessLogEntry:
+def forged(inputs: str | int) -> accesslog_pb2.HTTPAccessLogEntry:
     entry = accesslog_pb2.HTTPAccessLogEntry()
     metadata = entry.common_properties.metadata.filter_metadata
     decided = struct_pb2.Struct()
     decided.update({LUA_NAMES.key_prefix + "cluster": "stable", LUA_NAMES.key_prefix + "rule": "default"})
     metadata[LUA_NAMES.namespace].CopyFrom(decided)
-    if inputs is not None:
-        wrapper = struct_pb2.Struct()
-        wrapper.fields[INPUTS_KEY].struct_value.CopyFrom(inputs)
-        metadata[INPUTS_NAMESPACE].CopyFrom(wrapper)
+    filed = struct_pb2.Struct()
+    filed.update({INPUTS_KEY: inputs})
+    metadata[INPUTS_NAMESPACE].CopyFrom(filed)
     return entry
 
 
-def hostile_inputs() -> list[struct_pb2.Struct]:
-    """Inputs the Lua never writes: each must be refused."""
-    cases: list[dict[str, Any]] = [
-        {"headers": {"X-Upper": "1"}, "path": "/", "method": "GET", "address": "1.2.3.4:80"},
-        {"headers": {"bad name": "1"}, "path": "/", "method": "GET", "address": ""},
-        {"headers": {"x-user-id": 7}, "path": "/", "method": "GET", "address": ""},
-        {"headers": {}, "path": "no-slash", "method": "GET", "address": ""},
-        {"headers": {}, "path": "/", "address": ""},
-        {"headers": {"x-user-id": "v" * (200 * 1024)}, "path": "/", "method": "GET", "address": ""},
-        {"headers": {f"h{i}": "1" for i in range(500)}, "path": "/", "method": "GET", "address": ""},
-        {"headers": {}, "path": "/", "method": "GET", "address": "", "mtls": True, "uri": "not-a-list"},
-    ]
-    out = []
-    for case in cases:
-        struct = struct_pb2.Struct()
-        struct.update(case)
-        out.append(struct)
-    return out
+# Inputs the Lua never writes: each must be refused (tests/transports/test_envoy_decided.py
+# has every kind; these go through the stream).
+HOSTILE: list[str | int] = [
+    7,  # not a string
+    "1\nGET\n/\n\n\n\n\nX-Upper\nv",  # an upper-case header name
+    "1\nGET\n/\n\n\n\n\nx-user-id\n" + "v" * (200 * 1024),  # oversized
+    "1\nGET\n/\n\n\n\n\n" + "\n".join(f"h{i}\nv" for i in range(500)),  # too many headers
+    "2\nGET\n/\n\n\n\n",  # another layout
+    "1\nGET\n/\n\nm\nspiffe://a/b;DNS=c\n",  # a SAN XFCC cannot carry
+]
 
 
-@pytest.mark.parametrize("mode", ["envoy_decides"])
-def test_a_forged_stream_is_refused_and_counted_never_a_crash(mode: str, tmp_path: Path) -> None:
+def test_a_forged_stream_is_refused_and_counted_never_a_crash(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     log = tmp_path / "decisions.jsonl"
-    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode=mode))
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode="envoy_decides"))
     with Stack(rules, config, tmp_path, sidecar_args=["--decision-log", str(log)]) as stack:
         assert stack.sidecar is not None
-        hostile = hostile_inputs()
         message = als_pb2.StreamAccessLogsMessage()
-        message.http_logs.log_entry.extend(forged(inputs) for inputs in hostile)
+        message.http_logs.log_entry.extend(forged(inputs) for inputs in HOSTILE)
         raw = message.SerializeToString()
         garbage = raw + b"\x0a\x03\x0a\x01"  # an entry cut short
         with grpc.insecure_channel(f"127.0.0.1:{stack.xds_port}") as channel:
@@ -224,8 +222,51 @@ def test_a_forged_stream_is_refused_and_counted_never_a_crash(mode: str, tmp_pat
             found = samples(sidecar.http_get("/metrics")[1], "graysteer_access_log_entries_total")
             return found.get((("result", "refused_inputs"),), 0.0)
 
-        wait_for(lambda: refused() == len(hostile), 10, "every forged input refused")
+        wait_for(lambda: refused() == len(HOSTILE), 10, "every forged input refused")
         assert not log.exists() or log.read_text() == ""
         status, _ = stack.client().get("/", {"x-user-id": "after"})  # still deciding, still logging
         assert status == 200
         wait_for(lambda: log.exists() and "after" in log.read_text(), 10, "a genuine line after")
+
+
+def test_the_inputs_envoy_files_are_the_request_as_the_fast_path_reads_it(tmp_path: Path) -> None:
+    """Through the real Envoy's Lua, on mTLS: the peer's SANs (those x-forwarded-client-cert
+    cannot carry: an unnamed peer), the local port, the path, the method and the headers the
+    tables read, as received (an untrusted override header before it is stripped)."""
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    write_pair(tmp_path, "server", make_leaf(ca, "localhost", dns=["localhost"], ips=["127.0.0.1"]))
+    table = compile_table(yaml.safe_load(IDENTITY_RULES), "v1", "rules.yaml")
+    names = captured_headers(table, load_rules_text(NEXT))
+    envoy = LuaEnvoy(
+        bootstrap(static_lua(lua_source(table, NAMES, names).source), tls_dir=tmp_path), tmp_path
+    )
+    headers = [("x-canary", "1"), ("x-force-cluster", "canary"), ("x-user-id", "u1"), ("x-other", "o")]
+    try:
+        for name, (uris, dns) in CERTIFICATES.items():
+            key, cert = write_pair(tmp_path, name, make_leaf(ca, name, uris, dns))
+            context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+            context.load_cert_chain(str(cert), str(key))
+            envoy.connect(context)
+            bare = all(re.fullmatch(r"[!#-+\--:<>-~]*", san) for san in uris + dns)
+            identity = Identity.from_sans(True, tuple(uris), tuple(dns)) if bare else MTLS_UNNAMED
+            observed = envoy.ask("POST", "/web/a?b=c", headers)
+            assert observed.inputs is not None, name
+            request = inputs_request(observed.inputs)
+            assert request.identity == identity, name
+            assert (request.method, request.path, request.query) == ("POST", "/web/a", "b=c")
+            assert request.listener_port == envoy.envoy.port and request.headers["x-request-id"]
+            shown = {
+                k: v for k, v in request.headers.items() if not k.startswith(":") and k != "x-request-id"
+            }
+            assert shown == {
+                "x-canary": "1",
+                "x-force-cluster": "canary",  # read by the shadow table's trust; as received
+                "x-user-id": "u1",
+            }, name
+    finally:
+        envoy.stop()
+
+
+def load_rules_text(text: str) -> Table:
+    return compile_table(yaml.safe_load(text), "next", "next.yaml")

@@ -3,10 +3,8 @@ Lua files (sidecar.transports.envoy_decided, sidecar.transports.envoy_inputs), w
 (Through the real Envoy: tests/e2e/test_envoy_decides_feeds.py.)"""
 
 from pathlib import Path
-from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from sidecar.core import Decision
@@ -34,14 +32,10 @@ rules:
 """)
 
 
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
-
-
-def inputs(headers: dict[str, Any], **more: Any) -> struct_pb2.Struct:
-    return struct({"headers": headers, "path": "/a?b=c", "method": "GET", "address": "10.0.0.1:8080", **more})
+def inputs(headers: dict[str, str], peer: tuple[str, str, str] = ("", "", ""), **more: str) -> str:
+    """Inputs as the Lua files them (sidecar.core.lua_table.capture_inputs)."""
+    fixed = [more.get("layout", "1"), more.get("method", "GET"), more.get("path", "/a?b=c"), "10.0.0.1:8080"]
+    return "\n".join([*fixed, *peer, *(part for item in headers.items() for part in item)])
 
 
 def feeds(tmp_path: Path, log: bool = True) -> tuple[Feeds, DecisionLog | None, CollectorRegistry]:
@@ -88,23 +82,28 @@ def test_the_replayed_decision_is_envoys_when_they_agree() -> None:
     )
 
 
-HOSTILE: list[tuple[str, struct_pb2.Struct]] = [
+HOSTILE: list[tuple[str, str]] = [
     ("upper-case name", inputs({"X-Up": "1"})),
     ("space in a name", inputs({"a b": "1"})),
-    ("a number", inputs({"x-user-id": 7})),
-    ("a list of headers", struct({"headers": ["a"], "path": "/", "method": "GET"})),
-    ("no method", struct({"headers": {}, "path": "/", "address": ""})),
+    ("a name given twice", inputs({"x-user-id": "1"}) + "\nx-user-id\n" + "2"),
+    ("a name without its value", inputs({"x-user-id": "1"}) + "\nx-a"),
+    ("another layout", inputs({}, layout="2")),
+    ("too few fields", "1\nGET\n/"),
+    ("no method", inputs({}, method="")),
+    ("a method that is no token", inputs({}, method="GET /x")),
     ("a path without /", inputs({}, path="no-slash")),
     ("oversized", inputs({"x-user-id": "v" * (100 * 1024)})),
     ("too many headers", inputs({f"h{i}": "1" for i in range(129)})),
-    ("SANs not a list", inputs({}, mtls=True, uri="spiffe://a/b")),
-    ("a SAN not a string", inputs({}, mtls=True, uri=[1])),
-    ("marked unread", inputs({}, unread=True)),
+    ("an unknown peer", inputs({}, peer=("x", "", ""))),
+    ("an unnamed peer with SANs", inputs({}, peer=("u", "spiffe://a/b", ""))),
+    ("a SAN XFCC cannot carry", inputs({}, peer=("m", "spiffe://a/b;DNS=c", ""))),
+    ("a lone surrogate", inputs({"x-user-id": "\ud800"})),
+    ("nothing filed (not UTF-8)", ""),
 ]
 
 
 @pytest.mark.parametrize(("why", "hostile"), HOSTILE, ids=[why for why, _ in HOSTILE])
-def test_inputs_the_lua_never_writes_are_refused(why: str, hostile: struct_pb2.Struct) -> None:
+def test_inputs_the_lua_never_writes_are_refused(why: str, hostile: str) -> None:
     with pytest.raises(InputsRefused):
         inputs_request(hostile)
 
@@ -121,9 +120,12 @@ def test_refused_inputs_are_counted_and_nothing_is_logged(tmp_path: Path) -> Non
 
 
 def test_a_certificates_sans_are_read_as_the_fast_path_reads_them() -> None:
-    named = inputs_request(inputs({}, mtls=True, uri=["spiffe://example.org/ns/a/sa/b"], dns=[]))
+    named = inputs_request(inputs({}, peer=("m", "spiffe://example.org/ns/a/sa/b", "a.example.org")))
     assert named.identity.principal == "spiffe://example.org/ns/a/sa/b"
-    unnamed = inputs_request(inputs({}, mtls=True, uri=["spiffe://example.org/a;DNS=b"], dns=[]))
-    assert unnamed.identity.mtls and unnamed.identity.principal == ""  # XFCC could not carry it
+    assert named.identity.dns_sans == ("a.example.org",)
+    two = inputs_request(inputs({}, peer=("m", "spiffe://example.org/a,spiffe://example.org/b", "")))
+    assert two.identity.mtls and two.identity.principal == ""  # two URI SANs: no SVID
+    unnamed = inputs_request(inputs({}, peer=("u", "", "")))  # the Lua: a SAN XFCC could not carry
+    assert unnamed.identity.mtls and unnamed.identity.principal == ""
     plain = inputs_request(inputs({}))
     assert not plain.identity.mtls and plain.listener_port == 8080 and plain.query == "b=c"
