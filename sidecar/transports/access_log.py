@@ -185,11 +185,13 @@ class DecisionLogServicer:
         table = self.table()
         if table is not self._table:  # what a label may be follows the served table
             self._forget(table)
-        seen = self._seen
+        seen, known = self._seen, self._known
         count_decided = self.metrics.count_decided
         counted = unknown = 0
         for raw in metadata:
             labels = seen.get(raw)
+            if labels is None:
+                labels = known.get(raw)  # already canonical (`feed` made it so)
             if labels is None:
                 labels = self._read(raw)
                 if len(seen) >= KNOWN_METADATA:
