@@ -1,5 +1,9 @@
 """Counting Envoy's own decisions from its access log entries (sidecar.transports.access_log)."""
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -114,3 +118,36 @@ def test_one_decision_in_any_key_order_is_read_once(monkeypatch: pytest.MonkeyPa
     assert len(reads) == 1
     value = registry.get_sample_value
     assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "beta"}) == 4
+
+
+def test_a_large_batch_is_read_in_chunks_between_turns_of_the_serving_loop() -> None:
+    """The loop that reads the stream also answers the fast path's checks: a batch of
+    thousands of entries must not hold it from start to end."""
+    registry = CollectorRegistry()
+    servicer = DecisionLogServicer(lambda: TABLE, Metrics(registry))
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(entry({"cluster": "stable", "rule": "default"}) for _ in range(1000))
+    read = ENTRIES.FromString(message.SerializeToString())
+
+    async def scenario() -> list[float]:
+        seen: list[float] = []
+
+        async def messages() -> AsyncIterator[Any]:
+            yield read
+
+        async def check() -> None:  # what a fast path check would see between two chunks
+            while True:
+                seen.append(
+                    registry.get_sample_value("graysteer_access_log_entries_total", {"result": "counted"})
+                    or 0
+                )
+                await asyncio.sleep(0)
+
+        checking = asyncio.create_task(check())
+        await asyncio.sleep(0)
+        await servicer.StreamAccessLogs(messages(), None)  # type: ignore[arg-type]
+        checking.cancel()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert any(0 < counted < 1000 for counted in seen)
