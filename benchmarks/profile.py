@@ -1,10 +1,11 @@
-"""Where the sidecar's CPU goes under load: `python -m benchmarks.profile [--scenario b|d|h]`.
+"""Where the sidecar's CPU goes under load: `python -m benchmarks.profile [--scenario b|d|h|l|l50]`.
 
 Starts the scenario's front Envoy (b: envoy/envoy.yaml, d: gRPC ext_authz, h: ext_authz over
-HTTP), the sidecar and the direct_response upstreams, drives 32 connections with wrk,
-samples the sidecar with py-spy (PyPI), and reports the share of samples with graysteer's
-code on the stack, by function, and the innermost frames of all samples (grpcio's Cython
-callbacks and poller thread, httptools, asyncio, the interpreter)."""
+HTTP, l and l50: Envoy deciding, the sidecar reading its access log stream), the sidecar and
+the direct_response upstreams, drives 32 connections with wrk, samples the sidecar with
+py-spy (PyPI), and reports the share of samples with graysteer's code on the stack, by
+function, and the innermost frames of all samples (grpcio's Cython callbacks and poller
+thread, httptools, asyncio, the interpreter)."""
 
 import argparse
 import collections
@@ -19,7 +20,7 @@ from benchmarks.wrk import ensure_wrk, lua_script, run
 from sidecar.dev.devstack import Envoy
 from sidecar.dev.processes import wait_for
 
-PROFILED = ("b", "d", "h")  # graysteer itself on each transport
+PROFILED = ("b", "d", "h", "l", "l50")  # graysteer itself on each transport; l: the access log stream
 
 
 def summarize(raw: str) -> dict[str, float]:
@@ -69,6 +70,7 @@ def main() -> int:
                 "canary": backends.ports["canary"],
             },
             workdir,
+            getattr(sidecar, "xds_port", 0),
         )
         try:
             wait_for(

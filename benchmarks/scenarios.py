@@ -190,7 +190,12 @@ class Scenario:
         if self.realistic:
             from benchmarks.decide import realistic_document
 
-            rules = workdir / "realistic.yaml"
+            # A directory of its own, as a ConfigMap's: the sidecar watches the rules'
+            # directory, and workdir holds the logs Envoy and the sidecar write as they serve
+            # (every write would wake the watcher and re-read the rules: CPU per request that
+            # no deployment has, and that (h), on examples/, never paid).
+            rules = workdir / "rules" / "realistic.yaml"
+            rules.parent.mkdir(exist_ok=True)
             rules.write_text(yaml.safe_dump(realistic_document()))
         sidecar = Sidecar(
             rules,
@@ -316,6 +321,17 @@ SCENARIOS = [
         "graysteer",
         transport="http",
         floor="h0",
+        sidecar_args=DECISION_LOG,
+    ),
+    Scenario(
+        "l50l",
+        "(l50) with the decision log at 100% (Envoy files each request's inputs)",
+        envoy_decides_realistic,
+        "graysteer",
+        transport="http",
+        floor="h0",
+        xds=True,
+        realistic=True,
         sidecar_args=DECISION_LOG,
     ),
     Scenario(

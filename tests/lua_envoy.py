@@ -42,6 +42,8 @@ function envoy_on_request(handle)
   local mark = md:get("graysteer")
   if mark and mark["undecided"] then out[#out + 1] = '"undecided": true' end
   if mark and mark["lua_error"] then out[#out + 1] = '"lua_error": true' end
+  local filed = md:get("graysteer.request")
+  if filed and filed["in"] then out[#out + 1] = '"inputs": ' .. quote(filed["in"]) end
   local fields = md:get("envoy.filters.http.ext_authz") or {}
   local parts = {}
   for k, v in pairs(fields) do parts[#parts + 1] = quote(k) .. ": " .. quote(tostring(v)) end
@@ -146,9 +148,10 @@ class Observed:
                 k.removeprefix(NAMES.key_prefix): v for k, v in report["metadata"].items()
             }
             self.headers: dict[str, str] = report["headers"]
+            self.inputs: str | None = report.get("inputs")  # filed for the log and shadow
         else:  # the decision filter answered (a deny)
             self.denied, self.undecided, self.lua_error = True, False, False
-            self.metadata, self.headers = {}, {}
+            self.metadata, self.headers, self.inputs = {}, {}, None
             self.body = body.decode()
 
 

@@ -35,6 +35,11 @@ from sidecar.core.model import DECISION_FIELDS, Decision
 from sidecar.core.table import MIRROR_BUCKETS, Mirror, Rule, Split, Table
 
 LUA_ERROR_KEY = "lua_error"  # beside the mark: the Lua failed on the request (a bug), logged by Envoy
+# Where the Lua files a decided request's inputs, when the sidecar asks for them (`capture`):
+# a namespace of its own, so the decision's metadata stays the same from request to request.
+INPUTS_NAMESPACE = "graysteer.request"
+INPUTS_KEY = "in"
+INPUTS_FORMAT = "1"  # the first field of the inputs: their layout (capture_inputs)
 CHUNK_RULES = 100  # rules per Lua function: LuaJIT bounds a function's constants and jumps
 MAX_EXACT_TOTAL = 1 << 36  # the Lua bucketing is exact below this total weight
 # Header names the fast path does not read as the request has them: the check's own
@@ -113,8 +118,10 @@ def mark_everything(names: LuaNames) -> str:
     )
 
 
-def lua_source(table: Table, names: LuaNames) -> LuaFilter:
-    """The Lua filter deciding `table` (see the module docstring)."""
+def lua_source(table: Table, names: LuaNames, capture: Sequence[str] = ()) -> LuaFilter:
+    """The Lua filter deciding `table` (see the module docstring). With `capture` (header
+    names), each request the Lua decides also carries its inputs as dynamic metadata
+    (`capture_inputs`); without, nothing more is written."""
     documents = _documents(table)
     if documents is None or not _steerable(table):
         return LuaFilter(mark_everything(names), False)
@@ -135,6 +142,7 @@ def lua_source(table: Table, names: LuaNames) -> LuaFilter:
         _chain("decide", chunks, f"DEFAULT = {_lua(_fields(table.default_decision))}"),
         _chain("denied", [denies], "DEFAULT = nil"),
         _settings(table, names, program),
+        capture_inputs(capture),
         STEERING,
     ]
     return LuaFilter("\n".join(parts), True)
@@ -429,6 +437,55 @@ def _trust_forms(table: Table) -> list[dict[str, Any]]:
     return [form for form in forms if isinstance(form, dict)]
 
 
+def capture_inputs(names: Sequence[str]) -> str:
+    """`CAPTURE`: nil, or the function that files a decided request's inputs under
+    INPUTS_NAMESPACE / INPUTS_KEY, as received, as one string of fields joined by a line feed
+    (which no header, path or bare SAN holds, and, unlike NUL, Envoy's Lua API keeps in a
+    string; sidecar.transports.envoy_inputs reads it): INPUTS_FORMAT,
+    `:method`, `:path`, the local address, the peer (`` none, `u` an mTLS peer whose SANs
+    are not all bare: unnamed, as identity() reads it, `m`), its URI SANs and DNS SANs (each
+    joined by `,`), then name and value of each header of `names` the request has. One
+    string: cheaper for Envoy to write and the sidecar to read than a Struct. A value that is
+    not UTF-8 files the empty string instead: the sidecar then logs nothing of the request."""
+    if not names:
+        return "local CAPTURE = nil"
+    return "\n".join(
+        [
+            "local CAPTURE = (function()",
+            f"  local NAMES = {_lua(sorted(set(names)))}",
+            f"  local NS, KEY = {lua_string(INPUTS_NAMESPACE)}, {lua_string(INPUTS_KEY)}",
+            "  local concat = table.concat",
+            "  local function all_bare(list)",
+            "    for _, s in ipairs(list) do if not bare(s) then return false end end",
+            "    return true",
+            "  end",
+            "  return function(si, h)",
+            "    local address = si:downstreamLocalAddress() or ''",
+            "    local method, path = h:get(':method') or 'GET', h:get(':path') or '/'",
+            f"    local out = {{{lua_string(INPUTS_FORMAT)}, method, path, address, '', '', ''}}",
+            "    local ssl = si:downstreamSslConnection()",
+            "    if ssl ~= nil and ssl:peerCertificatePresented() then",
+            "      local uris, dnss = ssl:uriSanPeerCertificate(), ssl:dnsSansPeerCertificate()",
+            "      if all_bare(uris) and all_bare(dnss) then",
+            "        out[5], out[6], out[7] = 'm', concat(uris, ','), concat(dnss, ',')",
+            "      else out[5] = 'u' end",
+            "    end",
+            "    local n = 7",
+            "    for i = 1, #NAMES do",
+            "      local v = h:get(NAMES[i])",
+            "      if v ~= nil then",
+            "        if not utf8(v) then si:dynamicMetadata():set(NS, KEY, ''); return end",
+            "        out[n + 1], out[n + 2] = NAMES[i], v",
+            "        n = n + 2",
+            "      end",
+            "    end",
+            "    si:dynamicMetadata():set(NS, KEY, concat(out, '\\n'))",
+            "  end",
+            "end)()",
+        ]
+    )
+
+
 def metadata_text(text: str) -> str:
     """A field as the fast path's answer header carries it (control characters escaped)."""
     return _METADATA_CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
@@ -530,6 +587,7 @@ end
 function envoy_on_request(handle)
   local si, h = handle:streamInfo(), handle:headers()
   local ok, d, lane, remove, id, baggage = pcall(steer, si, h)
+  if ok and CAPTURE then pcall(CAPTURE, si, h) end  -- as received: before apply changes them
   if ok then return apply(handle, si, h, d, lane, remove, id, baggage) end
   local md = si:dynamicMetadata()
   md:set(T.mark_ns, T.mark_key, true)

@@ -44,6 +44,7 @@ from sidecar.transports.access_log import add_to_server as add_access_log
 from sidecar.transports.authz_http import AuthzHttpServer
 from sidecar.transports.ecds import EcdsServicer, TableAsLua
 from sidecar.transports.ecds import add_to_server as add_ecds
+from sidecar.transports.envoy_decided import Feeds
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ExtProcServicer
 from sidecar.transports.ext_proc import add_to_server as add_ext_proc
@@ -130,7 +131,7 @@ class Sidecar:
             decider,
             grpc_server(decider, readiness) if options.listen is not None else None,
             AuthzHttpServer(decider, lambda: readiness.ready) if options.authz_http_listen else None,
-            xds_server(reloader, metrics) if options.xds_listen else None,
+            xds_server(reloader, decider, metrics) if options.xds_listen else None,
             stats,
             bypass,
             fleet,
@@ -141,14 +142,16 @@ class Sidecar:
         )
 
 
-def xds_server(reloader: Reloader, metrics: Metrics) -> tuple[grpc.aio.Server, TableAsLua]:
+def xds_server(reloader: Reloader, decider: Decider, metrics: Metrics) -> tuple[grpc.aio.Server, TableAsLua]:
     """The server Envoy's control plane calls are made to (--xds-listen): ECDS, the served
     table's Lua (sidecar.transports.ecds), and the access log stream of what Envoy decided
-    with it (sidecar.transports.access_log)."""
-    feed = TableAsLua(metrics)
+    with it (sidecar.transports.access_log), which also feeds the decision log, the shadow
+    table and the steering events (sidecar.transports.envoy_decided)."""
+    feeds = Feeds(decider, metrics)
+    feed = TableAsLua(metrics, feeds.capture)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     add_ecds(EcdsServicer(feed, metrics), server)
-    add_access_log(DecisionLogServicer(lambda: reloader.table, metrics), server)
+    add_access_log(DecisionLogServicer(lambda: reloader.table, metrics, feeds), server)
     return server, feed
 
 

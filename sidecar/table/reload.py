@@ -131,6 +131,7 @@ class Reloader:
         self.failures = 0
         self._lock = asyncio.Lock()
         self._subscribers: set[asyncio.Queue[tuple[Loaded, ReloadResult]]] = set()
+        self._shadow_watchers: set[asyncio.Event] = set()
         result, loaded, _ = self._build("startup", force=True)
         if loaded is None:
             raise ValueError(result.error)  # already names the source and every problem
@@ -300,8 +301,20 @@ class Reloader:
 
     async def _follow_shadow(self) -> None:
         """The shadow table follows its own document and the weights (held under the lock)."""
-        if self.shadow is not None:
-            await asyncio.to_thread(_quietly, self.shadow.load, self.table.version)
+        if self.shadow is not None and await asyncio.to_thread(
+            _quietly, self.shadow.load, self.table.version
+        ):
+            for event in self._shadow_watchers:
+                event.set()
+
+    def watch_shadow(self) -> asyncio.Event:
+        """An event set each time the shadow table changes (loaded, replaced or removed)."""
+        event = asyncio.Event()
+        self._shadow_watchers.add(event)
+        return event
+
+    def unwatch_shadow(self, event: asyncio.Event) -> None:
+        self._shadow_watchers.discard(event)
 
     async def _catch_up(self) -> None:
         """Serve the latest rules and state before changing the state (held under the lock):
@@ -395,9 +408,11 @@ def overrides_from_state(state: Mapping[str, Any]) -> dict[str, WeightOverride]:
     }
 
 
-def _quietly(load: Callable[[str], bool], live_version: str) -> None:
-    """A shadow table that fails to load (a bug) is logged: it never stops the served one."""
+def _quietly(load: Callable[[str], bool], live_version: str) -> bool:
+    """A shadow table that fails to load (a bug) is logged: it never stops the served one.
+    Whether the shadow table changed."""
     try:
-        load(live_version)
+        return load(live_version)
     except Exception:
         log.exception("loading the shadow table failed; the served table is not affected")
+        return False

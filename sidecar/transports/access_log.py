@@ -14,29 +14,40 @@ is counted here as `lua_error`.
 An entry is hundreds of bytes of which the sidecar reads one field, the dynamic metadata, and
 a decision's metadata repeats (a route's is constant, a split's varies by bucket). So the
 stream is read with a message type of its own (`ENTRIES`): Envoy's messages on the wire,
-with only the path to the metadata declared and the metadata kept as its bytes; each
-distinct metadata is parsed once (Envoy's `Metadata` message) and its labels looked up after.
+with only the path to the metadata declared and the metadata kept as its bytes. Envoy writes
+a Struct's keys in no fixed order (a protobuf map's), so the same decision arrives as many
+different byte strings: each is brought to its canonical form (parsed and written again with
+sorted keys, in C: about 3 µs), and each distinct canonical metadata is read once (reading
+the fields of a parsed message from Python costs ten times as much) and its labels looked
+up after.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
+from google.protobuf.message import DecodeError
 
 from sidecar.contract import LUA_NAMES
 from sidecar.core import DEFAULT_RULE, Table
-from sidecar.core.lua_table import LUA_ERROR_KEY
+from sidecar.core.lua_table import INPUTS_KEY, INPUTS_NAMESPACE, LUA_ERROR_KEY
 from sidecar.core.model import UNKNOWN_LANE_RULE
 from sidecar.ops.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sidecar.transports.envoy_decided import Feeds
 
 log = logging.getLogger("graysteer.access_log")
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 KNOWN_METADATA = 4096  # distinct metadata remembered with their labels (then forgotten)
+_INPUTS_NAME = INPUTS_NAMESPACE.encode()
+CHUNK = 256  # entries read between two turns of the serving loop
 Labels = tuple[str, str, str | None]  # cluster, rule, mirror
 LUA_FAILED = "lua_error"  # what `_known` holds for an entry whose request the Lua failed on
 
@@ -81,7 +92,14 @@ ENTRIES = _entries_type()
 def metadata_labels(raw: bytes) -> Labels | str | None:
     """(cluster, rule, mirror) of a decision the Lua took, from an entry's metadata bytes;
     LUA_FAILED when the Lua failed on the request; None when it did not decide (the fast
-    path did, or nothing did)."""
+    path did, or nothing did). DecodeError: not Envoy's metadata."""
+    found = metadata_decision(raw)
+    return found if found is None or isinstance(found, str) else found[0]
+
+
+def metadata_decision(raw: bytes) -> tuple[Labels, dict[str, str]] | str | None:
+    """`metadata_labels`, with the decision's fields as the Lua filed them (names as
+    `decision_fields` has them, values as text)."""
     metadata = base_pb2.Metadata.FromString(raw).filter_metadata
     marked = metadata.get(LUA_NAMES.mark_namespace)
     if marked is not None and marked.fields[LUA_ERROR_KEY].bool_value:
@@ -91,48 +109,99 @@ def metadata_labels(raw: bytes) -> Labels | str | None:
     decided = metadata.get(LUA_NAMES.namespace)
     if decided is None:
         return None
-    fields = decided.fields
     prefix = LUA_NAMES.key_prefix
-    if prefix + "rule" not in fields:
+    fields = {
+        key[len(prefix) :].replace("-", "_"): value.string_value
+        for key, value in decided.fields.items()
+        if key.startswith(prefix) and value.WhichOneof("kind") == "string_value"
+    }
+    if "rule" not in fields or "cluster" not in fields:
         return None
-    mirror = fields[prefix + "mirror"].string_value if prefix + "mirror" in fields else None
-    return fields[prefix + "cluster"].string_value, fields[prefix + "rule"].string_value, mirror or None
+    return (fields["cluster"], fields["rule"], fields.get("mirror") or None), fields
 
 
 class DecisionLogServicer:
-    """AccessLogService: one client stream per Envoy worker, answered when it ends."""
+    """AccessLogService: one client stream per Envoy worker, answered when it ends. With a
+    decision log or a shadow table (`feeds`), each decided request's inputs go on to them
+    (sidecar.transports.envoy_decided)."""
 
-    def __init__(self, table: Callable[[], Table], metrics: Metrics) -> None:
-        self.table, self.metrics = table, metrics
+    def __init__(self, table: Callable[[], Table], metrics: Metrics, feeds: "Feeds | None" = None) -> None:
+        self.table, self.metrics, self.feeds = table, metrics, feeds
         self._table: Table | None = None
-        # metadata -> labels; False: unknown labels, True: not the Lua's, LUA_FAILED
+        self._names: tuple[frozenset[str], frozenset[str], frozenset[str]] = (frozenset(),) * 3
+        # metadata as received -> labels (most are received once: Envoy writes a Struct's
+        # keys in no fixed order); canonical metadata -> labels; canonical -> the fields.
+        # Labels: a decision's, False: unknown labels, True: not the Lua's, or LUA_FAILED.
+        self._seen: dict[bytes, Labels | bool | str] = {}
         self._known: dict[bytes, Labels | bool | str] = {}
+        self._fields: dict[bytes, dict[str, str]] = {}
         self._counted = metrics.envoy_decision_logs.labels("counted")
         self._unknown = metrics.envoy_decision_logs.labels("unknown")
         self._failed = metrics.envoy_decision_logs.labels(LUA_FAILED)
+        self._malformed = metrics.envoy_decision_logs.labels("malformed")
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
-            self.count([entry.common.metadata for entry in message.http_logs.log_entry])
+            metadata = [entry.common.metadata for entry in message.http_logs.log_entry]
+            for at in range(0, len(metadata), CHUNK):
+                if at:  # a batch holds thousands: the loop also serves the fast path's checks
+                    await asyncio.sleep(0)
+                feeds = self.feeds
+                if feeds is not None and feeds.wanted():
+                    self.feed(metadata[at : at + CHUNK], feeds)
+                else:
+                    self.count(metadata[at : at + CHUNK])
         return als_pb2.StreamAccessLogsResponse()
+
+    def feed(self, metadata: list[bytes], feeds: "Feeds") -> None:
+        """Count a batch, then hand each decided request's inputs to `feeds`: the inputs are
+        taken out of the metadata, whose rest is then a decision's, met before."""
+        decided: list[bytes] = []
+        captured: list[tuple[bytes, str | None]] = []
+        for raw in metadata:
+            if _INPUTS_NAME not in raw:
+                decided.append(raw)
+                continue
+            try:
+                parsed = base_pb2.Metadata.FromString(raw)
+            except DecodeError:
+                decided.append(raw)  # counted as malformed
+                continue
+            filed = parsed.filter_metadata.get(INPUTS_NAMESPACE)
+            if filed is None:
+                decided.append(raw)
+                continue
+            inputs = _inputs(filed)
+            del parsed.filter_metadata[INPUTS_NAMESPACE]
+            rest = parsed.SerializeToString(deterministic=True)
+            decided.append(rest)
+            captured.append((rest, inputs))
+        self.count(decided)
+        table = self._table
+        for rest, inputs in captured:
+            fields = self._fields.get(rest)
+            if table is not None and fields is not None and isinstance(self._known.get(rest), tuple):
+                feeds.replay(table, fields, inputs)
 
     def count(self, metadata: list[bytes]) -> None:
         """Count the decisions of a batch of entries (each entry's metadata bytes)."""
         table = self.table()
         if table is not self._table:  # what a label may be follows the served table
-            self._table, self._known = table, {}
-        known = self._known
+            self._forget(table)
+        seen, known = self._seen, self._known
         count_decided = self.metrics.count_decided
         counted = unknown = 0
         for raw in metadata:
-            labels = known.get(raw)
+            labels = seen.get(raw)
             if labels is None:
-                labels = self._labels(table, raw)
-                if len(known) >= KNOWN_METADATA:
-                    known.clear()
-                known[raw] = labels
+                labels = known.get(raw)  # already canonical (`feed` made it so)
+            if labels is None:
+                labels = self._read(raw)
+                if len(seen) >= KNOWN_METADATA:
+                    seen.clear()
+                seen[raw] = labels
             if labels is True:
                 continue
             if labels is False:
@@ -149,21 +218,55 @@ class DecisionLogServicer:
         if unknown:
             self._unknown.inc(unknown)
 
-    @staticmethod
-    def _labels(table: Table, raw: bytes) -> Labels | bool | str:
-        labels = metadata_labels(raw)
-        if labels is None:
-            return True
-        if isinstance(labels, str):
-            return labels
-        cluster, rule, mirror = labels
+    def _forget(self, table: Table) -> None:
+        self._table = table
+        self._seen, self._known, self._fields = {}, {}, {}
         lanes = table.coloring.lanes if table.coloring is not None else {}
         rules = {r.name for r in table.rules} | {DEFAULT_RULE, UNKNOWN_LANE_RULE}
-        known_rule = rule in rules or (rule.startswith("lane:") and rule[5:] in lanes)
-        clusters = set(table.clusters)
+        self._names = (
+            frozenset(rules),
+            frozenset(f"lane:{lane}" for lane in lanes),
+            frozenset(table.clusters),
+        )
+
+    def _read(self, raw: bytes) -> Labels | bool | str:
+        """The labels of metadata not seen as it is: parsed once in each canonical form."""
+        try:
+            canonical = base_pb2.Metadata.FromString(raw).SerializeToString(deterministic=True)
+        except DecodeError:  # not from Envoy: never a label
+            self._malformed.inc()
+            return True
+        labels = self._known.get(canonical)
+        if labels is None:
+            labels = self._labels(canonical)
+            if len(self._known) >= KNOWN_METADATA:
+                self._known.clear()
+                self._fields.clear()
+            self._known[canonical] = labels
+        return labels
+
+    def _labels(self, canonical: bytes) -> Labels | bool | str:
+        found = metadata_decision(canonical)
+        if found is None:
+            return True
+        if isinstance(found, str):
+            return found
+        labels, fields = found
+        cluster, rule, mirror = labels
+        rules, lanes, clusters = self._names
+        known_rule = rule in rules or rule in lanes
         if cluster not in clusters or not known_rule or (mirror is not None and mirror not in clusters):
             return False  # e.g. an older table's rule: never a label from elsewhere
+        self._fields[canonical] = fields
         return labels
+
+
+def _inputs(filed: struct_pb2.Struct) -> str | None:
+    """The inputs the Lua filed (INPUTS_KEY of its namespace): a string, else None."""
+    value = filed.fields.get(INPUTS_KEY)
+    if value is None or value.WhichOneof("kind") != "string_value":
+        return None
+    return str(value.string_value)
 
 
 def add_to_server(servicer: DecisionLogServicer, server: grpc.aio.Server) -> None:

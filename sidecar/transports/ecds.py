@@ -14,7 +14,7 @@ Envoy keeps the last filter it accepted, as it does while the sidecar is away.
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from envoy.config.core.v3 import base_pb2, extension_pb2
@@ -42,12 +42,20 @@ def filter_config(source: str) -> extension_pb2.TypedExtensionConfig:
     return extension_pb2.TypedExtensionConfig(name=LUA_FILTER_NAME, typed_config=packed)
 
 
-class TableAsLua:
-    """The served table's Lua filter, a new version for every table the reloader swaps in."""
+def _nothing(table: Table) -> Sequence[str]:
+    return ()
 
-    def __init__(self, metrics: Metrics) -> None:
+
+class TableAsLua:
+    """The served table's Lua filter, a new version for every table the reloader swaps in,
+    and whenever what the Lua must file of each request changes (`capture`: the headers whose
+    values it files for the decision log and the shadow table, sidecar.transports.envoy_decided)."""
+
+    def __init__(self, metrics: Metrics, capture: Callable[[Table], Sequence[str]] = _nothing) -> None:
         self.metrics = metrics
+        self.capture = capture
         self._table: Table | None = None  # the table of `config`
+        self._captured: tuple[str, ...] = ()  # the headers `config` files
         self.table_version = ""
         self.version = ""  # what ECDS calls it: "<table version>.<sequence>"
         self.config: extension_pb2.TypedExtensionConfig | None = None
@@ -57,10 +65,15 @@ class TableAsLua:
 
     async def update(self, table: Table) -> None:
         """Generate `table`'s filter (in a thread) and hand it to every stream."""
-        if table is self._table:
+        try:
+            captured = tuple(self.capture(table))
+        except Exception:  # a bug: file nothing more rather than keep an old table
+            log.exception("the inputs to file for table %s could not be listed", table.version)
+            captured = ()
+        if table is self._table and captured == self._captured:
             return
         try:
-            generated = await asyncio.to_thread(lua_source, table, LUA_NAMES)
+            generated = await asyncio.to_thread(lua_source, table, LUA_NAMES, captured)
         except Exception:  # a generator bug must not stop the served filter
             self.metrics.ecds_updates.labels("generation_failed").inc()
             log.exception(
@@ -68,7 +81,7 @@ class TableAsLua:
             )
             return
         self.config, self.decides = filter_config(generated.source), generated.decides
-        self._table, self.table_version = table, table.version
+        self._table, self.table_version, self._captured = table, table.version, captured
         self.version = f"{table.version}.{next(self._sequence)}"
         if not generated.decides:
             log.warning(
@@ -79,15 +92,23 @@ class TableAsLua:
             self._changed.notify_all()
 
     async def follow(self, reloader: Reloader) -> None:
-        """Keep the filter the served table's, from now until cancelled."""
-        changes = reloader.subscribe()
+        """Keep the filter the served table's (and the shadow table's inputs filed), from now
+        until cancelled."""
+        changes, shadow = reloader.subscribe(), reloader.watch_shadow()
         try:
             await self.update(reloader.table)
             while True:
-                await changes.get()
+                waits = {asyncio.ensure_future(changes.get()), asyncio.ensure_future(shadow.wait())}
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+                shadow.clear()
                 await self.update(reloader.table)
         finally:
             reloader.unsubscribe(changes)
+            reloader.unwatch_shadow(shadow)
 
     async def next_version(self, after: str) -> tuple[str, extension_pb2.TypedExtensionConfig]:
         """The current (version, filter) once it is not `after`."""

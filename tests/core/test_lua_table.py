@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from sidecar.core import compile_table
-from sidecar.core.lua_table import LuaNames, lua_source, lua_string, mark_everything
+from sidecar.core.lua_table import (
+    INPUTS_NAMESPACE,
+    LuaNames,
+    capture_inputs,
+    lua_source,
+    lua_string,
+    mark_everything,
+)
 
 NAMES = LuaNames("ns", "x-d-", "graysteer", "undecided")
 HOSTILE = [
@@ -69,3 +76,18 @@ def test_a_table_the_generator_does_not_know_marks_every_request() -> None:
     source = lua_source(table, NAMES)
     assert not source.decides and source.source == mark_everything(NAMES)
     assert 'set("graysteer", "undecided", true)' in source.source
+
+
+def test_inputs_are_filed_only_when_asked_and_their_names_only_as_literals() -> None:
+    table = compile_table(_document([{"name": "a", "route": "canary"}]), "v1", "rules.yaml")
+    plain = lua_source(table, NAMES).source
+    assert INPUTS_NAMESPACE not in plain and "local CAPTURE = nil" in plain
+    names = ("x-user-id", *HOSTILE)
+    filed = lua_source(table, NAMES, names).source
+    assert lua_string(INPUTS_NAMESPACE) in filed and "local CAPTURE = nil" not in filed
+    rest = filed
+    for name in names:
+        assert lua_string(name) in rest
+        rest = rest.replace(lua_string(name), '""')
+    assert not any(text in rest for text in HOSTILE)
+    assert filed.replace(capture_inputs(names), capture_inputs(())) == plain  # nothing else changes

@@ -5,7 +5,7 @@ table while the sidecar is away."""
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def test_a_refused_filter_is_counted_and_envoy_keeps_the_last_good(
     good = server.push(compile_table(routed_to("canary"), "good", "rules.yaml"))
     wait_for(lambda: applied_version(envoy.envoy) == good, 10, "the good table")
     monkeypatch.setattr(
-        ecds, "lua_source", lambda table, names: LuaFilter("function envoy_on_request(", True)
+        ecds, "lua_source", lambda table, names, *_: LuaFilter("function envoy_on_request(", True)
     )
     server.push(compile_table(routed_to("stable"), "broken", "rules.yaml"))
     wait_for(lambda: server.count("rejected") == 1, 10, "Envoy to refuse the broken filter")
@@ -113,8 +113,8 @@ def test_a_lua_error_leaves_the_request_to_the_sidecar_marked(
     server, envoy = served
     generate = ecds.lua_source
 
-    def failing(table: Table, names: LuaNames) -> LuaFilter:
-        made = generate(table, names)
+    def failing(table: Table, names: LuaNames, capture: Sequence[str] = ()) -> LuaFilter:
+        made = generate(table, names, capture)
         broken = made.source.replace(
             "local function steer(si, h)\n",
             "local function steer(si, h)\n  if h:get('x-boom') then error('boom') end\n",

@@ -4,6 +4,7 @@ its last good table, never touches the served one, and counts each request again
 import asyncio
 import dataclasses
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from sidecar.sources.state_file import StateFile, default_state_path
 from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
 from sidecar.table.shadow import DEFAULT_BUDGET, Shadow
+from sidecar.transports.ecds import TableAsLua
+from sidecar.transports.envoy_decided import Feeds
 
 LIVE = """version: 1
 clusters: [stable, canary]
@@ -234,3 +237,31 @@ def test_a_cheap_shadow_within_its_budget_decides_every_request(tmp_path: Path) 
 
 def dataclass_fields(status: object) -> dict[str, object]:
     return dataclasses.asdict(status)  # type: ignore[call-overload,no-any-return]
+
+
+def test_envoys_filter_files_the_headers_the_shadow_reads_and_follows_it(tmp_path: Path) -> None:
+    """envoy_decides: a shadow table that appears or goes is a new version of Envoy's filter,
+    which files the headers it reads (sidecar.transports.envoy_decided), and nothing without."""
+    upcoming, reloader, shadow, metrics = setup(tmp_path, next_text=None)
+    feed = TableAsLua(metrics, Feeds(Decider(reloader.holder, metrics, shadow=shadow), metrics).capture)
+
+    async def filed(change: Callable[[], None]) -> str:
+        version = feed.version
+        change()
+        await reloader.reload("watch")
+        _, config = await asyncio.wait_for(feed.next_version(version), 10)  # generated in a thread
+        return str(config.typed_config.value)
+
+    async def scenario() -> None:
+        follower = asyncio.create_task(feed.follow(reloader))
+        try:
+            _, first = await asyncio.wait_for(feed.next_version(""), 10)
+            assert "graysteer.request" not in str(first.typed_config.value)
+            with_shadow = await filed(lambda: upcoming.write_text(NEXT.replace("x-tier", "x-next-tier")))
+            assert "graysteer.request" in with_shadow and "x-next-tier" in with_shadow
+            without = await filed(upcoming.unlink)
+            assert "graysteer.request" not in without
+        finally:
+            follower.cancel()
+
+    asyncio.run(scenario())

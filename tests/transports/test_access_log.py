@@ -1,12 +1,20 @@
 """Counting Envoy's own decisions from its access log entries (sidecar.transports.access_log)."""
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.internal.encoder import _VarintBytes
 from prometheus_client import CollectorRegistry
 
 from sidecar.contract import LUA_NAMES
 from sidecar.ops.metrics import Metrics
+from sidecar.transports import access_log
 from sidecar.transports.access_log import ENTRIES, DecisionLogServicer
 from tests.helpers import table_from_yaml
 
@@ -62,3 +70,84 @@ def test_known_decisions_are_counted_and_others_never_become_labels() -> None:
     assert value("graysteer_access_log_entries_total", {"result": "counted"}) == 3
     assert value("graysteer_access_log_entries_total", {"result": "unknown"}) == 3
     assert value("graysteer_access_log_entries_total", {"result": "lua_error"}) == 1
+
+
+def read_back(*entries: accesslog_pb2.HTTPAccessLogEntry) -> list[bytes]:
+    """The entries' metadata as the servicer reads them from the stream."""
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(entries)
+    read = ENTRIES.FromString(message.SerializeToString())
+    return [e.common.metadata for e in read.http_logs.log_entry]
+
+
+def test_metadata_that_is_not_envoys_is_counted_as_malformed_and_the_stream_goes_on() -> None:
+    registry = CollectorRegistry()
+    servicer = DecisionLogServicer(lambda: TABLE, Metrics(registry))
+    servicer.count([b"\xff\xff\xff", b"\x0a\x05ab"])  # no message; a field cut short
+    servicer.count(read_back(entry({"cluster": "stable", "rule": "default"})))
+    value = registry.get_sample_value
+    assert value("graysteer_access_log_entries_total", {"result": "malformed"}) == 2
+    assert value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 1
+
+
+def reordered(raw: bytes) -> bytes:
+    """The same metadata with its decision's keys written in reverse order, as Envoy may
+    (a protobuf map has no fixed order on the wire)."""
+    metadata = base_pb2.Metadata.FromString(raw)
+    fields = metadata.filter_metadata[LUA_NAMES.namespace].fields
+    out = b""
+    for key in reversed(sorted(fields)):
+        one = struct_pb2.Struct()
+        one.fields[key].CopyFrom(fields[key])
+        out += one.SerializeToString()
+    namespace = LUA_NAMES.namespace.encode()
+    item = b"\x0a" + _VarintBytes(len(namespace)) + namespace + b"\x12" + _VarintBytes(len(out)) + out
+    return b"\x0a" + _VarintBytes(len(item)) + item
+
+
+def test_one_decision_in_any_key_order_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[bytes] = []
+    original = access_log.metadata_decision
+    monkeypatch.setattr(access_log, "metadata_decision", lambda raw: reads.append(raw) or original(raw))
+    registry = CollectorRegistry()
+    servicer = DecisionLogServicer(lambda: TABLE, Metrics(registry))
+    (raw,) = read_back(entry({"cluster": "canary", "rule": "beta", "mirror": "stable", "reason": "route"}))
+    other = reordered(raw)
+    assert other != raw
+    servicer.count([raw, other, raw, other])
+    assert len(reads) == 1
+    value = registry.get_sample_value
+    assert value("graysteer_decisions_total", {"cluster": "canary", "rule": "beta"}) == 4
+
+
+def test_a_large_batch_is_read_in_chunks_between_turns_of_the_serving_loop() -> None:
+    """The loop that reads the stream also answers the fast path's checks: a batch of
+    thousands of entries must not hold it from start to end."""
+    registry = CollectorRegistry()
+    servicer = DecisionLogServicer(lambda: TABLE, Metrics(registry))
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(entry({"cluster": "stable", "rule": "default"}) for _ in range(1000))
+    read = ENTRIES.FromString(message.SerializeToString())
+
+    async def scenario() -> list[float]:
+        seen: list[float] = []
+
+        async def messages() -> AsyncIterator[Any]:
+            yield read
+
+        async def check() -> None:  # what a fast path check would see between two chunks
+            while True:
+                seen.append(
+                    registry.get_sample_value("graysteer_access_log_entries_total", {"result": "counted"})
+                    or 0
+                )
+                await asyncio.sleep(0)
+
+        checking = asyncio.create_task(check())
+        await asyncio.sleep(0)
+        await servicer.StreamAccessLogs(messages(), None)  # type: ignore[arg-type]
+        checking.cancel()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert any(0 < counted < 1000 for counted in seen)
