@@ -37,7 +37,7 @@ log = logging.getLogger("graysteer.access_log")
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 KNOWN_METADATA = 4096  # distinct metadata remembered with their labels (then forgotten)
-Labels = tuple[str, str, str | None]  # cluster, rule, mirror
+Labels = tuple[str, str, str | None, bool]  # cluster, rule, mirror, a key issued
 LUA_FAILED = "lua_error"  # what `_known` holds for an entry whose request the Lua failed on
 
 
@@ -79,7 +79,7 @@ ENTRIES = _entries_type()
 
 
 def metadata_labels(raw: bytes) -> Labels | str | None:
-    """(cluster, rule, mirror) of a decision the Lua took, from an entry's metadata bytes;
+    """(cluster, rule, mirror, a key issued) of a decision the Lua took, from an entry's metadata bytes;
     LUA_FAILED when the Lua failed on the request; None when it did not decide (the fast
     path did, or nothing did)."""
     metadata = base_pb2.Metadata.FromString(raw).filter_metadata
@@ -96,7 +96,13 @@ def metadata_labels(raw: bytes) -> Labels | str | None:
     if prefix + "rule" not in fields:
         return None
     mirror = fields[prefix + "mirror"].string_value if prefix + "mirror" in fields else None
-    return fields[prefix + "cluster"].string_value, fields[prefix + "rule"].string_value, mirror or None
+    issued = prefix + "issued-cookie" in fields
+    return (
+        fields[prefix + "cluster"].string_value,
+        fields[prefix + "rule"].string_value,
+        mirror or None,
+        issued,
+    )
 
 
 class DecisionLogServicer:
@@ -156,7 +162,7 @@ class DecisionLogServicer:
             return True
         if isinstance(labels, str):
             return labels
-        cluster, rule, mirror = labels
+        cluster, rule, mirror, _ = labels
         lanes = table.coloring.lanes if table.coloring is not None else {}
         rules = {r.name for r in table.rules} | {DEFAULT_RULE, UNKNOWN_LANE_RULE}
         known_rule = rule in rules or (rule.startswith("lane:") and rule[5:] in lanes)
