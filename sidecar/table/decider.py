@@ -97,6 +97,9 @@ class Decider:
         if shadow is None or (engine := shadow.engine) is None or not shadow.take():
             return None  # no shadow, or this request is not in its sample
         started = perf_counter()
+        issued = live.issued
+        if issued is not None:  # the shadow table buckets the visitor by the key issued live
+            request.draw_key = lambda: issued.key
         try:
             decision = engine.steer(request).decision
         except Exception:
