@@ -2,7 +2,9 @@
 
 It answers every request with JSON naming itself and echoing the request line
 and headers, so a caller can see which lane a request reached and what the
-upstream received (e.g. that a client-sent routing header never arrives). With
+upstream received (e.g. that a client-sent routing header never arrives). A path ending
+in `.html`, `.js` or `.css` gets a small document of that type instead (a page loads its
+script and style sheet), for a browser to show which lane each of them came from. With
 `forward_to` it is a service in a call chain: it calls the next hop (through its own
 outbound Envoy) with the trace context, baggage and lane header, and embeds the
 answer.
@@ -27,6 +29,18 @@ http.client._MAXHEADERS = 4 * ENVOY_MAX_HEADERS  # type: ignore[attr-defined]
 PROPAGATED = ("traceparent", "tracestate", "baggage", "x-graysteer-lane", "x-user-id")
 
 
+# A page and its assets: (content type, body), BACKEND replaced by the backend's name.
+PAGE_TYPES = {
+    "html": (
+        "text/html; charset=utf-8",
+        '<!doctype html><html><head><title>BACKEND</title><link rel="stylesheet" href="page.css">'
+        '<script src="page.js"></script></head><body>served by BACKEND</body></html>',
+    ),
+    "js": ("text/javascript", 'document.documentElement.dataset.script = "BACKEND";'),
+    "css": ("text/css", "body { margin: 0 } /* BACKEND */"),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's upstream connections expect
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
@@ -42,6 +56,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        kind = PAGE_TYPES.get(self.path.partition("?")[0].rpartition(".")[2])
+        if kind is not None:
+            self._send(kind[0], kind[1].replace("BACKEND", self.server.name).encode())
+            return
         echo: dict[str, object] = {
             "backend": self.server.name,
             "method": self.command,
@@ -50,10 +68,13 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if self.server.forward_to is not None:  # a service that calls the next hop
             echo["downstream"] = self._call_next_hop()
-        body = json.dumps(echo).encode()
+        self._send("application/json", json.dumps(echo).encode())
+
+    def _send(self, content_type: str, body: bytes) -> None:
         self.send_response(200)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(body)))
+        self.send_header("cache-control", "no-store")
         self.send_header("x-backend", self.server.name)
         self.end_headers()
         self.wfile.write(body)
