@@ -234,7 +234,7 @@ def view(table: Table, observed: Observed, headers: Sequence[tuple[str, str]]) -
     removed = sorted(n for n in sent - {"host"} if n not in received)
     # the cookie header is steered only when a key is issued: else it is the client's, passed on
     passed = {"cookie": dict((name.lower(), value) for name, value in headers).get("cookie")}
-    steered = {n: received[n] for n in names if n in received and received[n] != passed.get(n, None)}
+    steered = {n: received[n] for n in names if n in received and received[n] != passed.get(n)}
     return {"set": steered, "removed": removed, "metadata": metadata}
 
 
