@@ -14,7 +14,7 @@ Kept apart from the table's hot path: a table without such a split gets none of 
 from sidecar.core.cookies import MAX_KEY_CHARS, MIN_KEY_CHARS, CookieSpec
 from sidecar.core.table import Table
 
-SET_COOKIE_FIELD = "set-cookie"  # the metadata key (after the names' prefix) of the Set-Cookie
+SET_COOKIE_FIELD = "set_cookie"  # the field (`T.keys`) of the metadata key of the Set-Cookie
 
 
 def assign_spec(spec: CookieSpec) -> dict[str, object]:
@@ -34,11 +34,9 @@ def runtime(table: Table) -> str:
     return ASSIGN.replace("MIN_KEY", str(MIN_KEY_CHARS)).replace("MAX_KEY", str(MAX_KEY_CHARS))
 
 
-def response_handler(table: Table, prefix: str) -> str:
+def response_handler(table: Table) -> str:
     """`envoy_on_response` adding the Set-Cookie a request filed; empty without assigns."""
-    if not table.assigns:
-        return ""
-    return RESPONSE.replace("SET_COOKIE_KEY", repr(prefix + SET_COOKIE_FIELD).replace("'", '"'))
+    return RESPONSE if table.assigns else ""
 
 
 ASSIGN = r"""
@@ -92,7 +90,7 @@ end
 RESPONSE = r"""
 function envoy_on_response(handle)
   local filed = handle:streamInfo():dynamicMetadata():get(T.ns)
-  local value = filed and filed[SET_COOKIE_KEY]
+  local value = filed and filed[T.keys.set_cookie]
   if value then handle:headers():add("set-cookie", value) end
 end
 """

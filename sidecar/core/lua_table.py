@@ -138,7 +138,7 @@ def lua_source(table: Table, names: LuaNames) -> LuaFilter:
         _chain("denied", [denies], "DEFAULT = nil"),
         _settings(table, names, program),
         STEERING,
-        lua_cookies.response_handler(table, names.key_prefix),
+        lua_cookies.response_handler(table),
     ]
     return LuaFilter("\n".join(parts), True)
 
@@ -410,7 +410,7 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "error_key": LUA_ERROR_KEY,
         "keys": {
             field: names.key_prefix + field.replace("_", "-")
-            for field in (*DECISION_FIELDS, lua_cookies.SET_COOKIE_FIELD.replace("-", "_"))
+            for field in (*DECISION_FIELDS, lua_cookies.SET_COOKIE_FIELD)
         },
     }
     if coloring is not None:
