@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin import client as admin
 from sidecar.core.bucketing import bucket
@@ -106,6 +107,18 @@ class Deployed(NamedTuple):
                 lambda: applied_version(envoy).startswith(version + "."), 10, f"Envoy to apply {version}"
             )
 
+    def issued_keys(self) -> float:
+        """graysteer_issued_keys_total, summed over its labels, from the sidecar's /metrics."""
+        assert self.stack.sidecar is not None
+        status, text = self.stack.sidecar.http_get("/metrics")
+        assert status == 200
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "graysteer_issued_keys_total"
+        )
+
     def lua_decided(self) -> int:
         """envoy_decides: the requests Envoy's Lua decided (its fast path's filter not run)."""
         assert self.stack.envoy is not None
@@ -151,6 +164,7 @@ def test_fresh_visitors_split_as_the_weights_say(stack: Deployed) -> None:
     keys are random: 3 points is 4.5 standard deviations at 10%)."""
     stack.set_canary(10)
     visitor = Visitor(stack.port)
+    counted = stack.issued_keys()
     keys = set()
     canary = 0
     try:
@@ -165,6 +179,8 @@ def test_fresh_visitors_split_as_the_weights_say(stack: Deployed) -> None:
         visitor.close()
     assert len(keys) == FRESH_VISITORS  # every visitor a key of its own
     assert abs(canary / FRESH_VISITORS - 0.10) <= 0.03, canary
+    # counted in every mode (Envoy's Lua's keys from its access log stream, a moment later)
+    wait_for(lambda: stack.issued_keys() == counted + FRESH_VISITORS, 15, "the issued keys counted")
 
 
 def test_a_cookie_jar_keeps_its_lane_while_the_canary_ramps(stack: Deployed) -> None:
