@@ -235,7 +235,10 @@ def view(table: Table, observed: Observed, headers: Sequence[tuple[str, str]]) -
     metadata = {k.replace("-", "_"): _bytes_text(v) for k, v in observed.metadata.items()}
     sent = {name.lower() for name, _ in headers}
     removed = sorted(n for n in sent - {"host"} if n not in received)
-    return {"set": {n: received[n] for n in names if n in received}, "removed": removed, "metadata": metadata}
+    # the cookie header is steered only when a key is issued: else it is the client's, passed on
+    passed = {"cookie": dict((name.lower(), value) for name, value in headers).get("cookie")}
+    steered = {n: received[n] for n in names if n in received and received[n] != passed.get(n)}
+    return {"set": steered, "removed": removed, "metadata": metadata}
 
 
 class EcdsServer:

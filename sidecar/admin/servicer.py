@@ -224,9 +224,14 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         self.traffic = traffic
         # The serving code path on the served table, with metrics of its own so that
         # explained requests are not counted as traffic.
-        self.explainer = ExtProcServicer(Decider(reloader.holder, Metrics(CollectorRegistry())))
+        # draw_key None: a visitor's new key derived from the request, the same answer each time
+        self.explainer = ExtProcServicer(
+            Decider(reloader.holder, Metrics(CollectorRegistry()), draw_key=None)
+        )
         self.shadow_table = TableHolder(reloader.table)  # the shadow table's, for each explain
-        self.shadow_explainer = ExtProcServicer(Decider(self.shadow_table, Metrics(CollectorRegistry())))
+        self.shadow_explainer = ExtProcServicer(
+            Decider(self.shadow_table, Metrics(CollectorRegistry()), draw_key=None)
+        )
         self._watchers = 0  # WatchTable streams open
         self._event: tuple[tuple[Loaded, ReloadResult], pb.TableEvent] | None = None  # the last change's
 

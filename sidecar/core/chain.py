@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sidecar.core.bucketing import bucket, entry_for
+from sidecar.core.cookies import well_formed
 from sidecar.core.hosts import host_matcher
 from sidecar.core.identity import identity_matcher
 from sidecar.core.model import Decision, Reason
@@ -292,13 +293,20 @@ def _split(source: _Source, split_decisions: "SplitDecisions", indent: str) -> N
     if not _keys_written(split_decisions.split):  # too many to write out: as data
         source.lines.append(f"{indent}return {decisions}.decide(request)")
         return
-    for number, (label, _) in enumerate(split_decisions.split.keys):
+    split = split_decisions.split
+    for number, (label, _) in enumerate(split.keys):
+        expression = _key_expression(label)
+        if split.assign is not None and label == split.assign.source:  # as compile._assigned_getter
+            expression = f"{source.constant(well_formed)}({expression})"
         source.lines += [
-            f"{indent}_key = {_key_expression(label)}",
+            f"{indent}_key = {expression}",
             f"{indent}if _key:",
             f"{indent}    return {decisions}.keyed({number}, _key)",
         ]
-    source.lines.append(f"{indent}return {decisions}.without_key()")
+    if split.assign is not None:
+        source.lines.append(f"{indent}return {decisions}.issue(request)")
+    else:
+        source.lines.append(f"{indent}return {decisions}.without_key()")
 
 
 def _key_expression(label: str) -> str:
@@ -342,7 +350,20 @@ class SplitDecisions:
             key = getter(request)
             if key:
                 return self.keyed(number, key)
-        return self.without_key()
+        return self.issue(request) if self.split.assign is not None else self.without_key()
+
+    def issue(self, request: Request) -> Decision:
+        """A new key (`Split.issue`): a decision of its own each time, never kept; a mirror
+        draws at random, as `Mirror.picks` does for a request without a key."""
+        decision = self.split.issue(request)
+        mirror = self.mirror
+        if (
+            mirror is not None
+            and decision.cluster != mirror.cluster
+            and random.randrange(MIRROR_BUCKETS) < mirror.share
+        ):
+            return decision.mirrored(mirror.cluster)
+        return decision
 
     def keyed(self, number: int, key: str) -> Decision:
         chosen = bucket(self.seed, key, self.total)

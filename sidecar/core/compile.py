@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sidecar.core.bucketing import cumulative
+from sidecar.core.cookies import cookie_spec, well_formed
 from sidecar.core.gates import DEFAULT_GATE_TIMEOUT, Gate
 from sidecar.core.hosts import host_matcher
 from sidecar.core.identity import identity_matcher
@@ -134,6 +135,8 @@ def read_headers(doc: dict[str, Any]) -> Iterable[str]:
                 yield name.lower()
             elif kind == "cookie":
                 yield "cookie"
+        if isinstance((rule.get("split") or {}).get("when_key_missing"), dict):
+            yield "cookie"
     trust = doc.get("trust") or {}
     yield from (header.lower() for header in trust.get("override_headers") or [])
     if trust.get("xfcc"):
@@ -202,15 +205,26 @@ def _compile_rule(rule: dict[str, Any], version: str, default: str) -> Rule:
     split = rule["split"]
     weights = tuple(e["weight"] for e in split["to"])
     missing = split.get("when_key_missing", "random")
+    assign = cookie_spec(missing["assign"]) if isinstance(missing, dict) else None
+    sources = list(split["key"])
+    if assign is not None and assign.source not in sources:
+        sources.append(assign.source)  # a visitor who comes back is bucketed by the cookie
     compiled = Split(
         rule=name,
         version=version,
-        keys=tuple((source, _key_getter(source)) for source in split["key"]),
+        keys=tuple(
+            (
+                source,
+                _assigned_getter(assign.name) if assign and source == assign.source else _key_getter(source),
+            )
+            for source in sources
+        ),
         seed=split.get("seed", name),
         clusters=tuple(e["cluster"] for e in split["to"]),
         weights=weights,
         bounds=cumulative(weights),
-        when_key_missing=None if missing == "random" else missing,
+        when_key_missing=None if missing == "random" or assign is not None else missing,
+        assign=assign,
     )
     return Rule(name, conditions, None, compiled, _mirror(rule, compiled))
 
@@ -282,6 +296,11 @@ def _path_condition(form: dict[str, Any]) -> Condition:
         return lambda request: request.path.startswith(prefix)
     fullmatch = compile_regex(form["regex"])
     return lambda request: fullmatch(request.path)
+
+
+def _assigned_getter(name: str) -> KeyGetter:
+    """The issued cookie as a key: only a value of the shape issued, else missing (a new key)."""
+    return lambda request: well_formed(request.cookie(name))
 
 
 def _key_getter(source: str) -> KeyGetter:

@@ -15,6 +15,7 @@ list break it.
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from sidecar.core.cookies import derived_key
 from sidecar.core.model import Decision
 from sidecar.core.request import Request
 from sidecar.core.steering import steer
@@ -22,6 +23,8 @@ from sidecar.core.table import Table
 
 EXAMPLES = 3  # per kind of move
 UNKNOWN_KEY = ("random",)  # a split that drew at random: not comparable ("missing" is its when_key_missing)
+# A key issued to a visitor without one (when_key_missing: assign) is random too: such a
+# request is counted with the random draws, not compared.
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class MoveCount:
 @dataclass
 class DiffReport:
     requests: int = 0  # requests compared (random split draws left out)
-    random: int = 0  # requests a split drew at random in either table
+    random: int = 0  # requests a split drew at random (or issued a new key) in either table
     moved: dict[Move, MoveCount] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)  # distinct split keys seen
     moved_keys: set[str] = field(default_factory=set)
@@ -88,7 +91,12 @@ def compare(old_table: Table, new_table: Table, requests: Iterable[Request]) -> 
     report = DiffReport()
     for request in requests:
         old, new = steer(old_table, request).decision, steer(new_table, request).decision
-        if old.key_source in UNKNOWN_KEY or new.key_source in UNKNOWN_KEY:
+        if (
+            old.key_source in UNKNOWN_KEY
+            or new.key_source in UNKNOWN_KEY
+            or old.issued is not None
+            or new.issued is not None
+        ):
             report.random += 1
             continue
         report.requests += 1
@@ -134,13 +142,15 @@ def split_key(request: Request, decision: Decision) -> str | None:
 def synthetic_requests(tables: Sequence[Table], users: int) -> list[Request]:
     """Requests built from the rules' own match values (one per rule that a header, path,
     host or gRPC condition selects, and one that matches nothing), each sent by `users`
-    users: the users' ids fill every split key source of both tables."""
+    users: the users' ids fill every split key source of both tables (a cookie a split issues
+    gets a key of the shape issued, so that it is read as a key)."""
     from sidecar.core.samples import rule_requests
 
     bases = rule_requests(tables)
     sources = sorted(
         {source for table in tables for rule in table.rules if rule.split for source, _ in rule.split.keys}
     )
+    issued = {spec.name for table in tables for spec in table.assigns}
     per_base = max(1, users // len(bases))
     out = []
     for index, (method, path, headers, identity) in enumerate(bases):
@@ -154,7 +164,7 @@ def synthetic_requests(tables: Sequence[Table], users: int) -> list[Request]:
                 if kind == "header":
                     h[name.lower()] = uid
                 elif kind == "cookie":
-                    cookies.append(f"{name}={uid}")
+                    cookies.append(f"{name}={derived_key({}, uid) if name in issued else uid}")
                 elif kind == "query":
                     query.append(f"{name}={uid}")
             if cookies:

@@ -109,6 +109,8 @@ class Engine:
                 malformed = ("version",)
                 break
         decision = self.decide(request)
+        if decision.issued is not None:  # a new key: a request of its own, never shared
+            return steer_with(table, request, self.denied, lambda _: decision)
         if identity is NO_IDENTITY and not malformed:
             shared = self._shared.get(id(decision))
             if shared is not None and shared[0] is decision:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.core import lua_cookies
 from sidecar.core.chain import KNOWN_RULE_FIELDS, MAX_GENERATED_RULES, _known
 from sidecar.core.hosts import split_port
 from sidecar.core.identity import parse_spiffe_id
@@ -137,6 +138,7 @@ def lua_source(table: Table, names: LuaNames, capture: Sequence[str] = ()) -> Lu
     denies = program.chunk([table.rules[i] for i in deny_indexes], [documents[i] for i in deny_indexes])
     parts = [
         RUNTIME,
+        lua_cookies.runtime(table),
         "pcall(function() math.randomseed(os.time()) end)",
         *program.functions,
         _chain("decide", chunks, f"DEFAULT = {_lua(_fields(table.default_decision))}"),
@@ -144,6 +146,7 @@ def lua_source(table: Table, names: LuaNames, capture: Sequence[str] = ()) -> Lu
         _settings(table, names, program),
         capture_inputs(capture),
         STEERING,
+        lua_cookies.response_handler(table),
     ]
     return LuaFilter("\n".join(parts), True)
 
@@ -248,7 +251,8 @@ def _action(rule: Rule, constants: list[str]) -> str:
     assert rule.split is not None
     if rule.split.bounds[-1] >= MAX_EXACT_TOTAL or rule.split.bounds[-1] <= 0:
         return "und()"
-    return f"return split(r, {_constant(constants, _split(rule.split, rule.mirror))})"
+    splits = "assigned_split" if rule.split.assign is not None else "split"  # lua_cookies
+    return f"return {splits}(r, {_constant(constants, _split(rule.split, rule.mirror))})"
 
 
 def _mirror(mirror: Mirror) -> dict[str, object]:
@@ -276,6 +280,8 @@ def _split(split: Split, mirror: Mirror | None) -> dict[str, object]:
     }
     if mirror is not None:
         spec["mirror"] = _mirror(mirror)
+    if split.assign is not None:
+        spec["assign"] = lua_cookies.assign_spec(split.assign)
     assert MIRROR_BUCKETS == 10_000  # written into the runtime
     return spec
 
@@ -410,7 +416,10 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "mark_ns": names.mark_namespace,
         "mark_key": names.mark_key,
         "error_key": LUA_ERROR_KEY,
-        "keys": {field: names.key_prefix + field.replace("_", "-") for field in DECISION_FIELDS},
+        "keys": {
+            field: names.key_prefix + field.replace("_", "-")
+            for field in (*DECISION_FIELDS, lua_cookies.SET_COOKIE_FIELD)
+        },
     }
     if coloring is not None:
         lanes = dict(coloring.lanes)
@@ -582,6 +591,7 @@ local function apply(handle, si, h, d, lane, remove, id, baggage)
     end
   end
   meta(md, d, lane, id.principal)
+  if d.issued then issue(h, md, d, T.ns, KEYS) end  -- lua_cookies: a new visitor's key
   handle:clearRouteCache()
 end
 function envoy_on_request(handle)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from sidecar.core.baggage import member_value
+from sidecar.core.cookies import Issued
 from sidecar.core.identity import NO_IDENTITY, Identity, IdentityMatcher
 
 
@@ -48,6 +49,7 @@ class Decision:
     deny_reason: str | None = None
     reason: Reason = Reason.ROUTE  # what kind of step decided
     mirror: str | None = None  # a cluster that gets a copy of the request (its answer ignored)
+    issued: Issued | None = None  # a new key for a visitor without one, and its cookie
 
     def carrying(self, lane: str | None, identity: str | None) -> "Decision":
         """This decision with the lane passed on and the caller's identity."""
@@ -72,6 +74,7 @@ class Decision:
             self.deny_reason,
             self.reason,
             mirror,
+            self.issued,
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -89,6 +92,7 @@ class Decision:
             "identity": self.identity,
             "deny_status": self.deny_status,
             "deny_reason": self.deny_reason,
+            "issued_cookie": None if self.issued is None else self.issued.name,
         }
 
 
@@ -165,6 +169,8 @@ class Steering:
     baggage_dropped: bool = False  # the lane member was left out: baggage over its size limits
     malformed: tuple[str, ...] = ()  # inputs ignored as malformed: "xfcc", "baggage", "lane", "version"
     identity: Identity = NO_IDENTITY  # the identity the decision used (mTLS, else XFCC)
+    # headers to add to the client's response: the `set-cookie` of an issued key
+    response_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def denied(self) -> bool:

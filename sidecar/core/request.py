@@ -5,9 +5,10 @@ protobuf. Cookies and query parameters are parsed lazily, only when a split key
 asks for them, and at most once per request.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import parse_qsl
 
+from sidecar.core.cookies import derived_key
 from sidecar.core.identity import NO_IDENTITY, Identity
 
 DEFAULT_AUTHORITY = "graysteer.local"  # a described request's authority when it names none (explain, OFREP)
@@ -16,7 +17,17 @@ DEFAULT_AUTHORITY = "graysteer.local"  # a described request's authority when it
 class Request:
     """Lower-cased header names -> values, plus method, path and query string."""
 
-    __slots__ = ("_cookies", "_params", "headers", "identity", "listener_port", "method", "path", "query")
+    __slots__ = (
+        "_cookies",
+        "_params",
+        "draw_key",
+        "headers",
+        "identity",
+        "listener_port",
+        "method",
+        "path",
+        "query",
+    )
 
     def __init__(
         self,
@@ -33,6 +44,9 @@ class Request:
         self.path, _, self.query = path.partition("?")
         self._cookies: dict[str, str] | None = None
         self._params: dict[str, str] | None = None
+        # Draws a new random key for a visitor without one (sidecar.core.cookies): set at the
+        # edge; None (explain, tests) derives the key from the request.
+        self.draw_key: Callable[[], str] | None = None
 
     @classmethod
     def from_headers(
@@ -51,6 +65,7 @@ class Request:
         other.method, other.path, other.query = self.method, self.path, self.query
         other._cookies = self._cookies if headers is self.headers else None
         other._params = self._params
+        other.draw_key = self.draw_key
         return other
 
     def header(self, name: str) -> str | None:
@@ -60,6 +75,12 @@ class Request:
         if self._cookies is None:
             self._cookies = parse_cookies(self.headers.get("cookie", ""))
         return self._cookies.get(name)
+
+    def new_key(self) -> str:
+        """A new key for this visitor: drawn by `draw_key`, else derived from the request."""
+        if self.draw_key is not None:
+            return self.draw_key()
+        return derived_key(self.headers, f"{self.path}?{self.query}")
 
     def query_param(self, name: str) -> str | None:
         if self._params is None:

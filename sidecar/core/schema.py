@@ -6,6 +6,8 @@ keys, so a typo such as `rout:` is an error instead of a silently ignored field.
 
 from typing import Any
 
+from sidecar.core.cookies import COOKIE_NAME_PATTERN, COOKIE_PATH_PATTERN, SAME_SITE
+
 # Defaults of optional fields, used alike by validation and compilation.
 DEFAULT_ROUTING_HEADER = "x-route-cluster"
 DEFAULT_COLOR_HEADER = "x-graysteer-lane"
@@ -120,7 +122,30 @@ _split: dict[str, Any] = {
                 "additionalProperties": False,
             },
         },
-        "when_key_missing": {"type": "string"},
+        # 'random', a cluster name, or a new key in a cookie (sidecar.core.cookies)
+        "when_key_missing": {
+            "if": {"type": "object"},
+            "then": {
+                "type": "object",
+                "properties": {
+                    "assign": {
+                        "type": "object",
+                        "properties": {
+                            "cookie": {"type": "string", "pattern": COOKIE_NAME_PATTERN},
+                            "max_age": {"type": ["string", "integer"]},
+                            "secure": {"type": "boolean"},
+                            "same_site": {"enum": list(SAME_SITE)},
+                            "path": {"type": "string", "pattern": COOKIE_PATH_PATTERN},
+                        },
+                        "required": ["cookie"],
+                        "additionalProperties": False,
+                    }
+                },
+                "required": ["assign"],
+                "additionalProperties": False,
+            },
+            "else": {"type": "string"},
+        },
     },
     "required": ["key", "to"],
     "additionalProperties": False,

@@ -17,6 +17,7 @@ The order, for every adapter:
 from collections.abc import Callable, Mapping
 
 from sidecar.core.baggage import well_formed, with_member, without_member
+from sidecar.core.cookies import with_cookie
 from sidecar.core.model import Coloring, Decision, Reason, Steering, Trust, lane_problem
 from sidecar.core.request import Request
 from sidecar.core.table import Table
@@ -70,7 +71,10 @@ def steered_headers(table: Table) -> list[str]:
         names.append(table.coloring.header)
         if table.coloring.baggage:
             names.append("baggage")
-    return [*names, table.mirror_header]
+    names.append(table.mirror_header)
+    if table.assigns:
+        names.append("cookie")  # carrying a key issued to a visitor without one
+    return names
 
 
 def fallback(table: Table, decision: Decision, headers: Mapping[str, str] | None) -> Steering:
@@ -166,7 +170,18 @@ def steer_with(
             set_headers = [(k, v) for k, v in set_headers if k != "baggage"]
             if baggage:
                 set_headers.append(("baggage", baggage))
+    answer: tuple[tuple[str, str], ...] = ()
+    if decision.issued is not None:
+        set_headers.append(issued_cookie_header(headers, decision))
+        answer = (("set-cookie", decision.issued.set_cookie),)
     # A header set here replaces the caller's: never also remove it (ext_authz applies
     # removals after additions, which would drop the lane we just set).
     kept_removals = tuple(h for h in remove if h not in dict(set_headers))
-    return Steering(decision, tuple(set_headers), kept_removals, dropped, tuple(malformed), identity)
+    return Steering(decision, tuple(set_headers), kept_removals, dropped, tuple(malformed), identity, answer)
+
+
+def issued_cookie_header(headers: Mapping[str, str], decision: Decision) -> tuple[str, str]:
+    """The request's `cookie` header carrying the key issued to it, for the backend to read
+    (a malformed value of the cookie replaced)."""
+    assert decision.issued is not None
+    return "cookie", with_cookie(headers.get("cookie", ""), decision.issued.name, decision.issued.key)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sidecar.core.bucketing import bucket, entry_for
+from sidecar.core.cookies import CookieSpec, Issued
 from sidecar.core.model import Coloring, Decision, ErrorCode, Reason, Trust
 from sidecar.core.request import Request
 from sidecar.core.schema import DEFAULT_MIRROR_HEADER
@@ -47,10 +48,27 @@ class Split:
     weights: tuple[int, ...]
     bounds: tuple[int, ...]  # cumulative weights
     when_key_missing: str | None  # a cluster name, or None for a random (non-sticky) pick
+    # `when_key_missing: {assign: ...}`: a new key and its cookie (then `when_key_missing` is None)
+    assign: CookieSpec | None = None
 
     @property
     def total(self) -> int:
         return self.bounds[-1]
+
+    def issue(self, request: Request) -> Decision:
+        """The decision for a visitor without a key: a new one, bucketed like any key."""
+        assert self.assign is not None
+        key = request.new_key()
+        b = bucket(self.seed, key, self.bounds[-1])
+        return Decision(
+            self.clusters[entry_for(self.bounds, b)],
+            self.rule,
+            self.version,
+            b,
+            self.assign.source,
+            reason=Reason.SPLIT,
+            issued=Issued(self.assign.name, key, self.assign.set_cookie(key)),
+        )
 
     def decide(self, request: Request) -> Decision:
         total = self.bounds[-1]
@@ -66,6 +84,8 @@ class Split:
                 source,
                 reason=Reason.SPLIT,
             )
+        if self.assign is not None:
+            return self.issue(request)
         if self.when_key_missing is not None:
             return Decision(
                 self.when_key_missing, self.rule, self.version, None, "missing", reason=Reason.SPLIT
@@ -145,6 +165,12 @@ class Table:
     # mirror keys, trust, coloring), and those whose values it replaces by <redacted>.
     read_headers: frozenset[str] = frozenset()
     redacted_headers: frozenset[str] = frozenset()
+
+    @property
+    def assigns(self) -> tuple[CookieSpec, ...]:
+        """The cookies the table's splits issue to visitors without a key, by name."""
+        specs = {r.split.assign.name: r.split.assign for r in self.rules if r.split and r.split.assign}
+        return tuple(specs.values())
 
     @property
     def mirrors(self) -> bool:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from jsonschema import ValidationError
 
 from sidecar.core.checker import Validator
+from sidecar.core.cookies import assign_problems, cookie_spec
 from sidecar.core.gates import MAX_GATE_TIMEOUT
 from sidecar.core.hosts import host_problem
 from sidecar.core.identity import identity_form_problem
@@ -125,6 +126,9 @@ def _explain(error: ValidationError) -> str:
         return error.message.replace("is a required property", "is required")
     if error.validator == "pattern":
         return f"{value!r} is not valid (must match {error.validator_value})"
+    if error.validator == "enum":
+        choices: Any = error.validator_value
+        return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
     if error.validator == "const":
         return f"must be {error.validator_value!r}, got {value!r}"
     if error.validator == "minItems" and not value:
@@ -214,6 +218,25 @@ def _meaning_problems(doc: dict[str, Any]) -> Iterable[Problem]:
             yield from _split_problems(doc, path, rule["split"], clusters, unknown)
         if "rollout" in rule:
             yield from _rollout_problems(doc, path, rule)
+    yield from _cookie_conflicts(doc)
+
+
+def _cookie_conflicts(doc: dict[str, Any]) -> Iterable[Problem]:
+    """One cookie name, one set of attributes: two rules issuing it differently would rewrite
+    each other's cookie on every visit."""
+    first: dict[str, tuple[int, Any]] = {}
+    for index, rule in enumerate(doc.get("rules") or []):
+        missing = (rule.get("split") or {}).get("when_key_missing")
+        if not isinstance(missing, dict) or assign_problems(missing["assign"]):
+            continue
+        spec = cookie_spec(missing["assign"])
+        seen = first.setdefault(spec.name, (index, spec))
+        if seen[1] != spec:
+            yield Problem(
+                _where(doc, ["rules", index, "split", "when_key_missing", "assign"]),
+                f"cookie {spec.name!r} is also issued by rules[{seen[0]}] with other attributes: "
+                "give both the same, or another name",
+            )
 
 
 def _mirror_problems(
@@ -304,7 +327,10 @@ def _split_problems(
     if sum(e["weight"] for e in split["to"]) <= 0:
         yield Problem(_where(doc, path + ["split", "to"]), "total weight must be greater than 0")
     missing = split.get("when_key_missing", "random")
-    if missing != "random" and missing not in clusters:
+    if isinstance(missing, dict):
+        for field, problem in assign_problems(missing["assign"]):
+            yield Problem(_where(doc, path + ["split", "when_key_missing", "assign", field]), problem)
+    elif missing != "random" and missing not in clusters:
         yield Problem(
             _where(doc, path + ["split", "when_key_missing"]),
             f"must be 'random' or a cluster name, got {missing!r} (clusters: {', '.join(sorted(clusters))})",

@@ -2,9 +2,11 @@
 
 It answers every request with JSON naming itself and echoing the request line
 and headers, so a caller can see which lane a request reached and what the
-upstream received (e.g. that a client-sent routing header never arrives). GET /metrics
-is its own business metric for Prometheus: `checkout_total{version, outcome}`, where a
-share of 200 answers can be counted as failed checkouts (`checkout_fail_rate`). With
+upstream received (e.g. that a client-sent routing header never arrives). A path ending
+in `.html`, `.js` or `.css` gets a small document of that type instead (a page loads its
+script and style sheet), for a browser to show which lane each of them came from. GET
+/metrics is its own business metric for Prometheus: `checkout_total{version, outcome}`,
+where a share of 200 answers can be counted as failed checkouts (`checkout_fail_rate`). With
 `forward_to` it is a service in a call chain: it calls the next hop (through its own
 outbound Envoy) with the trace context, baggage and lane header, and embeds the
 answer.
@@ -31,6 +33,18 @@ http.client._MAXHEADERS = 4 * ENVOY_MAX_HEADERS  # type: ignore[attr-defined]
 PROPAGATED = ("traceparent", "tracestate", "baggage", "x-graysteer-lane", "x-user-id")
 
 
+# A page and its assets: (content type, body), BACKEND replaced by the backend's name.
+PAGE_TYPES = {
+    "html": (
+        "text/html; charset=utf-8",
+        '<!doctype html><html><head><title>BACKEND</title><link rel="stylesheet" href="page.css">'
+        '<script src="page.js"></script></head><body>served by BACKEND</body></html>',
+    ),
+    "js": ("text/javascript", 'document.documentElement.dataset.script = "BACKEND";'),
+    "css": ("text/css", "body { margin: 0 } /* BACKEND */"),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's upstream connections expect
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
@@ -49,6 +63,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        kind = PAGE_TYPES.get(self.path.partition("?")[0].rpartition(".")[2])
+        if kind is not None:
+            self._send(kind[0], kind[1].replace("BACKEND", self.server.name).encode())
+            return
         echo: dict[str, object] = {
             "backend": self.server.name,
             "method": self.command,
@@ -60,10 +78,13 @@ class _Handler(BaseHTTPRequestHandler):
         # A checkout that goes wrong inside a 200 (a wrong price): only the business metric sees it
         failed = bool(self.server.checkout_fail_rate) and random.random() < self.server.checkout_fail_rate
         self.server.checkouts.labels(self.server.name, "failure" if failed else "success").inc()
-        body = json.dumps(echo).encode()
+        self._send("application/json", json.dumps(echo).encode())
+
+    def _send(self, content_type: str, body: bytes) -> None:
         self.send_response(200)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(body)))
+        self.send_header("cache-control", "no-store")
         self.send_header("x-backend", self.server.name)
         self.end_headers()
         self.wfile.write(body)

@@ -47,23 +47,36 @@ from sidecar.core.steering import steered_headers
 from sidecar.envoyconf.clusters import SIDECAR_CLUSTER
 
 
+def processing_mode(response_headers: ProcessingModeHeaderSendMode) -> ProcessingMode:
+    """Request headers only, and the response headers as given."""
+    return ProcessingMode(
+        request_header_mode=ProcessingModeHeaderSendMode.SEND,
+        response_header_mode=response_headers,
+        request_body_mode=ProcessingModeBodySendMode.NONE,
+        response_body_mode=ProcessingModeBodySendMode.NONE,
+        request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    )
+
+
+def cookie_mode() -> ProcessingMode:
+    """The mode a request issued a key asks for (sidecar.transports.ext_proc.RESPONSE_HEADERS_MODE)."""
+    return processing_mode(ProcessingModeHeaderSendMode.SEND)
+
+
 def ext_proc_filter(message_timeout_ms: int) -> HttpFilter:
     processor = ExternalProcessor(
         grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
         failure_mode_allow=True,
         message_timeout=timedelta(milliseconds=message_timeout_ms),
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingModeHeaderSendMode.SEND,
-            response_header_mode=ProcessingModeHeaderSendMode.SKIP,
-            request_body_mode=ProcessingModeBodySendMode.NONE,
-            response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        ),
+        processing_mode=processing_mode(ProcessingModeHeaderSendMode.SKIP),
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
         ),
         request_attributes=list(REQUEST_ATTRIBUTES),
+        # a request issued a new key asks for its response headers, to set the cookie; no other mode
+        allow_mode_override=True,
+        allowed_override_modes=[cookie_mode()],
     )
     return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyMessage.pack(processor))
 
@@ -113,6 +126,8 @@ def ext_authz_http_filter(
             authorization_response=AuthorizationResponse(
                 allowed_upstream_headers=exact(*steered_headers(table)),
                 allowed_client_headers=exact("content-type"),
+                # an issued key's cookie reaches the client on success (sidecar.core.cookies)
+                allowed_client_headers_on_success=exact("set-cookie"),
                 dynamic_metadata_from_headers=ListStringMatcher(
                     patterns=[StringMatcher(prefix=DECISION_HEADER_PREFIX)]
                 ),

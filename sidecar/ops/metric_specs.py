@@ -33,6 +33,13 @@ def gauge(spec: Spec, registry: CollectorRegistry) -> Gauge:
     )
 
 
+ISSUED_KEYS = Spec(
+    "graysteer_issued_keys",
+    "Visitors without a key given a new one and its cookie (`when_key_missing: {assign: ...}`), "
+    "by deciding rule and the cluster the new key was bucketed to (Envoy's Lua included, from "
+    "its access log).",
+    ("rule", "cluster"),
+)
 DECISION_ERRORS = Spec(
     "graysteer_decision_errors",
     "Requests that could not be decided and went to the default cluster, by reason.",

@@ -40,7 +40,7 @@ class Metrics:
         self.observe_request: Callable[[str, float], None] = self.requests.observe_request
         self.count_request: Callable[[str, Steering, float, float], None] = self.requests.count_request
         # a decision Envoy took itself (its Lua), counted from its access log stream
-        self.count_decided: Callable[[str, str, str | None], None] = self.requests.count_decided
+        self.count_decided: Callable[[str, str, str | None, bool], None] = self.requests.count_decided
         # ext_proc streams opened (+1) and closed (-1): once each per request over ext_proc
         self.streams_open: Callable[[int], None] = self.requests.streams_open
         self.decision_errors = specs.counter(specs.DECISION_ERRORS, registry)

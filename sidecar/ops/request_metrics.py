@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar.core import Steering
-from sidecar.ops.metric_specs import Spec, counter, gauge
+from sidecar.ops.metric_specs import ISSUED_KEYS, Spec, counter, gauge
 
 # Deciding takes microseconds: buckets from 2 us to 10 ms.
 DECISION_BUCKETS = (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
@@ -109,6 +109,7 @@ class ClientCounts:
             )
 
         self.decisions, self.mirrored = counter(DECISIONS, registry), counter(MIRRORED, registry)
+        self.issued = counter(ISSUED_KEYS, registry)
         self.events = counter(STEERING_EVENTS, registry)
         self.decision_seconds = histogram(DECISION_SECONDS)
         request_seconds = histogram(REQUEST_SECONDS)
@@ -126,6 +127,8 @@ class ClientCounts:
         child.inc()  # type: ignore[attr-defined]
         if decision.mirror is not None:
             self.mirrored.labels(decision.rule, decision.mirror).inc()
+        if decision.issued is not None:
+            self.issued.labels(decision.rule, decision.cluster).inc()
         if _notable(steering):
             for event in steering_events(steering):
                 self.count_event(event)
@@ -133,11 +136,13 @@ class ClientCounts:
     def count_event(self, event: str) -> None:
         self.events.labels(event).inc()
 
-    def count_decided(self, cluster: str, rule: str, mirror: str | None) -> None:
+    def count_decided(self, cluster: str, rule: str, mirror: str | None, issued: bool = False) -> None:
         """A decision taken elsewhere (Envoy's Lua), read from its access log."""
         self.decisions.labels(cluster, rule).inc()
         if mirror is not None:
             self.mirrored.labels(rule, mirror).inc()
+        if issued:
+            self.issued.labels(rule, cluster).inc()
 
     def observe_request(self, transport: str, seconds: float) -> None:
         self._requests[transport].observe(seconds)  # KeyError: not a transport
@@ -183,6 +188,7 @@ class PlainCounts(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._decisions: dict[tuple[str, ...], int] = {}
         self._mirrored: dict[tuple[str, ...], int] = {}
+        self._issued: dict[tuple[str, ...], int] = {}
         self._events: dict[tuple[str, ...], int] = {}
         self._created: dict[tuple[str, tuple[str, ...]], float] = {}
         self._decision_seconds = _PlainHistogram(DECISION_BUCKETS)
@@ -203,6 +209,8 @@ class PlainCounts(Collector):
             self._decisions[key] = known + 1
         if decision.mirror is not None:
             self._count(self._mirrored, MIRRORED.name, (decision.rule, decision.mirror))
+        if decision.issued is not None:
+            self._count(self._issued, ISSUED_KEYS.name, (decision.rule, decision.cluster))
         if _notable(steering):
             for event in steering_events(steering):
                 self.count_event(event)
@@ -210,11 +218,13 @@ class PlainCounts(Collector):
     def count_event(self, event: str) -> None:
         self._count(self._events, STEERING_EVENTS.name, (event,))
 
-    def count_decided(self, cluster: str, rule: str, mirror: str | None) -> None:
+    def count_decided(self, cluster: str, rule: str, mirror: str | None, issued: bool = False) -> None:
         """A decision taken elsewhere (Envoy's Lua), read from its access log."""
         self._count(self._decisions, DECISIONS.name, (cluster, rule))
         if mirror is not None:
             self._count(self._mirrored, MIRRORED.name, (rule, mirror))
+        if issued:
+            self._count(self._issued, ISSUED_KEYS.name, (rule, cluster))
 
     def observe_request(self, transport: str, seconds: float) -> None:
         self._requests[transport].observe(seconds)  # KeyError: not a transport
@@ -244,6 +254,7 @@ class PlainCounts(Collector):
             for spec in (
                 DECISIONS,
                 MIRRORED,
+                ISSUED_KEYS,
                 STEERING_EVENTS,
                 DECISION_SECONDS,
                 INFLIGHT_STREAMS,
@@ -253,7 +264,11 @@ class PlainCounts(Collector):
 
     def collect(self) -> Iterable[Metric]:
         created = self._created.copy()
-        for spec, counts in ((DECISIONS, self._decisions), (MIRRORED, self._mirrored)):
+        for spec, counts in (
+            (DECISIONS, self._decisions),
+            (MIRRORED, self._mirrored),
+            (ISSUED_KEYS, self._issued),
+        ):
             yield self._counter(spec, counts.copy(), created)
         yield self._counter(STEERING_EVENTS, self._events.copy(), created)
         decision = _metric(DECISION_SECONDS)

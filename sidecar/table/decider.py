@@ -6,11 +6,13 @@ take the same path.
 """
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 from sidecar.core import Decision, ErrorCode, Request, Steering, Table
+from sidecar.core.cookies import KEY_BYTES
 from sidecar.core.steering import fallback
 from sidecar.ops.metrics import Metrics
 from sidecar.table.holder import TableHolder
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("graysteer.decide")
 
 
+def fresh_key() -> str:
+    """A new visitor key (sidecar.core.cookies): 128 random bits, URL-safe base64."""
+    return secrets.token_urlsafe(KEY_BYTES)
+
+
 class Decider:
     """Decides requests against the current table; never raises."""
 
@@ -31,8 +38,11 @@ class Decider:
         metrics: Metrics,
         log: "DecisionLog | None" = None,
         shadow: "Shadow | None" = None,
+        draw_key: Callable[[], str] | None = fresh_key,
     ) -> None:
         self.holder = holder
+        # new visitor keys: random; None (explain) derives them from the request, the same each time
+        self.draw_key = draw_key
         self.metrics = metrics
         self.log = log  # serve --decision-log: sampled decisions, written off the serving path
         self.shadow = shadow  # --shadow-config or rules.next: the next rules, decided beside
@@ -56,6 +66,7 @@ class Decider:
         try:
             headers = read_headers()
             request = build(headers)
+            request.draw_key = self.draw_key
         except Exception as error:  # a malformed message: answer as for an untrusted caller
             steering = self.fallback(engine.table, ErrorCode.ADAPTER, error, headers)
             self.metrics.observe_request(transport, perf_counter() - started)
@@ -86,6 +97,9 @@ class Decider:
         if shadow is None or (engine := shadow.engine) is None or not shadow.take():
             return None  # no shadow, or this request is not in its sample
         started = perf_counter()
+        issued = live.issued
+        if issued is not None:  # the shadow table buckets the visitor by the key issued live
+            request.draw_key = lambda: issued.key
         try:
             decision = engine.steer(request).decision
         except Exception:

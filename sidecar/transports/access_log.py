@@ -48,7 +48,7 @@ SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 KNOWN_METADATA = 4096  # distinct metadata remembered with their labels (then forgotten)
 _INPUTS_NAME = INPUTS_NAMESPACE.encode()
 CHUNK = 256  # entries read between two turns of the serving loop
-Labels = tuple[str, str, str | None]  # cluster, rule, mirror
+Labels = tuple[str, str, str | None, bool]  # cluster, rule, mirror, a key issued
 LUA_FAILED = "lua_error"  # what `_known` holds for an entry whose request the Lua failed on
 
 
@@ -90,7 +90,7 @@ ENTRIES = _entries_type()
 
 
 def metadata_labels(raw: bytes) -> Labels | str | None:
-    """(cluster, rule, mirror) of a decision the Lua took, from an entry's metadata bytes;
+    """(cluster, rule, mirror, a key issued) of a decision the Lua took, from an entry's metadata bytes;
     LUA_FAILED when the Lua failed on the request; None when it did not decide (the fast
     path did, or nothing did). DecodeError: not Envoy's metadata."""
     found = metadata_decision(raw)
@@ -117,7 +117,8 @@ def metadata_decision(raw: bytes) -> tuple[Labels, dict[str, str]] | str | None:
     }
     if "rule" not in fields or "cluster" not in fields:
         return None
-    return (fields["cluster"], fields["rule"], fields.get("mirror") or None), fields
+    labels = (fields["cluster"], fields["rule"], fields.get("mirror") or None, "issued_cookie" in fields)
+    return labels, fields
 
 
 class DecisionLogServicer:
@@ -252,7 +253,7 @@ class DecisionLogServicer:
         if isinstance(found, str):
             return found
         labels, fields = found
-        cluster, rule, mirror = labels
+        cluster, rule, mirror, _ = labels
         rules, lanes, clusters = self._names
         known_rule = rule in rules or rule in lanes
         if cluster not in clusters or not known_rule or (mirror is not None and mirror not in clusters):

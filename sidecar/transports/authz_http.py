@@ -401,8 +401,8 @@ class _Connection(asyncio.Protocol):
         raw_method = self.parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
         steering = server.steer(method, header_text(target), self.headers)
-        if method == "HEAD":
-            return answer_bytes(steering, head_only=True)
+        if method == "HEAD" or steering.response_headers:  # a new key: an answer of its own
+            return answer_bytes(steering, head_only=method == "HEAD")
         return server.answers.get(steering)
 
     def _count_head(self, size: int) -> None:

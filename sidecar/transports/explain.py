@@ -93,11 +93,15 @@ def explain_local(
 ) -> dict[str, object]:
     """The decision for a described request, against a rules file."""
     table = load_rules(config)
-    servicer = ExtProcServicer(Decider(TableHolder(table), Metrics(CollectorRegistry())))
+    # draw_key None: a visitor's new key derived from the request, the same answer each time
+    servicer = ExtProcServicer(Decider(TableHolder(table), Metrics(CollectorRegistry()), draw_key=None))
     response, decision = servicer.on_request_headers(
         headers_message(method, path, headers, cookies, params, peer)
     )
-    return {**decision.as_dict(), **response_effects(response), "source": table.source}
+    effects = response_effects(response)
+    if decision.issued is not None:  # what the client's response gets besides the backend's
+        effects["response_headers"] = {"set-cookie": decision.issued.set_cookie}
+    return {**decision.as_dict(), **effects, "source": table.source}
 
 
 def response_effects(response: ep.ProcessingResponse) -> dict[str, object]:
@@ -112,6 +116,7 @@ def response_effects(response: ep.ProcessingResponse) -> dict[str, object]:
 # The decision's fields that say where a request went and why (not the table's version,
 # which changes with any edit, nor the identity, which the request carries).
 COMPARED = ("cluster", "rule", "reason", "bucket", "lane", "mirror", "deny_status")
+NEW_KEY_FIELDS = ("cluster", "bucket", "lane", "mirror")  # follow a new visitor's random key
 
 
 def read_log_line(line: str) -> dict[str, Any]:
@@ -155,8 +160,12 @@ def compare_logged(line: str, today: dict[str, object]) -> dict[str, object]:
     """The logged decision beside today's, and whether it is the same (see COMPARED)."""
     record = read_log_line(line)
     logged = dict(record["decision"])
+    compared: tuple[str, ...] = COMPARED
+    if logged.get("issued_cookie") or today.get("issued_cookie"):
+        # a key issued to a visitor without one is random: where it went cannot be replayed
+        compared = tuple(name for name in COMPARED if name not in NEW_KEY_FIELDS)
     differences = {
-        name: [logged.get(name), today.get(name)] for name in COMPARED if logged.get(name) != today.get(name)
+        name: [logged.get(name), today.get(name)] for name in compared if logged.get(name) != today.get(name)
     }
     result = {"logged": logged, "today": today, "same": not differences, "differences": differences}
     if record.get("truncated"):  # values and the path cut: decided on what was kept

@@ -28,6 +28,7 @@ from sidecar.table.decider import Decider
 log = logging.getLogger("graysteer.extauthz")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 
 def certificate_identity(pem: str) -> Identity | None:
@@ -89,6 +90,11 @@ def check_response(steering: Steering) -> authz.CheckResponse:
                 for k, v in steering.set_headers
             ],
             headers_to_remove=list(steering.remove_headers),
+            # added to the client's response: an issued key's set-cookie, beside the backend's own
+            response_headers_to_add=[
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_APPEND)
+                for k, v in steering.response_headers
+            ],
         ),
         dynamic_metadata=metadata,
     )

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
@@ -28,6 +29,17 @@ from sidecar.transports.answers import AnswerCache
 log = logging.getLogger("graysteer.extproc")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+# What a request that is issued a key asks Envoy for (`mode_override`): its response headers,
+# to add the cookie. The generated filter allows exactly this override (sidecar.envoyconf.filters).
+RESPONSE_HEADERS_MODE = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    response_header_mode=ProcessingMode.SEND,
+    request_body_mode=ProcessingMode.NONE,
+    response_body_mode=ProcessingMode.NONE,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
 
 # The answer to each message kind that carries no decision: "continue unchanged".
 _PASS_THROUGH = {
@@ -145,12 +157,33 @@ def steering_response(steering: Steering) -> ep.ProcessingResponse:
         ],
         remove_headers=list(steering.remove_headers),
     )
-    return ep.ProcessingResponse(
+    answer = ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(
             response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
         ),
         dynamic_metadata=decision_metadata(decision),
     )
+    if steering.response_headers:  # a cookie to set: Envoy sends this stream's response headers
+        answer.mode_override.CopyFrom(RESPONSE_HEADERS_MODE)
+    return answer
+
+
+def response_headers_answer(steering: Steering) -> bytes:
+    """The answer to the response headers of a request that asked for them: the headers
+    added to the client's response (an issued key's `set-cookie`, beside the backend's own)."""
+    mutation = ep.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_APPEND
+            )
+            for name, value in steering.response_headers
+        ]
+    )
+    answer = ep.ProcessingResponse(
+        response_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation))
+    )
+    serialized: bytes = answer.SerializeToString()
+    return serialized
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -165,21 +198,33 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> AsyncIterator[bytes]:
         streams_open = self.decider.metrics.streams_open
         streams_open(1)
+        later: dict[str, bytes] = {}  # this stream's answers to later messages (a cookie to set)
         try:
             async for message in request_iterator:
                 if message.observability_mode:
                     continue  # "send and go": Envoy ignores answers in observability mode
-                answer = self.answer(message)
+                answer = self.answer(message, later)
                 if answer is not None:
                     yield answer
         finally:  # also when Envoy resets the stream after its last message (normal)
             streams_open(-1)
 
-    def answer(self, message: ep.ProcessingRequest) -> bytes | None:
-        """The serialized answer to one message (the serving path)."""
+    def answer(self, message: ep.ProcessingRequest, later: dict[str, bytes] | None = None) -> bytes | None:
+        """The serialized answer to one message (the serving path). `later` holds the answers
+        this stream's request decided for its later messages."""
         kind = message.WhichOneof("request")
         if kind == "request_headers":
-            return self.answers.get(self.steering(message))
+            steering = self.steering(message)
+            if steering.response_headers:  # a new key: an answer of its own, never kept
+                if later is not None:
+                    later["response_headers"] = response_headers_answer(steering)
+                serialized: bytes = steering_response(steering).SerializeToString()
+                return serialized
+            return self.answers.get(steering)
+        if later:
+            answer = later.pop(kind or "", None)
+            if answer is not None:
+                return answer
         answer = _PASS_THROUGH_BYTES.get(kind or "")
         if answer is None:
             log.warning("ext_proc message of unknown kind %r left unanswered", kind)

@@ -96,6 +96,8 @@ def answer_bytes(steering: Steering, head_only: bool = False) -> bytes:
         body = (decision.deny_reason or "").encode()
         return _head(status, [("content-type", "text/plain; charset=utf-8"), *fields], body, head_only)
     fields = list(steering.set_headers) + fields
+    # for the client's response (Envoy's allowed_client_headers_on_success): an issued key's cookie
+    fields += steering.response_headers
     if steering.remove_headers:
         fields.append((HEADERS_TO_REMOVE, ",".join(steering.remove_headers)))
     return _head(200, fields, b"", head_only)

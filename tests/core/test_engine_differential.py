@@ -68,7 +68,8 @@ splits = st.builds(
     },
     keys,
     st.lists(st.integers(0, 100), min_size=1, max_size=3).filter(lambda w: sum(w) > 0),
-    st.sampled_from([None, "random", "canary"]),
+    # a new key in a cookie; `uid` is also a key source drawn above, and requests send it
+    st.sampled_from([None, "random", "canary", {"assign": {"cookie": "uid"}}, {"assign": {"cookie": "gs"}}]),
 )
 actions = st.one_of(
     st.builds(lambda c: {"route": c}, st.sampled_from(CLUSTERS)),
@@ -147,6 +148,7 @@ request_headers = st.dictionaries(
         [
             *VALUES,
             "uid=u1; theme=dark",
+            "uid=Kq3vX9bT2mWn8pLr4sYd6f; gs=Zz-_09azAZbcdefghijklmno",  # keys of the issued shape
             "graysteer.lane=canary,other=1",
             "bad baggage",
             "shop.example.org",

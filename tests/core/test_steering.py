@@ -159,13 +159,15 @@ def test_carrying_and_mirrored_keep_every_other_field() -> None:
     from dataclasses import fields, replace
 
     from sidecar.core import Decision, ErrorCode
+    from sidecar.core.cookies import Issued
 
+    issued = Issued("gs", "k" * 22, "gs=" + "k" * 22)
     full = Decision(
-        "c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why", Reason.FALLBACK, "m0"
+        "c", "r", "v", 7, "header:x", ErrorCode.ENGINE, "l0", "id0", 418, "why", Reason.FALLBACK, "m0", issued
     )
     assert full.carrying("l1", "id1") == replace(full, lane="l1", identity="id1")
     assert full.mirrored("m1") == replace(full, mirror="m1")
-    assert len(fields(Decision)) == 12  # a new field must be added to carrying() and mirrored() too
+    assert len(fields(Decision)) == 13  # a new field must be added to carrying() and mirrored() too
 
 
 @pytest.mark.parametrize("sent", ["stable, canary", "x" * 7000, "canary;evil=1", " canary", "ca nary"])

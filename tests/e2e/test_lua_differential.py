@@ -59,14 +59,19 @@ def settle(table: Table, result: dict[str, Any]) -> dict[str, Any]:
     if metadata is None:
         return result
     rule = table.rule(metadata["rule"])
-    random_split = metadata.get("key_source") == "random"
+    # a new visitor's key is random: the Lua's from x-request-id, the reference's from the request
+    issued = "issued_cookie" in metadata
+    random_split = metadata.get("key_source") == "random" or issued
     random_mirror = rule is not None and rule.mirror is not None and not rule.mirror.keys
     random_mirror = random_mirror or (
-        rule is not None and rule.mirror is not None and metadata.get("key_source") in ("random", "missing")
+        rule is not None
+        and rule.mirror is not None
+        and (metadata.get("key_source") in ("random", "missing") or issued)
     )
     if not (random_split or random_mirror):
         return result
     settled = {**result, "metadata": dict(metadata), "set": dict(result["set"])}
+    settled["metadata"].pop("set_cookie", None)  # the Lua files it for its response handler
     if random_split:
         assert rule is not None and rule.split is not None
         bucket = int(metadata["bucket"])

@@ -265,3 +265,24 @@ def test_envoys_filter_files_the_headers_the_shadow_reads_and_follows_it(tmp_pat
             follower.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_new_visitor_is_bucketed_by_the_shadow_table_with_the_key_issued_live(tmp_path: Path) -> None:
+    """Both tables issue keys: the shadow decides a new visitor with the live key, so a move is
+    a real one (the weights), never two random draws."""
+    issuing = "], when_key_missing: {assign: {cookie: gs}}}"
+    live, upcoming = tmp_path / "rules.yaml", tmp_path / "next.yaml"
+    live.write_text(LIVE.replace("weight: 10}]}", "weight: 10}" + issuing))
+    upcoming.write_text(NEXT.replace("weight: 50}]}", "weight: 50}" + issuing))
+    metrics = Metrics(CollectorRegistry())
+    state = StateFile(default_state_path(live))
+    shadow = Shadow(RulesFile(upcoming), state, metrics, sample=1.0)
+    reloader = Reloader(RulesFile(live), metrics, state, shadow=shadow)
+    keys = iter(f"{n:04d}" + "k" * 18 for n in range(300))
+    decider = Decider(reloader.holder, metrics, shadow=shadow, draw_key=lambda: next(keys))
+    for _ in range(300):
+        assert decider.steer_input("ext_proc", dict, Request).decision.issued is not None
+    counts = shadow_counts(metrics)
+    # the ramp 10 -> 50 moves new visitors only from stable to canary, never back
+    assert ("ramp", "canary", "stable") not in counts
+    assert counts[("ramp", "stable", "canary")] > 0 and counts[("ramp", "canary", "canary")] > 0

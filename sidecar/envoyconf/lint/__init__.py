@@ -18,6 +18,7 @@ from sidecar.envoyconf.lint.common import (
     dotted_get,
     snake_keys,
 )
+from sidecar.envoyconf.lint.cookies import check_cookies
 from sidecar.envoyconf.lint.decides import check_decides, ecds_lua
 from sidecar.envoyconf.lint.filters import check_filter, check_http_service, check_tracing
 from sidecar.envoyconf.lint.routes import (
@@ -82,6 +83,7 @@ def check_manager(table: Table, hcm: dict[str, Any], clusters: dict[str, Any]) -
             f"listener {stat!r} has no ext_proc or ext_authz filter: the sidecar is never asked",
             "add the ext_proc filter (see `graysteer envoy-config`)",
         )
+    yield from check_cookies(table, hcm, sidecar_filters)
     for config in sidecar_filters:
         if "http_service" in config:
             yield from check_http_service(table, config, hcm, clusters)

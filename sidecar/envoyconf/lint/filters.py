@@ -218,7 +218,11 @@ def check_header_count(hcm: dict[str, Any]) -> Iterator[Finding]:
 def check_answer_taken(table: Table, response: dict[str, Any]) -> Iterator[Finding]:
     """From the sidecar's answer Envoy copies the steered headers to the request and the decision
     headers to dynamic metadata, and passes only content-type of a deny to the client."""
-    effect = {table.routing_header: "nothing is routed", table.mirror_header: "mirror rules copy nothing"}
+    effect = {
+        table.routing_header: "nothing is routed",
+        table.mirror_header: "mirror rules copy nothing",
+        "cookie": "the backend never sees the key issued to a new visitor",
+    }
     for name in steered_headers(table):
         if name == table.mirror_header and not table.mirrors:
             continue
