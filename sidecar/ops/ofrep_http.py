@@ -5,7 +5,8 @@ the HTTP edge of sidecar.core.ofrep, which maps OFREP onto the table.
   400 with PARSE_ERROR, INVALID_CONTEXT, TARGETING_KEY_MISSING or GENERAL.
 - POST /ofrep/v1/evaluate/flags: every flag, each a success or a failure, with an ETag
   (sidecar.core.ofrep.etag: the table, its runtime weights and rollout steps, and the
-  context); a request whose If-None-Match holds it is answered 304 with no body. 400 when
+  context); a request whose If-None-Match holds it (or is `*`) is answered 304 with no body,
+  `/ofrep/v1/evaluate/flags/` (a trailing slash) is the same request. 400 when
   the body or the context cannot be read.
 
 Bodies are read by orjson, which refuses lone surrogates and nesting past 1,024 levels (the
@@ -58,7 +59,7 @@ class OfrepEndpoint:
         refused = self._refusal(request.headers.get("authorization"))
         if refused is not None:
             return refused
-        key = unquote(path[len(SINGLE) :]) if path.startswith(SINGLE) else None
+        key = None if path in (BULK, BULK + "/") else unquote(path[len(SINGLE) :])
         try:
             context = read_context(_parse(request.body))
         except Failure as failure:
@@ -83,7 +84,7 @@ class OfrepEndpoint:
     def _bulk(self, engine: Engine, context: object, if_none_match: str) -> Answer:
         assert isinstance(context, dict)
         tag = etag(engine.table, context)
-        if tag in _tags(if_none_match):
+        if if_none_match.strip() == "*" or tag in _tags(if_none_match):  # `*`: any current answer
             return 304, b"", JSON, (("etag", tag),)
         flags = evaluate_all(engine, context)
         return _json(200, {"flags": flags, "metadata": {"version": engine.table.version}}, (("etag", tag),))

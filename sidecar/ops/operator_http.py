@@ -19,7 +19,9 @@ hold the probes (Kubernetes restarts a pod whose /healthz does not answer):
   connections evicts its own, never the probes (whose bytes wait in the socket even before
   the loop, busy accepting a batch of connections, reads them);
 - /metrics and the views, which take CPU, run in a small thread pool, `busy_slots` at once:
-  beyond that they are answered 503 at once.
+  beyond that they are answered 503 at once. OFREP's evaluations take all but one of them
+  (429 beyond): a flood of applications' evaluations leaves /metrics scraped;
+- a field a request carries once (SINGLETONS: Host, Authorization, ...) given twice is a 400.
 
 POST is read only for `extra`'s answers (the page's explain form and rollout actions) and
 OFREP's (`ofrep`, under /ofrep/): a body of at most `max_body_bytes`, with a Content-Length,
@@ -114,18 +116,29 @@ class Limits:
     max_body_bytes: int = 16 * 1024  # a POST's body (the explain form: headers and a path)
 
 
+# Fields a request carries once (RFC 9110 5.3): given twice, which one a proxy in front read
+# is unknown (a Host checked against DNS rebinding, a token), so the request is refused.
+SINGLETONS = frozenset({"host", "authorization", "content-length", "content-type"})
+
+
 class _Head:
-    """httptools callbacks: the request target and headers."""
+    """httptools callbacks: the request target and headers (a list field given twice joined
+    with commas, as RFC 9110 5.3 reads it; a SINGLETONS one given twice noted)."""
 
     def __init__(self) -> None:
         self.target = b""
         self.headers: dict[str, str] = {}
+        self.repeated = False  # a SINGLETONS field given twice
 
     def on_url(self, url: bytes) -> None:
         self.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        if key in self.headers:
+            self.repeated = self.repeated or key in SINGLETONS
+            text = f"{self.headers[key]}, {text}"
+        self.headers[key] = text
 
 
 class _Reader(asyncio.StreamReader):
@@ -323,6 +336,8 @@ class OperatorHttpServer:
             parser.feed_data(head)
         except httptools.HttpParserError:
             return _text(400, "malformed request\n")
+        if parsed.repeated:
+            return _text(400, f"malformed request: one of {', '.join(sorted(SINGLETONS))} given twice\n")
         method = parser.get_method().decode("latin-1")
         if method not in ("GET", "POST"):
             return _text(405, "only GET, and POST from the live page\n")
@@ -364,8 +379,12 @@ class OperatorHttpServer:
             name = path[len(UI_PREFIX) :] or "index.html"
             if name in self.ui_files:
                 return 200, self.ui_files[name], UI_FILES[name]
-        if self.busy >= self.limits.busy_slots:
-            if self.ofrep is not None and path.startswith(OFREP_PREFIX):  # OFREP's way: the provider waits
+        ofrep = self.ofrep is not None and path.startswith(OFREP_PREFIX)
+        # OFREP (applications, many) never takes the last slot: a flood of evaluations leaves
+        # /metrics scraped and the views answered.
+        slots = self.limits.busy_slots - (1 if ofrep and self.limits.busy_slots > 1 else 0)
+        if self.busy >= slots:
+            if ofrep:  # OFREP's way: the provider waits
                 return (
                     429,
                     b'{"errorDetails": "busy: try again"}\n',

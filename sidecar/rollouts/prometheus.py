@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from sidecar.core.gates import shown_url
 from sidecar.core.metric_checks import (
@@ -39,6 +40,9 @@ from sidecar.tlsfiles import certificates
 
 log = logging.getLogger("graysteer.rollout")
 ERROR_SHOWN = 200  # characters of Prometheus' error message kept
+# An instant query's answer is one sample: a few hundred bytes. Past this it is not read on
+# (a hostile or broken server cannot fill memory, nor hold the loop parsing it).
+MAX_ANSWER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,15 +66,26 @@ class Prometheus:
         self._client = httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False, verify=verify)
 
     async def query(self, promql: str, timeout: float) -> Answer:
-        """One instant query, within `timeout` seconds: its one finite value, or why none."""
+        """One instant query, within `timeout` seconds in all (a slow drip included): its one
+        finite value, or why none. An answer over MAX_ANSWER_BYTES is not read further."""
         try:
             async with asyncio.timeout(timeout):
-                response = await self._client.post(
+                request = self._client.build_request(
+                    "POST",
                     self.target.url.rstrip("/") + "/api/v1/query",
                     data={"query": promql, "timeout": f"{timeout:g}s"},
                     headers=self._headers(),
                 )
-            return _answer(response)
+                response = await self._client.send(request, stream=True)
+                try:
+                    body = await _read_bounded(response)
+                finally:
+                    await response.aclose()
+            if body is None:
+                return Answer(
+                    None, ERROR, f"Prometheus {self.shown}: an answer over {MAX_ANSWER_BYTES} bytes"
+                )
+            return _answer(response.status_code, body)
         except TimeoutError:
             return Answer(None, TIMEOUT, f"no answer from Prometheus within {timeout:g}s")
         except (httpx.HTTPError, OSError, ValueError) as error:
@@ -110,30 +125,47 @@ def ca_context(path: Path) -> ssl.SSLContext:
         raise ValueError(f"not a CA bundle OpenSSL accepts ({error.reason or error})") from None
 
 
-def _answer(response: httpx.Response) -> Answer:
+async def _read_bounded(response: httpx.Response) -> bytes | None:
+    """The answer's body, or None past MAX_ANSWER_BYTES (read no further)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            return None
+    return bytes(body)
+
+
+def _answer(status: int, content: bytes) -> Answer:
+    """One finite value of an instant query's answer, or why none. Anything not in the shape
+    Prometheus' API documents (an object where a list is, a value that is not a string) is
+    an error, never a number: orjson reads the JSON (nesting bounded, no recursion)."""
     try:
-        body: Any = response.json()
-    except ValueError:
+        body: Any = orjson.loads(content)
+    except orjson.JSONDecodeError:
         body = None
-    if not isinstance(body, dict) or response.status_code != 200 or body.get("status") != "success":
+    if not isinstance(body, dict) or status != 200 or body.get("status") != "success":
         said = body.get("error") if isinstance(body, dict) else None
-        detail = printable(str(said or response.text))[:ERROR_SHOWN]
-        return Answer(None, ERROR, f"Prometheus answered HTTP {response.status_code}: {detail}")
-    data = body.get("data") or {}
-    kind, result = data.get("resultType"), data.get("result")
+        text = said if isinstance(said, str) else content[:ERROR_SHOWN].decode("utf-8", "replace")
+        return Answer(None, ERROR, f"Prometheus answered HTTP {status}: {printable(text)[:ERROR_SHOWN]}")
+    data = body.get("data")
+    kind, result = (data.get("resultType"), data.get("result")) if isinstance(data, dict) else (None, None)
     if kind == "scalar":
         samples = [result]
     elif kind == "vector" and isinstance(result, list):
-        samples = [sample.get("value") for sample in result if isinstance(sample, dict)]
+        samples = [sample.get("value") if isinstance(sample, dict) else None for sample in result]
     else:
-        return Answer(None, ERROR, f"the query gives a {kind}, not a number (an instant vector or scalar)")
+        shown = printable(str(kind))[:40]
+        return Answer(None, ERROR, f"the query gives a {shown}, not a number (an instant vector or scalar)")
     if not samples:
         return Answer(None, NO_DATA, "no sample (no series matches in the window)")
     if len(samples) > 1:
         return Answer(None, NO_DATA, f"{len(samples)} series, not one: aggregate them (sum, avg, ...)")
-    try:
-        value = float(samples[0][1])  # type: ignore[index]
-    except (TypeError, ValueError, IndexError):
+    sample = samples[0]
+    try:  # [timestamp, "value"]: the value is always a string in Prometheus' API
+        if not (isinstance(sample, list) and len(sample) == 2 and isinstance(sample[1], str)):
+            raise ValueError
+        value = float(sample[1])
+    except ValueError:
         return Answer(None, ERROR, "Prometheus answered a sample that is not a number")
     if not math.isfinite(value):
         return Answer(None, NO_DATA, f"the value is {value} (no traffic in the window?)")
@@ -186,11 +218,13 @@ class MetricQueries:
         return None if run is None else max(0.0, self.steady() - run.at)
 
     async def _run(self, spec: RolloutSpec, prometheus: Prometheus) -> None:
+        checks = spec.analysis.metrics
         try:
-            results = await asyncio.gather(*(self._check(spec, c, prometheus) for c in spec.analysis.metrics))
-        except Exception:  # a bug must not leave the run "in flight" for ever
+            results = await asyncio.gather(*(self._check(spec, c, prometheus) for c in checks))
+        except Exception:  # a bug must not leave the run "in flight" for ever, nor an old pass
             log.exception("the metric checks of %s failed", spec.rule)
-            return
+            why = "the checks failed (see the sidecar's log)"
+            results = [MetricResult(c, INCONCLUSIVE, f"metric {c.name}: {why}", result=ERROR) for c in checks]
         finally:
             self._running.pop(spec.rule, None)
         previous = self._runs.get(spec.rule)

@@ -39,7 +39,7 @@ from sidecar.table.decider import Decider
 from sidecar.table.reload import Reloader
 from sidecar.table.shadow import Shadow, shadow_of
 from sidecar.tlsfiles import TlsReloads
-from sidecar.transports.access_log import DecisionLogServicer
+from sidecar.transports.access_log import MAX_MESSAGE_BYTES, DecisionLogServicer
 from sidecar.transports.access_log import add_to_server as add_access_log
 from sidecar.transports.authz_http import AuthzHttpServer
 from sidecar.transports.ecds import EcdsServicer, TableAsLua
@@ -149,7 +149,9 @@ def xds_server(reloader: Reloader, decider: Decider, metrics: Metrics) -> tuple[
     table and the steering events (sidecar.transports.envoy_decided)."""
     feeds = Feeds(decider, metrics)
     feed = TableAsLua(metrics, feeds.capture)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # Envoy's messages are small (a batch of its access log, an ECDS request): a larger one,
+    # from anyone on the loopback, is refused before it is read whole.
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     add_ecds(EcdsServicer(feed, metrics), server)
     add_access_log(DecisionLogServicer(lambda: reloader.table, metrics, feeds), server)
     return server, feed

@@ -46,6 +46,12 @@ log = logging.getLogger("graysteer.access_log")
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 KNOWN_METADATA = 4096  # distinct metadata remembered with their labels (then forgotten)
+# ... and their bytes, at most, in each of the two memories: a decision's metadata is a few
+# hundred bytes, but anyone on the loopback can send entries of a megabyte each.
+REMEMBERED_BYTES = 4 * 1024 * 1024
+# A message of the stream, at most (the --xds-listen server's receive limit): Envoy sends a
+# batch when ACCESS_LOG_BUFFER_BYTES (256 KiB) are buffered, one entry past it at most.
+MAX_MESSAGE_BYTES = 1024 * 1024
 _INPUTS_NAME = INPUTS_NAMESPACE.encode()
 CHUNK = 256  # entries read between two turns of the serving loop
 Labels = tuple[str, str, str | None, bool]  # cluster, rule, mirror, a key issued
@@ -136,6 +142,7 @@ class DecisionLogServicer:
         self._seen: dict[bytes, Labels | bool | str] = {}
         self._known: dict[bytes, Labels | bool | str] = {}
         self._fields: dict[bytes, dict[str, str]] = {}
+        self._seen_bytes = self._known_bytes = 0  # the keys' bytes in _seen, in _known
         self._counted = metrics.envoy_decision_logs.labels("counted")
         self._unknown = metrics.envoy_decision_logs.labels("unknown")
         self._failed = metrics.envoy_decision_logs.labels(LUA_FAILED)
@@ -200,9 +207,11 @@ class DecisionLogServicer:
                 labels = known.get(raw)  # already canonical (`feed` made it so)
             if labels is None:
                 labels = self._read(raw)
-                if len(seen) >= KNOWN_METADATA:
+                if len(seen) >= KNOWN_METADATA or self._seen_bytes + len(raw) > REMEMBERED_BYTES:
                     seen.clear()
+                    self._seen_bytes = 0
                 seen[raw] = labels
+                self._seen_bytes += len(raw)
             if labels is True:
                 continue
             if labels is False:
@@ -222,6 +231,7 @@ class DecisionLogServicer:
     def _forget(self, table: Table) -> None:
         self._table = table
         self._seen, self._known, self._fields = {}, {}, {}
+        self._seen_bytes = self._known_bytes = 0
         lanes = table.coloring.lanes if table.coloring is not None else {}
         rules = {r.name for r in table.rules} | {DEFAULT_RULE, UNKNOWN_LANE_RULE}
         self._names = (
@@ -239,11 +249,14 @@ class DecisionLogServicer:
             return True
         labels = self._known.get(canonical)
         if labels is None:
-            labels = self._labels(canonical)
-            if len(self._known) >= KNOWN_METADATA:
+            full = self._known_bytes + len(canonical) > REMEMBERED_BYTES
+            if len(self._known) >= KNOWN_METADATA or full:
                 self._known.clear()
                 self._fields.clear()
+                self._known_bytes = 0
+            labels = self._labels(canonical)
             self._known[canonical] = labels
+            self._known_bytes += len(canonical)
         return labels
 
     def _labels(self, canonical: bytes) -> Labels | bool | str:

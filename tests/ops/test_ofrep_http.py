@@ -185,3 +185,39 @@ def test_a_busy_endpoint_answers_ofreps_429_with_retry_after(server: OperatorHtt
     status, headers, _ = post(server.server_address[1], SINGLE, b"{}")
     server.busy = 0
     assert (status, headers["retry-after"]) == (429, "1")
+
+
+def test_a_flood_of_evaluations_leaves_metrics_a_slot(server: OperatorHttpServer) -> None:
+    port = server.server_address[1]
+    server.busy = server.limits.busy_slots - 1  # all but one slot taken
+    try:
+        status, headers, _ = post(port, SINGLE, b"{}")
+        metrics = exchange(port, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")[0]
+    finally:
+        server.busy = 0
+    assert (status, headers["retry-after"], metrics) == (429, "1", 200)
+
+
+def test_the_bulk_path_with_a_slash_and_if_none_match_star(server: OperatorHttpServer) -> None:
+    port = server.server_address[1]
+    context = b'{"context": {"targetingKey": "alice"}}'
+    status, headers, body = post(port, BULK + "/", context)
+    assert status == 200 and "flags" in json.loads(body)
+    assert post(port, BULK, context, "if-none-match: *\r\n")[:2] == (304, {**headers, "content-length": "0"})
+
+
+@pytest.mark.parametrize(
+    "twice",
+    [
+        "authorization: Bearer wrong\r\nauthorization: Bearer s3cret\r\n",
+        "host: evil.example\r\n",  # a second Host after post's own
+    ],
+)
+def test_a_field_sent_once_given_twice_is_refused(current: Current, twice: str) -> None:
+    http = serve(current, lambda header: header == f"Bearer {TOKEN}")
+    try:
+        body = b'{"context": {"targetingKey": "alice"}}'
+        status, _, said = post(http.server_address[1], SINGLE, body, twice)
+        assert status == 400 and b"given twice" in said
+    finally:
+        http.shutdown()

@@ -2,8 +2,10 @@
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.contract import LUA_NAMES
 from sidecar.ops.metrics import Metrics
+from sidecar.serving.build import xds_server
 from sidecar.transports import access_log
 from sidecar.transports.access_log import ENTRIES, DecisionLogServicer
 from tests.helpers import table_from_yaml
@@ -151,3 +154,63 @@ def test_a_large_batch_is_read_in_chunks_between_turns_of_the_serving_loop() -> 
 
     seen = asyncio.run(scenario())
     assert any(0 < counted < 1000 for counted in seen)
+
+
+def test_distinct_large_metadata_never_grow_memory_past_its_bound() -> None:
+    """Anyone on the loopback can send entries of a megabyte each, every one different: what
+    is remembered of them is bounded in bytes, not only in number, and each is still counted."""
+    registry = CollectorRegistry()
+    servicer = DecisionLogServicer(lambda: TABLE, Metrics(registry))
+    big = "x" * 64 * 1024
+    for batch in range(4):
+        servicer.count(
+            read_back(
+                *(
+                    entry({"cluster": "stable", "rule": "default", "version": f"{big}{batch}.{i}"})
+                    for i in range(40)
+                )
+            )
+        )
+        assert sum(map(len, servicer._seen)) <= access_log.REMEMBERED_BYTES
+        assert sum(map(len, servicer._known)) <= access_log.REMEMBERED_BYTES
+        assert len(servicer._fields) <= len(servicer._known)
+    value = registry.get_sample_value
+    assert value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 160
+
+
+def test_the_xds_server_refuses_a_message_larger_than_envoy_sends() -> None:
+    registry = CollectorRegistry()
+    stand_ins = SimpleNamespace(table=TABLE, log=None, shadow=None)  # a reloader's, a decider's
+
+    def message(entries: int, version: str) -> bytes:
+        batch = als_pb2.StreamAccessLogsMessage()
+        fields = {"cluster": "stable", "rule": "default", "version": version}
+        batch.http_logs.log_entry.extend(entry(fields) for _ in range(entries))
+        return batch.SerializeToString()
+
+    async def scenario() -> tuple[grpc.StatusCode, grpc.StatusCode]:
+        server, _ = xds_server(stand_ins, stand_ins, Metrics(registry))  # type: ignore[arg-type]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stream = channel.stream_unary(
+                    f"/{access_log.SERVICE}/StreamAccessLogs",
+                    request_serializer=lambda raw: raw,
+                    response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+                )
+                codes = []
+                for sent in (message(10, "v1"), message(40, "x" * 64 * 1024)):  # 2.5 MiB
+                    try:
+                        await stream(iter([sent]), timeout=10)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+                return codes[0], codes[1]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert (
+        registry.get_sample_value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 10
+    )
