@@ -71,11 +71,11 @@ ROUND_PAUSE_SECONDS = 0.2  # after every member failed once in a row
 # etcd again (changes, the lead, rollout holds) within about a second of its return.
 # Keepalive pings find a connection that is open but answers nothing (a partition, a dead
 # host behind a still-open NAT entry) while only a watch is open on it: every 6 s, given up
-# after 3 s (the ping's answer is awaited grpc.http2.ping_timeout_ms: without it, gRPC waits a
-# minute). etcd closes connections that ping more often than every 5 s
-# (--grpc-keepalive-min-time, "too many pings"): 6 s keeps clear of it (checked against etcd
-# 3.4: no GOAWAY). Pings go on without data (a quiet watch sends none), never without a call
-# (etcd refuses those too). A replica's fleet beat (a call every second, each with its
+# after 3 s (the ping's answer is awaited grpc.http2.ping_timeout_ms: without it a watch on a
+# black-holed connection was still waiting after 40 s). etcd closes connections that ping more
+# often than every 5 s (--grpc-keepalive-min-time, "too many pings"): 6 s keeps clear of it
+# (checked against etcd 3.4: no GOAWAY). Pings go on without data (a quiet watch sends none),
+# never without a call (etcd refuses those too). A replica's fleet beat (a call every second, each with its
 # deadline) usually finds a silent member sooner; keepalive covers a watch alone.
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 200,
