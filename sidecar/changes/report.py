@@ -16,7 +16,7 @@ TIMEOUT_SECONDS = 15.0
 
 
 def load_table(where: str, tls: "EtcdTls | None" = None) -> Table | None:
-    """The table of a rules file, or of a fleet's etcd://HOST:PORT/PREFIX (None: no rules
+    """The table of a rules file, or of a fleet's etcd://HOST:PORT,.../PREFIX (None: no rules
     pushed there yet). RulesError, OSError or ValueError say what is wrong."""
     if not where.startswith("etcd://"):
         return parse_rules(read_regular_file(Path(where), MAX_FILE_BYTES), where)

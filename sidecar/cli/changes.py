@@ -19,8 +19,8 @@ DEFAULT_SAMPLE = 10_000
 
 def add_commands(commands: Any) -> None:
     p = commands.add_parser("diff", help="show which requests a change of the rules moves, before it lands")
-    p.add_argument("old", help="the rules in force: a file, or etcd://HOST:PORT/PREFIX (a fleet's)")
-    p.add_argument("new", help="the rules to be: a file, or etcd://HOST:PORT/PREFIX")
+    p.add_argument("old", help="the rules in force: a file, or etcd://HOST:PORT,.../PREFIX (a fleet's)")
+    p.add_argument("new", help="the rules to be: a file, or etcd://HOST:PORT,.../PREFIX")
     p.add_argument(
         "--requests",
         action="append",

@@ -16,7 +16,7 @@ from sidecar.serving.options import argparse_type
 def add_commands(commands: Any) -> None:
     p = commands.add_parser("push", help="validate a rules file and write it to a fleet's etcd prefix")
     p.add_argument("rules", help="the rules file (YAML)")
-    p.add_argument("url", metavar="etcd://HOST:PORT/PREFIX", help="the fleet's etcd address and prefix")
+    p.add_argument("url", metavar="etcd://HOST:PORT,.../PREFIX", help="the fleet's etcd address and prefix")
     p.add_argument(
         "--max-moved",
         type=argparse_type(values.share),
@@ -37,7 +37,7 @@ def add_commands(commands: Any) -> None:
     add_etcd_flags(p)
     p.set_defaults(run=push)
     p = commands.add_parser("drop-next", help="remove a fleet's shadow table (PREFIX/rules.next)")
-    p.add_argument("url", metavar="etcd://HOST:PORT/PREFIX", help="the fleet's etcd address and prefix")
+    p.add_argument("url", metavar="etcd://HOST:PORT,.../PREFIX", help="the fleet's etcd address and prefix")
     add_etcd_flags(p)
     p.set_defaults(run=drop_next)
 

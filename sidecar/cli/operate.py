@@ -16,7 +16,7 @@ def add_commands(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument(
         "--fleet",
-        metavar="etcd://HOST:PORT/PREFIX",
+        metavar="etcd://HOST:PORT,.../PREFIX",
         help="list every replica of a fleet (from etcd) with the version it serves, instead",
     )
     p.add_argument(

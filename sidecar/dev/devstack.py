@@ -254,7 +254,7 @@ class Stack:
         The sidecar serves the transport the Envoy config calls (gRPC, or HTTP ext_authz)."""
         from sidecar.dev.backend import BackendServer
 
-        # a rules file, or a fleet's etcd://HOST:PORT/PREFIX (kept as written: Path would fold "//")
+        # a rules file, or a fleet's etcd://HOST:PORT,.../PREFIX (kept as written: Path would fold "//")
         self.rules: Path | str = rules if str(rules).startswith("etcd://") else Path(rules)
         self.workdir = workdir
         self.sidecar_args = tuple(sidecar_args)

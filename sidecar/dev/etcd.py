@@ -1,15 +1,18 @@
 """A real etcd server on loopback for the fleet tests, the convergence benchmark and local
-trials: Debian's `etcd-server` (etcd 3.4), installed with apt-get when missing (as root).
-Keys are written and read through the sidecar's own etcd client (no `etcdctl`, which is
-another Debian package)."""
+trials: Debian's `etcd-server` (etcd 3.4), installed with apt-get when missing (as root);
+one member, or a cluster of several (`EtcdCluster`). Keys are written and read through the
+sidecar's own etcd client (no `etcdctl`, which is another Debian package; a move of the
+cluster's leader is etcd's Maintenance.MoveLeader through the same client)."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from aetcd import rpc
+
 from sidecar.dev.processes import Process, ensure_tool, free_port, wait_for
-from sidecar.sources.etcd_client import EtcdAddress, EtcdClient
+from sidecar.sources.etcd_client import EtcdAddress, EtcdClient, EtcdMember
 
 T = TypeVar("T")
 
@@ -19,7 +22,9 @@ class Etcd:
     ports and data (an outage, then recovery). With `tls_dir` (ca.pem, server.pem,
     server.key) clients speak TLS and must present a certificate signed by that CA."""
 
-    def __init__(self, workdir: Path, name: str = "etcd", tls_dir: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, name: str = "etcd", tls_dir: Path | None = None, start: bool = True
+    ) -> None:
         self.binary = ensure_tool("etcd", "etcd-server")
         self.workdir = workdir
         self.name = name
@@ -27,15 +32,22 @@ class Etcd:
         self.port = free_port()
         self.peer_port = free_port()
         self.process: Process | None = None
-        self.start()
+        self.initial_cluster = f"{name}={self.peer_url}"  # the members at the cluster's creation
+        if start:
+            self.start()
 
     @property
     def url(self) -> str:
         return f"etcd://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def start(self, wait: bool = True) -> None:
+        """Start (again, after stop() or kill(): same ports, same data); `wait` until it serves."""
         client = f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         tls = (
             [
                 "--cert-file",
@@ -49,7 +61,7 @@ class Etcd:
             if self.tls_dir
             else []
         )
-        process = self.process = Process(
+        self.process = Process(
             self.name,
             [
                 self.binary,
@@ -66,11 +78,17 @@ class Etcd:
                 "--initial-advertise-peer-urls",
                 peer,
                 "--initial-cluster",
-                f"{self.name}={peer}",
+                self.initial_cluster,
                 *tls,
             ],
             self.workdir / f"{self.name}.log",
         )
+        if wait:
+            self.wait_serving()
+
+    def wait_serving(self) -> None:
+        assert self.process is not None
+        process = self.process
         wait_for(lambda: "ready to serve client requests" in process.log_text(), 20, f"{self.name} to serve")
 
     def stop(self) -> None:
@@ -78,11 +96,18 @@ class Etcd:
             self.process.stop()
             self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: the member is gone at once, its connections reset, nothing flushed."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.stop()
+            self.process = None
+
     # -- keys, as an operator (or an attacker with write access) would put them ---------------
 
     def _call(self, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
         async def run() -> T:
-            async with EtcdClient(EtcdAddress("127.0.0.1", self.port, "/")) as client:
+            async with EtcdClient(EtcdAddress((EtcdMember("127.0.0.1", self.port),), "/")) as client:
                 return await asyncio.wait_for(work(client), 10)
 
         return asyncio.run(run())
@@ -110,3 +135,76 @@ class Etcd:
             await client.delete(key.encode())
 
         self._call(delete)
+
+
+class EtcdCluster:
+    """`size` etcd members on loopback forming one cluster (--initial-cluster), started
+    together; each member restartable on its ports and data."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.members = [Etcd(workdir, f"etcd{i}", start=False) for i in range(size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+            member.start(wait=False)
+        for member in self.members:  # a member serves once a quorum has elected a leader
+            member.wait_serving()
+
+    def url(self, ports: list[int] | None = None) -> str:
+        """etcd://127.0.0.1:P1,...: the members' client ports (or `ports`, e.g. proxies')."""
+        listed = ports if ports is not None else [m.port for m in self.members]
+        return "etcd://" + ",".join(f"127.0.0.1:{port}" for port in listed)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def _call(self, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
+        live = [EtcdMember("127.0.0.1", m.port) for m in self.members if m.process is not None]
+
+        async def run() -> T:
+            async with EtcdClient(EtcdAddress(tuple(live), "/")) as client:
+                return await asyncio.wait_for(work(client), 10)
+
+        return asyncio.run(run())
+
+    def key_version(self, key: str) -> int:
+        """How many times `key` was written since it was created (etcd's version; 0: none)."""
+
+        async def version(client: EtcdClient) -> int:
+            found = await client.get(key.encode())
+            return 0 if found is None else int(found.version)
+
+        return self._call(version)
+
+    def leader(self) -> int:
+        """The index of the member that leads the cluster now."""
+
+        async def ask(client: EtcdClient) -> int:
+            status = await client.status()
+            ids = await self._member_ids(client)
+            assert status.leader is not None, "the cluster has no leader"
+            return ids.index(status.leader.id)
+
+        return self._call(ask)
+
+    async def _member_ids(self, client: EtcdClient) -> list[int]:
+        """Each member's id, in self.members' order (matched by client port)."""
+        by_port = {}
+        async for member in client.members():
+            for url in member.client_urls:
+                by_port[int(url.rsplit(":", 1)[1])] = member.id
+        return [by_port[m.port] for m in self.members]
+
+    def move_leader(self, to: int) -> None:
+        """etcd's Maintenance.MoveLeader, sent to the leader: member `to` leads next."""
+        leader = self.leader()
+
+        async def move(_: EtcdClient) -> None:
+            address = EtcdAddress((EtcdMember("127.0.0.1", self.members[leader].port),), "/")
+            async with EtcdClient(address) as client:
+                ids = await self._member_ids(client)
+                await client.connect()
+                await client.maintenancestub.MoveLeader(rpc.MoveLeaderRequest(targetID=ids[to]), timeout=10)
+
+        self._call(move)

@@ -29,10 +29,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+from aetcd import rpc
+
 from sidecar.core.rollout import ClusterWindow
 from sidecar.fleet.replicas import RecordError, ReplicaRecord
 from sidecar.ops.metrics import Metrics
-from sidecar.sources.etcd_client import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
+from sidecar.sources.etcd_client import (
+    ETCD_ERRORS,
+    REQUEST_TIMEOUT_SECONDS,
+    EtcdAddress,
+    EtcdClient,
+    EtcdMember,
+    EtcdTls,
+)
 from sidecar.stats.clusters import ClusterCounts, ClusterHistory, ClusterRate, add_rates, as_window
 from sidecar.table.load import config_version
 
@@ -170,7 +180,14 @@ class Fleet:
                 if reply is None or reply.TTL <= 0:
                     raise ConnectionError("lease expired")
                 self._lease_deadline = sent + self.ttl
-                mine = dataclasses.replace(record(), id=self.replica_id, leader=self.leads(), at=time.time())
+                mine = dataclasses.replace(
+                    record(),
+                    id=self.replica_id,
+                    leader=self.leads(),
+                    at=time.time(),
+                    etcd_member=str(self.client.member),
+                    etcd_down=tuple(str(m) for m in sorted(self.client.down)),
+                )
                 await self.client.put(
                     self.address.key(f"replicas/{self.replica_id}"), mine.to_bytes(), lease=lease
                 )
@@ -284,13 +301,33 @@ async def leader(client: EtcdClient, address: EtcdAddress) -> str | None:
 
 
 async def fleet_status(address: EtcdAddress, tls: "EtcdTls | None") -> dict[str, Any]:
-    """`graysteer status --fleet`: every live replica and the leader, from etcd."""
+    """`graysteer status --fleet`: every live replica and the leader, from etcd, and each
+    etcd member as this command reaches it."""
+    probes = asyncio.gather(*(probe_member(address, member, tls) for member in address.members))
     async with EtcdClient(address, tls) as client:
         replicas, refused = await members(client, address)
         lead = await leader(client, address)
         rules = await client.get(address.rules_key)
     rules_version = config_version(bytes(rules.value)) if rules is not None else None
-    return fleet_report(address, rules_version, lead, replicas, refused, time.time())
+    report = fleet_report(address, rules_version, lead, replicas, refused, time.time())
+    report["etcd_members"] = await probes
+    return report
+
+
+async def probe_member(address: EtcdAddress, member: EtcdMember, tls: "EtcdTls | None") -> dict[str, Any]:
+    """One member's Maintenance.Status, within REQUEST_TIMEOUT_SECONDS: whether it answers,
+    and whether it leads the etcd cluster (raft's leader, not the fleet's)."""
+    client = EtcdClient(dataclasses.replace(address, members=(member,)), tls)
+    try:
+        await client.connect()
+        status = await client.maintenancestub.Status(rpc.StatusRequest(), timeout=REQUEST_TIMEOUT_SECONDS)
+        leads = status.leader != 0 and status.leader == status.header.member_id
+        return {"member": str(member), "up": True, "etcd_leader": leads, "error": None}
+    except ETCD_ERRORS as error:
+        reason = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+        return {"member": str(member), "up": False, "etcd_leader": False, "error": (reason or "")[:200]}
+    finally:
+        await client.close()
 
 
 def fleet_report(
@@ -315,6 +352,8 @@ def fleet_report(
                 "source_connected": r.source_connected,
                 "leader": r.id == lead,
                 "seen_seconds_ago": round(now - r.at, 1),
+                "etcd_member": r.etcd_member,
+                "etcd_down": list(r.etcd_down),
             }
             for r in replicas
         ],
@@ -330,9 +369,21 @@ def format_fleet(report: dict[str, Any]) -> str:
             f"  {r['id']}: serving {r['version']}{'' if current else ' (not the pushed version)'}"
             f"{' [leader]' if r['leader'] else ''}{'' if r['ready'] else ' [not ready]'}"
             f"{'' if r['source_connected'] else ' [etcd unreachable]'}, seen {r['seen_seconds_ago']} s ago"
+            f"{_etcd_view(r)}"
         )
     if not report["replicas"]:
         lines.append("  no live replica")
+    for m in report.get("etcd_members", []):
+        state = ("up, the etcd leader" if m["etcd_leader"] else "up") if m["up"] else f"DOWN: {m['error']}"
+        lines.append(f"  etcd member {m['member']}: {state}")
     for refused in report.get("refused_records", []):
         lines.append(f"  refused record {refused['key']}: {refused['reason']}")
     return "\n".join(lines) + "\n"
+
+
+def _etcd_view(replica: dict[str, Any]) -> str:
+    """ ", via etcd member M (down: A, B)" as the replica last saw its etcd members."""
+    if not replica.get("etcd_member"):
+        return ""
+    down = replica.get("etcd_down") or []
+    return f", via etcd member {replica['etcd_member']}" + (f" (down: {', '.join(down)})" if down else "")

@@ -15,6 +15,7 @@ from typing import Any
 
 import jsonschema
 
+from sidecar.sources.etcd_address import MAX_MEMBERS
 from sidecar.stats.clusters import ClusterCounts
 
 MAX_RECORD_BYTES = 64 * 1024
@@ -44,6 +45,12 @@ RECORD_SCHEMA: dict[str, Any] = {
         "ready": {"type": "boolean"},
         "source_connected": {"type": "boolean"},
         "leader": {"type": "boolean"},
+        "etcd_member": {"type": "string", "maxLength": MAX_NAME + 6},
+        "etcd_down": {
+            "type": "array",
+            "maxItems": MAX_MEMBERS,
+            "items": {"type": "string", "maxLength": MAX_NAME + 6},
+        },
         "clusters": {
             "type": "object",
             "maxProperties": MAX_CLUSTERS,
@@ -69,6 +76,8 @@ class ReplicaRecord:
     source_connected: bool = False
     leader: bool = False
     clusters: dict[str, ClusterCounts] = field(default_factory=dict)  # cumulative, by cluster
+    etcd_member: str = ""  # the etcd member it talks to ("" from a replica before the field)
+    etcd_down: tuple[str, ...] = ()  # the members that failed when it last used them
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -80,6 +89,8 @@ class ReplicaRecord:
                 "ready": self.ready,
                 "source_connected": self.source_connected,
                 "leader": self.leader,
+                "etcd_member": self.etcd_member,
+                "etcd_down": list(self.etcd_down),
                 "clusters": {
                     cluster: {
                         "requests": c.requests,
@@ -117,6 +128,8 @@ class ReplicaRecord:
             data.get("source_connected", False),
             data.get("leader", False),
             clusters,
+            data.get("etcd_member", ""),
+            tuple(data.get("etcd_down", ())),
         )
 
 

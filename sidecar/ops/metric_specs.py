@@ -116,6 +116,23 @@ FLEET_RECORDS_REFUSED = Spec(
     "Replica records under the fleet's etcd prefix left out because they do not pass "
     "validation (types, finite numbers, sizes).",
 )
+ETCD_CHANGES = Spec(
+    "graysteer_etcd_changes",
+    "Changes to the fleet's keys in etcd (rules, rules.next, state) seen by this replica, by "
+    "key: one per etcd revision, however the connection or the member changed.",
+    ("key",),
+)
+ETCD_CHANGES_REPEATED = Spec(
+    "graysteer_etcd_changes_repeated",
+    "Changes etcd delivered again (a revision this replica had seen, after a watch was "
+    "resumed): ignored, counted to show that none is applied twice.",
+    ("key",),
+)
+ETCD_FAILOVERS = Spec(
+    "graysteer_etcd_failovers",
+    "Times this replica left an etcd member that failed (down, refusing, not answering) for "
+    "another member of the cluster.",
+)
 SPLIT_WEIGHT = Spec(
     "graysteer_split_weight",
     "Weight of each cluster in each split rule, as served.",

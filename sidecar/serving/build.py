@@ -186,8 +186,8 @@ def gate_destinations(options: ServeOptions) -> GateDestinations:
     if options.envoy_admin:
         destinations.protect("Envoy's admin (--envoy-admin)", *values.host_port(options.envoy_admin))
     if options.is_etcd:
-        etcd = EtcdAddress.parse(options.config)
-        destinations.protect("etcd (--config)", etcd.host, etcd.port)
+        for member in EtcdAddress.parse(options.config).members:
+            destinations.protect(f"etcd member {member} (--config)", member.host, member.port)
     return destinations
 
 

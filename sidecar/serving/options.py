@@ -77,8 +77,8 @@ def _positive(text: str) -> int:
 class ServeOptions:
     # fmt: off
     config: str = option("", Flag(
-        "--config", "the rules file (YAML), or etcd://HOST:PORT/PREFIX: a fleet's rules and state in etcd",
-        metavar="RULES|etcd://HOST:PORT/PREFIX", required=True))
+        "--config", "the rules file (YAML), or etcd://HOST:PORT,.../PREFIX: a fleet's rules and state (etcd)",
+        metavar="RULES|etcd://HOST:PORT,.../PREFIX", required=True))
     listen: str | None = option("127.0.0.1:50051", Flag(
         "--listen", "HOST:PORT of the gRPC server (ext_proc, ext_authz, health), or 'off' to serve only "
         "--authz-http-listen (default %(default)s)", _listen, "HOST:PORT|off"))
@@ -313,7 +313,7 @@ class ServeOptions:
             if getattr(self, name) and not self.is_etcd
         ]
         if etcd_only:
-            found.append(f"{', '.join(etcd_only)} need(s) --config etcd://HOST:PORT/PREFIX")
+            found.append(f"{', '.join(etcd_only)} need(s) --config etcd://HOST:PORT,.../PREFIX")
         if self.is_etcd:
             from sidecar.sources.etcd_client import EtcdAddress
 

@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aetcd
+
 from sidecar.ops.metrics import Metrics
-from sidecar.sources.etcd_client import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls
+from sidecar.sources.etcd_client import ETCD_ERRORS, EtcdAddress, EtcdClient, EtcdTls, member_failed
 from sidecar.sources.state_file import (
     MAX_STATE_BYTES,
     StateConflict,
@@ -52,9 +54,11 @@ class _Value:
 
     def __init__(self, label: str, limit: int) -> None:
         self.label = label
+        self.name = label.rsplit("/", 1)[-1]  # the key under the prefix: rules, rules.next, state
         self.limit = limit
         self.value: bytes | None = None
         self.revision = 0
+        self.seen = 0  # the last revision of the key read or delivered by a watch
 
     def set(self, value: bytes | None, revision: int) -> None:
         if revision >= self.revision or value is None:
@@ -111,8 +115,15 @@ class EtcdState(_Value):
             )
         except ETCD_ERRORS as error:
             raise OSError(f"etcd write failed: {error}") from error
+        held = responses[0][0] if not succeeded and responses and responses[0] else None
+        if held is not None and bytes(held[0]) == payload and held[1].mod_revision > read_at:
+            # Our write, applied by a member whose answer was lost, then tried again on the
+            # next member (EtcdClient): the key holds what we wrote, so it is done.
+            self.set(payload, int(held[1].mod_revision))
+            self.existed = True
+            return
         if not succeeded:
-            now = responses[0][0][1].mod_revision if responses and responses[0] else 0
+            now = held[1].mod_revision if held is not None else 0
             raise StateConflict(
                 f"the state in etcd changed (revision {now}) since this replica read it (revision "
                 f"{read_at}), by another replica or operator: not applied; check and retry"
@@ -158,7 +169,12 @@ class EtcdSource:
         self.connected = False
         self.disconnected_since: float | None = time.time()
         self.from_cache = False
-        self._revision = 0  # the store revision both values were read at
+        self._revision = 0  # the store revision the values were read or last changed at
+        self._reread = False  # read the keys again: the history since _revision was compacted
+        self._watch_generation = 0  # the client's channel the watches run on
+        self._failures = 0  # in a row, since the watches last ran
+        self.watching = False  # the watches run: every change reaches this replica
+        self.client.on_failover = metrics.etcd_failovers.inc
 
     # -- start: etcd, else the local cache -----------------------------------------------------
 
@@ -191,6 +207,9 @@ class EtcdSource:
             kv = values.get(key)
             target.value = None if kv is None else bytes(kv.value)
             target.revision = 0 if kv is None else int(kv.mod_revision)
+            if target.revision > target.seen:
+                target.seen = target.revision
+                self.metrics.etcd_changes.labels(target.name).inc()
         self._revision = int(found.header.revision)
         self._mark(True)
 
@@ -210,34 +229,45 @@ class EtcdSource:
     async def follow(self, reloader: Reloader, stop: asyncio.Event) -> None:
         """Follow etcd until `stop`; reload on every change; keep the cache current."""
         cache = asyncio.create_task(self._keep_cache(reloader, stop))
-        failures = 0
         try:
             while not stop.is_set():
                 try:
-                    if not self.connected:
+                    if self._revision == 0 or self._reread:
                         await self._read_all()
                         if self.from_cache:
                             log.info("etcd reachable: following %s", self.address)
                             self.from_cache = False
+                        self._reread = False
                         await reloader.reload("etcd", force=True)
-                    failures = 0
                     await self._follow(reloader, stop)
+                except aetcd.RevisionCompactedError as error:
+                    # The changes since the last revision seen are gone from etcd's history:
+                    # read the keys as they are now (the latest value of each is what counts).
+                    log.warning("etcd %s: %s; reading the keys again", self.address, error)
+                    self._reread = True
                 except ETCD_ERRORS as error:
-                    if self.connected:
-                        log.error(
-                            "etcd at %s lost (%s): serving the last table; retrying", self.address, error
-                        )
-                    self._mark(False)
-                    if await self.client.renew():
-                        log.info("etcd TLS files changed: reconnecting to %s with them", self.address)
-                    delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
-                    failures += 1
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
+                    await self._after_failure(error, stop)
         finally:
             cache.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cache
+
+    async def _after_failure(self, error: BaseException, stop: asyncio.Event) -> None:
+        """A watch ended or could not be made. A watch that was running moves at once to the
+        next member (resumed from the last revision seen, so nothing is missed or seen
+        twice); else etcd is unreachable: serve the last table, retry with backoff."""
+        failures, self._failures = self._failures, self._failures + 1
+        if failures == 0 and self.connected and member_failed(error):
+            self.client.fail_over(self._watch_generation, error)
+            return
+        if self.connected:
+            log.error("etcd at %s lost (%s): serving the last table; retrying", self.address, error)
+        self._mark(False)
+        if await self.client.renew():
+            log.info("etcd TLS files changed: reconnecting to %s with them", self.address)
+        delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
 
     async def close(self) -> None:
         """Close the etcd client (after everything that uses it: the fleet shares it)."""
@@ -245,15 +275,37 @@ class EtcdSource:
             await self.client.close()
 
     async def _follow(self, reloader: Reloader, stop: asyncio.Event) -> None:
+        """Watch the keys from the revision after the last one seen, until `stop` or until a
+        watch ends (raises)."""
         start = self._revision + 1
-        watches = [
-            (target, await self.client.watch(key, start_revision=start)) for target, key in self._targets()
-        ]
+        watches: list[tuple[_Value, Any]] = []
+        try:
+            for target, key in self._targets():
+                watches.append((target, await self.client.watch(key, start_revision=start)))
+            self._watch_generation = self.client.generation
+            if self._failures:
+                log.info("etcd: following %s through member %s", self.address, self.client.member)
+            self._failures = 0
+            self._mark(True)
+            self.watching = True
+            await self._pump(watches, reloader, stop)
+        finally:
+            self.watching = False
+            for _, watch in watches:
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
+
+    async def _pump(self, watches: list[tuple[_Value, Any]], reloader: Reloader, stop: asyncio.Event) -> None:
         changed = asyncio.Event()
 
         async def pump(target: _Value, watch: Any) -> None:
             async for event in watch:
                 revision = int(event.kv.mod_revision)
+                if revision <= target.seen:  # delivered before: never applied twice
+                    self.metrics.etcd_changes_repeated.labels(target.name).inc()
+                    continue
+                target.seen = revision
+                self.metrics.etcd_changes.labels(target.name).inc()
                 value = None if event.kind == "DELETE" else bytes(event.kv.value)
                 target.set(value, revision)
                 self._revision = max(self._revision, revision)
@@ -268,7 +320,7 @@ class EtcdSource:
                 waiting.cancel()
                 for task in pumps:
                     if task in done:
-                        task.result()  # the watch failed: raise to reconnect
+                        task.result()  # the watch failed: raise to resume elsewhere
                         raise ConnectionError("etcd watch ended")
                 if changed.is_set():
                     changed.clear()
@@ -277,9 +329,6 @@ class EtcdSource:
             stopping.cancel()
             for task in pumps:
                 task.cancel()
-            for _, watch in watches:
-                with contextlib.suppress(Exception):
-                    await watch.cancel()
 
     def _targets(self) -> list[tuple[_Value, bytes]]:
         """The keys followed, each with where its latest value is kept."""
@@ -296,13 +345,15 @@ class EtcdSource:
         self.metrics.source_connected.set(1 if connected else 0)
 
     def health(self) -> dict[str, object]:
-        """For /healthz and `status`: whether changes can reach this replica."""
+        """For /healthz and `status`: whether changes can reach this replica, through which
+        etcd member, and which members failed when last used."""
         return {
             "source": str(self.address),
             "connected": self.connected,
             "changes": "ready" if self.connected else "not ready: etcd unreachable, serving the last table",
             "disconnected_since": self.disconnected_since,
             "from_cache": self.from_cache,
+            "etcd": self.client.members_report(),
         }
 
     # -- the local cache -----------------------------------------------------------------------
@@ -348,7 +399,8 @@ class EtcdSource:
 
 
 def default_cache_dir(address: EtcdAddress) -> Path:
-    """~/.cache/graysteer/etcd/<host>_<port><prefix with / as _>."""
+    """~/.cache/graysteer/etcd/<host>_<port>[,<host>_<port>...]<prefix with / as _>."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    name = f"{address.host}_{address.port}{address.prefix}".replace("/", "_").replace(":", "_")
+    members = ",".join(f"{m.host}_{m.port}" for m in address.members)
+    name = f"{members}{address.prefix}".replace("/", "_").replace(":", "_")
     return base / "graysteer" / "etcd" / name

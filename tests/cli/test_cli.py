@@ -226,7 +226,7 @@ def test_serve_refuses_etcd_flags_out_of_place(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["serve", "--config", "etcd://127.0.0.1/checkout"], "expected etcd://HOST:PORT/PREFIX"),
+        (["serve", "--config", "etcd://127.0.0.1/checkout"], "member '127.0.0.1': no port"),
         (["serve", "--config", "etcd://127.0.0.1:2379/"], "the prefix must name the service"),
         (["serve", "--config", "etcd://127.0.0.1:2379/x", "--etcd-cert", "c.pem"], "need --etcd-ca"),
     ],
@@ -243,12 +243,17 @@ def test_bad_etcd_flags_of_serve_are_flag_errors_before_anything_starts(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["push", "examples/rules.yaml", "http://127.0.0.1:2379/x"], "expected etcd://HOST:PORT/PREFIX"),
-        (["status", "--fleet", "etcd://127.0.0.1:99999/x"], "expected etcd://HOST:PORT/PREFIX"),
+        (
+            ["push", "examples/rules.yaml", "http://127.0.0.1:2379/x"],
+            "expected etcd://HOST:PORT[,HOST:PORT...]/PREFIX",
+        ),
+        (["status", "--fleet", "etcd://127.0.0.1:99999/x"], "member '127.0.0.1:99999': Port out of range"),
         (
             ["status", "--fleet", "etcd://127.0.0.1:\u0662\u0663\u0667\u0669/x"],
-            "expected etcd://HOST:PORT/PREFIX",
+            "member '127.0.0.1:\u0662\u0663\u0667\u0669'",
         ),
+        (["status", "--fleet", "etcd://127.0.0.1:2379,,127.0.0.1:2380/x"], "an empty member"),
+        (["diff", "examples/rules.yaml", "etcd://a:1,a:1/x"], "member a:1 is listed twice"),
     ],
 )
 def test_bad_etcd_addresses_are_one_line_errors(

@@ -20,6 +20,7 @@ import yaml
 from sidecar.cli import build_parser
 from sidecar.dev.processes import envoy_binary
 from sidecar.envoyconf.lint import check
+from sidecar.sources.etcd_address import EtcdAddress
 from sidecar.table.load import load_rules, parse_rules
 
 REPO = Path(__file__).parents[2]
@@ -122,6 +123,7 @@ def test_probes_resources_and_arguments(variant: str) -> None:
     mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     if variant == "etcd":
         assert args.config.startswith("etcd://") and args.replica_id == "checkout-front-0"
+        assert len(EtcdAddress.parse(args.config).members) == 3  # the cluster's members, not one VIP
         assert args.etcd_ca and args.etcd_cert and args.etcd_key
         assert all(Path(f).parent.as_posix() in mounts for f in (args.etcd_ca, args.etcd_cert, args.etcd_key))
         assert Path(args.etcd_cache).is_relative_to(next(p for p, n in mounts.items() if n == "state"))

@@ -59,7 +59,7 @@ def test_values_are_read_strictly_by_their_flag() -> None:
         ({"authz_http_shared_port": True}, "--authz-http-shared-port needs --authz-http-listen"),
         ({"etcd_cache": "/tmp/c"}, "--etcd-cache need(s) --config etcd://"),
         ({"config": "etcd://127.0.0.1:2379/x", "state_file": "s.json"}, "--state-file does not apply"),
-        ({"config": "etcd://127.0.0.1/x"}, "expected etcd://HOST:PORT/PREFIX"),
+        ({"config": "etcd://127.0.0.1/x"}, "member '127.0.0.1': no port"),
         ({"ready_max_bypass_ratio": 0.1}, "--ready-max-bypass-ratio needs --envoy-admin"),
         ({"admin_listen": "0.0.0.0:50052"}, "is not loopback or a unix socket"),
         ({"xds_listen": "0.0.0.0:18000"}, "--xds-listen 0.0.0.0:18000 is not loopback"),
