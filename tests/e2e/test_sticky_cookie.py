@@ -8,7 +8,7 @@ import http.client
 import json
 import re
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -107,16 +107,29 @@ class Deployed(NamedTuple):
                 lambda: applied_version(envoy).startswith(version + "."), 10, f"Envoy to apply {version}"
             )
 
-    def dropped_logs(self) -> int:
-        """Access log entries Envoy dropped (envoy_decides: the stream is bounded, and what a
-        busy sidecar cannot take is dropped and counted, never waited for); 0 in other modes."""
+    def envoy_logs(self) -> tuple[int, int]:
+        """Access log entries Envoy streamed to the sidecar and dropped (envoy_decides: the
+        stream is bounded, and what a busy sidecar cannot take is dropped and counted, never
+        waited for); (0, 0) in other modes."""
         if self.mode != "envoy_decides":
-            return 0
+            return 0, 0
         assert self.stack.envoy is not None
-        return self.stack.envoy.stats().get("access_logs.grpc_access_log.logs_dropped", 0)
+        stats = self.stack.envoy.stats()
+        prefix = "access_logs.grpc_access_log."
+        return stats.get(prefix + "logs_written", 0), stats.get(prefix + "logs_dropped", 0)
 
-    def issued_keys(self) -> float:
-        """graysteer_issued_keys_total, summed over its labels, from the sidecar's /metrics."""
+    def settled(self) -> bool:
+        """Every entry Envoy streamed has been read by the sidecar (entries are batched for
+        up to a second): its counts include every request sent so far."""
+        if self.mode != "envoy_decides":
+            return True
+        read = self.metric(
+            "graysteer_access_log_entries_total", lambda labels: labels["result"] != "refused_inputs"
+        )
+        return read == self.envoy_logs()[0]
+
+    def metric(self, name: str, chosen: Callable[[dict[str, str]], bool] = lambda _: True) -> float:
+        """The sum of a sidecar metric's samples (those `chosen` by their labels)."""
         assert self.stack.sidecar is not None
         status, text = self.stack.sidecar.http_get("/metrics")
         assert status == 200
@@ -124,8 +137,12 @@ class Deployed(NamedTuple):
             sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == "graysteer_issued_keys_total"
+            if sample.name == name and chosen(sample.labels)
         )
+
+    def issued_keys(self) -> float:
+        """graysteer_issued_keys_total, summed over its labels, from the sidecar's /metrics."""
+        return self.metric("graysteer_issued_keys_total")
 
     def lua_decided(self) -> int:
         """envoy_decides: the requests Envoy's Lua decided (its fast path's filter not run)."""
@@ -172,7 +189,8 @@ def test_fresh_visitors_split_as_the_weights_say(stack: Deployed) -> None:
     keys are random: 3 points is 4.5 standard deviations at 10%)."""
     stack.set_canary(10)
     visitor = Visitor(stack.port)
-    counted, dropped = stack.issued_keys(), stack.dropped_logs()
+    wait_for(stack.settled, 15, "the earlier requests' access log entries read")
+    counted, dropped = stack.issued_keys(), stack.envoy_logs()[1]
     keys = set()
     canary = 0
     try:
@@ -191,9 +209,9 @@ def test_fresh_visitors_split_as_the_weights_say(stack: Deployed) -> None:
     # counted in every mode (Envoy's Lua's keys from its access log stream, a moment later):
     # each key counted once, or its entry dropped by Envoy and counted there
     def accounted() -> float:
-        return stack.issued_keys() - counted + stack.dropped_logs() - dropped
+        return stack.issued_keys() - counted + stack.envoy_logs()[1] - dropped
 
-    wait_for(lambda: accounted() == FRESH_VISITORS, 15, "the issued keys counted")
+    wait_for(lambda: stack.settled() and accounted() == FRESH_VISITORS, 15, "the issued keys counted")
 
 
 def test_a_cookie_jar_keeps_its_lane_while_the_canary_ramps(stack: Deployed) -> None:
