@@ -486,6 +486,18 @@ local function steer(si, h)
   return d, lane, remove, id, baggage or ""
 end
 local KEYS = T.keys  -- each field's metadata key, written once
+-- The baggage header of a request that sent none: with_member("", key, lane), a pure
+-- function of the lane, remembered for the first MEMBERS_KEPT lanes (a trusted caller
+-- names its own).
+local MEMBERS, MEMBERS_KEPT, members_kept = {}, 256, 0
+local function lane_member(lane)
+  local member = MEMBERS[lane]
+  if member == nil then
+    member = with_member("", T.baggage_key, lane)
+    if members_kept < MEMBERS_KEPT then MEMBERS[lane], members_kept = member, members_kept + 1 end
+  end
+  return member
+end
 local function meta(md, d, lane, principal)
   local ns = T.ns
   md:set(ns, KEYS.cluster, d.cluster)
@@ -520,7 +532,7 @@ local function apply(handle, si, h, d, lane, remove, id, baggage)
     lane = lane or T.lane_of[d.cluster] or d.cluster
     h:replace(T.color, lane)
     if T.baggage_key then  -- with_member: ours replaced, every other member kept
-      local b = with_member(baggage, T.baggage_key, lane)
+      local b = baggage == "" and lane_member(lane) or with_member(baggage, T.baggage_key, lane)
       if b ~= "" then h:replace("baggage", b) end
     end
   end
