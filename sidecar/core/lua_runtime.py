@@ -13,7 +13,7 @@ fast path reads other bytes as `!`), and every test here is written so that on v
 the byte test and the core's text test agree (prefixes, lengths in ASCII-only cases).
 """
 
-# The names the generated part uses: U, und, hd, cookie, query, hostm, globm, dnsm, split,
+# The names the generated part uses: U, und, hd, method, cookie, query, hostm, globm, dnsm, split,
 # mirror_route, TWO32. See sidecar.core.lua_table for the entry point around them.
 RUNTIME = r"""
 local bit = require("bit")
@@ -170,7 +170,7 @@ local function with_member(header, key, value)
 end
 
 -- ---- the request -----------------------------------------------------------------------------
--- r: {h = headers, c = cache, removed = set, path, query, method}
+-- r: {h = headers, c = cache, removed = set, path, query, method (once read)}
 local function hd(r, name)
   local v = r.c[name]
   if v == nil then
@@ -184,6 +184,14 @@ local function hd(r, name)
   return v or nil
 end
 local function startswith(s, p) return s ~= nil and sub(s, 1, #p) == p end
+local function method(r)  -- read once, when a rule's method condition is reached
+  local m = r.method
+  if m == nil then
+    m = upper(r.h:get(":method") or "GET")
+    r.method = m
+  end
+  return m
+end
 
 local function cookies(r)
   local parsed = r.cookies

@@ -297,7 +297,7 @@ def _conditions(match: Mapping[str, Any], constants: list[str]) -> Iterable[str]
     if "method" in match:
         methods = match["method"]
         allowed = {m.upper(): True for m in ([methods] if isinstance(methods, str) else methods)}
-        yield f"{_constant(constants, allowed)}[r.method] == true"
+        yield f"{_constant(constants, allowed)}[method(r)] == true"
 
 
 def _header(name: str, form: str | dict[str, Any], constants: list[str]) -> str:
@@ -449,7 +449,7 @@ local function steer(si, h)
   elseif not id.mtls then trusted = T.plaintext
   else trusted = T.trusts(id) end
   local removed, remove = {}, {}
-  local r = {h = h, c = {}, removed = removed, id = id, method = upper(h:get(":method") or "GET")}
+  local r = {h = h, c = {}, removed = removed, id = id}  -- r.method: read by method(r) if a rule asks
   local baggage = T.baggage_key and hd(r, "baggage")  -- nil or false: none to read
   if baggage and find(baggage, CONTROL) then und() end
   if not trusted then
