@@ -4,7 +4,7 @@ second Envoy, so they cost almost nothing."""
 
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,7 +354,13 @@ SCENARIOS = [
 
 
 def front_envoy(
-    scenario: Scenario, sidecar_ports: list[int], upstreams: dict[str, int], workdir: Path, xds_port: int = 0
+    scenario: Scenario,
+    sidecar_ports: list[int],
+    upstreams: dict[str, int],
+    workdir: Path,
+    xds_port: int = 0,
+    wrapper: Sequence[str] = (),
+    start_timeout: float = 20,
 ) -> Envoy:
     from sidecar.dev.devstack import rewrite_envoy_config
 
@@ -364,7 +370,15 @@ def front_envoy(
     if xds_port:
         endpoints[XDS_CLUSTER] = ("127.0.0.1", xds_port)
     config = copy.deepcopy(scenario.envoy())
-    envoy = Envoy(rewrite_envoy_config(config, endpoints), workdir, name=f"front-{scenario.key}")
+    envoy = Envoy(
+        rewrite_envoy_config(config, endpoints),
+        workdir,
+        name=f"front-{scenario.key}",
+        wrapper=wrapper,
+        start_timeout=start_timeout,
+    )
     if xds_port:  # measure Envoy deciding, not the default that asks the sidecar
-        wait_for(lambda: envoy.stats().get(LUA_TABLE_VERSION), 20, "Envoy to get the table over ECDS")
+        wait_for(
+            lambda: envoy.stats().get(LUA_TABLE_VERSION), start_timeout, "Envoy to get the table over ECDS"
+        )
     return envoy

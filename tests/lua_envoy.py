@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
 from sidecar.contract import LUA_FILTER_NAME, LUA_NAMES, XDS_CLUSTER
@@ -25,7 +26,7 @@ from sidecar.core.steering import steered_headers
 from sidecar.dev.devstack import Envoy
 from sidecar.envoyconf.generate import SDS_NODE, EnvoyOptions, bootstrap_document
 from sidecar.ops.metrics import Metrics
-from sidecar.transports.ecds import EcdsServicer, TableAsLua
+from sidecar.transports.ecds import EcdsServicer, TableAsLua, filter_config
 from sidecar.transports.ecds import add_to_server as add_ecds
 
 T = TypeVar("T")
@@ -64,6 +65,12 @@ def _lua_filter(name: str, source: str) -> dict[str, Any]:
             "default_source_code": {"inline_string": source},
         },
     }
+
+
+def served_lua(source: str) -> dict[str, Any]:
+    """The decision filter holding `source` exactly as the sidecar serves it over ECDS."""
+    config = filter_config(source)
+    return {"name": config.name, "typed_config": dict(json_format.MessageToDict(config.typed_config))}
 
 
 def bootstrap(
@@ -131,7 +138,7 @@ def _tls_socket(directory: Path) -> dict[str, Any]:
 
 
 def static_lua(source: str) -> dict[str, Any]:
-    return _lua_filter("graysteer.decide", source)
+    return served_lua(source)
 
 
 class Observed:

@@ -13,11 +13,12 @@ fast path reads other bytes as `!`), and every test here is written so that on v
 the byte test and the core's text test agree (prefixes, lengths in ASCII-only cases).
 """
 
-# The names the generated part uses: U, und, hd, cookie, query, hostm, globm, dnsm, split,
+# The names the generated part uses: U, und, hd, method, cookie, query, hostm, globm, dnsm, split,
 # mirror_route, TWO32. See sidecar.core.lua_table for the entry point around them.
 RUNTIME = r"""
 local bit = require("bit")
 local band, bor, bxor, lshift, rshift, tobit = bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit
+local rol = bit.rol
 local byte, sub, find, lower = string.byte, string.sub, string.find, string.lower
 local upper, gsub, char = string.upper, string.gsub, string.char
 local floor, random = math.floor, math.random
@@ -30,7 +31,6 @@ local function mul32(a, b)
   local blo = band(b, 0xffff)
   return tobit(alo * b + lshift(tobit(ahi * blo), 16))
 end
-local function rotl(x, r) return bor(lshift(x, r), rshift(x, 32 - r)) end
 local C1, C2, C3 = tobit(0xcc9e2d51), tobit(0x1b873593), tobit(0xe6546b64)
 local F1, F2 = tobit(0x85ebca6b), tobit(0xc2b2ae35)
 local function murmur3(s)
@@ -39,16 +39,16 @@ local function murmur3(s)
   for i = 1, blocks, 4 do
     local b1, b2, b3, b4 = byte(s, i, i + 3)
     local k = bor(b1, lshift(b2, 8), lshift(b3, 16), lshift(b4, 24))
-    k = mul32(rotl(mul32(k, C1), 15), C2)
-    h = rotl(bxor(h, k), 13)
-    h = tobit(mul32(h, 5) + C3)
+    k = mul32(rol(mul32(k, C1), 15), C2)
+    h = rol(bxor(h, k), 13)
+    h = tobit(h * 5 + C3)  -- exact: |h * 5 + C3| < 2^35, and tobit takes it modulo 2^32
   end
   local rem, k = n % 4, 0
   if rem == 3 then k = bxor(k, lshift(byte(s, blocks + 3), 16)) end
   if rem >= 2 then k = bxor(k, lshift(byte(s, blocks + 2), 8)) end
   if rem >= 1 then
     k = bxor(k, byte(s, blocks + 1))
-    h = bxor(h, mul32(rotl(mul32(k, C1), 15), C2))
+    h = bxor(h, mul32(rol(mul32(k, C1), 15), C2))
   end
   h = bxor(h, n)
   h = bxor(h, rshift(h, 16))
@@ -170,7 +170,7 @@ local function with_member(header, key, value)
 end
 
 -- ---- the request -----------------------------------------------------------------------------
--- r: {h = headers, c = cache, removed = set, path, query, method}
+-- r: {h = headers, c = cache, removed = set, path, query, method (once read)}
 local function hd(r, name)
   local v = r.c[name]
   if v == nil then
@@ -184,6 +184,14 @@ local function hd(r, name)
   return v or nil
 end
 local function startswith(s, p) return s ~= nil and sub(s, 1, #p) == p end
+local function method(r)  -- read once, when a rule's method condition is reached
+  local m = r.method
+  if m == nil then
+    m = upper(r.h:get(":method") or "GET")
+    r.method = m
+  end
+  return m
+end
 
 local function cookies(r)
   local parsed = r.cookies

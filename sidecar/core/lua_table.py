@@ -311,7 +311,7 @@ def _conditions(match: Mapping[str, Any], constants: list[str]) -> Iterable[str]
     if "method" in match:
         methods = match["method"]
         allowed = {m.upper(): True for m in ([methods] if isinstance(methods, str) else methods)}
-        yield f"{_constant(constants, allowed)}[r.method] == true"
+        yield f"{_constant(constants, allowed)}[method(r)] == true"
 
 
 def _header(name: str, form: str | dict[str, Any], constants: list[str]) -> str:
@@ -515,7 +515,7 @@ local function steer(si, h)
   elseif not id.mtls then trusted = T.plaintext
   else trusted = T.trusts(id) end
   local removed, remove = {}, {}
-  local r = {h = h, c = {}, removed = removed, id = id, method = upper(h:get(":method") or "GET")}
+  local r = {h = h, c = {}, removed = removed, id = id}  -- r.method: read by method(r) if a rule asks
   local baggage = T.baggage_key and hd(r, "baggage")  -- nil or false: none to read
   if baggage and find(baggage, CONTROL) then und() end
   if not trusted then
@@ -552,6 +552,18 @@ local function steer(si, h)
   return d, lane, remove, id, baggage or ""
 end
 local KEYS = T.keys  -- each field's metadata key, written once
+-- The baggage header of a request that sent none: with_member("", key, lane), a pure
+-- function of the lane, remembered for the first MEMBERS_KEPT lanes (a trusted caller
+-- names its own).
+local MEMBERS, MEMBERS_KEPT, members_kept = {}, 256, 0
+local function lane_member(lane)
+  local member = MEMBERS[lane]
+  if member == nil then
+    member = with_member("", T.baggage_key, lane)
+    if members_kept < MEMBERS_KEPT then MEMBERS[lane], members_kept = member, members_kept + 1 end
+  end
+  return member
+end
 local function meta(md, d, lane, principal)
   local ns = T.ns
   md:set(ns, KEYS.cluster, d.cluster)
@@ -586,7 +598,7 @@ local function apply(handle, si, h, d, lane, remove, id, baggage)
     lane = lane or T.lane_of[d.cluster] or d.cluster
     h:replace(T.color, lane)
     if T.baggage_key then  -- with_member: ours replaced, every other member kept
-      local b = with_member(baggage, T.baggage_key, lane)
+      local b = baggage == "" and lane_member(lane) or with_member(baggage, T.baggage_key, lane)
       if b ~= "" then h:replace("baggage", b) end
     end
   end

@@ -170,7 +170,13 @@ class Envoy:
     at a time; in a shared file a line of its own could land inside an access log line."""
 
     def __init__(
-        self, config: Mapping[str, Any], workdir: Path, name: str = "envoy", concurrency: int = 1
+        self,
+        config: Mapping[str, Any],
+        workdir: Path,
+        name: str = "envoy",
+        concurrency: int = 1,
+        wrapper: Sequence[str] = (),  # a command that runs Envoy (e.g. a profiler)
+        start_timeout: float = 20,
     ) -> None:
         self.name = name
         config_path = workdir / f"{name}.yaml"
@@ -181,6 +187,7 @@ class Envoy:
         self.process = Process(
             name,
             [
+                *wrapper,
                 envoy_binary(),
                 "-c",
                 str(config_path),
@@ -198,10 +205,10 @@ class Envoy:
             workdir / f"{name}.log",
             stderr_path=self.own_log,
         )
-        admin = wait_for(lambda: self._read_admin(admin_file), 20, f"{name} admin address")
+        admin = wait_for(lambda: self._read_admin(admin_file), start_timeout, f"{name} admin address")
         host, _, port = admin.rpartition(":")
         self.admin: Address = (host, int(port))
-        wait_for(lambda: self.admin_get("/ready")[0] == 200, 20, f"{name} to be ready")
+        wait_for(lambda: self.admin_get("/ready")[0] == 200, start_timeout, f"{name} to be ready")
         listeners = json.loads(self.admin_get("/listeners?format=json")[1])
         self.ports = {
             entry["name"]: entry["local_address"]["socket_address"]["port_value"]

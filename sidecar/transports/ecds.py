@@ -21,7 +21,7 @@ from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.extension.v3 import config_discovery_pb2_grpc as ecds_grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 
 from sidecar.contract import LUA_FILTER_NAME, LUA_NAMES
 from sidecar.core import Table
@@ -35,8 +35,16 @@ TYPE_URL = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 
 def filter_config(source: str) -> extension_pb2.TypedExtensionConfig:
-    """The Lua filter holding `source`, as ECDS serves it."""
-    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
+    """The Lua filter holding `source`, as ECDS serves it.
+
+    `clear_route_cache: false`: by default Envoy's Lua filter clears the route cache on every
+    header it changes (a request decided here changes three to five); the generated code
+    changes them all, then clears the cache once itself (`clearRouteCache()`), so the router
+    matches the route again once, after the last change."""
+    lua = lua_pb2.Lua(
+        default_source_code=base_pb2.DataSource(inline_string=source),
+        clear_route_cache=wrappers_pb2.BoolValue(value=False),
+    )
     packed = any_pb2.Any()
     packed.Pack(lua)
     return extension_pb2.TypedExtensionConfig(name=LUA_FILTER_NAME, typed_config=packed)
