@@ -117,6 +117,12 @@ def explain_result(response: pb.ExplainResponse, source: str) -> dict[str, Any]:
         **_decision(response.decision),  # the fields decision_fields() sent
         "set_headers": {p.name: p.value for p in response.set_headers},
         "remove_headers": list(response.remove_headers),
+        # as local `explain`: only when the client's response gets headers (an issued cookie)
+        **(
+            {"response_headers": {p.name: p.value for p in response.response_headers}}
+            if response.response_headers
+            else {}
+        ),
         "source": source,
         **({"shadow": _decision(response.shadow)} if response.HasField("shadow") else {}),
     }

@@ -270,6 +270,8 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             ],
             remove_headers=list(mutation.remove_headers),
         )
+        if decision.issued is not None:  # what the client's response gets besides the backend's
+            explained.response_headers.add(name="set-cookie", value=decision.issued.set_cookie)
         shadow = shadow_of(self.reloader)
         if shadow is not None and shadow.engine is not None:
             self.shadow_table.engine = shadow.engine  # its own engine: built once, when it loaded

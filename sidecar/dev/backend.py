@@ -72,6 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
+            # every `cookie` header as received: `headers` keeps only the last of a repeated one
+            "cookies": self.headers.get_all("cookie") or [],
         }
         if self.server.forward_to is not None:  # a service that calls the next hop
             echo["downstream"] = self._call_next_hop()

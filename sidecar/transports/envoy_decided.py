@@ -11,6 +11,12 @@ decision's metadata does not carry (the identity as the core reads it, the untru
 removed, what was malformed); the decision logged and compared is Envoy's, as it filed it
 (a random split's draw is Envoy's own). The log's sample and the shadow's sample and budget
 apply as in every mode.
+
+A new visitor's key (`when_key_missing: {assign: ...}`) is drawn by the Lua, which files it
+in the decision's `set_cookie`; the inputs are taken before the Lua adds it to the request,
+so the replay takes the key from there (`issued_key`): the log, the shadow's comparison and
+the decision are those of the key Envoy issued, and nothing draws or counts a second one
+(the access log counts it, sidecar.transports.access_log).
 """
 
 import dataclasses
@@ -18,6 +24,7 @@ import logging
 from collections.abc import Mapping
 
 from sidecar.core import Decision, Steering, Table
+from sidecar.core.cookies import Issued, well_formed
 from sidecar.core.model import Reason
 from sidecar.core.text import is_encodable
 from sidecar.ops.metrics import Metrics
@@ -74,12 +81,15 @@ class Feeds:
             self._refuse(str(why))
             return
         engine = self.decider.holder.engine
+        issued = issued_key(fields)
+        if issued is not None:  # the key Envoy issued, never one of the replay's own
+            request.draw_key = lambda: issued.key
         try:
             replayed = engine.steer(request)
         except Exception:  # counted by what the request path counts; not served here
             self._refuse("replay_failed")
             return
-        served = served_decision(replayed.decision, fields)
+        served = served_decision(replayed.decision, fields, issued)
         steering = replayed if served is replayed.decision else dataclasses.replace(replayed, decision=served)
         self.count_events(steering)
         differing = self.decider.shadow_decision(request, served)
@@ -101,9 +111,22 @@ class Feeds:
             )
 
 
-def served_decision(replayed: Decision, fields: Mapping[str, str]) -> Decision:
-    """The decision Envoy filed (`fields`): the replayed one when they agree (every decision
-    but a random draw's), else one built from the fields."""
+def issued_key(fields: Mapping[str, str]) -> Issued | None:
+    """The key Envoy's Lua issued to a new visitor, from its decision's `issued_cookie` and
+    `set_cookie` (`NAME=KEY; attributes`); None when it issued none, or filed no key of the
+    shape issued (then nothing is taken from it)."""
+    name, set_cookie = fields.get("issued_cookie"), fields.get("set_cookie")
+    if not name or set_cookie is None or len(set_cookie) > MAX_FIELD_CHARS:
+        return None
+    filed_name, _, key = set_cookie.partition(";")[0].partition("=")
+    if filed_name != name or well_formed(key) is None:
+        return None
+    return Issued(name, key, set_cookie)
+
+
+def served_decision(replayed: Decision, fields: Mapping[str, str], issued: Issued | None = None) -> Decision:
+    """The decision Envoy filed (`fields`, `issued`: the key it issued): the replayed one when
+    they agree (every decision but a random draw's), else one built from the fields."""
     bucket = str(replayed.bucket) if replayed.bucket is not None else None
     if (
         replayed.cluster == fields.get("cluster")
@@ -112,6 +135,7 @@ def served_decision(replayed: Decision, fields: Mapping[str, str]) -> Decision:
         and replayed.mirror == fields.get("mirror")
         and replayed.key_source == fields.get("key_source")
         and replayed.lane == fields.get("lane")
+        and replayed.issued == issued
     ):
         return replayed
     reason = fields.get("reason", "")
@@ -128,6 +152,7 @@ def served_decision(replayed: Decision, fields: Mapping[str, str]) -> Decision:
         _text(fields, "deny_reason"),
         Reason(reason) if reason in _REASONS else replayed.reason,
         _text(fields, "mirror"),
+        issued,
     )
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.contract import LUA_NAMES
 from sidecar.core import Identity, Table, compile_table
+from sidecar.core.bucketing import bucket
 from sidecar.core.lua_table import INPUTS_KEY, INPUTS_NAMESPACE, lua_source
 from sidecar.dev.devstack import Stack
 from sidecar.dev.processes import wait_for
@@ -30,6 +32,7 @@ from sidecar.transports.envoy_decided import captured_headers
 from sidecar.transports.envoy_inputs import inputs_request
 from sidecar.transports.http_check import MTLS_UNNAMED
 from tests.e2e.test_lua_decisions import CERTIFICATES, IDENTITY_RULES
+from tests.e2e.test_sticky_cookie import Visitor, cookie_key
 from tests.lua_envoy import NAMES, LuaEnvoy, bootstrap, static_lua
 from tests.tls import make_ca, make_leaf, write_pair
 
@@ -270,3 +273,100 @@ def test_the_inputs_envoy_files_are_the_request_as_the_fast_path_reads_it(tmp_pa
 
 def load_rules_text(text: str) -> Table:
     return compile_table(yaml.safe_load(text), "next", "next.yaml")
+
+
+STICKY = textwrap.dedent("""\
+    version: 1
+    clusters: [stable, canary]
+    default: stable
+    rules:
+      - name: web
+        split:
+          key: [header:x-user-id]
+          seed: sticky-feeds
+          to: [{cluster: stable, weight: 50}, {cluster: canary, weight: 50}]
+          when_key_missing:
+            assign: {cookie: gs_key, secure: false}
+    """)
+STICKY_NEXT = STICKY.replace(
+    "weight: 50}, {cluster: canary, weight: 50", "weight: 10}, {cluster: canary, weight: 90"
+)
+NEW_VISITORS = 16
+
+
+def lane(key: str, canary: int) -> str:
+    return "canary" if bucket("sticky-feeds", key, 100) >= 100 - canary else "stable"
+
+
+def new_visitors(
+    mode: str, rules: Path, next_rules: Path, tmp_path: Path
+) -> tuple[list[dict[str, Any]], str]:
+    """NEW_VISITORS requests without a key through `mode`, with a decision log and a shadow
+    table: each log line with the key issued to its request (`key`), and /metrics once every
+    issued key is counted."""
+    log = tmp_path / f"{mode}.jsonl"
+    config = bootstrap_document(load_rules(rules), EnvoyOptions(mode=mode))
+    args = ["--decision-log", str(log), "--shadow-config", str(next_rules), "--shadow-sample", "1"]
+    keys = {}
+    with Stack(rules, config, tmp_path / mode, sidecar_args=args) as stack:
+        sidecar = stack.sidecar
+        assert sidecar is not None
+        visitor = Visitor(stack.port)
+        try:
+            for i in range(NEW_VISITORS):
+                _, set_cookie, _ = visitor.get(f"/visit/{i}", cookie="")
+                assert set_cookie is not None
+                keys[f"/visit/{i}"] = cookie_key(set_cookie)
+        finally:
+            visitor.close()
+        wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= NEW_VISITORS, 15, "the log")
+
+        def issued() -> float:
+            return sum(samples(sidecar.http_get("/metrics")[1], "graysteer_issued_keys_total").values())
+
+        wait_for(lambda: issued() >= NEW_VISITORS, 15, "the issued keys counted")
+        metrics = sidecar.http_get("/metrics")[1]
+    logged = [json.loads(text) for text in log.read_text().splitlines()]
+    return [{**line, "key": keys[line["path"]]} for line in logged], metrics
+
+
+def test_a_new_visitor_envoy_decided_is_logged_and_compared_with_the_key_envoy_issued(
+    tmp_path: Path,
+) -> None:
+    """envoy_decides with a decision log and a shadow table: the inputs are filed before the
+    Lua adds the issued key, so the replay must take Envoy's key, not draw one. Each line and
+    shadow comparison is the fast path's for the same visitor with the same key, and each key
+    is counted once."""
+    rules, next_rules = tmp_path / "rules.yaml", tmp_path / "next.yaml"
+    rules.write_text(STICKY)
+    next_rules.write_text(STICKY_NEXT)
+    seen = {}
+    for mode in ("ext_authz_http", "envoy_decides"):
+        tmp_path.joinpath(mode).mkdir()
+        logged, metrics = new_visitors(mode, rules, next_rules, tmp_path)
+        assert len(logged) == NEW_VISITORS, mode
+        shapes, moved_count = [], 0
+        for line in logged:
+            key, decision = line.pop("key"), line["decision"]
+            assert decision["bucket"] == bucket("sticky-feeds", key, 100), (mode, line)
+            assert decision["cluster"] == lane(key, 50) and decision["issued_cookie"] == "gs_key"
+            moved = lane(key, 90) != lane(key, 50)
+            moved_count += moved
+            assert ("shadow" in line) == moved, (mode, line)
+            if moved:
+                assert (
+                    line["shadow"]["bucket"] == decision["bucket"] and line["shadow"]["cluster"] == "canary"
+                )
+            # what the key decides is checked above; the rest is the same line in every mode
+            del decision["bucket"], decision["cluster"]
+            line.pop("shadow", None)
+            kept = {k: v for k, v in line.items() if k not in (*COMPARED_OUT, "listener_port")}
+            shapes.append(json.dumps(kept, sort_keys=True))
+        seen[mode] = sorted(shapes)
+        issued = samples(metrics, "graysteer_issued_keys_total")
+        assert sum(issued.values()) == NEW_VISITORS, (mode, issued)  # once each
+        compared = samples(metrics, "graysteer_shadow_decisions_total")
+        assert sum(compared.values()) == NEW_VISITORS, (mode, compared)
+        differing = sum(v for k, v in compared.items() if ("differs", "true") in k)
+        assert differing == moved_count, (mode, compared)
+    assert seen["envoy_decides"] == seen["ext_authz_http"]

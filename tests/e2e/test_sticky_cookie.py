@@ -13,6 +13,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -297,3 +298,77 @@ def test_a_browser_keeps_a_page_and_its_assets_in_one_lane(stack: Deployed, tmp_
     stored = [c for c in cookies if c["name"] == COOKIE]
     assert len(stored) == 1 and stored[0]["httpOnly"] and stored[0]["sameSite"] == "Lax"
     assert after_first == {lane_of(stored[0]["value"], 50)}
+
+
+# Over HTTP/1.1, Envoy's ext_authz (gRPC and HTTP) joins repeated `cookie` headers with `,`
+# (`theme=dark,gs_key=canary`), which no cookie parser splits: a key there is not read, and a
+# forged value reaches the backend beside the issued key. ext_proc and the Lua see each
+# header; over HTTP/2 Envoy joins them with `; ` in every mode. Open: reading ext_authz's
+# raw header map instead.
+# (Not strict: a forged value right after a `;` is still found and replaced.)
+H1_JOINED = pytest.mark.xfail(
+    strict=False, reason="ext_authz joins repeated HTTP/1.1 cookie headers with ','"
+)
+
+
+def expected_failure(request: pytest.FixtureRequest, stack: "Deployed", protocol: str) -> None:
+    if protocol == "HTTP/1.1" and stack.mode in ("ext_authz", "ext_authz_http"):
+        request.applymarker(H1_JOINED)
+
+
+VALID = "K" * 22  # a key of the shape issued (tests choose it; a client may)
+FORGED = f"{COOKIE}=canary"
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/1.1"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ["theme=dark", FORGED],  # the forged value in the second header
+        [FORGED, "theme=dark"],
+        [f"theme=dark; {FORGED}", f"{COOKIE}=" + "A" * 65],  # forged in both
+        ["theme=dark", f"a=b; {FORGED}", "c=d"],
+    ],
+)
+def test_cookie_headers_each_with_a_forged_key_get_one_fresh_key(
+    stack: Deployed, headers: list[str], protocol: str, request: pytest.FixtureRequest
+) -> None:
+    """HTTP/2 lets a client send several `cookie` headers (and an HTTP/1.1 client may, though
+    RFC 6265 says one): a forged sticky cookie in any of them is replaced, and the backend gets
+    the issued key alone, never the forged value."""
+    expected_failure(request, stack, protocol)
+    status, set_cookie, echo = cookie_get(stack.port, headers, protocol)
+    assert status == 200 and set_cookie is not None, echo
+    key = cookie_key(set_cookie)
+    assert KEY_CHARS.fullmatch(key)
+    received = "; ".join(echo["cookies"])
+    assert [p.strip() for p in received.split(";") if p.strip().startswith(f"{COOKIE}=")] == [
+        f"{COOKIE}={key}"
+    ]
+    others = [p.strip() for h in headers for p in h.split(";") if not p.strip().startswith(f"{COOKIE}=")]
+    assert [p.strip() for p in received.split(";") if not p.strip().startswith(f"{COOKIE}=")] == others
+    weight = int(admin.status(stack.admin)["rules"][0]["weights"][1]["weight"])
+    assert echo["backend"] == lane_of(key, weight)
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/1.1"])
+@pytest.mark.parametrize("headers", [["theme=dark", f"{COOKIE}={VALID}"], ["a=b", f"c=d; {COOKIE}={VALID}"]])
+def test_a_key_in_a_later_cookie_header_is_honoured(
+    stack: Deployed, headers: list[str], protocol: str, request: pytest.FixtureRequest
+) -> None:
+    expected_failure(request, stack, protocol)
+    status, set_cookie, echo = cookie_get(stack.port, headers, protocol)
+    assert status == 200 and set_cookie is None, echo
+    weight = int(admin.status(stack.admin)["rules"][0]["weights"][1]["weight"])
+    assert echo["backend"] == lane_of(VALID, weight)
+    assert f"{COOKIE}={VALID}" in "; ".join(echo["cookies"])
+
+
+def cookie_get(port: int, cookies: list[str], protocol: str) -> tuple[int, str | None, dict[str, Any]]:
+    """One request over `protocol` (HTTP/2: prior knowledge, as h2c) with each of `cookies` a
+    `cookie` header of its own: (status, the Set-Cookie answered or None, the backend's echo)."""
+    h2 = protocol == "HTTP/2"
+    with httpx.Client(http1=not h2, http2=h2, timeout=10) as client:
+        response = client.get(f"http://127.0.0.1:{port}/h2", headers=[("cookie", value) for value in cookies])
+        assert response.http_version == protocol
+        return response.status_code, response.headers.get("set-cookie"), response.json()

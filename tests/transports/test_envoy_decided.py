@@ -13,7 +13,7 @@ from sidecar.ops.decision_log import DecisionLog
 from sidecar.ops.metrics import Metrics
 from sidecar.table.decider import Decider
 from sidecar.table.holder import TableHolder
-from sidecar.transports.envoy_decided import Feeds, served_decision
+from sidecar.transports.envoy_decided import Feeds, issued_key, served_decision
 from sidecar.transports.envoy_inputs import InputsRefused, inputs_request
 from tests.helpers import table_from_yaml
 
@@ -80,6 +80,31 @@ def test_the_replayed_decision_is_envoys_when_they_agree() -> None:
         None,  # not ASCII digits
         "v1",  # over the limit: the replayed one's
     )
+
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"issued_cookie": "gs", "set_cookie": f"gs={KEY}; Max-Age=60; Path=/; HttpOnly"}, KEY),
+        ({"set_cookie": f"gs={KEY}"}, None),  # no key issued
+        ({"issued_cookie": "gs"}, None),  # no cookie filed
+        ({"issued_cookie": "gs", "set_cookie": f"other={KEY}"}, None),  # another cookie's
+        ({"issued_cookie": "gs", "set_cookie": "gs=short; Path=/"}, None),  # no key of ours
+        ({"issued_cookie": "gs", "set_cookie": f"gs={KEY}<x>"}, None),
+        ({"issued_cookie": "gs", "set_cookie": f"gs={KEY}; " + "a" * 5000}, None),  # oversized
+    ],
+)
+def test_the_key_envoy_issued_is_taken_from_its_set_cookie(fields: dict[str, str], key: str | None) -> None:
+    issued = issued_key(fields)
+    assert (issued.key if issued is not None else None) == key
+    if issued is not None:  # a decision built from the fields carries it
+        built = served_decision(
+            Decision("stable", "ramp", "v1"), {"cluster": "canary", "rule": "ramp"}, issued
+        )
+        assert built.issued == issued
 
 
 HOSTILE: list[tuple[str, str]] = [

@@ -1,6 +1,7 @@
 """An issued key's cookie through every transport with real protos, its metric, explain, the
 decision log replay and `diff`."""
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -8,11 +9,17 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import CollectorRegistry
 
+from sidecar.admin.api import admin_pb2 as pb
+from sidecar.admin.client import explain_result
+from sidecar.admin.servicer import AdminServicer
 from sidecar.core.diff import compare, synthetic_requests
 from sidecar.core.request import Request
 from sidecar.ops.metrics import Metrics
+from sidecar.sources.file import RulesFile
+from sidecar.sources.state_file import StateFile
 from sidecar.table.decider import Decider
 from sidecar.table.holder import TableHolder
+from sidecar.table.reload import Reloader
 from sidecar.transports.explain import compare_logged, explain_local, headers_message
 from sidecar.transports.ext_authz import AuthorizationServicer
 from sidecar.transports.ext_proc import ExtProcServicer
@@ -116,3 +123,28 @@ def test_diff_counts_new_keys_with_the_random_draws_and_compares_returning_visit
     assert report.moved_requests > 0
     fresh = compare(old, new, [Request({})])
     assert (fresh.random, fresh.requests) == (1, 0)
+
+
+def test_explain_through_the_admin_api_shows_the_cookie_as_local_explain(tmp_path: Any) -> None:
+    """`explain --admin` (the admin API's Explain) answers what local `explain` answers,
+    the issued cookie and its set-cookie included; and for a visitor with a key, neither."""
+    path = tmp_path / "rules.yaml"
+    document = {"version": 1, "clusters": ["stable", "canary"], "default": "stable", "rules": rules()}
+    path.write_text(orjson.dumps(document).decode())
+
+    async def build() -> AdminServicer:
+        metrics = Metrics(CollectorRegistry())
+        return AdminServicer(Reloader(RulesFile(path), metrics, StateFile(tmp_path / "state.json")))
+
+    servicer = asyncio.run(build())
+    for headers, cookies in (([("a", "1")], []), ([("x-user-id", "u1")], []), ([], [("gs", KEY)])):
+        local = explain_local(str(path), "GET", "/", headers, cookies)
+        request = pb.ExplainRequest(
+            method="GET",
+            path="/",
+            headers=[pb.Pair(name=n, value=v) for n, v in headers],
+            cookies=[pb.Pair(name=n, value=v) for n, v in cookies],
+        )
+        answered = explain_result(servicer.explain(request), "admin")
+        assert answered == {**local, "source": "admin"}, (headers, cookies)
+        assert (answered["issued_cookie"] == "gs") == (not cookies and headers == [("a", "1")])
