@@ -35,6 +35,7 @@ MAX_MAX_AGE = 400 * 86400  # browsers cap Max-Age at 400 days (RFC 6265bis 5.5)
 SAME_SITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
 _DURATION = re.compile(r"([0-9]+)(s|m|h|d)")  # ASCII digits, whole units
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SEPARATORS = re.compile("[;,]")  # between a cookie header's pairs (cookie_pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +127,21 @@ def derived_key(headers: Mapping[str, str], path: str) -> str:
     return base64.urlsafe_b64encode(digest.digest()[:KEY_BYTES]).rstrip(b"=").decode()
 
 
+def cookie_pairs(header: str) -> list[str]:
+    """The pairs of a `cookie` header, trimmed, empty ones dropped. Both `;` and `,` separate
+    them: RFC 6265's cookie-octet excludes `,`, and Envoy's ext_authz hands on an HTTP/1.1
+    client's repeated `cookie` headers joined with `,` (`theme=dark,gs_key=K`), where ext_proc
+    and the Lua see each header: split so, every mode reads the same pairs."""
+    return [pair for piece in _SEPARATORS.split(header) if (pair := piece.strip())]
+
+
+def canonical_cookie_header(header: str) -> str:
+    """The `cookie` header as every mode reads it: its pairs joined with `; `."""
+    return "; ".join(cookie_pairs(header))
+
+
 def with_cookie(header: str, name: str, key: str) -> str:
-    """The request's `cookie` header with `name=key` in place of any value it had."""
-    kept = [pair.strip() for pair in header.split(";") if pair.strip()]
-    kept = [pair for pair in kept if pair.partition("=")[0].strip() != name]
+    """The request's `cookie` header with `name=key` in place of any value it had (every pair
+    of that name, wherever it sits)."""
+    kept = [pair for pair in cookie_pairs(header) if pair.partition("=")[0].strip() != name]
     return "; ".join([*kept, f"{name}={key}"])

@@ -67,18 +67,16 @@ local function assigned_split(r, s)
   local b = bucket(s.seed, key, s.total)
   local d = {cluster = s.clusters[entry(s.bounds, b)], rule = s.rule, reason = "split", bucket = b}
   d.key_source = a.source
-  d.issued = {name = a.name, key = key, set_cookie = a.name .. "=" .. key .. a.attributes}
+  d.issued = {name = a.name, key = key, set_cookie = a.name .. "=" .. key .. a.attributes,
+              header = hd(r, "cookie") or ""}
   return mirrored(d, s.mirror, nil)
 end
--- the request's cookie header with the issued key in place of any value it had (cookies.with_cookie)
+-- the request's cookie header with the issued key in place of any value it had (cookies.with_cookie):
+-- every pair of its name dropped from the header as read (cookie_header: pairs joined with "; ")
 local function issue(h, md, d, ns, keys)
   local i, parts = d.issued, {}
-  for n = 0, h:getNumValues("cookie") - 1 do
-    for pair in (h:getAtIndex("cookie", n) .. ";"):gmatch("([^;]*);") do
-      pair = pair:match("^%s*(.-)%s*$")
-      local name = (pair:match("^([^=]*)") or ""):match("^%s*(.-)%s*$")
-      if pair ~= "" and name ~= i.name then parts[#parts + 1] = pair end
-    end
+  for pair in (i.header .. "; "):gmatch("([^;]*); ") do
+    if pair ~= "" and pystrip(pair:match("^([^=]*)")) ~= i.name then parts[#parts + 1] = pair end
   end
   parts[#parts + 1] = i.name .. "=" .. i.key
   h:replace("cookie", table.concat(parts, "; "))

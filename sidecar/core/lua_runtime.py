@@ -171,13 +171,25 @@ end
 
 -- ---- the request -----------------------------------------------------------------------------
 -- r: {h = headers, c = cache, removed = set, path, query, method (once read)}
+-- the cookie header as the sidecar reads it (cookies.canonical_cookie_header): its pairs, split at
+-- `;` and `,` (ext_authz joins an HTTP/1.1 client's repeated headers with `,`), joined with "; "
+local function cookie_header(h)
+  local parts = {}
+  for i = 0, h:getNumValues("cookie") - 1 do
+    for piece in (text(h:getAtIndex("cookie", i)) .. ";"):gmatch("([^;,]*)[;,]") do
+      piece = pystrip(piece)
+      if piece ~= "" then parts[#parts + 1] = piece end
+    end
+  end
+  return table.concat(parts, "; ")
+end
 local function hd(r, name)
   local v = r.c[name]
   if v == nil then
     if r.removed[name] then v = false
     else
       v = r.h:get(name)
-      if v == nil then v = false else text(v) end
+      if v == nil then v = false elseif name == "cookie" then v = cookie_header(r.h) else text(v) end
     end
     r.c[name] = v
   end
@@ -198,13 +210,8 @@ local function cookies(r)
   if parsed then return parsed end
   parsed = {}
   r.cookies = parsed
-  if r.removed["cookie"] then return parsed end
-  local h = r.h
-  local count = h:getNumValues("cookie")
-  if count == 0 then return parsed end
-  local parts = {}
-  for i = 0, count - 1 do parts[#parts + 1] = h:getAtIndex("cookie", i) end
-  local header = text(table.concat(parts, "; "))
+  local header = hd(r, "cookie")  -- its pairs joined with "; " (cookie_header)
+  if header == nil then return parsed end
   for pair in (header .. ";"):gmatch("([^;]*);") do
     local eq = find(pair, "=", 1, true)
     if eq then

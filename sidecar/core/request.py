@@ -8,7 +8,7 @@ asks for them, and at most once per request.
 from collections.abc import Callable, Mapping
 from urllib.parse import parse_qsl
 
-from sidecar.core.cookies import derived_key
+from sidecar.core.cookies import canonical_cookie_header, cookie_pairs, derived_key
 from sidecar.core.identity import NO_IDENTITY, Identity
 
 DEFAULT_AUTHORITY = "graysteer.local"  # a described request's authority when it names none (explain, OFREP)
@@ -37,6 +37,10 @@ class Request:
         identity: Identity = NO_IDENTITY,
         listener_port: int | None = None,
     ) -> None:
+        cookie = headers.get("cookie")
+        if cookie is not None and (canonical := canonical_cookie_header(cookie)) != cookie:
+            # read in one form in every mode, however the client's headers were joined (cookies.py)
+            headers = {**headers, "cookie": canonical}
         self.headers = headers
         self.identity = identity
         self.listener_port = listener_port
@@ -92,9 +96,10 @@ class Request:
 
 
 def parse_cookies(header: str) -> dict[str, str]:
-    """Parse a Cookie header (`a=1; b=2`) leniently: malformed pairs are skipped."""
+    """Parse a Cookie header (`a=1; b=2`, `,` separating too) leniently: malformed pairs are
+    skipped, the first of a repeated name wins."""
     cookies: dict[str, str] = {}
-    for pair in header.split(";"):
+    for pair in cookie_pairs(header):
         name, sep, value = pair.partition("=")
         name = name.strip()
         if sep and name:

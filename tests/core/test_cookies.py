@@ -133,6 +133,9 @@ def test_a_mirror_beside_an_issuing_split_draws_as_for_a_request_without_a_key()
         ("a=1", "gs", "k", "a=1; gs=k"),
         ("gs=bad; a=1;  gs=worse ;b", "gs", "k", "a=1; b; gs=k"),
         (" gs = x ; gsx=1", "gs", "k", "gsx=1; gs=k"),
+        # `,` separates too: ext_authz joins an HTTP/1.1 client's repeated cookie headers with it
+        ("theme=dark,gs=canary; gs=x", "gs", "k", "theme=dark; gs=k"),
+        ("a=1,gs=bad,b=2", "gs", "k", "a=1; b=2; gs=k"),
     ],
 )
 def test_with_cookie_replaces_every_value_of_the_name(
@@ -187,3 +190,40 @@ def test_defaults_are_safe() -> None:
     table = table_from_rules([rule({"cookie": "gs"})])
     spec = table.assigns[0]
     assert (spec.max_age, spec.secure, spec.same_site, spec.path) == (30 * 86400, True, "Lax", "/")
+
+
+KEY = "Kq3vX9bT2mWn8pLr4sYd6f"  # of the issued shape
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"theme=dark,gs={KEY}",  # two HTTP/1.1 headers as ext_authz joins them
+        f"theme=dark; gs={KEY}",  # as ext_proc, the Lua and HTTP/2 join them
+        f"theme=dark ,  gs={KEY} ;",
+    ],
+)
+def test_a_key_in_a_joined_cookie_header_is_read_and_no_cookie_issued(header: str) -> None:
+    request = drawn("N" * 22, {"cookie": header})
+    assert request.cookie("gs") == KEY and request.cookie("theme") == "dark"
+    steering = steer(table_from_rules([rule()]), request)
+    assert steering.decision.issued is None and steering.decision.cluster == lane(KEY)
+
+
+@pytest.mark.parametrize(
+    ("header", "canonical"),
+    [
+        ("a=1,b=2", "a=1; b=2"),
+        ("a=1;b=2", "a=1; b=2"),
+        (" a=1 ; ; b=2,,c ", "a=1; b=2; c"),
+        ("a=1; b=2", "a=1; b=2"),
+        ("", ""),
+    ],
+)
+def test_the_cookie_header_is_read_in_one_form_however_it_was_joined(header: str, canonical: str) -> None:
+    """A `cookie` match condition (and a `header:cookie` key) sees the same value in every mode."""
+    assert Request({"cookie": header}).headers["cookie"] == canonical
+    table = table_from_rules(
+        [{"name": "beta", "match": {"headers": {"cookie": canonical}}, "route": "canary"}, rule()]
+    )
+    assert steer(table, drawn(KEY, {"cookie": header})).decision.rule == "beta"

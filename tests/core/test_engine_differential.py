@@ -149,6 +149,9 @@ request_headers = st.dictionaries(
             *VALUES,
             "uid=u1; theme=dark",
             "uid=Kq3vX9bT2mWn8pLr4sYd6f; gs=Zz-_09azAZbcdefghijklmno",  # keys of the issued shape
+            # cookie headers as ext_authz joins an HTTP/1.1 client's repeated ones (with `,`)
+            "theme=dark,uid=Kq3vX9bT2mWn8pLr4sYd6f",
+            "gs=canary , uid=u1;theme=dark,gs=Zz-_09azAZbcdefghijklmno",
             "graysteer.lane=canary,other=1",
             "bad baggage",
             "shop.example.org",
