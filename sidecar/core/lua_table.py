@@ -11,9 +11,10 @@ What the Lua cannot decide exactly is never approximated: it raises UNDECIDED be
 touching the request, and the request is marked (dynamic metadata `names.mark_namespace` /
 `names.mark_key` = true) for an ext_authz filter that runs only on that mark and asks the
 sidecar's fast path, which decides as every other mode. That is: RE2 regexes and version
-ranges (when the rule is reached and the header present), `x-forwarded-client-cert` when
-the table trusts it, input that is not UTF-8 or whose edge holds a Unicode
-space Python strips, a `baggage` header with a control character (or protected itself), and
+ranges (when the rule is reached and the header present), a version header's value that is
+not plainly MAJOR.MINOR.PATCH (its `malformed_version` is the fast path's to count),
+`x-forwarded-client-cert` when the table trusts it, input that is not UTF-8 or whose edge
+holds a Unicode space Python strips, a `baggage` header with a control character (or protected itself), and
 any table whose rules the generator does not know (every request then goes to the sidecar:
 `lua_source(...).decides` is False).
 
