@@ -26,8 +26,10 @@ from sidecar.core.steering import steered_headers
 from sidecar.dev.devstack import Envoy
 from sidecar.envoyconf.generate import SDS_NODE, EnvoyOptions, bootstrap_document
 from sidecar.ops.metrics import Metrics
+from sidecar.ops.request_metrics import steering_events
 from sidecar.transports.ecds import EcdsServicer, TableAsLua, filter_config
 from sidecar.transports.ecds import add_to_server as add_ecds
+from sidecar.transports.http_check import MTLS_UNNAMED
 
 T = TypeVar("T")
 
@@ -45,6 +47,7 @@ function envoy_on_request(handle)
   if mark and mark["lua_error"] then out[#out + 1] = '"lua_error": true' end
   local filed = md:get("graysteer.request")
   if filed and filed["in"] then out[#out + 1] = '"inputs": ' .. quote(filed["in"]) end
+  if filed and filed["events"] then out[#out + 1] = '"events": ' .. quote(filed["events"]) end
   local fields = md:get("envoy.filters.http.ext_authz") or {}
   local parts = {}
   for k, v in pairs(fields) do parts[#parts + 1] = quote(k) .. ": " .. quote(tostring(v)) end
@@ -156,9 +159,10 @@ class Observed:
             }
             self.headers: dict[str, str] = report["headers"]
             self.inputs: str | None = report.get("inputs")  # filed for the log and shadow
+            self.events: str | None = report.get("events")  # filed when one happens
         else:  # the decision filter answered (a deny)
             self.denied, self.undecided, self.lua_error = True, False, False
-            self.metadata, self.headers, self.inputs = {}, {}, None
+            self.metadata, self.headers, self.inputs, self.events = {}, {}, None, None
             self.body = body.decode()
 
 
@@ -228,7 +232,15 @@ def reference(
     fields = {k: str(v) for k, v in decision_fields(decision).items()}
     sent = {name.lower() for name, _ in headers}
     removed = sorted((set(steering.remove_headers) & sent) - {k for k, _ in steering.set_headers})
-    return {"set": dict(steering.set_headers), "removed": removed, "metadata": fields}
+    events = list(steering_events(steering))
+    if identity is MTLS_UNNAMED:
+        events.append("malformed_xfcc")  # as the fast path counts it
+    return {
+        "set": dict(steering.set_headers),
+        "removed": removed,
+        "metadata": fields,
+        "events": sorted(events),
+    }
 
 
 def view(table: Table, observed: Observed, headers: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -245,7 +257,8 @@ def view(table: Table, observed: Observed, headers: Sequence[tuple[str, str]]) -
     # the cookie header is steered only when a key is issued: else it is the client's, passed on
     passed = {"cookie": dict((name.lower(), value) for name, value in headers).get("cookie")}
     steered = {n: received[n] for n in names if n in received and received[n] != passed.get(n)}
-    return {"set": steered, "removed": removed, "metadata": metadata}
+    events = sorted(observed.events.split(",")) if observed.events is not None else []
+    return {"set": steered, "removed": removed, "metadata": metadata, "events": events}
 
 
 class EcdsServer:

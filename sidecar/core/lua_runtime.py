@@ -153,6 +153,14 @@ local function member_value(header, key)
   end
   return nil
 end
+-- baggage.well_formed, once CONTROL is ruled out: every member `key=value`, its key not blank
+local function baggage_well_formed(header)
+  for _, m in ipairs(members(header)) do
+    local eq = find(m, "=", 1, true)
+    if not eq or pystrip(sub(m, 1, eq - 1)) == "" then return false end
+  end
+  return true
+end
 local function others(header, key)
   local kept = {}
   for _, m in ipairs(members(header)) do if member_key(m) ~= key then kept[#kept + 1] = m end end
@@ -164,7 +172,7 @@ local function with_member(header, key, value)
   local candidate = table.concat(kept, ",")
   if #kept > 64 or #candidate > 8192 then
     kept[#kept] = nil
-    return table.concat(kept, ",")
+    return table.concat(kept, ","), true  -- dropped: baggage_over_limit
   end
   return candidate
 end
@@ -318,11 +326,14 @@ local function identity(si)
   for _, u in ipairs(uris) do if not bare(u) then return MTLS_UNNAMED end end
   for _, d in ipairs(dnss) do
     if not bare(d) then return MTLS_UNNAMED end
-    if is_dns_name(d) then id.dns[#id.dns + 1] = d end
+    if is_dns_name(d) then id.dns[#id.dns + 1] = d else id.bad_dns = true end  -- malformed_dns
   end
   if #uris == 1 then
     local domain = spiffe_parts(uris[1])
     if domain then id.spiffe, id.td = uris[1], domain end
+  end
+  if id.spiffe == nil then  -- Identity.malformed: URI SANs that look like SPIFFE IDs
+    for _, u in ipairs(uris) do if lower(sub(u, 1, 7)) == "spiffe:" then id.bad_spiffe = true end end
   end
   id.principal = id.spiffe or id.dns[1] or ""
   return id

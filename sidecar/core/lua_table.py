@@ -11,9 +11,10 @@ What the Lua cannot decide exactly is never approximated: it raises UNDECIDED be
 touching the request, and the request is marked (dynamic metadata `names.mark_namespace` /
 `names.mark_key` = true) for an ext_authz filter that runs only on that mark and asks the
 sidecar's fast path, which decides as every other mode. That is: RE2 regexes and version
-ranges (when the rule is reached and the header present), `x-forwarded-client-cert` when
-the table trusts it, input that is not UTF-8 or whose edge holds a Unicode
-space Python strips, a `baggage` header with a control character (or protected itself), and
+ranges (when the rule is reached and the header present), a version header's value that is
+not plainly MAJOR.MINOR.PATCH (its `malformed_version` is the fast path's to count),
+`x-forwarded-client-cert` when the table trusts it, input that is not UTF-8 or whose edge
+holds a Unicode space Python strips, a `baggage` header with a control character (or protected itself), and
 any table whose rules the generator does not know (every request then goes to the sidecar:
 `lua_source(...).decides` is False).
 
@@ -41,6 +42,20 @@ LUA_ERROR_KEY = "lua_error"  # beside the mark: the Lua failed on the request (a
 INPUTS_NAMESPACE = "graysteer.request"
 INPUTS_KEY = "in"
 INPUTS_FORMAT = "1"  # the first field of the inputs: their layout (capture_inputs)
+# Beside the inputs, only on a request where one happens: the steering events the Lua met,
+# their names joined by `,` (sidecar.transports.access_log counts them).
+EVENTS_KEY = "events"
+EVENTS = frozenset(
+    (
+        "untrusted_headers_removed",
+        "baggage_over_limit",
+        "malformed_spiffe_id",
+        "malformed_dns_san",
+        "malformed_xfcc",
+        "malformed_baggage",
+        "malformed_lane",
+    )
+)
 CHUNK_RULES = 100  # rules per Lua function: LuaJIT bounds a function's constants and jumps
 MAX_EXACT_TOTAL = 1 << 36  # the Lua bucketing is exact below this total weight
 # Header names the fast path does not read as the request has them: the check's own
@@ -408,14 +423,18 @@ def _settings(table: Table, names: LuaNames, program: _Program) -> str:
         "any_port": bool(trust.listener_ports),
         "xfcc": trust.xfcc,
         # headers left to the sidecar when present: baggage named as an override header (the
-        # core strips it twice over). A version header is not: a `semver` condition reached
-        # with one is left to the sidecar, and its `malformed` count is the sidecar's metric
+        # core strips it twice over)
         "bail": ["baggage"] if coloring and coloring.baggage and "baggage" in trust.protected else [],
+        # headers a `semver` condition reads: a value not plainly a version (`malformed_version`
+        # or a pre-release) is left to the sidecar, which reads versions as the core does
+        "versions": sorted(table.version_headers),
         "ns": names.namespace,
         "prefix": names.key_prefix,
         "mark_ns": names.mark_namespace,
         "mark_key": names.mark_key,
         "error_key": LUA_ERROR_KEY,
+        "events_ns": INPUTS_NAMESPACE,
+        "events_key": EVENTS_KEY,
         "keys": {
             field: names.key_prefix + field.replace("_", "-")
             for field in (*DECISION_FIELDS, lua_cookies.SET_COOKIE_FIELD)
@@ -506,6 +525,20 @@ local function listener_port(si)
   return tonumber(address:match(":(%d+)$"))
 end
 local LANE_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_%.%-]*$"
+-- A steering event (sidecar.ops.request_metrics.steering_events) added to those met so far.
+local function event(ev, name) return ev and (ev .. "," .. name) or name end
+local function identity_events(id)
+  if id == MTLS_UNNAMED then return "malformed_xfcc" end  -- as the fast path counts it
+  local ev = nil
+  if id.bad_spiffe then ev = "malformed_spiffe_id" end
+  if id.bad_dns then ev = event(ev, "malformed_dns_san") end
+  return ev
+end
+-- A version as `sidecar.core.versions.is_version` surely reads one (MAJOR.MINOR.PATCH, a
+-- leading `v`, no leading zero); other values are left to the sidecar.
+local function plain_version(v)
+  return find(v, "^v?%d+%.%d+%.%d+$") ~= nil and not find(v, "^v?0%d") and not find(v, "%.0%d")
+end
 local function steer(si, h)
   local id = identity(si)
   if T.xfcc and not id.mtls and h:get("x-forwarded-client-cert") ~= nil then und() end
@@ -518,6 +551,8 @@ local function steer(si, h)
   local r = {h = h, c = {}, removed = removed, id = id}  -- r.method: read by method(r) if a rule asks
   local baggage = T.baggage_key and hd(r, "baggage")  -- nil or false: none to read
   if baggage and find(baggage, CONTROL) then und() end
+  local ev = id.mtls and identity_events(id) or nil  -- the steering events met (rare), joined by ","
+  if baggage and not baggage_well_formed(baggage) then ev = event(ev, "malformed_baggage") end
   if not trusted then
     for _, name in ipairs(T.protected) do
       if h:get(name) ~= nil then removed[name] = true; remove[#remove + 1] = name end
@@ -531,6 +566,10 @@ local function steer(si, h)
       end
     end
   end
+  for _, name in ipairs(T.versions) do
+    local v = hd(r, name)
+    if v ~= nil and not plain_version(v) then und() end
+  end
   local raw = h:get(":path") or "/"
   if find(raw, "[^\33-\126]") then und() end
   local q = find(raw, "?", 1, true)
@@ -540,7 +579,10 @@ local function steer(si, h)
   if T.color and trusted then
     lane = hd(r, T.color)
     if (lane == nil or lane == "") and baggage then lane = member_value(baggage, T.baggage_key) end
-    if lane == "" or (lane ~= nil and (#lane > 64 or not find(lane, LANE_PATTERN))) then lane = nil end
+    if lane ~= nil and lane ~= "" and (#lane > 64 or not find(lane, LANE_PATTERN)) then
+      ev = event(ev, "malformed_lane")
+      lane = nil
+    elseif lane == "" then lane = nil end
   end
   if d == nil and lane ~= nil then
     local cluster = T.lanes[lane]
@@ -549,7 +591,7 @@ local function steer(si, h)
   end
   if d == nil then d = decide(r) end
   if d.deny_status then lane = nil end
-  return d, lane, remove, id, baggage or ""
+  return d, lane, remove, id, baggage or "", ev
 end
 local KEYS = T.keys  -- each field's metadata key, written once
 -- The baggage header of a request that sent none: with_member("", key, lane), a pure
@@ -580,10 +622,24 @@ local function meta(md, d, lane, principal)
     md:set(ns, KEYS.deny_reason, d.meta_reason or d.deny_reason)
   end
 end
-local function apply(handle, si, h, d, lane, remove, id, baggage)
+-- untrusted_headers_removed when a header removed is not set again (the core's removals less
+-- the headers it sets), once the request's headers are set.
+local function removed_events(h, remove, ev)
+  for _, name in ipairs(remove) do
+    if h:get(name) == nil then
+      if ev and find(ev, "untrusted_headers_removed", 1, true) then return ev end
+      return event(ev, "untrusted_headers_removed")
+    end
+  end
+  return ev
+end
+local EVENTS_NS, EVENTS_KEY = T.events_ns, T.events_key
+local function apply(handle, si, h, d, lane, remove, id, baggage, ev)
   local md = si:dynamicMetadata()
   if d.deny_status then
     meta(md, d, nil, id.principal)
+    if #remove > 0 then ev = event(ev, "untrusted_headers_removed") end
+    if ev then md:set(EVENTS_NS, EVENTS_KEY, ev) end
     local status = d.deny_status
     if status >= 500 then status = 403 end
     local answer = {[":status"] = string.format("%d", status), ["content-type"] = "text/plain; charset=utf-8"}
@@ -593,24 +649,32 @@ local function apply(handle, si, h, d, lane, remove, id, baggage)
   for _, name in ipairs(remove) do h:remove(name) end
   h:replace(T.routing, d.cluster)
   if d.mirror then h:replace(T.mirror_header, d.mirror)
-  elseif h:get(T.mirror_header) ~= nil then h:remove(T.mirror_header) end  -- as the early strip
+  elseif h:get(T.mirror_header) ~= nil then  -- as the early strip
+    h:remove(T.mirror_header)
+    ev = event(ev, "untrusted_headers_removed")  -- as the core counts it
+  end
   if T.color then
     lane = lane or T.lane_of[d.cluster] or d.cluster
     h:replace(T.color, lane)
     if T.baggage_key then  -- with_member: ours replaced, every other member kept
-      local b = baggage == "" and lane_member(lane) or with_member(baggage, T.baggage_key, lane)
+      local b, dropped
+      if baggage == "" then b = lane_member(lane); dropped = b == ""
+      else b, dropped = with_member(baggage, T.baggage_key, lane) end
       if b ~= "" then h:replace("baggage", b) end
+      if dropped then ev = event(ev, "baggage_over_limit") end
     end
   end
   meta(md, d, lane, id.principal)
   if d.issued then issue(h, md, d, T.ns, KEYS) end  -- lua_cookies: a new visitor's key
+  if #remove > 0 then ev = removed_events(h, remove, ev) end
+  if ev then md:set(EVENTS_NS, EVENTS_KEY, ev) end  -- only then: the common request writes nothing more
   handle:clearRouteCache()
 end
 function envoy_on_request(handle)
   local si, h = handle:streamInfo(), handle:headers()
-  local ok, d, lane, remove, id, baggage = pcall(steer, si, h)
+  local ok, d, lane, remove, id, baggage, ev = pcall(steer, si, h)
   if ok and CAPTURE then pcall(CAPTURE, si, h) end  -- as received: before apply changes them
-  if ok then return apply(handle, si, h, d, lane, remove, id, baggage) end
+  if ok then return apply(handle, si, h, d, lane, remove, id, baggage, ev) end
   local md = si:dynamicMetadata()
   md:set(T.mark_ns, T.mark_key, true)
   if d ~= U then

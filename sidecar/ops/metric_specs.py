@@ -260,7 +260,8 @@ ENVOY_DECISIONS_READ = Spec(
     "Access log entries of decisions Envoy took itself (envoy_decides), read from its gRPC access "
     "log stream, by result: counted (in graysteer_decisions_total), unknown (a rule or cluster the "
     "served table does not have: not counted), lua_error (the Lua failed on the request, which the "
-    "fast path then decided and counted), malformed (metadata that is not Envoy's: not counted), "
+    "fast path then decided and counted), malformed (metadata that is not Envoy's: not counted; "
+    "or steering events the Lua never files: none counted, the decision is), "
     "refused_inputs (with a decision log or shadow table: the request's inputs were not as the "
     "Lua writes them, so neither logged nor compared; the decision is counted).",
     ("result",),

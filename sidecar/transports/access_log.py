@@ -9,7 +9,12 @@ dynamic metadata, which is counted in the metrics every mode counts
 (`graysteer_decisions_total`, `graysteer_mirrored_total`). A rule or cluster the served
 table does not know is not turned into a label: it is counted as `unknown`. A request the Lua
 failed on (a bug: Envoy logs the error) was decided by the fast path, which counted it; it
-is counted here as `lua_error`.
+is counted here as `lua_error`. The steering events the Lua met (filed only on the requests
+where one happens: sidecar.core.lua_table.EVENTS_KEY) are counted in
+`graysteer_steering_events_total` with the decision; a value the Lua never writes (a name not
+in EVENTS, one twice, not a string) counts no event: the entry is counted `malformed`. When
+a decided request is replayed (a decision log or shadow table: sidecar.transports.envoy_decided),
+the replay counts its events instead, never both.
 
 An entry is hundreds of bytes of which the sidecar reads one field, the dynamic metadata, and
 a decision's metadata repeats (a route's is constant, a split's varies by bucket). So the
@@ -35,7 +40,7 @@ from google.protobuf.message import DecodeError
 
 from sidecar.contract import LUA_NAMES
 from sidecar.core import DEFAULT_RULE, Table
-from sidecar.core.lua_table import INPUTS_KEY, INPUTS_NAMESPACE, LUA_ERROR_KEY
+from sidecar.core.lua_table import EVENTS, EVENTS_KEY, INPUTS_KEY, INPUTS_NAMESPACE, LUA_ERROR_KEY
 from sidecar.core.model import UNKNOWN_LANE_RULE
 from sidecar.ops.metrics import Metrics
 
@@ -54,7 +59,9 @@ REMEMBERED_BYTES = 4 * 1024 * 1024
 MAX_MESSAGE_BYTES = 1024 * 1024
 _INPUTS_NAME = INPUTS_NAMESPACE.encode()
 CHUNK = 256  # entries read between two turns of the serving loop
-Labels = tuple[str, str, str | None, bool]  # cluster, rule, mirror, a key issued
+# cluster, rule, mirror, a key issued, the steering events (None: a value the Lua never writes)
+Labels = tuple[str, str, str | None, bool, tuple[str, ...] | None]
+MAX_EVENTS_CHARS = 256  # every name of EVENTS once is less
 LUA_FAILED = "lua_error"  # what `_known` holds for an entry whose request the Lua failed on
 
 
@@ -96,9 +103,9 @@ ENTRIES = _entries_type()
 
 
 def metadata_labels(raw: bytes) -> Labels | str | None:
-    """(cluster, rule, mirror, a key issued) of a decision the Lua took, from an entry's metadata bytes;
-    LUA_FAILED when the Lua failed on the request; None when it did not decide (the fast
-    path did, or nothing did). DecodeError: not Envoy's metadata."""
+    """(cluster, rule, mirror, a key issued, steering events) of a decision the Lua took, from
+    an entry's metadata bytes; LUA_FAILED when the Lua failed on the request; None when it did
+    not decide (the fast path did, or nothing did). DecodeError: not Envoy's metadata."""
     found = metadata_decision(raw)
     return found if found is None or isinstance(found, str) else found[0]
 
@@ -123,8 +130,24 @@ def metadata_decision(raw: bytes) -> tuple[Labels, dict[str, str]] | str | None:
     }
     if "rule" not in fields or "cluster" not in fields:
         return None
-    labels = (fields["cluster"], fields["rule"], fields.get("mirror") or None, "issued_cookie" in fields)
+    events = lua_events(metadata.get(INPUTS_NAMESPACE))
+    mirror = fields.get("mirror") or None
+    labels = (fields["cluster"], fields["rule"], mirror, "issued_cookie" in fields, events)
     return labels, fields
+
+
+def lua_events(filed: struct_pb2.Struct | None) -> tuple[str, ...] | None:
+    """The steering events the Lua filed in its namespace `filed`: () none; None: a value it
+    never writes (never a label)."""
+    value = filed.fields.get(EVENTS_KEY) if filed is not None else None
+    if value is None:
+        return ()
+    if value.WhichOneof("kind") != "string_value" or len(value.string_value) > MAX_EVENTS_CHARS:
+        return None
+    names = tuple(value.string_value.split(","))
+    if len(set(names)) != len(names) or not EVENTS.issuperset(names):
+        return None
+    return names
 
 
 class DecisionLogServicer:
@@ -167,7 +190,7 @@ class DecisionLogServicer:
         """Count a batch, then hand each decided request's inputs to `feeds`: the inputs are
         taken out of the metadata, whose rest is then a decision's, met before."""
         decided: list[bytes] = []
-        captured: list[tuple[bytes, str | None]] = []
+        captured: list[tuple[bytes, str | None, tuple[str, ...] | None]] = []
         for raw in metadata:
             if _INPUTS_NAME not in raw:
                 decided.append(raw)
@@ -178,20 +201,22 @@ class DecisionLogServicer:
                 decided.append(raw)  # counted as malformed
                 continue
             filed = parsed.filter_metadata.get(INPUTS_NAMESPACE)
-            if filed is None:
+            if filed is None or INPUTS_KEY not in filed.fields:  # no inputs (events alone, or none)
                 decided.append(raw)
                 continue
-            inputs = _inputs(filed)
-            del parsed.filter_metadata[INPUTS_NAMESPACE]
+            inputs, events = _inputs(filed), lua_events(filed)
+            del parsed.filter_metadata[INPUTS_NAMESPACE]  # the events with it: counted below
             rest = parsed.SerializeToString(deterministic=True)
             decided.append(rest)
-            captured.append((rest, inputs))
+            captured.append((rest, inputs, events))
         self.count(decided)
         table = self._table
-        for rest, inputs in captured:
+        for rest, inputs, events in captured:
             fields = self._fields.get(rest)
-            if table is not None and fields is not None and isinstance(self._known.get(rest), tuple):
-                feeds.replay(table, fields, inputs)
+            if table is None or fields is None or not isinstance(self._known.get(rest), tuple):
+                continue  # not counted: nor are its events
+            if not feeds.replay(table, fields, inputs):  # the replay counts the events it met
+                self._count_events(events)
 
     def count(self, metadata: list[bytes]) -> None:
         """Count the decisions of a batch of entries (each entry's metadata bytes)."""
@@ -201,6 +226,7 @@ class DecisionLogServicer:
         seen, known = self._seen, self._known
         count_decided = self.metrics.count_decided
         counted = unknown = 0
+        evented: list[tuple[str, ...] | None] = []
         for raw in metadata:
             labels = seen.get(raw)
             if labels is None:
@@ -221,12 +247,24 @@ class DecisionLogServicer:
                 self._failed.inc()
                 continue
             assert not isinstance(labels, str)
-            count_decided(*labels)
+            cluster, rule, mirror, issued, events = labels
+            count_decided(cluster, rule, mirror, issued)
             counted += 1
+            if events != ():  # rare: a request where a steering event happened
+                evented.append(events)
         if counted:
             self._counted.inc(counted)
         if unknown:
             self._unknown.inc(unknown)
+        for events in evented:
+            self._count_events(events)
+
+    def _count_events(self, events: tuple[str, ...] | None) -> None:
+        if events is None:
+            self._malformed.inc()
+            return
+        for event in events:
+            self.metrics.count_event(event)
 
     def _forget(self, table: Table) -> None:
         self._table = table
@@ -266,7 +304,7 @@ class DecisionLogServicer:
         if isinstance(found, str):
             return found
         labels, fields = found
-        cluster, rule, mirror, _ = labels
+        cluster, rule, mirror, _, _ = labels
         rules, lanes, clusters = self._names
         known_rule = rule in rules or rule in lanes
         if cluster not in clusters or not known_rule or (mirror is not None and mirror not in clusters):

@@ -30,7 +30,7 @@ from sidecar.core.text import is_encodable
 from sidecar.ops.metrics import Metrics
 from sidecar.ops.request_metrics import steering_events
 from sidecar.table.decider import Decider
-from sidecar.transports.envoy_inputs import InputsRefused, inputs_request
+from sidecar.transports.envoy_inputs import MTLS_UNNAMED, InputsRefused, inputs_request
 
 log = logging.getLogger("graysteer.envoy_decided")
 
@@ -69,17 +69,18 @@ class Feeds:
         shadow = self.decider.shadow
         return captured_headers(live, shadow.table if shadow is not None else None)
 
-    def replay(self, table: Table, fields: Mapping[str, str], inputs: str | None) -> None:
+    def replay(self, table: Table, fields: Mapping[str, str], inputs: str | None) -> bool:
         """One request Envoy decided with `table` (its decision's `fields`, its `inputs`; None:
-        not a string): events counted, the shadow's comparison, the log line offered. Never
-        raises."""
+        not a string): events counted, the shadow's comparison, the log line offered. Whether
+        it was replayed (its events counted: else the caller counts those the Lua filed).
+        Never raises."""
         try:
             if inputs is None:
                 raise InputsRefused("layout")
             request = inputs_request(inputs)
         except InputsRefused as why:
             self._refuse(str(why))
-            return
+            return False
         engine = self.decider.holder.engine
         issued = issued_key(fields)
         if issued is not None:  # the key Envoy issued, never one of the replay's own
@@ -88,13 +89,16 @@ class Feeds:
             replayed = engine.steer(request)
         except Exception:  # counted by what the request path counts; not served here
             self._refuse("replay_failed")
-            return
+            return False
         served = served_decision(replayed.decision, fields, issued)
         steering = replayed if served is replayed.decision else dataclasses.replace(replayed, decision=served)
         self.count_events(steering)
+        if request.identity is MTLS_UNNAMED:  # as the fast path counts it (authz_http)
+            self.metrics.count_event("malformed_xfcc")
         differing = self.decider.shadow_decision(request, served)
         if self.decider.log is not None:
             self.decider.log.offer(TRANSPORT, request, steering, table, differing)
+        return True
 
     def count_events(self, steering: Steering) -> None:
         for event in steering_events(steering):

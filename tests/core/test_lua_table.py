@@ -81,7 +81,9 @@ def test_a_table_the_generator_does_not_know_marks_every_request() -> None:
 def test_inputs_are_filed_only_when_asked_and_their_names_only_as_literals() -> None:
     table = compile_table(_document([{"name": "a", "route": "canary"}]), "v1", "rules.yaml")
     plain = lua_source(table, NAMES).source
-    assert INPUTS_NAMESPACE not in plain and "local CAPTURE = nil" in plain
+    # the namespace is named once, for the steering events, never for the inputs
+    assert plain.count(INPUTS_NAMESPACE) == 1 and '["events_ns"] = "graysteer.request"' in plain
+    assert "local CAPTURE = nil" in plain
     names = ("x-user-id", *HOSTILE)
     filed = lua_source(table, NAMES, names).source
     assert lua_string(INPUTS_NAMESPACE) in filed and "local CAPTURE = nil" not in filed
@@ -91,3 +93,12 @@ def test_inputs_are_filed_only_when_asked_and_their_names_only_as_literals() -> 
         rest = rest.replace(lua_string(name), '""')
     assert not any(text in rest for text in HOSTILE)
     assert filed.replace(capture_inputs(names), capture_inputs(())) == plain  # nothing else changes
+
+
+def test_the_steering_events_are_written_only_on_a_request_where_one_happens() -> None:
+    table = compile_table(_document([{"name": "a", "route": "canary"}]), "v1", "rules.yaml")
+    source = lua_source(table, NAMES).source
+    writes = [line.strip() for line in source.splitlines() if "EVENTS_KEY," in line]
+    assert len(writes) == 2 and all(
+        w.startswith("if ev then md:set(EVENTS_NS, EVENTS_KEY, ev) end") for w in writes
+    )

@@ -85,6 +85,13 @@ def settle(table: Table, result: dict[str, Any]) -> dict[str, Any]:
         settled["metadata"].pop("mirror", None)
         settled["set"] = {k: v for k, v in settled["set"].items() if k != table.mirror_header}
         settled["removed"] = [name for name in result["removed"] if name != table.mirror_header]
+        # the mirror header removed (no mirror drawn) is an untrusted_headers_removed of its own
+        removed = ["untrusted_headers_removed"] if settled["removed"] else []
+        settled["events"] = sorted(
+            [e for e in result["events"] if e != "untrusted_headers_removed"] + removed
+        )
+    if random_split:  # the lane drawn decides whether its baggage member fits
+        settled["events"] = [e for e in settled["events"] if e != "baggage_over_limit"]
     return settled
 
 

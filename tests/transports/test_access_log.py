@@ -2,6 +2,7 @@
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,10 +16,15 @@ from google.protobuf.internal.encoder import _VarintBytes
 from prometheus_client import CollectorRegistry
 
 from sidecar.contract import LUA_NAMES
+from sidecar.core.lua_table import EVENTS_KEY, INPUTS_KEY, INPUTS_NAMESPACE
+from sidecar.ops.decision_log import DecisionLog
 from sidecar.ops.metrics import Metrics
 from sidecar.serving.build import xds_server
+from sidecar.table.decider import Decider
+from sidecar.table.holder import TableHolder
 from sidecar.transports import access_log
 from sidecar.transports.access_log import ENTRIES, DecisionLogServicer
+from sidecar.transports.envoy_decided import Feeds
 from tests.helpers import table_from_yaml
 
 TABLE = table_from_yaml("""\
@@ -28,6 +34,14 @@ default: stable
 coloring: {lanes: {stable: stable, canary: canary}}
 rules:
   - {name: beta, match: {headers: {x-beta: "1"}}, route: canary, mirror: {cluster: stable, percent: 10}}
+""")
+FORCED = table_from_yaml("""\
+version: 1
+clusters: [stable, canary]
+default: stable
+trust: {override_headers: [x-force]}
+rules:
+  - {name: forced, match: {headers: {x-force: "1"}}, route: canary}
 """)
 
 
@@ -214,3 +228,77 @@ def test_the_xds_server_refuses_a_message_larger_than_envoy_sends() -> None:
     assert (
         registry.get_sample_value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 10
     )
+
+
+def with_events(
+    log: accesslog_pb2.HTTPAccessLogEntry, events: object, **more: object
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    """`log` with the steering events the Lua files (and `more` of its namespace: the inputs)."""
+    filed = struct_pb2.Struct()
+    filed.update({EVENTS_KEY: events, **more})
+    log.common_properties.metadata.filter_metadata[INPUTS_NAMESPACE].CopyFrom(filed)
+    return log
+
+
+# Values the Lua never writes: none becomes a label, each entry is counted malformed.
+FORGED_EVENTS: list[object] = [
+    "malformed_anything",  # a name of the family, not of the set
+    "untrusted_headers_removed,untrusted_headers_removed",  # a name twice
+    "untrusted_headers_removed,",  # an empty name
+    "",
+    "x" * 10_000,
+    7,  # not a string
+    True,
+    ["malformed_lane"],
+]
+
+
+def test_the_events_the_lua_files_are_counted_and_forged_ones_never_become_labels() -> None:
+    registry = CollectorRegistry()
+    servicer = DecisionLogServicer(lambda: TABLE, Metrics(registry))
+    decided = {"cluster": "stable", "rule": "default"}
+    genuine = [
+        with_events(entry(decided), "untrusted_headers_removed"),
+        with_events(entry(decided), "malformed_spiffe_id,malformed_dns_san,baggage_over_limit"),
+        with_events(entry(decided), "malformed_lane"),
+        with_events(entry(decided), "malformed_lane"),  # the same bytes: read once, counted twice
+        entry(decided),  # no event: nothing more
+    ]
+    servicer.count(read_back(*genuine, *(with_events(entry(decided), value) for value in FORGED_EVENTS)))
+    value = registry.get_sample_value
+    events = {
+        s.labels["event"]: s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "graysteer_steering_events_total"
+    }
+    assert events == {
+        "untrusted_headers_removed": 1,
+        "malformed_spiffe_id": 1,
+        "malformed_dns_san": 1,
+        "baggage_over_limit": 1,
+        "malformed_lane": 2,
+    }
+    assert value("graysteer_access_log_entries_total", {"result": "malformed"}) == len(FORGED_EVENTS)
+    # the decision is Envoy's whatever its events: counted
+    assert value("graysteer_decisions_total", decided) == len(genuine) + len(FORGED_EVENTS)
+
+
+def test_events_are_counted_once_when_a_decision_log_replays_the_request(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    decider = Decider(TableHolder(FORCED), metrics, DecisionLog(str(tmp_path / "d.jsonl"), 1.0, metrics))
+    servicer = DecisionLogServicer(lambda: FORCED, metrics, Feeds(decider, metrics))
+    decided = {"cluster": "stable", "rule": "default", "reason": "default"}
+    stripped = "\n".join(["1", "GET", "/", "10.0.0.1:8080", "", "", "", "x-force", "1"])
+    entries = [
+        with_events(entry(decided), "untrusted_headers_removed", **{INPUTS_KEY: stripped}),  # replayed
+        with_events(entry(decided), "untrusted_headers_removed", **{INPUTS_KEY: "2\nGET"}),  # refused
+        with_events(entry(decided), "malformed_lane"),  # inputs not filed (yet): the Lua's events
+    ]
+    servicer.feed(read_back(*entries), servicer.feeds)  # type: ignore[arg-type]
+    value = registry.get_sample_value
+    assert value("graysteer_steering_events_total", {"event": "untrusted_headers_removed"}) == 2
+    assert value("graysteer_steering_events_total", {"event": "malformed_lane"}) == 1
+    assert value("graysteer_access_log_entries_total", {"result": "refused_inputs"}) == 1
+    assert value("graysteer_decisions_total", {"cluster": "stable", "rule": "default"}) == 3
