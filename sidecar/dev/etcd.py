@@ -5,14 +5,14 @@ sidecar's own etcd client (no `etcdctl`, which is another Debian package; a move
 cluster's leader is etcd's Maintenance.MoveLeader through the same client)."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from aetcd import rpc
 
 from sidecar.dev.processes import Process, ensure_tool, free_port, wait_for
-from sidecar.sources.etcd_client import EtcdAddress, EtcdClient, EtcdMember
+from sidecar.sources.etcd_client import EtcdAddress, EtcdClient, EtcdMember, EtcdTls
 
 T = TypeVar("T")
 
@@ -20,15 +20,23 @@ T = TypeVar("T")
 class Etcd:
     """One etcd member on free loopback ports, its data in `workdir`; restartable on the same
     ports and data (an outage, then recovery). With `tls_dir` (ca.pem, server.pem,
-    server.key) clients speak TLS and must present a certificate signed by that CA."""
+    server.key) clients speak TLS and must present a certificate signed by that CA. Clients
+    reach it on `host` (any loopback address: 127.0.0.2 gives a member an address, and so a
+    server certificate, of its own); its peers on 127.0.0.1."""
 
     def __init__(
-        self, workdir: Path, name: str = "etcd", tls_dir: Path | None = None, start: bool = True
+        self,
+        workdir: Path,
+        name: str = "etcd",
+        tls_dir: Path | None = None,
+        start: bool = True,
+        host: str = "127.0.0.1",
     ) -> None:
         self.binary = ensure_tool("etcd", "etcd-server")
         self.workdir = workdir
         self.name = name
         self.tls_dir = tls_dir
+        self.host = host
         self.port = free_port()
         self.peer_port = free_port()
         self.process: Process | None = None
@@ -38,7 +46,7 @@ class Etcd:
 
     @property
     def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.port}"
+        return f"etcd://{self.host}:{self.port}"
 
     @property
     def peer_url(self) -> str:
@@ -46,7 +54,7 @@ class Etcd:
 
     def start(self, wait: bool = True) -> None:
         """Start (again, after stop() or kill(): same ports, same data); `wait` until it serves."""
-        client = f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
+        client = f"{'https' if self.tls_dir else 'http'}://{self.host}:{self.port}"
         peer = self.peer_url
         tls = (
             [
@@ -107,7 +115,7 @@ class Etcd:
 
     def _call(self, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
         async def run() -> T:
-            async with EtcdClient(EtcdAddress((EtcdMember("127.0.0.1", self.port),), "/")) as client:
+            async with EtcdClient(EtcdAddress((EtcdMember(self.host, self.port),), "/")) as client:
                 return await asyncio.wait_for(work(client), 10)
 
         return asyncio.run(run())
@@ -139,10 +147,29 @@ class Etcd:
 
 class EtcdCluster:
     """`size` etcd members on loopback forming one cluster (--initial-cluster), started
-    together; each member restartable on its ports and data."""
+    together; each member restartable on its ports and data. With `hosts`, member i serves
+    its clients on hosts[i]; with `tls_dirs`, over TLS with the files of tls_dirs[i] (see
+    Etcd), and the cluster's own calls (`key_version`, `leader`...) present `client_tls`."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
-        self.members = [Etcd(workdir, f"etcd{i}", start=False) for i in range(size)]
+    def __init__(
+        self,
+        workdir: Path,
+        size: int = 3,
+        hosts: Sequence[str] | None = None,
+        tls_dirs: Sequence[Path] | None = None,
+        client_tls: EtcdTls | None = None,
+    ) -> None:
+        self.client_tls = client_tls
+        self.members = [
+            Etcd(
+                workdir,
+                f"etcd{i}",
+                tls_dir=tls_dirs[i] if tls_dirs else None,
+                start=False,
+                host=hosts[i] if hosts else "127.0.0.1",
+            )
+            for i in range(size)
+        ]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for member in self.members:
             member.initial_cluster = initial
@@ -151,19 +178,21 @@ class EtcdCluster:
             member.wait_serving()
 
     def url(self, ports: list[int] | None = None) -> str:
-        """etcd://127.0.0.1:P1,...: the members' client ports (or `ports`, e.g. proxies')."""
-        listed = ports if ports is not None else [m.port for m in self.members]
-        return "etcd://" + ",".join(f"127.0.0.1:{port}" for port in listed)
+        """etcd://HOST1:P1,...: the members' client addresses (or 127.0.0.1 on `ports`, e.g.
+        proxies')."""
+        if ports is not None:
+            return "etcd://" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        return "etcd://" + ",".join(str(EtcdMember(m.host, m.port)) for m in self.members)
 
     def stop(self) -> None:
         for member in self.members:
             member.stop()
 
     def _call(self, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
-        live = [EtcdMember("127.0.0.1", m.port) for m in self.members if m.process is not None]
+        live = [EtcdMember(m.host, m.port) for m in self.members if m.process is not None]
 
         async def run() -> T:
-            async with EtcdClient(EtcdAddress(tuple(live), "/")) as client:
+            async with EtcdClient(EtcdAddress(tuple(live), "/"), self.client_tls) as client:
                 return await asyncio.wait_for(work(client), 10)
 
         return asyncio.run(run())
@@ -201,8 +230,9 @@ class EtcdCluster:
         leader = self.leader()
 
         async def move(_: EtcdClient) -> None:
-            address = EtcdAddress((EtcdMember("127.0.0.1", self.members[leader].port),), "/")
-            async with EtcdClient(address) as client:
+            chosen = self.members[leader]
+            address = EtcdAddress((EtcdMember(chosen.host, chosen.port),), "/")
+            async with EtcdClient(address, self.client_tls) as client:
                 ids = await self._member_ids(client)
                 await client.connect()
                 await client.maintenancestub.MoveLeader(rpc.MoveLeaderRequest(targetID=ids[to]), timeout=10)

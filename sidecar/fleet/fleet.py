@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 from aetcd import rpc
 
 from sidecar.core.rollout import ClusterWindow
@@ -42,6 +41,7 @@ from sidecar.sources.etcd_client import (
     EtcdClient,
     EtcdMember,
     EtcdTls,
+    failure_reason,
 )
 from sidecar.stats.clusters import ClusterCounts, ClusterHistory, ClusterRate, add_rates, as_window
 from sidecar.table.load import config_version
@@ -324,8 +324,12 @@ async def probe_member(address: EtcdAddress, member: EtcdMember, tls: "EtcdTls |
         leads = status.leader != 0 and status.leader == status.header.member_id
         return {"member": str(member), "up": True, "etcd_leader": leads, "error": None}
     except ETCD_ERRORS as error:
-        reason = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
-        return {"member": str(member), "up": False, "etcd_leader": False, "error": (reason or "")[:200]}
+        return {
+            "member": str(member),
+            "up": False,
+            "etcd_leader": False,
+            "error": failure_reason(error, member),
+        }
     finally:
         await client.close()
 

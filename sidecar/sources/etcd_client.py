@@ -34,6 +34,7 @@ import contextlib
 import functools
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -136,6 +137,34 @@ def member_failed(error: BaseException) -> bool:
             or (code == grpc.StatusCode.INTERNAL and details.startswith("Stream removed"))
         )
     return isinstance(error, OSError | TimeoutError)
+
+
+# gRPC's preamble of a connection that failed, before its reason: "failed to connect to all
+# addresses; last error: UNKNOWN: ipv4:127.0.0.3:2379: " (the member is named beside it anyway)
+_CONNECT_PREAMBLE = re.compile(r"failed to connect to all addresses; last error: [A-Z_]+: (?:\S*?: )?")
+# gRPC's (BoringSSL's) words for a member whose certificate this client refused
+_NOT_VERIFIED = re.compile(r"CERTIFICATE_VERIFY_FAILED(?:: ([^:]+))?")
+_NOT_ITS_NAME = "Hostname Verification Check failed"
+MAX_REASON = 200
+
+
+def failure_reason(error: BaseException, member: EtcdMember) -> str:
+    """Why `member` failed, for /readyz, `status --fleet` and the log: gRPC's text without its
+    preamble; a certificate refused at the TLS handshake said in plain words (gRPC's text for
+    it runs past the length kept, and names neither the CA nor the address checked)."""
+    cause = error.__cause__ if isinstance(error, aetcd.ClientError) else error
+    text = cause.details() if isinstance(cause, grpc.aio.AioRpcError) else str(error)
+    text = _CONNECT_PREAMBLE.sub("", text or type(error).__name__, count=1)
+    if _NOT_ITS_NAME in text:
+        return (
+            f"TLS: the member's certificate is not for its address {member.host} "
+            "(not among its subject alternative names): refused"
+        )
+    refused = _NOT_VERIFIED.search(text)
+    if refused:
+        why = (refused.group(1) or "not verified").strip()
+        return f"TLS: the member's certificate is not signed by the etcd CA (--etcd-ca): {why}: refused"
+    return text[:MAX_REASON]
 
 
 @dataclass(frozen=True)
@@ -253,7 +282,7 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         if generation != self.generation or not self._connected.is_set():
             return False
         failed = self.member
-        reason = (str(error) or type(error).__name__)[:200]
+        reason = failure_reason(error, failed)
         self.down[failed] = MemberDown(time.time(), reason)
         n = len(self.endpoints)
         candidates = [(self._index + step) % n for step in range(1, n + 1)]
