@@ -90,7 +90,10 @@ def test_three_workers_share_the_load_and_the_table(rules_file: Path, tmp_path: 
 
 
 def test_a_dead_worker_is_restarted_and_sigterm_drains_all(rules_file: Path, tmp_path: Path) -> None:
-    with Stack(rules_file, ENVOY_CONFIG, tmp_path, sidecar_args=["--workers", "2", "--drain", "1"]) as stack:
+    # --drain: NOT_SERVING long enough for Envoy's health check (every 0.5 s) to see it on a
+    # loaded machine before the listeners stop (1 s, two checks, once let a stream in late)
+    drain = ["--drain", "3"]
+    with Stack(rules_file, ENVOY_CONFIG, tmp_path, sidecar_args=["--workers", "2", *drain]) as stack:
         sidecar = stack.sidecar
         assert sidecar is not None
         load = BackgroundLoad(stack.port, {"x-canary": "1"}, threads=3)
