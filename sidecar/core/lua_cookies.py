@@ -56,17 +56,10 @@ local function assigned_split(r, s)
   for _, k in ipairs(s.keys) do
     local key
     if k[1] == 2 and k[2] == a.name then key = well_formed(cookie(r, k[2])) else key = split_key(r, k) end
-    if key ~= nil and key ~= "" then
-      local b = bucket(s.seed, key, s.total)
-      local d = {cluster = s.clusters[entry(s.bounds, b)], rule = s.rule, reason = "split", bucket = b}
-      d.key_source = k[3]
-      return mirrored(d, s.mirror, key)
-    end
+    if key ~= nil and key ~= "" then return mirrored(bucketed(s, key, k[3]), s.mirror, key) end
   end
   local key = drawn_key(r)
-  local b = bucket(s.seed, key, s.total)
-  local d = {cluster = s.clusters[entry(s.bounds, b)], rule = s.rule, reason = "split", bucket = b}
-  d.key_source = a.source
+  local d = bucketed(s, key, a.source)
   d.issued = {name = a.name, key = key, set_cookie = a.name .. "=" .. key .. a.attributes,
               header = hd(r, "cookie") or ""}
   return mirrored(d, s.mirror, nil)

@@ -384,15 +384,17 @@ local function mirrored(d, m, key)
   if picked then d.mirror = m.cluster end
   return d
 end
+-- the decision of split `s` for `key`, read from `source` (a key source, or how it was issued)
+local function bucketed(s, key, source)
+  local b = bucket(s.seed, key, s.total)
+  local d = {cluster = s.clusters[entry(s.bounds, b)], rule = s.rule, reason = "split", bucket = b}
+  d.key_source = source
+  return d
+end
 local function split(r, s)
   for _, k in ipairs(s.keys) do
     local key = split_key(r, k)
-    if key ~= nil and key ~= "" then
-      local b = bucket(s.seed, key, s.total)
-      local d = {cluster = s.clusters[entry(s.bounds, b)], rule = s.rule, reason = "split", bucket = b}
-      d.key_source = k[3]
-      return mirrored(d, s.mirror, key)
-    end
+    if key ~= nil and key ~= "" then return mirrored(bucketed(s, key, k[3]), s.mirror, key) end
   end
   local d
   if s.missing ~= nil then
