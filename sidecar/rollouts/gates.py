@@ -21,6 +21,7 @@ from sidecar.core.gates import Gate, GateResult, shown_url
 from sidecar.core.rollout import RolloutSpec, RolloutState, Verdict
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.destinations import GateDestinations, Refused
+from sidecar.rollouts.tasks import cancel_all
 
 log = logging.getLogger("graysteer.rollout")
 
@@ -187,11 +188,7 @@ class GateChecks:
 
     async def close(self) -> None:
         """Cancel the checks in flight and close the client (the controller's end)."""
-        tasks = list(self._asking.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._asking.clear()
+        await cancel_all(self._asking)
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -36,6 +36,7 @@ from sidecar.core.metric_checks import (
 from sidecar.core.rollout import RolloutSpec
 from sidecar.ops.metrics import Metrics
 from sidecar.rollouts.gates import printable
+from sidecar.rollouts.tasks import cancel_all
 from sidecar.tlsfiles import certificates
 
 log = logging.getLogger("graysteer.rollout")
@@ -252,10 +253,6 @@ class MetricQueries:
 
     async def close(self) -> None:
         """Cancel the runs in flight and close the client (the controller's end)."""
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._running.clear()
+        await cancel_all(self._running)
         if self.prometheus is not None:
             await self.prometheus.close()
