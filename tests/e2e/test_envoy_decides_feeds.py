@@ -4,8 +4,6 @@ the decision log (the same lines as another mode's, read alike by `diff` and `ex
 refused and counted, never a crash."""
 
 import json
-import re
-import ssl
 import subprocess
 import sys
 import textwrap
@@ -21,7 +19,7 @@ from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.contract import LUA_NAMES
-from sidecar.core import Identity, Table, compile_table
+from sidecar.core import Table, compile_table
 from sidecar.core.bucketing import bucket
 from sidecar.core.lua_table import INPUTS_KEY, INPUTS_NAMESPACE, lua_source
 from sidecar.dev.devstack import Stack
@@ -30,8 +28,7 @@ from sidecar.envoyconf.generate import EnvoyOptions, bootstrap_document
 from sidecar.table.load import load_rules
 from sidecar.transports.envoy_decided import captured_headers
 from sidecar.transports.envoy_inputs import inputs_request
-from sidecar.transports.http_check import MTLS_UNNAMED
-from tests.e2e.test_lua_decisions import CERTIFICATES, IDENTITY_RULES
+from tests.e2e.test_lua_decisions import IDENTITY_RULES, each_peer
 from tests.e2e.test_sticky_cookie import Visitor, cookie_key
 from tests.lua_envoy import NAMES, LuaEnvoy, bootstrap, static_lua
 from tests.tls import make_ca, make_leaf, write_pair
@@ -246,13 +243,7 @@ def test_the_inputs_envoy_files_are_the_request_as_the_fast_path_reads_it(tmp_pa
     )
     headers = [("x-canary", "1"), ("x-force-cluster", "canary"), ("x-user-id", "u1"), ("x-other", "o")]
     try:
-        for name, (uris, dns) in CERTIFICATES.items():
-            key, cert = write_pair(tmp_path, name, make_leaf(ca, name, uris, dns))
-            context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-            context.load_cert_chain(str(cert), str(key))
-            envoy.connect(context)
-            bare = all(re.fullmatch(r"[!#-+\--:<>-~]*", san) for san in uris + dns)
-            identity = Identity.from_sans(True, tuple(uris), tuple(dns)) if bare else MTLS_UNNAMED
+        for name, identity in each_peer(envoy, ca, tmp_path):
             observed = envoy.ask("POST", "/web/a?b=c", headers)
             assert observed.inputs is not None, name
             request = inputs_request(observed.inputs)

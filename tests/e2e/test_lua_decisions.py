@@ -18,7 +18,7 @@ from tests.core.test_bucketing import FLAGD_V2_VECTORS
 from tests.core.test_lua_table import HOSTILE
 from tests.e2e.test_transport_parity import CASES, RULES
 from tests.lua_envoy import NAMES, LuaEnvoy, bootstrap, reference, static_lua, view
-from tests.tls import make_ca, make_leaf, write_pair
+from tests.tls import Authority, make_ca, make_leaf, write_pair
 
 Case = tuple[str, str, list[tuple[str, str]]]
 
@@ -190,6 +190,18 @@ rules:
 """
 
 
+def each_peer(envoy: LuaEnvoy, ca: Authority, tmp_path: Path) -> Iterator[tuple[str, Identity]]:
+    """Connect to `envoy` as each of CERTIFICATES in turn: its name and the identity the
+    sidecar reads from it (a SAN `x-forwarded-client-cert` cannot carry: MTLS_UNNAMED)."""
+    for name, (uris, dns) in CERTIFICATES.items():
+        key, cert = write_pair(tmp_path, name, make_leaf(ca, name, uris, dns))
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context.load_cert_chain(str(cert), str(key))
+        envoy.connect(context)
+        bare = all(re.fullmatch(r"[!#-+\--:<>-~]*", san) for san in uris + dns)
+        yield name, Identity.from_sans(True, tuple(uris), tuple(dns)) if bare else MTLS_UNNAMED
+
+
 def test_identity_from_the_peer_certificate(tmp_path: Path) -> None:
     """URI and DNS SANs read by the Lua SSL API decide as `Identity.from_sans`: exact, glob,
     trust domain, DNS wildcard, absent, trust (an override honoured only from QA), lanes from
@@ -209,13 +221,7 @@ def test_identity_from_the_peer_certificate(tmp_path: Path) -> None:
         ("GET", "/", [("baggage", "graysteer.lane=v2;p=1"), ("x-graysteer-lane", "")]),
     ]
     try:
-        for name, (uris, dns) in CERTIFICATES.items():
-            key, cert = write_pair(tmp_path, name, make_leaf(ca, name, uris, dns))
-            context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-            context.load_cert_chain(str(cert), str(key))
-            envoy.connect(context)
-            bare = all(re.fullmatch(r"[!#-+\--:<>-~]*", san) for san in uris + dns)
-            identity = Identity.from_sans(True, tuple(uris), tuple(dns)) if bare else MTLS_UNNAMED
+        for name, identity in each_peer(envoy, ca, tmp_path):
             for method, path, headers in cases:
                 got = view(table, envoy.ask(method, path, headers), headers)
                 assert got == reference(table, method, path, headers, identity), (name, path, headers)
